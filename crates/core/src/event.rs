@@ -1,0 +1,162 @@
+//! Journal events: the facts a run is folded from. Serialized as JSON with a
+//! `type` tag; each event carries only what is new (an LLM step journals the
+//! one new assistant message, never the conversation again).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{Millis, Seq, TaskId};
+use crate::message::{Message, Usage};
+
+/// Version of the event schema, bumped on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One fact in a run's journal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The run was accepted, pinned to an agent version.
+    RunSubmitted {
+        /// Tenant that owns the run.
+        tenant: String,
+        /// Agent name.
+        agent: String,
+        /// Agent version the run is pinned to.
+        version: String,
+        /// The request's input (a string or any JSON).
+        input: Value,
+    },
+    /// The model answered step `step`.
+    LlmCompleted {
+        /// 1-based LLM step.
+        step: u32,
+        /// The assistant message, verbatim.
+        message: Message,
+        /// Tokens used by this call.
+        usage: Usage,
+        /// Model that answered.
+        model: String,
+    },
+    /// A reply the model must correct (it was empty); the text goes back to it.
+    LlmRejected {
+        /// Step of the rejected reply.
+        step: u32,
+        /// Error shown to the model.
+        error: String,
+    },
+    /// A tool call the model wrote is invalid (unknown tool, bad JSON, schema
+    /// violation); the error is its result, so the model can correct itself.
+    ToolCallRejected {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call in the assistant message.
+        call_index: u32,
+        /// Provider's call id.
+        call_id: String,
+        /// Tool the model named.
+        tool: String,
+        /// Error shown to the model.
+        error: String,
+    },
+    /// A tool call is about to be made: from here on it may have happened.
+    ToolCallStarted {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call in the assistant message.
+        call_index: u32,
+        /// Provider's call id.
+        call_id: String,
+        /// Tool name.
+        tool: String,
+        /// Validated arguments.
+        arguments: Value,
+        /// `<run_id>:<step>:<call_index>`, sent with every attempt.
+        idempotency_key: String,
+        /// 1 for the first start; more when recovery repeats an uncertain call.
+        attempt: u32,
+    },
+    /// A tool call finished (an error result is a result: it goes to the model).
+    ToolCallCompleted {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call in the assistant message.
+        call_index: u32,
+        /// Provider's call id.
+        call_id: String,
+        /// What the model sees.
+        output: String,
+        /// Whether the tool failed.
+        is_error: bool,
+    },
+    /// A task used all its attempts and went to the dead-letter queue.
+    TaskDeadLettered {
+        /// The dead-lettered task (its id is the dead letter's id).
+        task_id: TaskId,
+        /// `llm` or `tools`.
+        kind: String,
+        /// Step the task was for.
+        step: u32,
+        /// Attempts made.
+        attempts: u32,
+        /// Last error.
+        error: String,
+    },
+    /// A dead-lettered task was put back in the queue.
+    TaskRedriven {
+        /// The task.
+        task_id: TaskId,
+    },
+    /// The run finished with an answer.
+    RunCompleted {
+        /// The final answer.
+        output: String,
+    },
+    /// The run failed for good.
+    RunFailed {
+        /// Why.
+        error: String,
+    },
+    /// The run was cancelled.
+    RunCancelled {
+        /// Why (given by the caller).
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The tag of the event, as stored and as sent on the SSE stream.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::RunSubmitted { .. } => "run_submitted",
+            Event::LlmCompleted { .. } => "llm_completed",
+            Event::LlmRejected { .. } => "llm_rejected",
+            Event::ToolCallRejected { .. } => "tool_call_rejected",
+            Event::ToolCallStarted { .. } => "tool_call_started",
+            Event::ToolCallCompleted { .. } => "tool_call_completed",
+            Event::TaskDeadLettered { .. } => "task_dead_lettered",
+            Event::TaskRedriven { .. } => "task_redriven",
+            Event::RunCompleted { .. } => "run_completed",
+            Event::RunFailed { .. } => "run_failed",
+            Event::RunCancelled { .. } => "run_cancelled",
+        }
+    }
+
+    /// Whether this event ends the run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }
+        )
+    }
+}
+
+/// An event as journaled: its position and time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recorded {
+    /// Sequence number in the run's journal (1-based, contiguous).
+    pub seq: Seq,
+    /// When it was committed.
+    pub at: Millis,
+    /// The event.
+    pub event: Event,
+}

@@ -1,0 +1,22 @@
+//! Keel's pure domain. No I/O, no clock, no async runtime: everything here is
+//! data and functions of data, tested without a database.
+//!
+//! # Layout
+//!
+//! * [`ids`]: run and task ids (UUID v7), sequence numbers, epoch-millis time.
+//! * [`message`]: the conversation: messages, tool calls, token usage.
+//! * [`spec`]: agent specs (YAML/JSON), validated with errors naming the field,
+//!   compiled into an [`spec::Agent`] with its tools' JSON Schema validators.
+//! * [`event`]: the journal's events, each carrying only what is new.
+//! * [`run`]: the run state machine: [`run::State`] is the fold of the events,
+//!   [`run::handle`] turns a command into events and effects.
+
+pub mod event;
+pub mod ids;
+pub mod message;
+pub mod run;
+pub mod spec;
+
+pub use event::{Event, Recorded};
+pub use ids::{Millis, RunId, Seq, TaskId};
+pub use spec::Agent;

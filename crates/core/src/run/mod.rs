@@ -1,0 +1,379 @@
+//! The run state machine: commands in, events and effects out, no I/O.
+//!
+//! [`State`] is the fold of a run's journal. [`handle`] takes a state, the
+//! run's pinned [`Agent`] and a [`Command`] (something that happened or is
+//! asked for) and returns the events to journal and the effects those events
+//! cause. It reads no clock and makes no ids: the engine passes them in, then
+//! commits the events and the tasks for the effects in one transaction.
+
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use state::{Call, CallState, Parked, State, Status};
+
+use serde_json::Value;
+
+use crate::event::Event;
+use crate::ids::{Millis, RunId};
+use crate::message::{Message, Usage};
+use crate::spec::Agent;
+
+/// Something that happened to a run, or that someone asks of it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// The model answered LLM step `step`.
+    LlmResponded {
+        /// The step that was asked for.
+        step: u32,
+        /// The assistant message.
+        message: Message,
+        /// Tokens used.
+        usage: Usage,
+        /// The model that answered.
+        model: String,
+    },
+    /// The tool calls of `step` are about to be made (or made again after a crash).
+    StartTools {
+        /// The step whose calls start.
+        step: u32,
+    },
+    /// A tool call returned (or failed for good; errors are results).
+    ToolReturned {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call.
+        call_index: u32,
+        /// What the model will see.
+        output: String,
+        /// Whether it is an error.
+        is_error: bool,
+    },
+    /// A caller cancels the run.
+    Cancel {
+        /// Why.
+        reason: String,
+    },
+    /// The run's wall-clock limit has passed.
+    Expire,
+}
+
+/// Work the events ask for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Queue an LLM call for `step`.
+    CallLlm {
+        /// Step to ask the model for.
+        step: u32,
+    },
+    /// Queue the tool calls of `step`.
+    CallTools {
+        /// Step whose calls to make.
+        step: u32,
+    },
+    /// Make one tool call now; its `ToolCallStarted` is among the events.
+    InvokeTool(Invocation),
+}
+
+/// One tool call to make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Invocation {
+    /// Step of the call.
+    pub step: u32,
+    /// Position of the call.
+    pub call_index: u32,
+    /// Tool name.
+    pub tool: String,
+    /// Validated arguments.
+    pub arguments: Value,
+    /// `<run_id>:<step>:<call_index>`.
+    pub idempotency_key: String,
+    /// 1 for a first call, more when an uncertain call is repeated.
+    pub attempt: u32,
+}
+
+/// What a command produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Transition {
+    /// Events to journal, in order.
+    pub events: Vec<Event>,
+    /// Effects of those events.
+    pub effects: Vec<Effect>,
+}
+
+/// Why a command does not apply to the run as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The run is over.
+    #[error("run is already {}", .0.as_str())]
+    Finished(Status),
+    /// The command is for a step the run is not at (a stale or duplicate task).
+    #[error("run is at step {at} ({}), not step {step}", .status.as_str())]
+    WrongStep {
+        /// Step the command was for.
+        step: u32,
+        /// Steps answered so far.
+        at: u32,
+        /// Current status.
+        status: Status,
+    },
+    /// The call does not exist or already has its result.
+    #[error("tool call {call_index} of step {step} is not in flight")]
+    NotInFlight {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call.
+        call_index: u32,
+    },
+}
+
+/// The idempotency key of a tool call.
+pub fn idempotency_key(run_id: RunId, step: u32, call_index: u32) -> String {
+    format!("{run_id}:{step}:{call_index}")
+}
+
+/// Starts a run: the first event and the first LLM call.
+pub fn submit(tenant: &str, agent: &str, version: &str, input: Value) -> Transition {
+    Transition {
+        events: vec![Event::RunSubmitted {
+            tenant: tenant.to_string(),
+            agent: agent.to_string(),
+            version: version.to_string(),
+            input,
+        }],
+        effects: vec![Effect::CallLlm { step: 1 }],
+    }
+}
+
+/// Whether the run's wall-clock limit has passed at `now`.
+pub fn expired(state: &State, agent: &Agent, now: Millis) -> bool {
+    let limit = agent.spec.limits.timeout.as_millis() as i64;
+    !state.status.is_terminal() && now.saturating_sub(state.created_at) >= limit
+}
+
+/// Decides what a command means for a run.
+pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transition, Rejected> {
+    if state.status.is_terminal() {
+        return Err(Rejected::Finished(state.status));
+    }
+    match command {
+        Command::LlmResponded {
+            step,
+            message,
+            usage,
+            model,
+        } => llm_responded(state, agent, step, message, usage, model),
+        Command::StartTools { step } => start_tools(state, step),
+        Command::ToolReturned {
+            step,
+            call_index,
+            output,
+            is_error,
+        } => tool_returned(state, agent, step, call_index, output, is_error),
+        Command::Cancel { reason } => Ok(Transition {
+            events: vec![Event::RunCancelled { reason }],
+            effects: Vec::new(),
+        }),
+        Command::Expire => Ok(Transition {
+            events: vec![Event::RunFailed {
+                error: format!(
+                    "run timed out: limits.timeout ({}) passed",
+                    crate::spec::human_duration::format(agent.spec.limits.timeout)
+                ),
+            }],
+            effects: Vec::new(),
+        }),
+    }
+}
+
+fn llm_responded(
+    state: &State,
+    agent: &Agent,
+    step: u32,
+    message: Message,
+    usage: Usage,
+    model: String,
+) -> Result<Transition, Rejected> {
+    let awaiting = matches!(state.status, Status::Pending | Status::AwaitingLlm);
+    if !awaiting || step != state.steps + 1 {
+        return Err(Rejected::WrongStep {
+            step,
+            at: state.steps,
+            status: state.status,
+        });
+    }
+    let max_steps = agent.spec.limits.max_steps;
+    let mut events = Vec::new();
+    let calls = message.tool_calls.clone();
+    let content = message.content.clone().unwrap_or_default();
+    events.push(Event::LlmCompleted {
+        step,
+        message,
+        usage,
+        model,
+    });
+
+    if calls.is_empty() {
+        if content.trim().is_empty() {
+            let error = "the reply was empty: answer the request or call a tool".to_string();
+            events.push(Event::LlmRejected {
+                step,
+                error: error.clone(),
+            });
+            return Ok(next_llm_or_fail(events, step, max_steps, Some(&error)));
+        }
+        events.push(Event::RunCompleted { output: content });
+        return Ok(Transition {
+            events,
+            effects: Vec::new(),
+        });
+    }
+
+    let mut valid = 0;
+    let mut last_error = None;
+    for (index, call) in calls.iter().enumerate() {
+        match agent.check_arguments(&call.name, &call.arguments) {
+            Ok(_) => valid += 1,
+            Err(error) => {
+                last_error = Some(error.clone());
+                events.push(Event::ToolCallRejected {
+                    step,
+                    call_index: index as u32,
+                    call_id: call.id.clone(),
+                    tool: call.name.clone(),
+                    error,
+                });
+            }
+        }
+    }
+    if valid == 0 {
+        return Ok(next_llm_or_fail(events, step, max_steps, last_error.as_deref()));
+    }
+    if step >= max_steps {
+        events.push(Event::RunFailed {
+            error: format!(
+                "limits.max_steps ({max_steps}) reached: the model still asked for tools at step {step}"
+            ),
+        });
+        return Ok(Transition {
+            events,
+            effects: Vec::new(),
+        });
+    }
+    Ok(Transition {
+        events,
+        effects: vec![Effect::CallTools { step }],
+    })
+}
+
+/// After a step whose calls all settled without running anything new: ask the
+/// model again, unless the step budget is spent.
+fn next_llm_or_fail(
+    mut events: Vec<Event>,
+    step: u32,
+    max_steps: u32,
+    last_error: Option<&str>,
+) -> Transition {
+    if step >= max_steps {
+        let mut error = format!("limits.max_steps ({max_steps}) reached without a final answer");
+        if let Some(last) = last_error {
+            error.push_str("; last error: ");
+            error.push_str(last);
+        }
+        events.push(Event::RunFailed { error });
+        return Transition {
+            events,
+            effects: Vec::new(),
+        };
+    }
+    Transition {
+        events,
+        effects: vec![Effect::CallLlm { step: step + 1 }],
+    }
+}
+
+fn start_tools(state: &State, step: u32) -> Result<Transition, Rejected> {
+    if state.status != Status::AwaitingTool || step != state.steps {
+        return Err(Rejected::WrongStep {
+            step,
+            at: state.steps,
+            status: state.status,
+        });
+    }
+    let mut transition = Transition::default();
+    for (index, call) in state.calls.iter().enumerate() {
+        let attempt = match call.state {
+            CallState::Pending => 1,
+            CallState::Started { attempts } => attempts + 1,
+            CallState::Done | CallState::Rejected => continue,
+        };
+        // Validated when the answer arrived; parse again for the arguments value.
+        let arguments = serde_json::from_str::<Value>(&call.call.arguments)
+            .unwrap_or_else(|_| Value::Object(Default::default()));
+        let call_index = index as u32;
+        let key = idempotency_key(state.run_id, step, call_index);
+        transition.events.push(Event::ToolCallStarted {
+            step,
+            call_index,
+            call_id: call.call.id.clone(),
+            tool: call.call.name.clone(),
+            arguments: arguments.clone(),
+            idempotency_key: key.clone(),
+            attempt,
+        });
+        transition.effects.push(Effect::InvokeTool(Invocation {
+            step,
+            call_index,
+            tool: call.call.name.clone(),
+            arguments,
+            idempotency_key: key,
+            attempt,
+        }));
+    }
+    Ok(transition)
+}
+
+fn tool_returned(
+    state: &State,
+    agent: &Agent,
+    step: u32,
+    call_index: u32,
+    output: String,
+    is_error: bool,
+) -> Result<Transition, Rejected> {
+    if state.status != Status::AwaitingTool || step != state.steps {
+        return Err(Rejected::WrongStep {
+            step,
+            at: state.steps,
+            status: state.status,
+        });
+    }
+    let Some(call) = state.calls.get(call_index as usize) else {
+        return Err(Rejected::NotInFlight { step, call_index });
+    };
+    if !matches!(call.state, CallState::Started { .. }) {
+        return Err(Rejected::NotInFlight { step, call_index });
+    }
+    let events = vec![Event::ToolCallCompleted {
+        step,
+        call_index,
+        call_id: call.call.id.clone(),
+        output,
+        is_error,
+    }];
+    let others_settled = state.calls.iter().enumerate().all(|(i, c)| {
+        i == call_index as usize || matches!(c.state, CallState::Done | CallState::Rejected)
+    });
+    if !others_settled {
+        return Ok(Transition {
+            events,
+            effects: Vec::new(),
+        });
+    }
+    Ok(next_llm_or_fail(
+        events,
+        step,
+        agent.spec.limits.max_steps,
+        None,
+    ))
+}

@@ -1,0 +1,326 @@
+//! The fold: a run's state is its events applied in order.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::{Event, Recorded};
+use crate::ids::{Millis, RunId, Seq, TaskId};
+use crate::message::{Message, ToolCall, Usage};
+
+/// Where a run is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    /// Accepted, first LLM call not answered yet.
+    Pending,
+    /// Waiting for the model.
+    AwaitingLlm,
+    /// Waiting for tool calls.
+    AwaitingTool,
+    /// Finished with an answer.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl Status {
+    /// Every status, in life order.
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::AwaitingLlm,
+        Status::AwaitingTool,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    /// The wire name (`AWAITING_LLM`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::AwaitingLlm => "AWAITING_LLM",
+            Status::AwaitingTool => "AWAITING_TOOL",
+            Status::Completed => "COMPLETED",
+            Status::Failed => "FAILED",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Parses a wire name, case-insensitively.
+    pub fn parse(text: &str) -> Option<Status> {
+        Status::ALL
+            .into_iter()
+            .find(|s| s.as_str().eq_ignore_ascii_case(text))
+    }
+
+    /// Whether the run is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// Progress of one tool call of the current step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallState {
+    /// Valid, not started yet.
+    Pending,
+    /// Started `attempts` times without a result journaled.
+    Started {
+        /// Starts journaled so far.
+        attempts: u32,
+    },
+    /// Result journaled.
+    Done,
+    /// Refused before any call (the error went to the model).
+    Rejected,
+}
+
+/// One tool call of the current step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    /// The call as the model wrote it.
+    pub call: ToolCall,
+    /// Where it is.
+    pub state: CallState,
+    /// Validated arguments, once started.
+    pub arguments: Option<Value>,
+}
+
+/// A task parked in the dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parked {
+    /// The task.
+    pub task_id: TaskId,
+    /// Why it was dead-lettered.
+    pub error: String,
+}
+
+/// Everything known about a run: the fold of its journal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct State {
+    /// The run.
+    pub run_id: RunId,
+    /// Last applied sequence number (0 before any event).
+    pub seq: Seq,
+    /// When the run was submitted.
+    pub created_at: Millis,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// Pinned agent version.
+    pub version: String,
+    /// The input.
+    pub input: Value,
+    /// Where the run is.
+    pub status: Status,
+    /// The conversation after the system prompt.
+    pub messages: Vec<Message>,
+    /// LLM steps answered so far.
+    pub steps: u32,
+    /// Tool calls of the current step.
+    pub calls: Vec<Call>,
+    /// Tokens used so far.
+    pub usage: Usage,
+    /// The answer, once completed.
+    pub output: Option<String>,
+    /// The failure or cancel reason.
+    pub error: Option<String>,
+    /// The last error the model was told about (for the max-steps message).
+    pub last_correction: Option<String>,
+    /// A dead-lettered task holding the run, if any.
+    pub parked: Option<Parked>,
+}
+
+impl State {
+    /// An empty state, before `RunSubmitted`.
+    pub fn new(run_id: RunId) -> State {
+        State {
+            run_id,
+            seq: 0,
+            created_at: 0,
+            tenant: String::new(),
+            agent: String::new(),
+            version: String::new(),
+            input: Value::Null,
+            status: Status::Pending,
+            messages: Vec::new(),
+            steps: 0,
+            calls: Vec::new(),
+            usage: Usage::default(),
+            output: None,
+            error: None,
+            last_correction: None,
+            parked: None,
+        }
+    }
+
+    /// Folds a whole journal.
+    pub fn replay<'a>(run_id: RunId, events: impl IntoIterator<Item = &'a Recorded>) -> State {
+        let mut state = State::new(run_id);
+        for recorded in events {
+            state.apply(recorded);
+        }
+        state
+    }
+
+    /// Applies one journaled event. Events are facts: applying never fails.
+    pub fn apply(&mut self, recorded: &Recorded) {
+        debug_assert_eq!(recorded.seq, self.seq + 1, "journal must be contiguous");
+        self.seq = recorded.seq;
+        self.apply_event(&recorded.event, recorded.at);
+    }
+
+    /// Applies an event that is about to be journaled at `seq + 1`.
+    pub fn apply_next(&mut self, event: &Event, at: Millis) {
+        self.seq += 1;
+        self.apply_event(event, at);
+    }
+
+    fn apply_event(&mut self, event: &Event, at: Millis) {
+        match event {
+            Event::RunSubmitted {
+                tenant,
+                agent,
+                version,
+                input,
+            } => {
+                self.created_at = at;
+                self.tenant = tenant.clone();
+                self.agent = agent.clone();
+                self.version = version.clone();
+                self.input = input.clone();
+                self.status = Status::Pending;
+                let text = match input {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                self.messages.push(Message::user(text));
+            }
+            Event::LlmCompleted {
+                step,
+                message,
+                usage,
+                ..
+            } => {
+                self.steps = *step;
+                self.usage.add(*usage);
+                self.messages.push(message.clone());
+                self.calls = message
+                    .tool_calls
+                    .iter()
+                    .map(|call| Call {
+                        call: call.clone(),
+                        state: CallState::Pending,
+                        arguments: None,
+                    })
+                    .collect();
+                self.status = if self.calls.is_empty() {
+                    Status::AwaitingLlm
+                } else {
+                    Status::AwaitingTool
+                };
+            }
+            Event::LlmRejected { error, .. } => {
+                self.messages.push(Message::user(format!("error: {error}")));
+                self.last_correction = Some(error.clone());
+                self.status = Status::AwaitingLlm;
+            }
+            Event::ToolCallRejected {
+                call_index,
+                call_id,
+                error,
+                ..
+            } => {
+                if let Some(call) = self.calls.get_mut(*call_index as usize) {
+                    call.state = CallState::Rejected;
+                }
+                self.messages
+                    .push(Message::tool(call_id.clone(), format!("error: {error}")));
+                self.last_correction = Some(error.clone());
+                self.settle_step();
+            }
+            Event::ToolCallStarted {
+                call_index,
+                arguments,
+                ..
+            } => {
+                if let Some(call) = self.calls.get_mut(*call_index as usize) {
+                    let attempts = match call.state {
+                        CallState::Started { attempts } => attempts + 1,
+                        _ => 1,
+                    };
+                    call.state = CallState::Started { attempts };
+                    call.arguments = Some(arguments.clone());
+                }
+            }
+            Event::ToolCallCompleted {
+                call_index,
+                call_id,
+                output,
+                is_error,
+                ..
+            } => {
+                if let Some(call) = self.calls.get_mut(*call_index as usize) {
+                    call.state = CallState::Done;
+                }
+                let content = if *is_error {
+                    format!("error: {output}")
+                } else {
+                    output.clone()
+                };
+                self.messages.push(Message::tool(call_id.clone(), content));
+                self.settle_step();
+            }
+            Event::TaskDeadLettered { task_id, error, .. } => {
+                self.parked = Some(Parked {
+                    task_id: *task_id,
+                    error: error.clone(),
+                });
+            }
+            Event::TaskRedriven { .. } => {
+                self.parked = None;
+            }
+            Event::RunCompleted { output } => {
+                self.output = Some(output.clone());
+                self.status = Status::Completed;
+                self.parked = None;
+            }
+            Event::RunFailed { error } => {
+                self.error = Some(error.clone());
+                self.status = Status::Failed;
+                self.parked = None;
+            }
+            Event::RunCancelled { reason } => {
+                self.error = Some(format!("cancelled: {reason}"));
+                self.status = Status::Cancelled;
+                self.parked = None;
+            }
+        }
+    }
+
+    /// After a call result: when every call of the step has one, the model is next.
+    fn settle_step(&mut self) {
+        if self.status == Status::AwaitingTool && self.step_settled() {
+            self.status = Status::AwaitingLlm;
+        }
+    }
+
+    /// Whether every call of the current step has a result (or was rejected).
+    pub fn step_settled(&self) -> bool {
+        self.calls
+            .iter()
+            .all(|c| matches!(c.state, CallState::Done | CallState::Rejected))
+    }
+
+    /// The latest tool result text, if any (used by the scripted provider).
+    pub fn last_tool_output(&self) -> Option<&str> {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == crate::message::Role::Tool)
+            .and_then(|m| m.content.as_deref())
+    }
+}

@@ -1,0 +1,329 @@
+//! State-machine tests: commands in, events and effects out, no I/O.
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::event::Recorded;
+use crate::message::ToolCall;
+
+fn agent(max_steps: u32) -> Agent {
+    let yaml = format!(
+        r#"
+name: t
+version: 1
+model: {{provider: openai, model: m, base_url: "http://127.0.0.1:1"}}
+tools:
+  - name: echo
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "http://127.0.0.1:2/echo"}}
+limits: {{max_steps: {max_steps}}}
+"#
+    );
+    match Agent::parse(&yaml) {
+        Ok(agent) => agent,
+        Err(e) => panic!("test spec is invalid: {e}"),
+    }
+}
+
+/// A run, folded incrementally, with its journal kept for replay checks.
+struct Run {
+    state: State,
+    journal: Vec<Recorded>,
+    effects: Vec<Effect>,
+    now: i64,
+}
+
+impl Run {
+    fn new() -> Run {
+        let mut run = Run {
+            state: State::new(RunId::new()),
+            journal: Vec::new(),
+            effects: Vec::new(),
+            now: 1_000,
+        };
+        run.commit(submit("default", "t", "1", json!("hello")));
+        run
+    }
+
+    fn commit(&mut self, transition: Transition) {
+        for event in transition.events {
+            self.now += 1;
+            let recorded = Recorded {
+                seq: self.state.seq + 1,
+                at: self.now,
+                event,
+            };
+            self.state.apply(&recorded);
+            self.journal.push(recorded);
+        }
+        self.effects.extend(transition.effects);
+    }
+
+    fn send(&mut self, agent: &Agent, command: Command) -> Result<(), Rejected> {
+        let transition = handle(&self.state, agent, command)?;
+        self.commit(transition);
+        Ok(())
+    }
+}
+
+fn answer(calls: &[(&str, &str)], content: Option<&str>) -> Message {
+    let calls = calls
+        .iter()
+        .enumerate()
+        .map(|(i, (name, args))| ToolCall {
+            id: format!("c{i}"),
+            name: name.to_string(),
+            arguments: args.to_string(),
+        })
+        .collect();
+    Message::assistant(content.map(str::to_string), calls)
+}
+
+fn responded(step: u32, message: Message) -> Command {
+    Command::LlmResponded {
+        step,
+        message,
+        usage: Usage {
+            input_tokens: 10,
+            output_tokens: 5,
+        },
+        model: "m".into(),
+    }
+}
+
+#[test]
+fn a_tool_step_then_an_answer_completes_the_run() {
+    let agent = agent(5);
+    let mut run = Run::new();
+    assert_eq!(run.effects, vec![Effect::CallLlm { step: 1 }]);
+
+    run.send(&agent, responded(1, answer(&[("echo", r#"{"n":1}"#)], None)))
+        .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingTool);
+    assert_eq!(run.effects.last(), Some(&Effect::CallTools { step: 1 }));
+
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    let Some(Effect::InvokeTool(inv)) = run.effects.last().cloned() else {
+        panic!("expected an invocation, got {:?}", run.effects)
+    };
+    assert_eq!(inv.idempotency_key, format!("{}:1:0", run.state.run_id));
+    assert_eq!(inv.arguments, json!({"n": 1}));
+    assert_eq!(inv.attempt, 1);
+
+    run.send(
+        &agent,
+        Command::ToolReturned {
+            step: 1,
+            call_index: 0,
+            output: "one".into(),
+            is_error: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
+
+    // A duplicate answer for step 1 is refused: the step is never scheduled twice.
+    let dup = run.send(&agent, responded(1, answer(&[], Some("late"))));
+    assert!(matches!(dup, Err(Rejected::WrongStep { step: 1, .. })));
+
+    run.send(&agent, responded(2, answer(&[], Some("done")))).unwrap();
+    assert_eq!(run.state.status, Status::Completed);
+    assert_eq!(run.state.output.as_deref(), Some("done"));
+    assert_eq!(run.state.usage.input_tokens, 20);
+    // user, assistant(call), tool, assistant(answer)
+    assert_eq!(run.state.messages.len(), 4);
+    assert_eq!(
+        handle(&run.state, &agent, Command::Cancel { reason: "x".into() }),
+        Err(Rejected::Finished(Status::Completed))
+    );
+}
+
+#[test]
+fn malformed_calls_go_back_to_the_model_and_count_against_max_steps() {
+    let agent = agent(3);
+    let mut run = Run::new();
+    let bad = [
+        answer(&[("nope", "{}")], None),
+        answer(&[("echo", "{not json")], None),
+        answer(&[("echo", r#"{"n":"x"}"#)], None),
+    ];
+    for (i, message) in bad.into_iter().enumerate() {
+        run.send(&agent, responded(i as u32 + 1, message)).unwrap();
+    }
+    let rejected: Vec<&str> = run
+        .journal
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::ToolCallRejected { error, .. } => Some(error.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected.len(), 3);
+    assert!(rejected[0].contains("unknown tool `nope`"), "{}", rejected[0]);
+    assert!(rejected[1].contains("not valid JSON"), "{}", rejected[1]);
+    assert!(rejected[2].contains("schema"), "{}", rejected[2]);
+    // Each rejection is a tool message the model sees next time.
+    assert!(
+        run.state
+            .messages
+            .iter()
+            .any(|m| m.content.as_deref().is_some_and(|c| c.starts_with("error: unknown tool")))
+    );
+    assert_eq!(run.state.status, Status::Failed);
+    let error = run.state.error.clone().unwrap_or_default();
+    assert!(error.contains("max_steps (3)"), "{error}");
+    assert!(error.contains("schema"), "{error}");
+}
+
+#[test]
+fn an_uncertain_call_is_restarted_with_the_same_key() {
+    let agent = agent(5);
+    let mut run = Run::new();
+    run.send(&agent, responded(1, answer(&[("echo", r#"{"n":1}"#), ("echo", r#"{"n":2}"#)], None)))
+        .unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    run.send(
+        &agent,
+        Command::ToolReturned {
+            step: 1,
+            call_index: 0,
+            output: "a".into(),
+            is_error: false,
+        },
+    )
+    .unwrap();
+    // The worker died before call 1 returned: starting again repeats only call 1.
+    run.effects.clear();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    let invocations: Vec<&Invocation> = run
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::InvokeTool(inv) => Some(inv),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(invocations.len(), 1);
+    assert_eq!(invocations[0].call_index, 1);
+    assert_eq!(invocations[0].attempt, 2);
+    assert_eq!(
+        invocations[0].idempotency_key,
+        format!("{}:1:1", run.state.run_id)
+    );
+}
+
+#[test]
+fn empty_reply_is_corrected_and_expiry_fails_the_run() {
+    let agent = agent(5);
+    let mut run = Run::new();
+    run.send(&agent, responded(1, answer(&[], Some("  ")))).unwrap();
+    assert!(matches!(run.journal.last().map(|r| &r.event), Some(Event::LlmRejected { .. })));
+    assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
+    let limit = agent.spec.limits.timeout.as_millis() as i64;
+    assert!(!expired(&run.state, &agent, run.state.created_at + limit - 1));
+    assert!(expired(&run.state, &agent, run.state.created_at + limit));
+    run.send(&agent, Command::Expire).unwrap();
+    assert_eq!(run.state.status, Status::Failed);
+}
+
+/// Commands a fuzzer may throw at a run, including stale and duplicate ones.
+fn command() -> impl Strategy<Value = Command> {
+    let step = 1u32..6;
+    prop_oneof![
+        (step.clone(), 0usize..4, any::<bool>(), prop::bool::weighted(0.2)).prop_map(
+            |(step, ncalls, bad, final_answer)| {
+                let calls: Vec<(String, String)> = (0..ncalls)
+                    .map(|i| {
+                        if bad && i == 0 {
+                            ("echo".to_string(), "{oops".to_string())
+                        } else {
+                            ("echo".to_string(), format!(r#"{{"n":{i}}}"#))
+                        }
+                    })
+                    .collect();
+                let refs: Vec<(&str, &str)> =
+                    calls.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+                let content = if final_answer || ncalls == 0 { Some("answer") } else { None };
+                responded(step, answer(&refs, content))
+            }
+        ),
+        step.clone().prop_map(|step| Command::StartTools { step }),
+        (step, 0u32..4, any::<bool>()).prop_map(|(step, call_index, is_error)| {
+            Command::ToolReturned {
+                step,
+                call_index,
+                output: "out".into(),
+                is_error,
+            }
+        }),
+        Just(Command::Cancel { reason: "test".into() }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn replay_rebuilds_the_state_and_no_step_is_scheduled_twice(
+        commands in prop::collection::vec(command(), 1..60)
+    ) {
+        let agent = agent(4);
+        let mut run = Run::new();
+        for command in commands {
+            let _ = run.send(&agent, command);
+        }
+
+        // Replaying the journal (through its stored JSON form) rebuilds the same state.
+        let stored: Vec<Recorded> = run
+            .journal
+            .iter()
+            .map(|r| serde_json::from_str(&serde_json::to_string(r).unwrap()).unwrap())
+            .collect();
+        let replayed = State::replay(run.state.run_id, &stored);
+        prop_assert_eq!(&replayed, &run.state);
+
+        // Sequence numbers are contiguous.
+        for (i, r) in run.journal.iter().enumerate() {
+            prop_assert_eq!(r.seq, i as i64 + 1);
+        }
+
+        // Each LLM step and each tool-call step is scheduled at most once.
+        let mut llm_steps = Vec::new();
+        let mut tool_steps = Vec::new();
+        for effect in &run.effects {
+            match effect {
+                Effect::CallLlm { step } => llm_steps.push(*step),
+                Effect::CallTools { step } => tool_steps.push(*step),
+                Effect::InvokeTool(_) => {}
+            }
+        }
+        let mut unique = llm_steps.clone();
+        unique.dedup();
+        prop_assert_eq!(&unique, &llm_steps, "llm steps scheduled twice: {:?}", llm_steps);
+        let mut unique = tool_steps.clone();
+        unique.dedup();
+        prop_assert_eq!(&unique, &tool_steps, "tool steps scheduled twice: {:?}", tool_steps);
+
+        // A call is only started again when its previous start has no result.
+        let mut started = std::collections::HashMap::new();
+        for r in &run.journal {
+            match &r.event {
+                Event::ToolCallStarted { step, call_index, attempt, .. } => {
+                    let n = started.entry((*step, *call_index)).or_insert(0u32);
+                    *n += 1;
+                    prop_assert_eq!(*attempt, *n);
+                }
+                Event::ToolCallCompleted { step, call_index, .. } => {
+                    prop_assert!(started.contains_key(&(*step, *call_index)));
+                }
+                _ => {}
+            }
+        }
+
+        // Nothing follows a terminal event, and the step budget holds.
+        if let Some(pos) = run.journal.iter().position(|r| r.event.is_terminal()) {
+            prop_assert_eq!(pos, run.journal.len() - 1);
+        }
+        prop_assert!(run.state.steps <= 4);
+    }
+}

@@ -1,0 +1,707 @@
+//! Agent specs: the YAML (or JSON) a team writes, parsed, validated with errors
+//! that name the field at fault, and compiled into an [`Agent`] (the spec plus
+//! the JSON Schema validators of its tools).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A validation failure: which field, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `tools[1].http.url`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a spec was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The text is not valid YAML or JSON.
+    #[error("spec is not valid YAML/JSON: {0}")]
+    Syntax(String),
+    /// One or more fields are missing, unknown or invalid.
+    #[error("invalid agent spec: {}", join(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join(errors: &[FieldError]) -> String {
+    let parts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    parts.join("; ")
+}
+
+impl Error {
+    /// The field errors, if this is a validation failure.
+    pub fn fields(&self) -> &[FieldError] {
+        match self {
+            Error::Syntax(_) => &[],
+            Error::Invalid(errors) => errors,
+        }
+    }
+}
+
+/// An agent spec, exactly as written (after defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Agent name, the key runs are submitted to.
+    pub name: String,
+    /// Version label; a run is pinned to the version it started with.
+    #[serde(deserialize_with = "string_or_number")]
+    pub version: String,
+    /// Free text for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The model and how to reach it.
+    pub model: ModelSpec,
+    /// System prompt sent first in every request.
+    #[serde(default)]
+    pub system: String,
+    /// Tools the model may call.
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
+    /// Limits on one run.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Retry policy of the run's LLM tasks.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// Which wire protocol reaches the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp).
+    #[serde(alias = "openai_compatible")]
+    Openai,
+    /// Replays `model.script` deterministically: for offline demos and tests only.
+    Scripted,
+}
+
+/// `model:` section of a spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Protocol of the endpoint.
+    pub provider: Provider,
+    /// Model name sent to the endpoint.
+    pub model: String,
+    /// Base URL of the endpoint (the part before `/chat/completions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Name of the environment variable holding the API key (never the key itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Sampling temperature, 0 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Maximum completion tokens per call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Timeout of one LLM call.
+    #[serde(default = "default_llm_timeout", with = "human_duration")]
+    pub timeout: Duration,
+    /// The turns a `scripted` provider replays, one per LLM call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub script: Vec<ScriptTurn>,
+}
+
+/// One scripted model answer: tool calls, or final content.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptTurn {
+    /// Text of the answer. `{{tool_result}}` is replaced with the latest tool result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Tool calls of the answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ScriptCall>,
+}
+
+/// A scripted tool call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptCall {
+    /// Tool name.
+    pub name: String,
+    /// Arguments (any JSON; sent to the tool as written).
+    #[serde(default = "empty_object")]
+    pub arguments: Value,
+}
+
+/// A tool the model may call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSpec {
+    /// Name the model uses.
+    pub name: String,
+    /// What the tool does, shown to the model.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    /// An HTTP endpoint implementing the tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpTool>,
+    /// A tool built into Keel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<Builtin>,
+    /// Folder a file built-in may read (relative paths resolve against the server's
+    /// working directory, or the spec file's folder for `keel run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+}
+
+/// Tools that ship with Keel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Builtin {
+    /// Reads a UTF-8 file under `root`: `{"path": "notes.md"}`.
+    ReadFile,
+    /// Lists the files under `root`: `{}`.
+    ListFiles,
+}
+
+/// HTTP methods a tool may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    /// Arguments go in the query string.
+    Get,
+    /// Arguments go in a JSON body.
+    Post,
+    /// Arguments go in a JSON body.
+    Put,
+    /// Arguments go in a JSON body.
+    Patch,
+    /// Arguments go in the query string.
+    Delete,
+}
+
+/// How an HTTP tool is called.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTool {
+    /// Method; GET/DELETE send arguments as query parameters, others as a JSON body.
+    #[serde(default = "default_method")]
+    pub method: Method,
+    /// URL; `{arg}` placeholders are filled from the arguments.
+    pub url: String,
+    /// Extra headers; `${ENV_VAR}` in a value is replaced at call time from the
+    /// server's environment, so secrets never enter the spec, the journal or a prompt.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Timeout of one attempt.
+    #[serde(default = "default_tool_timeout", with = "human_duration")]
+    pub timeout: Duration,
+    /// Retries of 5xx, 429 and network errors before the error goes to the model.
+    #[serde(default = "default_tool_retry")]
+    pub retry: RetryPolicy,
+}
+
+/// `limits:` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Maximum LLM calls in one run (malformed answers count too).
+    #[serde(default = "default_max_steps")]
+    pub max_steps: u32,
+    /// Wall-clock limit of one run.
+    #[serde(default = "default_run_timeout", with = "human_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_steps: default_max_steps(),
+            timeout: default_run_timeout(),
+        }
+    }
+}
+
+/// Attempts and backoff.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first one included.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    #[serde(default)]
+    pub backoff: Backoff,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter on the upper half.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// Delay before the second attempt.
+    #[serde(default = "default_initial", with = "human_duration")]
+    pub initial: Duration,
+    /// Upper bound of any delay.
+    #[serde(default = "default_max_backoff", with = "human_duration")]
+    pub max: Duration,
+    /// Growth factor per attempt.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: default_initial(),
+            max: default_max_backoff(),
+            multiplier: default_multiplier(),
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay after failed attempt number `attempt` (1-based). `jitter` in `[0, 1)`
+    /// spreads the delay over its upper half so retries of many runs do not align.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(64) as i32);
+        let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
+        let jitter = jitter.clamp(0.0, 1.0);
+        Duration::from_secs_f64(base * (0.5 + 0.5 * jitter))
+    }
+}
+
+fn default_llm_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_tool_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_run_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_steps() -> u32 {
+    20
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_method() -> Method {
+    Method::Post
+}
+fn default_tool_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        backoff: Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+        },
+    }
+}
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string or a number, found {other}"
+        ))),
+    }
+}
+
+/// Durations written as `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a number of seconds.
+pub mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+
+    /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1.5s"` or `"30"` (seconds).
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration like 500ms, 30s, 5m or 1h"))?;
+        let seconds = match unit.trim() {
+            "ms" => value / 1000.0,
+            "" | "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+        };
+        if !seconds.is_finite() || seconds < 0.0 || seconds > 365.0 * 86400.0 {
+            return Err(format!("`{text}` is out of range"));
+        }
+        Ok(Duration::from_secs_f64(seconds))
+    }
+
+    /// Formats a duration the way [`parse`] reads it.
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+
+    /// Serde serializer.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    /// Serde deserializer.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => parse(&s).map_err(serde::de::Error::custom),
+            Value::Number(n) => match n.as_f64() {
+                Some(secs) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
+                _ => Err(serde::de::Error::custom("duration must be a positive number of seconds")),
+            },
+            other => Err(serde::de::Error::custom(format!(
+                "expected a duration like \"30s\", found {other}"
+            ))),
+        }
+    }
+}
+
+/// A validated spec with its tools' argument validators compiled.
+pub struct Agent {
+    /// The spec.
+    pub spec: Spec,
+    validators: HashMap<String, jsonschema::Validator>,
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent").field("spec", &self.spec).finish()
+    }
+}
+
+impl Agent {
+    /// Parses YAML or JSON text (JSON is YAML) and validates it.
+    pub fn parse(text: &str) -> Result<Agent, Error> {
+        let value: Value =
+            serde_yaml_ng::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+        Agent::from_value(value)
+    }
+
+    /// Validates an already-parsed JSON value.
+    pub fn from_value(value: Value) -> Result<Agent, Error> {
+        if !value.is_object() {
+            return Err(Error::Invalid(vec![FieldError {
+                field: "(root)".into(),
+                message: "an agent spec must be a mapping with name, version and model".into(),
+            }]));
+        }
+        let spec: Spec = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "(root)".to_string() } else { field };
+            Error::Invalid(vec![FieldError {
+                field,
+                message: e.inner().to_string(),
+            }])
+        })?;
+        Agent::new(spec)
+    }
+
+    /// Validates a spec and compiles its tool schemas.
+    pub fn new(spec: Spec) -> Result<Agent, Error> {
+        let mut errors = Vec::new();
+        let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+        check_name(&spec.name, "name", &mut err);
+        check_name(&spec.version, "version", &mut err);
+
+        let m = &spec.model;
+        if m.model.trim().is_empty() {
+            err("model.model".into(), "must not be empty".into());
+        }
+        if let Some(url) = &m.base_url
+            && !is_http_url(url)
+        {
+            err("model.base_url".into(), format!("`{url}` is not an http(s) URL"));
+        }
+        if let Some(t) = m.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            err("model.temperature".into(), format!("{t} is outside 0..=2"));
+        }
+        if m.max_tokens == Some(0) {
+            err("model.max_tokens".into(), "must be at least 1".into());
+        }
+        if let Some(env) = &m.api_key_env
+            && !is_env_name(env)
+        {
+            err("model.api_key_env".into(), format!("`{env}` is not an environment variable name (write the variable's name, not the key)"));
+        }
+        if m.timeout.is_zero() {
+            err("model.timeout".into(), "must be positive".into());
+        }
+        match m.provider {
+            Provider::Scripted => {
+                if m.script.is_empty() {
+                    err("model.script".into(), "a scripted model needs at least one turn".into());
+                }
+            }
+            Provider::Openai => {
+                if !m.script.is_empty() {
+                    err("model.script".into(), "only the scripted provider takes a script".into());
+                }
+            }
+        }
+
+        let mut validators = HashMap::new();
+        for (i, tool) in spec.tools.iter().enumerate() {
+            let at = format!("tools[{i}]");
+            if !is_tool_name(&tool.name) {
+                err(format!("{at}.name"), format!("`{}` must be 1-64 letters, digits, `_` or `-`", tool.name));
+            }
+            if spec.tools[..i].iter().any(|t| t.name == tool.name) {
+                err(format!("{at}.name"), format!("duplicate tool name `{}`", tool.name));
+            }
+            match (&tool.http, &tool.builtin) {
+                (Some(_), Some(_)) => err(at.clone(), "set either `http` or `builtin`, not both".into()),
+                (None, None) => err(at.clone(), "set `http` (an endpoint) or `builtin` (read_file, list_files)".into()),
+                (Some(http), None) => {
+                    if !is_http_url(&http.url) {
+                        err(format!("{at}.http.url"), format!("`{}` is not an http(s) URL", http.url));
+                    }
+                    for (name, value) in &http.headers {
+                        if let Err(message) = check_secret_refs(value) {
+                            err(format!("{at}.http.headers.{name}"), message);
+                        }
+                    }
+                    if http.timeout.is_zero() {
+                        err(format!("{at}.http.timeout"), "must be positive".into());
+                    }
+                    check_retry(&http.retry, &format!("{at}.http.retry"), &mut err);
+                    if tool.root.is_some() {
+                        err(format!("{at}.root"), "only file built-ins take a root".into());
+                    }
+                }
+                (None, Some(_)) => {
+                    if tool.root.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                        err(format!("{at}.root"), "file built-ins need the folder they may read".into());
+                    }
+                }
+            }
+            let schema = tool_parameters(tool);
+            if schema.get("type").and_then(Value::as_str) != Some("object") {
+                err(format!("{at}.parameters"), "must be a JSON Schema with \"type\": \"object\"".into());
+            }
+            match jsonschema::validator_for(&schema) {
+                Ok(v) => {
+                    validators.insert(tool.name.clone(), v);
+                }
+                Err(e) => err(format!("{at}.parameters"), format!("not a valid JSON Schema: {e}")),
+            }
+        }
+
+        for (i, turn) in m.script.iter().enumerate() {
+            if turn.content.is_none() && turn.tool_calls.is_empty() {
+                err(format!("model.script[{i}]"), "needs `content` or `tool_calls`".into());
+            }
+        }
+
+        if spec.limits.max_steps == 0 || spec.limits.max_steps > 10_000 {
+            err("limits.max_steps".into(), "must be between 1 and 10000".into());
+        }
+        if spec.limits.timeout.is_zero() {
+            err("limits.timeout".into(), "must be positive".into());
+        }
+        check_retry(&spec.retry, "retry", &mut err);
+
+        if errors.is_empty() {
+            Ok(Agent { spec, validators })
+        } else {
+            Err(Error::Invalid(errors))
+        }
+    }
+
+    /// The tool named `name`.
+    pub fn tool(&self, name: &str) -> Option<&ToolSpec> {
+        self.spec.tools.iter().find(|t| t.name == name)
+    }
+
+    /// Checks arguments the model wrote for a tool: they must be a JSON object
+    /// that satisfies the tool's schema. The error is written for the model.
+    pub fn check_arguments(&self, tool: &str, arguments: &str) -> Result<Value, String> {
+        let Some(validator) = self.validators.get(tool) else {
+            let known: Vec<&str> = self.spec.tools.iter().map(|t| t.name.as_str()).collect();
+            return Err(format!("unknown tool `{tool}`; available tools: {}", known.join(", ")));
+        };
+        let text = if arguments.trim().is_empty() { "{}" } else { arguments };
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| format!("arguments of `{tool}` are not valid JSON ({e}): {}", clip(arguments, 200)))?;
+        let problems: Vec<String> = validator
+            .iter_errors(&value)
+            .take(5)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() { e.to_string() } else { format!("{at}: {e}") }
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(format!("arguments of `{tool}` do not match its schema: {}", problems.join("; ")))
+        }
+    }
+}
+
+/// The JSON Schema of a tool's arguments (a built-in's own when not given).
+pub fn tool_parameters(tool: &ToolSpec) -> Value {
+    if let Some(p) = &tool.parameters {
+        return p.clone();
+    }
+    match tool.builtin {
+        Some(Builtin::ReadFile) => serde_json::json!({
+            "type": "object",
+            "properties": {"path": {"type": "string", "description": "file path relative to the tool's folder"}},
+            "required": ["path"],
+            "additionalProperties": false
+        }),
+        _ => serde_json::json!({"type": "object", "properties": {}}),
+    }
+}
+
+/// The description of a tool shown to the model.
+pub fn tool_description(tool: &ToolSpec) -> String {
+    if !tool.description.is_empty() {
+        return tool.description.clone();
+    }
+    match tool.builtin {
+        Some(Builtin::ReadFile) => "Read a text file from the agent's data folder.".into(),
+        Some(Builtin::ListFiles) => "List the files in the agent's data folder.".into(),
+        None => String::new(),
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a char boundary, marking the cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        err(field.into(), format!("`{value}` must be 1-64 letters, digits, `_`, `-` or `.`"));
+    }
+}
+
+fn check_retry(retry: &RetryPolicy, at: &str, err: &mut impl FnMut(String, String)) {
+    if retry.max_attempts == 0 || retry.max_attempts > 100 {
+        err(format!("{at}.max_attempts"), "must be between 1 and 100".into());
+    }
+    let b = &retry.backoff;
+    if b.initial.is_zero() {
+        err(format!("{at}.backoff.initial"), "must be positive".into());
+    }
+    if b.max < b.initial {
+        err(format!("{at}.backoff.max"), "must be at least backoff.initial".into());
+    }
+    if !(1.0..=10.0).contains(&b.multiplier) {
+        err(format!("{at}.backoff.multiplier"), "must be between 1 and 10".into());
+    }
+}
+
+fn is_tool_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace))
+}
+
+/// Checks that every `${...}` in a header value names an environment variable.
+fn check_secret_refs(value: &str) -> Result<(), String> {
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unclosed `${` (write `${ENV_VAR}`)".into());
+        };
+        let name = &after[..end];
+        if !is_env_name(name) {
+            return Err(format!("`${{{name}}}` does not name an environment variable"));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// Replaces each `${VAR}` in `value` using `lookup`; names a missing variable.
+pub fn expand_secrets(value: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unclosed `${`".into());
+        };
+        let name = &after[..end];
+        match lookup(name) {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable `{name}` is not set on the server")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}

@@ -1,0 +1,421 @@
+//! Keel's durable store: each run's journal, the task queue that drives runs,
+//! agent versions and the dead-letter queue.
+//!
+//! # Layout
+//!
+//! * this file: the [`Store`] trait (one method per operation), the records it
+//!   reads and writes, and [`Error`].
+//! * [`sqlite`]: the embedded backend (one file, WAL, one writer task that
+//!   group-commits the writes of many workers in one transaction).
+//! * `conformance`: the behaviour every backend must have, as generic tests.
+//!
+//! Every write made under a task lease is fenced: it names the lease, and the
+//! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
+//! taken over. Journal appends are conditional on the expected last sequence
+//! number ([`Error::SeqConflict`]).
+
+#[cfg(test)]
+mod conformance;
+pub mod sqlite;
+
+use std::future::Future;
+use std::time::Duration;
+
+use keel_core::message::Usage;
+use keel_core::run::Status;
+use keel_core::spec::Spec;
+use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use serde_json::Value;
+
+/// Result of store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The run's journal moved on since the caller read it.
+    #[error("run {run_id}: expected last seq {expected}, journal is at {actual}")]
+    SeqConflict {
+        /// The run.
+        run_id: RunId,
+        /// What the caller expected.
+        expected: Seq,
+        /// Where the journal is.
+        actual: Seq,
+    },
+    /// The caller's lease on the task expired or was taken over: it must stop.
+    #[error("lease on task {0} was lost")]
+    LeaseLost(TaskId),
+    /// The thing named does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with what is stored (e.g. an idempotency key reused
+    /// for a different request, an agent version registered with other content).
+    #[error("{0}")]
+    Conflict(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt data in store: {0}")]
+    Corrupt(String),
+    /// The database failed or is unreachable.
+    #[error("database error: {0}")]
+    Backend(String),
+    /// The store is shutting down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// What a task does when it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// Call the model for a step.
+    Llm,
+    /// Make the tool calls of a step.
+    Tools,
+}
+
+impl TaskKind {
+    /// Name as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Llm => "llm",
+            TaskKind::Tools => "tools",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<TaskKind> {
+        match text {
+            "llm" => Some(TaskKind::Llm),
+            "tools" => Some(TaskKind::Tools),
+            _ => None,
+        }
+    }
+}
+
+/// The right to work on a task until the lease expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The task.
+    pub task_id: TaskId,
+    /// Random token of this lease; a takeover gets a new one.
+    pub token: i64,
+}
+
+/// A task leased to a worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// The lease (and task id).
+    pub lease: Lease,
+    /// Run the task advances.
+    pub run_id: RunId,
+    /// What to do.
+    pub kind: TaskKind,
+    /// For which step.
+    pub step: u32,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    /// Attempts allowed before the dead-letter queue.
+    pub max_attempts: u32,
+    /// When the lease expires unless extended.
+    pub lease_until: Millis,
+}
+
+/// A task to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTask {
+    /// What to do.
+    pub kind: TaskKind,
+    /// For which step.
+    pub step: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Not before this time.
+    pub run_at: Millis,
+    /// Lease it at once to this worker (the worker that caused it goes on with it
+    /// without a round trip through the queue).
+    pub lease_to: Option<LeaseTo>,
+}
+
+/// Who a new task is leased to on creation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTo {
+    /// Worker id.
+    pub owner: String,
+    /// Lease expiry.
+    pub until: Millis,
+}
+
+/// What happens to the task under whose lease an append is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskUpdate {
+    /// It goes on (the append is fenced and extends nothing).
+    Keep,
+    /// It is done: delete it.
+    Complete,
+    /// It used its attempts: move it to the dead-letter queue with this error.
+    DeadLetter {
+        /// Last error.
+        error: String,
+    },
+}
+
+/// The run row's summary, written with every append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Projection {
+    /// Status after the append.
+    pub status: Status,
+    /// LLM steps answered.
+    pub steps: u32,
+    /// Answer, if completed.
+    pub output: Option<String>,
+    /// Failure, cancel reason, or why a task is dead-lettered.
+    pub error: Option<String>,
+    /// Tokens so far.
+    pub usage: Usage,
+}
+
+/// A conditional, fenced journal append and the task changes it causes, all
+/// committed in one transaction.
+#[derive(Clone, Debug)]
+pub struct Append {
+    /// The run.
+    pub run_id: RunId,
+    /// The last seq the caller folded; the events get `expected_seq + 1..`.
+    pub expected_seq: Seq,
+    /// Events to journal.
+    pub events: Vec<Event>,
+    /// The lease this write is made under (`None` for API-side appends such as cancel).
+    pub lease: Option<Lease>,
+    /// What happens to the leased task.
+    pub task: TaskUpdate,
+    /// Tasks the events cause.
+    pub new_tasks: Vec<NewTask>,
+    /// Delete every other task of the run (terminal events).
+    pub clear_tasks: bool,
+    /// Put this dead letter back in the queue with fresh attempts.
+    pub redrive: Option<TaskId>,
+    /// The run row after the append.
+    pub projection: Projection,
+    /// Commit time.
+    pub now: Millis,
+}
+
+/// What an append committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Seq of the last event written.
+    pub last_seq: Seq,
+    /// New tasks that were leased on creation (`NewTask::lease_to`), in order.
+    pub leased: Vec<Task>,
+}
+
+/// A run submission.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// Id for the run if it is new.
+    pub run_id: RunId,
+    /// Tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// Agent version the run is pinned to.
+    pub version: String,
+    /// Input.
+    pub input: Value,
+    /// Client's idempotency key: a second submit with it returns the first run.
+    pub idempotency_key: Option<String>,
+    /// The `RunSubmitted` event.
+    pub event: Event,
+    /// The first task.
+    pub task: NewTask,
+    /// Commit time.
+    pub now: Millis,
+}
+
+/// Outcome of a submission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The run (the earlier one when the key was seen before).
+    pub run_id: RunId,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// A run row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunRecord {
+    /// Id.
+    pub id: RunId,
+    /// Tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// Pinned version.
+    pub version: String,
+    /// Input.
+    pub input: Value,
+    /// Summary as of `last_seq`.
+    pub projection: Projection,
+    /// Seq of the last event.
+    pub last_seq: Seq,
+    /// Submit time.
+    pub created_at: Millis,
+    /// Last append time.
+    pub updated_at: Millis,
+}
+
+/// Filter and page of a run listing (newest first).
+#[derive(Clone, Debug, Default)]
+pub struct RunFilter {
+    /// Tenant.
+    pub tenant: String,
+    /// Only runs in this status.
+    pub status: Option<Status>,
+    /// Only runs of this agent.
+    pub agent: Option<String>,
+    /// Only runs older than this one (the page cursor).
+    pub before: Option<RunId>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// A registered agent version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentRecord {
+    /// Tenant.
+    pub tenant: String,
+    /// The spec (its name and version are the key).
+    pub spec: Spec,
+    /// Registration time.
+    pub created_at: Millis,
+}
+
+/// Outcome of registering an agent version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    /// A new version was stored.
+    Created,
+    /// The same content was already stored under this version.
+    Unchanged,
+}
+
+/// A task that used all its attempts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The task's id.
+    pub id: TaskId,
+    /// Its run.
+    pub run_id: RunId,
+    /// What it did.
+    pub kind: TaskKind,
+    /// For which step.
+    pub step: u32,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Last error.
+    pub error: String,
+    /// When it was dead-lettered.
+    pub created_at: Millis,
+}
+
+/// A commit that touched a run: sent to subscribers after the commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The run.
+    pub run_id: RunId,
+    /// Its last seq after the commit.
+    pub last_seq: Seq,
+    /// Whether the commit created runnable tasks (workers may wake up).
+    pub new_work: bool,
+}
+
+/// The operations the engine and the API need from a durable store. Each
+/// backend writes its own SQL; `conformance` holds the behaviour they share.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Registers an agent version. Registering the same name and version again
+    /// is idempotent with the same content and a [`Error::Conflict`] otherwise.
+    fn put_agent(
+        &self,
+        tenant: &str,
+        spec: &Spec,
+        now: Millis,
+    ) -> impl Future<Output = Result<Registered>> + Send;
+
+    /// An agent version, or its newest version when `version` is `None`.
+    fn get_agent(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> impl Future<Output = Result<Option<AgentRecord>>> + Send;
+
+    /// Every registered agent version, by name then registration order.
+    fn list_agents(&self, tenant: &str) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
+
+    /// Creates a run with its first event and task, or returns the run an
+    /// earlier submission with the same idempotency key created.
+    fn submit(&self, submission: Submission) -> impl Future<Output = Result<Submitted>> + Send;
+
+    /// A run row.
+    fn get_run(&self, id: RunId) -> impl Future<Output = Result<Option<RunRecord>>> + Send;
+
+    /// Runs matching a filter, newest first.
+    fn list_runs(&self, filter: RunFilter) -> impl Future<Output = Result<Vec<RunRecord>>> + Send;
+
+    /// Journal events with seq greater than `after`, in order, at most `limit`.
+    fn events(
+        &self,
+        run_id: RunId,
+        after: Seq,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Recorded>>> + Send;
+
+    /// Leases up to `limit` runnable tasks (due, and not leased or with an
+    /// expired lease), counting an attempt on each.
+    fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease_for: Duration,
+        now: Millis,
+    ) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// Appends events and applies the task changes they cause, in one
+    /// transaction, fenced by the lease and conditional on the last seq.
+    fn append(&self, append: Append) -> impl Future<Output = Result<Appended>> + Send;
+
+    /// Extends every unexpired lease held by `owner` to `until`; returns how many.
+    fn heartbeat(
+        &self,
+        owner: &str,
+        until: Millis,
+        now: Millis,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Gives a leased task back to the queue to retry at `retry_at`, recording
+    /// the error (fenced).
+    fn retry_later(
+        &self,
+        lease: Lease,
+        error: &str,
+        retry_at: Millis,
+        now: Millis,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Gives back every lease held by `owner` so other workers take the tasks
+    /// at once (graceful shutdown); returns how many.
+    fn release_all(&self, owner: &str, now: Millis) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Dead letters, newest first.
+    fn dead_letters(&self, limit: u32) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// One dead letter.
+    fn dead_letter(&self, id: TaskId) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;
+
+    /// The time the earliest not-yet-due task becomes runnable, if any (so an
+    /// idle worker sleeps exactly until then).
+    fn next_due(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
+
+    /// Notifications of commits, for SSE followers and idle workers.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Committed>;
+}
