@@ -282,7 +282,9 @@ impl Backoff {
     /// Delay after failed attempt number `attempt` (1-based). `jitter` in `[0, 1)`
     /// spreads the delay over its upper half so retries of many runs do not align.
     pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .multiplier
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         let jitter = jitter.clamp(0.0, 1.0);
         Duration::from_secs_f64(base * (0.5 + 0.5 * jitter))
@@ -362,9 +364,13 @@ pub mod human_duration {
             "" | "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
-            other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{other}` (use ms, s, m or h)"
+                ));
+            }
         };
-        if !seconds.is_finite() || seconds < 0.0 || seconds > 365.0 * 86400.0 {
+        if !seconds.is_finite() || !(0.0..=365.0 * 86400.0).contains(&seconds) {
             return Err(format!("`{text}` is out of range"));
         }
         Ok(Duration::from_secs_f64(seconds))
@@ -373,7 +379,7 @@ pub mod human_duration {
     /// Formats a duration the way [`parse`] reads it.
     pub fn format(d: Duration) -> String {
         let ms = d.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")
@@ -391,7 +397,9 @@ pub mod human_duration {
             Value::String(s) => parse(&s).map_err(serde::de::Error::custom),
             Value::Number(n) => match n.as_f64() {
                 Some(secs) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
-                _ => Err(serde::de::Error::custom("duration must be a positive number of seconds")),
+                _ => Err(serde::de::Error::custom(
+                    "duration must be a positive number of seconds",
+                )),
             },
             other => Err(serde::de::Error::custom(format!(
                 "expected a duration like \"30s\", found {other}"
@@ -431,7 +439,11 @@ impl Agent {
         }
         let spec: Spec = serde_path_to_error::deserialize(value).map_err(|e| {
             let field = e.path().to_string();
-            let field = if field == "." { "(root)".to_string() } else { field };
+            let field = if field == "." {
+                "(root)".to_string()
+            } else {
+                field
+            };
             Error::Invalid(vec![FieldError {
                 field,
                 message: e.inner().to_string(),
@@ -454,7 +466,10 @@ impl Agent {
         if let Some(url) = &m.base_url
             && !is_http_url(url)
         {
-            err("model.base_url".into(), format!("`{url}` is not an http(s) URL"));
+            err(
+                "model.base_url".into(),
+                format!("`{url}` is not an http(s) URL"),
+            );
         }
         if let Some(t) = m.temperature
             && !(0.0..=2.0).contains(&t)
@@ -467,7 +482,12 @@ impl Agent {
         if let Some(env) = &m.api_key_env
             && !is_env_name(env)
         {
-            err("model.api_key_env".into(), format!("`{env}` is not an environment variable name (write the variable's name, not the key)"));
+            err(
+                "model.api_key_env".into(),
+                format!(
+                    "`{env}` is not an environment variable name (write the variable's name, not the key)"
+                ),
+            );
         }
         if m.timeout.is_zero() {
             err("model.timeout".into(), "must be positive".into());
@@ -475,12 +495,18 @@ impl Agent {
         match m.provider {
             Provider::Scripted => {
                 if m.script.is_empty() {
-                    err("model.script".into(), "a scripted model needs at least one turn".into());
+                    err(
+                        "model.script".into(),
+                        "a scripted model needs at least one turn".into(),
+                    );
                 }
             }
             Provider::Openai => {
                 if !m.script.is_empty() {
-                    err("model.script".into(), "only the scripted provider takes a script".into());
+                    err(
+                        "model.script".into(),
+                        "only the scripted provider takes a script".into(),
+                    );
                 }
             }
         }
@@ -489,17 +515,32 @@ impl Agent {
         for (i, tool) in spec.tools.iter().enumerate() {
             let at = format!("tools[{i}]");
             if !is_tool_name(&tool.name) {
-                err(format!("{at}.name"), format!("`{}` must be 1-64 letters, digits, `_` or `-`", tool.name));
+                err(
+                    format!("{at}.name"),
+                    format!("`{}` must be 1-64 letters, digits, `_` or `-`", tool.name),
+                );
             }
             if spec.tools[..i].iter().any(|t| t.name == tool.name) {
-                err(format!("{at}.name"), format!("duplicate tool name `{}`", tool.name));
+                err(
+                    format!("{at}.name"),
+                    format!("duplicate tool name `{}`", tool.name),
+                );
             }
             match (&tool.http, &tool.builtin) {
-                (Some(_), Some(_)) => err(at.clone(), "set either `http` or `builtin`, not both".into()),
-                (None, None) => err(at.clone(), "set `http` (an endpoint) or `builtin` (read_file, list_files)".into()),
+                (Some(_), Some(_)) => err(
+                    at.clone(),
+                    "set either `http` or `builtin`, not both".into(),
+                ),
+                (None, None) => err(
+                    at.clone(),
+                    "set `http` (an endpoint) or `builtin` (read_file, list_files)".into(),
+                ),
                 (Some(http), None) => {
                     if !is_http_url(&http.url) {
-                        err(format!("{at}.http.url"), format!("`{}` is not an http(s) URL", http.url));
+                        err(
+                            format!("{at}.http.url"),
+                            format!("`{}` is not an http(s) URL", http.url),
+                        );
                     }
                     for (name, value) in &http.headers {
                         if let Err(message) = check_secret_refs(value) {
@@ -511,35 +552,53 @@ impl Agent {
                     }
                     check_retry(&http.retry, &format!("{at}.http.retry"), &mut err);
                     if tool.root.is_some() {
-                        err(format!("{at}.root"), "only file built-ins take a root".into());
+                        err(
+                            format!("{at}.root"),
+                            "only file built-ins take a root".into(),
+                        );
                     }
                 }
                 (None, Some(_)) => {
                     if tool.root.as_deref().is_none_or(|r| r.trim().is_empty()) {
-                        err(format!("{at}.root"), "file built-ins need the folder they may read".into());
+                        err(
+                            format!("{at}.root"),
+                            "file built-ins need the folder they may read".into(),
+                        );
                     }
                 }
             }
             let schema = tool_parameters(tool);
             if schema.get("type").and_then(Value::as_str) != Some("object") {
-                err(format!("{at}.parameters"), "must be a JSON Schema with \"type\": \"object\"".into());
+                err(
+                    format!("{at}.parameters"),
+                    "must be a JSON Schema with \"type\": \"object\"".into(),
+                );
             }
             match jsonschema::validator_for(&schema) {
                 Ok(v) => {
                     validators.insert(tool.name.clone(), v);
                 }
-                Err(e) => err(format!("{at}.parameters"), format!("not a valid JSON Schema: {e}")),
+                Err(e) => err(
+                    format!("{at}.parameters"),
+                    format!("not a valid JSON Schema: {e}"),
+                ),
             }
         }
 
         for (i, turn) in m.script.iter().enumerate() {
             if turn.content.is_none() && turn.tool_calls.is_empty() {
-                err(format!("model.script[{i}]"), "needs `content` or `tool_calls`".into());
+                err(
+                    format!("model.script[{i}]"),
+                    "needs `content` or `tool_calls`".into(),
+                );
             }
         }
 
         if spec.limits.max_steps == 0 || spec.limits.max_steps > 10_000 {
-            err("limits.max_steps".into(), "must be between 1 and 10000".into());
+            err(
+                "limits.max_steps".into(),
+                "must be between 1 and 10000".into(),
+            );
         }
         if spec.limits.timeout.is_zero() {
             err("limits.timeout".into(), "must be positive".into());
@@ -563,23 +622,41 @@ impl Agent {
     pub fn check_arguments(&self, tool: &str, arguments: &str) -> Result<Value, String> {
         let Some(validator) = self.validators.get(tool) else {
             let known: Vec<&str> = self.spec.tools.iter().map(|t| t.name.as_str()).collect();
-            return Err(format!("unknown tool `{tool}`; available tools: {}", known.join(", ")));
+            return Err(format!(
+                "unknown tool `{tool}`; available tools: {}",
+                known.join(", ")
+            ));
         };
-        let text = if arguments.trim().is_empty() { "{}" } else { arguments };
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| format!("arguments of `{tool}` are not valid JSON ({e}): {}", clip(arguments, 200)))?;
+        let text = if arguments.trim().is_empty() {
+            "{}"
+        } else {
+            arguments
+        };
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "arguments of `{tool}` are not valid JSON ({e}): {}",
+                clip(arguments, 200)
+            )
+        })?;
         let problems: Vec<String> = validator
             .iter_errors(&value)
             .take(5)
             .map(|e| {
                 let at = e.instance_path().to_string();
-                if at.is_empty() { e.to_string() } else { format!("{at}: {e}") }
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{at}: {e}")
+                }
             })
             .collect();
         if problems.is_empty() {
             Ok(value)
         } else {
-            Err(format!("arguments of `{tool}` do not match its schema: {}", problems.join("; ")))
+            Err(format!(
+                "arguments of `{tool}` do not match its schema: {}",
+                problems.join("; ")
+            ))
         }
     }
 }
@@ -627,32 +704,48 @@ pub fn clip(text: &str, max: usize) -> String {
 fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {
     let ok = !value.is_empty()
         && value.len() <= 64
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if !ok {
-        err(field.into(), format!("`{value}` must be 1-64 letters, digits, `_`, `-` or `.`"));
+        err(
+            field.into(),
+            format!("`{value}` must be 1-64 letters, digits, `_`, `-` or `.`"),
+        );
     }
 }
 
 fn check_retry(retry: &RetryPolicy, at: &str, err: &mut impl FnMut(String, String)) {
     if retry.max_attempts == 0 || retry.max_attempts > 100 {
-        err(format!("{at}.max_attempts"), "must be between 1 and 100".into());
+        err(
+            format!("{at}.max_attempts"),
+            "must be between 1 and 100".into(),
+        );
     }
     let b = &retry.backoff;
     if b.initial.is_zero() {
         err(format!("{at}.backoff.initial"), "must be positive".into());
     }
     if b.max < b.initial {
-        err(format!("{at}.backoff.max"), "must be at least backoff.initial".into());
+        err(
+            format!("{at}.backoff.max"),
+            "must be at least backoff.initial".into(),
+        );
     }
     if !(1.0..=10.0).contains(&b.multiplier) {
-        err(format!("{at}.backoff.multiplier"), "must be between 1 and 10".into());
+        err(
+            format!("{at}.backoff.multiplier"),
+            "must be between 1 and 10".into(),
+        );
     }
 }
 
 fn is_tool_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -678,7 +771,9 @@ fn check_secret_refs(value: &str) -> Result<(), String> {
         };
         let name = &after[..end];
         if !is_env_name(name) {
-            return Err(format!("`${{{name}}}` does not name an environment variable"));
+            return Err(format!(
+                "`${{{name}}}` does not name an environment variable"
+            ));
         }
         rest = &after[end + 1..];
     }
@@ -686,7 +781,10 @@ fn check_secret_refs(value: &str) -> Result<(), String> {
 }
 
 /// Replaces each `${VAR}` in `value` using `lookup`; names a missing variable.
-pub fn expand_secrets(value: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn expand_secrets(
+    value: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
@@ -698,7 +796,11 @@ pub fn expand_secrets(value: &str, lookup: impl Fn(&str) -> Option<String>) -> R
         let name = &after[..end];
         match lookup(name) {
             Some(v) => out.push_str(&v),
-            None => return Err(format!("environment variable `{name}` is not set on the server")),
+            None => {
+                return Err(format!(
+                    "environment variable `{name}` is not set on the server"
+                ));
+            }
         }
         rest = &after[end + 1..];
     }

@@ -1,1 +1,31 @@
-//! placeholder
+//! Keel's engine: the worker pool that leases tasks from the store and drives
+//! runs through their steps, with the LLM providers and tools those steps call.
+//!
+//! # Layout
+//!
+//! * [`worker`]: the [`Engine`]: a dispatcher that claims tasks for free worker
+//!   slots, a heartbeat that keeps this process's leases alive, and the
+//!   per-task driver that turns LLM answers and tool results into commands for
+//!   the pure state machine and commits the resulting events and tasks.
+//! * [`agents`]: a cache of compiled agent versions (immutable once registered).
+//! * [`llm`]: LLM providers: OpenAI-compatible chat completions and the
+//!   `scripted` stand-in for offline demos and tests.
+//! * [`tools`]: tool execution: HTTP tools (idempotency key, traceparent,
+//!   retries) and the built-in file tools.
+
+pub mod agents;
+pub mod llm;
+pub mod tools;
+pub mod worker;
+
+pub use worker::{Engine, Options, projection};
+
+use keel_core::Millis;
+
+/// The wall clock in epoch milliseconds (the only clock the engine reads).
+pub fn now() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `keel` binary.
+
+fn main() -> std::process::ExitCode {
+    keel::cli::main()
+}

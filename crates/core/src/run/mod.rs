@@ -247,7 +247,12 @@ fn llm_responded(
         }
     }
     if valid == 0 {
-        return Ok(next_llm_or_fail(events, step, max_steps, last_error.as_deref()));
+        return Ok(next_llm_or_fail(
+            events,
+            step,
+            max_steps,
+            last_error.as_deref(),
+        ));
     }
     if step >= max_steps {
         events.push(Event::RunFailed {

@@ -98,8 +98,11 @@ fn a_tool_step_then_an_answer_completes_the_run() {
     let mut run = Run::new();
     assert_eq!(run.effects, vec![Effect::CallLlm { step: 1 }]);
 
-    run.send(&agent, responded(1, answer(&[("echo", r#"{"n":1}"#)], None)))
-        .unwrap();
+    run.send(
+        &agent,
+        responded(1, answer(&[("echo", r#"{"n":1}"#)], None)),
+    )
+    .unwrap();
     assert_eq!(run.state.status, Status::AwaitingTool);
     assert_eq!(run.effects.last(), Some(&Effect::CallTools { step: 1 }));
 
@@ -128,7 +131,8 @@ fn a_tool_step_then_an_answer_completes_the_run() {
     let dup = run.send(&agent, responded(1, answer(&[], Some("late"))));
     assert!(matches!(dup, Err(Rejected::WrongStep { step: 1, .. })));
 
-    run.send(&agent, responded(2, answer(&[], Some("done")))).unwrap();
+    run.send(&agent, responded(2, answer(&[], Some("done"))))
+        .unwrap();
     assert_eq!(run.state.status, Status::Completed);
     assert_eq!(run.state.output.as_deref(), Some("done"));
     assert_eq!(run.state.usage.input_tokens, 20);
@@ -161,16 +165,19 @@ fn malformed_calls_go_back_to_the_model_and_count_against_max_steps() {
         })
         .collect();
     assert_eq!(rejected.len(), 3);
-    assert!(rejected[0].contains("unknown tool `nope`"), "{}", rejected[0]);
+    assert!(
+        rejected[0].contains("unknown tool `nope`"),
+        "{}",
+        rejected[0]
+    );
     assert!(rejected[1].contains("not valid JSON"), "{}", rejected[1]);
     assert!(rejected[2].contains("schema"), "{}", rejected[2]);
     // Each rejection is a tool message the model sees next time.
-    assert!(
-        run.state
-            .messages
-            .iter()
-            .any(|m| m.content.as_deref().is_some_and(|c| c.starts_with("error: unknown tool")))
-    );
+    assert!(run.state.messages.iter().any(|m| {
+        m.content
+            .as_deref()
+            .is_some_and(|c| c.starts_with("error: unknown tool"))
+    }));
     assert_eq!(run.state.status, Status::Failed);
     let error = run.state.error.clone().unwrap_or_default();
     assert!(error.contains("max_steps (3)"), "{error}");
@@ -181,8 +188,14 @@ fn malformed_calls_go_back_to_the_model_and_count_against_max_steps() {
 fn an_uncertain_call_is_restarted_with_the_same_key() {
     let agent = agent(5);
     let mut run = Run::new();
-    run.send(&agent, responded(1, answer(&[("echo", r#"{"n":1}"#), ("echo", r#"{"n":2}"#)], None)))
-        .unwrap();
+    run.send(
+        &agent,
+        responded(
+            1,
+            answer(&[("echo", r#"{"n":1}"#), ("echo", r#"{"n":2}"#)], None),
+        ),
+    )
+    .unwrap();
     run.send(&agent, Command::StartTools { step: 1 }).unwrap();
     run.send(
         &agent,
@@ -218,11 +231,19 @@ fn an_uncertain_call_is_restarted_with_the_same_key() {
 fn empty_reply_is_corrected_and_expiry_fails_the_run() {
     let agent = agent(5);
     let mut run = Run::new();
-    run.send(&agent, responded(1, answer(&[], Some("  ")))).unwrap();
-    assert!(matches!(run.journal.last().map(|r| &r.event), Some(Event::LlmRejected { .. })));
+    run.send(&agent, responded(1, answer(&[], Some("  "))))
+        .unwrap();
+    assert!(matches!(
+        run.journal.last().map(|r| &r.event),
+        Some(Event::LlmRejected { .. })
+    ));
     assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
     let limit = agent.spec.limits.timeout.as_millis() as i64;
-    assert!(!expired(&run.state, &agent, run.state.created_at + limit - 1));
+    assert!(!expired(
+        &run.state,
+        &agent,
+        run.state.created_at + limit - 1
+    ));
     assert!(expired(&run.state, &agent, run.state.created_at + limit));
     run.send(&agent, Command::Expire).unwrap();
     assert_eq!(run.state.status, Status::Failed);
@@ -232,8 +253,13 @@ fn empty_reply_is_corrected_and_expiry_fails_the_run() {
 fn command() -> impl Strategy<Value = Command> {
     let step = 1u32..6;
     prop_oneof![
-        (step.clone(), 0usize..4, any::<bool>(), prop::bool::weighted(0.2)).prop_map(
-            |(step, ncalls, bad, final_answer)| {
+        (
+            step.clone(),
+            0usize..4,
+            any::<bool>(),
+            prop::bool::weighted(0.2)
+        )
+            .prop_map(|(step, ncalls, bad, final_answer)| {
                 let calls: Vec<(String, String)> = (0..ncalls)
                     .map(|i| {
                         if bad && i == 0 {
@@ -243,12 +269,17 @@ fn command() -> impl Strategy<Value = Command> {
                         }
                     })
                     .collect();
-                let refs: Vec<(&str, &str)> =
-                    calls.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-                let content = if final_answer || ncalls == 0 { Some("answer") } else { None };
+                let refs: Vec<(&str, &str)> = calls
+                    .iter()
+                    .map(|(a, b)| (a.as_str(), b.as_str()))
+                    .collect();
+                let content = if final_answer || ncalls == 0 {
+                    Some("answer")
+                } else {
+                    None
+                };
                 responded(step, answer(&refs, content))
-            }
-        ),
+            }),
         step.clone().prop_map(|step| Command::StartTools { step }),
         (step, 0u32..4, any::<bool>()).prop_map(|(step, call_index, is_error)| {
             Command::ToolReturned {
@@ -258,7 +289,9 @@ fn command() -> impl Strategy<Value = Command> {
                 is_error,
             }
         }),
-        Just(Command::Cancel { reason: "test".into() }),
+        Just(Command::Cancel {
+            reason: "test".into()
+        }),
     ]
 }
 

@@ -1,0 +1,939 @@
+//! Tool execution: one call in, one [`Outcome`] out.
+//!
+//! [`Tools::invoke`] never fails: a tool that cannot be reached, answers with
+//! an error, or is asked for something it refuses, yields an error outcome the
+//! model reads and can react to. Two kinds of tools:
+//!
+//! * HTTP tools: arguments become the query string (GET, DELETE) or a JSON
+//!   body (POST, PUT, PATCH), `{name}` placeholders in the URL are filled from
+//!   them, `${ENV}` in header values is read from the server's environment.
+//!   Every attempt carries the call's `Idempotency-Key` (the same on every
+//!   retry, and when a call is repeated after a crash) and a `traceparent` in
+//!   the run's trace. Network errors, timeouts, 429 and 5xx are retried per the
+//!   tool's `retry` policy.
+//! * Built-ins: `read_file` and `list_files`, confined to the tool's `root`.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::RunId;
+use keel_core::run::Invocation;
+use keel_core::spec::{Agent, Builtin, HttpTool, Method, clip, expand_secrets};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use serde_json::{Map, Value};
+
+/// Tool outputs (and file contents) are clipped to this many bytes.
+pub const MAX_OUTPUT_BYTES: usize = 32 * 1024;
+
+/// `list_files` lists at most this many files.
+pub const MAX_LISTED_FILES: usize = 1000;
+
+/// How many bytes of an error body go into an error outcome.
+const ERROR_BODY_BYTES: usize = 300;
+
+/// Secrets shorter than this are not searched for in outputs (they would
+/// mangle ordinary text and protect nothing).
+const MIN_REDACTED_LEN: usize = 4;
+
+const USER_AGENT: &str = concat!("keel/", env!("CARGO_PKG_VERSION"));
+
+/// Reads an environment variable; replaceable for tests and embedding.
+type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Makes tool calls. Cheap to clone.
+#[derive(Clone)]
+pub struct Tools {
+    http: reqwest::Client,
+    env: Lookup,
+}
+
+impl fmt::Debug for Tools {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tools").finish_non_exhaustive()
+    }
+}
+
+/// What a tool call produced: the text the model sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The result, or what went wrong, clipped to [`MAX_OUTPUT_BYTES`].
+    pub output: String,
+    /// Whether `output` describes a failure.
+    pub is_error: bool,
+}
+
+impl Outcome {
+    /// A result.
+    pub fn ok(output: impl Into<String>) -> Outcome {
+        Outcome {
+            output: output.into(),
+            is_error: false,
+        }
+    }
+
+    /// A failure, described for the model.
+    pub fn error(output: impl Into<String>) -> Outcome {
+        Outcome {
+            output: output.into(),
+            is_error: true,
+        }
+    }
+}
+
+impl Tools {
+    /// Tools reading `${ENV}` header secrets from the process environment at call time.
+    pub fn new(http: reqwest::Client) -> Tools {
+        Tools {
+            http,
+            env: Arc::new(|name| std::env::var(name).ok()),
+        }
+    }
+
+    /// Replaces the process environment as the source of header secrets.
+    pub fn with_env(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Tools {
+        self.env = Arc::new(lookup);
+        self
+    }
+
+    /// Makes one tool call. Never fails: every error becomes an error outcome the model sees.
+    pub async fn invoke(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
+        let Some(tool) = agent.tool(&call.tool) else {
+            let known: Vec<&str> = agent.spec.tools.iter().map(|t| t.name.as_str()).collect();
+            return Outcome::error(format!(
+                "unknown tool `{}`; available tools: {}",
+                call.tool,
+                known.join(", ")
+            ));
+        };
+        if let Some(http) = &tool.http {
+            return self.call_http(&tool.name, http, run_id, call).await;
+        }
+        let root = tool.root.as_deref().unwrap_or_default();
+        match tool.builtin {
+            Some(Builtin::ReadFile) => read_file(root, &call.arguments).await,
+            Some(Builtin::ListFiles) => list_files(root).await,
+            None => Outcome::error(format!("tool `{}` has no implementation", tool.name)),
+        }
+    }
+
+    async fn call_http(
+        &self,
+        name: &str,
+        http: &HttpTool,
+        run_id: RunId,
+        call: &Invocation,
+    ) -> Outcome {
+        let request = match self.prepare(http, call) {
+            Ok(request) => request,
+            Err(message) => {
+                return Outcome::error(format!("tool `{name}` was not called: {message}"));
+            }
+        };
+        let redact = |text: &str| {
+            let mut text = text.to_string();
+            for secret in &request.secrets {
+                text = text.replace(secret.as_str(), "[redacted]");
+            }
+            text
+        };
+
+        let max_attempts = http.retry.max_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            let failure = match self.attempt(http, &request, run_id).await {
+                Ok(body) => return Outcome::ok(clip(&redact(&body), MAX_OUTPUT_BYTES)),
+                Err(failure) => failure,
+            };
+            let message = redact(&failure.message);
+            if !failure.retryable || attempt >= max_attempts {
+                let tries = if attempt == 1 {
+                    String::new()
+                } else {
+                    format!(" after {attempt} attempts")
+                };
+                return Outcome::error(format!("tool `{name}` failed{tries}: {message}"));
+            }
+            let backoff = &http.retry.backoff;
+            let delay = match failure.retry_after {
+                Some(wait) => wait.min(backoff.max),
+                None => backoff.delay(attempt, fastrand::f64()),
+            };
+            tracing::warn!(
+                run_id = %run_id,
+                tool = name,
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                error = %message,
+                "tool call failed, retrying"
+            );
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// Builds what every attempt sends: URL, headers, body.
+    fn prepare(&self, http: &HttpTool, call: &Invocation) -> Result<Prepared, String> {
+        let mut arguments = match &call.arguments {
+            Value::Object(map) => map.clone(),
+            Value::Null => Map::new(),
+            other => return Err(format!("arguments must be a JSON object, got {other}")),
+        };
+        let filled = fill_placeholders(&http.url, &mut arguments)?;
+        let mut url = reqwest::Url::parse(&filled)
+            .map_err(|e| format!("`{filled}` is not a valid URL: {e}"))?;
+
+        let (method, body) = match http.method {
+            Method::Get => (reqwest::Method::GET, None),
+            Method::Delete => (reqwest::Method::DELETE, None),
+            Method::Post => (reqwest::Method::POST, Some(arguments.clone())),
+            Method::Put => (reqwest::Method::PUT, Some(arguments.clone())),
+            Method::Patch => (reqwest::Method::PATCH, Some(arguments.clone())),
+        };
+        if body.is_none() && !arguments.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (key, value) in &arguments {
+                pairs.append_pair(key, &plain(value));
+            }
+        }
+
+        let secrets = RefCell::new(Vec::new());
+        let mut headers = HeaderMap::new();
+        for (name, template) in &http.headers {
+            let value = expand_secrets(template, |var| {
+                let value = (self.env)(var)?;
+                if value.len() >= MIN_REDACTED_LEN {
+                    secrets.borrow_mut().push(value.clone());
+                }
+                Some(value)
+            })
+            .map_err(|e| format!("header `{name}`: {e}"))?;
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("`{name}` is not a valid header name"))?;
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| format!("the value of header `{name}` is not a valid header value"))?;
+            if template.contains("${") {
+                value.set_sensitive(true);
+            }
+            headers.insert(name, value);
+        }
+        if !headers.contains_key(header::USER_AGENT) {
+            headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        }
+        let key = HeaderValue::from_str(&call.idempotency_key)
+            .map_err(|_| "the idempotency key is not a valid header value".to_string())?;
+        headers.insert("idempotency-key", key);
+
+        Ok(Prepared {
+            method,
+            url,
+            headers,
+            body,
+            secrets: secrets.into_inner(),
+        })
+    }
+
+    /// One attempt. `Ok` holds the body of a 2xx answer.
+    async fn attempt(
+        &self,
+        http: &HttpTool,
+        request: &Prepared,
+        run_id: RunId,
+    ) -> Result<String, Failure> {
+        let mut builder = self
+            .http
+            .request(request.method.clone(), request.url.clone())
+            .headers(request.headers.clone())
+            .header("traceparent", crate::llm::traceparent(run_id))
+            .timeout(http.timeout);
+        if let Some(body) = &request.body {
+            builder = builder.json(body);
+        }
+        let mut response = builder
+            .send()
+            .await
+            .map_err(|e| Failure::network(e, http.timeout))?;
+        let status = response.status();
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                crate::llm::retry_after(response.headers())
+            }
+            _ => None,
+        };
+        let limit = if status.is_success() {
+            MAX_OUTPUT_BYTES
+        } else {
+            ERROR_BODY_BYTES
+        };
+        // Read a little past the limit so `clip` can mark the cut.
+        let mut bytes = Vec::new();
+        while bytes.len() <= limit {
+            match response.chunk().await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => return Err(Failure::network(e, http.timeout)),
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if status.is_success() {
+            return Ok(text.into_owned());
+        }
+        Err(Failure {
+            message: format!("HTTP {status}: {}", clip(text.trim(), ERROR_BODY_BYTES)),
+            retryable: status.is_server_error()
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::REQUEST_TIMEOUT,
+            retry_after,
+        })
+    }
+}
+
+/// A request ready to send, the same on every attempt.
+struct Prepared {
+    method: reqwest::Method,
+    url: reqwest::Url,
+    headers: HeaderMap,
+    body: Option<Map<String, Value>>,
+    /// Secret values expanded into the headers, scrubbed from every output.
+    secrets: Vec<String>,
+}
+
+/// Why one attempt failed.
+struct Failure {
+    message: String,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn network(error: reqwest::Error, timeout: Duration) -> Failure {
+        if error.is_timeout() {
+            return Failure {
+                message: format!(
+                    "timed out after {}",
+                    keel_core::spec::human_duration::format(timeout)
+                ),
+                retryable: true,
+                retry_after: None,
+            };
+        }
+        let retryable = !error.is_builder();
+        let error = error.without_url();
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Failure {
+            message,
+            retryable,
+            retry_after: None,
+        }
+    }
+}
+
+/// A JSON value as a query or path parameter: strings as they are, the rest as JSON.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Replaces each `{name}` in `url` with the URL-encoded argument `name`,
+/// removing it from `arguments`. Braces around anything but a name stay.
+fn fill_placeholders(url: &str, arguments: &mut Map<String, Value>) -> Result<String, String> {
+    let mut out = String::with_capacity(url.len());
+    let mut used = Vec::new();
+    let mut rest = url;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(after.len());
+        if name_len == 0 || !after[name_len..].starts_with('}') {
+            out.push('{');
+            rest = after;
+            continue;
+        }
+        let name = &after[..name_len];
+        let Some(value) = arguments.get(name) else {
+            return Err(format!("the URL needs argument `{name}`, which is missing"));
+        };
+        out.push_str(&encode_component(&plain(value)));
+        used.push(name.to_string());
+        rest = &after[name_len + 1..];
+    }
+    out.push_str(rest);
+    for name in used {
+        arguments.remove(&name);
+    }
+    Ok(out)
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn encode_component(text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 0xf)] as char);
+        }
+    }
+    out
+}
+
+async fn read_file(root: &str, arguments: &Value) -> Outcome {
+    let Some(path) = arguments.get("path").and_then(Value::as_str) else {
+        return Outcome::error("read_file needs a `path` string argument");
+    };
+    let root = PathBuf::from(root);
+    let path = path.to_string();
+    match tokio::task::spawn_blocking(move || read_under(&root, &path)).await {
+        Ok(Ok(text)) => Outcome::ok(text),
+        Ok(Err(message)) => Outcome::error(message),
+        Err(e) => Outcome::error(format!("read_file failed: {e}")),
+    }
+}
+
+/// Reads `relative` under `root`, refusing anything that leaves it.
+fn read_under(root: &Path, relative: &str) -> Result<String, String> {
+    let path = Path::new(relative);
+    if relative.is_empty() || path.has_root() || path.is_absolute() {
+        return Err(format!(
+            "`{relative}` is not a relative path inside the tool's folder"
+        ));
+    }
+    // Refuse `..` that climbs out before touching the file system, so nothing
+    // outside the folder can even be probed for existence.
+    let mut depth = 0usize;
+    for component in path.components() {
+        match component {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| format!("`{relative}` is outside the tool's folder"))?;
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "`{relative}` is not a relative path inside the tool's folder"
+                ));
+            }
+        }
+    }
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("the tool's folder cannot be opened ({})", e.kind()))?;
+    // Symlinks are resolved here; the target must still be under the folder.
+    let full = root.join(path).canonicalize().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("no file `{relative}`"),
+        kind => format!("cannot open `{relative}` ({kind})"),
+    })?;
+    if !full.starts_with(&root) {
+        return Err(format!("`{relative}` is outside the tool's folder"));
+    }
+    if !full.is_file() {
+        return Err(format!("`{relative}` is not a file"));
+    }
+    let file = std::fs::File::open(&full)
+        .map_err(|e| format!("cannot open `{relative}` ({})", e.kind()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_OUTPUT_BYTES as u64 + 4)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{relative}` ({})", e.kind()))?;
+    let truncated = bytes.len() > MAX_OUTPUT_BYTES;
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(text) => text,
+        // A character cut in half by the read limit is not an encoding error.
+        Err(e) if truncated && e.error_len().is_none() => {
+            std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default()
+        }
+        Err(_) => return Err(format!("`{relative}` is not a UTF-8 text file")),
+    };
+    Ok(clip(text, MAX_OUTPUT_BYTES))
+}
+
+async fn list_files(root: &str) -> Outcome {
+    let root = PathBuf::from(root);
+    match tokio::task::spawn_blocking(move || list_under(&root)).await {
+        Ok(Ok(listing)) => Outcome::ok(clip(&listing, MAX_OUTPUT_BYTES)),
+        Ok(Err(message)) => Outcome::error(message),
+        Err(e) => Outcome::error(format!("list_files failed: {e}")),
+    }
+}
+
+/// The regular files under `root` (symlinks are not followed), relative,
+/// `/`-separated, sorted, one a line, at most [`MAX_LISTED_FILES`].
+fn list_under(root: &Path) -> Result<String, String> {
+    let mut files = Vec::new();
+    let mut folders = vec![PathBuf::new()];
+    while let Some(folder) = folders.pop() {
+        let entries = std::fs::read_dir(root.join(&folder));
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(e) if folder.as_os_str().is_empty() => {
+                return Err(format!("the tool's folder cannot be listed ({})", e.kind()));
+            }
+            // An unreadable subfolder is skipped, not fatal.
+            Err(_) => continue,
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let relative = folder.join(entry.file_name());
+            if kind.is_dir() {
+                folders.push(relative);
+            } else if kind.is_file() {
+                let parts: Vec<String> = relative
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                files.push(parts.join("/"));
+            }
+        }
+    }
+    files.sort();
+    let total = files.len();
+    files.truncate(MAX_LISTED_FILES);
+    let mut listing = files.join("\n");
+    if total > MAX_LISTED_FILES {
+        listing.push_str(&format!("\n… ({MAX_LISTED_FILES} of {total} files listed)"));
+    }
+    Ok(listing)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Instant;
+
+    use axum::Router;
+    use axum::extract::{Path as UrlPath, Query};
+    use axum::http::{HeaderMap as Headers, StatusCode as Status};
+    use axum::response::IntoResponse;
+    use axum::routing::{get, post};
+    use serde_json::json;
+
+    use super::*;
+
+    /// Headers of every request the fake server received, by route.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<(&'static str, Headers)>>>);
+
+    impl Seen {
+        fn record(&self, route: &'static str, headers: Headers) {
+            self.0.lock().unwrap().push((route, headers));
+        }
+        fn on(&self, route: &str) -> Vec<Headers> {
+            let seen = self.0.lock().unwrap();
+            seen.iter()
+                .filter(|(r, _)| *r == route)
+                .map(|(_, h)| h.clone())
+                .collect()
+        }
+    }
+
+    fn echo_headers(headers: &Headers) -> Value {
+        let pick = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        json!({
+            "authorization": pick("authorization"),
+            "x-team": pick("x-team"),
+            "user-agent": pick("user-agent"),
+            "content-type": pick("content-type"),
+        })
+    }
+
+    /// A real server on 127.0.0.1 with the routes the tests call; returns its address.
+    async fn server(seen: Seen) -> String {
+        let limited = Arc::new(AtomicU32::new(0));
+        let s = [
+            seen.clone(),
+            seen.clone(),
+            seen.clone(),
+            seen.clone(),
+            seen.clone(),
+            seen.clone(),
+        ];
+        let [s1, s2, s3, s4, s5, s6] = s;
+        let app = Router::new()
+            .route(
+                "/items/{id}",
+                get(move |UrlPath(id): UrlPath<String>, Query(query): Query<BTreeMap<String, String>>, headers: Headers| async move {
+                    s1.record("get", headers.clone());
+                    axum::Json(json!({"id": id, "query": query, "headers": echo_headers(&headers)}))
+                })
+                .patch(move |UrlPath(id): UrlPath<String>, headers: Headers, body: String| async move {
+                    s2.record("patch", headers.clone());
+                    axum::Json(json!({"id": id, "body": serde_json::from_str::<Value>(&body).unwrap(), "headers": echo_headers(&headers)}))
+                }),
+            )
+            .route(
+                "/items",
+                post(move |headers: Headers, body: String| async move {
+                    s3.record("post", headers.clone());
+                    axum::Json(json!({"body": serde_json::from_str::<Value>(&body).unwrap(), "headers": echo_headers(&headers)}))
+                }),
+            )
+            .route(
+                "/flaky",
+                post(move |headers: Headers| async move {
+                    s4.record("flaky", headers);
+                    (Status::INTERNAL_SERVER_ERROR, "boom: database on fire")
+                }),
+            )
+            .route(
+                "/bad",
+                post(move |headers: Headers| async move {
+                    s5.record("bad", headers);
+                    (Status::BAD_REQUEST, "field `qty` must be positive")
+                }),
+            )
+            .route(
+                "/limited",
+                post(move || async move {
+                    if limited.fetch_add(1, Ordering::SeqCst) == 0 {
+                        (Status::TOO_MANY_REQUESTS, [("retry-after", "100")], "slow down").into_response()
+                    } else {
+                        "done".into_response()
+                    }
+                }),
+            )
+            .route(
+                "/slow",
+                post(move |headers: Headers| async move {
+                    s6.record("slow", headers);
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    "too late"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn agent(base: &str) -> Agent {
+        let retry = "{max_attempts: 3, backoff: {initial: 10ms, max: 50ms}}";
+        Agent::parse(&format!(
+            r#"
+name: ops
+version: 1
+model: {{provider: scripted, model: s, script: [{{content: hi}}]}}
+tools:
+  - name: get_item
+    http:
+      method: GET
+      url: "{base}/items/{{id}}"
+      headers: {{Authorization: "Bearer ${{KEEL_TEST_TOOL_TOKEN}}", X-Team: blue}}
+  - name: create_item
+    http: {{method: POST, url: "{base}/items"}}
+  - name: rename_item
+    http: {{method: PATCH, url: "{base}/items/{{id}}"}}
+  - name: flaky
+    http: {{url: "{base}/flaky", retry: {retry}}}
+  - name: bad
+    http: {{url: "{base}/bad", retry: {retry}}}
+  - name: limited
+    http: {{url: "{base}/limited", retry: {retry}}}
+  - name: slow
+    http: {{url: "{base}/slow", timeout: 200ms, retry: {{max_attempts: 2, backoff: {{initial: 10ms, max: 10ms}}}}}}
+  - name: unset_secret
+    http: {{url: "{base}/items", headers: {{X-Key: "${{KEEL_TEST_SURELY_UNSET_TOOL_VAR}}"}}}}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn call(run_id: RunId, tool: &str, arguments: Value) -> Invocation {
+        Invocation {
+            step: 1,
+            call_index: 0,
+            tool: tool.into(),
+            arguments,
+            idempotency_key: keel_core::run::idempotency_key(run_id, 1, 0),
+            attempt: 1,
+        }
+    }
+
+    fn tools() -> Tools {
+        Tools::new(reqwest::Client::new())
+            .with_env(|name| (name == "KEEL_TEST_TOOL_TOKEN").then(|| "s3cret-value".to_string()))
+    }
+
+    fn assert_traceparent(headers: &Headers, run_id: RunId) {
+        let trace = headers["traceparent"].to_str().unwrap();
+        let parts: Vec<&str> = trace.split('-').collect();
+        assert_eq!(parts.len(), 4, "{trace}");
+        assert_eq!(
+            (parts[0], parts[1], parts[3]),
+            ("00", run_id.trace_id().as_str(), "01")
+        );
+        assert_eq!(parts[2].len(), 16);
+        assert!(
+            parts[2]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+    }
+
+    #[tokio::test]
+    async fn http_tools_send_arguments_and_headers() {
+        let seen = Seen::default();
+        let agent = agent(&server(seen.clone()).await);
+        let tools = tools();
+        let run_id = RunId::new();
+
+        // GET: placeholder filled (encoded), the rest in the query string.
+        let args = json!({"id": "a b/c", "q": "x&y", "n": 5, "tags": ["p", "q"]});
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "get_item", args))
+            .await;
+        assert!(!outcome.is_error, "{outcome:?}");
+        let echo: Value = serde_json::from_str(&outcome.output).unwrap();
+        assert_eq!(echo["id"], "a b/c");
+        assert_eq!(
+            echo["query"],
+            json!({"n": "5", "q": "x&y", "tags": "[\"p\",\"q\"]"})
+        );
+        assert_eq!(echo["headers"]["x-team"], "blue");
+        assert!(
+            echo["headers"]["user-agent"]
+                .as_str()
+                .unwrap()
+                .starts_with("keel/")
+        );
+        // The tool echoed the secret back: the model sees it redacted.
+        assert_eq!(echo["headers"]["authorization"], "Bearer [redacted]");
+        assert!(!outcome.output.contains("s3cret-value"));
+        let received = &seen.on("get")[0];
+        assert_eq!(received["authorization"], "Bearer s3cret-value");
+        assert_eq!(
+            received["idempotency-key"],
+            format!("{run_id}:1:0").as_str()
+        );
+        assert_traceparent(received, run_id);
+
+        // POST: the arguments as a JSON body.
+        let args = json!({"name": "widget", "qty": 2});
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "create_item", args.clone()))
+            .await;
+        let echo: Value = serde_json::from_str(&outcome.output).unwrap();
+        assert_eq!(echo["body"], args);
+        assert!(
+            echo["headers"]["content-type"]
+                .as_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+
+        // PATCH: the placeholder argument is not repeated in the body.
+        let args = json!({"id": 7, "name": "gadget"});
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "rename_item", args))
+            .await;
+        let echo: Value = serde_json::from_str(&outcome.output).unwrap();
+        assert_eq!(echo["id"], "7");
+        assert_eq!(echo["body"], json!({"name": "gadget"}));
+
+        // Refused before any request.
+        let outcome = tools
+            .invoke(
+                &agent,
+                run_id,
+                &call(run_id, "rename_item", json!({"name": "x"})),
+            )
+            .await;
+        assert!(
+            outcome.is_error && outcome.output.contains("`id`"),
+            "{outcome:?}"
+        );
+        let outcome = Tools::new(reqwest::Client::new())
+            .invoke(&agent, run_id, &call(run_id, "unset_secret", json!({})))
+            .await;
+        assert!(outcome.is_error);
+        assert!(
+            outcome.output.contains("KEEL_TEST_SURELY_UNSET_TOOL_VAR"),
+            "{outcome:?}"
+        );
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "nope", json!({})))
+            .await;
+        assert!(
+            outcome.is_error && outcome.output.contains("unknown tool `nope`"),
+            "{outcome:?}"
+        );
+        assert_eq!(seen.on("patch").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn http_tools_retry_what_can_succeed() {
+        let seen = Seen::default();
+        let agent = agent(&server(seen.clone()).await);
+        let tools = tools();
+        let run_id = RunId::new();
+
+        // 500: retried up to max_attempts, with the same idempotency key each time.
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "flaky", json!({})))
+            .await;
+        assert!(outcome.is_error);
+        assert_eq!(
+            outcome.output,
+            "tool `flaky` failed after 3 attempts: HTTP 500 Internal Server Error: boom: database on fire"
+        );
+        let attempts = seen.on("flaky");
+        assert_eq!(attempts.len(), 3);
+        for headers in &attempts {
+            assert_eq!(headers["idempotency-key"], format!("{run_id}:1:0").as_str());
+            assert_traceparent(headers, run_id);
+        }
+
+        // 400: not retried.
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "bad", json!({})))
+            .await;
+        assert!(outcome.is_error);
+        assert_eq!(
+            outcome.output,
+            "tool `bad` failed: HTTP 400 Bad Request: field `qty` must be positive"
+        );
+        assert_eq!(seen.on("bad").len(), 1);
+
+        // 429 asking for 100s: the wait is capped at backoff.max (50ms).
+        let started = Instant::now();
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "limited", json!({})))
+            .await;
+        assert_eq!(outcome, Outcome::ok("done"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        // A handler slower than the 200ms timeout: both attempts time out.
+        let started = Instant::now();
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "slow", json!({})))
+            .await;
+        assert!(outcome.is_error);
+        assert_eq!(
+            outcome.output,
+            "tool `slow` failed after 2 attempts: timed out after 200ms"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(seen.on("slow").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn builtins_stay_in_their_folder() {
+        let base = std::env::temp_dir().join(format!("keel-tools-{}", RunId::new()));
+        let root = base.join("data");
+        std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+        std::fs::write(base.join("secret.txt"), "outside").unwrap();
+        std::fs::write(root.join("notes.md"), "buy milk").unwrap();
+        std::fs::write(root.join("b.txt"), "b").unwrap();
+        std::fs::write(root.join("sub/deeper/c.txt"), "c").unwrap();
+        std::fs::write(root.join("sub/a.txt"), "a").unwrap();
+        std::fs::write(root.join("binary.bin"), [0xff, 0xfe, 0x00, 0x81]).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(base.join("secret.txt"), root.join("link.txt")).unwrap();
+
+        let agent = Agent::parse(&format!(
+            "name: files\nversion: 1\nmodel: {{provider: scripted, model: s, script: [{{content: hi}}]}}\ntools:\n  - {{name: read, builtin: read_file, root: '{r}'}}\n  - {{name: list, builtin: list_files, root: '{r}'}}\n",
+            r = root.display()
+        ))
+        .unwrap();
+        let tools = tools();
+        let run_id = RunId::new();
+        let read = |path: &str| call(run_id, "read", json!({ "path": path }));
+
+        assert_eq!(
+            tools.invoke(&agent, run_id, &read("notes.md")).await,
+            Outcome::ok("buy milk")
+        );
+        assert_eq!(
+            tools
+                .invoke(&agent, run_id, &read("./sub/../sub/a.txt"))
+                .await,
+            Outcome::ok("a")
+        );
+        for (path, expected) in [
+            ("../secret.txt", "outside the tool's folder"),
+            ("sub/../../secret.txt", "outside the tool's folder"),
+            ("/etc/passwd", "not a relative path"),
+            ("missing.md", "no file `missing.md`"),
+            ("sub", "not a file"),
+            ("binary.bin", "not a UTF-8 text file"),
+        ] {
+            let outcome = tools.invoke(&agent, run_id, &read(path)).await;
+            assert!(outcome.is_error, "{path}: {outcome:?}");
+            assert!(outcome.output.contains(expected), "{path}: {outcome:?}");
+            assert!(
+                outcome.output.contains(path) || path == "sub",
+                "names the path: {outcome:?}"
+            );
+            assert!(!outcome.output.contains("outside\n") && outcome.output != "outside");
+        }
+        #[cfg(unix)]
+        {
+            let outcome = tools.invoke(&agent, run_id, &read("link.txt")).await;
+            assert!(
+                outcome.is_error && outcome.output.contains("outside the tool's folder"),
+                "{outcome:?}"
+            );
+        }
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "read", json!({})))
+            .await;
+        assert!(outcome.is_error);
+
+        let listing = tools
+            .invoke(&agent, run_id, &call(run_id, "list", json!({})))
+            .await;
+        assert_eq!(
+            listing,
+            Outcome::ok("b.txt\nbinary.bin\nnotes.md\nsub/a.txt\nsub/deeper/c.txt")
+        );
+
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn placeholders() {
+        let mut args = json!({"id": "x/y z", "n": 3, "keep": true})
+            .as_object()
+            .unwrap()
+            .clone();
+        let url = fill_placeholders("http://h/a/{id}/{n}?raw={not a name}", &mut args).unwrap();
+        assert_eq!(url, "http://h/a/x%2Fy%20z/3?raw={not a name}");
+        assert_eq!(Value::Object(args), json!({"keep": true}));
+        assert_eq!(encode_component("é~"), "%C3%A9~");
+    }
+}

@@ -1,0 +1,651 @@
+//! The worker pool: claims tasks, drives runs, keeps leases alive.
+//!
+//! A task names a run, a kind (`llm` or `tools`) and a step. Driving it means:
+//! fold the run's journal, turn what the outside world answered into a
+//! [`Command`], let the pure state machine decide, and commit the events and
+//! the tasks they cause in one fenced, conditional append. The task the append
+//! creates is leased to this worker on creation, so a run goes from step to
+//! step without a round trip through the queue; another worker only takes a
+//! task over when this one died (its lease expired) or gave it back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use keel_core::run::{self, Command, Effect, Invocation, State, Status};
+use keel_core::{Agent, Event, RunId};
+use keel_store::{
+    Append, Error as StoreError, LeaseTo, NewTask, Projection, Store, Task, TaskKind, TaskUpdate,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::agents::Agents;
+use crate::llm;
+use crate::now;
+use crate::tools::Tools;
+
+/// Most events a run's journal may be folded from (far above any real run).
+const MAX_EVENTS: u32 = 1_000_000;
+
+/// How the worker pool behaves.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Tasks executed at once (LLM calls are I/O waits, so this can be large).
+    pub workers: usize,
+    /// How long a lease lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often this process extends its leases.
+    pub heartbeat: Duration,
+    /// Longest an idle dispatcher sleeps before looking for due tasks anyway.
+    pub poll: Duration,
+    /// Most tasks claimed in one store round trip.
+    pub claim_batch: u32,
+    /// How long shutdown waits for in-flight tasks before giving them back.
+    pub drain: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            workers: 256,
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            poll: Duration::from_secs(1),
+            claim_batch: 128,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The worker pool of one process.
+pub struct Engine<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Engine<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<S> {
+    store: S,
+    agents: Agents<S>,
+    llm: llm::Client,
+    tools: Tools,
+    options: Options,
+    /// This process's worker id: the owner of its leases.
+    owner: String,
+}
+
+/// What a driven task leads to.
+enum Next {
+    /// Nothing more for this worker.
+    Done,
+    /// Go on with a task leased on creation; for a `tools` task, the
+    /// invocations whose `ToolCallStarted` were committed with it.
+    Continue(Task, Vec<Invocation>),
+}
+
+impl<S: Store> Engine<S> {
+    /// An engine over `store`.
+    pub fn new(store: S, options: Options) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(options.workers.max(16))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self {
+            inner: Arc::new(Inner {
+                agents: Agents::new(store.clone()),
+                store,
+                llm: llm::Client::new(http.clone()),
+                tools: Tools::new(http),
+                owner: format!("worker-{}", uuid::Uuid::now_v7()),
+                options,
+            }),
+        }
+    }
+
+    /// This process's worker id.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// Runs the pool until `cancel`, then stops claiming, lets in-flight tasks
+    /// finish within `Options::drain` and gives back what is left.
+    pub async fn run(self, cancel: CancellationToken) {
+        let inner = self.inner;
+        let tracker = TaskTracker::new();
+        let heartbeat = tokio::spawn(heartbeat(inner.clone(), cancel.clone()));
+        let slots = Arc::new(Semaphore::new(inner.options.workers));
+        let mut commits = inner.store.subscribe();
+        info!(owner = %inner.owner, workers = inner.options.workers, "engine started");
+
+        loop {
+            // Wait for a free slot, then take as many as are free (up to a batch).
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit,
+                _ = cancel.cancelled() => break,
+            };
+            let Ok(first) = first else { break };
+            let mut permits = vec![first];
+            while permits.len() < inner.options.claim_batch as usize {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let asked = permits.len() as u32;
+            let claimed = match inner
+                .store
+                .claim(&inner.owner, asked, inner.options.lease, now())
+                .await
+            {
+                Ok(tasks) => tasks,
+                Err(e) => {
+                    warn!(error = %e, "claim failed");
+                    Vec::new()
+                }
+            };
+            let got = claimed.len() as u32;
+            for (task, permit) in claimed.into_iter().zip(permits.drain(..)) {
+                let inner = inner.clone();
+                tracker.spawn(async move {
+                    drive(&inner, task, Vec::new()).await;
+                    drop(permit);
+                });
+            }
+            drop(permits);
+            if got == asked {
+                continue;
+            }
+            // Idle: sleep until new work is committed, a task becomes due, or the poll.
+            let wait = match inner.store.next_due(now()).await {
+                Ok(Some(at)) => Duration::from_millis((at - now()).max(1) as u64),
+                _ => inner.options.poll,
+            }
+            .min(inner.options.poll);
+            let deadline = tokio::time::sleep(wait);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    _ = cancel.cancelled() => break,
+                    msg = commits.recv() => match msg {
+                        Ok(c) if c.new_work => break,
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        }
+
+        tracker.close();
+        if tokio::time::timeout(inner.options.drain, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("drain deadline passed, giving in-flight tasks back");
+        }
+        match inner.store.release_all(&inner.owner, now()).await {
+            Ok(n) if n > 0 => info!(released = n, "gave leases back"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not give leases back"),
+        }
+        heartbeat.abort();
+        info!(owner = %inner.owner, "engine stopped");
+    }
+}
+
+/// Extends every lease of this process until cancelled.
+async fn heartbeat<S: Store>(inner: Arc<Inner<S>>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(inner.options.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let at = now();
+        let until = at + inner.options.lease.as_millis() as i64;
+        if let Err(e) = inner.store.heartbeat(&inner.owner, until, at).await {
+            warn!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// Drives a task and whatever tasks it leads to, until the run parks, ends or
+/// the lease is lost.
+async fn drive<S: Store>(inner: &Inner<S>, mut task: Task, mut invocations: Vec<Invocation>) {
+    let mut state: Option<State> = None;
+    let mut conflicts = 0;
+    loop {
+        let run_id = task.run_id;
+        match step(inner, &mut state, &task, std::mem::take(&mut invocations)).await {
+            Ok(Next::Done) => return,
+            Ok(Next::Continue(next, next_invocations)) => {
+                task = next;
+                invocations = next_invocations;
+                conflicts = 0;
+            }
+            Err(StoreError::SeqConflict { .. }) if conflicts < 5 => {
+                // Someone else appended (a cancel): fold again and decide again.
+                debug!(%run_id, "journal moved on, reloading");
+                conflicts += 1;
+                state = None;
+            }
+            Err(StoreError::LeaseLost(task_id)) => {
+                debug!(%run_id, %task_id, "lease lost, stopping");
+                return;
+            }
+            Err(e) => {
+                // The lease expires and the task is retried by whoever claims it.
+                warn!(%run_id, error = %e, "task failed on the store");
+                return;
+            }
+        }
+    }
+}
+
+/// The run row's summary of a state, written with every append.
+pub fn projection(state: &State) -> Projection {
+    let error = match (&state.error, &state.parked) {
+        (Some(e), _) => Some(e.clone()),
+        (None, Some(p)) => Some(format!("task dead-lettered: {}", p.error)),
+        (None, None) => None,
+    };
+    Projection {
+        status: state.status,
+        steps: state.steps,
+        output: state.output.clone(),
+        error,
+        usage: state.usage,
+    }
+}
+
+/// Folds a run's journal.
+async fn load<S: Store>(store: &S, run_id: RunId) -> Result<State, StoreError> {
+    let events = store.events(run_id, 0, MAX_EVENTS).await?;
+    if events.is_empty() {
+        return Err(StoreError::NotFound(format!("run {run_id}")));
+    }
+    Ok(State::replay(run_id, &events))
+}
+
+/// One task, one decision, one commit.
+async fn step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    invocations: Vec<Invocation>,
+) -> Result<Next, StoreError> {
+    let state = match slot {
+        Some(state) if state.run_id == task.run_id => state,
+        _ => slot.insert(load(&inner.store, task.run_id).await?),
+    };
+    let agent = inner
+        .agents
+        .get(&state.tenant, &state.agent, &state.version)
+        .await?;
+    let at = now();
+
+    if state.status.is_terminal() {
+        return finish_stale(inner, slot, task).await;
+    }
+    if task.attempts > task.max_attempts {
+        let error = format!(
+            "{} task gave up after {} attempts (the worker running it kept dying)",
+            task.kind.as_str(),
+            task.max_attempts
+        );
+        return dead_letter(inner, slot, task, error).await;
+    }
+    if run::expired(state, &agent, at) {
+        let transition = handle(state, &agent, Command::Expire);
+        return commit(
+            inner,
+            slot,
+            task,
+            transition,
+            TaskUpdate::Complete,
+            Vec::new(),
+            true,
+        )
+        .await;
+    }
+
+    match task.kind {
+        TaskKind::Llm => llm_step(inner, slot, task, &agent).await,
+        TaskKind::Tools => tools_step(inner, slot, task, &agent, invocations).await,
+    }
+}
+
+/// Applies a command the driver built from the current state. A rejection here
+/// is a bug in the driver, not bad data: it is logged and nothing is written.
+fn handle(state: &State, agent: &Agent, command: Command) -> run::Transition {
+    match run::handle(state, agent, command) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(run_id = %state.run_id, error = %e, "state machine refused a command");
+            run::Transition::default()
+        }
+    }
+}
+
+async fn llm_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let awaiting = matches!(state.status, Status::Pending | Status::AwaitingLlm);
+    if !awaiting || state.steps + 1 != task.step {
+        return finish_stale(inner, slot, task).await;
+    }
+    let response = match inner.llm.complete(agent, state, task.step).await {
+        Ok(r) => r,
+        Err(llm::Error::Transient {
+            message,
+            retry_after,
+        }) => {
+            if task.attempts >= task.max_attempts {
+                let error = format!(
+                    "llm call failed after {} attempts: {message}",
+                    task.attempts
+                );
+                return dead_letter(inner, slot, task, error).await;
+            }
+            let backoff = agent
+                .spec
+                .retry
+                .backoff
+                .delay(task.attempts, fastrand::f64());
+            // The provider's Retry-After wins over our backoff, within the policy's cap.
+            let cap = agent.spec.retry.backoff.max;
+            let delay = retry_after.map_or(backoff, |r| r.min(cap).max(backoff));
+            warn!(run_id = %task.run_id, step = task.step, attempt = task.attempts, error = %message, "llm call failed, retrying");
+            let at = now();
+            inner
+                .store
+                .retry_later(task.lease, &message, at + delay.as_millis() as i64, at)
+                .await?;
+            return Ok(Next::Done);
+        }
+        Err(llm::Error::Permanent { message }) => {
+            let error = format!("llm call failed: {message}");
+            return dead_letter(inner, slot, task, error).await;
+        }
+    };
+
+    let mut transition = handle(
+        state,
+        agent,
+        Command::LlmResponded {
+            step: task.step,
+            message: response.message,
+            usage: response.usage,
+            model: response.model,
+        },
+    );
+    if transition.events.is_empty() {
+        return finish_stale(inner, slot, task).await;
+    }
+    // When the answer asks for tools, journal their starts in the same commit.
+    if let Some(Effect::CallTools { step }) = transition.effects.first().cloned() {
+        let mut next = state.clone();
+        for event in &transition.events {
+            next.apply_next(event, now());
+        }
+        let start = handle(&next, agent, Command::StartTools { step });
+        transition.events.extend(start.events);
+        transition.effects.extend(start.effects);
+    }
+    let terminal = transition.events.iter().any(Event::is_terminal);
+    let new_tasks = follow_up_tasks(inner, agent, &transition.effects);
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::Complete,
+        new_tasks,
+        terminal,
+    )
+    .await
+}
+
+async fn tools_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    mut invocations: Vec<Invocation>,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    if state.status != Status::AwaitingTool || state.steps != task.step {
+        return finish_stale(inner, slot, task).await;
+    }
+    if invocations.is_empty() {
+        // Taken over or retried: journal a (new) start for every call without a
+        // result. A call started before without a result may have happened: it
+        // is repeated with the same idempotency key.
+        let start = handle(state, agent, Command::StartTools { step: task.step });
+        invocations = start
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::InvokeTool(inv) => Some(inv.clone()),
+                _ => None,
+            })
+            .collect();
+        if invocations.is_empty() {
+            return finish_stale(inner, slot, task).await;
+        }
+        commit(
+            inner,
+            slot,
+            task,
+            start,
+            TaskUpdate::Keep,
+            Vec::new(),
+            false,
+        )
+        .await?;
+    }
+
+    let run_id = task.run_id;
+    let mut calls: FuturesUnordered<_> = invocations
+        .into_iter()
+        .map(|inv| async move {
+            let outcome = inner.tools.invoke(agent, run_id, &inv).await;
+            (inv, outcome)
+        })
+        .collect();
+    let mut result = Next::Done;
+    while let Some((inv, outcome)) = calls.next().await {
+        let Some(state) = slot.as_ref() else {
+            return Ok(Next::Done);
+        };
+        let transition = handle(
+            state,
+            agent,
+            Command::ToolReturned {
+                step: inv.step,
+                call_index: inv.call_index,
+                output: outcome.output,
+                is_error: outcome.is_error,
+            },
+        );
+        let settles =
+            !transition.effects.is_empty() || transition.events.iter().any(Event::is_terminal);
+        if settles {
+            let terminal = transition.events.iter().any(Event::is_terminal);
+            let new_tasks = follow_up_tasks(inner, agent, &transition.effects);
+            result = commit(
+                inner,
+                slot,
+                task,
+                transition,
+                TaskUpdate::Complete,
+                new_tasks,
+                terminal,
+            )
+            .await?;
+        } else {
+            commit(
+                inner,
+                slot,
+                task,
+                transition,
+                TaskUpdate::Keep,
+                Vec::new(),
+                false,
+            )
+            .await?;
+        }
+    }
+    Ok(result)
+}
+
+/// Tasks for the effects of a transition, leased to this worker on creation.
+fn follow_up_tasks<S>(inner: &Inner<S>, agent: &Agent, effects: &[Effect]) -> Vec<NewTask> {
+    let at = now();
+    let lease_to = Some(LeaseTo {
+        owner: inner.owner.clone(),
+        until: at + inner.options.lease.as_millis() as i64,
+    });
+    let mut tasks = Vec::new();
+    for effect in effects {
+        let (kind, step, max_attempts) = match effect {
+            Effect::CallLlm { step } => (TaskKind::Llm, *step, agent.spec.retry.max_attempts),
+            // Tool retries happen inside the call; the task's attempts only
+            // count workers that died while making it.
+            Effect::CallTools { step } => (TaskKind::Tools, *step, agent.spec.retry.max_attempts),
+            Effect::InvokeTool(_) => continue,
+        };
+        tasks.push(NewTask {
+            kind,
+            step,
+            max_attempts,
+            run_at: at,
+            lease_to: lease_to.clone(),
+        });
+    }
+    tasks
+}
+
+/// Commits a transition under the task's lease and says what comes next.
+async fn commit<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    transition: run::Transition,
+    update: TaskUpdate,
+    new_tasks: Vec<NewTask>,
+    clear_tasks: bool,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_mut() else {
+        return Ok(Next::Done);
+    };
+    let expected_seq = state.seq;
+    let at = now();
+    for event in &transition.events {
+        state.apply_next(event, at);
+    }
+    let append = Append {
+        run_id: task.run_id,
+        expected_seq,
+        events: transition.events,
+        lease: Some(task.lease),
+        task: update,
+        new_tasks,
+        clear_tasks,
+        redrive: None,
+        projection: projection(state),
+        now: at,
+    };
+    let appended = match inner.store.append(append).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The in-memory fold ran ahead of the journal: forget it.
+            *slot = None;
+            return Err(e);
+        }
+    };
+    let invocations: Vec<Invocation> = transition
+        .effects
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::InvokeTool(inv) => Some(inv),
+            _ => None,
+        })
+        .collect();
+    match appended.leased.into_iter().next() {
+        Some(next) => Ok(Next::Continue(next, invocations)),
+        None => Ok(Next::Done),
+    }
+}
+
+/// Completes a task that has nothing left to do (its step already happened,
+/// or the run is over).
+async fn finish_stale<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+) -> Result<Next, StoreError> {
+    debug!(run_id = %task.run_id, kind = task.kind.as_str(), step = task.step, "stale task");
+    commit(
+        inner,
+        slot,
+        task,
+        run::Transition::default(),
+        TaskUpdate::Complete,
+        Vec::new(),
+        false,
+    )
+    .await?;
+    Ok(Next::Done)
+}
+
+/// Moves the task to the dead-letter queue and journals why.
+async fn dead_letter<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    error: String,
+) -> Result<Next, StoreError> {
+    warn!(run_id = %task.run_id, kind = task.kind.as_str(), step = task.step, attempts = task.attempts, error = %error, "task dead-lettered");
+    let transition = run::Transition {
+        events: vec![Event::TaskDeadLettered {
+            task_id: task.lease.task_id,
+            kind: task.kind.as_str().to_string(),
+            step: task.step,
+            attempts: task.attempts,
+            error: error.clone(),
+        }],
+        effects: Vec::new(),
+    };
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::DeadLetter { error },
+        Vec::new(),
+        false,
+    )
+    .await?;
+    Ok(Next::Done)
+}

@@ -1,0 +1,98 @@
+//! The API's error: a status code and a message safe to show; internal causes
+//! are logged here and never sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use keel_core::spec::{self, FieldError};
+use serde_json::json;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed (bad JSON, missing field, bad header).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request is well-formed but names something invalid.
+    #[error("{message}")]
+    Invalid {
+        /// Summary.
+        message: String,
+        /// Fields at fault.
+        fields: Vec<FieldError>,
+    },
+    /// The thing named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is larger than the limit.
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// Something failed inside; the cause is logged, not returned.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl Error {
+    /// The HTTP status of this error.
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "bad_request",
+            Error::Invalid { .. } => "invalid",
+            Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::TooLarge(_) => "too_large",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<keel_store::Error> for Error {
+    fn from(e: keel_store::Error) -> Self {
+        match e {
+            keel_store::Error::NotFound(what) => Error::NotFound(format!("{what} not found")),
+            keel_store::Error::Conflict(message) => Error::Conflict(message),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<spec::Error> for Error {
+    fn from(e: spec::Error) -> Self {
+        match e {
+            spec::Error::Syntax(message) => {
+                Error::BadRequest(format!("spec is not valid YAML/JSON: {message}"))
+            }
+            spec::Error::Invalid(fields) => Error::Invalid {
+                message: spec::Error::Invalid(fields.clone()).to_string(),
+                fields,
+            },
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(cause) = &self {
+            tracing::error!(cause = %cause, "request failed");
+        }
+        let mut body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        if let Error::Invalid { fields, .. } = &self {
+            body["error"]["fields"] = json!(fields);
+        }
+        (self.status_code(), Json(body)).into_response()
+    }
+}

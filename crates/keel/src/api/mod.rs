@@ -1,0 +1,438 @@
+//! The HTTP API (JSON): runs, their event streams (SSE), agents, the
+//! dead-letter queue, health. Handlers parse and answer; what they do to runs
+//! lives in [`crate::service`].
+
+mod error;
+
+pub use error::Error;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use keel_core::ids::DEFAULT_TENANT;
+use keel_core::run::Status;
+use keel_core::{Agent, RunId, TaskId};
+use keel_store::{Registered, RunFilter, RunRecord, Store};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::service::{self, Service, Submit};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Builds the router over a service.
+pub fn router<S: Store>(service: Service<S>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<S>))
+        .route("/v1/runs", post(submit::<S>).get(list_runs::<S>))
+        .route("/v1/runs/{id}", get(get_run::<S>))
+        .route("/v1/runs/{id}/events", get(events::<S>))
+        .route("/v1/runs/{id}/cancel", post(cancel::<S>))
+        .route("/v1/agents", post(put_agent::<S>).get(list_agents::<S>))
+        .route("/v1/agents/{name}", get(get_agent::<S>))
+        .route("/v1/dlq", get(list_dlq::<S>))
+        .route("/v1/dlq/{id}/retry", post(retry_dlq::<S>))
+        .fallback(|| async { Error::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(service)
+}
+
+type Api<S> = State<Service<S>>;
+
+fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, Error> {
+    bytes.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::TooLarge(MAX_BODY)
+        } else {
+            Error::BadRequest(format!("could not read the body: {e}"))
+        }
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    if bytes.is_empty() {
+        return Err(Error::BadRequest(
+            "the body is empty; send a JSON object".into(),
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            Error::BadRequest(format!("invalid JSON body: {}", e.inner()))
+        } else {
+            Error::BadRequest(format!("invalid JSON body at `{path}`: {}", e.inner()))
+        }
+    })
+}
+
+fn run_id(text: &str) -> Result<RunId, Error> {
+    text.parse()
+        .map_err(|_| Error::NotFound(format!("run `{text}` not found")))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz<S: Store>(State(svc): Api<S>) -> Response {
+    match svc
+        .store
+        .list_runs(RunFilter {
+            tenant: DEFAULT_TENANT.into(),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    agent: String,
+    input: Value,
+    #[serde(default)]
+    version: Option<Value>,
+}
+
+async fn submit<S: Store>(
+    State(svc): Api<S>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let bytes = body(bytes)?;
+    let req: SubmitBody = parse_json(&bytes)?;
+    if req.agent.trim().is_empty() {
+        return Err(Error::BadRequest("`agent` must not be empty".into()));
+    }
+    if req.input.is_null() {
+        return Err(Error::BadRequest(
+            "`input` must be a string or JSON value, not null".into(),
+        ));
+    }
+    let version = match req.version {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "`version` must be a string, got {other}"
+            )));
+        }
+    };
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
+            match key {
+                Some(k) => Some(k.to_string()),
+                None => {
+                    return Err(Error::BadRequest(
+                        "Idempotency-Key must be 1-255 visible ASCII characters".into(),
+                    ));
+                }
+            }
+        }
+    };
+    let submitted = svc
+        .submit(Submit {
+            agent: req.agent,
+            version,
+            input: req.input,
+            idempotency_key,
+        })
+        .await?;
+    let location = format!("/v1/runs/{}", submitted.run_id);
+    let body = json!({
+        "id": submitted.run_id.to_string(),
+        "status": "PENDING",
+        "created": submitted.created,
+        "location": location,
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response())
+}
+
+async fn get_run<S: Store>(
+    State(svc): Api<S>,
+    Path(id): Path<String>,
+) -> Result<Json<service::RunView>, Error> {
+    Ok(Json(svc.view(run_id(&id)?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    agent: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn summary(run: &RunRecord) -> Value {
+    json!({
+        "id": run.id.to_string(),
+        "agent": run.agent,
+        "version": run.version,
+        "status": run.projection.status.as_str(),
+        "step_count": run.projection.steps,
+        "output": run.projection.output,
+        "error": run.projection.error,
+        "usage": run.projection.usage,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+    })
+}
+
+async fn list_runs<S: Store>(
+    State(svc): Api<S>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Error> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+            Error::BadRequest(format!(
+                "unknown status `{s}`; use one of {}",
+                all.join(", ")
+            ))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Error::BadRequest(
+            "`limit` must be between 1 and 500".into(),
+        ));
+    }
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.parse::<RunId>()
+                .map_err(|_| Error::BadRequest(format!("bad cursor `{c}`")))?,
+        ),
+    };
+    let runs = svc
+        .store
+        .list_runs(RunFilter {
+            tenant: DEFAULT_TENANT.into(),
+            status,
+            agent: q.agent.filter(|a| !a.is_empty()),
+            before,
+            limit,
+        })
+        .await?;
+    let next_cursor = if runs.len() as u32 == limit {
+        runs.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    let runs: Vec<Value> = runs.iter().map(summary).collect();
+    Ok(Json(json!({"runs": runs, "next_cursor": next_cursor})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<i64>,
+}
+
+async fn events<S: Store>(
+    State(svc): Api<S>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Error> {
+    let run_id = run_id(&id)?;
+    let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
+    if svc.store.get_run(run_id).await?.is_none() {
+        return Err(Error::NotFound(format!("run `{run_id}` not found")));
+    }
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    Error::BadRequest("Last-Event-ID must be an event sequence number".into())
+                })?,
+        ),
+    };
+    let after = last_event_id.or(q.after).unwrap_or(0).max(0);
+    let stream = service::follow(svc.store.clone(), run_id, after).map(|item| {
+        let event = match item {
+            Ok(recorded) => match serde_json::to_string(&recorded) {
+                Ok(data) => SseEvent::default()
+                    .id(recorded.seq.to_string())
+                    .event(recorded.event.kind())
+                    .data(data),
+                Err(e) => SseEvent::default()
+                    .event("error")
+                    .data(format!("could not encode event: {e}")),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "event stream failed");
+                SseEvent::default()
+                    .event("error")
+                    .data("the event stream failed; reconnect with Last-Event-ID")
+            }
+        };
+        Ok(event)
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel<S: Store>(
+    State(svc): Api<S>,
+    Path(id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, Error> {
+    let run_id = run_id(&id)?;
+    let bytes = body(bytes)?;
+    let req: CancelBody = if bytes.is_empty() {
+        CancelBody::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let reason = req
+        .reason
+        .unwrap_or_else(|| "cancelled by API request".into());
+    let state = svc.cancel(run_id, reason).await?;
+    Ok(Json(
+        json!({"id": run_id.to_string(), "status": state.status.as_str(), "error": state.error}),
+    ))
+}
+
+async fn put_agent<S: Store>(
+    State(svc): Api<S>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let bytes = body(bytes)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::BadRequest("the spec is not UTF-8".into()))?;
+    if text.trim().is_empty() {
+        return Err(Error::BadRequest(
+            "the body is empty; send an agent spec as YAML or JSON".into(),
+        ));
+    }
+    let agent = Agent::parse(text)?;
+    let registered = svc.register(&agent).await?;
+    let status = match registered {
+        Registered::Created => StatusCode::CREATED,
+        Registered::Unchanged => StatusCode::OK,
+    };
+    let body = json!({
+        "name": agent.spec.name,
+        "version": agent.spec.version,
+        "created": registered == Registered::Created,
+    });
+    Ok((status, Json(body)).into_response())
+}
+
+fn agent_summary(record: &keel_store::AgentRecord) -> Value {
+    let tools: Vec<&str> = record.spec.tools.iter().map(|t| t.name.as_str()).collect();
+    json!({
+        "name": record.spec.name,
+        "version": record.spec.version,
+        "description": record.spec.description,
+        "model": {"provider": record.spec.model.provider, "model": record.spec.model.model},
+        "tools": tools,
+        "created_at": record.created_at,
+    })
+}
+
+async fn list_agents<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {
+    let agents = svc.store.list_agents(DEFAULT_TENANT).await?;
+    let agents: Vec<Value> = agents.iter().map(agent_summary).collect();
+    Ok(Json(json!({"agents": agents})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentQuery {
+    version: Option<String>,
+}
+
+async fn get_agent<S: Store>(
+    State(svc): Api<S>,
+    Path(name): Path<String>,
+    query: Result<Query<AgentQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Error> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
+    let Some(record) = svc
+        .store
+        .get_agent(DEFAULT_TENANT, &name, q.version.as_deref())
+        .await?
+    else {
+        return Err(Error::NotFound(format!("agent `{name}` not found")));
+    };
+    let mut body = agent_summary(&record);
+    body["spec"] = json!(record.spec);
+    Ok(Json(body))
+}
+
+async fn list_dlq<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {
+    let letters = svc.store.dead_letters(500).await?;
+    let letters: Vec<Value> = letters
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id.to_string(),
+                "run_id": d.run_id.to_string(),
+                "kind": d.kind.as_str(),
+                "step": d.step,
+                "attempts": d.attempts,
+                "error": d.error,
+                "created_at": d.created_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"dead_letters": letters})))
+}
+
+async fn retry_dlq<S: Store>(
+    State(svc): Api<S>,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    let task_id: TaskId = id
+        .parse()
+        .map_err(|_| Error::NotFound(format!("dead letter `{id}` not found")))?;
+    let run_id = svc.redrive(task_id).await?;
+    let body =
+        json!({"id": task_id.to_string(), "run_id": run_id.to_string(), "status": "requeued"});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}

@@ -1,0 +1,524 @@
+//! The `keel` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use keel_core::Agent;
+use keel_core::spec::human_duration;
+use keel_engine::{Engine, Options};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::progress::Printer;
+use crate::service::{self, Service, Submit};
+use crate::{api, bench, embedded};
+
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// Keel: a durable runtime for AI agents.
+#[derive(Parser, Debug)]
+#[command(name = "keel", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the HTTP API and run workers on the embedded store.
+    Serve(ServeArgs),
+    /// Run an agent spec on an input and show each journaled step: durably
+    /// in-process on the embedded store, or on a server with --server.
+    Run(RunArgs),
+    /// Show a run.
+    Status {
+        /// Run id.
+        id: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Follow a run's events live until it ends.
+    Watch {
+        /// Run id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List runs, newest first.
+    Runs {
+        /// Only this status (PENDING, AWAITING_LLM, AWAITING_TOOL, COMPLETED, FAILED, CANCELLED).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List dead-lettered tasks, or put one back in the queue.
+    Dlq {
+        #[command(subcommand)]
+        action: Option<DlqAction>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Register or list agent specs on a server.
+    Agents {
+        #[command(subcommand)]
+        action: AgentsAction,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Measure durable steps per second with a mock LLM and tool.
+    Bench(bench::Args),
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqAction {
+    /// Re-drive a dead letter: its task goes back in the queue with fresh attempts.
+    Retry {
+        /// Dead letter id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentsAction {
+    /// Register an agent spec file (YAML or JSON).
+    Apply {
+        /// The spec file.
+        file: PathBuf,
+    },
+    /// List registered agent versions.
+    List,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServerArg {
+    /// URL of a running `keel serve`.
+    #[arg(long, env = "KEEL_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// SQLite database file.
+    #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
+    db: PathBuf,
+    /// Tasks executed at once.
+    #[arg(long, env = "KEEL_WORKERS", default_value_t = 256)]
+    workers: usize,
+    /// Lease of a task without heartbeat (e.g. 30s).
+    #[arg(long, env = "KEEL_LEASE", default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Agent spec file (YAML or JSON).
+    spec: PathBuf,
+    /// The input: text, or a JSON object/array.
+    #[arg(long)]
+    input: String,
+    /// Submit to this server instead of running in-process.
+    #[arg(long)]
+    server: Option<String>,
+    /// SQLite database file for in-process runs.
+    #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
+    db: PathBuf,
+    /// Tasks executed at once (in-process).
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = human_duration::parse(text)?;
+    if d.is_zero() {
+        return Err("must be positive".into());
+    }
+    Ok(d)
+}
+
+/// Parses the arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = !matches!(cli.command, Command::Serve(_));
+    init_tracing(if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await.map(|_| ExitCode::SUCCESS),
+        Command::Run(args) => match args.server.clone() {
+            Some(server) => run_remote(&server, &args).await,
+            None => run_local(args).await,
+        },
+        Command::Status { id, json, server } => {
+            status(&Client::new(&server.server), &id, json).await
+        }
+        Command::Watch { id, server } => {
+            let client = Client::new(&server.server);
+            let mut printer = Printer::new();
+            client.follow(&id, |r| printer.print(r)).await?;
+            status(&client, &id, false).await
+        }
+        Command::Runs {
+            status,
+            agent,
+            limit,
+            server,
+        } => runs(&Client::new(&server.server), status, agent, limit)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Dlq { action, server } => dlq(&Client::new(&server.server), action)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Agents { action, server } => {
+            let client = Client::new(&server.server);
+            match action {
+                AgentsAction::Apply { file } => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let body = client.put_agent(text).await?;
+                    println!("{}", serde_json::to_string_pretty(&body)?);
+                }
+                AgentsAction::List => {
+                    let body = client.get("/v1/agents").await?;
+                    for a in body["agents"].as_array().cloned().unwrap_or_default() {
+                        println!(
+                            "{:<24} v{:<10} {}/{}",
+                            a["name"].as_str().unwrap_or("?"),
+                            a["version"].as_str().unwrap_or("?"),
+                            a["model"]["provider"].as_str().unwrap_or("?"),
+                            a["model"]["model"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => bench::run(args).await.map(|_| ExitCode::SUCCESS),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let embedded = embedded::open(&args.db).await?;
+    let store = embedded.store.clone();
+    let options = Options {
+        workers: args.workers.max(1),
+        lease: args.lease,
+        heartbeat: args.lease / 3,
+        ..Options::default()
+    };
+    let engine = Engine::new(store.clone(), options);
+    let cancel = CancellationToken::new();
+    let workers = tokio::spawn(engine.run(cancel.clone()));
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(listen = %addr, db = %args.db.display(), workers = args.workers, "keel serving");
+    let app = api::router(Service::new(store));
+    let signalled = cancel.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        signalled.cancel();
+    });
+    let stop = cancel.clone();
+    tokio::select! {
+        result = server => result.context("http server failed")?,
+        // Open SSE streams never end by themselves: give connections a moment, then go.
+        _ = async { stop.cancelled().await; tokio::time::sleep(Duration::from_secs(3)).await } => {}
+    }
+    cancel.cancel();
+    if let Err(e) = workers.await {
+        tracing::warn!(error = %e, "worker pool ended abnormally");
+    }
+    drop(embedded);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+/// `--input` text: a JSON object or array is sent as JSON, anything else as text.
+fn parse_input(text: &str) -> Value {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ (Value::Object(_) | Value::Array(_))) => v,
+        _ => Value::String(text.to_string()),
+    }
+}
+
+/// Reads a spec file; relative `root`s of file built-ins resolve against the
+/// spec file's folder.
+fn load_spec(path: &Path) -> anyhow::Result<Agent> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut agent = Agent::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut changed = false;
+    for tool in &mut agent.spec.tools {
+        if let Some(root) = &tool.root
+            && Path::new(root).is_relative()
+        {
+            let joined = base.join(root);
+            let absolute = joined.canonicalize().unwrap_or(joined);
+            tool.root = Some(absolute.to_string_lossy().into_owned());
+            changed = true;
+        }
+    }
+    if changed {
+        agent = Agent::new(agent.spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(agent)
+}
+
+async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let agent = load_spec(&args.spec)?;
+    let embedded = embedded::open(&args.db).await?;
+    let store = embedded.store.clone();
+    let svc = Service::new(store.clone());
+    if let Err(e) = svc.register(&agent).await {
+        if let api::Error::Conflict(message) = &e {
+            bail!(
+                "{message}\nhint: runs are pinned to agent versions: bump `version` in {} or use another --db",
+                args.spec.display()
+            );
+        }
+        bail!("{e}");
+    }
+    let submitted = svc
+        .submit(Submit {
+            agent: agent.spec.name.clone(),
+            version: Some(agent.spec.version.clone()),
+            input: parse_input(&args.input),
+            idempotency_key: None,
+        })
+        .await?;
+    let run_id = submitted.run_id;
+    println!(
+        "run {run_id}  agent {} v{}  store {}",
+        agent.spec.name,
+        agent.spec.version,
+        args.db.display()
+    );
+
+    let engine = Engine::new(
+        store.clone(),
+        Options {
+            workers: args.workers.max(1),
+            ..Options::default()
+        },
+    );
+    let cancel = CancellationToken::new();
+    let workers = tokio::spawn(engine.run(cancel.clone()));
+    let mut printer = Printer::new();
+    let mut events = std::pin::pin!(service::follow(store.clone(), run_id, 0));
+    let mut outcome = Ok(());
+    loop {
+        tokio::select! {
+            item = events.next() => match item {
+                Some(Ok(recorded)) => printer.print(&recorded),
+                Some(Err(e)) => { outcome = Err(anyhow::anyhow!("reading the journal: {e}")); break; }
+                None => break,
+            },
+            _ = shutdown_signal() => {
+                println!("interrupted: the run stays in {} and resumes with `keel serve --db {}`", args.db.display(), args.db.display());
+                break;
+            }
+        }
+    }
+    cancel.cancel();
+    let _ = workers.await;
+    outcome?;
+    let view = svc.view(run_id).await?;
+    print_summary(&serde_json::to_value(&view)?);
+    Ok(if view.status == "COMPLETED" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn run_remote(server: &str, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(server);
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read {}", args.spec.display()))?;
+    let agent = client.put_agent(text).await?;
+    let body = json!({
+        "agent": agent["name"],
+        "version": agent["version"],
+        "input": parse_input(&args.input),
+    });
+    let run = client.post("/v1/runs", &body).await?;
+    let id = run["id"].as_str().unwrap_or_default().to_string();
+    println!(
+        "run {id}  agent {} v{}  server {server}",
+        agent["name"].as_str().unwrap_or("?"),
+        agent["version"].as_str().unwrap_or("?")
+    );
+    let mut printer = Printer::new();
+    client.follow(&id, |r| printer.print(r)).await?;
+    status(&client, &id, false).await
+}
+
+async fn status(client: &Client, id: &str, raw: bool) -> anyhow::Result<ExitCode> {
+    let view = client.get(&format!("/v1/runs/{id}")).await?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_summary(&view);
+    }
+    Ok(if view["status"] == "COMPLETED" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_summary(view: &Value) {
+    let status = view["status"].as_str().unwrap_or("?");
+    let took = view["updated_at"].as_i64().unwrap_or(0) - view["created_at"].as_i64().unwrap_or(0);
+    println!(
+        "\n{status}  run {}  {} steps, {} tokens in / {} out, {:.3}s, {} journal events",
+        view["id"].as_str().unwrap_or("?"),
+        view["step_count"],
+        view["usage"]["input_tokens"],
+        view["usage"]["output_tokens"],
+        took as f64 / 1000.0,
+        view["last_seq"],
+    );
+    if let Some(error) = view["error"].as_str() {
+        println!("error: {error}");
+    }
+    if let Some(letter) = view["dead_letter"].as_str() {
+        println!("dead letter: {letter}  (re-drive with `keel dlq retry {letter}`)");
+    }
+    if let Some(output) = view["output"].as_str() {
+        println!("\n{output}");
+    }
+}
+
+async fn runs(
+    client: &Client,
+    status: Option<String>,
+    agent: Option<String>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let mut query = format!("/v1/runs?limit={limit}");
+    if let Some(s) = status {
+        query.push_str(&format!("&status={s}"));
+    }
+    if let Some(a) = agent {
+        query.push_str(&format!("&agent={a}"));
+    }
+    let body = client.get(&query).await?;
+    for run in body["runs"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{}  {:<14} {:<20} steps {:>3}  {}",
+            run["id"].as_str().unwrap_or("?"),
+            run["status"].as_str().unwrap_or("?"),
+            format!(
+                "{} v{}",
+                run["agent"].as_str().unwrap_or("?"),
+                run["version"].as_str().unwrap_or("?")
+            ),
+            run["step_count"],
+            run["error"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+async fn dlq(client: &Client, action: Option<DlqAction>) -> anyhow::Result<()> {
+    match action {
+        Some(DlqAction::Retry { id }) => {
+            let body = client
+                .post(&format!("/v1/dlq/{id}/retry"), &json!({}))
+                .await?;
+            println!(
+                "requeued {} of run {}",
+                id,
+                body["run_id"].as_str().unwrap_or("?")
+            );
+        }
+        None => {
+            let body = client.get("/v1/dlq").await?;
+            let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for d in letters {
+                println!(
+                    "{}  run {}  {} step {}  after {} attempts: {}",
+                    d["id"].as_str().unwrap_or("?"),
+                    d["run_id"].as_str().unwrap_or("?"),
+                    d["kind"].as_str().unwrap_or("?"),
+                    d["step"],
+                    d["attempts"],
+                    d["error"].as_str().unwrap_or(""),
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The CLI's client for a running `keel serve`: JSON calls and an SSE
+//! follower that reconnects with `Last-Event-ID`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use keel_core::event::Recorded;
+use serde_json::Value;
+
+/// A client of one server.
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn check(&self, response: reqwest::Response) -> anyhow::Result<Value> {
+        let status = response.status();
+        let text = response.text().await.context("reading the response")?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = body["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| body.to_string());
+            let mut detail = String::new();
+            if let Some(fields) = body["error"]["fields"].as_array() {
+                for f in fields {
+                    detail.push_str(&format!(
+                        "\n  {}: {}",
+                        f["field"].as_str().unwrap_or("?"),
+                        f["message"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+            bail!("server answered {status}: {message}{detail}");
+        }
+        Ok(body)
+    }
+
+    /// GET a JSON document.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        self.check(response).await
+    }
+
+    /// POST a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        self.check(response).await
+    }
+
+    /// POST an agent spec (YAML or JSON text).
+    pub async fn put_agent(&self, text: String) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(self.url("/v1/agents"))
+            .header("content-type", "application/yaml")
+            .body(text)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        self.check(response).await
+    }
+
+    /// Follows a run's events until its terminal event, reconnecting with
+    /// `Last-Event-ID` when the connection drops.
+    pub async fn follow(
+        &self,
+        run_id: &str,
+        mut on_event: impl FnMut(&Recorded),
+    ) -> anyhow::Result<()> {
+        let mut last: i64 = 0;
+        let mut failures = 0;
+        loop {
+            let request = self
+                .http
+                .get(self.url(&format!("/v1/runs/{run_id}/events")))
+                .header("accept", "text/event-stream")
+                .header("last-event-id", last.to_string());
+            let response = match request.send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => return self.check(r).await.map(|_| ()),
+                Err(e) => {
+                    failures += 1;
+                    if failures > 30 {
+                        bail!("lost the server at {}: {e}", self.base);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut stream = response.bytes_stream().eventsource();
+            while let Some(item) = stream.next().await {
+                let Ok(event) = item else { break };
+                if event.event == "error" {
+                    bail!("server: {}", event.data);
+                }
+                let recorded: Recorded = serde_json::from_str(&event.data)
+                    .with_context(|| format!("unreadable event from server: {}", event.data))?;
+                last = recorded.seq;
+                failures = 0;
+                on_event(&recorded);
+                if recorded.event.is_terminal() {
+                    return Ok(());
+                }
+            }
+            // The stream ended: either the run was already over, or the connection dropped.
+            let run = self.get(&format!("/v1/runs/{run_id}")).await?;
+            let done = matches!(
+                run["status"].as_str(),
+                Some("COMPLETED" | "FAILED" | "CANCELLED")
+            );
+            if done && run["last_seq"].as_i64().unwrap_or(0) <= last {
+                return Ok(());
+            }
+        }
+    }
+}

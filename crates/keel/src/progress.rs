@@ -1,0 +1,127 @@
+//! Human-readable progress lines for a run's events, shared by `keel run`
+//! and `keel watch`.
+
+use std::io::Write;
+
+use keel_core::Event;
+use keel_core::event::Recorded;
+use keel_core::spec::clip;
+
+/// Prints one line per event to stdout, with times relative to the first.
+pub struct Printer {
+    started: Option<i64>,
+}
+
+impl Default for Printer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Printer {
+    /// A printer that has seen nothing yet.
+    pub fn new() -> Self {
+        Self { started: None }
+    }
+
+    /// Prints the line of one event.
+    pub fn print(&mut self, recorded: &Recorded) {
+        let line = self.line(recorded);
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (a pipe into `head`) is not an error worth failing on.
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    /// The line of one event.
+    pub fn line(&mut self, recorded: &Recorded) -> String {
+        let start = *self.started.get_or_insert(recorded.at);
+        let t = format!("{:>7.3}s", (recorded.at - start) as f64 / 1000.0);
+        let seq = format!("#{:<3}", recorded.seq);
+        let what = match &recorded.event {
+            Event::RunSubmitted {
+                agent,
+                version,
+                input,
+                ..
+            } => {
+                format!(
+                    "submitted      agent {agent} v{version}, input {}",
+                    clip(&input.to_string(), 80)
+                )
+            }
+            Event::LlmCompleted {
+                step,
+                message,
+                usage,
+                ..
+            } => {
+                let mut parts = Vec::new();
+                for call in &message.tool_calls {
+                    parts.push(format!("{}({})", call.name, clip(&call.arguments, 60)));
+                }
+                let said = match (&message.content, parts.is_empty()) {
+                    (Some(c), true) => format!("answered: {}", clip(&one_line(c), 70)),
+                    (_, false) => format!("calls {}", parts.join(", ")),
+                    (None, true) => "answered nothing".into(),
+                };
+                format!(
+                    "step {step:<3} llm  {said}  [{} in / {} out tokens]",
+                    usage.input_tokens, usage.output_tokens
+                )
+            }
+            Event::LlmRejected { step, error } => {
+                format!("step {step:<3} llm  reply rejected: {error}")
+            }
+            Event::ToolCallRejected {
+                step, tool, error, ..
+            } => {
+                format!("step {step:<3} tool {tool} rejected: {}", clip(error, 100))
+            }
+            Event::ToolCallStarted {
+                step,
+                tool,
+                idempotency_key,
+                attempt,
+                ..
+            } => {
+                let again = if *attempt > 1 {
+                    format!(" (attempt {attempt}, uncertain retry)")
+                } else {
+                    String::new()
+                };
+                format!("step {step:<3} tool {tool} started, key {idempotency_key}{again}")
+            }
+            Event::ToolCallCompleted {
+                step,
+                output,
+                is_error,
+                ..
+            } => {
+                let tag = if *is_error { "error" } else { "ok" };
+                format!("step {step:<3} tool {tag}: {}", clip(&one_line(output), 90))
+            }
+            Event::TaskDeadLettered {
+                kind,
+                step,
+                attempts,
+                error,
+                ..
+            } => {
+                format!(
+                    "step {step:<3} {kind} task dead-lettered after {attempts} attempts: {}",
+                    clip(error, 100)
+                )
+            }
+            Event::TaskRedriven { task_id } => format!("redriven       task {task_id}"),
+            Event::RunCompleted { .. } => "completed".into(),
+            Event::RunFailed { error } => format!("failed: {error}"),
+            Event::RunCancelled { reason } => format!("cancelled: {reason}"),
+        };
+        format!("{t} {seq} {what}")
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

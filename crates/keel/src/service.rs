@@ -1,0 +1,464 @@
+//! What the API and the in-process CLI do to runs and agents, written once:
+//! register agents, submit, cancel, re-drive dead letters, and the run view.
+
+use keel_core::event::Recorded;
+use keel_core::ids::DEFAULT_TENANT;
+use keel_core::message::Usage;
+use keel_core::run::{self, Command, State};
+use keel_core::spec::Spec;
+use keel_core::{Agent, Event, RunId, TaskId};
+use keel_engine::agents::Agents;
+use keel_engine::{now, projection};
+use keel_store::{
+    Append, Error as StoreError, NewTask, Registered, RunRecord, Store, Submission, Submitted,
+    TaskKind, TaskUpdate,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::Error;
+
+/// Runs and agents over one store.
+#[derive(Clone)]
+pub struct Service<S> {
+    /// The store.
+    pub store: S,
+    /// Compiled agent versions.
+    pub agents: Agents<S>,
+}
+
+/// A run submission as the API receives it.
+#[derive(Clone, Debug)]
+pub struct Submit {
+    /// Agent name.
+    pub agent: String,
+    /// Agent version; the newest when absent.
+    pub version: Option<String>,
+    /// Input (a string or any JSON).
+    pub input: Value,
+    /// Client's idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+/// How many times an API-side append retries after a concurrent worker append.
+const APPEND_RETRIES: usize = 20;
+
+impl<S: Store> Service<S> {
+    /// A service over `store`.
+    pub fn new(store: S) -> Self {
+        Self {
+            agents: Agents::new(store.clone()),
+            store,
+        }
+    }
+
+    /// Validates and registers an agent version.
+    pub async fn register(&self, agent: &Agent) -> Result<Registered, Error> {
+        Ok(self
+            .store
+            .put_agent(DEFAULT_TENANT, &agent.spec, now())
+            .await?)
+    }
+
+    /// Accepts a run; returns once it is durably committed.
+    pub async fn submit(&self, submit: Submit) -> Result<Submitted, Error> {
+        let record = self
+            .store
+            .get_agent(DEFAULT_TENANT, &submit.agent, submit.version.as_deref())
+            .await?;
+        let Some(record) = record else {
+            let what = match &submit.version {
+                Some(v) => format!("agent `{}` version `{v}` is not registered", submit.agent),
+                None => format!("agent `{}` is not registered", submit.agent),
+            };
+            return Err(Error::Invalid {
+                message: what.clone(),
+                fields: vec![keel_core::spec::FieldError {
+                    field: if submit.version.is_some() {
+                        "version"
+                    } else {
+                        "agent"
+                    }
+                    .into(),
+                    message: what,
+                }],
+            });
+        };
+        let spec: &Spec = &record.spec;
+        let transition = run::submit(
+            DEFAULT_TENANT,
+            &spec.name,
+            &spec.version,
+            submit.input.clone(),
+        );
+        let Some(event) = transition.events.into_iter().next() else {
+            return Err(Error::Internal("submit produced no event".into()));
+        };
+        let at = now();
+        let submission = Submission {
+            run_id: RunId::new(),
+            tenant: DEFAULT_TENANT.to_string(),
+            agent: spec.name.clone(),
+            version: spec.version.clone(),
+            input: submit.input,
+            idempotency_key: submit.idempotency_key,
+            event,
+            task: NewTask {
+                kind: TaskKind::Llm,
+                step: 1,
+                max_attempts: spec.retry.max_attempts,
+                run_at: at,
+                lease_to: None,
+            },
+            now: at,
+        };
+        Ok(self.store.submit(submission).await?)
+    }
+
+    /// Folds a run's journal.
+    pub async fn state(&self, run_id: RunId) -> Result<(State, Vec<Recorded>), Error> {
+        let events = self.store.events(run_id, 0, u32::MAX).await?;
+        if events.is_empty() {
+            return Err(Error::NotFound(format!("run `{run_id}` not found")));
+        }
+        Ok((State::replay(run_id, &events), events))
+    }
+
+    /// Cancels a run that is not over.
+    pub async fn cancel(&self, run_id: RunId, reason: String) -> Result<State, Error> {
+        for _ in 0..APPEND_RETRIES {
+            let (mut state, _) = self.state(run_id).await?;
+            let agent = self
+                .agents
+                .get(&state.tenant, &state.agent, &state.version)
+                .await?;
+            let transition = run::handle(
+                &state,
+                &agent,
+                Command::Cancel {
+                    reason: reason.clone(),
+                },
+            )
+            .map_err(|e| Error::Conflict(format!("cannot cancel run `{run_id}`: {e}")))?;
+            match self
+                .append_admin(&mut state, transition.events, true, None)
+                .await
+            {
+                Ok(()) => return Ok(state),
+                Err(StoreError::SeqConflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "run `{run_id}` is changing too fast to cancel; try again"
+        )))
+    }
+
+    /// Puts a dead-lettered task back in the queue with fresh attempts.
+    pub async fn redrive(&self, id: TaskId) -> Result<RunId, Error> {
+        let Some(letter) = self.store.dead_letter(id).await? else {
+            return Err(Error::NotFound(format!("dead letter `{id}` not found")));
+        };
+        for _ in 0..APPEND_RETRIES {
+            let (mut state, _) = self.state(letter.run_id).await?;
+            if state.status.is_terminal() {
+                return Err(Error::Conflict(format!(
+                    "run `{}` is already {}",
+                    letter.run_id,
+                    state.status.as_str()
+                )));
+            }
+            let events = vec![Event::TaskRedriven { task_id: id }];
+            match self.append_admin(&mut state, events, false, Some(id)).await {
+                Ok(()) => return Ok(letter.run_id),
+                Err(StoreError::SeqConflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Conflict(
+            "run is changing too fast; try again".into(),
+        ))
+    }
+
+    async fn append_admin(
+        &self,
+        state: &mut State,
+        events: Vec<Event>,
+        clear_tasks: bool,
+        redrive: Option<TaskId>,
+    ) -> Result<(), StoreError> {
+        let expected_seq = state.seq;
+        let at = now();
+        for event in &events {
+            state.apply_next(event, at);
+        }
+        self.store
+            .append(Append {
+                run_id: state.run_id,
+                expected_seq,
+                events,
+                lease: None,
+                task: TaskUpdate::Keep,
+                new_tasks: Vec::new(),
+                clear_tasks,
+                redrive,
+                projection: projection(state),
+                now: at,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The full view of a run: its row and its steps.
+    pub async fn view(&self, run_id: RunId) -> Result<RunView, Error> {
+        let Some(record) = self.store.get_run(run_id).await? else {
+            return Err(Error::NotFound(format!("run `{run_id}` not found")));
+        };
+        let events = self.store.events(run_id, 0, u32::MAX).await?;
+        let state = State::replay(run_id, &events);
+        Ok(RunView::new(&record, &state, &events))
+    }
+}
+
+/// A run as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunView {
+    /// Run id.
+    pub id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// Pinned agent version.
+    pub version: String,
+    /// Status (`AWAITING_LLM`, ...).
+    pub status: String,
+    /// LLM steps answered.
+    pub step_count: u32,
+    /// Input.
+    pub input: Value,
+    /// Answer, once completed.
+    pub output: Option<String>,
+    /// Failure, cancel reason, or why the run is parked in the dead-letter queue.
+    pub error: Option<String>,
+    /// Tokens used.
+    pub usage: Usage,
+    /// The dead-lettered task holding the run, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
+    /// Journal length.
+    pub last_seq: i64,
+    /// Submit time (epoch ms).
+    pub created_at: i64,
+    /// Last change (epoch ms).
+    pub updated_at: i64,
+    /// Each LLM step and its tool calls.
+    pub steps: Vec<StepView>,
+}
+
+/// One LLM step as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepView {
+    /// 1-based step.
+    pub step: u32,
+    /// The model's text, if any.
+    pub content: Option<String>,
+    /// Tokens of this call.
+    pub usage: Usage,
+    /// Error the model was told about an empty reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correction: Option<String>,
+    /// Tool calls of the step.
+    pub tool_calls: Vec<CallView>,
+}
+
+/// One tool call as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallView {
+    /// Provider call id.
+    pub call_id: String,
+    /// Tool name.
+    pub tool: String,
+    /// Arguments as the model wrote them.
+    pub arguments: String,
+    /// `<run_id>:<step>:<call_index>`.
+    pub idempotency_key: String,
+    /// Starts journaled (more than 1 after a recovery).
+    pub attempts: u32,
+    /// What the model saw.
+    pub result: Option<String>,
+    /// Whether the result is an error (including a rejected call).
+    pub is_error: bool,
+}
+
+impl RunView {
+    /// Builds the view from the run row and its journal.
+    pub fn new(record: &RunRecord, state: &State, events: &[Recorded]) -> RunView {
+        let mut steps: Vec<StepView> = Vec::new();
+        for recorded in events {
+            match &recorded.event {
+                Event::LlmCompleted {
+                    step,
+                    message,
+                    usage,
+                    ..
+                } => steps.push(StepView {
+                    step: *step,
+                    content: message.content.clone(),
+                    usage: *usage,
+                    correction: None,
+                    tool_calls: message
+                        .tool_calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| CallView {
+                            call_id: c.id.clone(),
+                            tool: c.name.clone(),
+                            arguments: c.arguments.clone(),
+                            idempotency_key: run::idempotency_key(state.run_id, *step, i as u32),
+                            attempts: 0,
+                            result: None,
+                            is_error: false,
+                        })
+                        .collect(),
+                }),
+                Event::LlmRejected { error, .. } => {
+                    if let Some(s) = steps.last_mut() {
+                        s.correction = Some(error.clone());
+                    }
+                }
+                Event::ToolCallRejected {
+                    call_index, error, ..
+                } => {
+                    if let Some(c) = call_mut(&mut steps, *call_index) {
+                        c.result = Some(error.clone());
+                        c.is_error = true;
+                    }
+                }
+                Event::ToolCallStarted { call_index, .. } => {
+                    if let Some(c) = call_mut(&mut steps, *call_index) {
+                        c.attempts += 1;
+                    }
+                }
+                Event::ToolCallCompleted {
+                    call_index,
+                    output,
+                    is_error,
+                    ..
+                } => {
+                    if let Some(c) = call_mut(&mut steps, *call_index) {
+                        c.result = Some(output.clone());
+                        c.is_error = *is_error;
+                    }
+                }
+                _ => {}
+            }
+        }
+        RunView {
+            id: record.id.to_string(),
+            tenant: record.tenant.clone(),
+            agent: record.agent.clone(),
+            version: record.version.clone(),
+            status: state.status.as_str().to_string(),
+            step_count: state.steps,
+            input: record.input.clone(),
+            output: state.output.clone(),
+            error: projection(state).error,
+            usage: state.usage,
+            dead_letter: state.parked.as_ref().map(|p| p.task_id.to_string()),
+            last_seq: state.seq,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+            steps,
+        }
+    }
+}
+
+fn call_mut(steps: &mut [StepView], index: u32) -> Option<&mut CallView> {
+    steps.last_mut()?.tool_calls.get_mut(index as usize)
+}
+
+/// A run's journal from `after` on: history first, then live events as they
+/// are committed, ending after the terminal event.
+pub fn follow<S: Store>(
+    store: S,
+    run_id: RunId,
+    after: keel_core::Seq,
+) -> impl futures_util::Stream<Item = Result<Recorded, StoreError>> + Send {
+    let rx = store.subscribe();
+    let start = Follow {
+        store,
+        run_id,
+        after,
+        rx,
+        buffer: std::collections::VecDeque::new(),
+        done: false,
+    };
+    futures_util::stream::unfold(start, |mut f| async move {
+        let item = f.next().await?;
+        Some((item, f))
+    })
+}
+
+struct Follow<S> {
+    store: S,
+    run_id: RunId,
+    after: keel_core::Seq,
+    rx: tokio::sync::broadcast::Receiver<keel_store::Committed>,
+    buffer: std::collections::VecDeque<Recorded>,
+    done: bool,
+}
+
+impl<S: Store> Follow<S> {
+    async fn next(&mut self) -> Option<Result<Recorded, StoreError>> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(recorded) = self.buffer.pop_front() {
+                self.after = recorded.seq;
+                self.done = recorded.event.is_terminal();
+                return Some(Ok(recorded));
+            }
+            match self.store.events(self.run_id, self.after, 512).await {
+                Ok(batch) if !batch.is_empty() => {
+                    self.buffer.extend(batch);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+            // Caught up: a run that is over has nothing more to send.
+            match self.store.get_run(self.run_id).await {
+                Ok(Some(run))
+                    if run.projection.status.is_terminal() && run.last_seq <= self.after =>
+                {
+                    return None;
+                }
+                Ok(None) => return None,
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+            let wait = tokio::time::sleep(std::time::Duration::from_secs(5));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    msg = self.rx.recv() => match msg {
+                        Ok(c) if c.run_id == self.run_id => break,
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => return None,
+                    },
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Crash recovery: SIGKILL a real `keel serve` mid-flight and start it again.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use keel::mock::Mock;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn fifty_runs_survive_sigkill_without_losing_a_step() {
+    let mock = Mock::start().await.expect("mock");
+    // A little LLM latency keeps many runs mid-flight when the kill lands.
+    mock.counters.llm_latency_ms.store(5, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let mut server = Server::start(&dir.db(), &["--workers", "32"]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("crashy", &mock, "tools:10", "echo", ""),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(submit(&http, &server, "crashy", &format!("job {i}")).await);
+    }
+
+    // Kill it once a good part of the work is done, but not all.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mock.counters.tool_requests.load(Ordering::Relaxed) < 150 {
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill();
+    let at_kill = mock.counters.tool_requests.load(Ordering::Relaxed);
+    assert!(
+        at_kill < 500,
+        "the kill came too late to test anything ({at_kill} tool calls)"
+    );
+
+    let server = Server::start(&dir.db(), &["--workers", "32"]).await;
+    let mut repeated_calls = 0;
+    let keys = {
+        let mut views = Vec::new();
+        for id in &ids {
+            views.push(wait_terminal(&http, &server, id, Duration::from_secs(120)).await);
+        }
+        let keys = mock.counters.key_counts();
+        for (id, run) in ids.iter().zip(&views) {
+            assert_eq!(run["status"], "COMPLETED", "{run}");
+            assert_eq!(run["step_count"], 11);
+            let steps = run["steps"].as_array().expect("steps");
+            for (i, step) in steps.iter().take(10).enumerate() {
+                let call = &step["tool_calls"][0];
+                let key = format!("{id}:{}:0", i + 1);
+                assert_eq!(call["idempotency_key"], key.as_str());
+                assert!(
+                    call["result"].is_string(),
+                    "step {} of {id} lost its result",
+                    i + 1
+                );
+                let starts = call["attempts"].as_u64().expect("attempts") as u32;
+                let seen = keys.get(&key).copied().unwrap_or(0);
+                // Executed to completion at least once; repeated only when an
+                // earlier ToolCallStarted had no result (attempts > 1).
+                assert!(seen >= 1, "{key} never reached the tool server");
+                assert!(
+                    seen <= starts,
+                    "{key} called {seen} times with only {starts} journaled starts"
+                );
+                if seen > 1 {
+                    repeated_calls += 1;
+                }
+            }
+            // The journal is contiguous and ordered.
+            let events = sse(&http, &server.url(&format!("/v1/runs/{id}/events")), None).await;
+            let seqs: Vec<i64> = events.iter().map(|e| e.0).collect();
+            assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+            assert_eq!(events.last().map(|e| e.1.as_str()), Some("run_completed"));
+        }
+        keys
+    };
+    assert_eq!(
+        keys.len(),
+        500,
+        "every call of every run reached the tool server"
+    );
+    // At most one call per run can have been in flight when the process died.
+    assert!(repeated_calls <= 50, "{repeated_calls} repeated calls");
+}

@@ -1,0 +1,10 @@
+//! Keel's integration tests: real `keel serve` processes, real HTTP, real
+//! SQLite files, an OpenAI-compatible mock LLM and a counting tool server.
+
+mod support;
+
+mod api;
+mod cli;
+mod crash;
+mod failures;
+mod journal;

@@ -1,0 +1,217 @@
+//! Test fixtures: a `keel serve` child process and helpers around it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel::mock::Mock;
+use serde_json::Value;
+
+/// A fresh temp folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("keel-test-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.0.join("keel.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `keel serve` child process, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+impl Server {
+    /// Starts `keel serve` on `db` and waits until it answers /healthz.
+    pub async fn start(db: &Path, args: &[&str]) -> Server {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let log = db.with_extension(format!("{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--db")
+            .arg(db)
+            .args(args)
+            .env("KEEL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn keel serve");
+        let server = Server {
+            child,
+            url: format!("http://{listen}"),
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(format!("{}/healthz", server.url)).send().await
+                && r.status().is_success()
+            {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keel serve did not start; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent spec (YAML) using the mock model `model` and one HTTP tool.
+pub fn agent_yaml(name: &str, mock: &Mock, model: &str, tool: &str, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+version: 1
+model:
+  provider: openai
+  model: "{model}"
+  base_url: "{llm}"
+  timeout: 10s
+system: You are a test agent.
+tools:
+  - name: {tool}
+    description: A test tool.
+    parameters:
+      type: object
+      properties:
+        n: {{type: integer}}
+      required: [n]
+    http:
+      url: "{tool_url}"
+      method: POST
+      timeout: 5s
+      retry: {{max_attempts: 3, backoff: {{initial: 20ms, max: 100ms}}}}
+{extra}
+"#,
+        llm = mock.llm_url(),
+        tool_url = mock.tool_url(tool),
+    )
+}
+
+pub async fn register(http: &reqwest::Client, server: &Server, yaml: &str) {
+    let r = http
+        .post(server.url("/v1/agents"))
+        .header("content-type", "application/yaml")
+        .body(yaml.to_string())
+        .send()
+        .await
+        .expect("register");
+    assert!(
+        r.status().is_success(),
+        "register failed: {}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
+pub async fn submit(http: &reqwest::Client, server: &Server, agent: &str, input: &str) -> String {
+    let r = http
+        .post(server.url("/v1/runs"))
+        .json(&serde_json::json!({"agent": agent, "input": input}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    let r = http.get(url).send().await.expect("get");
+    r.json().await.expect("json")
+}
+
+/// Polls a run until its status is terminal.
+pub async fn wait_terminal(
+    http: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    within: Duration,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let run = get_json(http, &server.url(&format!("/v1/runs/{id}"))).await;
+        if matches!(
+            run["status"].as_str(),
+            Some("COMPLETED" | "FAILED" | "CANCELLED")
+        ) {
+            return run;
+        }
+        assert!(Instant::now() < deadline, "run {id} did not finish: {run}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a run's SSE stream to the end: (id, event name, data) per event.
+pub async fn sse(
+    http: &reqwest::Client,
+    url: &str,
+    last_event_id: Option<i64>,
+) -> Vec<(i64, String, Value)> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let mut request = http.get(url).header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id.to_string());
+    }
+    let response = request.send().await.expect("sse");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let mut stream = response.bytes_stream().eventsource();
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(Ok(event)) = stream.next().await {
+            let data: Value = serde_json::from_str(&event.data).expect("event json");
+            out.push((event.id.parse().expect("numeric id"), event.event, data));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("sse stream did not end");
+    out
+}

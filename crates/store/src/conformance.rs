@@ -1,0 +1,980 @@
+//! The behaviour every backend must have, written once as generic test
+//! bodies (`async fn name<S: Store>(store: S)`) and stamped out for each
+//! backend by `store_suite!`. A store change starts with a test here.
+//!
+//! Time is passed explicitly (`now`), so lease expiry is tested without
+//! sleeping.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use keel_core::message::Usage;
+use keel_core::run::Status;
+use keel_core::spec::Spec;
+use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use serde_json::{Value, json};
+
+use crate::{
+    Append, Committed, Error, Lease, LeaseTo, NewTask, Projection, Registered, Result, RunFilter,
+    Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+};
+
+/// Stamps out a `#[tokio::test]` per conformance test for one backend.
+/// `$open` is an `async` block giving `Result<(store, guard)>`; the guard
+/// lives until the test ends (e.g. it deletes a temporary database).
+macro_rules! store_suite {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            use super::*;
+
+            store_suite!(@tests $open;
+                submit_and_read,
+                racing_submits_share_a_key,
+                stale_append_is_refused,
+                racing_appends_have_one_winner,
+                claim_is_exclusive,
+                expired_lease_is_taken_over_and_fenced,
+                heartbeat_extends_only_live_leases,
+                retry_later_hides_the_task,
+                dead_letter_and_redrive,
+                release_all_gives_leases_back,
+                tasks_leased_on_creation,
+                terminal_append_clears_tasks,
+                list_runs_filters_and_pages,
+                agent_versions,
+                subscribers_hear_commits,
+            );
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "throughput check: cargo test -p keel-store -- --ignored --nocapture"]
+            async fn write_throughput() -> Result<()> {
+                let (store, _guard) = $open.await?;
+                super::write_throughput(store).await
+            }
+        }
+    };
+    (@tests $open:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> Result<()> {
+                let (store, _guard) = $open.await?;
+                super::$name(store).await
+            }
+        )+
+    };
+}
+
+/// A time to start tests at.
+const T0: Millis = 1_700_000_000_000;
+/// A lease long enough not to expire during a test.
+const LEASE: Duration = Duration::from_secs(60);
+const LEASE_MS: Millis = LEASE.as_millis() as Millis;
+
+fn submission(tenant: &str, agent: &str, input: Value, key: Option<&str>) -> Submission {
+    Submission {
+        run_id: RunId::new(),
+        tenant: tenant.to_string(),
+        agent: agent.to_string(),
+        version: "1".to_string(),
+        input: input.clone(),
+        idempotency_key: key.map(str::to_string),
+        event: Event::RunSubmitted {
+            tenant: tenant.to_string(),
+            agent: agent.to_string(),
+            version: "1".to_string(),
+            input,
+        },
+        task: new_task(TaskKind::Llm, T0),
+        now: T0,
+    }
+}
+
+fn new_task(kind: TaskKind, run_at: Millis) -> NewTask {
+    NewTask {
+        kind,
+        step: 1,
+        max_attempts: 3,
+        run_at,
+        lease_to: None,
+    }
+}
+
+/// Submits a run of agent `a` in tenant `t`, due at `run_at`.
+async fn submit_run<S: Store>(store: &S, run_at: Millis) -> Result<RunId> {
+    let mut sub = submission("t", "a", json!("hello"), None);
+    sub.task.run_at = run_at;
+    let run_id = sub.run_id;
+    store.submit(sub).await?;
+    Ok(run_id)
+}
+
+fn projection(status: Status) -> Projection {
+    Projection {
+        status,
+        steps: 0,
+        output: None,
+        error: None,
+        usage: Usage::default(),
+    }
+}
+
+fn rejected(step: u32, error: &str) -> Event {
+    Event::LlmRejected {
+        step,
+        error: error.to_string(),
+    }
+}
+
+/// An append of `events` that changes nothing else.
+fn append(run_id: RunId, expected_seq: Seq, lease: Option<Lease>, events: Vec<Event>) -> Append {
+    Append {
+        run_id,
+        expected_seq,
+        events,
+        lease,
+        task: TaskUpdate::Keep,
+        new_tasks: Vec::new(),
+        clear_tasks: false,
+        redrive: None,
+        projection: projection(Status::AwaitingLlm),
+        now: T0 + 1,
+    }
+}
+
+/// Claims exactly one task.
+async fn claim_one<S: Store>(store: &S, owner: &str, lease: Duration, now: Millis) -> Result<Task> {
+    let mut tasks = store.claim(owner, 1, lease, now).await?;
+    assert_eq!(tasks.len(), 1, "{owner} expected one task at {now}");
+    Ok(tasks.remove(0))
+}
+
+async fn event_count<S: Store>(store: &S, run_id: RunId) -> Result<usize> {
+    Ok(store.events(run_id, 0, 1000).await?.len())
+}
+
+pub(crate) async fn submit_and_read<S: Store>(store: S) -> Result<()> {
+    let sub = submission("acme", "a", json!({"q": 1}), Some("k1"));
+    let run_id = sub.run_id;
+    let got = store.submit(sub.clone()).await?;
+    assert_eq!(
+        got,
+        Submitted {
+            run_id,
+            created: true
+        }
+    );
+
+    let run = store.get_run(run_id).await?.expect("the run is stored");
+    assert_eq!(run.id, run_id);
+    assert_eq!(
+        (
+            run.tenant.as_str(),
+            run.agent.as_str(),
+            run.version.as_str()
+        ),
+        ("acme", "a", "1")
+    );
+    assert_eq!(run.input, json!({"q": 1}));
+    assert_eq!(run.projection, projection(Status::Pending));
+    assert_eq!((run.last_seq, run.created_at, run.updated_at), (1, T0, T0));
+    let events = store.events(run_id, 0, 100).await?;
+    let first = Recorded {
+        seq: 1,
+        at: T0,
+        event: sub.event.clone(),
+    };
+    assert_eq!(events, vec![first]);
+    assert!(store.events(run_id, 1, 100).await?.is_empty());
+
+    // The same key and request: the earlier run, nothing new.
+    let again = Submission {
+        run_id: RunId::new(),
+        ..sub.clone()
+    };
+    let got = store.submit(again.clone()).await?;
+    assert_eq!(
+        got,
+        Submitted {
+            run_id,
+            created: false
+        }
+    );
+    assert!(store.get_run(again.run_id).await?.is_none());
+
+    // The same key with another input is refused.
+    let different = Submission {
+        run_id: RunId::new(),
+        input: json!({"q": 2}),
+        ..sub.clone()
+    };
+    match store.submit(different.clone()).await {
+        Err(Error::Conflict(message)) => assert!(message.contains("`k1`"), "{message}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(store.get_run(different.run_id).await?.is_none());
+
+    // Keys are per tenant.
+    let other_tenant = Submission {
+        run_id: RunId::new(),
+        tenant: "other".to_string(),
+        ..sub.clone()
+    };
+    assert!(store.submit(other_tenant.clone()).await?.created);
+
+    // Each created run queued its first task.
+    let tasks = store.claim("w", 10, LEASE, T0).await?;
+    let runs: HashSet<RunId> = tasks.iter().map(|t| t.run_id).collect();
+    assert_eq!(runs, HashSet::from([run_id, other_tenant.run_id]));
+    for task in &tasks {
+        assert_eq!((task.kind, task.step, task.attempts), (TaskKind::Llm, 1, 1));
+        assert_eq!((task.max_attempts, task.lease_until), (3, T0 + LEASE_MS));
+    }
+
+    assert!(store.get_run(RunId::new()).await?.is_none());
+    assert!(store.events(RunId::new(), 0, 100).await?.is_empty());
+    Ok(())
+}
+
+pub(crate) async fn racing_submits_share_a_key<S: Store>(store: S) -> Result<()> {
+    let mut racers = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        // Half repeat one request, half send another one under the same key.
+        let input = if i % 2 == 0 { json!("same") } else { json!(i) };
+        let sub = submission("t", "a", input, Some("shared"));
+        racers.push(tokio::spawn(async move { store.submit(sub).await }));
+    }
+    let mut created = Vec::new();
+    let mut repeated = Vec::new();
+    let mut conflicts = 0;
+    for racer in racers {
+        match racer.await.expect("racer panicked") {
+            Ok(Submitted {
+                run_id,
+                created: true,
+            }) => created.push(run_id),
+            Ok(Submitted { run_id, .. }) => repeated.push(run_id),
+            Err(Error::Conflict(_)) => conflicts += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(created.len(), 1, "one run per key");
+    assert!(repeated.iter().all(|id| *id == created[0]));
+    assert_eq!(created.len() + repeated.len() + conflicts, 20);
+    let runs = store
+        .list_runs(RunFilter {
+            tenant: "t".to_string(),
+            limit: 100,
+            ..RunFilter::default()
+        })
+        .await?;
+    assert_eq!(runs.len(), 1);
+
+    // A run id that exists is refused, not overwritten.
+    let first = submission("t", "a", json!(1), None);
+    store.submit(first.clone()).await?;
+    let again = Submission {
+        input: json!(2),
+        ..first.clone()
+    };
+    assert!(matches!(store.submit(again).await, Err(Error::Conflict(_))));
+    let run = store.get_run(first.run_id).await?.expect("run");
+    assert_eq!(run.input, json!(1));
+    Ok(())
+}
+
+pub(crate) async fn stale_append_is_refused<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let task = claim_one(&store, "w", LEASE, T0).await?;
+
+    let stale = append(run_id, 0, Some(task.lease), vec![rejected(1, "x")]);
+    match store.append(stale).await {
+        Err(Error::SeqConflict {
+            run_id: id,
+            expected: 0,
+            actual: 1,
+        }) if id == run_id => {}
+        other => panic!("expected a seq conflict, got {other:?}"),
+    }
+    let run = store.get_run(run_id).await?.expect("run");
+    assert_eq!((run.last_seq, run.projection.status), (1, Status::Pending));
+    assert_eq!(event_count(&store, run_id).await?, 1);
+
+    let unknown = append(RunId::new(), 1, None, vec![rejected(1, "x")]);
+    assert!(matches!(
+        store.append(unknown).await,
+        Err(Error::NotFound(_))
+    ));
+
+    let mut good = append(
+        run_id,
+        1,
+        Some(task.lease),
+        vec![rejected(1, "a"), rejected(1, "b")],
+    );
+    good.projection = Projection {
+        status: Status::AwaitingTool,
+        steps: 1,
+        output: None,
+        error: Some("e".to_string()),
+        usage: Usage {
+            input_tokens: 10,
+            output_tokens: 20,
+        },
+    };
+    let appended = store.append(good.clone()).await?;
+    assert_eq!(appended.last_seq, 3);
+    assert!(appended.leased.is_empty());
+    let events = store.events(run_id, 1, 100).await?;
+    let seqs: Vec<Seq> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![2, 3]);
+    assert_eq!(events[1].event, rejected(1, "b"));
+    assert_eq!(events[1].at, T0 + 1);
+    assert_eq!(store.events(run_id, 0, 2).await?.len(), 2, "limit");
+    let run = store.get_run(run_id).await?.expect("run");
+    assert_eq!(run.projection, good.projection);
+    assert_eq!((run.last_seq, run.updated_at), (3, T0 + 1));
+
+    // The same append again is stale now.
+    assert!(matches!(
+        store.append(good).await,
+        Err(Error::SeqConflict { actual: 3, .. })
+    ));
+
+    // No events: only the projection changes.
+    let mut finish = append(run_id, 3, None, Vec::new());
+    finish.projection = Projection {
+        status: Status::Completed,
+        output: Some("done".to_string()),
+        ..projection(Status::Completed)
+    };
+    assert_eq!(store.append(finish).await?.last_seq, 3);
+    let run = store.get_run(run_id).await?.expect("run");
+    assert_eq!(run.projection.status, Status::Completed);
+    assert_eq!(run.projection.output.as_deref(), Some("done"));
+    assert_eq!(event_count(&store, run_id).await?, 3);
+    Ok(())
+}
+
+pub(crate) async fn racing_appends_have_one_winner<S: Store>(store: S) -> Result<()> {
+    let mut runs = Vec::new();
+    for _ in 0..8 {
+        runs.push(submit_run(&store, T0).await?);
+    }
+    let mut racers = Vec::new();
+    for &run_id in &runs {
+        for i in 0..16 {
+            let store = store.clone();
+            racers.push(tokio::spawn(async move {
+                let event = rejected(1, &format!("racer {i}"));
+                store.append(append(run_id, 1, None, vec![event])).await
+            }));
+        }
+    }
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.expect("racer panicked") {
+            Ok(appended) => {
+                assert_eq!(appended.last_seq, 2);
+                won += 1;
+            }
+            Err(Error::SeqConflict { actual: 2, .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won, runs.len(), "exactly one winner per run");
+    for run_id in runs {
+        assert_eq!(event_count(&store, run_id).await?, 2);
+        assert_eq!(store.get_run(run_id).await?.expect("run").last_seq, 2);
+    }
+    Ok(())
+}
+
+pub(crate) async fn claim_is_exclusive<S: Store>(store: S) -> Result<()> {
+    const RUNS: usize = 60;
+    for _ in 0..RUNS {
+        submit_run(&store, T0).await?;
+    }
+    let mut owners = Vec::new();
+    for owner in ["a", "b", "c"] {
+        let store = store.clone();
+        owners.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let tasks = store.claim(owner, 7, LEASE, T0).await?;
+                if tasks.is_empty() {
+                    return Ok::<_, Error>(ids);
+                }
+                ids.extend(tasks.iter().map(|t| t.lease.task_id));
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for owner in owners {
+        for id in owner.await.expect("owner panicked")? {
+            assert!(seen.insert(id), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), RUNS);
+    assert!(store.claim("d", 10, LEASE, T0).await?.is_empty());
+    Ok(())
+}
+
+pub(crate) async fn expired_lease_is_taken_over_and_fenced<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let first = claim_one(&store, "a", Duration::from_secs(1), T0).await?;
+    assert_eq!((first.attempts, first.lease_until), (1, T0 + 1000));
+    assert!(store.claim("b", 1, LEASE, T0 + 999).await?.is_empty());
+    assert_eq!(store.next_due(T0).await?, Some(T0 + 1000));
+
+    let second = claim_one(&store, "b", LEASE, T0 + 1000).await?;
+    assert_eq!(second.lease.task_id, first.lease.task_id);
+    assert_ne!(second.lease.token, first.lease.token);
+    assert_eq!(second.attempts, 2);
+
+    // The first owner is fenced off.
+    let mut stale = append(run_id, 1, Some(first.lease), vec![rejected(1, "a")]);
+    stale.now = T0 + 1001;
+    match store.append(stale).await {
+        Err(Error::LeaseLost(id)) => assert_eq!(id, first.lease.task_id),
+        other => panic!("expected a lost lease, got {other:?}"),
+    }
+    assert!(matches!(
+        store
+            .retry_later(first.lease, "x", T0 + 5000, T0 + 1001)
+            .await,
+        Err(Error::LeaseLost(_))
+    ));
+    assert_eq!(store.heartbeat("a", T0 + 9000, T0 + 1001).await?, 0);
+    assert_eq!(event_count(&store, run_id).await?, 1);
+
+    // The new owner goes on.
+    let mut step = append(run_id, 1, Some(second.lease), vec![rejected(1, "b")]);
+    step.now = T0 + 1001;
+    step.task = TaskUpdate::Complete;
+    step.new_tasks = vec![new_task(TaskKind::Tools, T0 + 1001)];
+    assert_eq!(store.append(step).await?.last_seq, 2);
+    let next = claim_one(&store, "c", LEASE, T0 + 1001).await?;
+    assert_eq!((next.kind, next.run_id), (TaskKind::Tools, run_id));
+    assert!(store.claim("c", 10, LEASE, T0 + 1001).await?.is_empty());
+
+    // A lease on a completed task is lost too.
+    let mut late = append(run_id, 2, Some(second.lease), vec![rejected(1, "late")]);
+    late.now = T0 + 1002;
+    assert!(matches!(store.append(late).await, Err(Error::LeaseLost(_))));
+    Ok(())
+}
+
+pub(crate) async fn heartbeat_extends_only_live_leases<S: Store>(store: S) -> Result<()> {
+    let run1 = submit_run(&store, T0).await?;
+    let run2 = submit_run(&store, T0 + 100).await?;
+    let task1 = claim_one(&store, "a", Duration::from_secs(1), T0).await?;
+    assert_eq!(task1.run_id, run1);
+    let task2 = claim_one(&store, "a", Duration::from_secs(1), T0 + 900).await?;
+    assert_eq!(task2.run_id, run2);
+
+    // task1's lease expired at T0+1000; task2's lives until T0+1900.
+    assert_eq!(store.heartbeat("a", T0 + 5000, T0 + 1500).await?, 1);
+    let taken = store.claim("b", 10, LEASE, T0 + 1500).await?;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].lease.task_id, task1.lease.task_id);
+
+    // task2 is still a's, and a can still write under it.
+    assert!(store.claim("b", 10, LEASE, T0 + 4999).await?.is_empty());
+    let mut step = append(run2, 1, Some(task2.lease), vec![rejected(1, "x")]);
+    step.now = T0 + 4000;
+    assert_eq!(store.append(step).await?.last_seq, 2);
+    assert_eq!(store.next_due(T0 + 4000).await?, Some(T0 + 5000));
+    let again = claim_one(&store, "b", LEASE, T0 + 5000).await?;
+    assert_eq!(again.lease.task_id, task2.lease.task_id);
+    Ok(())
+}
+
+pub(crate) async fn retry_later_hides_the_task<S: Store>(store: S) -> Result<()> {
+    submit_run(&store, T0).await?;
+    let task = claim_one(&store, "a", LEASE, T0).await?;
+    store
+        .retry_later(task.lease, "boom", T0 + 10_000, T0 + 10)
+        .await?;
+    assert!(store.claim("a", 10, LEASE, T0 + 9_999).await?.is_empty());
+    assert_eq!(store.next_due(T0 + 10).await?, Some(T0 + 10_000));
+    let again = claim_one(&store, "b", LEASE, T0 + 10_000).await?;
+    assert_eq!(again.lease.task_id, task.lease.task_id);
+    assert_eq!(again.attempts, 2);
+    // The old lease was given back: it fences nothing any more.
+    assert!(matches!(
+        store
+            .retry_later(task.lease, "x", T0 + 20_000, T0 + 10_001)
+            .await,
+        Err(Error::LeaseLost(_))
+    ));
+    Ok(())
+}
+
+pub(crate) async fn dead_letter_and_redrive<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let task = claim_one(&store, "a", LEASE, T0).await?;
+    let id = task.lease.task_id;
+
+    let mut park = append(
+        run_id,
+        1,
+        Some(task.lease),
+        vec![Event::TaskDeadLettered {
+            task_id: id,
+            kind: "llm".to_string(),
+            step: 1,
+            attempts: 1,
+            error: "gave up".to_string(),
+        }],
+    );
+    park.task = TaskUpdate::DeadLetter {
+        error: "gave up".to_string(),
+    };
+    store.append(park).await?;
+
+    let letters = store.dead_letters(10).await?;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!((letter.id, letter.run_id), (id, run_id));
+    assert_eq!(
+        (letter.kind, letter.step, letter.attempts),
+        (TaskKind::Llm, 1, 1)
+    );
+    assert_eq!(
+        (letter.error.as_str(), letter.created_at),
+        ("gave up", T0 + 1)
+    );
+    assert_eq!(store.dead_letter(id).await?.as_ref(), Some(letter));
+    assert!(store.dead_letter(TaskId::new()).await?.is_none());
+    assert!(store.claim("b", 10, LEASE, T0 + LEASE_MS).await?.is_empty());
+    assert_eq!(store.next_due(T0).await?, None);
+
+    // Redriving something that is not a dead letter of the run writes nothing.
+    let mut wrong = append(run_id, 2, None, vec![Event::TaskRedriven { task_id: id }]);
+    wrong.redrive = Some(TaskId::new());
+    assert!(matches!(store.append(wrong).await, Err(Error::NotFound(_))));
+    assert_eq!(event_count(&store, run_id).await?, 2);
+
+    let mut redrive = append(run_id, 2, None, vec![Event::TaskRedriven { task_id: id }]);
+    redrive.redrive = Some(id);
+    redrive.now = T0 + 2;
+    assert_eq!(store.append(redrive).await?.last_seq, 3);
+    assert!(store.dead_letter(id).await?.is_none());
+    assert!(store.dead_letters(10).await?.is_empty());
+    let again = claim_one(&store, "b", LEASE, T0 + 2).await?;
+    assert_eq!((again.lease.task_id, again.run_id), (id, run_id));
+    assert_eq!((again.attempts, again.max_attempts), (1, 3));
+    Ok(())
+}
+
+pub(crate) async fn release_all_gives_leases_back<S: Store>(store: S) -> Result<()> {
+    submit_run(&store, T0).await?;
+    submit_run(&store, T0).await?;
+    assert_eq!(store.claim("a", 10, LEASE, T0).await?.len(), 2);
+    assert_eq!(store.release_all("b", T0 + 1).await?, 0);
+    assert_eq!(store.release_all("a", T0 + 1).await?, 2);
+    assert_eq!(store.heartbeat("a", T0 + LEASE_MS, T0 + 1).await?, 0);
+    let taken = store.claim("b", 10, LEASE, T0 + 1).await?;
+    assert_eq!(taken.len(), 2);
+    // A graceful release is not a failed attempt.
+    assert!(taken.iter().all(|t| t.attempts == 1));
+    Ok(())
+}
+
+pub(crate) async fn tasks_leased_on_creation<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let task = claim_one(&store, "a", LEASE, T0).await?;
+
+    let mut step = append(run_id, 1, Some(task.lease), vec![rejected(1, "x")]);
+    step.task = TaskUpdate::Complete;
+    step.new_tasks = vec![
+        NewTask {
+            lease_to: Some(LeaseTo {
+                owner: "a".to_string(),
+                until: T0 + 1000,
+            }),
+            ..new_task(TaskKind::Tools, T0 + 1)
+        },
+        new_task(TaskKind::Llm, T0 + 50_000),
+    ];
+    let appended = store.append(step).await?;
+    assert_eq!(appended.leased.len(), 1, "only the task leased on creation");
+    let leased = appended.leased[0].clone();
+    assert_eq!(
+        (leased.run_id, leased.kind, leased.step),
+        (run_id, TaskKind::Tools, 1)
+    );
+    assert_eq!((leased.attempts, leased.lease_until), (1, T0 + 1000));
+
+    // Nobody else gets it while the lease lives, and it fences writes.
+    assert!(store.claim("b", 10, LEASE, T0 + 999).await?.is_empty());
+    assert_eq!(store.next_due(T0 + 1).await?, Some(T0 + 1000));
+    let mut next = append(run_id, 2, Some(leased.lease), vec![rejected(1, "y")]);
+    next.now = T0 + 2;
+    assert_eq!(store.append(next).await?.last_seq, 3);
+
+    // After expiry it is anyone's.
+    let taken = claim_one(&store, "b", LEASE, T0 + 1000).await?;
+    assert_eq!(taken.lease.task_id, leased.lease.task_id);
+    assert_eq!(taken.attempts, 2);
+    Ok(())
+}
+
+pub(crate) async fn terminal_append_clears_tasks<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let other = submit_run(&store, T0).await?;
+    let mut tasks = store.claim("a", 10, LEASE, T0).await?;
+    tasks.retain(|t| t.run_id == run_id);
+    let task = tasks.pop().expect("the run's task");
+
+    let mut fan_out = append(run_id, 1, Some(task.lease), vec![rejected(1, "x")]);
+    fan_out.new_tasks = vec![
+        new_task(TaskKind::Tools, T0 + 10),
+        new_task(TaskKind::Tools, T0 + 20),
+    ];
+    store.append(fan_out).await?;
+
+    let mut cancel = append(
+        run_id,
+        2,
+        Some(task.lease),
+        vec![Event::RunCancelled {
+            reason: "stop".to_string(),
+        }],
+    );
+    cancel.task = TaskUpdate::Complete;
+    cancel.clear_tasks = true;
+    cancel.projection = projection(Status::Cancelled);
+    store.append(cancel).await?;
+
+    // Every task of the run is gone; the other run's task is untouched.
+    assert!(store.claim("b", 10, LEASE, T0 + 100).await?.is_empty());
+    let later = store.claim("b", 10, LEASE, T0 + LEASE_MS).await?;
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].run_id, other);
+    Ok(())
+}
+
+pub(crate) async fn list_runs_filters_and_pages<S: Store>(store: S) -> Result<()> {
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for i in 0..5 {
+        let sub = submission("t1", "a", json!(i), None);
+        a.push(sub.run_id);
+        store.submit(sub).await?;
+    }
+    for i in 0..3 {
+        let sub = submission("t1", "b", json!(i), None);
+        b.push(sub.run_id);
+        store.submit(sub).await?;
+    }
+    store
+        .submit(submission("t2", "a", json!("other"), None))
+        .await?;
+    for &run_id in &a[..2] {
+        let mut done = append(run_id, 1, None, Vec::new());
+        done.projection = projection(Status::Completed);
+        store.append(done).await?;
+    }
+    let ids = |runs: Vec<crate::RunRecord>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let newest_first = |mut runs: Vec<RunId>| {
+        runs.sort_by_key(|id| std::cmp::Reverse(id.to_string()));
+        runs
+    };
+    let filter = |status: Option<Status>, agent: Option<&str>| RunFilter {
+        tenant: "t1".to_string(),
+        status,
+        agent: agent.map(str::to_string),
+        before: None,
+        limit: 100,
+    };
+
+    let all = newest_first(a.iter().chain(&b).copied().collect());
+    assert_eq!(ids(store.list_runs(filter(None, None)).await?), all);
+    assert_eq!(
+        ids(store
+            .list_runs(filter(Some(Status::Completed), None))
+            .await?),
+        newest_first(a[..2].to_vec())
+    );
+    assert_eq!(
+        ids(store.list_runs(filter(None, Some("b"))).await?),
+        newest_first(b.clone())
+    );
+    assert_eq!(
+        ids(store
+            .list_runs(filter(Some(Status::Pending), Some("a")))
+            .await?),
+        newest_first(a[2..].to_vec())
+    );
+    assert!(
+        store
+            .list_runs(filter(Some(Status::Failed), None))
+            .await?
+            .is_empty()
+    );
+    let other_tenant = RunFilter {
+        tenant: "t2".to_string(),
+        ..filter(None, None)
+    };
+    assert_eq!(store.list_runs(other_tenant).await?.len(), 1);
+
+    // Pages of 3 with the last id as the cursor.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = RunFilter {
+            before,
+            limit: 3,
+            ..filter(None, None)
+        };
+        let page = ids(store.list_runs(page).await?);
+        assert!(page.len() <= 3);
+        let Some(&last) = page.last() else { break };
+        paged.extend(page);
+        before = Some(last);
+    }
+    assert_eq!(paged, all);
+    Ok(())
+}
+
+fn spec(name: &str, version: &str, system: &str) -> Spec {
+    serde_json::from_value(json!({
+        "name": name,
+        "version": version,
+        "model": {"provider": "openai", "model": "m", "base_url": "http://127.0.0.1:1"},
+        "system": system,
+    }))
+    .expect("test spec parses")
+}
+
+pub(crate) async fn agent_versions<S: Store>(store: S) -> Result<()> {
+    assert_eq!(
+        store.put_agent("t", &spec("b", "1", "x"), T0).await?,
+        Registered::Created
+    );
+    let v1 = spec("a", "1", "first");
+    let v2 = spec("a", "2", "second");
+    assert_eq!(
+        store.put_agent("t", &v1, T0 + 1).await?,
+        Registered::Created
+    );
+    assert_eq!(
+        store.put_agent("t", &v2, T0 + 2).await?,
+        Registered::Created
+    );
+    assert_eq!(
+        store.put_agent("t", &v1, T0 + 3).await?,
+        Registered::Unchanged
+    );
+    match store
+        .put_agent("t", &spec("a", "1", "changed"), T0 + 4)
+        .await
+    {
+        Err(Error::Conflict(message)) => {
+            assert!(
+                message.contains("`a`") && message.contains("`1`"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+
+    let latest = store.get_agent("t", "a", None).await?.expect("latest");
+    assert_eq!((latest.spec, latest.created_at), (v2.clone(), T0 + 2));
+    assert_eq!(latest.tenant, "t");
+    let exact = store.get_agent("t", "a", Some("1")).await?.expect("v1");
+    assert_eq!((exact.spec, exact.created_at), (v1.clone(), T0 + 1));
+    assert!(store.get_agent("t", "a", Some("3")).await?.is_none());
+    assert!(store.get_agent("t", "c", None).await?.is_none());
+    assert!(store.get_agent("other", "a", None).await?.is_none());
+
+    let listed: Vec<(String, String)> = store
+        .list_agents("t")
+        .await?
+        .into_iter()
+        .map(|r| (r.spec.name, r.spec.version))
+        .collect();
+    let expected =
+        [("a", "1"), ("a", "2"), ("b", "1")].map(|(n, v)| (n.to_string(), v.to_string()));
+    assert_eq!(listed, expected);
+    assert!(store.list_agents("other").await?.is_empty());
+    Ok(())
+}
+
+pub(crate) async fn subscribers_hear_commits<S: Store>(store: S) -> Result<()> {
+    async fn next(commits: &mut tokio::sync::broadcast::Receiver<Committed>) -> Committed {
+        tokio::time::timeout(Duration::from_secs(5), commits.recv())
+            .await
+            .expect("a notification in time")
+            .expect("the channel is open")
+    }
+
+    let mut commits = store.subscribe();
+    let run_id = submit_run(&store, T0).await?;
+    let heard = next(&mut commits).await;
+    assert_eq!(
+        heard,
+        Committed {
+            run_id,
+            last_seq: 1,
+            new_work: true
+        }
+    );
+
+    let task = claim_one(&store, "a", LEASE, T0).await?;
+    store
+        .append(append(run_id, 1, Some(task.lease), vec![rejected(1, "x")]))
+        .await?;
+    let heard = next(&mut commits).await;
+    assert_eq!(
+        heard,
+        Committed {
+            run_id,
+            last_seq: 2,
+            new_work: false
+        }
+    );
+
+    // A refused write is not announced; the next commit is.
+    let stale = append(run_id, 1, Some(task.lease), vec![rejected(1, "y")]);
+    assert!(store.append(stale).await.is_err());
+    store
+        .retry_later(task.lease, "later", T0 + 100, T0 + 2)
+        .await?;
+    let heard = next(&mut commits).await;
+    assert_eq!(
+        heard,
+        Committed {
+            run_id,
+            last_seq: 2,
+            new_work: true
+        }
+    );
+    Ok(())
+}
+
+/// Submits, then appends, from many concurrent "workers" (each append under
+/// its own lease), and prints the rates. Not an assertion: run it with
+/// `--ignored --nocapture`. (Release builds are about twice as fast.)
+pub(crate) async fn write_throughput<S: Store>(store: S) -> Result<()> {
+    const WORKERS: usize = 200;
+    const SUBMITS: usize = 25;
+    const STEPS: Seq = 100;
+
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let store = store.clone();
+        workers.push(tokio::spawn(async move {
+            for _ in 0..SUBMITS {
+                submit_run(&store, T0).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker panicked")?;
+    }
+    report("submits", WORKERS * SUBMITS, started.elapsed());
+
+    let tasks = store
+        .claim("bench", WORKERS as u32, Duration::from_secs(3600), T0)
+        .await?;
+    assert_eq!(tasks.len(), WORKERS);
+
+    // Plain appends: one event each, the task kept.
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for task in tasks.clone() {
+        let store = store.clone();
+        workers.push(tokio::spawn(async move {
+            for seq in 1..=STEPS {
+                let mut step = append(task.run_id, seq, Some(task.lease), vec![output(200)]);
+                step.projection.steps = seq as u32;
+                store.append(step).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker panicked")?;
+    }
+    report("appends", WORKERS * STEPS as usize, started.elapsed());
+
+    // Appends the way the engine makes a step: the task is completed and
+    // the next one created leased to the same worker, which goes on with it.
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for task in tasks {
+        let store = store.clone();
+        workers.push(tokio::spawn(async move {
+            let mut lease = task.lease;
+            for seq in STEPS + 1..=2 * STEPS {
+                let mut step = append(task.run_id, seq, Some(lease), vec![output(200)]);
+                step.task = TaskUpdate::Complete;
+                step.new_tasks = vec![NewTask {
+                    lease_to: Some(LeaseTo {
+                        owner: "bench".to_string(),
+                        until: T0 + 3_600_000,
+                    }),
+                    ..new_task(TaskKind::Tools, T0)
+                }];
+                let appended = store.append(step).await?;
+                lease = appended.leased[0].lease;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker panicked")?;
+    }
+    report("step appends", WORKERS * STEPS as usize, started.elapsed());
+    Ok(())
+}
+
+fn output(size: usize) -> Event {
+    Event::ToolCallCompleted {
+        step: 1,
+        call_index: 0,
+        call_id: "call_1".to_string(),
+        output: "x".repeat(size),
+        is_error: false,
+    }
+}
+
+fn report(what: &str, count: usize, elapsed: Duration) {
+    let rate = count as f64 / elapsed.as_secs_f64();
+    println!("{count} {what} from 200 tasks in {elapsed:.2?}: {rate:.0} {what}/s");
+}
+
+/// A database file in the temp dir, deleted (with its WAL) when dropped.
+struct TempDb {
+    path: std::path::PathBuf,
+}
+
+impl TempDb {
+    fn new() -> TempDb {
+        let name = format!("keel-store-test-{}.db", uuid::Uuid::now_v7());
+        TempDb {
+            path: std::env::temp_dir().join(name),
+        }
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+store_suite!(sqlite, async {
+    let db = TempDb::new();
+    let store = crate::sqlite::SqliteStore::open(&db.path).await?;
+    Ok::<_, Error>((store, db))
+});

@@ -1,0 +1,163 @@
+//! What only the SQLite backend has: its file, its schema versions, and the
+//! writer's handling of a broken op in a batch. The shared behaviour is in
+//! `conformance`.
+
+use std::path::{Path, PathBuf};
+
+use keel_core::{Event, RunId};
+use serde_json::json;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, SqliteConnection};
+
+use super::SqliteStore;
+use crate::{Error, NewTask, Store, Submission, TaskKind};
+
+/// A database path in the temp dir, deleted (with its WAL) when dropped.
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn new() -> TempPath {
+        let name = format!("keel-sqlite-test-{}.db", uuid::Uuid::now_v7());
+        TempPath(std::env::temp_dir().join(name))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connection of its own, to look at or damage what the store wrote.
+async fn raw(path: &Path) -> SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .connect()
+        .await
+        .expect("raw connection")
+}
+
+fn submission(key: Option<&str>) -> Submission {
+    Submission {
+        run_id: RunId::new(),
+        tenant: "t".to_string(),
+        agent: "a".to_string(),
+        version: "1".to_string(),
+        input: json!("hi"),
+        idempotency_key: key.map(str::to_string),
+        event: Event::RunSubmitted {
+            tenant: "t".to_string(),
+            agent: "a".to_string(),
+            version: "1".to_string(),
+            input: json!("hi"),
+        },
+        task: NewTask {
+            kind: TaskKind::Llm,
+            step: 1,
+            max_attempts: 3,
+            run_at: 0,
+            lease_to: None,
+        },
+        now: 0,
+    }
+}
+
+#[tokio::test]
+async fn reopening_keeps_data_and_applies_migrations_once() {
+    let path = TempPath::new();
+    let store = SqliteStore::open(&path.0).await.expect("open");
+    let sub = submission(None);
+    store.submit(sub.clone()).await.expect("submit");
+    drop(store);
+
+    let store = SqliteStore::open(&path.0).await.expect("reopen");
+    let run = store.get_run(sub.run_id).await.expect("read");
+    assert!(run.is_some(), "the run survived");
+    let mut conn = raw(&path.0).await;
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM keel_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .expect("history");
+    assert_eq!(versions, vec![1]);
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let path = TempPath::new();
+    drop(SqliteStore::open(&path.0).await.expect("open"));
+    let mut conn = raw(&path.0).await;
+    sqlx::query("INSERT INTO keel_migrations (version, name, applied_at) VALUES (99, 'x', 0)")
+        .execute(&mut conn)
+        .await
+        .expect("fake a newer version");
+    match SqliteStore::open(&path.0).await {
+        Err(Error::Backend(message)) => assert!(message.contains("99"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_op_fails_alone() {
+    let path = TempPath::new();
+    let store = SqliteStore::open(&path.0).await.expect("open");
+    let first = submission(Some("k"));
+    store.submit(first.clone()).await.expect("submit");
+    let mut conn = raw(&path.0).await;
+    sqlx::query("UPDATE runs SET input = 'not json' WHERE id = ?1")
+        .bind(first.run_id.to_string())
+        .execute(&mut conn)
+        .await
+        .expect("damage the run");
+
+    // The repeat of the damaged run's key fails; everything around it,
+    // likely in the same batch, commits.
+    let mut others = Vec::new();
+    for _ in 0..50 {
+        let store = store.clone();
+        others.push(tokio::spawn(
+            async move { store.submit(submission(None)).await },
+        ));
+    }
+    let repeat = submission(Some("k"));
+    match store.submit(repeat).await {
+        Err(Error::Corrupt(message)) => assert!(message.contains("input"), "{message}"),
+        other => panic!("expected corrupt data, got {other:?}"),
+    }
+    for other in others {
+        let submitted = other.await.expect("no panic").expect("submitted");
+        assert!(submitted.created);
+        let run = store.get_run(submitted.run_id).await.expect("read");
+        assert!(run.is_some());
+    }
+}
+
+#[tokio::test]
+async fn recovering_gives_back_every_live_lease() {
+    let path = TempPath::new();
+    let store = SqliteStore::open(&path.0).await.expect("open");
+    for _ in 0..3 {
+        store.submit(submission(None)).await.expect("submit");
+    }
+    let lease = std::time::Duration::from_secs(60);
+    assert_eq!(store.claim("a", 2, lease, 0).await.expect("claim").len(), 2);
+    assert_eq!(store.claim("b", 2, lease, 0).await.expect("claim").len(), 1);
+
+    assert_eq!(store.recover_leases(10).await.expect("recover"), 3);
+    let again = store.claim("c", 10, lease, 10).await.expect("claim");
+    assert_eq!(again.len(), 3);
+    assert!(
+        again.iter().all(|t| t.attempts == 2),
+        "attempts stay counted"
+    );
+    assert_eq!(store.recover_leases(10).await.expect("recover"), 3);
+    assert_eq!(store.recover_leases(70_000).await.expect("nothing live"), 0);
+}
