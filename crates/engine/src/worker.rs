@@ -55,7 +55,7 @@ impl Default for Options {
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(10),
             poll: Duration::from_secs(1),
-            claim_batch: 128,
+            claim_batch: 256,
             drain: Duration::from_secs(10),
         }
     }

@@ -253,7 +253,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::new(store.clone(), options);
     let cancel = CancellationToken::new();
     let workers = tokio::spawn(engine.run(cancel.clone()));
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = api::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;

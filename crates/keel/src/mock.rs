@@ -63,7 +63,7 @@ impl Mock {
             .route("/tools/echo", post(echo))
             .route("/tools/fail", post(fail))
             .with_state(counters.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = crate::api::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {

@@ -62,29 +62,43 @@ impl<S: Store> Service<S> {
 
     /// Accepts a run; returns once it is durably committed.
     pub async fn submit(&self, submit: Submit) -> Result<Submitted, Error> {
-        let record = self
-            .store
-            .get_agent(DEFAULT_TENANT, &submit.agent, submit.version.as_deref())
-            .await?;
-        let Some(record) = record else {
-            let what = match &submit.version {
-                Some(v) => format!("agent `{}` version `{v}` is not registered", submit.agent),
-                None => format!("agent `{}` is not registered", submit.agent),
+        // An explicit version is immutable, so the compiled cache answers it;
+        // "the newest version" has to be asked of the store.
+        let spec: Option<Spec> = match &submit.version {
+            Some(version) => match self
+                .agents
+                .get(DEFAULT_TENANT, &submit.agent, version)
+                .await
+            {
+                Ok(agent) => Some(agent.spec.clone()),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => self
+                .store
+                .get_agent(DEFAULT_TENANT, &submit.agent, None)
+                .await?
+                .map(|record| record.spec),
+        };
+        let Some(spec) = spec else {
+            let (field, what) = match &submit.version {
+                Some(v) => (
+                    "version",
+                    format!("agent `{}` version `{v}` is not registered", submit.agent),
+                ),
+                None => (
+                    "agent",
+                    format!("agent `{}` is not registered", submit.agent),
+                ),
             };
             return Err(Error::Invalid {
                 message: what.clone(),
                 fields: vec![keel_core::spec::FieldError {
-                    field: if submit.version.is_some() {
-                        "version"
-                    } else {
-                        "agent"
-                    }
-                    .into(),
+                    field: field.into(),
                     message: what,
                 }],
             });
         };
-        let spec: &Spec = &record.spec;
         let transition = run::submit(
             DEFAULT_TENANT,
             &spec.name,

@@ -436,3 +436,31 @@ async fn retry_dlq<S: Store>(
         json!({"id": task_id.to_string(), "run_id": run_id.to_string(), "status": "requeued"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
+
+/// Listen backlog: bursts of thousands of clients connecting at once (a fleet
+/// of agents, a benchmark) must queue, not be dropped; a dropped SYN costs the
+/// client a one-second retransmit.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listener on `addr` (`host:port`) with a deep accept queue.
+pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for candidate in tokio::net::lookup_host(addr).await? {
+        let socket = if candidate.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(candidate).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("`{addr}` resolves to no address"),
+        )
+    }))
+}
