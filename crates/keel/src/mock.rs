@@ -8,6 +8,7 @@
 //! * `garbage` calls tools with arguments that are not JSON or unknown tools;
 //! * anything else gets a 400, like a real provider for an unknown model.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,6 +96,38 @@ pub fn is_traceparent(value: &str) -> bool {
         && hex(parts[3], 2)
 }
 
+/// The parts of a chat-completions request the mock model looks at (parsed
+/// without building a JSON tree: the mock should cost as little as possible).
+#[derive(serde::Deserialize)]
+struct ChatRequest<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    #[serde(default, borrow)]
+    messages: Vec<ChatMessage<'a>>,
+    #[serde(default, borrow)]
+    tools: Vec<ChatTool<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatMessage<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatTool<'a> {
+    #[serde(borrow)]
+    function: ChatFunction<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatFunction<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
 async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Response {
     c.llm_requests.fetch_add(1, Ordering::Relaxed);
     let latency = c.llm_latency_ms.load(Ordering::Relaxed);
@@ -106,17 +139,19 @@ async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Respon
             json!({"error": {"message": "the mock provider is down", "type": "server_error"}});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        let body = json!({"error": {"message": "request body is not JSON", "type": "invalid_request_error"}});
-        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    let req: ChatRequest<'_> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let body = json!({"error": {"message": format!("bad request body: {e}"), "type": "invalid_request_error"}});
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
     };
-    let model = req["model"].as_str().unwrap_or_default().to_string();
-    let messages = req["messages"].as_array().cloned().unwrap_or_default();
-    let tool_results = messages.iter().filter(|m| m["role"] == "tool").count();
-    let tool = req["tools"][0]["function"]["name"]
-        .as_str()
-        .unwrap_or("none")
-        .to_string();
+    let model = req.model.as_ref();
+    let tool_results = req.messages.iter().filter(|m| m.role == "tool").count();
+    let tool = req
+        .tools
+        .first()
+        .map_or("none", |t| t.function.name.as_ref());
     let prompt_tokens = body.len() / 4;
 
     let message = if let Some(n) = model
@@ -129,17 +164,18 @@ async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Respon
                 {"id": format!("call_{}", tool_results + 1), "type": "function",
                  "function": {"name": tool, "arguments": args}}]})
         } else {
-            let last = messages
+            let last = req
+                .messages
                 .iter()
                 .rev()
-                .find(|m| m["role"] == "tool")
-                .and_then(|m| m["content"].as_str())
+                .find(|m| m.role == "tool")
+                .and_then(|m| m.content.as_deref())
                 .unwrap_or("");
             json!({"role": "assistant", "content": format!("done after {tool_results} tool calls; last result: {last}")})
         }
     } else if model == "garbage" {
         let (name, args) = if tool_results % 2 == 0 {
-            (tool.as_str(), "{\"n\": oops")
+            (tool, "{\"n\": oops")
         } else {
             ("no_such_tool", "{}")
         };
