@@ -86,8 +86,11 @@ struct Inner<S> {
 
 /// What a driven task leads to.
 enum Next {
-    /// Nothing more for this worker.
+    /// The task is settled (completed, dead-lettered or given back to retry later).
     Done,
+    /// The task could not be settled: give it back so it is driven again from
+    /// the journal (this process's heartbeat would otherwise keep it leased).
+    Abandon(String),
     /// Go on with a task leased on creation; for a `tools` task, the
     /// invocations whose `ToolCallStarted` were committed with it.
     Continue(Task, Vec<Invocation>),
@@ -228,8 +231,10 @@ async fn drive<S: Store>(inner: &Inner<S>, mut task: Task, mut invocations: Vec<
     let mut conflicts = 0;
     loop {
         let run_id = task.run_id;
-        match step(inner, &mut state, &task, std::mem::take(&mut invocations)).await {
+        let outcome = step(inner, &mut state, &task, std::mem::take(&mut invocations)).await;
+        match outcome {
             Ok(Next::Done) => return,
+            Ok(Next::Abandon(reason)) => return abandon(inner, &task, &reason).await,
             Ok(Next::Continue(next, next_invocations)) => {
                 task = next;
                 invocations = next_invocations;
@@ -246,11 +251,27 @@ async fn drive<S: Store>(inner: &Inner<S>, mut task: Task, mut invocations: Vec<
                 return;
             }
             Err(e) => {
-                // The lease expires and the task is retried by whoever claims it.
                 warn!(%run_id, error = %e, "task failed on the store");
-                return;
+                return abandon(inner, &task, &e.to_string()).await;
             }
         }
+    }
+}
+
+/// How long an abandoned task waits before it is driven again.
+const ABANDON_DELAY: Duration = Duration::from_secs(1);
+
+/// Gives a task back to the queue (fenced). If even that fails, the store is
+/// unreachable: heartbeats fail too, the lease expires and the task is taken over.
+async fn abandon<S: Store>(inner: &Inner<S>, task: &Task, reason: &str) {
+    let at = now();
+    let retry_at = at + ABANDON_DELAY.as_millis() as i64;
+    if let Err(e) = inner
+        .store
+        .retry_later(task.lease, reason, retry_at, at)
+        .await
+    {
+        warn!(run_id = %task.run_id, error = %e, "could not give an abandoned task back");
     }
 }
 
@@ -473,7 +494,7 @@ async fn tools_step<S: Store>(
             (inv, outcome)
         })
         .collect();
-    let mut result = Next::Done;
+    let mut result = None;
     while let Some((inv, outcome)) = calls.next().await {
         let Some(state) = slot.as_ref() else {
             return Ok(Next::Done);
@@ -493,16 +514,18 @@ async fn tools_step<S: Store>(
         if settles {
             let terminal = transition.events.iter().any(Event::is_terminal);
             let new_tasks = follow_up_tasks(inner, agent, &transition.effects);
-            result = commit(
-                inner,
-                slot,
-                task,
-                transition,
-                TaskUpdate::Complete,
-                new_tasks,
-                terminal,
-            )
-            .await?;
+            result = Some(
+                commit(
+                    inner,
+                    slot,
+                    task,
+                    transition,
+                    TaskUpdate::Complete,
+                    new_tasks,
+                    terminal,
+                )
+                .await?,
+            );
         } else {
             commit(
                 inner,
@@ -516,7 +539,10 @@ async fn tools_step<S: Store>(
             .await?;
         }
     }
-    Ok(result)
+    // Every call returned but none settled the step: the fold and the calls
+    // disagree (it cannot happen unless the journal changed under us). Drive
+    // the task again from the journal.
+    Ok(result.unwrap_or_else(|| Next::Abandon("tool results did not settle the step".into())))
 }
 
 /// Tasks for the effects of a transition, leased to this worker on creation.

@@ -3,6 +3,8 @@
 //! lives in [`crate::service`].
 
 mod error;
+#[cfg(test)]
+mod tests;
 
 pub use error::Error;
 
@@ -10,7 +12,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -75,6 +77,12 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> 
             Error::BadRequest(format!("invalid JSON body at `{path}`: {}", e.inner()))
         }
     })
+}
+
+/// A path parameter, or a JSON 400 (e.g. for bad percent-encoding).
+fn segment(path: Result<Path<String>, PathRejection>) -> Result<String, Error> {
+    path.map(|Path(p)| p)
+        .map_err(|e| Error::BadRequest(format!("bad path: {}", e.body_text())))
 }
 
 fn run_id(text: &str) -> Result<RunId, Error> {
@@ -181,8 +189,9 @@ async fn submit<S: Store>(
 
 async fn get_run<S: Store>(
     State(svc): Api<S>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<service::RunView>, Error> {
+    let id = segment(id)?;
     Ok(Json(svc.view(run_id(&id)?).await?))
 }
 
@@ -265,11 +274,11 @@ struct EventsQuery {
 
 async fn events<S: Store>(
     State(svc): Api<S>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Error> {
-    let run_id = run_id(&id)?;
+    let run_id = run_id(&segment(id)?)?;
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
     if svc.store.get_run(run_id).await?.is_none() {
         return Err(Error::NotFound(format!("run `{run_id}` not found")));
@@ -318,10 +327,10 @@ struct CancelBody {
 
 async fn cancel<S: Store>(
     State(svc): Api<S>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Error> {
-    let run_id = run_id(&id)?;
+    let run_id = run_id(&segment(id)?)?;
     let bytes = body(bytes)?;
     let req: CancelBody = if bytes.is_empty() {
         CancelBody::default()
@@ -389,9 +398,10 @@ struct AgentQuery {
 
 async fn get_agent<S: Store>(
     State(svc): Api<S>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<AgentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Error> {
+    let name = segment(name)?;
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
     let Some(record) = svc
         .store
@@ -426,8 +436,9 @@ async fn list_dlq<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {
 
 async fn retry_dlq<S: Store>(
     State(svc): Api<S>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
+    let id = segment(id)?;
     let task_id: TaskId = id
         .parse()
         .map_err(|_| Error::NotFound(format!("dead letter `{id}` not found")))?;

@@ -1,0 +1,143 @@
+//! Router tests without a socket: no input may panic the server, and every
+//! refusal is a JSON error with the right status.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use proptest::prelude::*;
+use tower::ServiceExt;
+
+use super::router;
+use crate::service::Service;
+
+async fn app() -> (axum::Router, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("keel-api-test-{}.db", uuid::Uuid::now_v7()));
+    let store = keel_store::sqlite::SqliteStore::open(&path)
+        .await
+        .expect("open store");
+    (router(Service::new(store)), path)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Vec<u8>,
+) -> (StatusCode, serde_json::Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+fn remove(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn arbitrary_requests_get_json_errors_never_panics(
+        body in prop::collection::vec(any::<u8>(), 0..300),
+        json_body in prop::option::of(prop::collection::hash_map("[a-z]{1,8}", any::<i32>().prop_map(|n| n.to_string()), 0..4)),
+        segment in "[a-zA-Z0-9%._~-]{0,40}",
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let (app, path) = app().await;
+            let body = match &json_body {
+                Some(map) => serde_json::to_vec(map).expect("json"),
+                None => body.clone(),
+            };
+            let targets = [
+                ("POST", "/v1/runs".to_string()),
+                ("POST", "/v1/agents".to_string()),
+                ("POST", format!("/v1/runs/{segment}/cancel")),
+                ("POST", format!("/v1/dlq/{segment}/retry")),
+                ("GET", format!("/v1/runs/{segment}")),
+                ("GET", format!("/v1/agents/{segment}")),
+                ("GET", format!("/v1/runs?status={segment}&limit={segment}")),
+            ];
+            for (method, uri) in targets {
+                let (status, json) = call(&app, method, &uri, body.clone()).await;
+                // Nothing here is valid, so nothing may succeed or fail inside.
+                assert!(status.is_client_error(), "{method} {uri} -> {status}: {json}");
+                assert!(json["error"]["message"].is_string(), "{method} {uri}: not a JSON error: {json}");
+            }
+            remove(&path);
+        });
+    }
+}
+
+#[tokio::test]
+async fn refusals_name_what_is_wrong() {
+    let (app, path) = app().await;
+    let (status, json) = call(&app, "POST", "/v1/runs", br#"{"agent": "a"}"#.to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("input"),
+        "{json}"
+    );
+    let (status, json) = call(
+        &app,
+        "POST",
+        "/v1/runs",
+        br#"{"agent": "a", "input": "x", "colour": 1}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("colour"),
+        "{json}"
+    );
+    let (status, json) = call(&app, "POST", "/v1/agents", b"name: [unclosed".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("YAML"),
+        "{json}"
+    );
+    let (status, json) = call(
+        &app,
+        "POST",
+        "/v1/agents",
+        b"name: a\nversion: 1\n".to_vec(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("model"),
+        "{json}"
+    );
+    let (status, _) = call(&app, "GET", "/nope", Vec::new()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, json) = call(&app, "GET", "/healthz", Vec::new()).await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    remove(&path);
+}
