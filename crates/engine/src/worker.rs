@@ -159,8 +159,9 @@ impl<S: Store> Engine<S> {
             let got = claimed.len() as u32;
             for (task, permit) in claimed.into_iter().zip(permits.drain(..)) {
                 let inner = inner.clone();
+                let draining = cancel.clone();
                 tracker.spawn(async move {
-                    drive(&inner, task, Vec::new()).await;
+                    drive(&inner, task, Vec::new(), &draining).await;
                     drop(permit);
                 });
             }
@@ -226,7 +227,17 @@ async fn heartbeat<S: Store>(inner: Arc<Inner<S>>, cancel: CancellationToken) {
 
 /// Drives a task and whatever tasks it leads to, until the run parks, ends or
 /// the lease is lost.
-async fn drive<S: Store>(inner: &Inner<S>, mut task: Task, mut invocations: Vec<Invocation>) {
+///
+/// Once `draining` is cancelled (shutdown), the driver stops at the next task
+/// boundary: the task it would go on with stays leased to this process and is
+/// given back by `Store::release_all` when the pool stops, so another worker
+/// takes it at once instead of after the lease expires.
+async fn drive<S: Store>(
+    inner: &Inner<S>,
+    mut task: Task,
+    mut invocations: Vec<Invocation>,
+    draining: &CancellationToken,
+) {
     let mut state: Option<State> = None;
     let mut conflicts = 0;
     loop {
@@ -235,6 +246,10 @@ async fn drive<S: Store>(inner: &Inner<S>, mut task: Task, mut invocations: Vec<
         match outcome {
             Ok(Next::Done) => return,
             Ok(Next::Abandon(reason)) => return abandon(inner, &task, &reason).await,
+            Ok(Next::Continue(_, _)) if draining.is_cancelled() => {
+                debug!(%run_id, "draining: leaving the next task to another worker");
+                return;
+            }
             Ok(Next::Continue(next, next_invocations)) => {
                 task = next;
                 invocations = next_invocations;
