@@ -125,6 +125,39 @@ struct ServeArgs {
     /// Lease of a task without heartbeat (e.g. 30s).
     #[arg(long, env = "KEEL_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
+    /// What this process does: `all` (API + workers), `api` (accept submits,
+    /// serve reads) or `worker` (execute tasks; serves /healthz and /readyz).
+    #[arg(long, env = "KEEL_ROLE", value_enum, default_value_t = Role::All)]
+    role: Role,
+}
+
+/// The part a `keel serve` process plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// API and workers.
+    All,
+    /// API only.
+    Api,
+    /// Workers only.
+    Worker,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Worker => "worker",
+        }
+    }
+
+    fn runs_workers(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+
+    fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -242,23 +275,52 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.role != Role::All {
+        bail!(
+            "--role {} needs a store shared by several processes: the embedded SQLite file belongs to one process (use --role all)",
+            args.role.as_str()
+        );
+    }
     let embedded = embedded::open(&args.db).await?;
     let store = embedded.store.clone();
-    let options = Options {
-        workers: args.workers.max(1),
-        lease: args.lease,
-        heartbeat: args.lease / 3,
-        ..Options::default()
-    };
-    let engine = Engine::new(store.clone(), options);
+    let described = args.db.display().to_string();
+    serve_on(store, &args, &described).await?;
+    drop(embedded);
+    Ok(())
+}
+
+/// Serves the API and/or runs workers (per `--role`) on any store, until
+/// SIGTERM/SIGINT; then drains the workers and exits.
+async fn serve_on<S: keel_store::Store>(
+    store: S,
+    args: &ServeArgs,
+    described: &str,
+) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
-    let workers = tokio::spawn(engine.run(cancel.clone()));
+    let workers = if args.role.runs_workers() {
+        let options = Options {
+            workers: args.workers.max(1),
+            lease: args.lease,
+            heartbeat: args.lease / 3,
+            ..Options::default()
+        };
+        Some(tokio::spawn(
+            Engine::new(store.clone(), options).run(cancel.clone()),
+        ))
+    } else {
+        None
+    };
     let listener = api::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(listen = %addr, db = %args.db.display(), workers = args.workers, "keel serving");
-    let app = api::router(Service::new(store));
+    tracing::info!(listen = %addr, store = %described, role = args.role.as_str(), workers = args.workers, "keel serving");
+    let service = Service::new(store);
+    let app = if args.role.serves_api() {
+        api::router(service)
+    } else {
+        api::health_router(service)
+    };
     let signalled = cancel.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
@@ -271,10 +333,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = async { stop.cancelled().await; tokio::time::sleep(Duration::from_secs(3)).await } => {}
     }
     cancel.cancel();
-    if let Err(e) = workers.await {
+    if let Some(workers) = workers
+        && let Err(e) = workers.await
+    {
         tracing::warn!(error = %e, "worker pool ended abnormally");
     }
-    drop(embedded);
     Ok(())
 }
 

@@ -7,6 +7,9 @@
 //!   reads and writes, and [`Error`].
 //! * [`sqlite`]: the embedded backend (one file, WAL, one writer task that
 //!   group-commits the writes of many workers in one transaction).
+//! * [`postgres`]: the shared backend (many processes on one database; a
+//!   writer task per process group-commits the same way, leases are taken
+//!   with `FOR UPDATE SKIP LOCKED`, commits are announced with `NOTIFY`).
 //! * `conformance`: the behaviour every backend must have, as generic tests.
 //!
 //! Every write made under a task lease is fenced: it names the lease, and the
@@ -16,6 +19,7 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -417,5 +421,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn next_due(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
     /// Notifications of commits, for SSE followers and idle workers.
+    ///
+    /// They are hints, never the only way to learn of a commit: a slow
+    /// subscriber misses some (`Lagged`), and a shared backend may miss
+    /// some too, then sends a wake-up that names no run (e.g.
+    /// [`postgres::RECONNECTED`]).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Committed>;
 }

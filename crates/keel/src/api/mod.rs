@@ -50,6 +50,17 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .with_state(service)
 }
 
+/// Only `/healthz` and `/readyz`: what a worker-only process serves.
+pub fn health_router<S: Store>(service: Service<S>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<S>))
+        .fallback(|| async {
+            Error::NotFound("this process runs workers only (--role worker)".into())
+        })
+        .with_state(service)
+}
+
 type Api<S> = State<Service<S>>;
 
 fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, Error> {

@@ -1,0 +1,712 @@
+//! The shared backend: PostgreSQL, for many processes on one database.
+//!
+//! Each process writes through one writer task that owns a write connection
+//! and group-commits the ops of every caller in one transaction, as the
+//! SQLite backend does, so many workers share a commit; every statement of a
+//! batch covers all of its rows (`UNNEST` of arrays). Reads use a pool of
+//! their own.
+//!
+//! Unlike SQLite, other processes write at the same time, so every check is
+//! made against locked rows in the transaction that writes:
+//!
+//! * claims take due tasks with `FOR UPDATE SKIP LOCKED`, so concurrent
+//!   claimers never wait for, nor get, the same task;
+//! * a write under a lease first locks its run row, then the task row,
+//!   checking the token and the expiry (`SELECT … FOR UPDATE`), so a
+//!   takeover waits for the write or the write sees the takeover;
+//! * an append's seq check is `UPDATE runs … WHERE last_seq = expected`: the
+//!   row lock serialises appenders, and a loser sees the winner's seq.
+//!
+//! Leases are only ever taken over once expired: there is no
+//! `recover_leases` as in SQLite, since a live lease may belong to another
+//! running process.
+//!
+//! # Notifications across processes
+//!
+//! Every committing transaction sends, per run it touched, `pg_notify(`
+//! [`CHANNEL`]`, '<origin> <run_id> <last_seq> <new_work 0|1>')`, where
+//! `origin` is a random id of the sending store. Each store runs a listener
+//! task on its own connection that `LISTEN`s and forwards what other stores
+//! committed to [`Store::subscribe`]; commits made through this store are
+//! delivered directly after the commit (and their notifications skipped).
+//! If the listener's connection drops, it reconnects with backoff and then
+//! sends [`RECONNECTED`], so sleepers look again for what they missed.
+//! Notifications are hints, never the only way to learn of a commit: one
+//! may be lost (a slow subscriber lags, a connection drops).
+//!
+//! # PgBouncer
+//!
+//! Through PgBouncer in transaction-pooling mode:
+//!
+//! * `LISTEN` needs a session of its own: give the listener a direct URL to
+//!   the server ([`Options::listen_url`]).
+//! * sqlx prepares named statements and caches them per connection, which
+//!   needs PgBouncer 1.21 or newer with `max_prepared_statements` above 0.
+//!   Turning the cache off does not help: sqlx 0.9 still prepares every
+//!   statement under a new name (and never deallocates it), so
+//!   [`Options::statement_cache_capacity`] must be at least 1.
+//! * The store sends no startup parameter PgBouncer refuses by default
+//!   (sqlx's `extra_float_digits` is turned off), and takes only
+//!   transaction-scoped advisory locks (migrations).
+//!
+//! # Layout
+//!
+//! * this file: [`PgStore`], [`Options`], connecting, the reads.
+//! * `writer`: the writer task, its batches and transactions.
+//! * `journal`: submissions and appends, written in bulk per batch.
+//! * `queue`: claims, heartbeats, retries and releases of tasks.
+//! * `agents`: registering agent versions.
+//! * `listen`: the listener task and the notification format.
+//! * `migrate` and `migrations/`: the schema and its versions.
+//!
+//! Ids are `uuid`, times epoch milliseconds (`bigint`), JSON `jsonb`, but
+//! for the journal's events: `json`, which keeps any text serde writes
+//! (jsonb refuses U+0000, which a step's output may hold). So a run input or
+//! an agent spec holding U+0000 is refused ([`Error::Backend`]), unlike in
+//! SQLite.
+
+mod agents;
+mod journal;
+mod listen;
+mod migrate;
+mod queue;
+#[cfg(test)]
+pub(crate) mod tests;
+mod writer;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use keel_core::message::Usage;
+use keel_core::run::Status;
+use keel_core::spec::Spec;
+use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, FromRow};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use uuid::Uuid;
+
+use self::agents::PutAgent;
+use self::journal::{AppendEvents, Encoded, Insert, Submit};
+pub use self::listen::{CHANNEL, RECONNECTED};
+use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
+use self::writer::{Call, Op, Reply, Writer};
+use crate::{
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, Projection, Registered,
+    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+};
+
+/// Ops that may wait for the writer before callers wait to send.
+const QUEUE: usize = 4 * writer::MAX_BATCH;
+/// Commit notifications a slow subscriber may fall behind by.
+const NOTIFICATIONS: usize = 16 * 1024;
+/// How long a caller waits for a pooled connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How the store's sessions show in `pg_stat_activity`.
+const APPLICATION_NAME: &str = "keel";
+
+/// How to reach the database.
+#[derive(Clone, Deserialize)]
+pub struct Options {
+    /// The database, as `postgres://user:password@host:port/database?…`.
+    pub url: String,
+    /// A direct (session) connection for `LISTEN`, when `url` goes through
+    /// a pooler in transaction mode; `url` is used when absent.
+    #[serde(default)]
+    pub listen_url: Option<String>,
+    /// Most connections the reads use.
+    #[serde(default = "Options::default_read_connections")]
+    pub read_connections: u32,
+    /// Prepared statements each connection caches (sqlx's default is 100).
+    /// Must be at least 1 (see the module docs on PgBouncer).
+    #[serde(default = "Options::default_statement_cache_capacity")]
+    pub statement_cache_capacity: usize,
+}
+
+impl Options {
+    /// The defaults for a database URL.
+    pub fn new(url: impl Into<String>) -> Options {
+        Options {
+            url: url.into(),
+            listen_url: None,
+            read_connections: Options::default_read_connections(),
+            statement_cache_capacity: Options::default_statement_cache_capacity(),
+        }
+    }
+
+    fn default_read_connections() -> u32 {
+        8
+    }
+
+    fn default_statement_cache_capacity() -> usize {
+        100
+    }
+
+    /// The connect options for `url`, with ours applied.
+    fn connect_options(&self, url: &str) -> Result<PgConnectOptions> {
+        if self.statement_cache_capacity == 0 {
+            return Err(Error::Backend(
+                "statement_cache_capacity must be at least 1: sqlx 0.9 prepares uncached \
+                 statements under new names and never deallocates them"
+                    .to_string(),
+            ));
+        }
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::Backend(format!("invalid database URL: {e}")))?;
+        Ok(options
+            .application_name(APPLICATION_NAME)
+            .statement_cache_capacity(self.statement_cache_capacity)
+            // No float is read as text; PgBouncer refuses this parameter
+            // unless told to ignore it.
+            .extra_float_digits(None))
+    }
+}
+
+/// Shows no URL: they may hold a password.
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("listen_url", &self.listen_url.is_some())
+            .field("read_connections", &self.read_connections)
+            .field("statement_cache_capacity", &self.statement_cache_capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The PostgreSQL store: a cheap handle to this process's writer task, its
+/// listener task and the read pool. Both tasks stop when the last handle is
+/// dropped.
+///
+/// A write is committed (or refused) once handed to the writer, even if the
+/// caller stops waiting for the answer. A [`Error::Backend`] from a write
+/// whose commit failed half-way (the connection dropped) leaves its outcome
+/// unknown, as with any database: a retry meets the first attempt's effect
+/// (a seq conflict, an existing run).
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    ops: mpsc::Sender<Op>,
+    reads: PgPool,
+    commits: broadcast::Sender<Committed>,
+    /// Held by every handle: the listener stops when all are gone.
+    _alive: mpsc::Sender<()>,
+}
+
+impl PgStore {
+    /// Connects with the default [`Options`] (see [`PgStore::connect_with`]).
+    pub async fn connect(url: &str) -> Result<PgStore> {
+        PgStore::connect_with(Options::new(url)).await
+    }
+
+    /// Connects, brings the schema up to date, starts listening for other
+    /// processes' commits and starts the writer task. Must be called inside
+    /// a Tokio runtime.
+    pub async fn connect_with(options: Options) -> Result<PgStore> {
+        let connect = options.connect_options(&options.url)?;
+        let listen = match &options.listen_url {
+            Some(url) => options.connect_options(url)?,
+            None => connect.clone(),
+        };
+
+        // The writer keeps one connection out of its own pool of one, which
+        // replaces it if it breaks; pings on acquire and release would cost
+        // a round trip per batch.
+        let writes = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_with(connect.clone())
+            .await
+            .map_err(backend)?;
+        let mut conn = writes.acquire().await.map_err(backend)?;
+        migrate::run(&mut conn).await?;
+
+        let reads = PgPoolOptions::new()
+            .max_connections(options.read_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_with(connect)
+            .await
+            .map_err(backend)?;
+
+        let origin = fastrand::u64(..);
+        let (commits, _) = broadcast::channel(NOTIFICATIONS);
+        let (alive, closed) = mpsc::channel(1);
+        let listener = listen::Listener::connect(listen, origin, commits.clone(), closed).await?;
+        tokio::spawn(listener.run());
+
+        let (ops, queue) = mpsc::channel(QUEUE);
+        let writer = Writer::new(writes, conn, queue, commits.clone(), origin);
+        tokio::spawn(writer.run());
+        Ok(PgStore {
+            ops,
+            reads,
+            commits,
+            _alive: alive,
+        })
+    }
+
+    /// Applies pending schema migrations (concurrent callers wait for each
+    /// other); returns the schema version.
+    pub async fn migrate(url: &str) -> Result<u32> {
+        let options = Options::new(url);
+        let mut conn = options
+            .connect_options(url)?
+            .connect()
+            .await
+            .map_err(backend)?;
+        let version = migrate::run(&mut conn).await?;
+        if let Err(e) = sqlx::Connection::close(conn).await {
+            tracing::debug!(error = %e, "closing the migration connection failed");
+        }
+        Ok(version)
+    }
+
+    /// Hands an op to the writer and waits for its committed result.
+    async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        let (reply, result) = oneshot::channel();
+        self.ops.send(op(reply)).await.map_err(|_| Error::Closed)?;
+        result.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// Maps a database error: a value that does not decode is corrupt data,
+/// anything else is the database failing.
+fn backend(error: sqlx::Error) -> Error {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            Error::Corrupt(error.to_string())
+        }
+        other => Error::Backend(other.to_string()),
+    }
+}
+
+/// Parses stored JSON.
+fn parse_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("{what} is not valid: {e}")))
+}
+
+/// A stored count that is a `u32` in Rust: `what` of `whose`.
+fn count(value: i64, what: &str, whose: impl fmt::Display) -> Result<u32> {
+    u32::try_from(value)
+        .map_err(|_| Error::Corrupt(format!("{what} of {whose} `{value}` is out of range")))
+}
+
+/// Token counts as stored (`bigint` is signed).
+fn tokens(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// A stored token count.
+fn stored_tokens(value: i64, what: &str) -> Result<u64> {
+    u64::try_from(value).map_err(|_| Error::Corrupt(format!("{what} `{value}` is negative")))
+}
+
+/// A duration in milliseconds, saturating.
+fn millis(duration: Duration) -> Millis {
+    Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
+}
+
+/// Serializes an event for the journal.
+fn encode(event: &Event) -> Result<Encoded> {
+    Ok(Encoded {
+        kind: event.kind(),
+        data: to_json(event, "event")?,
+    })
+}
+
+/// Serializes a value to store.
+fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|e| Error::Backend(format!("{what} does not serialize: {e}")))
+}
+
+/// Gives a new task its id and the token of the lease it may be created
+/// with (non-negative, like the tokens `claim` draws).
+fn insert(task: crate::NewTask) -> Insert {
+    Insert {
+        id: TaskId::new(),
+        token: fastrand::i64(0..),
+        task,
+    }
+}
+
+#[derive(FromRow)]
+struct AgentRow {
+    tenant: String,
+    spec: String,
+    created_at: Millis,
+}
+
+impl AgentRow {
+    fn into_record(self) -> Result<AgentRecord> {
+        Ok(AgentRecord {
+            spec: parse_json::<Spec>(&self.spec, "agent spec")?,
+            tenant: self.tenant,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct RunRow {
+    id: Uuid,
+    tenant: String,
+    agent: String,
+    version: String,
+    status: String,
+    steps: i64,
+    input: String,
+    output: Option<String>,
+    error: Option<String>,
+    input_tokens: i64,
+    output_tokens: i64,
+    last_seq: Seq,
+    created_at: Millis,
+    updated_at: Millis,
+}
+
+impl RunRow {
+    fn into_record(self) -> Result<RunRecord> {
+        let id = RunId(self.id);
+        let status = Status::parse(&self.status)
+            .ok_or_else(|| Error::Corrupt(format!("run {id}: unknown status `{}`", self.status)))?;
+        Ok(RunRecord {
+            id,
+            input: parse_json(&self.input, &format!("input of run {id}"))?,
+            tenant: self.tenant,
+            agent: self.agent,
+            version: self.version,
+            projection: Projection {
+                status,
+                steps: count(self.steps, "steps", format_args!("run {id}"))?,
+                output: self.output,
+                error: self.error,
+                usage: Usage {
+                    input_tokens: stored_tokens(self.input_tokens, "input tokens")?,
+                    output_tokens: stored_tokens(self.output_tokens, "output tokens")?,
+                },
+            },
+            last_seq: self.last_seq,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct EventRow {
+    seq: Seq,
+    at: Millis,
+    data: String,
+}
+
+#[derive(FromRow)]
+struct DeadLetterRow {
+    id: Uuid,
+    run_id: Uuid,
+    kind: String,
+    step: i64,
+    attempts: i64,
+    error: String,
+    created_at: Millis,
+}
+
+impl DeadLetterRow {
+    fn into_record(self) -> Result<DeadLetter> {
+        let id = TaskId(self.id);
+        let kind = TaskKind::parse(&self.kind).ok_or_else(|| {
+            Error::Corrupt(format!("dead letter {id}: unknown kind `{}`", self.kind))
+        })?;
+        Ok(DeadLetter {
+            id,
+            run_id: RunId(self.run_id),
+            kind,
+            step: count(self.step, "step", format_args!("dead letter {id}"))?,
+            attempts: count(self.attempts, "attempts", format_args!("dead letter {id}"))?,
+            error: self.error,
+            created_at: self.created_at,
+        })
+    }
+}
+
+const GET_AGENT: &str = "SELECT tenant, spec::text AS spec, created_at FROM agents \
+     WHERE tenant = $1 AND name = $2 AND version = $3";
+const GET_LATEST_AGENT: &str = "SELECT tenant, spec::text AS spec, created_at FROM agents \
+     WHERE tenant = $1 AND name = $2 ORDER BY id DESC LIMIT 1";
+const LIST_AGENTS: &str = "SELECT tenant, spec::text AS spec, created_at FROM agents \
+     WHERE tenant = $1 ORDER BY name COLLATE \"C\", id";
+
+const GET_RUN: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
+     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at \
+     FROM runs WHERE id = $1";
+const LIST_RUNS: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
+     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
+const LIST_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, \
+     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 AND status = $4 ORDER BY id DESC LIMIT $3";
+const LIST_RUNS_BY_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
+     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 AND agent = $4 ORDER BY id DESC LIMIT $3";
+const LIST_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
+     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 AND status = $4 AND agent = $5 ORDER BY id DESC LIMIT $3";
+
+const EVENTS: &str = "SELECT seq, at, data::text AS data FROM events \
+     WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+
+const DEAD_LETTERS: &str = "SELECT id, run_id, kind, step, attempts, error, created_at \
+     FROM dead_letters ORDER BY created_at DESC, id DESC LIMIT $1";
+const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, created_at \
+     FROM dead_letters WHERE id = $1";
+
+const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > $1";
+
+impl Store for PgStore {
+    async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
+        let value = serde_json::to_value(spec)
+            .map_err(|e| Error::Backend(format!("agent spec does not serialize: {e}")))?;
+        let request = PutAgent {
+            tenant: tenant.to_string(),
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+            spec_json: to_json(&value, "agent spec")?,
+            spec: value,
+            now,
+        };
+        self.write(|reply| Op::PutAgent(Call::new(request, reply)))
+            .await
+    }
+
+    async fn get_agent(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<AgentRecord>> {
+        let query = match version {
+            Some(version) => sqlx::query_as::<_, AgentRow>(GET_AGENT)
+                .bind(tenant)
+                .bind(name)
+                .bind(version),
+            None => sqlx::query_as::<_, AgentRow>(GET_LATEST_AGENT)
+                .bind(tenant)
+                .bind(name),
+        };
+        let row = query.fetch_optional(&self.reads).await.map_err(backend)?;
+        row.map(AgentRow::into_record).transpose()
+    }
+
+    async fn list_agents(&self, tenant: &str) -> Result<Vec<AgentRecord>> {
+        let rows = sqlx::query_as::<_, AgentRow>(LIST_AGENTS)
+            .bind(tenant)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(backend)?;
+        let mut agents = Vec::with_capacity(rows.len());
+        for row in rows {
+            agents.push(row.into_record()?);
+        }
+        Ok(agents)
+    }
+
+    /// `submission.task.lease_to` is ignored: the first task is always
+    /// queued, since [`Submitted`] has no room for a lease.
+    async fn submit(&self, submission: Submission) -> Result<Submitted> {
+        let mut task = submission.task;
+        task.lease_to = None;
+        let request = Submit {
+            run_id: submission.run_id,
+            tenant: submission.tenant,
+            agent: submission.agent,
+            version: submission.version,
+            input_json: to_json(&submission.input, "run input")?,
+            input: submission.input,
+            idempotency_key: submission.idempotency_key,
+            event: encode(&submission.event)?,
+            task: insert(task),
+            now: submission.now,
+        };
+        self.write(|reply| Op::Submit(Call::new(request, reply)))
+            .await
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>> {
+        let row = sqlx::query_as::<_, RunRow>(GET_RUN)
+            .bind(id.0)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(backend)?;
+        row.map(RunRow::into_record).transpose()
+    }
+
+    async fn list_runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {
+        // The largest UUID sorts after every id: the cursor of a first page.
+        let before = filter.before.map_or(Uuid::max(), |id| id.0);
+        let sql = match (&filter.status, &filter.agent) {
+            (None, None) => LIST_RUNS,
+            (Some(_), None) => LIST_RUNS_BY_STATUS,
+            (None, Some(_)) => LIST_RUNS_BY_AGENT,
+            (Some(_), Some(_)) => LIST_RUNS_BY_STATUS_AND_AGENT,
+        };
+        let mut query = sqlx::query_as::<_, RunRow>(sql)
+            .bind(&filter.tenant)
+            .bind(before)
+            .bind(i64::from(filter.limit));
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(agent) = &filter.agent {
+            query = query.bind(agent);
+        }
+        let rows = query.fetch_all(&self.reads).await.map_err(backend)?;
+        let mut runs = Vec::with_capacity(rows.len());
+        for row in rows {
+            runs.push(row.into_record()?);
+        }
+        Ok(runs)
+    }
+
+    async fn events(&self, run_id: RunId, after: Seq, limit: u32) -> Result<Vec<Recorded>> {
+        let rows = sqlx::query_as::<_, EventRow>(EVENTS)
+            .bind(run_id.0)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(backend)?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let what = format!("event {} of run {run_id}", row.seq);
+            events.push(Recorded {
+                seq: row.seq,
+                at: row.at,
+                event: parse_json(&row.data, &what)?,
+            });
+        }
+        Ok(events)
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease_for: Duration,
+        now: Millis,
+    ) -> Result<Vec<Task>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let request = Claim {
+            owner: owner.to_string(),
+            limit,
+            lease_until: now.saturating_add(millis(lease_for)),
+            now,
+        };
+        self.write(|reply| Op::Claim(Call::new(request, reply)))
+            .await
+    }
+
+    async fn append(&self, append: Append) -> Result<Appended> {
+        if append.lease.is_none() && append.task != TaskUpdate::Keep {
+            return Err(Error::Conflict(format!(
+                "append to run {}: a task update needs the task's lease",
+                append.run_id
+            )));
+        }
+        let mut events = Vec::with_capacity(append.events.len());
+        for event in &append.events {
+            events.push(encode(event)?);
+        }
+        let request = AppendEvents {
+            run_id: append.run_id,
+            expected_seq: append.expected_seq,
+            events,
+            lease: append.lease,
+            task: append.task,
+            new_tasks: append.new_tasks.into_iter().map(insert).collect(),
+            clear_tasks: append.clear_tasks,
+            redrive: append.redrive,
+            projection: append.projection,
+            now: append.now,
+        };
+        self.write(|reply| Op::Append(Call::new(request, reply)))
+            .await
+    }
+
+    async fn heartbeat(&self, owner: &str, until: Millis, now: Millis) -> Result<u64> {
+        let request = Heartbeat {
+            owner: owner.to_string(),
+            until,
+            now,
+        };
+        self.write(|reply| Op::Heartbeat(Call::new(request, reply)))
+            .await
+    }
+
+    async fn retry_later(
+        &self,
+        lease: Lease,
+        error: &str,
+        retry_at: Millis,
+        now: Millis,
+    ) -> Result<()> {
+        let request = RetryLater {
+            lease,
+            error: error.to_string(),
+            retry_at,
+            now,
+        };
+        self.write(|reply| Op::RetryLater(Call::new(request, reply)))
+            .await
+    }
+
+    async fn release_all(&self, owner: &str, now: Millis) -> Result<u64> {
+        let request = ReleaseAll {
+            owner: owner.to_string(),
+            now,
+        };
+        self.write(|reply| Op::ReleaseAll(Call::new(request, reply)))
+            .await
+    }
+
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTERS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(backend)?;
+        let mut letters = Vec::with_capacity(rows.len());
+        for row in rows {
+            letters.push(row.into_record()?);
+        }
+        Ok(letters)
+    }
+
+    async fn dead_letter(&self, id: TaskId) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTER)
+            .bind(id.0)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(backend)?;
+        row.map(DeadLetterRow::into_record).transpose()
+    }
+
+    async fn next_due(&self, now: Millis) -> Result<Option<Millis>> {
+        sqlx::query_scalar(NEXT_DUE)
+            .bind(now)
+            .fetch_one(&self.reads)
+            .await
+            .map_err(backend)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Committed> {
+        self.commits.subscribe()
+    }
+}

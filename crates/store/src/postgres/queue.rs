@@ -1,0 +1,196 @@
+//! The task queue's own writes: claiming, heartbeats, giving tasks back.
+//!
+//! A task's `visible_at` is when it can be claimed: its run time while
+//! unleased, its lease expiry while leased. A lease is live while
+//! `visible_at > now`, and an expired one needs no reaper.
+
+use keel_core::{Millis, RunId, Seq, TaskId};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{backend, count};
+use crate::{Committed, Error, Lease, Result, Task, TaskKind};
+
+/// [`super::writer::Op::Claim`].
+pub(super) struct Claim {
+    pub(super) owner: String,
+    pub(super) limit: u32,
+    pub(super) lease_until: Millis,
+    pub(super) now: Millis,
+}
+
+/// [`super::writer::Op::Heartbeat`].
+pub(super) struct Heartbeat {
+    pub(super) owner: String,
+    pub(super) until: Millis,
+    pub(super) now: Millis,
+}
+
+/// [`super::writer::Op::RetryLater`].
+pub(super) struct RetryLater {
+    pub(super) lease: Lease,
+    pub(super) error: String,
+    pub(super) retry_at: Millis,
+    pub(super) now: Millis,
+}
+
+/// [`super::writer::Op::ReleaseAll`].
+pub(super) struct ReleaseAll {
+    pub(super) owner: String,
+    pub(super) now: Millis,
+}
+
+/// Leases the oldest due tasks, skipping those another transaction holds
+/// (being claimed, or written under a lease, elsewhere). Each lease gets its
+/// own random token (non-negative, like the tokens of tasks leased on
+/// creation).
+const CLAIM: &str = "UPDATE tasks SET lease_owner = $1, \
+         lease_token = (random() * 9.2e18)::bigint, visible_at = $2, attempts = attempts + 1 \
+     WHERE id IN (SELECT id FROM tasks WHERE visible_at <= $3 ORDER BY visible_at LIMIT $4 \
+         FOR UPDATE SKIP LOCKED) \
+     RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
+
+/// A task row as claimed.
+#[derive(sqlx::FromRow)]
+struct Claimed {
+    id: Uuid,
+    run_id: Uuid,
+    kind: String,
+    step: i64,
+    attempts: i64,
+    max_attempts: i64,
+    lease_token: i64,
+    visible_at: Millis,
+}
+
+impl Claimed {
+    fn into_task(self) -> Result<Task> {
+        let task_id = TaskId(self.id);
+        let kind = TaskKind::parse(&self.kind).ok_or_else(|| {
+            Error::Corrupt(format!("task {task_id}: unknown kind `{}`", self.kind))
+        })?;
+        Ok(Task {
+            lease: Lease {
+                task_id,
+                token: self.lease_token,
+            },
+            run_id: RunId(self.run_id),
+            kind,
+            step: count(self.step, "step", format_args!("task {task_id}"))?,
+            attempts: count(self.attempts, "attempts", format_args!("task {task_id}"))?,
+            max_attempts: count(
+                self.max_attempts,
+                "max attempts",
+                format_args!("task {task_id}"),
+            )?,
+            lease_until: self.visible_at,
+        })
+    }
+}
+
+pub(super) async fn claim(conn: &mut PgConnection, r: &Claim) -> Result<Vec<Task>> {
+    let rows: Vec<Claimed> = sqlx::query_as(CLAIM)
+        .bind(&r.owner)
+        .bind(r.lease_until)
+        .bind(r.now)
+        .bind(i64::from(r.limit))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    for row in rows {
+        tasks.push(row.into_task()?);
+    }
+    // RETURNING has no order; v7 ids put the oldest tasks first.
+    tasks.sort_by_key(|t| t.lease.task_id);
+    Ok(tasks)
+}
+
+const HEARTBEAT: &str =
+    "UPDATE tasks SET visible_at = $1 WHERE lease_owner = $2 AND visible_at > $3";
+
+pub(super) async fn heartbeat(conn: &mut PgConnection, r: &Heartbeat) -> Result<u64> {
+    let extended = sqlx::query(HEARTBEAT)
+        .bind(r.until)
+        .bind(&r.owner)
+        .bind(r.now)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+    Ok(extended)
+}
+
+const RETRY_LATER: &str = "UPDATE tasks \
+     SET lease_owner = NULL, lease_token = NULL, visible_at = $1, last_error = $2 \
+     WHERE id = $3 AND lease_token = $4 AND visible_at > $5 RETURNING run_id";
+
+pub(super) async fn retry_later(
+    conn: &mut PgConnection,
+    r: &RetryLater,
+    commits: &mut Vec<Committed>,
+) -> Result<()> {
+    let run: Option<Uuid> = sqlx::query_scalar(RETRY_LATER)
+        .bind(r.retry_at)
+        .bind(&r.error)
+        .bind(r.lease.task_id.0)
+        .bind(r.lease.token)
+        .bind(r.now)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let Some(run) = run else {
+        return Err(Error::LeaseLost(r.lease.task_id));
+    };
+    requeued(conn, vec![run], commits).await
+}
+
+/// Unleases, visible now, and takes back the attempt: a graceful release
+/// is not a failed attempt.
+const RELEASE_ALL: &str = "UPDATE tasks SET lease_owner = NULL, lease_token = NULL, \
+         visible_at = $1, attempts = GREATEST(attempts - 1, 0) \
+     WHERE lease_owner = $2 AND visible_at > $1 RETURNING run_id";
+
+pub(super) async fn release_all(
+    conn: &mut PgConnection,
+    r: &ReleaseAll,
+    commits: &mut Vec<Committed>,
+) -> Result<u64> {
+    let mut runs: Vec<Uuid> = sqlx::query_scalar(RELEASE_ALL)
+        .bind(r.now)
+        .bind(&r.owner)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let released = runs.len() as u64;
+    runs.sort_unstable();
+    runs.dedup();
+    requeued(conn, runs, commits).await?;
+    Ok(released)
+}
+
+const LAST_SEQS: &str = "SELECT id, last_seq FROM runs WHERE id = ANY($1::uuid[])";
+
+/// The notifications for runs whose tasks went back to the queue.
+async fn requeued(
+    conn: &mut PgConnection,
+    runs: Vec<Uuid>,
+    commits: &mut Vec<Committed>,
+) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(Uuid, Seq)> = sqlx::query_as(LAST_SEQS)
+        .bind(runs)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+    for (run_id, last_seq) in rows {
+        commits.push(Committed {
+            run_id: RunId(run_id),
+            last_seq,
+            new_work: true,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,545 @@
+//! What only the PostgreSQL backend has: several processes (here, several
+//! stores) sharing one database, its migrations, its notifications, and the
+//! writer's handling of a broken op. The shared behaviour is in
+//! `conformance`, which runs against PostgreSQL through [`open`].
+//!
+//! Each test makes a database of its own on the server named by
+//! `KEEL_TEST_DATABASE_URL` (default: `postgres://postgres@127.0.0.1:5432/postgres`)
+//! and drops it at the end. With no server there, the tests are skipped,
+//! unless `CI=true`, where they fail.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use keel_core::{Event, Millis, RunId, Seq};
+use serde_json::json;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
+use tokio::sync::broadcast;
+
+use super::{Options, PgStore, RECONNECTED, listen};
+use crate::{
+    Append, Committed, Error, LeaseTo, NewTask, Projection, Result, Store, Submission, TaskKind,
+    TaskUpdate,
+};
+
+/// Where the test server is unless `KEEL_TEST_DATABASE_URL` says otherwise.
+const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database of one test's own, dropped (best effort) with this.
+pub(crate) struct TestDb {
+    /// The database's URL.
+    pub(crate) url: String,
+    name: String,
+    server: String,
+}
+
+impl TestDb {
+    /// Creates a fresh database, or returns `None` (with a note on stderr)
+    /// if the server is unreachable. With `CI=true`, an unreachable server
+    /// fails the test instead.
+    pub(crate) async fn create() -> Option<TestDb> {
+        let server =
+            std::env::var("KEEL_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_SERVER.to_string());
+        let connected =
+            tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&server));
+        let mut conn = match connected.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return unreachable(&server, &e.to_string()),
+            Err(_) => return unreachable(&server, "timed out"),
+        };
+        let name = format!("keel_test_{}", uuid::Uuid::now_v7().simple());
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        let _ = conn.close().await;
+        let url = PgConnectOptions::from_str(&server)
+            .expect("the server URL parses")
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        Some(TestDb { url, name, server })
+    }
+}
+
+/// Skips the test, or fails it on CI.
+fn unreachable(server: &str, why: &str) -> Option<TestDb> {
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("PostgreSQL at {server} is unreachable ({why}); CI=true requires it");
+    }
+    eprintln!("note: skipping a PostgreSQL test: {server} is unreachable ({why})");
+    None
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let server = self.server.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop runs inside the test's runtime, which cannot block on a
+        // future: use a runtime of its own on another thread.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut conn = PgConnection::connect(&server).await.ok()?;
+                sqlx::raw_sql(AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .ok()?;
+                conn.close().await.ok()
+            })
+        });
+        if dropped.join().ok().flatten().is_none() {
+            eprintln!("note: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// A store on a fresh database, for the conformance suite.
+pub(crate) async fn open() -> Result<Option<(PgStore, TestDb)>> {
+    let Some(db) = TestDb::create().await else {
+        return Ok(None);
+    };
+    let store = PgStore::connect(&db.url).await?;
+    Ok(Some((store, db)))
+}
+
+/// Two stores on one fresh database: two processes sharing it.
+async fn two() -> Result<Option<(PgStore, PgStore, TestDb)>> {
+    let Some(db) = TestDb::create().await else {
+        return Ok(None);
+    };
+    let a = PgStore::connect(&db.url).await?;
+    let b = PgStore::connect(&db.url).await?;
+    Ok(Some((a, b, db)))
+}
+
+/// A connection of its own, to look at or damage what the stores wrote.
+async fn raw(db: &TestDb) -> PgConnection {
+    PgConnection::connect(&db.url)
+        .await
+        .expect("raw connection")
+}
+
+const T0: Millis = 1_700_000_000_000;
+const LEASE: Duration = Duration::from_secs(60);
+
+fn submission(key: Option<&str>) -> Submission {
+    Submission {
+        run_id: RunId::new(),
+        tenant: "t".to_string(),
+        agent: "a".to_string(),
+        version: "1".to_string(),
+        input: json!("hi"),
+        idempotency_key: key.map(str::to_string),
+        event: Event::RunSubmitted {
+            tenant: "t".to_string(),
+            agent: "a".to_string(),
+            version: "1".to_string(),
+            input: json!("hi"),
+        },
+        task: NewTask {
+            kind: TaskKind::Llm,
+            step: 1,
+            max_attempts: 3,
+            run_at: T0,
+            lease_to: None,
+        },
+        now: T0,
+    }
+}
+
+/// An append of one event that changes nothing else.
+fn append(run_id: RunId, expected_seq: Seq, event: Event) -> Append {
+    Append {
+        run_id,
+        expected_seq,
+        events: vec![event],
+        lease: None,
+        task: TaskUpdate::Keep,
+        new_tasks: Vec::new(),
+        clear_tasks: false,
+        redrive: None,
+        projection: Projection {
+            status: keel_core::run::Status::AwaitingLlm,
+            steps: 0,
+            output: None,
+            error: None,
+            usage: Default::default(),
+        },
+        now: T0 + 1,
+    }
+}
+
+fn rejected(error: &str) -> Event {
+    Event::LlmRejected {
+        step: 1,
+        error: error.to_string(),
+    }
+}
+
+async fn next(commits: &mut broadcast::Receiver<Committed>) -> Committed {
+    tokio::time::timeout(Duration::from_secs(5), commits.recv())
+        .await
+        .expect("a notification in time")
+        .expect("the channel is open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_never_overlap_across_stores() -> Result<()> {
+    const RUNS: usize = 300;
+    let Some((a, b, _db)) = two().await? else {
+        return Ok(());
+    };
+    for _ in 0..RUNS {
+        a.submit(submission(None)).await?;
+    }
+    let mut claimers = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        claimers.push(tokio::spawn(async move {
+            let owner = format!("w{i}");
+            let mut ids = Vec::new();
+            loop {
+                let tasks = store.claim(&owner, 5, LEASE, T0).await?;
+                if tasks.is_empty() {
+                    return Ok::<_, Error>(ids);
+                }
+                ids.extend(tasks.iter().map(|t| t.lease.task_id));
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for claimer in claimers {
+        for id in claimer.await.expect("claimer panicked")? {
+            assert!(seen.insert(id), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), RUNS);
+    assert!(a.claim("x", 10, LEASE, T0).await?.is_empty());
+    assert!(b.claim("x", 10, LEASE, T0).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_appends_across_stores_have_one_winner() -> Result<()> {
+    let Some((a, b, _db)) = two().await? else {
+        return Ok(());
+    };
+    let mut runs = Vec::new();
+    for _ in 0..8 {
+        let sub = submission(None);
+        runs.push(sub.run_id);
+        a.submit(sub).await?;
+    }
+    let mut racers = Vec::new();
+    for &run_id in &runs {
+        for i in 0..16 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            racers.push(tokio::spawn(async move {
+                let event = rejected(&format!("racer {i}"));
+                store.append(append(run_id, 1, event)).await
+            }));
+        }
+    }
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.expect("racer panicked") {
+            Ok(appended) => {
+                assert_eq!(appended.last_seq, 2);
+                won += 1;
+            }
+            Err(Error::SeqConflict { actual: 2, .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won, runs.len(), "exactly one winner per run");
+    for run_id in runs {
+        assert_eq!(b.events(run_id, 0, 100).await?.len(), 2);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_heard_across_stores() -> Result<()> {
+    let Some((a, b, _db)) = two().await? else {
+        return Ok(());
+    };
+    let mut heard_a = a.subscribe();
+    let mut heard_b = b.subscribe();
+
+    // A commit through A: B hears it through NOTIFY.
+    let first = submission(None);
+    a.submit(first.clone()).await?;
+    let submitted = Committed {
+        run_id: first.run_id,
+        last_seq: 1,
+        new_work: true,
+    };
+    assert_eq!(next(&mut heard_b).await, submitted);
+
+    // A lease taken through B fences a write made through A, which B hears.
+    let task = b.claim("w", 1, LEASE, T0).await?.remove(0);
+    let mut step = append(first.run_id, 1, rejected("x"));
+    step.lease = Some(task.lease);
+    a.append(step).await?;
+    let appended = Committed {
+        run_id: first.run_id,
+        last_seq: 2,
+        new_work: false,
+    };
+    assert_eq!(next(&mut heard_b).await, appended);
+
+    // A hears its own commits once (at commit, not again through NOTIFY),
+    // and B's through NOTIFY, in commit order.
+    let second = submission(None);
+    b.submit(second.clone()).await?;
+    assert_eq!(next(&mut heard_a).await, submitted);
+    assert_eq!(next(&mut heard_a).await, appended);
+    let from_b = Committed {
+        run_id: second.run_id,
+        last_seq: 1,
+        new_work: true,
+    };
+    assert_eq!(next(&mut heard_a).await, from_b);
+    assert_eq!(next(&mut heard_b).await, from_b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(heard_a.try_recv().is_err(), "no duplicates");
+    assert!(heard_b.try_recv().is_err(), "no duplicates");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_listen_connection_is_replaced() -> Result<()> {
+    let Some((a, b, db)) = two().await? else {
+        return Ok(());
+    };
+    let mut heard = b.subscribe();
+    let mut conn = raw(&db).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(listen::APPLICATION_NAME)
+    .fetch_all(&mut conn)
+    .await
+    .expect("terminate the listeners");
+    assert_eq!(killed, vec![true, true], "one listener per store");
+
+    // B wakes its subscribers once it listens again, and then hears A's
+    // commits (A notifies through its write connection, which was spared).
+    assert_eq!(next(&mut heard).await, RECONNECTED);
+    let sub = submission(None);
+    a.submit(sub.clone()).await?;
+    loop {
+        let commit = next(&mut heard).await;
+        if commit != RECONNECTED {
+            assert_eq!((commit.run_id, commit.last_seq), (sub.run_id, 1));
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_safe() -> Result<()> {
+    let Some(db) = TestDb::create().await else {
+        return Ok(());
+    };
+    let mut migrations = Vec::new();
+    for _ in 0..4 {
+        let url = db.url.clone();
+        migrations.push(tokio::spawn(async move { PgStore::migrate(&url).await }));
+    }
+    let mut connects = Vec::new();
+    for _ in 0..2 {
+        let url = db.url.clone();
+        connects.push(tokio::spawn(async move { PgStore::connect(&url).await }));
+    }
+    for migration in migrations {
+        assert_eq!(migration.await.expect("no panic")?, 1);
+    }
+    for connect in connects {
+        let store = connect.await.expect("no panic")?;
+        assert!(store.get_run(RunId::new()).await?.is_none());
+    }
+    assert_eq!(PgStore::migrate(&db.url).await?, 1);
+
+    let mut conn = raw(&db).await;
+    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM keel_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .expect("history");
+    assert_eq!(versions, vec![1]);
+
+    // A schema newer than this build is refused.
+    sqlx::query("INSERT INTO keel_migrations (version, name, applied_at) VALUES (99, 'x', 0)")
+        .execute(&mut conn)
+        .await
+        .expect("fake a newer version");
+    match PgStore::connect(&db.url).await {
+        Err(Error::Backend(message)) => assert!(message.contains("99"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_op_fails_alone() -> Result<()> {
+    let Some((store, db)) = open().await? else {
+        return Ok(());
+    };
+    let mut early = submission(None);
+    early.task.run_at = T0 - 1000;
+    store.submit(early.clone()).await?;
+    sqlx::query("UPDATE tasks SET kind = 'bogus' WHERE run_id = $1")
+        .bind(early.run_id.0)
+        .execute(&mut raw(&db).await)
+        .await
+        .expect("damage the task");
+
+    // The claim of the damaged task fails; the writes around it, likely in
+    // the same batch, commit.
+    let mut others = Vec::new();
+    for _ in 0..50 {
+        let store = store.clone();
+        others.push(tokio::spawn(async move {
+            let sub = submission(None);
+            store.submit(sub.clone()).await?;
+            store.append(append(sub.run_id, 1, rejected("fine"))).await
+        }));
+    }
+    match store.claim("w", 1, LEASE, T0 - 500).await {
+        Err(Error::Corrupt(message)) => assert!(message.contains("bogus"), "{message}"),
+        other => panic!("expected corrupt data, got {other:?}"),
+    }
+    for other in others {
+        let appended = other.await.expect("no panic")?;
+        assert_eq!(appended.last_seq, 2);
+    }
+    // The failed claim took nothing.
+    let mut conn = raw(&db).await;
+    let leased: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count leases");
+    assert_eq!(leased, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_statement_cache_is_refused() {
+    let options = Options {
+        statement_cache_capacity: 0,
+        ..Options::new(DEFAULT_SERVER)
+    };
+    match PgStore::connect_with(options).await {
+        Err(Error::Backend(message)) => assert!(message.contains("statement_cache_capacity")),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let shown = format!("{:?}", Options::new("postgres://u:secret@h/db"));
+    assert!(!shown.contains("secret"), "{shown}");
+}
+
+/// Two stores (two worker processes) each appending from 100 concurrent
+/// tasks, the way the engine makes a step. Not an assertion: run it with
+/// `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "throughput check: cargo test -p keel-store -- --ignored --nocapture"]
+async fn two_store_write_throughput() -> Result<()> {
+    const WORKERS: usize = 100;
+    const STEPS: Seq = 100;
+    let Some((a, b, _db)) = two().await? else {
+        return Ok(());
+    };
+    let mut tasks = Vec::new();
+    for store in [&a, &b] {
+        for _ in 0..WORKERS {
+            store.submit(submission(None)).await?;
+        }
+        let claimed = store
+            .claim("bench", WORKERS as u32, Duration::from_secs(3600), T0)
+            .await?;
+        assert_eq!(claimed.len(), WORKERS);
+        tasks.push((store.clone(), claimed));
+    }
+
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (store, claimed) in tasks {
+        for task in claimed {
+            let store = store.clone();
+            workers.push(tokio::spawn(async move {
+                let mut lease = task.lease;
+                for seq in 1..=STEPS {
+                    let mut step = append(task.run_id, seq, output(200));
+                    step.lease = Some(lease);
+                    step.task = TaskUpdate::Complete;
+                    step.new_tasks = vec![NewTask {
+                        kind: TaskKind::Tools,
+                        step: 1,
+                        max_attempts: 3,
+                        run_at: T0,
+                        lease_to: Some(LeaseTo {
+                            owner: "bench".to_string(),
+                            until: T0 + 3_600_000,
+                        }),
+                    }];
+                    lease = store.append(step).await?.leased[0].lease;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+    }
+    for worker in workers {
+        worker.await.expect("worker panicked")?;
+    }
+    let elapsed = started.elapsed();
+    let count = 2 * WORKERS * STEPS as usize;
+    let rate = count as f64 / elapsed.as_secs_f64();
+    println!("{count} step appends from 2 stores x {WORKERS} tasks in {elapsed:.2?}: {rate:.0}/s");
+    Ok(())
+}
+
+fn output(size: usize) -> Event {
+    Event::ToolCallCompleted {
+        step: 1,
+        call_index: 0,
+        call_id: "call_1".to_string(),
+        output: "x".repeat(size),
+        is_error: false,
+    }
+}
+
+/// Why [`Options::statement_cache_capacity`] must not be 0: sqlx 0.9 then
+/// still prepares each statement under a new name and never deallocates it.
+/// (If this fails, sqlx changed, and the restriction can go.)
+#[tokio::test]
+async fn sqlx_leaks_statements_without_a_cache() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let mut conn = PgConnectOptions::from_str(&db.url)
+        .expect("url")
+        .statement_cache_capacity(0)
+        .connect()
+        .await
+        .expect("connect");
+    for _ in 0..3 {
+        let _: i32 = sqlx::query_scalar("SELECT $1::int")
+            .bind(1)
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+    }
+    let prepared: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_statements")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert!(prepared >= 3, "{prepared} prepared statements");
+}
