@@ -583,11 +583,17 @@ impl Store for PgStore {
             .map_err(backend)?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let what = format!("event {} of run {run_id}", row.seq);
+            // The error label is only built on failure: this is the journal's hot read path.
+            let event = serde_json::from_str(&row.data).map_err(|e| {
+                Error::Corrupt(format!(
+                    "event {} of run {run_id} is not valid: {e}",
+                    row.seq
+                ))
+            })?;
             events.push(Recorded {
                 seq: row.seq,
                 at: row.at,
-                event: parse_json(&row.data, &what)?,
+                event,
             });
         }
         Ok(events)
