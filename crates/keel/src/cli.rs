@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use keel_core::Agent;
 use keel_core::spec::human_duration;
 use keel_engine::{Engine, Options};
+use keel_store::postgres::PgStore;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +31,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the HTTP API and run workers on the embedded store.
+    /// Serve the HTTP API and/or run workers, on the embedded store or on
+    /// PostgreSQL (--database-url).
     Serve(ServeArgs),
+    /// Apply the store's schema migrations and exit (they are also applied on start).
+    Migrate {
+        /// PostgreSQL URL; without it, the embedded SQLite file --db.
+        #[arg(long, env = "KEEL_DATABASE_URL")]
+        database_url: Option<String>,
+        /// SQLite database file.
+        #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
+        db: PathBuf,
+    },
     /// Run an agent spec on an input and show each journaled step: durably
     /// in-process on the embedded store, or on a server with --server.
     Run(RunArgs),
@@ -116,9 +127,17 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// SQLite database file.
+    /// SQLite database file (the embedded store, used when no --database-url is given).
     #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
     db: PathBuf,
+    /// PostgreSQL URL (`postgres://user@host:5432/db`): the store shared by any
+    /// number of API and worker processes.
+    #[arg(long, env = "KEEL_DATABASE_URL")]
+    database_url: Option<String>,
+    /// A direct PostgreSQL URL for LISTEN, when --database-url goes through
+    /// PgBouncer in transaction pooling mode (LISTEN needs a session).
+    #[arg(long, env = "KEEL_DATABASE_LISTEN_URL", requires = "database_url")]
+    database_listen_url: Option<String>,
     /// Tasks executed at once.
     #[arg(long, env = "KEEL_WORKERS", default_value_t = 256)]
     workers: usize,
@@ -271,13 +290,65 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).await.map(|_| ExitCode::SUCCESS),
+        Command::Migrate { database_url, db } => {
+            migrate(database_url.as_deref(), &db).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn migrate(database_url: Option<&str>, db: &Path) -> anyhow::Result<()> {
+    match database_url {
+        Some(url) => {
+            let version = PgStore::migrate(url)
+                .await
+                .with_context(|| format!("cannot migrate {}", redact(url)))?;
+            println!("{} is at schema version {version}", redact(url));
+        }
+        None => {
+            // Opening the embedded store applies its migrations.
+            let embedded = embedded::open(db).await?;
+            drop(embedded);
+            println!("{} is migrated", db.display());
+        }
+    }
+    Ok(())
+}
+
+/// A database URL without its password, for logs and errors.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{userinfo}@{host}{path}")
+            }
+        }
+        None => url.to_string(),
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.database_url {
+        let mut options = keel_store::postgres::Options::new(url.clone());
+        options.listen_url = args.database_listen_url.clone();
+        let store = PgStore::connect_with(options)
+            .await
+            .with_context(|| format!("cannot open the PostgreSQL store at {}", redact(url)))?;
+        return serve_on(store, &args, &redact(url)).await;
+    }
     if args.role != Role::All {
         bail!(
-            "--role {} needs a store shared by several processes: the embedded SQLite file belongs to one process (use --role all)",
+            "--role {} needs a store shared by several processes: the embedded SQLite file belongs to one process (use --role all, or --database-url postgres://...)",
             args.role.as_str()
         );
     }
