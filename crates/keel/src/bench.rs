@@ -1,10 +1,12 @@
-//! `keel bench`: the engine on the embedded store against an in-process
+//! `keel bench`: the engine on the embedded store (or, with
+//! `--database-url`, on PostgreSQL with worker processes) against an in-process
 //! OpenAI-compatible mock LLM and an HTTP tool (both over real loopback HTTP),
 //! many runs at once. Prints durable steps per second (one step = one LLM call
 //! plus one tool call, both journaled), CPU time per step, step latency
 //! percentiles, wall time and peak RSS.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,7 @@ use futures_util::StreamExt;
 use keel_core::run::Status;
 use keel_core::{Agent, Event};
 use keel_engine::{Engine, Options};
+use keel_store::postgres::PgStore;
 use keel_store::{RunFilter, Store};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -32,12 +35,27 @@ pub struct Args {
     /// Latency of every mock LLM answer (e.g. 1s).
     #[arg(long, default_value = "0ms", value_parser = keel_core::spec::human_duration::parse)]
     pub llm_latency: Duration,
-    /// Tasks executed at once (default: 128, or every run at once when the LLM is slow).
+    /// Tasks executed at once per worker process (default: 128, or every run
+    /// at once when the LLM is slow).
     #[arg(long)]
     pub workers: Option<usize>,
     /// SQLite file to use (default: a fresh file in the temp folder, removed after).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "database_url")]
     pub db: Option<PathBuf>,
+    /// Bench the PostgreSQL store on this server instead: each round gets a
+    /// fresh database (created and dropped on it) and its own `keel serve
+    /// --role worker` processes.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Worker processes per round on PostgreSQL, e.g. `1,2` for one round
+    /// with one process then one with two (the scaling curve).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2",
+        requires = "database_url"
+    )]
+    pub processes: Vec<usize>,
 }
 
 /// Runs the benchmark and prints its figures.
@@ -45,20 +63,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.runs == 0 || args.steps == 0 {
         bail!("--runs and --steps must be at least 1");
     }
+    if args.processes.contains(&0) {
+        bail!("--processes: every round needs at least 1 worker process");
+    }
     let mock = Mock::start()
         .await
         .context("cannot start the mock servers")?;
     mock.counters
         .llm_latency_ms
         .store(args.llm_latency.as_millis() as u64, Ordering::Relaxed);
-    let temp = args.db.is_none();
-    let db = args.db.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("keel-bench-{}.db", uuid::Uuid::now_v7()))
+    let workers = args.workers.unwrap_or(if args.llm_latency.is_zero() {
+        128
+    } else {
+        args.runs + 16
     });
-    let embedded = crate::embedded::open(&db).await?;
-    let store = embedded.store.clone();
-    let svc = Service::new(store.clone());
-
     let spec = json!({
         "name": "bench",
         "version": "1",
@@ -72,13 +90,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "limits": {"max_steps": args.steps + 1}
     });
     let agent = Agent::from_value(spec)?;
-    svc.register(&agent).await?;
 
-    let workers = args.workers.unwrap_or(if args.llm_latency.is_zero() {
-        128
-    } else {
-        args.runs + 16
+    if let Some(url) = &args.database_url {
+        let mut figures = Vec::new();
+        for &processes in &args.processes {
+            mock.counters.reset();
+            let steps_per_second = postgres_round(&args, &mock, &agent, url, processes, workers)
+                .await
+                .with_context(|| format!("round with {processes} worker processes"))?;
+            figures.push((processes, steps_per_second));
+        }
+        if figures.len() > 1 {
+            println!(
+                "\nscaling on PostgreSQL ({} runs x {} steps):",
+                args.runs, args.steps
+            );
+            for (processes, rate) in figures {
+                println!("  {processes} worker process(es)  {rate:.0} steps/s");
+            }
+        }
+        return Ok(());
+    }
+
+    let temp = args.db.is_none();
+    let db = args.db.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("keel-bench-{}.db", uuid::Uuid::now_v7()))
     });
+    let embedded = crate::embedded::open(&db).await?;
+    let store = embedded.store.clone();
+    Service::new(store.clone()).register(&agent).await?;
     let engine = Engine::new(
         store.clone(),
         Options {
@@ -88,7 +128,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let cancel = CancellationToken::new();
     let pool = tokio::spawn(engine.run(cancel.clone()));
-
     println!(
         "keel bench: {} runs x {} tool steps, llm latency {:?}, {} workers, SQLite WAL synchronous=FULL at {}",
         args.runs,
@@ -97,7 +136,158 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         workers,
         db.display()
     );
-    let cpu_start = cpu_time();
+    let result = measure(&args, &mock, &store, &[]).await;
+    cancel.cancel();
+    let _ = pool.await;
+    drop(embedded);
+    if temp {
+        for suffix in ["", "-wal", "-shm", ".lock"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(p));
+        }
+    }
+    result.map(|_| ())
+}
+
+/// One round on a fresh PostgreSQL database with `processes` worker
+/// processes; returns its steps per second.
+async fn postgres_round(
+    args: &Args,
+    mock: &Mock,
+    agent: &Agent,
+    server_url: &str,
+    processes: usize,
+    workers: usize,
+) -> anyhow::Result<f64> {
+    let db = ScratchDatabase::create(server_url).await?;
+    let outcome = async {
+        let store = PgStore::connect(&db.url)
+            .await
+            .context("cannot open the PostgreSQL store")?;
+        Service::new(store.clone()).register(agent).await?;
+        let exe = std::env::current_exe().context("cannot find the keel binary")?;
+        let mut children = Vec::new();
+        for _ in 0..processes {
+            let child = std::process::Command::new(&exe)
+                .args(["serve", "--role", "worker", "--listen", "127.0.0.1:0"])
+                .args(["--workers", &workers.to_string()])
+                .env("KEEL_DATABASE_URL", &db.url)
+                .env("KEEL_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("cannot start a worker process")?;
+            children.push(Worker(child));
+        }
+        println!(
+            "\nkeel bench: {} runs x {} tool steps, llm latency {:?}, PostgreSQL, {processes} worker process(es) x {workers} workers",
+            args.runs, args.steps, args.llm_latency,
+        );
+        let pids: Vec<u32> = children.iter().map(|c| c.0.id()).collect();
+        let rate = measure(args, mock, &store, &pids).await;
+        for mut child in children {
+            child.stop();
+        }
+        rate
+    }
+    .await;
+    db.drop_it().await;
+    outcome
+}
+
+/// A worker child process: SIGTERM then wait (SIGKILL if it is still there).
+struct Worker(std::process::Child);
+
+impl Worker {
+    fn stop(&mut self) {
+        let pid = self.0.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A database of the bench's own on a PostgreSQL server.
+struct ScratchDatabase {
+    url: String,
+    name: String,
+    server: String,
+}
+
+impl ScratchDatabase {
+    async fn create(server: &str) -> anyhow::Result<ScratchDatabase> {
+        use sqlx::{ConnectOptions, Connection};
+        let options = sqlx::postgres::PgConnectOptions::from_str(server)
+            .with_context(|| format!("invalid --database-url {}", crate::cli::redact(server)))?;
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .with_context(|| format!("cannot connect to {}", crate::cli::redact(server)))?;
+        let name = format!("keel_bench_{}", uuid::Uuid::now_v7().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("cannot create database {name} (the bench needs CREATEDB)"))?;
+        let _ = conn.close().await;
+        let url = options.database(&name).to_url_lossy().to_string();
+        Ok(ScratchDatabase {
+            url,
+            name,
+            server: server.to_string(),
+        })
+    }
+
+    async fn drop_it(self) {
+        use sqlx::Connection;
+        let dropped = async {
+            let mut conn = sqlx::PgConnection::connect(&self.server).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await?;
+            conn.close().await
+        };
+        if let Err(e) = dropped.await {
+            eprintln!("warning: could not drop database {}: {e}", self.name);
+        }
+    }
+}
+
+/// Submits the runs, waits for them all and prints the figures; returns
+/// steps per second. `children` are worker processes whose CPU and memory
+/// count too.
+async fn measure<S: Store>(
+    args: &Args,
+    mock: &Mock,
+    store: &S,
+    children: &[u32],
+) -> anyhow::Result<f64> {
+    let svc = Service::new(store.clone());
+    let cpu_start = cpu_time("self")
+        + children
+            .iter()
+            .map(|p| cpu_time(&p.to_string()))
+            .sum::<Duration>();
     let started = Instant::now();
     let submits = futures_util::stream::iter(0..args.runs)
         .map(|i| {
@@ -124,7 +314,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Wait until every run is over.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done = count_terminal(&store).await?;
+        let done = count_terminal(store).await?;
         if done >= args.runs {
             break;
         }
@@ -134,9 +324,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let wall = started.elapsed();
-    let cpu = cpu_time().saturating_sub(cpu_start);
-    cancel.cancel();
-    let _ = pool.await;
+    let cpu = (cpu_time("self")
+        + children
+            .iter()
+            .map(|p| cpu_time(&p.to_string()))
+            .sum::<Duration>())
+    .saturating_sub(cpu_start);
+    let rss_kb = peak_rss_kb("self")
+        + children
+            .iter()
+            .map(|p| peak_rss_kb(&p.to_string()))
+            .sum::<u64>();
 
     // Figures from the journal itself.
     let mut latencies = Vec::new();
@@ -176,6 +374,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     first_steps.sort_unstable();
     let steps = args.runs as u64 * args.steps as u64;
     let journal_wall = Duration::from_millis((last - first).max(1) as u64);
+    let rate = steps as f64 / journal_wall.as_secs_f64();
     let keys = mock.counters.key_counts();
     let repeated = keys.values().filter(|n| **n > 1).count();
     println!("runs completed      {completed} / {}", args.runs);
@@ -200,12 +399,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         wall.as_secs_f64(),
         journal_wall.as_secs_f64()
     );
+    println!("throughput          {rate:.0} steps/s");
+    let whose = if children.is_empty() {
+        "includes the in-process mock servers"
+    } else {
+        "this process with the mock servers, plus the worker processes; not the database server"
+    };
     println!(
-        "throughput          {:.0} steps/s",
-        steps as f64 / journal_wall.as_secs_f64()
-    );
-    println!(
-        "cpu                 {:.3} ms per step ({:.2} s of CPU; includes the in-process mock servers)",
+        "cpu                 {:.3} ms per step ({:.2} s of CPU; {whose})",
         cpu.as_secs_f64() * 1000.0 / steps as f64,
         cpu.as_secs_f64()
     );
@@ -221,23 +422,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         pct(&first_steps, 0.50),
         pct(&first_steps, 0.99)
     );
-    println!(
-        "peak rss            {:.1} MB",
-        peak_rss_kb() as f64 / 1024.0
-    );
-
-    drop(embedded);
-    if temp {
-        for suffix in ["", "-wal", "-shm", ".lock"] {
-            let mut p = db.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(PathBuf::from(p));
-        }
-    }
+    println!("peak rss            {:.1} MB", rss_kb as f64 / 1024.0);
     if completed != args.runs {
         bail!("{} runs did not complete", args.runs - completed);
     }
-    Ok(())
+    Ok(rate)
 }
 
 async fn count_terminal<S: Store>(store: &S) -> anyhow::Result<usize> {
@@ -272,9 +461,10 @@ fn pct(sorted: &[i64], p: f64) -> i64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// User + system CPU time of this process (from /proc; Linux ticks are 10 ms).
-fn cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// User + system CPU time of a process, `self` or a pid (from /proc; Linux
+/// ticks are 10 ms).
+fn cpu_time(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
     // Fields after the command name (which is in parentheses and may hold spaces).
@@ -292,9 +482,9 @@ fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-/// Peak resident set size in kB (VmHWM).
-fn peak_rss_kb() -> u64 {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+/// Peak resident set size in kB (VmHWM) of a process, `self` or a pid.
+fn peak_rss_kb(pid: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return 0;
     };
     status

@@ -144,10 +144,36 @@ struct ServeArgs {
     /// Lease of a task without heartbeat (e.g. 30s).
     #[arg(long, env = "KEEL_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
+    /// Most pending (unfinished) runs; beyond it submits get 429 with
+    /// Retry-After and ingestion pauses. 0: no ceiling.
+    #[arg(long, env = "KEEL_MAX_PENDING", default_value_t = 100_000)]
+    max_pending: u64,
+    /// Most pending runs of any one agent (default: no ceiling).
+    #[arg(long, env = "KEEL_MAX_PENDING_PER_AGENT")]
+    max_pending_per_agent: Option<u64>,
+    /// What a submit refused for backpressure is told to wait (Retry-After).
+    #[arg(long, env = "KEEL_RETRY_AFTER", default_value = "1s", value_parser = parse_duration)]
+    retry_after: Duration,
     /// What this process does: `all` (API + workers), `api` (accept submits,
     /// serve reads) or `worker` (execute tasks; serves /healthz and /readyz).
     #[arg(long, env = "KEEL_ROLE", value_enum, default_value_t = Role::All)]
     role: Role,
+    /// Export every journal event to this NATS JetStream server
+    /// (`nats://127.0.0.1:4222`); see docs/EVENTS.md.
+    #[arg(long, env = "KEEL_EVENTS", value_name = "NATS_URL")]
+    events: Option<String>,
+    /// Turn messages published to `<prefix>.ingest.<agent>` on this NATS
+    /// JetStream server into runs; see docs/EVENTS.md.
+    #[arg(long, env = "KEEL_INGEST", value_name = "NATS_URL")]
+    ingest: Option<String>,
+    /// Prefix of the NATS subjects and stream names (streams are named
+    /// `<PREFIX>_EVENTS`, `<PREFIX>_INGEST`, `<PREFIX>_DEAD`).
+    #[arg(long, env = "KEEL_NATS_PREFIX", default_value = "keel")]
+    nats_prefix: String,
+    /// How long NATS waits for Keel to acknowledge an ingested message
+    /// before delivering it again (after a crash).
+    #[arg(long, env = "KEEL_INGEST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    ingest_ack_wait: Duration,
 }
 
 /// The part a `keel serve` process plays.
@@ -368,6 +394,13 @@ async fn serve_on<S: keel_store::Store>(
     described: &str,
 ) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    let limits = service::Limits {
+        max_pending: (args.max_pending > 0).then_some(args.max_pending),
+        max_pending_per_agent: args.max_pending_per_agent.filter(|n| *n > 0),
+        retry_after: args.retry_after,
+    };
+    let service = Service::with_limits(store.clone(), limits);
+    let nats = start_nats(&service, args, &cancel).await?;
     let workers = if args.role.runs_workers() {
         let options = Options {
             workers: args.workers.max(1),
@@ -386,7 +419,6 @@ async fn serve_on<S: keel_store::Store>(
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(listen = %addr, store = %described, role = args.role.as_str(), workers = args.workers, "keel serving");
-    let service = Service::new(store);
     let app = if args.role.serves_api() {
         api::router(service)
     } else {
@@ -409,7 +441,41 @@ async fn serve_on<S: keel_store::Store>(
     {
         tracing::warn!(error = %e, "worker pool ended abnormally");
     }
+    for task in nats {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "nats task ended abnormally");
+        }
+    }
     Ok(())
+}
+
+/// Starts event export and/or ingestion over NATS when asked for.
+#[cfg(feature = "nats")]
+async fn start_nats<S: keel_store::Store>(
+    service: &Service<S>,
+    args: &ServeArgs,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let serve = crate::nats::Serve {
+        events: args.events.clone(),
+        ingest: args.ingest.clone(),
+        prefix: args.nats_prefix.clone(),
+        ingest_ack_wait: args.ingest_ack_wait,
+        sole_process: args.database_url.is_none(),
+    };
+    Ok(crate::nats::start(service.clone(), serve, cancel.clone()).await?)
+}
+
+#[cfg(not(feature = "nats"))]
+async fn start_nats<S: keel_store::Store>(
+    _service: &Service<S>,
+    args: &ServeArgs,
+    _cancel: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    if args.events.is_some() || args.ingest.is_some() {
+        bail!("--events and --ingest need keel built with the `nats` feature");
+    }
+    Ok(Vec::new())
 }
 
 async fn shutdown_signal() {

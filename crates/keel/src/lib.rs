@@ -14,6 +14,9 @@
 //! * [`mock`]: an OpenAI-compatible mock LLM and a counting tool server, for
 //!   tests and the benchmark.
 //! * [`bench`]: `keel bench`, the throughput and latency benchmark.
+//! * `nats` (feature `nats`, on by default): the relay exporting journal
+//!   events to NATS JetStream and the consumer ingesting run submissions
+//!   from it (`docs/EVENTS.md`).
 
 pub mod api;
 pub mod bench;
@@ -21,5 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod embedded;
 pub mod mock;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod progress;
 pub mod service;

@@ -41,6 +41,16 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Zeroes the request counts (not the switches: down, latency).
+    pub fn reset(&self) {
+        self.llm_requests.store(0, Ordering::Relaxed);
+        self.tool_requests.store(0, Ordering::Relaxed);
+        self.bad_traceparents.store(0, Ordering::Relaxed);
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.clear();
+        }
+    }
+
     /// A copy of the per-key counts.
     pub fn key_counts(&self) -> HashMap<String, u32> {
         self.keys.lock().map(|k| k.clone()).unwrap_or_default()

@@ -13,6 +13,10 @@ use keel_store::{
     Append, Error as StoreError, NewTask, Registered, RunRecord, Store, Submission, Submitted,
     TaskKind, TaskUpdate,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -25,6 +29,74 @@ pub struct Service<S> {
     pub store: S,
     /// Compiled agent versions.
     pub agents: Agents<S>,
+    /// Ceilings on pending runs.
+    admission: Arc<Admission>,
+}
+
+/// Ceilings on pending runs (not yet finished: `PENDING`, `AWAITING_LLM`,
+/// `AWAITING_TOOL`), beyond which submits are refused with
+/// [`Error::Busy`] instead of letting the queue grow without bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Most pending runs in all (`None`: no ceiling).
+    pub max_pending: Option<u64>,
+    /// Most pending runs of one agent (`None`: no ceiling).
+    pub max_pending_per_agent: Option<u64>,
+    /// What a refused caller is told to wait.
+    pub retry_after: Duration,
+}
+
+impl Limits {
+    /// No ceiling.
+    pub fn unlimited() -> Limits {
+        Limits {
+            max_pending: None,
+            max_pending_per_agent: None,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How long a pending count read from the store is trusted. Counting is an
+/// index scan, too dear for every submit; between reads, the submits this
+/// process accepted are added to the count, so a burst cannot overshoot a
+/// ceiling by more than what other processes accept in this window.
+const COUNT_TTL: Duration = Duration::from_millis(250);
+
+/// The ceilings and the cached counts they are checked against.
+struct Admission {
+    limits: Limits,
+    /// Pending count per scope (`None` = all agents): when read, and the
+    /// count then plus the submits accepted since.
+    counts: Mutex<HashMap<Option<String>, (Instant, u64)>>,
+}
+
+impl Admission {
+    /// The cached count of `scope`, if fresh.
+    fn cached(&self, scope: &Option<String>) -> Option<u64> {
+        let counts = self.counts.lock().ok()?;
+        counts
+            .get(scope)
+            .filter(|(read, _)| read.elapsed() < COUNT_TTL)
+            .map(|(_, n)| *n)
+    }
+
+    fn remember(&self, scope: Option<String>, count: u64) {
+        if let Ok(mut counts) = self.counts.lock() {
+            counts.insert(scope, (Instant::now(), count));
+        }
+    }
+
+    /// Counts an accepted submit in the cached counts.
+    fn accepted(&self, agent: &str) {
+        if let Ok(mut counts) = self.counts.lock() {
+            for (scope, (_, n)) in counts.iter_mut() {
+                if scope.as_deref().is_none_or(|a| a == agent) {
+                    *n += 1;
+                }
+            }
+        }
+    }
 }
 
 /// A run submission as the API receives it.
@@ -44,12 +116,59 @@ pub struct Submit {
 const APPEND_RETRIES: usize = 20;
 
 impl<S: Store> Service<S> {
-    /// A service over `store`.
+    /// A service over `store`, with no ceiling on pending runs.
     pub fn new(store: S) -> Self {
+        Self::with_limits(store, Limits::unlimited())
+    }
+
+    /// A service over `store` that refuses submits beyond `limits`.
+    pub fn with_limits(store: S, limits: Limits) -> Self {
         Self {
             agents: Agents::new(store.clone()),
             store,
+            admission: Arc::new(Admission {
+                limits,
+                counts: Mutex::new(HashMap::new()),
+            }),
         }
+    }
+
+    /// Refuses a submit for `agent` with [`Error::Busy`] when a ceiling is reached.
+    pub async fn admit(&self, agent: &str) -> Result<(), Error> {
+        let limits = self.admission.limits;
+        let checks = [
+            (None, limits.max_pending),
+            (Some(agent.to_string()), limits.max_pending_per_agent),
+        ];
+        for (scope, ceiling) in checks {
+            let Some(ceiling) = ceiling else { continue };
+            let pending = match self.admission.cached(&scope) {
+                Some(n) => n,
+                None => {
+                    let n = self
+                        .store
+                        .pending_runs(DEFAULT_TENANT, scope.as_deref())
+                        .await?;
+                    self.admission.remember(scope.clone(), n);
+                    n
+                }
+            };
+            if pending >= ceiling {
+                let message = match &scope {
+                    None => format!(
+                        "{pending} runs are pending, the ceiling is {ceiling} (--max-pending): retry later"
+                    ),
+                    Some(agent) => format!(
+                        "{pending} runs of agent `{agent}` are pending, the ceiling is {ceiling} (--max-pending-per-agent): retry later"
+                    ),
+                };
+                return Err(Error::Busy {
+                    message,
+                    retry_after: limits.retry_after,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Validates and registers an agent version.
@@ -108,6 +227,7 @@ impl<S: Store> Service<S> {
         let Some(event) = transition.events.into_iter().next() else {
             return Err(Error::Internal("submit produced no event".into()));
         };
+        self.admit(&spec.name).await?;
         let at = now();
         let submission = Submission {
             run_id: RunId::new(),
@@ -126,7 +246,11 @@ impl<S: Store> Service<S> {
             },
             now: at,
         };
-        Ok(self.store.submit(submission).await?)
+        let submitted = self.store.submit(submission).await?;
+        if submitted.created {
+            self.admission.accepted(&spec.name);
+        }
+        Ok(submitted)
     }
 
     /// Folds a run's journal.

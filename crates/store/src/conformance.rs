@@ -5,7 +5,7 @@
 //! Time is passed explicitly (`now`), so lease expiry is tested without
 //! sleeping.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use keel_core::message::Usage;
@@ -15,8 +15,8 @@ use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
-    Append, Committed, Error, Lease, LeaseTo, NewTask, Projection, Registered, Result, RunFilter,
-    Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    Append, Committed, Error, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Registered, Result,
+    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -45,6 +45,10 @@ macro_rules! store_suite {
                 list_runs_filters_and_pages,
                 agent_versions,
                 subscribers_hear_commits,
+                outbox_exports_commits_once_enabled,
+                outbox_keeps_each_runs_order,
+                relay_lease_is_exclusive,
+                pending_runs_count_unfinished_runs,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -883,6 +887,262 @@ pub(crate) async fn subscribers_hear_commits<S: Store>(store: S) -> Result<()> {
             new_work: true
         }
     );
+    Ok(())
+}
+
+/// What an outbox batch holds: each entry's run and seqs.
+fn entry_seqs(entries: &[OutboxEntry]) -> Vec<(RunId, Vec<Seq>)> {
+    entries
+        .iter()
+        .map(|e| (e.run.id, e.events.iter().map(|r| r.seq).collect()))
+        .collect()
+}
+
+fn ids(entries: &[OutboxEntry]) -> Vec<i64> {
+    entries.iter().map(|e| e.id).collect()
+}
+
+pub(crate) async fn outbox_exports_commits_once_enabled<S: Store>(store: S) -> Result<()> {
+    // Export off: commits leave nothing in the outbox.
+    let before = submit_run(&store, T0).await?;
+    store
+        .append(append(before, 1, None, vec![rejected(1, "early")]))
+        .await?;
+    assert!(store.outbox(100).await?.is_empty());
+
+    store.enable_export().await?;
+    store.enable_export().await?;
+    assert!(
+        store.outbox(100).await?.is_empty(),
+        "earlier commits stay out"
+    );
+
+    // Export on: each commit that journals events is one entry.
+    let sub = submission("acme", "bot", json!("hi"), Some("k"));
+    let run = sub.run_id;
+    store.submit(sub.clone()).await?;
+    let repeat = Submission {
+        run_id: RunId::new(),
+        ..sub.clone()
+    };
+    assert!(
+        !store.submit(repeat).await?.created,
+        "no entry: nothing new"
+    );
+    store
+        .append(append(
+            before,
+            2,
+            None,
+            vec![rejected(1, "a"), rejected(1, "b")],
+        ))
+        .await?;
+    let stale = append(before, 2, None, vec![rejected(1, "stale")]);
+    assert!(matches!(
+        store.append(stale).await,
+        Err(Error::SeqConflict { .. })
+    ));
+    store
+        .append(append(run, 1, None, vec![rejected(1, "c")]))
+        .await?;
+    // An append without events journals nothing to export.
+    store.append(append(run, 2, None, Vec::new())).await?;
+
+    let entries = store.outbox(100).await?;
+    assert_eq!(
+        entry_seqs(&entries),
+        vec![(run, vec![1]), (before, vec![3, 4]), (run, vec![2])]
+    );
+    assert!(entries.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        entries[0].run,
+        RunRef {
+            id: run,
+            tenant: "acme".to_string(),
+            agent: "bot".to_string(),
+            version: "1".to_string(),
+        }
+    );
+    assert_eq!(entries[1].run.tenant, "t");
+    // Exactly the events committed, as the journal holds them.
+    assert_eq!(entries[0].events, store.events(run, 0, 1).await?);
+    assert_eq!(entries[1].events, store.events(before, 2, 2).await?);
+    assert_eq!(entries[2].events[0].event, rejected(1, "c"));
+
+    // Whole entries, until `max_events` events are gathered.
+    assert_eq!(store.outbox(1).await?, entries[..1]);
+    assert_eq!(store.outbox(2).await?, entries[..2], "1 event, then 2 more");
+    assert_eq!(store.outbox(3).await?, entries[..2]);
+    assert_eq!(store.outbox(4).await?, entries);
+    assert_eq!(store.outbox(0).await?, entries[..1], "at least one entry");
+
+    // Acknowledged entries are gone for good; unknown ids are ignored.
+    store.ack_outbox(&ids(&entries[..2])).await?;
+    assert_eq!(store.outbox(100).await?, entries[2..]);
+    store.ack_outbox(&[entries[0].id, -1, i64::MAX]).await?;
+    store.ack_outbox(&[]).await?;
+    assert_eq!(store.outbox(100).await?, entries[2..]);
+
+    // Later commits come after what is left.
+    store
+        .append(append(before, 4, None, vec![rejected(1, "d")]))
+        .await?;
+    let left = store.outbox(100).await?;
+    assert_eq!(entry_seqs(&left), vec![(run, vec![2]), (before, vec![5])]);
+    store.ack_outbox(&ids(&left)).await?;
+    assert!(store.outbox(100).await?.is_empty());
+    Ok(())
+}
+
+pub(crate) async fn outbox_keeps_each_runs_order<S: Store>(store: S) -> Result<()> {
+    const APPENDS: Seq = 30;
+    store.enable_export().await?;
+    let a = submit_run(&store, T0).await?;
+    let b = submit_run(&store, T0).await?;
+
+    // Commits of two runs, one after another: commit order.
+    for seq in 1..=2 {
+        for run in [a, b] {
+            store
+                .append(append(run, seq, None, vec![rejected(1, "x")]))
+                .await?;
+        }
+    }
+    let entries = store.outbox(100).await?;
+    assert_eq!(
+        entry_seqs(&entries),
+        vec![
+            (a, vec![1]),
+            (b, vec![1]),
+            (a, vec![2]),
+            (b, vec![2]),
+            (a, vec![3]),
+            (b, vec![3]),
+        ]
+    );
+    store.ack_outbox(&ids(&entries)).await?;
+
+    // Concurrent appenders: whatever the interleaving, each run's entries
+    // come in seq order, within a batch and from batch to batch.
+    let mut appenders = Vec::new();
+    for run in [a, b] {
+        let store = store.clone();
+        appenders.push(tokio::spawn(async move {
+            let mut seq = 3;
+            for i in 0..APPENDS {
+                let events = vec![rejected(1, "y"); 1 + (i % 3) as usize];
+                seq = store.append(append(run, seq, None, events)).await?.last_seq;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    // The seq each run's next entry must start at.
+    let mut next = HashMap::from([(a, 4), (b, 4)]);
+    loop {
+        let done = appenders.iter().all(|appender| appender.is_finished());
+        let batch = store.outbox(7).await?;
+        if done && batch.is_empty() {
+            break;
+        }
+        for entry in &batch {
+            let expected = next.get_mut(&entry.run.id).expect("a run of this test");
+            let seqs: Vec<Seq> = entry.events.iter().map(|e| e.seq).collect();
+            let len = seqs.len() as Seq;
+            assert_eq!(seqs, (*expected..*expected + len).collect::<Vec<_>>());
+            *expected += len;
+        }
+        store.ack_outbox(&ids(&batch)).await?;
+    }
+    for appender in appenders {
+        appender.await.expect("appender panicked")?;
+    }
+    for run in [a, b] {
+        let last = store.get_run(run).await?.expect("run").last_seq;
+        assert_eq!(
+            next[&run],
+            last + 1,
+            "every event of run {run} exported once"
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn relay_lease_is_exclusive<S: Store>(store: S) -> Result<()> {
+    // Free: taken.
+    assert!(store.relay_lease("relay", "a", T0 + 100, T0).await?);
+    // Held and unexpired: refused to another owner, extended by its own.
+    assert!(!store.relay_lease("relay", "b", T0 + 200, T0 + 50).await?);
+    assert!(store.relay_lease("relay", "a", T0 + 300, T0 + 60).await?);
+    assert!(!store.relay_lease("relay", "b", T0 + 400, T0 + 299).await?);
+    // Expired: taken over, and the old owner is refused.
+    assert!(store.relay_lease("relay", "b", T0 + 500, T0 + 300).await?);
+    assert!(!store.relay_lease("relay", "a", T0 + 600, T0 + 301).await?);
+    assert!(store.relay_lease("relay", "b", T0 + 700, T0 + 400).await?);
+    // Leases are per name.
+    assert!(store.relay_lease("other", "a", T0 + 100, T0 + 400).await?);
+
+    // Racing owners of a free lease: one wins.
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        racers.push(tokio::spawn(async move {
+            store
+                .relay_lease("race", &format!("r{i}"), T0 + 100, T0)
+                .await
+        }));
+    }
+    let mut won = 0;
+    for racer in racers {
+        won += usize::from(racer.await.expect("racer panicked")?);
+    }
+    assert_eq!(won, 1);
+    Ok(())
+}
+
+pub(crate) async fn pending_runs_count_unfinished_runs<S: Store>(store: S) -> Result<()> {
+    let mut of_a = Vec::new();
+    let mut of_b = Vec::new();
+    for i in 0..3 {
+        let sub = submission("t1", "a", json!(i), None);
+        of_a.push(sub.run_id);
+        store.submit(sub).await?;
+    }
+    for i in 0..2 {
+        let sub = submission("t1", "b", json!(i), None);
+        of_b.push(sub.run_id);
+        store.submit(sub).await?;
+    }
+    store.submit(submission("t2", "a", json!(0), None)).await?;
+    let counts = async |store: &S| -> Result<[u64; 5]> {
+        Ok([
+            store.pending_runs("t1", None).await?,
+            store.pending_runs("t1", Some("a")).await?,
+            store.pending_runs("t1", Some("b")).await?,
+            store.pending_runs("t2", None).await?,
+            store.pending_runs("t1", Some("c")).await?,
+        ])
+    };
+    assert_eq!(counts(&store).await?, [5, 3, 2, 1, 0]);
+    assert_eq!(store.pending_runs("nobody", None).await?, 0);
+
+    // Waiting for the model or tools is still pending.
+    let mut waiting = append(of_a[0], 1, None, vec![rejected(1, "x")]);
+    waiting.projection = projection(Status::AwaitingTool);
+    store.append(waiting).await?;
+    store.append(append(of_b[0], 1, None, Vec::new())).await?;
+    assert_eq!(counts(&store).await?, [5, 3, 2, 1, 0]);
+
+    // Completed, failed and cancelled runs are not.
+    for (run, seq, status) in [
+        (of_a[0], 2, Status::Completed),
+        (of_a[1], 1, Status::Cancelled),
+        (of_b[0], 1, Status::Failed),
+    ] {
+        let mut end = append(run, seq, None, Vec::new());
+        end.projection = projection(status);
+        store.append(end).await?;
+    }
+    assert_eq!(counts(&store).await?, [2, 1, 1, 1, 0]);
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! Keel's durable store: each run's journal, the task queue that drives runs,
-//! agent versions and the dead-letter queue.
+//! agent versions, the dead-letter queue and the outbox of events to export.
 //!
 //! # Layout
 //!
@@ -10,7 +10,19 @@
 //! * [`postgres`]: the shared backend (many processes on one database; a
 //!   writer task per process group-commits the same way, leases are taken
 //!   with `FOR UPDATE SKIP LOCKED`, commits are announced with `NOTIFY`).
+//! * `outbox`: grouping the rows both backends read from the outbox.
 //! * `conformance`: the behaviour every backend must have, as generic tests.
+//!
+//! # Event export
+//!
+//! Once [`Store::enable_export`] has switched it on (a setting in the
+//! database, shared by every process), each commit that journals events
+//! also writes one outbox row naming the run and the seqs it wrote, in the
+//! same transaction, so nothing committed is lost to a crash. A relay reads
+//! the oldest entries with their events ([`Store::outbox`]), publishes them
+//! and deletes them ([`Store::ack_outbox`]); [`Store::relay_lease`] lets one
+//! relay process at a time do it. [`Store::pending_runs`] counts a tenant's
+//! unfinished runs for backpressure, from an index of those runs only.
 //!
 //! Every write made under a task lease is fenced: it names the lease, and the
 //! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
@@ -19,6 +31,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod outbox;
 pub mod postgres;
 pub mod sqlite;
 
@@ -333,6 +346,30 @@ pub struct Committed {
     pub new_work: bool,
 }
 
+/// A run as the outbox names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRef {
+    /// Id.
+    pub id: RunId,
+    /// Tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// Pinned version.
+    pub version: String,
+}
+
+/// Journal events committed since export was switched on and not yet acknowledged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxEntry {
+    /// Outbox position (commit order; acknowledge with it).
+    pub id: i64,
+    /// The run.
+    pub run: RunRef,
+    /// Its events, in seq order.
+    pub events: Vec<Recorded>,
+}
+
 /// The operations the engine and the API need from a durable store. Each
 /// backend writes its own SQL; `conformance` holds the behaviour they share.
 pub trait Store: Clone + Send + Sync + 'static {
@@ -427,4 +464,48 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// some too, then sends a wake-up that names no run (e.g.
     /// [`postgres::RECONNECTED`]).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Committed>;
+
+    /// Switches event export on for this store (idempotent, persistent,
+    /// shared by all processes on the database): every commit from then on
+    /// also records its events in the outbox, in the same transaction.
+    /// Commits before it are not exported.
+    ///
+    /// A commit racing the switch may or may not be exported, but once one
+    /// commit of a run is, every later one is: a run's exported events
+    /// have no gaps after its first exported entry.
+    fn enable_export(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// The oldest outbox entries in commit order, with their events: whole
+    /// entries, stopping once `max_events` events are gathered (at least one
+    /// entry if any). For each run, entries come in seq order.
+    ///
+    /// An entry is included while fewer than `max_events` events were
+    /// gathered before it, so the last one may go past `max_events`.
+    fn outbox(&self, max_events: u32) -> impl Future<Output = Result<Vec<OutboxEntry>>> + Send;
+
+    /// Deletes acknowledged (published) outbox entries; unknown ids are ignored.
+    fn ack_outbox(&self, ids: &[i64]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Takes or extends the relay lease named `name` for `owner` until
+    /// `until` when it is free, expired or already `owner`'s; returns
+    /// whether `owner` holds it. (Lets only one relay process publish at a
+    /// time; works through PgBouncer transaction pooling, so no session
+    /// advisory locks.)
+    fn relay_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Millis,
+        now: Millis,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Runs of `tenant` not in a terminal status (PENDING, AWAITING_LLM,
+    /// AWAITING_TOOL), of `agent` only when given. Used for backpressure,
+    /// so it must stay cheap with millions of finished runs (an index that
+    /// only holds non-terminal runs).
+    fn pending_runs(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+    ) -> impl Future<Output = Result<u64>> + Send;
 }

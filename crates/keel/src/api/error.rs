@@ -30,6 +30,14 @@ pub enum Error {
     /// The body is larger than the limit.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// Too much work is pending: the caller should retry after the delay.
+    #[error("{message}")]
+    Busy {
+        /// Which ceiling was hit.
+        message: String,
+        /// When to try again.
+        retry_after: std::time::Duration,
+    },
     /// Something failed inside; the cause is logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -44,6 +52,7 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,6 +64,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::TooLarge(_) => "too_large",
+            Error::Busy { .. } => "busy",
             Error::Internal(_) => "internal",
         }
     }
@@ -93,6 +103,16 @@ impl IntoResponse for Error {
         if let Error::Invalid { fields, .. } = &self {
             body["error"]["fields"] = json!(fields);
         }
-        (self.status_code(), Json(body)).into_response()
+        let mut response = (self.status_code(), Json(body)).into_response();
+        if let Error::Busy { retry_after, .. } = &self {
+            // Whole seconds, rounded up: `Retry-After: 0` would invite a storm.
+            let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+            if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, value);
+            }
+        }
+        response
     }
 }

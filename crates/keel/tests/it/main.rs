@@ -4,7 +4,11 @@
 mod support;
 
 mod api;
+mod backpressure;
 mod cli;
 mod crash;
 mod failures;
 mod journal;
+#[cfg(feature = "nats")]
+mod nats;
+mod postgres;

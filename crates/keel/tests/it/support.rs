@@ -215,3 +215,103 @@ pub async fn sse(
         .expect("sse stream did not end");
     out
 }
+
+/// A PostgreSQL database of one test's own on the server named by
+/// `KEEL_TEST_DATABASE_URL` (default: the local server), dropped on drop.
+/// With no server there the test is skipped (`None`), unless `CI=true`,
+/// where it fails.
+pub struct PgDb {
+    pub url: String,
+    name: String,
+    server: String,
+}
+
+impl PgDb {
+    pub async fn create() -> Option<PgDb> {
+        use sqlx::{ConnectOptions, Connection};
+        use std::str::FromStr;
+        let server = std::env::var("KEEL_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+        let connected =
+            tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&server))
+                .await;
+        let mut conn = match connected {
+            Ok(Ok(conn)) => conn,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
+                };
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "PostgreSQL at {server} is unreachable in CI: {why}"
+                );
+                eprintln!("skipped: PostgreSQL at {server} is unreachable: {why}");
+                return None;
+            }
+        };
+        let name = format!("keel_it_{}", uuid::Uuid::now_v7().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        let _ = conn.close().await;
+        let url = sqlx::postgres::PgConnectOptions::from_str(&server)
+            .expect("server URL")
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        Some(PgDb { url, name, server })
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // Best effort, on a thread of its own: Drop cannot await.
+        let server = self.server.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&server).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                    let _ = conn.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Sends SIGTERM to a server and waits for it to exit; returns how long it took.
+pub async fn terminate(server: &mut Server, within: Duration) -> Duration {
+    let pid = server.child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < within,
+            "keel serve did not stop on SIGTERM within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    stopped.elapsed()
+}

@@ -9,6 +9,13 @@
 //! a handful of round trips however many appends it holds. Appends to the
 //! same run go to later waves, in arrival order.
 //!
+//! The insert of a wave's events also inserts, in the same statement, one
+//! outbox row per accepted submission or append that journals events; it
+//! writes none unless export is switched on (`export`). So the outbox costs
+//! no round trip. A run's outbox ids follow its seqs: waves run one after
+//! another, each touching a run once, and another process's append to the
+//! run waits for this transaction (the run row's lock).
+//!
 //! Other processes write at the same time, so rows are visited in id order
 //! where an order can be chosen, making lock cycles between two batches
 //! (deadlocks, which PostgreSQL breaks by failing one) unlikely.
@@ -101,7 +108,8 @@ impl AppendEvents {
     }
 }
 
-/// Journal rows, by column.
+/// Journal rows, by column, and the outbox rows of the commits that write
+/// them: one per run, naming its first and last seq written.
 #[derive(Default)]
 struct Events<'a> {
     run: Vec<Uuid>,
@@ -109,27 +117,45 @@ struct Events<'a> {
     kind: Vec<&'static str>,
     data: Vec<&'a str>,
     at: Vec<Millis>,
+    outbox: (Vec<Uuid>, Vec<Seq>, Vec<Seq>),
 }
 
 impl<'a> Events<'a> {
-    fn push(&mut self, run: RunId, seq: Seq, event: &'a Encoded, at: Millis) {
-        self.run.push(run.0);
-        self.seq.push(seq);
-        self.kind.push(event.kind);
-        self.data.push(&event.data);
-        self.at.push(at);
+    /// Adds the events one commit journals for a run, from `first_seq` on.
+    fn push<I>(&mut self, run: RunId, first_seq: Seq, events: I, at: Millis)
+    where
+        I: IntoIterator<Item = &'a Encoded>,
+    {
+        let mut last_seq = first_seq - 1;
+        for (seq, event) in (first_seq..).zip(events) {
+            self.run.push(run.0);
+            self.seq.push(seq);
+            self.kind.push(event.kind);
+            self.data.push(&event.data);
+            self.at.push(at);
+            last_seq = seq;
+        }
+        if last_seq >= first_seq {
+            self.outbox.0.push(run.0);
+            self.outbox.1.push(first_seq);
+            self.outbox.2.push(last_seq);
+        }
     }
 
     async fn write(self, conn: &mut PgConnection) -> Result<()> {
         if self.run.is_empty() {
             return Ok(());
         }
+        let (runs, firsts, lasts) = self.outbox;
         sqlx::query(INSERT_EVENTS)
             .bind(self.run)
             .bind(self.seq)
             .bind(self.kind)
             .bind(self.data)
             .bind(self.at)
+            .bind(runs)
+            .bind(firsts)
+            .bind(lasts)
             .execute(conn)
             .await
             .map_err(backend)?;
@@ -137,10 +163,18 @@ impl<'a> Events<'a> {
     }
 }
 
-const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, kind, data, at) \
-     SELECT run, seq, kind, data::json, at \
-     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint[]) \
-         AS v (run, seq, kind, data, at)";
+/// Inserts the events and, when export is on, their outbox rows. The
+/// switch is read by this statement, after the run rows were locked: a
+/// commit of the run that follows an exported one sees it too.
+const INSERT_EVENTS: &str = "WITH journal AS ( \
+         INSERT INTO events (run_id, seq, kind, data, at) \
+         SELECT run, seq, kind, data::json, at \
+         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint[]) \
+             AS v (run, seq, kind, data, at)) \
+     INSERT INTO outbox (run_id, first_seq, last_seq) \
+     SELECT run, first_seq, last_seq \
+     FROM unnest($6::uuid[], $7::bigint[], $8::bigint[]) AS o (run, first_seq, last_seq) \
+     WHERE EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on')";
 
 /// New task rows, by column; a task leased on creation counts its first
 /// attempt and is visible when its lease expires.
@@ -393,7 +427,7 @@ async fn submit_wave(
     let mut tasks = Tasks::default();
     for call in &accepted {
         let r = &call.request;
-        events.push(r.run_id, 1, &r.event, r.now);
+        events.push(r.run_id, 1, [&r.event], r.now);
         tasks.push(r.run_id, &r.task, r.now);
     }
     events.write(conn).await?;
@@ -717,9 +751,8 @@ struct Rows<'a> {
 
 impl<'a> Rows<'a> {
     fn add(&mut self, r: &'a AppendEvents) {
-        for (seq, event) in (r.expected_seq + 1..).zip(&r.events) {
-            self.events.push(r.run_id, seq, event, r.now);
-        }
+        self.events
+            .push(r.run_id, r.expected_seq + 1, &r.events, r.now);
         if let Some(lease) = r.lease {
             match &r.task {
                 TaskUpdate::Keep => {}

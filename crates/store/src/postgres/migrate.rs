@@ -17,7 +17,7 @@ use super::backend;
 use crate::{Error, Result};
 
 /// One schema change.
-struct Migration {
+pub(super) struct Migration {
     /// Position in the history, from 1, without gaps.
     version: i32,
     /// Short description, as recorded.
@@ -27,11 +27,18 @@ struct Migration {
 }
 
 /// Every schema version, oldest first.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "export",
+        sql: include_str!("migrations/0002_export.sql"),
+    },
+];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).
 const LOCK: i64 = 0x6B65_656C_6D69_6772;
@@ -47,6 +54,13 @@ const RECORD: &str = "INSERT INTO keel_migrations (version, name, applied_at) VA
 
 /// Brings the schema up to the newest version; returns that version.
 pub(super) async fn run(conn: &mut PgConnection) -> Result<u32> {
+    apply(conn, MIGRATIONS).await
+}
+
+/// Brings the schema up to the last of `migrations`, a prefix of
+/// [`MIGRATIONS`] (shorter only in tests, to make an older database);
+/// returns that version.
+pub(super) async fn apply(conn: &mut PgConnection, migrations: &[Migration]) -> Result<u32> {
     let mut tx = conn.begin().await.map_err(backend)?;
     sqlx::query(TAKE_LOCK)
         .bind(LOCK)
@@ -61,7 +75,7 @@ pub(super) async fn run(conn: &mut PgConnection) -> Result<u32> {
         .fetch_one(&mut *tx)
         .await
         .map_err(backend)?;
-    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let newest = migrations.last().map_or(0, |m| m.version);
     if current > newest {
         return Err(Error::Backend(format!(
             "database schema is at version {current}, newer than this build knows ({newest})"
@@ -70,7 +84,7 @@ pub(super) async fn run(conn: &mut PgConnection) -> Result<u32> {
     let applied_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+    for migration in migrations.iter().filter(|m| m.version > current) {
         sqlx::raw_sql(migration.sql)
             .execute(&mut *tx)
             .await

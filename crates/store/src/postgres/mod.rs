@@ -4,7 +4,7 @@
 //! and group-commits the ops of every caller in one transaction, as the
 //! SQLite backend does, so many workers share a commit; every statement of a
 //! batch covers all of its rows (`UNNEST` of arrays). Reads use a pool of
-//! their own.
+//! their own, as do the event export's one-statement writes (`export`).
 //!
 //! Unlike SQLite, other processes write at the same time, so every check is
 //! made against locked rows in the transaction that writes:
@@ -56,6 +56,8 @@
 //! * `journal`: submissions and appends, written in bulk per batch.
 //! * `queue`: claims, heartbeats, retries and releases of tasks.
 //! * `agents`: registering agent versions.
+//! * `export`: the export switch, reading and acknowledging the outbox, the
+//!   relay lease (outbox rows are written by `journal`).
 //! * `listen`: the listener task and the notification format.
 //! * `migrate` and `migrations/`: the schema and its versions.
 //!
@@ -66,6 +68,7 @@
 //! SQLite.
 
 mod agents;
+mod export;
 mod journal;
 mod listen;
 mod migrate;
@@ -95,8 +98,9 @@ pub use self::listen::{CHANNEL, RECONNECTED};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, Projection, Registered,
-    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, OutboxEntry, Projection,
+    Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind,
+    TaskUpdate,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -468,6 +472,13 @@ const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, creat
 
 const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > $1";
 
+/// Counts from the `runs_pending` partial index. The statuses are written
+/// out, not bound: the planner must see that they imply the index's WHERE.
+const PENDING_RUNS: &str = "SELECT count(*) FROM runs WHERE tenant = $1 \
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
+const PENDING_RUNS_OF_AGENT: &str = "SELECT count(*) FROM runs WHERE tenant = $1 AND agent = $2 \
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
+
 impl Store for PgStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
         let value = serde_json::to_value(spec)
@@ -714,5 +725,40 @@ impl Store for PgStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Committed> {
         self.commits.subscribe()
+    }
+
+    /// On the pool, not through the writer (see `export`): batches whose
+    /// events are inserted after this returns are exported.
+    async fn enable_export(&self) -> Result<()> {
+        export::enable(&self.reads).await
+    }
+
+    async fn outbox(&self, max_events: u32) -> Result<Vec<OutboxEntry>> {
+        export::outbox(&self.reads, max_events).await
+    }
+
+    async fn ack_outbox(&self, ids: &[i64]) -> Result<()> {
+        export::ack(&self.reads, ids).await
+    }
+
+    async fn relay_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        export::lease(&self.reads, name, owner, until, now).await
+    }
+
+    async fn pending_runs(&self, tenant: &str, agent: Option<&str>) -> Result<u64> {
+        let query = match agent {
+            Some(agent) => sqlx::query_scalar(PENDING_RUNS_OF_AGENT)
+                .bind(tenant)
+                .bind(agent),
+            None => sqlx::query_scalar(PENDING_RUNS).bind(tenant),
+        };
+        let count: i64 = query.fetch_one(&self.reads).await.map_err(backend)?;
+        u64::try_from(count).map_err(|_| Error::Corrupt(format!("run count {count} is negative")))
     }
 }

@@ -18,7 +18,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 use tokio::sync::broadcast;
 
-use super::{Options, PgStore, RECONNECTED, listen};
+use super::{Options, PgStore, RECONNECTED, listen, migrate};
 use crate::{
     Append, Committed, Error, LeaseTo, NewTask, Projection, Result, Store, Submission, TaskKind,
     TaskUpdate,
@@ -361,20 +361,20 @@ async fn concurrent_migrations_are_safe() -> Result<()> {
         connects.push(tokio::spawn(async move { PgStore::connect(&url).await }));
     }
     for migration in migrations {
-        assert_eq!(migration.await.expect("no panic")?, 1);
+        assert_eq!(migration.await.expect("no panic")?, 2);
     }
     for connect in connects {
         let store = connect.await.expect("no panic")?;
         assert!(store.get_run(RunId::new()).await?.is_none());
     }
-    assert_eq!(PgStore::migrate(&db.url).await?, 1);
+    assert_eq!(PgStore::migrate(&db.url).await?, 2);
 
     let mut conn = raw(&db).await;
     let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM keel_migrations")
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
 
     // A schema newer than this build is refused.
     sqlx::query("INSERT INTO keel_migrations (version, name, applied_at) VALUES (99, 'x', 0)")
@@ -385,6 +385,100 @@ async fn concurrent_migrations_are_safe() -> Result<()> {
         Err(Error::Backend(message)) => assert!(message.contains("99"), "{message}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_schema_is_brought_up_to_date() -> Result<()> {
+    let Some(db) = TestDb::create().await else {
+        return Ok(());
+    };
+    let mut conn = raw(&db).await;
+    assert_eq!(
+        migrate::apply(&mut conn, &migrate::MIGRATIONS[..1]).await?,
+        1
+    );
+    let run_id = RunId::new();
+    sqlx::query(
+        "INSERT INTO runs (id, tenant, agent, version, status, steps, input, input_tokens, \
+             output_tokens, last_seq, created_at, updated_at) \
+         VALUES ($1, 't', 'a', '1', 'AWAITING_LLM', 0, '\"hi\"', 0, 0, 0, 0, 0)",
+    )
+    .bind(run_id.0)
+    .execute(&mut conn)
+    .await
+    .expect("a run of version 1");
+
+    let store = PgStore::connect(&db.url).await?;
+    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM keel_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .expect("history");
+    assert_eq!(versions, vec![1, 2]);
+    // The new index holds the runs that were there.
+    assert_eq!(store.pending_runs("t", Some("a")).await?, 1);
+    assert!(store.get_run(run_id).await?.is_some());
+    store.enable_export().await?;
+    store.submit(submission(None)).await?;
+    assert_eq!(store.outbox(10).await?.len(), 1);
+    Ok(())
+}
+
+/// `pending_runs` must stay cheap with many finished runs: the planner can
+/// use the partial index (it proves the query's statuses imply its WHERE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_runs_are_counted_from_their_index() -> Result<()> {
+    let Some((_store, db)) = open().await? else {
+        return Ok(());
+    };
+    let mut conn = raw(&db).await;
+    // The table is empty: keep the planner from a sequential scan.
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await
+        .expect("set");
+    for (sql, params) in [
+        (super::PENDING_RUNS, &["t"][..]),
+        (super::PENDING_RUNS_OF_AGENT, &["t", "a"][..]),
+    ] {
+        let mut query = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {sql}")));
+        for param in params {
+            query = query.bind(*param);
+        }
+        let plan: Vec<String> = query.fetch_all(&mut conn).await.expect("plan");
+        assert!(
+            plan.iter()
+                .any(|line| line.contains("Index Only Scan using runs_pending")),
+            "{sql}: {plan:#?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_switch_is_shared_by_every_store() -> Result<()> {
+    let Some((a, b, _db)) = two().await? else {
+        return Ok(());
+    };
+    b.submit(submission(None)).await?;
+    a.enable_export().await?;
+    // b's writer reads the switch in each batch: its next commit is exported.
+    let sub = submission(None);
+    b.submit(sub.clone()).await?;
+    b.append(append(sub.run_id, 1, rejected("x"))).await?;
+    let entries = a.outbox(100).await?;
+    let seqs: Vec<(RunId, Seq, usize)> = entries
+        .iter()
+        .map(|e| (e.run.id, e.events[0].seq, e.events.len()))
+        .collect();
+    assert_eq!(seqs, vec![(sub.run_id, 1, 1), (sub.run_id, 2, 1)]);
+    assert_eq!(b.outbox(100).await?, entries);
+
+    // One relay at a time, across processes.
+    assert!(a.relay_lease("relay", "a", T0 + 100, T0).await?);
+    assert!(!b.relay_lease("relay", "b", T0 + 100, T0 + 1).await?);
+    b.ack_outbox(&[entries[0].id]).await?;
+    assert_eq!(a.outbox(100).await?, entries[1..]);
     Ok(())
 }
 

@@ -8,6 +8,14 @@
 //! task, one insert of every new task. A wave costs a handful of round trips
 //! however many appends it holds. Appends to the same run go to later waves,
 //! in arrival order.
+//!
+//! When event export is switched on (`export`), each wave also inserts one
+//! outbox row per accepted submission or append that journals events. The
+//! switch is read in the wave's first statement (its `RETURNING`), in the
+//! batch's transaction, which holds the database's write lock: so it cannot
+//! change before the commit, and with export off the outbox costs no
+//! statement. Waves run one after another and each touches a run once, so a
+//! run's outbox ids follow its seqs.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
@@ -134,6 +142,39 @@ static INSERT_EVENTS: LazyLock<Bulk> = LazyLock::new(|| {
          SELECT run, seq, kind, data, at FROM v WHERE run IS NOT NULL",
     )
 });
+
+/// An outbox row: the seqs one commit journaled for a run.
+struct OutboxRow {
+    run: RunId,
+    first_seq: Seq,
+    last_seq: Seq,
+}
+
+impl BulkRow for OutboxRow {
+    fn bind<'q>(&self, query: Binding<'q>) -> Binding<'q> {
+        query
+            .bind(self.run.to_string())
+            .bind(self.first_seq)
+            .bind(self.last_seq)
+    }
+}
+
+/// Records commits in the outbox; run only when [`EXPORTING`] said so.
+static INSERT_OUTBOX: LazyLock<Bulk> = LazyLock::new(|| {
+    Bulk::new(
+        3,
+        "WITH v (run, first_seq, last_seq) AS (VALUES {values}) \
+         INSERT INTO outbox (run_id, first_seq, last_seq) \
+         SELECT run, first_seq, last_seq FROM v WHERE run IS NOT NULL",
+    )
+});
+
+/// Whether a wave's first statement said that export is on: each row it
+/// returns carries `EXISTS (SELECT 1 FROM settings WHERE name = 'export'
+/// AND value = 'on')`, which SQLite evaluates once per statement.
+fn exporting(rows: &[(String, bool)]) -> bool {
+    rows.iter().any(|(_, on)| *on)
+}
 
 /// A new task's row.
 struct TaskRow<'a> {
@@ -265,7 +306,8 @@ impl BulkRow for RunRow<'_> {
     }
 }
 
-/// Inserts runs whose id is new, returning those ids.
+/// Inserts runs whose id is new, returning those ids and whether export is
+/// on ([`exporting`]).
 static INSERT_RUNS: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
         8,
@@ -275,7 +317,7 @@ static INSERT_RUNS: LazyLock<Bulk> = LazyLock::new(|| {
          SELECT id, tenant, agent, version, status, 0, input, 0, 0, 1, key, now, now \
          FROM v WHERE id IS NOT NULL \
          ON CONFLICT (id) DO NOTHING \
-         RETURNING id",
+         RETURNING id, EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on')",
     )
 });
 
@@ -318,10 +360,10 @@ async fn submit_wave(
     }
 
     let rows: Vec<RunRow> = new.iter().map(|c| RunRow(&c.request)).collect();
-    let inserted: Vec<(String,)> = bulk::fetch(conn, &INSERT_RUNS, &rows).await?;
+    let inserted: Vec<(String, bool)> = bulk::fetch(conn, &INSERT_RUNS, &rows).await?;
     drop(rows);
     let mut created = HashSet::with_capacity(inserted.len());
-    for (id,) in &inserted {
+    for (id, _) in &inserted {
         created.insert(parse_id::<RunId>(id, "run id")?);
     }
     let mut accepted = Vec::with_capacity(new.len());
@@ -335,6 +377,7 @@ async fn submit_wave(
     }
 
     let mut events = Vec::with_capacity(accepted.len());
+    let mut outbox = Vec::with_capacity(accepted.len());
     let mut tasks = Vec::with_capacity(accepted.len());
     for call in &accepted {
         let r = &call.request;
@@ -344,9 +387,17 @@ async fn submit_wave(
             event: &r.event,
             at: r.now,
         });
+        outbox.push(OutboxRow {
+            run: r.run_id,
+            first_seq: 1,
+            last_seq: 1,
+        });
         tasks.push(r.task.row(r.run_id, r.now));
     }
     bulk::execute(conn, &INSERT_EVENTS, &events).await?;
+    if exporting(&inserted) {
+        bulk::execute(conn, &INSERT_OUTBOX, &outbox).await?;
+    }
     bulk::execute(conn, &INSERT_TASKS, &tasks).await?;
     drop((events, tasks));
 
@@ -428,7 +479,8 @@ impl BulkRow for RunUpdate<'_> {
 
 /// Every check of an append folded into the update of its run row: the
 /// journal is at the expected seq, the lease (if any) is live on a task of
-/// this run, the dead letter to redrive (if any) is this run's.
+/// this run, the dead letter to redrive (if any) is this run's. Also returns
+/// whether export is on ([`exporting`]).
 static UPDATE_RUNS: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
         13,
@@ -444,7 +496,8 @@ static UPDATE_RUNS: LazyLock<Bulk> = LazyLock::new(|| {
                    AND tasks.lease_token = v.token AND tasks.visible_at > v.now)) \
            AND (v.redrive IS NULL OR EXISTS (SELECT 1 FROM dead_letters \
                  WHERE dead_letters.id = v.redrive AND dead_letters.run_id = runs.id)) \
-         RETURNING runs.id",
+         RETURNING runs.id, \
+             EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on')",
     )
 });
 
@@ -455,10 +508,10 @@ async fn append_wave(
     commits: &mut Vec<Committed>,
 ) -> Result<()> {
     let updates: Vec<RunUpdate> = wave.iter().map(|c| RunUpdate(&c.request)).collect();
-    let passed: Vec<(String,)> = bulk::fetch(conn, &UPDATE_RUNS, &updates).await?;
+    let passed: Vec<(String, bool)> = bulk::fetch(conn, &UPDATE_RUNS, &updates).await?;
     drop(updates);
     let mut updated = HashSet::with_capacity(passed.len());
-    for (id,) in &passed {
+    for (id, _) in &passed {
         updated.insert(parse_id::<RunId>(id, "run id")?);
     }
 
@@ -479,7 +532,7 @@ async fn append_wave(
     for call in &accepted {
         rows.add(&call.request);
     }
-    rows.write(conn).await?;
+    rows.write(conn, exporting(&passed)).await?;
     drop(rows);
 
     for call in accepted {
@@ -658,6 +711,7 @@ static DELETE_DEAD_LETTERS: LazyLock<Bulk> = LazyLock::new(|| {
 #[derive(Default)]
 struct Rows<'a> {
     events: Vec<EventRow<'a>>,
+    outbox: Vec<OutboxRow>,
     dead_letters: Vec<DeadLetterRow<'a>>,
     /// Leased tasks that are done (completed or dead-lettered).
     done: Vec<TaskIdRow>,
@@ -674,6 +728,13 @@ impl<'a> Rows<'a> {
                 seq,
                 event,
                 at: r.now,
+            });
+        }
+        if !r.events.is_empty() {
+            self.outbox.push(OutboxRow {
+                run: r.run_id,
+                first_seq: r.expected_seq + 1,
+                last_seq: r.last_seq(),
             });
         }
         if let Some(lease) = r.lease {
@@ -706,9 +767,12 @@ impl<'a> Rows<'a> {
 
     /// In the order one append would write them: a dead letter copies its
     /// task before the task is deleted, and the tasks cleared are the ones
-    /// that were there before.
-    async fn write(&self, conn: &mut SqliteConnection) -> Result<()> {
+    /// that were there before. Outbox rows only when `export` is on.
+    async fn write(&self, conn: &mut SqliteConnection, export: bool) -> Result<()> {
         bulk::execute(conn, &INSERT_EVENTS, &self.events).await?;
+        if export {
+            bulk::execute(conn, &INSERT_OUTBOX, &self.outbox).await?;
+        }
         bulk::execute(conn, &DEAD_LETTER_TASKS, &self.dead_letters).await?;
         bulk::execute(conn, &DELETE_TASKS, &self.done).await?;
         bulk::execute(conn, &CLEAR_TASKS, &self.clears).await?;

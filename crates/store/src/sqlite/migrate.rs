@@ -14,7 +14,7 @@ use super::backend;
 use crate::{Error, Result};
 
 /// One schema change.
-struct Migration {
+pub(super) struct Migration {
     /// Position in the history, from 1, without gaps.
     version: i64,
     /// Short description, as recorded.
@@ -24,11 +24,18 @@ struct Migration {
 }
 
 /// Every schema version, oldest first.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "export",
+        sql: include_str!("migrations/0002_export.sql"),
+    },
+];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (
     version    INTEGER PRIMARY KEY,
@@ -40,6 +47,12 @@ const RECORD: &str = "INSERT INTO keel_migrations (version, name, applied_at) VA
 
 /// Brings the schema up to the newest version.
 pub(super) async fn run(conn: &mut SqliteConnection) -> Result<()> {
+    apply(conn, MIGRATIONS).await
+}
+
+/// Brings the schema up to the last of `migrations`, a prefix of
+/// [`MIGRATIONS`] (shorter only in tests, to make an older database).
+pub(super) async fn apply(conn: &mut SqliteConnection, migrations: &[Migration]) -> Result<()> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
     sqlx::query(CREATE_HISTORY)
         .execute(&mut *tx)
@@ -49,7 +62,7 @@ pub(super) async fn run(conn: &mut SqliteConnection) -> Result<()> {
         .fetch_one(&mut *tx)
         .await
         .map_err(backend)?;
-    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let newest = migrations.last().map_or(0, |m| m.version);
     if current > newest {
         return Err(Error::Backend(format!(
             "database schema is at version {current}, newer than this build knows ({newest})"
@@ -58,7 +71,7 @@ pub(super) async fn run(conn: &mut SqliteConnection) -> Result<()> {
     let applied_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+    for migration in migrations.iter().filter(|m| m.version > current) {
         sqlx::raw_sql(migration.sql)
             .execute(&mut *tx)
             .await

@@ -11,6 +11,8 @@
 //! * `journal`: submissions and appends, written in bulk per batch.
 //! * `queue`: claims, heartbeats, retries and releases of tasks.
 //! * `agents`: registering agent versions.
+//! * `export`: the export switch, reading and acknowledging the outbox, the
+//!   relay lease (outbox rows are written by `journal`).
 //! * `bulk`: statements over many rows (`VALUES` lists).
 //! * `migrate` and `migrations/`: the schema and its versions.
 //!
@@ -19,6 +21,7 @@
 
 mod agents;
 mod bulk;
+mod export;
 mod journal;
 mod migrate;
 mod queue;
@@ -42,12 +45,14 @@ use sqlx::{ConnectOptions, FromRow};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use self::agents::PutAgent;
+use self::export::RelayLease;
 use self::journal::{AppendEvents, Encoded, Insert, Submit};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, Projection, Registered,
-    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, OutboxEntry, Projection,
+    Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind,
+    TaskUpdate,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -338,6 +343,13 @@ const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, creat
 
 const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > ?1";
 
+/// Counts from the `runs_pending` partial index, whose WHERE clause they
+/// repeat word for word (SQLite uses a partial index only then).
+const PENDING_RUNS: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 \
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
+const PENDING_RUNS_OF_AGENT: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 AND agent = ?2 \
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
+
 impl Store for SqliteStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
         let value = serde_json::to_value(spec)
@@ -584,5 +596,51 @@ impl Store for SqliteStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Committed> {
         self.commits.subscribe()
+    }
+
+    async fn enable_export(&self) -> Result<()> {
+        self.write(|reply| Op::EnableExport(Call::new((), reply)))
+            .await
+    }
+
+    async fn outbox(&self, max_events: u32) -> Result<Vec<OutboxEntry>> {
+        export::outbox(&self.reads, max_events).await
+    }
+
+    async fn ack_outbox(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = ids.to_vec();
+        self.write(|reply| Op::AckOutbox(Call::new(ids, reply)))
+            .await
+    }
+
+    async fn relay_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        let request = RelayLease {
+            name: name.to_string(),
+            owner: owner.to_string(),
+            until,
+            now,
+        };
+        self.write(|reply| Op::RelayLease(Call::new(request, reply)))
+            .await
+    }
+
+    async fn pending_runs(&self, tenant: &str, agent: Option<&str>) -> Result<u64> {
+        let query = match agent {
+            Some(agent) => sqlx::query_scalar(PENDING_RUNS_OF_AGENT)
+                .bind(tenant)
+                .bind(agent),
+            None => sqlx::query_scalar(PENDING_RUNS).bind(tenant),
+        };
+        let count: i64 = query.fetch_one(&self.reads).await.map_err(backend)?;
+        u64::try_from(count).map_err(|_| Error::Corrupt(format!("run count {count} is negative")))
     }
 }

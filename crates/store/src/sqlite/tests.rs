@@ -1,5 +1,5 @@
-//! What only the SQLite backend has: its file, its schema versions, and the
-//! writer's handling of a broken op in a batch. The shared behaviour is in
+//! What only the SQLite backend has: its file, its schema versions, its
+//! query plans, and the writer's handling of a broken op in a batch. The shared behaviour is in
 //! `conformance`.
 
 use std::path::{Path, PathBuf};
@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use keel_core::{Event, RunId};
 use serde_json::json;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions, SqliteConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, SqliteConnection};
 
-use super::SqliteStore;
+use super::{SqliteStore, migrate};
 use crate::{Error, NewTask, Store, Submission, TaskKind};
 
 /// A database path in the temp dir, deleted (with its WAL) when dropped.
@@ -82,12 +82,80 @@ async fn reopening_keeps_data_and_applies_migrations_once() {
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut conn)
         .await
         .expect("journal mode");
     assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn an_older_schema_is_brought_up_to_date() {
+    let path = TempPath::new();
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&path.0)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .expect("create");
+    migrate::apply(&mut conn, &migrate::MIGRATIONS[..1])
+        .await
+        .expect("version 1");
+    let run_id = RunId::new();
+    sqlx::query(
+        "INSERT INTO runs (id, tenant, agent, version, status, steps, input, input_tokens, \
+             output_tokens, last_seq, created_at, updated_at) \
+         VALUES (?1, 't', 'a', '1', 'AWAITING_LLM', 0, '\"hi\"', 0, 0, 0, 0, 0)",
+    )
+    .bind(run_id.to_string())
+    .execute(&mut conn)
+    .await
+    .expect("a run of version 1");
+    drop(conn);
+
+    let store = SqliteStore::open(&path.0).await.expect("open");
+    let mut conn = raw(&path.0).await;
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM keel_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .expect("history");
+    assert_eq!(versions, vec![1, 2]);
+    // The new index holds the runs that were there.
+    assert_eq!(store.pending_runs("t", Some("a")).await.expect("count"), 1);
+    assert!(store.get_run(run_id).await.expect("read").is_some());
+    store.enable_export().await.expect("export");
+    store.submit(submission(None)).await.expect("submit");
+    assert_eq!(store.outbox(10).await.expect("outbox").len(), 1);
+}
+
+/// `pending_runs` must stay cheap with many finished runs.
+#[tokio::test]
+async fn pending_runs_are_counted_from_an_index() {
+    let path = TempPath::new();
+    drop(SqliteStore::open(&path.0).await.expect("open"));
+    let mut conn = raw(&path.0).await;
+    for (sql, params) in [
+        (super::PENDING_RUNS, &["t"][..]),
+        (super::PENDING_RUNS_OF_AGENT, &["t", "a"][..]),
+    ] {
+        let mut query = sqlx::query_as(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+        for param in params {
+            query = query.bind(*param);
+        }
+        let plan: Vec<(i64, i64, i64, String)> = query.fetch_all(&mut conn).await.expect("plan");
+        // Either index visits unfinished runs only: `runs_pending`, or
+        // `runs_by_status` searched for each unfinished status.
+        let plan: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+        let only_pending = |step: &&str| {
+            step.starts_with("SEARCH runs USING COVERING INDEX runs_pending")
+                || step.contains("runs_by_status (tenant=? AND status=?)")
+        };
+        assert!(
+            plan.len() == 1 && plan.iter().all(only_pending),
+            "{sql}: {plan:?}"
+        );
+    }
 }
 
 #[tokio::test]

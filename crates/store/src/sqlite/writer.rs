@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::agents::{self, PutAgent};
+use super::export::{self, RelayLease};
 use super::journal::{self, AppendEvents, Submit};
 use super::queue::{self, Claim, Heartbeat, ReleaseAll, RetryLater};
 use crate::{Appended, Committed, Error, Registered, Result, Submitted, Task};
@@ -120,6 +121,12 @@ pub(super) enum Op {
     RetryLater(Call<RetryLater, ()>),
     /// Give back every lease of an owner.
     ReleaseAll(Call<ReleaseAll, u64>),
+    /// Switch event export on.
+    EnableExport(Call<(), ()>),
+    /// Delete published outbox entries.
+    AckOutbox(Call<Vec<i64>, ()>),
+    /// Take or extend a relay lease.
+    RelayLease(Call<RelayLease, bool>),
 }
 
 impl Op {
@@ -133,6 +140,9 @@ impl Op {
             Op::Heartbeat(call) => call.clear(),
             Op::RetryLater(call) => call.clear(),
             Op::ReleaseAll(call) => call.clear(),
+            Op::EnableExport(call) => call.clear(),
+            Op::AckOutbox(call) => call.clear(),
+            Op::RelayLease(call) => call.clear(),
         }
     }
 
@@ -146,6 +156,9 @@ impl Op {
             Op::Heartbeat(call) => call.fail(message),
             Op::RetryLater(call) => call.fail(message),
             Op::ReleaseAll(call) => call.fail(message),
+            Op::EnableExport(call) => call.fail(message),
+            Op::AckOutbox(call) => call.fail(message),
+            Op::RelayLease(call) => call.fail(message),
         }
     }
 
@@ -159,6 +172,9 @@ impl Op {
             Op::Heartbeat(call) => call.finish(),
             Op::RetryLater(call) => call.finish(),
             Op::ReleaseAll(call) => call.finish(),
+            Op::EnableExport(call) => call.finish(),
+            Op::AckOutbox(call) => call.finish(),
+            Op::RelayLease(call) => call.finish(),
         }
     }
 }
@@ -194,6 +210,18 @@ async fn run(
             }
             Op::ReleaseAll(call) => {
                 let result = queue::release_all(conn, &call.request, commits).await;
+                call.settle(result)?;
+            }
+            Op::EnableExport(call) => {
+                let result = export::enable(conn).await;
+                call.settle(result)?;
+            }
+            Op::AckOutbox(call) => {
+                let result = export::ack(conn, &call.request).await;
+                call.settle(result)?;
+            }
+            Op::RelayLease(call) => {
+                let result = export::lease(conn, &call.request).await;
                 call.settle(result)?;
             }
         }
