@@ -59,44 +59,83 @@ impl Limits {
 
 /// How long a pending count read from the store is trusted. Counting is an
 /// index scan, too dear for every submit; between reads, the submits this
-/// process accepted are added to the count, so a burst cannot overshoot a
-/// ceiling by more than what other processes accept in this window.
+/// process admitted are added to the count (as soon as admitted), so a
+/// burst cannot overshoot a ceiling by more than what other processes
+/// accept in this window.
 const COUNT_TTL: Duration = Duration::from_millis(250);
 
 /// The ceilings and the cached counts they are checked against.
 struct Admission {
     limits: Limits,
-    /// Pending count per scope (`None` = all agents): when read, and the
-    /// count then plus the submits accepted since.
-    counts: Mutex<HashMap<Option<String>, (Instant, u64)>>,
+    /// Pending runs per scope (`None` = all agents).
+    counts: Mutex<HashMap<Option<String>, Count>>,
 }
 
 impl Admission {
-    /// The cached count of `scope`, if fresh.
-    fn cached(&self, scope: &Option<String>) -> Option<u64> {
-        let counts = self.counts.lock().ok()?;
-        counts
-            .get(scope)
-            .filter(|(read, _)| read.elapsed() < COUNT_TTL)
-            .map(|(_, n)| *n)
+    /// Whether the stored count of `scope` can be trusted.
+    fn is_fresh(&self, scope: &Option<String>) -> bool {
+        self.counts.lock().is_ok_and(|counts| {
+            counts
+                .get(scope)
+                .is_some_and(|c| c.read.elapsed() < COUNT_TTL)
+        })
     }
 
-    fn remember(&self, scope: Option<String>, count: u64) {
+    /// A count of `scope` just read from the store.
+    fn remember(&self, scope: Option<String>, stored: u64) {
         if let Ok(mut counts) = self.counts.lock() {
-            counts.insert(scope, (Instant::now(), count));
+            let count = counts.entry(scope).or_insert(Count {
+                read: Instant::now(),
+                stored,
+                in_flight: 0,
+            });
+            count.read = Instant::now();
+            count.stored = stored;
         }
     }
 
-    /// Counts an accepted submit in the cached counts.
-    fn accepted(&self, agent: &str) {
+    /// Counts one more run in flight in `scope` unless the pending and
+    /// in-flight runs reach `ceiling`; returns their number when they would.
+    fn reserve(&self, scope: &Option<String>, ceiling: u64) -> Result<(), u64> {
+        let Ok(mut counts) = self.counts.lock() else {
+            return Ok(());
+        };
+        let Some(count) = counts.get_mut(scope) else {
+            return Ok(());
+        };
+        let pending = count.stored + count.in_flight;
+        if pending >= ceiling {
+            return Err(pending);
+        }
+        count.in_flight += 1;
+        Ok(())
+    }
+
+    /// Ends the submits reserved in `scopes`: a run `created` is pending
+    /// from now on (until the next read of the store counts it).
+    fn finish(&self, scopes: &[Option<String>], created: bool) {
         if let Ok(mut counts) = self.counts.lock() {
-            for (scope, (_, n)) in counts.iter_mut() {
-                if scope.as_deref().is_none_or(|a| a == agent) {
-                    *n += 1;
+            for scope in scopes {
+                if let Some(count) = counts.get_mut(scope) {
+                    count.in_flight = count.in_flight.saturating_sub(1);
+                    if created {
+                        count.stored += 1;
+                    }
                 }
             }
         }
     }
+}
+
+/// What admission knows of one scope's pending runs.
+struct Count {
+    /// When `stored` was read.
+    read: Instant,
+    /// Pending runs in the store as last read (plus those this process
+    /// created since).
+    stored: u64,
+    /// Submits admitted and not committed yet.
+    in_flight: u64,
 }
 
 /// A run submission as the API receives it.
@@ -133,27 +172,36 @@ impl<S: Store> Service<S> {
         }
     }
 
-    /// Refuses a submit for `agent` with [`Error::Busy`] when a ceiling is reached.
-    pub async fn admit(&self, agent: &str) -> Result<(), Error> {
+    /// Reserves a place for one more pending run of `agent`, or refuses with
+    /// [`Error::Busy`] when a ceiling is reached. The check and the
+    /// reservation are one step, so concurrent submits cannot all slip
+    /// under a ceiling; a submit that creates no run gives its place back
+    /// ([`Admission::finish`]).
+    async fn admit(&self, agent: &str) -> Result<(), Error> {
         let limits = self.admission.limits;
         let checks = [
             (None, limits.max_pending),
             (Some(agent.to_string()), limits.max_pending_per_agent),
         ];
+        let mut reserved: Vec<Option<String>> = Vec::new();
         for (scope, ceiling) in checks {
             let Some(ceiling) = ceiling else { continue };
-            let pending = match self.admission.cached(&scope) {
-                Some(n) => n,
-                None => {
-                    let n = self
-                        .store
-                        .pending_runs(DEFAULT_TENANT, scope.as_deref())
-                        .await?;
-                    self.admission.remember(scope.clone(), n);
-                    n
-                }
-            };
-            if pending >= ceiling {
+            if !self.admission.is_fresh(&scope) {
+                let n = self
+                    .store
+                    .pending_runs(DEFAULT_TENANT, scope.as_deref())
+                    .await;
+                let n = match n {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.admission.finish(&reserved, false);
+                        return Err(e.into());
+                    }
+                };
+                self.admission.remember(scope.clone(), n);
+            }
+            if let Err(pending) = self.admission.reserve(&scope, ceiling) {
+                self.admission.finish(&reserved, false);
                 let message = match &scope {
                     None => format!(
                         "{pending} runs are pending, the ceiling is {ceiling} (--max-pending): retry later"
@@ -167,8 +215,22 @@ impl<S: Store> Service<S> {
                     retry_after: limits.retry_after,
                 });
             }
+            reserved.push(scope);
         }
         Ok(())
+    }
+
+    /// The scopes `admit` reserved a place in for `agent`.
+    fn scopes(&self, agent: &str) -> Vec<Option<String>> {
+        let limits = self.admission.limits;
+        let mut scopes = Vec::new();
+        if limits.max_pending.is_some() {
+            scopes.push(None);
+        }
+        if limits.max_pending_per_agent.is_some() {
+            scopes.push(Some(agent.to_string()));
+        }
+        scopes
     }
 
     /// Validates and registers an agent version.
@@ -246,11 +308,12 @@ impl<S: Store> Service<S> {
             },
             now: at,
         };
-        let submitted = self.store.submit(submission).await?;
-        if submitted.created {
-            self.admission.accepted(&spec.name);
-        }
-        Ok(submitted)
+        let submitted = self.store.submit(submission).await;
+        self.admission.finish(
+            &self.scopes(&spec.name),
+            submitted.as_ref().is_ok_and(|s| s.created),
+        );
+        Ok(submitted?)
     }
 
     /// Folds a run's journal.

@@ -92,3 +92,32 @@ async fn pending_ceilings_answer_429_and_lift_when_runs_finish() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     accepted(&http, &server, "alpha").await;
 }
+
+#[tokio::test]
+async fn concurrent_submits_cannot_slip_under_the_ceiling_together() {
+    let mock = Mock::start().await.expect("mock");
+    mock.counters.llm_latency_ms.store(2_000, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--max-pending", "3"]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("burst", &mock, "tools:1", "echo", ""),
+    )
+    .await;
+    let statuses = futures_util::future::join_all(
+        (0..12).map(|_| async { try_submit(&http, &server, "burst").await.status().as_u16() }),
+    )
+    .await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        9,
+        "{statuses:?}"
+    );
+}

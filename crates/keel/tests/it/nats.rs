@@ -453,3 +453,89 @@ async fn count_runs(dir: &TempDir) -> usize {
         .expect("runs")
         .len()
 }
+
+#[tokio::test]
+async fn ingestion_stops_pulling_at_the_pending_ceiling_and_loses_nothing() {
+    let Some((url, js)) = jetstream("ingest backpressure").await else {
+        return;
+    };
+    let names = unique_names();
+    let mock = Mock::start().await.expect("mock");
+    // Each run takes two model answers of 300 ms: runs stay pending a while.
+    mock.counters.llm_latency_ms.store(300, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let args = [
+        "--ingest",
+        url.as_str(),
+        "--nats-prefix",
+        names.prefix(),
+        "--max-pending",
+        "4",
+        "--retry-after",
+        "200ms",
+    ];
+    let server = Server::start(&dir.db(), &args).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("throttled", &mock, "tools:1", "echo", ""),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js.get_stream(names.ingest_stream()).await.is_err() {
+        assert!(Instant::now() < deadline, "keel did not set up ingestion");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let messages: Vec<(String, String, Vec<u8>)> = (0..24)
+        .map(|i| {
+            (
+                names.ingest_subject("throttled"),
+                format!("job-{i}"),
+                json!({"input": {"n": i}}).to_string().into_bytes(),
+            )
+        })
+        .collect();
+    assert_eq!(publish(&js, &messages).await, 24);
+
+    // While they drain, never more than the ceiling is pending, and the
+    // messages not yet admitted wait in the stream, not in Keel's queue.
+    let mut peak_pending = 0;
+    let mut saw_waiting = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let listed = get_json(&http, &server.url("/v1/runs?limit=100")).await;
+        let runs = listed["runs"].as_array().cloned().unwrap_or_default();
+        let pending = runs
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r["status"].as_str(),
+                    Some("COMPLETED" | "FAILED" | "CANCELLED")
+                )
+            })
+            .count();
+        peak_pending = peak_pending.max(pending);
+        if runs.len() < 24 && stream_messages(&js, &names.ingest_stream()).await > 0 {
+            saw_waiting = true;
+        }
+        if runs.len() == 24 && pending == 0 {
+            for r in &runs {
+                assert_eq!(r["status"], "COMPLETED", "{r}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "ingestion stalled: {listed}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        peak_pending <= 4,
+        "{peak_pending} runs pending over a ceiling of 4"
+    );
+    assert!(
+        saw_waiting,
+        "messages never had to wait: nothing was tested"
+    );
+    assert_eq!(stream_messages(&js, &names.ingest_stream()).await, 0);
+    delete_streams(&js, &names).await;
+}
