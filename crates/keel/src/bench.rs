@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use keel_core::run::Status;
 use keel_core::{Agent, Event};
 use keel_engine::{Engine, Options};
+use keel_store::Store;
 use keel_store::postgres::PgStore;
-use keel_store::{RunFilter, Store};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -283,11 +282,15 @@ async fn measure<S: Store>(
     children: &[u32],
 ) -> anyhow::Result<f64> {
     let svc = Service::new(store.clone());
-    let cpu_start = cpu_time("self")
-        + children
+    let workers_cpu = || {
+        children
             .iter()
             .map(|p| cpu_time(&p.to_string()))
-            .sum::<Duration>();
+            .sum::<Duration>()
+    };
+    let (own_start, workers_start) = (cpu_time("self"), workers_cpu());
+    let machine_start = machine_ticks();
+    let database_start = database_cpu_time();
     let started = Instant::now();
     let submits = futures_util::stream::iter(0..args.runs)
         .map(|i| {
@@ -314,22 +317,24 @@ async fn measure<S: Store>(
     // Wait until every run is over.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done = count_terminal(store).await?;
-        if done >= args.runs {
+        let unfinished = count_unfinished(store).await?;
+        if unfinished == 0 {
             break;
         }
         if Instant::now() > deadline {
-            bail!("only {done} of {} runs finished in 10 minutes", args.runs);
+            bail!(
+                "{unfinished} of {} runs did not finish in 10 minutes",
+                args.runs
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let wall = started.elapsed();
-    let cpu = (cpu_time("self")
-        + children
-            .iter()
-            .map(|p| cpu_time(&p.to_string()))
-            .sum::<Duration>())
-    .saturating_sub(cpu_start);
+    let own_cpu = cpu_time("self").saturating_sub(own_start);
+    let worker_cpu = workers_cpu().saturating_sub(workers_start);
+    let cpu = own_cpu + worker_cpu;
+    let database_cpu = database_cpu_time().saturating_sub(database_start);
+    let machine = machine_ticks().and_then(|end| end.since(machine_start));
     let rss_kb = peak_rss_kb("self")
         + children
             .iter()
@@ -400,16 +405,36 @@ async fn measure<S: Store>(
         journal_wall.as_secs_f64()
     );
     println!("throughput          {rate:.0} steps/s");
-    let whose = if children.is_empty() {
-        "includes the in-process mock servers"
+    let per_step = |cpu: Duration| cpu.as_secs_f64() * 1000.0 / steps as f64;
+    if children.is_empty() {
+        println!(
+            "cpu                 {:.3} ms per step ({:.2} s of CPU; includes the in-process mock servers)",
+            per_step(cpu),
+            cpu.as_secs_f64()
+        );
     } else {
-        "this process with the mock servers, plus the worker processes; not the database server"
-    };
-    println!(
-        "cpu                 {:.3} ms per step ({:.2} s of CPU; {whose})",
-        cpu.as_secs_f64() * 1000.0 / steps as f64,
-        cpu.as_secs_f64()
-    );
+        println!(
+            "cpu                 {:.3} ms per step in the worker processes ({:.2} s), {:.3} ms in this process (mock servers, submits; {:.2} s)",
+            per_step(worker_cpu),
+            worker_cpu.as_secs_f64(),
+            per_step(own_cpu),
+            own_cpu.as_secs_f64()
+        );
+    }
+    if !database_cpu.is_zero() {
+        println!(
+            "database cpu        {:.3} ms per step ({:.2} s of CPU; postgres processes on this machine)",
+            database_cpu.as_secs_f64() * 1000.0 / steps as f64,
+            database_cpu.as_secs_f64()
+        );
+    }
+    if let Some(busy) = machine {
+        println!(
+            "machine cpu         {:.0}% busy of {} cores over the wall time (everything on this machine)",
+            busy.0 * 100.0,
+            busy.1
+        );
+    }
     println!(
         "step latency        p50 {} ms, p99 {} ms, max {} ms (steps 2..{}: one LLM call + one tool call, both committed)",
         pct(&latencies, 0.50),
@@ -429,28 +454,12 @@ async fn measure<S: Store>(
     Ok(rate)
 }
 
-async fn count_terminal<S: Store>(store: &S) -> anyhow::Result<usize> {
-    let mut total = 0;
-    for status in [Status::Completed, Status::Failed, Status::Cancelled] {
-        let mut before = None;
-        loop {
-            let page = store
-                .list_runs(RunFilter {
-                    tenant: keel_core::ids::DEFAULT_TENANT.into(),
-                    status: Some(status),
-                    agent: None,
-                    before,
-                    limit: 500,
-                })
-                .await?;
-            total += page.len();
-            if page.len() < 500 {
-                break;
-            }
-            before = page.last().map(|r| r.id);
-        }
-    }
-    Ok(total)
+/// Runs not finished yet, from the store's cheap count (the index of
+/// unfinished runs), so that waiting does not load the database.
+async fn count_unfinished<S: Store>(store: &S) -> anyhow::Result<u64> {
+    Ok(store
+        .pending_runs(keel_core::ids::DEFAULT_TENANT, None)
+        .await?)
 }
 
 fn pct(sorted: &[i64], p: f64) -> i64 {
@@ -480,6 +489,70 @@ fn cpu_time(pid: &str) -> Duration {
             .unwrap_or(0)
     };
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU time of every PostgreSQL server process on this machine (zero if
+/// the database is elsewhere or /proc cannot be read). Backends that exit
+/// during the round take their time with them, so this is a lower bound.
+fn database_cpu_time() -> Duration {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    let mut total = Duration::ZERO;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim_end() == "postgres" {
+            total += cpu_time(pid);
+        }
+    }
+    total
+}
+
+/// Busy and total CPU ticks of the whole machine, and its number of cores.
+#[derive(Clone, Copy)]
+struct MachineTicks {
+    busy: u64,
+    total: u64,
+    cores: usize,
+}
+
+impl MachineTicks {
+    /// The share of the machine that was busy since `start`, and its cores.
+    fn since(self, start: Option<MachineTicks>) -> Option<(f64, usize)> {
+        let start = start?;
+        let total = self.total.checked_sub(start.total).filter(|t| *t > 0)?;
+        let busy = self.busy.saturating_sub(start.busy);
+        Some((busy as f64 / total as f64, self.cores))
+    }
+}
+
+/// The machine's CPU ticks so far, from /proc/stat.
+fn machine_ticks() -> Option<MachineTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    let cores = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
+    Some(MachineTicks {
+        busy: total.saturating_sub(idle),
+        total,
+        cores,
+    })
 }
 
 /// Peak resident set size in kB (VmHWM) of a process, `self` or a pid.

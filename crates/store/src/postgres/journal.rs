@@ -542,13 +542,13 @@ async fn fence(conn: &mut PgConnection, wave: &[&mut AppendCall]) -> Result<Hash
 /// journal is at the expected seq, the dead letter to redrive (if any) is
 /// this run's. A concurrent appender in another process holds the row lock
 /// until it commits; then the seq it wrote is the one compared.
-const UPDATE_RUNS: &str = "UPDATE runs SET status = v.status, steps = v.steps, \
-         output = v.output, error = v.error, input_tokens = v.input_tokens, \
+const UPDATE_RUNS: &str = "UPDATE runs SET status = v.status, outcome = v.outcome, \
+         steps = v.steps, output = v.output, error = v.error, input_tokens = v.input_tokens, \
          output_tokens = v.output_tokens, last_seq = v.last_seq, updated_at = v.now \
      FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], \
-         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::uuid[]) \
+         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::uuid[], $12::text[]) \
          AS v (run, expected, last_seq, status, steps, output, error, input_tokens, \
-             output_tokens, now, redrive) \
+             output_tokens, now, redrive, outcome) \
      WHERE runs.id = v.run AND runs.last_seq = v.expected \
        AND (v.redrive IS NULL OR EXISTS (SELECT 1 FROM dead_letters \
              WHERE dead_letters.id = v.redrive AND dead_letters.run_id = runs.id)) \
@@ -605,6 +605,15 @@ async fn update_runs(conn: &mut PgConnection, calls: &[&mut AppendCall]) -> Resu
             requests
                 .iter()
                 .map(|r| r.redrive.map(|id| id.0))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| {
+                    let status = r.projection.status;
+                    status.is_terminal().then(|| status.as_str())
+                })
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&mut *conn)

@@ -38,6 +38,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "export",
         sql: include_str!("migrations/0002_export.sql"),
     },
+    Migration {
+        version: 3,
+        name: "outcome",
+        sql: include_str!("migrations/0003_outcome.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

@@ -449,18 +449,27 @@ const GET_RUN: &str = "SELECT id, tenant, agent, version, status, steps, input::
 const LIST_RUNS: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
      output, error, input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs \
      WHERE tenant = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
-const LIST_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, \
+const LIST_RUNS_BY_OUTCOME: &str = "SELECT id, tenant, agent, version, status, steps, \
      input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
      updated_at FROM runs \
-     WHERE tenant = $1 AND id < $2 AND status = $4 ORDER BY id DESC LIMIT $3";
+     WHERE tenant = $1 AND id < $2 AND outcome = $4 ORDER BY id DESC LIMIT $3";
+const LIST_UNFINISHED_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, \
+     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 AND outcome IS NULL AND status = $4 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
      input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
      updated_at FROM runs \
      WHERE tenant = $1 AND id < $2 AND agent = $4 ORDER BY id DESC LIMIT $3";
-const LIST_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
-     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
-     updated_at FROM runs \
-     WHERE tenant = $1 AND id < $2 AND status = $4 AND agent = $5 ORDER BY id DESC LIMIT $3";
+const LIST_RUNS_BY_OUTCOME_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, \
+     steps, input::text AS input, output, error, input_tokens, output_tokens, last_seq, \
+     created_at, updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 AND outcome = $4 AND agent = $5 ORDER BY id DESC LIMIT $3";
+const LIST_UNFINISHED_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, \
+     status, steps, input::text AS input, output, error, input_tokens, output_tokens, last_seq, \
+     created_at, updated_at FROM runs \
+     WHERE tenant = $1 AND id < $2 AND outcome IS NULL AND status = $4 AND agent = $5 \
+     ORDER BY id DESC LIMIT $3";
 
 const EVENTS: &str = "SELECT seq, at, data::text AS data FROM events \
      WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
@@ -472,12 +481,11 @@ const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, creat
 
 const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > $1";
 
-/// Counts from the `runs_pending` partial index. The statuses are written
-/// out, not bound: the planner must see that they imply the index's WHERE.
-const PENDING_RUNS: &str = "SELECT count(*) FROM runs WHERE tenant = $1 \
-     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
-const PENDING_RUNS_OF_AGENT: &str = "SELECT count(*) FROM runs WHERE tenant = $1 AND agent = $2 \
-     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
+/// Counts from the `runs_pending` partial index (unfinished runs have no
+/// outcome).
+const PENDING_RUNS: &str = "SELECT count(*) FROM runs WHERE tenant = $1 AND outcome IS NULL";
+const PENDING_RUNS_OF_AGENT: &str =
+    "SELECT count(*) FROM runs WHERE tenant = $1 AND agent = $2 AND outcome IS NULL";
 
 impl Store for PgStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
@@ -560,11 +568,16 @@ impl Store for PgStore {
     async fn list_runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {
         // The largest UUID sorts after every id: the cursor of a first page.
         let before = filter.before.map_or(Uuid::max(), |id| id.0);
-        let sql = match (&filter.status, &filter.agent) {
+        // A finished run's status is its outcome, which is indexed; an
+        // unfinished one's is found among the unfinished runs.
+        let finished = filter.status.map(Status::is_terminal);
+        let sql = match (finished, &filter.agent) {
             (None, None) => LIST_RUNS,
-            (Some(_), None) => LIST_RUNS_BY_STATUS,
+            (Some(true), None) => LIST_RUNS_BY_OUTCOME,
+            (Some(false), None) => LIST_UNFINISHED_RUNS_BY_STATUS,
             (None, Some(_)) => LIST_RUNS_BY_AGENT,
-            (Some(_), Some(_)) => LIST_RUNS_BY_STATUS_AND_AGENT,
+            (Some(true), Some(_)) => LIST_RUNS_BY_OUTCOME_AND_AGENT,
+            (Some(false), Some(_)) => LIST_UNFINISHED_RUNS_BY_STATUS_AND_AGENT,
         };
         let mut query = sqlx::query_as::<_, RunRow>(sql)
             .bind(&filter.tenant)

@@ -350,6 +350,7 @@ async fn concurrent_migrations_are_safe() -> Result<()> {
     let Some(db) = TestDb::create().await else {
         return Ok(());
     };
+    let newest = migrate::MIGRATIONS.len() as u32;
     let mut migrations = Vec::new();
     for _ in 0..4 {
         let url = db.url.clone();
@@ -361,20 +362,20 @@ async fn concurrent_migrations_are_safe() -> Result<()> {
         connects.push(tokio::spawn(async move { PgStore::connect(&url).await }));
     }
     for migration in migrations {
-        assert_eq!(migration.await.expect("no panic")?, 2);
+        assert_eq!(migration.await.expect("no panic")?, newest);
     }
     for connect in connects {
         let store = connect.await.expect("no panic")?;
         assert!(store.get_run(RunId::new()).await?.is_none());
     }
-    assert_eq!(PgStore::migrate(&db.url).await?, 2);
+    assert_eq!(PgStore::migrate(&db.url).await?, newest);
 
     let mut conn = raw(&db).await;
     let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM keel_migrations")
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, (1..=newest as i32).collect::<Vec<_>>());
 
     // A schema newer than this build is refused.
     sqlx::query("INSERT INTO keel_migrations (version, name, applied_at) VALUES (99, 'x', 0)")
@@ -408,20 +409,93 @@ async fn an_older_schema_is_brought_up_to_date() -> Result<()> {
     .execute(&mut conn)
     .await
     .expect("a run of version 1");
+    let done = RunId::new();
+    sqlx::query(
+        "INSERT INTO runs (id, tenant, agent, version, status, steps, input, input_tokens, \
+             output_tokens, last_seq, created_at, updated_at) \
+         VALUES ($1, 't', 'a', '1', 'COMPLETED', 1, '\"hi\"', 0, 0, 0, 0, 0)",
+    )
+    .bind(done.0)
+    .execute(&mut conn)
+    .await
+    .expect("a finished run of version 1");
 
     let store = PgStore::connect(&db.url).await?;
     let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM keel_migrations")
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1, 2]);
-    // The new index holds the runs that were there.
+    assert_eq!(
+        versions,
+        (1..=migrate::MIGRATIONS.len() as i32).collect::<Vec<_>>()
+    );
+    // The new indexes hold the runs that were there: the unfinished one is
+    // pending, the finished one is listed by its status (its outcome).
     assert_eq!(store.pending_runs("t", Some("a")).await?, 1);
     assert!(store.get_run(run_id).await?.is_some());
+    let listed = |status| crate::RunFilter {
+        tenant: "t".into(),
+        status: Some(status),
+        agent: None,
+        before: None,
+        limit: 10,
+    };
+    let completed = store
+        .list_runs(listed(keel_core::run::Status::Completed))
+        .await?;
+    assert_eq!(completed.iter().map(|r| r.id).collect::<Vec<_>>(), [done]);
+    let awaiting = store
+        .list_runs(listed(keel_core::run::Status::AwaitingLlm))
+        .await?;
+    assert_eq!(awaiting.iter().map(|r| r.id).collect::<Vec<_>>(), [run_id]);
     store.enable_export().await?;
     store.submit(submission(None)).await?;
     assert_eq!(store.outbox(10).await?.len(), 1);
     Ok(())
+}
+
+/// A run's status flips between AWAITING_LLM and AWAITING_TOOL at almost
+/// every append. Its row must still be updated in place (HOT: no index of
+/// `runs` holds the status), or every append writes into every index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_update_run_rows_in_place() -> Result<()> {
+    use keel_core::run::Status;
+    let Some((store, db)) = open().await? else {
+        return Ok(());
+    };
+    let sub = submission(None);
+    store.submit(sub.clone()).await?;
+    let appends = 20;
+    for seq in 1..=appends {
+        let mut next = append(sub.run_id, seq, rejected("x"));
+        next.projection.status = if seq % 2 == 0 {
+            Status::AwaitingLlm
+        } else {
+            Status::AwaitingTool
+        };
+        store.append(next).await?;
+    }
+    // The writer's session reports its statistics when it ends.
+    drop(store);
+    let mut conn = raw(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (updates, hot): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'runs'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("table statistics");
+        if updates >= appends {
+            assert_eq!(hot, updates, "{updates} updates of runs, only {hot} HOT");
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the statistics show {updates} of {appends} updates"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `pending_runs` must stay cheap with many finished runs: the planner can
