@@ -15,8 +15,9 @@ use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
-    Append, Committed, Error, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Registered, Result,
-    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    Append, Committed, Error, ExportStatus, Lease, LeaseTo, NewTask, OutboxEntry, Projection,
+    Registered, RelayHolder, Result, RunFilter, RunRef, Store, Submission, Submitted, Task,
+    TaskKind, TaskUpdate,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -48,6 +49,9 @@ macro_rules! store_suite {
                 outbox_exports_commits_once_enabled,
                 outbox_keeps_each_runs_order,
                 relay_lease_is_exclusive,
+                disable_export_drops_the_backlog,
+                export_enabled_again_exports_new_commits_only,
+                export_status_counts_the_backlog_and_shows_the_relay,
                 pending_runs_count_unfinished_runs,
             );
 
@@ -1096,6 +1100,174 @@ pub(crate) async fn relay_lease_is_exclusive<S: Store>(store: S) -> Result<()> {
         won += usize::from(racer.await.expect("racer panicked")?);
     }
     assert_eq!(won, 1);
+    Ok(())
+}
+
+pub(crate) async fn disable_export_drops_the_backlog<S: Store>(store: S) -> Result<()> {
+    // Never enabled: nothing to drop, and it stays off.
+    assert_eq!(store.disable_export().await?, 0);
+    let run = submit_run(&store, T0).await?;
+    assert!(store.outbox(100).await?.is_empty());
+
+    // A backlog of three entries (an append, a submit, an append) is
+    // dropped whole.
+    store.enable_export().await?;
+    store
+        .append(append(run, 1, None, vec![rejected(1, "a")]))
+        .await?;
+    let other = submit_run(&store, T0).await?;
+    store
+        .append(append(other, 1, None, vec![rejected(1, "b")]))
+        .await?;
+    assert_eq!(store.outbox(100).await?.len(), 3);
+    assert_eq!(store.disable_export().await?, 3);
+    assert!(store.outbox(100).await?.is_empty());
+    let status = store.export_status("relay", T0).await?;
+    assert!(!status.enabled);
+    assert_eq!((status.backlog_entries, status.backlog_events), (0, 0));
+    assert_eq!(status.oldest, None);
+    // The journal keeps the events.
+    assert_eq!(event_count(&store, run).await?, 2);
+
+    // Off: later commits leave nothing, and switching off again is a no-op.
+    store
+        .append(append(run, 2, None, vec![rejected(1, "c")]))
+        .await?;
+    submit_run(&store, T0).await?;
+    assert!(store.outbox(100).await?.is_empty());
+    assert_eq!(store.disable_export().await?, 0);
+
+    // Commits racing the switch: whichever side of it each lands on, none
+    // leaves an entry behind once it returns.
+    store.enable_export().await?;
+    let mut appenders = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        appenders.push(tokio::spawn(async move {
+            let run = submit_run(&store, T0).await?;
+            let mut seq = 1;
+            for _ in 0..10 {
+                seq = store
+                    .append(append(run, seq, None, vec![rejected(1, "r")]))
+                    .await?
+                    .last_seq;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    tokio::task::yield_now().await;
+    store.disable_export().await?;
+    for appender in appenders {
+        appender.await.expect("appender panicked")?;
+    }
+    assert!(store.outbox(100).await?.is_empty(), "no entry outlives it");
+    Ok(())
+}
+
+pub(crate) async fn export_enabled_again_exports_new_commits_only<S: Store>(
+    store: S,
+) -> Result<()> {
+    store.enable_export().await?;
+    let run = submit_run(&store, T0).await?;
+    let dropped = ids(&store.outbox(100).await?);
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(store.disable_export().await?, 1);
+    // Committed while off: never exported.
+    store
+        .append(append(run, 1, None, vec![rejected(1, "off")]))
+        .await?;
+
+    store.enable_export().await?;
+    assert!(
+        store.outbox(100).await?.is_empty(),
+        "commits before it stay out"
+    );
+    store
+        .append(append(run, 2, None, vec![rejected(1, "on")]))
+        .await?;
+    let later = submit_run(&store, T0).await?;
+    let entries = store.outbox(100).await?;
+    assert_eq!(entry_seqs(&entries), vec![(run, vec![3]), (later, vec![1])]);
+    assert_eq!(entries[0].events[0].event, rejected(1, "on"));
+    // Ids are not reused: a late ack of a dropped entry deletes nothing new.
+    assert!(entries.iter().all(|e| e.id > dropped[0]));
+    store.ack_outbox(&dropped).await?;
+    assert_eq!(store.outbox(100).await?, entries);
+    Ok(())
+}
+
+pub(crate) async fn export_status_counts_the_backlog_and_shows_the_relay<S: Store>(
+    store: S,
+) -> Result<()> {
+    let empty = ExportStatus {
+        enabled: false,
+        backlog_entries: 0,
+        backlog_events: 0,
+        oldest: None,
+        relay: None,
+    };
+    assert_eq!(store.export_status("relay", T0).await?, empty);
+
+    store.enable_export().await?;
+    // Submitted at T0, then two events appended at T0 + 1.
+    let run = submit_run(&store, T0).await?;
+    store
+        .append(append(
+            run,
+            1,
+            None,
+            vec![rejected(1, "a"), rejected(1, "b")],
+        ))
+        .await?;
+    let status = store.export_status("relay", T0).await?;
+    assert_eq!(
+        status,
+        ExportStatus {
+            enabled: true,
+            backlog_entries: 2,
+            backlog_events: 3,
+            oldest: Some(T0),
+            ..empty.clone()
+        }
+    );
+    // Publishing the oldest entry moves the oldest time on.
+    let entries = store.outbox(1).await?;
+    store.ack_outbox(&ids(&entries)).await?;
+    let status = store.export_status("relay", T0).await?;
+    assert_eq!(
+        (status.backlog_entries, status.backlog_events, status.oldest),
+        (1, 2, Some(T0 + 1))
+    );
+
+    // The lease asked for, live until it expires (as `relay_lease` sees it).
+    assert!(store.relay_lease("relay", "r1", T0 + 100, T0).await?);
+    let holder = |live| {
+        Some(RelayHolder {
+            owner: "r1".to_string(),
+            until: T0 + 100,
+            live,
+        })
+    };
+    assert_eq!(
+        store.export_status("relay", T0 + 99).await?.relay,
+        holder(true)
+    );
+    assert_eq!(
+        store.export_status("relay", T0 + 100).await?.relay,
+        holder(false)
+    );
+    assert_eq!(store.export_status("other", T0).await?.relay, None);
+
+    // Off: the backlog is gone, the lease row stays.
+    store.disable_export().await?;
+    let status = store.export_status("relay", T0 + 100).await?;
+    assert_eq!(
+        status,
+        ExportStatus {
+            relay: holder(false),
+            ..empty
+        }
+    );
     Ok(())
 }
 

@@ -21,8 +21,11 @@
 //! same transaction, so nothing committed is lost to a crash. A relay reads
 //! the oldest entries with their events ([`Store::outbox`]), publishes them
 //! and deletes them ([`Store::ack_outbox`]); [`Store::relay_lease`] lets one
-//! relay process at a time do it. [`Store::pending_runs`] counts a tenant's
-//! unfinished runs for backpressure, from an index of those runs only.
+//! relay process at a time do it. [`Store::disable_export`] switches it off
+//! again and drops the backlog; [`Store::export_status`] shows the switch,
+//! the backlog and the relay lease. [`Store::pending_runs`] counts a
+//! tenant's unfinished runs for backpressure, from an index of those runs
+//! only.
 //!
 //! Every write made under a task lease is fenced: it names the lease, and the
 //! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
@@ -370,6 +373,35 @@ pub struct OutboxEntry {
     pub events: Vec<Recorded>,
 }
 
+/// Where event export stands ([`Store::export_status`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportStatus {
+    /// Whether commits write outbox entries (the switch of
+    /// [`Store::enable_export`] and [`Store::disable_export`]).
+    pub enabled: bool,
+    /// Outbox entries not published yet: one per commit that journaled events.
+    pub backlog_entries: u64,
+    /// The events those entries name.
+    pub backlog_events: u64,
+    /// Commit time of the oldest entry's events, if there is an entry.
+    pub oldest: Option<Millis>,
+    /// The relay lease asked about, if it was ever taken.
+    pub relay: Option<RelayHolder>,
+}
+
+/// Who holds, or last held, a relay lease ([`Store::relay_lease`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayHolder {
+    /// The relay's id.
+    pub owner: String,
+    /// When the lease expires (or expired) unless renewed.
+    pub until: Millis,
+    /// Whether the lease was held at the time asked about (`until > now`):
+    /// a relay that renews it may be publishing. A relay that stops hands
+    /// its lease back, so it is not live after a clean stop.
+    pub live: bool,
+}
+
 /// The operations the engine and the API need from a durable store. Each
 /// backend writes its own SQL; `conformance` holds the behaviour they share.
 pub trait Store: Clone + Send + Sync + 'static {
@@ -471,9 +503,31 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Commits before it are not exported.
     ///
     /// A commit racing the switch may or may not be exported, but once one
-    /// commit of a run is, every later one is: a run's exported events
-    /// have no gaps after its first exported entry.
+    /// commit of a run is, every later one is until export is switched off
+    /// again: a run's exported events have no gaps after its first exported
+    /// entry, but for the events [`Store::disable_export`] drops.
     fn enable_export(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Switches event export off (idempotent, persistent, shared by all
+    /// processes on the database) and deletes every outbox entry, in one
+    /// transaction; returns how many entries were dropped. Their events
+    /// stay in the journal but are never exported.
+    ///
+    /// No entry outlives it: a commit racing it either commits first (its
+    /// entry is dropped) or reads the switch after it (and writes none). So
+    /// once it returns, the outbox stays empty until [`Store::enable_export`]
+    /// is called again, which exports only the commits after it. A relay
+    /// still running finds nothing to publish.
+    fn disable_export(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The export switch, the outbox backlog and the relay lease named
+    /// `relay` (its holder is `live` when its lease runs past `now`). Reads
+    /// one consistent snapshot; counting the backlog reads every entry.
+    fn export_status(
+        &self,
+        relay: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<ExportStatus>> + Send;
 
     /// The oldest outbox entries in commit order, with their events: whole
     /// entries, stopping once `max_events` events are gathered (at least one

@@ -1,10 +1,11 @@
 //! Reading the outbox, as both backends do: their query returns one row per
 //! event of each entry (the entry's run and events joined to it), in entry
 //! then seq order, and [`entries`] groups the rows into [`OutboxEntry`]s.
+//! Their status query returns one [`StatusRow`].
 
 use keel_core::{Millis, Recorded, RunId, Seq};
 
-use crate::{Error, OutboxEntry, Result, RunRef};
+use crate::{Error, ExportStatus, OutboxEntry, RelayHolder, Result, RunRef};
 
 /// One event of an outbox entry, or an entry whose run or events are
 /// missing (`None`s, from the query's outer joins).
@@ -80,4 +81,41 @@ fn entry(row: &Row) -> Result<OutboxEntry> {
         },
         events: Vec::new(),
     })
+}
+
+/// The export switch, the backlog and a relay lease, in one row; the lease
+/// columns are `None` when the lease was never taken.
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatusRow {
+    enabled: bool,
+    entries: i64,
+    events: i64,
+    oldest: Option<Millis>,
+    owner: Option<String>,
+    until: Option<Millis>,
+}
+
+impl StatusRow {
+    /// The status as of `now` (which decides whether the lease is live).
+    pub(crate) fn status(self, now: Millis) -> Result<ExportStatus> {
+        let count = |n: i64, what: &str| {
+            u64::try_from(n)
+                .map_err(|_| Error::Corrupt(format!("outbox {what} count {n} is negative")))
+        };
+        let relay = match (self.owner, self.until) {
+            (Some(owner), Some(until)) => Some(RelayHolder {
+                owner,
+                until,
+                live: until > now,
+            }),
+            _ => None,
+        };
+        Ok(ExportStatus {
+            enabled: self.enabled,
+            backlog_entries: count(self.entries, "entry")?,
+            backlog_events: count(self.events, "event")?,
+            oldest: self.oldest,
+            relay,
+        })
+    }
 }

@@ -1,18 +1,20 @@
-//! Event export: the switch, reading and acknowledging the outbox, and the
-//! relay lease. The outbox rows themselves are written with the journal
-//! (`journal`), by the statement that inserts the events.
+//! Event export: the switch, reading and acknowledging the outbox, the
+//! relay lease, and the status of all three. The outbox rows themselves are
+//! written with the journal (`journal`), by the statement that inserts the
+//! events.
 //!
-//! Everything here runs on the pool, not through the writer: each write is
-//! one statement that needs no order with the writer's batches (acks delete
-//! committed entries, the switch is read by each batch's own statement, and
-//! a lease row is touched by nothing else), and a relay renewing its lease
-//! should not wait behind a backlog of appends.
+//! Everything here runs on the pool, not through the writer: each write
+//! needs no order with the writer's batches (acks delete committed entries,
+//! the switch is read by each batch's own statement, and a lease row is
+//! touched by nothing else), and a relay renewing its lease should not wait
+//! behind a backlog of appends. Switching export off is the one write that
+//! must wait for the batches of every process: see [`disable`].
 
 use keel_core::Millis;
 use sqlx::PgPool;
 
 use super::backend;
-use crate::{OutboxEntry, Result, outbox};
+use crate::{Error, ExportStatus, OutboxEntry, Result, outbox};
 
 const ENABLE: &str = "INSERT INTO settings (name, value) VALUES ('export', 'on') \
      ON CONFLICT (name) DO UPDATE SET value = excluded.value \
@@ -22,6 +24,63 @@ const ENABLE: &str = "INSERT INTO settings (name, value) VALUES ('export', 'on')
 pub(super) async fn enable(pool: &PgPool) -> Result<()> {
     sqlx::query(ENABLE).execute(pool).await.map_err(backend)?;
     Ok(())
+}
+
+/// Waits for every transaction that inserted into the outbox table (each
+/// writer batch that journaled events, whatever the switch said: it holds a
+/// lock on the table until it ends), and makes every later one wait until
+/// this one ends.
+const LOCK_OUTBOX: &str = "LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE";
+
+const COUNT_OUTBOX: &str = "SELECT count(*) FROM outbox";
+
+const DISABLE: &str = "UPDATE settings SET value = 'off' WHERE name = 'export' AND value <> 'off'";
+
+/// Keeps the id sequence going (no `RESTART IDENTITY`), so a late ack of a
+/// dropped entry cannot delete a later one.
+const CLEAR_OUTBOX: &str = "TRUNCATE outbox";
+
+/// Switches export off and drops every outbox entry, in one transaction;
+/// how many.
+///
+/// A writer batch reads the switch in the statement that inserts its
+/// events and their outbox rows (`journal`), then commits later: a plain
+/// `UPDATE` of the switch followed by a `DELETE` would miss the rows of a
+/// batch that read the switch as on and commits after the delete. So this
+/// first locks the outbox table ([`LOCK_OUTBOX`]): the batches that read
+/// the switch before are committed by the time it has the lock, so their
+/// rows are counted and dropped; a batch whose insert comes later waits for
+/// this commit, then reads the switch as off, since PostgreSQL takes a
+/// statement's snapshot after the locks of the tables it names
+/// (`postgres::tests::switching_export_off_waits_for_batches_in_flight`).
+///
+/// The writers pay nothing for this at other times (no lock of the switch's
+/// row in every batch). While it waits for the lock and holds it, commits
+/// that journal events wait, and so do outbox reads: batches are short, and
+/// the lock is held for as long as counting the backlog takes. `TRUNCATE`
+/// rather than `DELETE` so that a backlog of millions of entries is
+/// dropped at once instead of row by row.
+pub(super) async fn disable(pool: &PgPool) -> Result<u64> {
+    let mut tx = pool.begin().await.map_err(backend)?;
+    sqlx::query(LOCK_OUTBOX)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    let dropped: i64 = sqlx::query_scalar(COUNT_OUTBOX)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?;
+    sqlx::query(DISABLE)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    sqlx::query(CLEAR_OUTBOX)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    tx.commit().await.map_err(backend)?;
+    u64::try_from(dropped)
+        .map_err(|_| Error::Corrupt(format!("outbox entry count {dropped} is negative")))
 }
 
 const DELETE_OUTBOX: &str = "DELETE FROM outbox WHERE id = ANY($1::bigint[])";
@@ -97,4 +156,29 @@ pub(super) async fn outbox(pool: &PgPool, max_events: u32) -> Result<Vec<OutboxE
         .await
         .map_err(backend)?;
     outbox::entries(rows)
+}
+
+/// The switch, the backlog (the oldest entry taken as the lowest id: ids
+/// follow insert order, which is commit order but for batches committing
+/// at the same time) and the lease named `$1`, in one statement.
+const STATUS: &str = "SELECT \
+         EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on') AS enabled, \
+         backlog.entries, backlog.events, \
+         (SELECT events.at FROM outbox \
+             JOIN events ON events.run_id = outbox.run_id AND events.seq = outbox.first_seq \
+             ORDER BY outbox.id LIMIT 1) AS oldest, \
+         relay_leases.owner, relay_leases.until \
+     FROM (SELECT count(*) AS entries, \
+             coalesce(sum(last_seq - first_seq + 1), 0)::bigint AS events \
+         FROM outbox) AS backlog \
+     LEFT JOIN relay_leases ON relay_leases.name = $1";
+
+/// The export status, with the lease `relay` live if it runs past `now`.
+pub(super) async fn status(pool: &PgPool, relay: &str, now: Millis) -> Result<ExportStatus> {
+    let row = sqlx::query_as::<_, outbox::StatusRow>(STATUS)
+        .bind(relay)
+        .fetch_one(pool)
+        .await
+        .map_err(backend)?;
+    row.status(now)
 }

@@ -4,7 +4,7 @@
 //! and group-commits the ops of every caller in one transaction, as the
 //! SQLite backend does, so many workers share a commit; every statement of a
 //! batch covers all of its rows (`UNNEST` of arrays). Reads use a pool of
-//! their own, as do the event export's one-statement writes (`export`).
+//! their own, as do the event export's writes (`export`).
 //!
 //! Unlike SQLite, other processes write at the same time, so every check is
 //! made against locked rows in the transaction that writes:
@@ -57,7 +57,7 @@
 //! * `queue`: claims, heartbeats, retries and releases of tasks.
 //! * `agents`: registering agent versions.
 //! * `export`: the export switch, reading and acknowledging the outbox, the
-//!   relay lease (outbox rows are written by `journal`).
+//!   relay lease, the export status (outbox rows are written by `journal`).
 //! * `listen`: the listener task and the notification format.
 //! * `migrate` and `migrations/`: the schema and its versions.
 //!
@@ -98,9 +98,9 @@ pub use self::listen::{CHANNEL, RECONNECTED};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, OutboxEntry, Projection,
-    Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind,
-    TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Lease, OutboxEntry,
+    Projection, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
+    TaskKind, TaskUpdate,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -744,6 +744,16 @@ impl Store for PgStore {
     /// events are inserted after this returns are exported.
     async fn enable_export(&self) -> Result<()> {
         export::enable(&self.reads).await
+    }
+
+    /// On the pool too: it waits for the batches of every process (see
+    /// `export`).
+    async fn disable_export(&self) -> Result<u64> {
+        export::disable(&self.reads).await
+    }
+
+    async fn export_status(&self, relay: &str, now: Millis) -> Result<ExportStatus> {
+        export::status(&self.reads, relay, now).await
     }
 
     async fn outbox(&self, max_events: u32) -> Result<Vec<OutboxEntry>> {

@@ -557,6 +557,52 @@ async fn the_export_switch_is_shared_by_every_store() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_export_off_waits_for_batches_in_flight() -> Result<()> {
+    let Some((a, b, db)) = two().await? else {
+        return Ok(());
+    };
+    a.enable_export().await?;
+    let sub = submission(None);
+    b.submit(sub.clone()).await?;
+
+    // A batch of another process that read the switch as on, not committed yet.
+    let mut conn = raw(&db).await;
+    let mut batch = conn.begin().await.expect("begin");
+    let inserted = sqlx::query(
+        "INSERT INTO outbox (run_id, first_seq, last_seq) SELECT $1, 1, 1 \
+         WHERE EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on')",
+    )
+    .bind(sub.run_id.0)
+    .execute(&mut *batch)
+    .await
+    .expect("insert an entry")
+    .rows_affected();
+    assert_eq!(inserted, 1);
+
+    let disable = tokio::spawn({
+        let a = a.clone();
+        async move { a.disable_export().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!disable.is_finished(), "it waits for the batch");
+    // A batch that inserts its events now waits for the switch, then reads it as off.
+    let late = tokio::spawn({
+        let b = b.clone();
+        async move { b.append(append(sub.run_id, 1, rejected("late"))).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!late.is_finished(), "it waits for the switch");
+
+    batch.commit().await.expect("commit");
+    let dropped = disable.await.expect("no panic")?;
+    assert_eq!(dropped, 2, "the submit's entry and the batch's");
+    assert_eq!(late.await.expect("no panic")?.last_seq, 2);
+    assert!(a.outbox(100).await?.is_empty(), "no entry outlives it");
+    assert!(!b.export_status("relay", T0).await?.enabled);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_op_fails_alone() -> Result<()> {
     let Some((store, db)) = open().await? else {
         return Ok(());

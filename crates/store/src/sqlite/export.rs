@@ -1,6 +1,7 @@
-//! Event export: the switch, reading and acknowledging the outbox, and the
-//! relay lease. The outbox rows themselves are written with the journal
-//! (`journal`), in the same statements' transaction.
+//! Event export: the switch, reading and acknowledging the outbox, the
+//! relay lease, and the status of all three. The outbox rows themselves are
+//! written with the journal (`journal`), in the same statements'
+//! transaction.
 //!
 //! The writes here are writer ops like any other (the writer owns the only
 //! write connection); the outbox is read on the read pool.
@@ -12,7 +13,7 @@ use sqlx::{SqliteConnection, SqlitePool};
 
 use super::backend;
 use super::bulk::{self, Binding, Bulk, BulkRow};
-use crate::{OutboxEntry, Result, outbox};
+use crate::{ExportStatus, OutboxEntry, Result, outbox};
 
 /// [`super::writer::Op::RelayLease`].
 pub(super) struct RelayLease {
@@ -34,6 +35,29 @@ pub(super) async fn enable(conn: &mut SqliteConnection) -> Result<()> {
         .await
         .map_err(backend)?;
     Ok(())
+}
+
+const DISABLE: &str = "UPDATE settings SET value = 'off' WHERE name = 'export' AND value <> 'off'";
+
+/// Every entry; without a `WHERE`, SQLite drops the table's pages at once
+/// instead of deleting row by row (and still counts the rows).
+const CLEAR_OUTBOX: &str = "DELETE FROM outbox";
+
+/// Switches export off and drops every outbox entry; how many. Earlier
+/// batches are committed, so their entries are dropped, and this batch's
+/// journal writes (they run after the other ops of a batch) read the switch
+/// as off and write none: nothing is left behind.
+pub(super) async fn disable(conn: &mut SqliteConnection) -> Result<u64> {
+    sqlx::query(DISABLE)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let dropped = sqlx::query(CLEAR_OUTBOX)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+    Ok(dropped)
 }
 
 /// An outbox entry to delete.
@@ -105,4 +129,27 @@ pub(super) async fn outbox(pool: &SqlitePool, max_events: u32) -> Result<Vec<Out
         .await
         .map_err(backend)?;
     outbox::entries(rows)
+}
+
+/// The switch, the backlog (the oldest entry is the lowest id: the writer
+/// gives ids in commit order) and the lease named `?1`, in one statement.
+const STATUS: &str = "SELECT \
+         EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on') AS enabled, \
+         backlog.entries, backlog.events, \
+         (SELECT events.at FROM outbox \
+             JOIN events ON events.run_id = outbox.run_id AND events.seq = outbox.first_seq \
+             ORDER BY outbox.id LIMIT 1) AS oldest, \
+         relay_leases.owner, relay_leases.until \
+     FROM (SELECT count(*) AS entries, coalesce(sum(last_seq - first_seq + 1), 0) AS events \
+         FROM outbox) AS backlog \
+     LEFT JOIN relay_leases ON relay_leases.name = ?1";
+
+/// The export status, with the lease `relay` live if it runs past `now`.
+pub(super) async fn status(pool: &SqlitePool, relay: &str, now: Millis) -> Result<ExportStatus> {
+    let row = sqlx::query_as::<_, outbox::StatusRow>(STATUS)
+        .bind(relay)
+        .fetch_one(pool)
+        .await
+        .map_err(backend)?;
+    row.status(now)
 }

@@ -12,7 +12,7 @@
 //! * `queue`: claims, heartbeats, retries and releases of tasks.
 //! * `agents`: registering agent versions.
 //! * `export`: the export switch, reading and acknowledging the outbox, the
-//!   relay lease (outbox rows are written by `journal`).
+//!   relay lease, the export status (outbox rows are written by `journal`).
 //! * `bulk`: statements over many rows (`VALUES` lists).
 //! * `migrate` and `migrations/`: the schema and its versions.
 //!
@@ -50,9 +50,9 @@ use self::journal::{AppendEvents, Encoded, Insert, Submit};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, Lease, OutboxEntry, Projection,
-    Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind,
-    TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Lease, OutboxEntry,
+    Projection, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
+    TaskKind, TaskUpdate,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -601,6 +601,15 @@ impl Store for SqliteStore {
     async fn enable_export(&self) -> Result<()> {
         self.write(|reply| Op::EnableExport(Call::new((), reply)))
             .await
+    }
+
+    async fn disable_export(&self) -> Result<u64> {
+        self.write(|reply| Op::DisableExport(Call::new((), reply)))
+            .await
+    }
+
+    async fn export_status(&self, relay: &str, now: Millis) -> Result<ExportStatus> {
+        export::status(&self.reads, relay, now).await
     }
 
     async fn outbox(&self, max_events: u32) -> Result<Vec<OutboxEntry>> {

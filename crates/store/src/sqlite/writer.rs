@@ -123,6 +123,8 @@ pub(super) enum Op {
     ReleaseAll(Call<ReleaseAll, u64>),
     /// Switch event export on.
     EnableExport(Call<(), ()>),
+    /// Switch event export off and drop the outbox.
+    DisableExport(Call<(), u64>),
     /// Delete published outbox entries.
     AckOutbox(Call<Vec<i64>, ()>),
     /// Take or extend a relay lease.
@@ -141,6 +143,7 @@ impl Op {
             Op::RetryLater(call) => call.clear(),
             Op::ReleaseAll(call) => call.clear(),
             Op::EnableExport(call) => call.clear(),
+            Op::DisableExport(call) => call.clear(),
             Op::AckOutbox(call) => call.clear(),
             Op::RelayLease(call) => call.clear(),
         }
@@ -157,6 +160,7 @@ impl Op {
             Op::RetryLater(call) => call.fail(message),
             Op::ReleaseAll(call) => call.fail(message),
             Op::EnableExport(call) => call.fail(message),
+            Op::DisableExport(call) => call.fail(message),
             Op::AckOutbox(call) => call.fail(message),
             Op::RelayLease(call) => call.fail(message),
         }
@@ -173,6 +177,7 @@ impl Op {
             Op::RetryLater(call) => call.finish(),
             Op::ReleaseAll(call) => call.finish(),
             Op::EnableExport(call) => call.finish(),
+            Op::DisableExport(call) => call.finish(),
             Op::AckOutbox(call) => call.finish(),
             Op::RelayLease(call) => call.finish(),
         }
@@ -214,6 +219,10 @@ async fn run(
             }
             Op::EnableExport(call) => {
                 let result = export::enable(conn).await;
+                call.settle(result)?;
+            }
+            Op::DisableExport(call) => {
+                let result = export::disable(conn).await;
                 call.settle(result)?;
             }
             Op::AckOutbox(call) => {
