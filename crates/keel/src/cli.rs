@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::Client;
 use crate::progress::Printer;
 use crate::service::{self, Service, Submit};
-use crate::{api, bench, embedded};
+use crate::{api, bench, embedded, events};
 
 const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 
@@ -42,6 +42,11 @@ enum Command {
         /// SQLite database file.
         #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
         db: PathBuf,
+    },
+    /// Event export in the store: its status (backlog, relay), or switch it off.
+    Events {
+        #[command(subcommand)]
+        action: events::Command,
     },
     /// Run an agent spec on an input and show each journaled step: durably
     /// in-process on the embedded store, or on a server with --server.
@@ -320,6 +325,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             migrate(database_url.as_deref(), &db).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Events { action } => events::run(action).await.map(|_| ExitCode::SUCCESS),
     }
 }
 

@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //!
-//! * [`cli`]: the `keel` commands (`serve`, `run`, `status`, `watch`, `runs`,
-//!   `dlq`, `agents`, `bench`).
+//! * [`cli`]: the `keel` commands (`serve`, `migrate`, `events`, `run`,
+//!   `status`, `watch`, `runs`, `dlq`, `agents`, `bench`).
 //! * [`embedded`]: opening the embedded SQLite store for one process.
+//! * [`events`]: `keel events status|off`, event export as the store holds
+//!   it (switch, outbox backlog, relay lease), and the relay lease's name.
 //! * [`service`]: what the API and the in-process CLI do to runs and agents
 //!   (submit, cancel, re-drive, the run view, following a journal).
 //! * [`api`]: the axum router and its handlers; errors map to status codes.
@@ -23,6 +25,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod embedded;
+pub mod events;
 pub mod mock;
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -32,9 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Backoff, Error, Names};
-
-/// The store's name for the relay lease: one outbox, one active relay.
-const LEASE_NAME: &str = "nats-events";
+use crate::events::RELAY_LEASE;
 
 /// Relay settings.
 #[derive(Clone, Debug)]
@@ -235,7 +233,7 @@ impl<S: Store> Relay<S> {
             let at = now();
             if let Err(e) = self
                 .store
-                .relay_lease(LEASE_NAME, &self.options.owner, at, at)
+                .relay_lease(RELAY_LEASE, &self.options.owner, at, at)
                 .await
             {
                 debug!(error = %e, "could not release the relay lease");
@@ -255,7 +253,7 @@ impl<S: Store> Relay<S> {
             let until = at + self.options.lease.as_millis() as Millis;
             lease.held = self
                 .store
-                .relay_lease(LEASE_NAME, &self.options.owner, until, at)
+                .relay_lease(RELAY_LEASE, &self.options.owner, until, at)
                 .await?;
             lease.renewed_at = at;
             if !lease.held {

@@ -1,24 +1,9 @@
 //! The CLI as a user runs it: the README's offline demo, and the remote
 //! commands against a server.
 
-use std::process::Command;
-
 use keel::mock::Mock;
 
 use crate::support::*;
-
-fn keel(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
-        .env("KEEL_LOG", "warn")
-        .output()
-        .expect("run keel");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn the_offline_demo_runs_real_tools_and_shows_the_journal() {

@@ -7,6 +7,7 @@ mod api;
 mod backpressure;
 mod cli;
 mod crash;
+mod events;
 mod failures;
 mod journal;
 #[cfg(feature = "nats")]

@@ -28,6 +28,23 @@ impl Drop for TempDir {
     }
 }
 
+/// Runs `keel` with `args` to the end: whether it succeeded, its stdout
+/// and its stderr.
+pub fn keel(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .env("KEEL_LOG", "warn")
+        .env_remove("KEEL_DB")
+        .env_remove("KEEL_DATABASE_URL")
+        .output()
+        .expect("run keel");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A `keel serve` child process, killed on drop.
 pub struct Server {
     pub child: Child,
