@@ -79,6 +79,25 @@ pub struct Serve {
     pub sole_process: bool,
 }
 
+/// This process's name in the relay lease: where it runs (the host name,
+/// which is the pod name on Kubernetes), its pid, and a unique part (a
+/// restarted process is a new owner), so `keel events status` tells an
+/// operator which process publishes.
+fn relay_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_string());
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    format!(
+        "relay-{host}-{}-{}",
+        std::process::id(),
+        &unique[unique.len() - 8..]
+    )
+}
+
 /// Starts the relay and/or the ingest consumer `serve` asks for; they stop
 /// on `cancel`. Export is switched on in the store before this returns, so
 /// call it before the engine and the API start committing.
@@ -93,7 +112,7 @@ pub async fn start<S: Store>(
         let owner = if serve.sole_process {
             "embedded".to_string()
         } else {
-            format!("relay-{}", uuid::Uuid::now_v7())
+            relay_owner()
         };
         let relay = relay::Relay::new(
             service.store.clone(),

@@ -171,14 +171,27 @@ async fn every_event_is_exported_once_in_order_across_a_sigkill() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let messages = read_stream(&js, &names.events_stream()).await;
+    check_exported(&messages, &journal, &names, "exporter");
+    delete_streams(&js, &names).await;
+}
+
+/// Checks the exported stream against the journals (run id -> last seq):
+/// every event exactly once, in order per run, with the documented
+/// envelope, subject and message id.
+fn check_exported(
+    messages: &[jetstream::Message],
+    journal: &HashMap<String, i64>,
+    names: &Names,
+    agent: &str,
+) {
     assert_eq!(
         messages.len() as i64,
-        total,
+        journal.values().sum::<i64>(),
         "JetStream holds each event exactly once"
     );
     let mut seen_ids = HashSet::new();
     let mut next_seq: HashMap<String, i64> = HashMap::new();
-    for message in &messages {
+    for message in messages {
         let event: Value = serde_json::from_slice(&message.payload).expect("event json");
         let run_id = event["run_id"].as_str().expect("run_id").to_string();
         let seq = event["seq"].as_i64().expect("seq");
@@ -188,13 +201,13 @@ async fn every_event_is_exported_once_in_order_across_a_sigkill() {
         assert_eq!(header(message, "Nats-Msg-Id"), Some(id.as_str()));
         assert_eq!(header(message, "Keel-Event-Type"), event["type"].as_str());
         assert_eq!(event["tenant"], "default");
-        assert_eq!(event["agent"], "exporter");
+        assert_eq!(event["agent"], agent);
         assert_eq!(event["version"], "1");
         assert!(event["at"].as_i64().is_some_and(|at| at > 0));
         assert!(event["data"].is_object() && event["data"].get("type").is_none());
         assert_eq!(
             message.subject.as_str(),
-            format!("{}.events.default.exporter.{run_id}", names.prefix())
+            format!("{}.events.default.{agent}.{run_id}", names.prefix())
         );
         assert!(seen_ids.insert(id.clone()), "{id} exported twice");
         // In order per run: each run's events arrive as 1, 2, 3, ...
@@ -207,14 +220,13 @@ async fn every_event_is_exported_once_in_order_across_a_sigkill() {
             _ => {}
         }
     }
-    for (id, last_seq) in &journal {
+    for (id, last_seq) in journal {
         assert_eq!(
             next_seq.get(id),
             Some(&(last_seq + 1)),
             "run {id} incomplete"
         );
     }
-    delete_streams(&js, &names).await;
 }
 
 #[tokio::test]
@@ -538,4 +550,110 @@ async fn ingestion_stops_pulling_at_the_pending_ceiling_and_loses_nothing() {
     );
     assert_eq!(stream_messages(&js, &names.ingest_stream()).await, 0);
     delete_streams(&js, &names).await;
+}
+
+/// Two worker processes on PostgreSQL both run a relay; one holds the
+/// lease and publishes. SIGKILLed mid-export, it cannot hand the lease
+/// back: the other process takes it once it expires and exports the rest,
+/// each event still exactly once and in order per run.
+#[tokio::test]
+async fn the_relay_lease_moves_to_another_process_after_a_sigkill() {
+    let Some((url, js)) = jetstream("relay handover").await else {
+        return;
+    };
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let names = unique_names();
+    let mock = Mock::start().await.expect("mock");
+    mock.counters.llm_latency_ms.store(50, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
+    let relay_args = [
+        "--database-url",
+        db.url.as_str(),
+        "--role",
+        "worker",
+        "--workers",
+        "16",
+        "--events",
+        url.as_str(),
+        "--nats-prefix",
+        names.prefix(),
+    ];
+    let mut relays = [
+        Server::start(&dir.db(), &relay_args).await,
+        Server::start(&dir.db(), &relay_args).await,
+    ];
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &api,
+        &agent_yaml("handover", &mock, "tools:4", "echo", ""),
+    )
+    .await;
+    let inputs: Vec<String> = (0..100).map(|i| format!("job {i}")).collect();
+    let ids: Vec<String> = futures_util::future::join_all(
+        inputs
+            .iter()
+            .map(|input| submit(&http, &api, "handover", input)),
+    )
+    .await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stream_messages(&js, &names.events_stream()).await < 150 {
+        assert!(Instant::now() < deadline, "no events exported");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let holder = relay_holder(&db.url).await;
+    let pid = |server: &Server| server.child.id().to_string();
+    let killed = relays
+        .iter()
+        .position(|r| holder.contains(&format!("-{}-", pid(r))))
+        .unwrap_or_else(|| panic!("the lease holder {holder} is none of the relays"));
+    relays[killed].kill();
+    let at_kill = stream_messages(&js, &names.events_stream()).await;
+    eprintln!("killed the relay holding the lease ({holder}) with {at_kill} events exported");
+
+    let mut journal: HashMap<String, i64> = HashMap::new();
+    for id in &ids {
+        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+        journal.insert(id.clone(), run["last_seq"].as_i64().expect("last_seq"));
+    }
+    let total: i64 = journal.values().sum();
+    assert!(
+        (at_kill as i64) < total,
+        "the kill came after everything was exported ({at_kill} of {total})"
+    );
+    // The lease lasts 15 s: the survivor takes it over within that and a renewal.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while (stream_messages(&js, &names.events_stream()).await as i64) < total {
+        assert!(
+            Instant::now() < deadline,
+            "not every event was exported after the handover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let survivor = relay_holder(&db.url).await;
+    assert!(
+        survivor.contains(&format!("-{}-", pid(&relays[1 - killed]))),
+        "the lease is held by {survivor}, not by the surviving relay"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let messages = read_stream(&js, &names.events_stream()).await;
+    check_exported(&messages, &journal, &names, "handover");
+    delete_streams(&js, &names).await;
+}
+
+/// The owner of the relay lease on a PostgreSQL database.
+async fn relay_holder(url: &str) -> String {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    let owner: String = sqlx::query_scalar("SELECT owner FROM relay_leases")
+        .fetch_one(&mut conn)
+        .await
+        .expect("a relay holds the lease");
+    let _ = conn.close().await;
+    owner
 }
