@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //!
+//! * [`breaker`]: the circuit breaker of one provider endpoint (pure state).
+//! * [`config`]: the server's configuration file: LLM providers, their keys'
+//!   sources, rate limits, circuit breakers and prices.
 //! * [`ids`]: run and task ids (UUID v7), sequence numbers, epoch-millis time.
 //! * [`message`]: the conversation: messages, tool calls, token usage.
 //! * [`spec`]: agent specs (YAML/JSON), validated with errors naming the field,
@@ -11,6 +14,8 @@
 //! * [`run`]: the run state machine: [`run::State`] is the fold of the events,
 //!   [`run::handle`] turns a command into events and effects.
 
+pub mod breaker;
+pub mod config;
 pub mod event;
 pub mod ids;
 pub mod message;

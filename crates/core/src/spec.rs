@@ -701,7 +701,7 @@ pub fn clip(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {
+pub(crate) fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {
     let ok = !value.is_empty()
         && value.len() <= 64
         && value
@@ -754,7 +754,7 @@ fn is_env_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn is_http_url(url: &str) -> bool {
+pub(crate) fn is_http_url(url: &str) -> bool {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));

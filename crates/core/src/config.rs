@@ -1,0 +1,531 @@
+//! The server's configuration file (`keel serve --config keel.yaml`): the
+//! LLM providers, configured once for every agent. An agent names a
+//! provider and a model; the endpoint, the key, the rate limits, the
+//! circuit breaker and the prices live here, so agents never hold keys.
+//!
+//! ```yaml
+//! providers:
+//!   openai:                          # what agents write in model.provider
+//!     kind: openai                   # wire protocol: openai | anthropic
+//!     base_url: https://api.openai.com/v1
+//!     api_key_env: OPENAI_API_KEY    # or api_key_file: /run/secrets/openai
+//!     timeout: 60s                   # one call, whole answer
+//!     breaker: {failures: 5, open_for: 30s}
+//!     models:
+//!       gpt-4o:
+//!         rpm: 600                   # requests per minute, all processes together
+//!         tpm: 150000                # tokens per minute (input + output)
+//!         price: {input: 2.50, output: 10.00}   # USD per million tokens
+//! ```
+//!
+//! Parsing is strict (unknown fields are errors) and validation names the
+//! field at fault, as for agent specs. This module only says where a key
+//! comes from ([`ProviderConfig::key_source`]); the engine reads it when a
+//! call needs it, so a rotated key file takes effect without a restart and
+//! a provider no agent uses needs no key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::spec::{FieldError, check_name, human_duration, is_http_url};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The text is not valid YAML or JSON.
+    #[error("configuration is not valid YAML/JSON: {0}")]
+    Syntax(String),
+    /// One or more fields are missing, unknown or invalid.
+    #[error("invalid configuration: {}", join(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join(errors: &[FieldError]) -> String {
+    let parts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    parts.join("; ")
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// LLM providers by the name agents use in `model.provider`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+/// The wire protocol of a provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// OpenAI-compatible chat completions (OpenAI, vLLM, Ollama, llama.cpp).
+    Openai,
+    /// The Anthropic Messages API.
+    Anthropic,
+}
+
+impl Kind {
+    /// Where requests go when `base_url` is not given.
+    pub fn default_base_url(self) -> &'static str {
+        match self {
+            Kind::Openai => "https://api.openai.com/v1",
+            Kind::Anthropic => "https://api.anthropic.com/v1",
+        }
+    }
+}
+
+/// One provider endpoint and what applies to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Its wire protocol.
+    pub kind: Kind,
+    /// Base URL (the part before `/chat/completions` or `/messages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Environment variable holding the API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// File holding the API key (a mounted secret); surrounding whitespace
+    /// is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<String>,
+    /// Timeout of one call (the whole answer, streamed or not).
+    #[serde(default = "default_timeout", with = "human_duration")]
+    pub timeout: Duration,
+    /// When to stop calling a failing endpoint for a while.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Limits and prices per model name. A model not listed has no limit
+    /// and no price (its cost counts as zero).
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl ProviderConfig {
+    /// The base URL requests go to.
+    pub fn base_url(&self) -> &str {
+        self.base_url
+            .as_deref()
+            .unwrap_or_else(|| self.kind.default_base_url())
+    }
+
+    /// Where the API key comes from; `None` for a provider configured
+    /// without a key (a local server). The engine reads it at each call.
+    pub fn key_source(&self) -> Option<KeySource<'_>> {
+        match (&self.api_key_env, &self.api_key_file) {
+            (Some(var), _) => Some(KeySource::Env(var)),
+            (None, Some(path)) => Some(KeySource::File(path)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Where a provider's API key is read from (never the key itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource<'a> {
+    /// An environment variable, by name.
+    Env(&'a str),
+    /// A file (a mounted secret), by path; surrounding whitespace is ignored.
+    File(&'a str),
+}
+
+impl KeySource<'_> {
+    /// The key from the variable's or the file's contents (`None`: unset or
+    /// unreadable), trimmed; the error names the source, never a key.
+    pub fn key(&self, provider: &str, contents: Option<String>) -> Result<String, String> {
+        match contents.as_deref().map(str::trim) {
+            Some(key) if !key.is_empty() => Ok(key.to_string()),
+            Some(_) => Err(format!(
+                "provider `{provider}`: {} is empty",
+                self.describe()
+            )),
+            None => Err(format!(
+                "provider `{provider}`: {} is not set or cannot be read",
+                self.describe()
+            )),
+        }
+    }
+
+    /// How an error names it.
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::Env(var) => format!("environment variable {var} (api_key_env)"),
+            KeySource::File(path) => format!("key file {path} (api_key_file)"),
+        }
+    }
+}
+
+/// Circuit breaker thresholds of one provider endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failed calls (transient errors: timeouts, 5xx, refused
+    /// connections) that open the breaker.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    /// How long it stays open before letting trial calls through.
+    #[serde(default = "default_open_for", with = "human_duration")]
+    pub open_for: Duration,
+    /// Trial calls let through while half-open; all must succeed to close it.
+    #[serde(default = "default_trials")]
+    pub trials: u32,
+}
+
+fn default_failures() -> u32 {
+    5
+}
+
+fn default_open_for() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_trials() -> u32 {
+    1
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: default_failures(),
+            open_for: default_open_for(),
+            trials: default_trials(),
+        }
+    }
+}
+
+/// Limits and prices of one model of a provider.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Requests per minute, for every process sharing the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (input + output), for every process sharing the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// USD per million tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
+}
+
+/// A price per million tokens, in USD.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per million input (prompt) tokens.
+    pub input: f64,
+    /// Per million output (completion) tokens.
+    pub output: f64,
+}
+
+impl Price {
+    /// The cost of one call in USD.
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input + output_tokens as f64 * self.output) / 1_000_000.0
+    }
+}
+
+/// Names an agent may not give a configured provider: they select the
+/// spec's own inline settings.
+pub const RESERVED_PROVIDER_NAMES: [&str; 1] = ["scripted"];
+
+impl Config {
+    /// Parses YAML or JSON text (JSON is YAML) and validates it.
+    pub fn parse(text: &str) -> Result<Config, Error> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let value: Value =
+            serde_yaml_ng::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+        Config::from_value(value)
+    }
+
+    /// Validates an already-parsed value.
+    pub fn from_value(value: Value) -> Result<Config, Error> {
+        if !value.is_object() {
+            return Err(Error::Invalid(vec![FieldError {
+                field: "(root)".into(),
+                message: "the configuration must be a mapping (with `providers`)".into(),
+            }]));
+        }
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." {
+                "(root)".to_string()
+            } else {
+                field
+            };
+            Error::Invalid(vec![FieldError {
+                field,
+                message: e.inner().to_string(),
+            }])
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: names, URLs, one key source, limits.
+    fn validate(&self) -> Result<(), Error> {
+        let mut errors = Vec::new();
+        let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+        for (name, provider) in &self.providers {
+            let at = format!("providers.{name}");
+            check_name(name, &at, &mut err);
+            if RESERVED_PROVIDER_NAMES.contains(&name.as_str()) {
+                err(
+                    at.clone(),
+                    format!("`{name}` is reserved for the built-in provider"),
+                );
+            }
+            if let Some(url) = &provider.base_url
+                && !is_http_url(url)
+            {
+                err(
+                    format!("{at}.base_url"),
+                    format!("`{url}` is not an http(s) URL"),
+                );
+            }
+            if provider.api_key_env.is_some() && provider.api_key_file.is_some() {
+                err(
+                    format!("{at}.api_key_env"),
+                    "give api_key_env or api_key_file, not both".into(),
+                );
+            }
+            if let Some(var) = &provider.api_key_env
+                && (var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            {
+                err(
+                    format!("{at}.api_key_env"),
+                    format!(
+                        "`{var}` is not an environment variable name (the key itself never goes here)"
+                    ),
+                );
+            }
+            if let Some(path) = &provider.api_key_file
+                && path.trim().is_empty()
+            {
+                err(format!("{at}.api_key_file"), "must not be empty".into());
+            }
+            if provider.timeout.is_zero() {
+                err(format!("{at}.timeout"), "must be more than 0".into());
+            }
+            let breaker = &provider.breaker;
+            if breaker.failures == 0 {
+                err(
+                    format!("{at}.breaker.failures"),
+                    "must be at least 1".into(),
+                );
+            }
+            if breaker.trials == 0 {
+                err(format!("{at}.breaker.trials"), "must be at least 1".into());
+            }
+            if breaker.open_for.is_zero() {
+                err(
+                    format!("{at}.breaker.open_for"),
+                    "must be more than 0".into(),
+                );
+            }
+            for (model, limits) in &provider.models {
+                let at = format!("{at}.models.{model}");
+                if model.trim().is_empty() {
+                    err(at.clone(), "a model name must not be empty".into());
+                }
+                for (field, limit) in [("rpm", limits.rpm), ("tpm", limits.tpm)] {
+                    if limit == Some(0) {
+                        err(
+                            format!("{at}.{field}"),
+                            "must be at least 1 (leave it out for no limit)".into(),
+                        );
+                    }
+                }
+                if let Some(price) = &limits.price {
+                    for (field, value) in [("input", price.input), ("output", price.output)] {
+                        if !value.is_finite() || value < 0.0 {
+                            err(
+                                format!("{at}.price.{field}"),
+                                format!(
+                                    "{value} is not a price (USD per million tokens, 0 or more)"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(errors))
+        }
+    }
+
+    /// A provider by the name agents use.
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.get(name)
+    }
+
+    /// The limits and price of a provider's model, if configured.
+    pub fn model(&self, provider: &str, model: &str) -> Option<&ModelConfig> {
+        self.providers.get(provider)?.models.get(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+providers:
+  openai:
+    kind: openai
+    api_key_env: OPENAI_API_KEY
+    breaker: {failures: 3, open_for: 10s}
+    models:
+      gpt-4o:
+        rpm: 600
+        tpm: 150000
+        price: {input: 2.5, output: 10}
+  claude:
+    kind: anthropic
+    api_key_file: /run/secrets/anthropic
+    timeout: 2m
+    models:
+      claude-sonnet: {rpm: 50}
+  local:
+    kind: openai
+    base_url: http://127.0.0.1:8000/v1
+"#;
+
+    #[test]
+    fn a_full_configuration_parses_with_defaults() {
+        let config = Config::parse(FULL).expect("valid");
+        let openai = config.provider("openai").expect("openai");
+        assert_eq!(openai.kind, Kind::Openai);
+        assert_eq!(openai.base_url(), "https://api.openai.com/v1");
+        assert_eq!(openai.timeout, Duration::from_secs(60));
+        assert_eq!(openai.breaker.failures, 3);
+        assert_eq!(openai.breaker.open_for, Duration::from_secs(10));
+        assert_eq!(openai.breaker.trials, 1);
+        let gpt = config.model("openai", "gpt-4o").expect("model");
+        assert_eq!((gpt.rpm, gpt.tpm), (Some(600), Some(150_000)));
+        let price = gpt.price.expect("price");
+        assert!((price.cost(1_000_000, 100_000) - 3.5).abs() < 1e-9);
+        let claude = config.provider("claude").expect("claude");
+        assert_eq!(claude.base_url(), "https://api.anthropic.com/v1");
+        assert_eq!(claude.timeout, Duration::from_secs(120));
+        assert_eq!(claude.breaker, BreakerConfig::default());
+        assert_eq!(
+            config.provider("local").map(ProviderConfig::base_url),
+            Some("http://127.0.0.1:8000/v1")
+        );
+        assert!(config.model("openai", "gpt-3.5").is_none());
+        assert!(config.provider("nope").is_none());
+    }
+
+    #[test]
+    fn an_empty_file_configures_nothing() {
+        assert_eq!(Config::parse("").expect("empty"), Config::default());
+        assert_eq!(
+            Config::parse("providers: {}").expect("none"),
+            Config::default()
+        );
+    }
+
+    fn fields(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Err(Error::Invalid(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            fields("providers: {openai: {kind: openai, api_key: sk-123}}"),
+            ["providers.openai.api_key"]
+        );
+        assert_eq!(
+            fields("providers: {openai: {kind: gemini}}"),
+            ["providers.openai.kind"]
+        );
+        assert_eq!(
+            fields("providers: {openai: {kind: openai, timeout: soon}}"),
+            ["providers.openai.timeout"]
+        );
+        assert_eq!(
+            fields(
+                "providers: {openai: {kind: openai, models: {gpt: {rpm: 0, price: {input: -1, output: 1}}}}}"
+            ),
+            [
+                "providers.openai.models.gpt.rpm",
+                "providers.openai.models.gpt.price.input"
+            ]
+        );
+        assert_eq!(
+            fields("providers: {o: {kind: openai, api_key_env: X, api_key_file: /k}}"),
+            ["providers.o.api_key_env"]
+        );
+        assert_eq!(
+            fields("providers: {o: {kind: openai, api_key_env: sk-live-123}}"),
+            ["providers.o.api_key_env"]
+        );
+        assert_eq!(
+            fields("providers: {o: {kind: openai, base_url: ftp://x}}"),
+            ["providers.o.base_url"]
+        );
+        assert_eq!(
+            fields(
+                "providers: {o: {kind: openai, breaker: {failures: 0, trials: 0, open_for: 0s}}}"
+            ),
+            [
+                "providers.o.breaker.failures",
+                "providers.o.breaker.trials",
+                "providers.o.breaker.open_for"
+            ]
+        );
+        assert_eq!(
+            fields("providers: {scripted: {kind: openai}}"),
+            ["providers.scripted"]
+        );
+        assert_eq!(
+            fields("providers: {'bad name': {kind: openai}}"),
+            ["providers.bad name"]
+        );
+        assert_eq!(fields("- a list"), ["(root)"]);
+        assert!(matches!(
+            Config::parse("providers: ["),
+            Err(Error::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn keys_come_from_the_environment_or_a_file_and_errors_name_the_source() {
+        let config = Config::parse(FULL).expect("valid");
+        let openai = config.provider("openai").expect("openai");
+        let source = openai.key_source().expect("a key");
+        assert_eq!(source, KeySource::Env("OPENAI_API_KEY"));
+        assert_eq!(
+            source.key("openai", Some("sk-test\n".into())),
+            Ok("sk-test".to_string())
+        );
+        let missing = source.key("openai", None).expect_err("unset");
+        assert!(missing.contains("OPENAI_API_KEY"), "{missing}");
+        let claude = config.provider("claude").expect("claude");
+        let file = claude.key_source().expect("a key");
+        assert_eq!(file, KeySource::File("/run/secrets/anthropic"));
+        let empty = file.key("claude", Some(" \n".into())).expect_err("empty");
+        assert!(
+            empty.contains("/run/secrets/anthropic") && empty.contains("empty"),
+            "{empty}"
+        );
+        assert_eq!(config.provider("local").expect("local").key_source(), None);
+    }
+}
