@@ -36,6 +36,10 @@ pub enum Event {
         usage: Usage,
         /// Model that answered.
         model: String,
+        /// What the call cost in USD, from the server's price table when it
+        /// has the model (absent otherwise: counted as 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost_usd: Option<f64>,
     },
     /// A reply the model must correct (it was empty); the text goes back to it.
     LlmRejected {
@@ -115,6 +119,10 @@ pub enum Event {
     RunFailed {
         /// Why.
         error: String,
+        /// The kind of failure, for machines: `budget_exceeded`, `max_steps`,
+        /// `timeout` (absent for other failures).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
     },
     /// The run was cancelled.
     RunCancelled {

@@ -221,6 +221,12 @@ pub struct Limits {
     /// Wall-clock limit of one run.
     #[serde(default = "default_run_timeout", with = "human_duration")]
     pub timeout: Duration,
+    /// Most tokens (input + output, all LLM calls) one run may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_total: Option<u64>,
+    /// Most one run may cost, in USD, priced by the server's price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<f64>,
 }
 
 impl Default for Limits {
@@ -228,6 +234,8 @@ impl Default for Limits {
         Self {
             max_steps: default_max_steps(),
             timeout: default_run_timeout(),
+            max_tokens_total: None,
+            max_cost: None,
         }
     }
 }
@@ -598,6 +606,20 @@ impl Agent {
             err(
                 "limits.max_steps".into(),
                 "must be between 1 and 10000".into(),
+            );
+        }
+        if spec.limits.max_tokens_total == Some(0) {
+            err(
+                "limits.max_tokens_total".into(),
+                "must be at least 1 (leave it out for no limit)".into(),
+            );
+        }
+        if let Some(cost) = spec.limits.max_cost
+            && !(cost.is_finite() && cost > 0.0)
+        {
+            err(
+                "limits.max_cost".into(),
+                format!("{cost} is not a budget (USD, more than 0; leave it out for no limit)"),
             );
         }
         if spec.limits.timeout.is_zero() {

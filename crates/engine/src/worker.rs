@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use keel_core::config::Config;
+use keel_core::message::Usage;
 use keel_core::run::{self, Command, Effect, Invocation, State, Status};
+use keel_core::spec::Provider;
 use keel_core::{Agent, Event, RunId};
 use keel_store::{
     Append, Error as StoreError, LeaseTo, NewTask, Projection, Store, Task, TaskKind, TaskUpdate,
@@ -46,6 +49,8 @@ pub struct Options {
     pub claim_batch: u32,
     /// How long shutdown waits for in-flight tasks before giving them back.
     pub drain: Duration,
+    /// The server's configuration: the price table that costs each LLM call.
+    pub config: Arc<Config>,
 }
 
 impl Default for Options {
@@ -57,6 +62,7 @@ impl Default for Options {
             poll: Duration::from_secs(1),
             claim_batch: 256,
             drain: Duration::from_secs(10),
+            config: Arc::default(),
         }
     }
 }
@@ -290,6 +296,19 @@ async fn abandon<S: Store>(inner: &Inner<S>, task: &Task, reason: &str) {
     }
 }
 
+/// What an LLM call of `agent` cost, if the configuration prices its model
+/// (by the provider and model the spec names, not the snapshot name a
+/// provider answers with).
+fn cost(config: &Config, agent: &Agent, usage: Usage) -> Option<f64> {
+    let model = &agent.spec.model;
+    let provider = match model.provider {
+        Provider::Openai => "openai",
+        Provider::Scripted => "scripted",
+    };
+    let price = config.model(provider, &model.model)?.price?;
+    Some(price.cost(usage.input_tokens, usage.output_tokens))
+}
+
 /// The run row's summary of a state, written with every append.
 pub fn projection(state: &State) -> Projection {
     let error = match (&state.error, &state.parked) {
@@ -428,6 +447,7 @@ async fn llm_step<S: Store>(
         agent,
         Command::LlmResponded {
             step: task.step,
+            cost_usd: cost(&inner.options.config, agent, response.usage),
             message: response.message,
             usage: response.usage,
             model: response.model,

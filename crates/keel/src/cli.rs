@@ -7,12 +7,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
+use std::sync::Arc;
+
 use keel_core::Agent;
+use keel_core::config::{BreakerConfig, Config};
 use keel_core::spec::human_duration;
 use keel_engine::{Engine, Options};
 use keel_store::postgres::PgStore;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::client::Client;
 use crate::progress::Printer;
@@ -132,6 +136,10 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Server configuration file (YAML): LLM providers and their prices
+    /// (docs/CONFIG.md).
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
     /// SQLite database file (the embedded store, used when no --database-url is given).
     #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
     db: PathBuf,
@@ -226,6 +234,36 @@ struct RunArgs {
     /// Tasks executed at once (in-process).
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Server configuration file (YAML): LLM providers and their prices
+    /// (docs/CONFIG.md).
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Reads and validates the configuration file, if one is given; the
+/// errors name the file and the fields at fault.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Arc<Config>> {
+    let Some(path) = path else {
+        return Ok(Arc::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+    let config = Config::parse(&text).with_context(|| format!("in {}", path.display()))?;
+    for (name, provider) in &config.providers {
+        for (model, limits) in &provider.models {
+            if limits.rpm.is_some() || limits.tpm.is_some() {
+                warn!(
+                    "providers.{name}.models.{model}: rpm/tpm are not enforced by this build yet"
+                );
+            }
+        }
+        if provider.breaker != BreakerConfig::default() {
+            warn!(
+                "providers.{name}.breaker: the circuit breaker is not enforced by this build yet"
+            );
+        }
+    }
+    Ok(Arc::new(config))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -405,6 +443,7 @@ async fn serve_on<S: keel_store::Store>(
         max_pending_per_agent: args.max_pending_per_agent.filter(|n| *n > 0),
         retry_after: args.retry_after,
     };
+    let config = load_config(args.config.as_deref())?;
     let service = Service::with_limits(store.clone(), limits);
     let nats = start_nats(&service, args, &cancel).await?;
     let workers = if args.role.runs_workers() {
@@ -412,6 +451,7 @@ async fn serve_on<S: keel_store::Store>(
             workers: args.workers.max(1),
             lease: args.lease,
             heartbeat: args.lease / 3,
+            config,
             ..Options::default()
         };
         Some(tokio::spawn(
@@ -540,6 +580,7 @@ fn load_spec(path: &Path) -> anyhow::Result<Agent> {
 
 async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let agent = load_spec(&args.spec)?;
+    let config = load_config(args.config.as_deref())?;
     let embedded = embedded::open(&args.db).await?;
     let store = embedded.store.clone();
     let svc = Service::new(store.clone());
@@ -572,6 +613,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         store.clone(),
         Options {
             workers: args.workers.max(1),
+            config,
             ..Options::default()
         },
     );

@@ -54,6 +54,7 @@ impl Printer {
                 step,
                 message,
                 usage,
+                cost_usd,
                 ..
             } => {
                 let mut parts = Vec::new();
@@ -65,8 +66,9 @@ impl Printer {
                     (_, false) => format!("calls {}", parts.join(", ")),
                     (None, true) => "answered nothing".into(),
                 };
+                let cost = cost_usd.map_or(String::new(), |c| format!(", ${c:.4}"));
                 format!(
-                    "step {step:<3} llm  {said}  [{} in / {} out tokens]",
+                    "step {step:<3} llm  {said}  [{} in / {} out tokens{cost}]",
                     usage.input_tokens, usage.output_tokens
                 )
             }
@@ -115,7 +117,7 @@ impl Printer {
             }
             Event::TaskRedriven { task_id } => format!("redriven       task {task_id}"),
             Event::RunCompleted { .. } => "completed".into(),
-            Event::RunFailed { error } => format!("failed: {error}"),
+            Event::RunFailed { error, .. } => format!("failed: {error}"),
             Event::RunCancelled { reason } => format!("cancelled: {reason}"),
         };
         format!("{t} {seq} {what}")

@@ -32,6 +32,8 @@ pub enum Command {
         usage: Usage,
         /// The model that answered.
         model: String,
+        /// What the call cost in USD, if the server prices the model.
+        cost_usd: Option<f64>,
     },
     /// The tool calls of `step` are about to be made (or made again after a crash).
     StartTools {
@@ -162,7 +164,8 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
             message,
             usage,
             model,
-        } => llm_responded(state, agent, step, message, usage, model),
+            cost_usd,
+        } => llm_responded(state, agent, step, message, usage, model, cost_usd),
         Command::StartTools { step } => start_tools(state, step),
         Command::ToolReturned {
             step,
@@ -180,6 +183,7 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
                     "run timed out: limits.timeout ({}) passed",
                     crate::spec::human_duration::format(agent.spec.limits.timeout)
                 ),
+                code: Some(code::TIMEOUT.into()),
             }],
             effects: Vec::new(),
         }),
@@ -193,6 +197,7 @@ fn llm_responded(
     message: Message,
     usage: Usage,
     model: String,
+    cost_usd: Option<f64>,
 ) -> Result<Transition, Rejected> {
     let awaiting = matches!(state.status, Status::Pending | Status::AwaitingLlm);
     if !awaiting || step != state.steps + 1 {
@@ -211,7 +216,22 @@ fn llm_responded(
         message,
         usage,
         model,
+        cost_usd,
     });
+
+    // A final answer completes the run even if this call crossed a budget
+    // (its cost is spent either way); anything else stops here.
+    let answered = calls.is_empty() && !content.trim().is_empty();
+    if !answered && let Some(error) = over_budget(state, agent, usage, cost_usd) {
+        events.push(Event::RunFailed {
+            error,
+            code: Some(code::BUDGET_EXCEEDED.into()),
+        });
+        return Ok(Transition {
+            events,
+            effects: Vec::new(),
+        });
+    }
 
     if calls.is_empty() {
         if content.trim().is_empty() {
@@ -259,6 +279,7 @@ fn llm_responded(
             error: format!(
                 "limits.max_steps ({max_steps}) reached: the model still asked for tools at step {step}"
             ),
+            code: Some(code::MAX_STEPS.into()),
         });
         return Ok(Transition {
             events,
@@ -269,6 +290,49 @@ fn llm_responded(
         events,
         effects: vec![Effect::CallTools { step }],
     })
+}
+
+/// The `code` of a `RunFailed` event, by kind of failure.
+pub mod code {
+    /// `limits.max_tokens_total` or `limits.max_cost` was reached.
+    pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+    /// `limits.max_steps` LLM calls without a final answer.
+    pub const MAX_STEPS: &str = "max_steps";
+    /// `limits.timeout` passed.
+    pub const TIMEOUT: &str = "timeout";
+}
+
+/// Why the run must stop, if the call just answered (`usage`, `cost_usd`)
+/// takes it to a budget of its agent's limits. Reaching a budget exactly
+/// stops too: the next call could only go over it.
+fn over_budget(
+    state: &State,
+    agent: &Agent,
+    usage: Usage,
+    cost_usd: Option<f64>,
+) -> Option<String> {
+    let limits = &agent.spec.limits;
+    let mut total = state.usage;
+    total.add(usage);
+    let tokens = total.input_tokens + total.output_tokens;
+    if let Some(max) = limits.max_tokens_total
+        && tokens >= max
+    {
+        return Some(format!(
+            "budget_exceeded: limits.max_tokens_total ({max}) reached: the run has used {tokens} tokens after step {}",
+            state.steps + 1
+        ));
+    }
+    let cost = state.cost_usd + cost_usd.unwrap_or(0.0);
+    if let Some(max) = limits.max_cost
+        && cost >= max
+    {
+        return Some(format!(
+            "budget_exceeded: limits.max_cost (${max}) reached: the run has cost ${cost:.6} after step {}",
+            state.steps + 1
+        ));
+    }
+    None
 }
 
 /// After a step whose calls all settled without running anything new: ask the
@@ -285,7 +349,10 @@ fn next_llm_or_fail(
             error.push_str("; last error: ");
             error.push_str(last);
         }
-        events.push(Event::RunFailed { error });
+        events.push(Event::RunFailed {
+            error,
+            code: Some(code::MAX_STEPS.into()),
+        });
         return Transition {
             events,
             effects: Vec::new(),

@@ -124,6 +124,8 @@ pub struct State {
     pub calls: Vec<Call>,
     /// Tokens used so far.
     pub usage: Usage,
+    /// What the LLM calls cost so far, in USD (calls with no price count 0).
+    pub cost_usd: f64,
     /// The answer, once completed.
     pub output: Option<String>,
     /// The failure or cancel reason.
@@ -150,6 +152,7 @@ impl State {
             steps: 0,
             calls: Vec::new(),
             usage: Usage::default(),
+            cost_usd: 0.0,
             output: None,
             error: None,
             last_correction: None,
@@ -203,10 +206,12 @@ impl State {
                 step,
                 message,
                 usage,
+                cost_usd,
                 ..
             } => {
                 self.steps = *step;
                 self.usage.add(*usage);
+                self.cost_usd += cost_usd.unwrap_or(0.0);
                 self.messages.push(message.clone());
                 self.calls = message
                     .tool_calls
@@ -288,7 +293,7 @@ impl State {
                 self.status = Status::Completed;
                 self.parked = None;
             }
-            Event::RunFailed { error } => {
+            Event::RunFailed { error, .. } => {
                 self.error = Some(error.clone());
                 self.status = Status::Failed;
                 self.parked = None;

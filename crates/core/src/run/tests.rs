@@ -8,6 +8,10 @@ use crate::event::Recorded;
 use crate::message::ToolCall;
 
 fn agent(max_steps: u32) -> Agent {
+    agent_with_limits(&format!("max_steps: {max_steps}"))
+}
+
+fn agent_with_limits(limits: &str) -> Agent {
     let yaml = format!(
         r#"
 name: t
@@ -17,7 +21,7 @@ tools:
   - name: echo
     parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
     http: {{url: "http://127.0.0.1:2/echo"}}
-limits: {{max_steps: {max_steps}}}
+limits: {{{limits}}}
 "#
     );
     match Agent::parse(&yaml) {
@@ -89,6 +93,7 @@ fn responded(step: u32, message: Message) -> Command {
             output_tokens: 5,
         },
         model: "m".into(),
+        cost_usd: Some(0.25),
     }
 }
 
@@ -142,6 +147,118 @@ fn a_tool_step_then_an_answer_completes_the_run() {
         handle(&run.state, &agent, Command::Cancel { reason: "x".into() }),
         Err(Rejected::Finished(Status::Completed))
     );
+}
+
+/// One tool step of the echo tool: the model asks, the tool answers.
+fn tool_step(run: &mut Run, agent: &Agent, step: u32) -> Result<(), Rejected> {
+    run.send(
+        agent,
+        responded(step, answer(&[("echo", r#"{"n":1}"#)], None)),
+    )?;
+    if run.state.status.is_terminal() {
+        return Ok(());
+    }
+    run.send(agent, Command::StartTools { step })?;
+    run.send(
+        agent,
+        Command::ToolReturned {
+            step,
+            call_index: 0,
+            output: "one".into(),
+            is_error: false,
+        },
+    )
+}
+
+fn failure_code(run: &Run) -> Option<&str> {
+    run.journal.iter().rev().find_map(|r| match &r.event {
+        Event::RunFailed { code, .. } => code.as_deref(),
+        _ => None,
+    })
+}
+
+#[test]
+fn the_call_that_reaches_max_cost_stops_the_run_and_its_steps_stay() {
+    // Each call costs $0.25: the third reaches $0.75.
+    let agent = agent_with_limits("max_cost: 0.7");
+    let mut run = Run::new();
+    tool_step(&mut run, &agent, 1).unwrap();
+    tool_step(&mut run, &agent, 2).unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    tool_step(&mut run, &agent, 3).unwrap();
+    assert_eq!(run.state.status, Status::Failed);
+    assert_eq!(failure_code(&run), Some("budget_exceeded"));
+    let error = run.state.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("budget_exceeded: limits.max_cost ($0.7)"),
+        "{error}"
+    );
+    assert!((run.state.cost_usd - 0.75).abs() < 1e-9);
+    // The three answers are journaled; the third one's tool call never started.
+    let answered = run
+        .journal
+        .iter()
+        .filter(|r| matches!(r.event, Event::LlmCompleted { .. }))
+        .count();
+    let started = run
+        .journal
+        .iter()
+        .filter(|r| matches!(r.event, Event::ToolCallStarted { .. }))
+        .count();
+    assert_eq!((answered, started), (3, 2));
+    assert!(!run.effects.contains(&Effect::CallTools { step: 3 }));
+}
+
+#[test]
+fn max_tokens_total_counts_input_and_output_of_every_call() {
+    // 15 tokens per call: the second call reaches 30.
+    let agent = agent_with_limits("max_tokens_total: 30");
+    let mut run = Run::new();
+    tool_step(&mut run, &agent, 1).unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    tool_step(&mut run, &agent, 2).unwrap();
+    assert_eq!(run.state.status, Status::Failed);
+    assert_eq!(failure_code(&run), Some("budget_exceeded"));
+    let error = run.state.error.clone().unwrap_or_default();
+    assert!(error.contains("limits.max_tokens_total (30)"), "{error}");
+}
+
+#[test]
+fn a_final_answer_completes_the_run_even_on_the_budget() {
+    let agent = agent_with_limits("max_cost: 0.5");
+    let mut run = Run::new();
+    tool_step(&mut run, &agent, 1).unwrap();
+    run.send(&agent, responded(2, answer(&[], Some("done"))))
+        .unwrap();
+    assert_eq!(run.state.status, Status::Completed);
+    assert!((run.state.cost_usd - 0.5).abs() < 1e-9);
+}
+
+#[test]
+fn calls_without_a_price_cost_nothing() {
+    let agent = agent_with_limits("max_cost: 0.1");
+    let mut run = Run::new();
+    let unpriced = Command::LlmResponded {
+        step: 1,
+        message: answer(&[("echo", r#"{"n":1}"#)], None),
+        usage: Usage::default(),
+        model: "m".into(),
+        cost_usd: None,
+    };
+    run.send(&agent, unpriced).unwrap();
+    assert_eq!(run.state.status, Status::AwaitingTool);
+    assert_eq!(run.state.cost_usd, 0.0);
+}
+
+#[test]
+fn max_steps_and_timeout_failures_carry_their_code() {
+    let agent = agent(1);
+    let mut run = Run::new();
+    tool_step(&mut run, &agent, 1).unwrap();
+    assert_eq!(failure_code(&run), Some("max_steps"));
+    let mut run = Run::new();
+    run.send(&agent, Command::Expire).unwrap();
+    assert_eq!(failure_code(&run), Some("timeout"));
 }
 
 #[test]
