@@ -85,6 +85,8 @@ pub enum Provider {
     /// Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp).
     #[serde(alias = "openai_compatible")]
     Openai,
+    /// The Anthropic Messages API (`POST {base_url}/messages`).
+    Anthropic,
     /// Replays `model.script` deterministically: for offline demos and tests only.
     Scripted,
 }
@@ -97,7 +99,7 @@ pub struct ModelSpec {
     pub provider: Provider,
     /// Model name sent to the endpoint.
     pub model: String,
-    /// Base URL of the endpoint (the part before `/chat/completions`).
+    /// Base URL of the endpoint (the part before `/chat/completions` or `/messages`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// Name of the environment variable holding the API key (never the key itself).
@@ -112,6 +114,14 @@ pub struct ModelSpec {
     /// Timeout of one LLM call.
     #[serde(default = "default_llm_timeout", with = "human_duration")]
     pub timeout: Duration,
+    /// Longest silence between two chunks of a streamed answer (the client's
+    /// default when unset; never more than `timeout`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "human_duration::option"
+    )]
+    pub idle_timeout: Option<Duration>,
     /// The turns a `scripted` provider replays, one per LLM call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub script: Vec<ScriptTurn>,
@@ -399,6 +409,26 @@ pub mod human_duration {
         s.serialize_str(&format(*d))
     }
 
+    /// Serde (de)serializers for an optional duration (`None` when absent).
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserializer, Serializer};
+
+        /// Serde serializer.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Serde deserializer (only called when the field is present).
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
+
     /// Serde deserializer.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         match Value::deserialize(d)? {
@@ -500,6 +530,9 @@ impl Agent {
         if m.timeout.is_zero() {
             err("model.timeout".into(), "must be positive".into());
         }
+        if m.idle_timeout.is_some_and(|t| t.is_zero()) {
+            err("model.idle_timeout".into(), "must be positive".into());
+        }
         match m.provider {
             Provider::Scripted => {
                 if m.script.is_empty() {
@@ -509,7 +542,7 @@ impl Agent {
                     );
                 }
             }
-            Provider::Openai => {
+            Provider::Openai | Provider::Anthropic => {
                 if !m.script.is_empty() {
                     err(
                         "model.script".into(),
@@ -517,6 +550,15 @@ impl Agent {
                     );
                 }
             }
+        }
+        if m.provider == Provider::Anthropic
+            && let Some(t) = m.temperature
+            && t > 1.0
+        {
+            err(
+                "model.temperature".into(),
+                format!("{t} is outside 0..=1 (the Anthropic range)"),
+            );
         }
 
         let mut validators = HashMap::new();
@@ -828,4 +870,56 @@ pub fn expand_secrets(
     }
     out.push_str(rest);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(text: &str) -> Vec<String> {
+        match Agent::parse(text) {
+            Ok(_) => Vec::new(),
+            Err(Error::Invalid(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn anthropic_models_and_idle_timeouts() {
+        let agent = Agent::parse(
+            "name: a\nversion: 1\nmodel: {provider: anthropic, model: claude-x, idle_timeout: 90s, temperature: 1}\n",
+        )
+        .unwrap();
+        let model = &agent.spec.model;
+        assert_eq!(model.provider, Provider::Anthropic);
+        assert_eq!(model.idle_timeout, Some(Duration::from_secs(90)));
+        let json = serde_json::to_value(&agent.spec).unwrap();
+        assert_eq!(json["model"]["provider"], "anthropic");
+        assert_eq!(json["model"]["idle_timeout"], "90s");
+
+        // Unset, it is not written: specs stored before it existed compare equal.
+        let agent =
+            Agent::parse("name: a\nversion: 1\nmodel: {provider: openai, model: m}\n").unwrap();
+        assert_eq!(agent.spec.model.idle_timeout, None);
+        let json = serde_json::to_value(&agent.spec).unwrap();
+        assert!(json["model"].get("idle_timeout").is_none());
+
+        assert_eq!(
+            fields(
+                "name: a\nversion: 1\nmodel: {provider: anthropic, model: m, temperature: 1.5, idle_timeout: 0s}\n"
+            ),
+            vec!["model.idle_timeout", "model.temperature"]
+        );
+        assert_eq!(
+            fields("name: a\nversion: 1\nmodel: {provider: openai, model: m, temperature: 1.5}\n"),
+            Vec::<String>::new(),
+            "OpenAI takes up to 2"
+        );
+        assert_eq!(
+            fields(
+                "name: a\nversion: 1\nmodel: {provider: anthropic, model: m, script: [{content: hi}]}\n"
+            ),
+            vec!["model.script"]
+        );
+    }
 }

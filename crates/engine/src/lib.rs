@@ -8,8 +8,9 @@
 //!   per-task driver that turns LLM answers and tool results into commands for
 //!   the pure state machine and commits the resulting events and tasks.
 //! * [`agents`]: a cache of compiled agent versions (immutable once registered).
-//! * [`llm`]: LLM providers: OpenAI-compatible chat completions and the
-//!   `scripted` stand-in for offline demos and tests.
+//! * [`llm`]: LLM providers: OpenAI-compatible chat completions, the
+//!   Anthropic Messages API (both plain and streamed as deltas, with call and
+//!   idle timeouts) and the `scripted` stand-in for offline demos and tests.
 //! * [`tools`]: tool execution: HTTP tools (idempotency key, traceparent,
 //!   retries) and the built-in file tools.
 
