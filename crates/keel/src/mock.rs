@@ -1,15 +1,25 @@
 //! Stand-ins for the outside world, for tests, the benchmark and offline
-//! demos: an OpenAI-compatible chat-completions server (a mock of the paid
-//! LLM provider that speaks the real wire protocol) and an HTTP tool server
-//! that counts calls per `Idempotency-Key`. Both listen on 127.0.0.1.
+//! demos: a mock of the paid LLM provider that speaks the real wire protocols
+//! (OpenAI-compatible chat completions at `POST /v1/chat/completions` and the
+//! Anthropic Messages API at `POST /v1/messages`, each plain or streamed as
+//! Server-Sent Events when the request says `"stream": true`) and an HTTP tool
+//! server that counts calls per `Idempotency-Key`. Both listen on 127.0.0.1.
 //!
 //! The mock model's behaviour is chosen by the `model` field of the request:
 //! * `tools:N` calls the first tool offered N times (`{"n": k}`), then answers;
-//! * `garbage` calls tools with arguments that are not JSON or unknown tools;
-//! * anything else gets a 400, like a real provider for an unknown model.
+//! * `garbage` calls tools with arguments that are not JSON or unknown tools
+//!   (a plain Anthropic answer can only hold a JSON object, so there the bad
+//!   arguments become a call to an unknown tool);
+//! * anything else gets a 400 (OpenAI) or 404 (Anthropic), like a real
+//!   provider for an unknown model.
+//!
+//! Streamed answers split text at spaces and tool arguments in two, so
+//! clients see several deltas; the plain OpenAI answer is the benchmark's hot
+//! path and stays one `json!` value.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,8 +27,9 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
@@ -28,7 +39,7 @@ use serde_json::{Value, json};
 pub struct Counters {
     /// When set, the LLM answers 503 to everything.
     pub llm_down: AtomicBool,
-    /// Chat-completion requests received.
+    /// LLM requests received (chat completions and messages).
     pub llm_requests: AtomicU64,
     /// Delay before each LLM answer.
     pub llm_latency_ms: AtomicU64,
@@ -71,6 +82,7 @@ impl Mock {
         let counters = Arc::new(Counters::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/messages", post(messages))
             .route("/tools/echo", post(echo))
             .route("/tools/fail", post(fail))
             .with_state(counters.clone());
@@ -84,7 +96,7 @@ impl Mock {
         Ok(Mock { addr, counters })
     }
 
-    /// Base URL of the mock LLM (`…/v1`).
+    /// Base URL of the mock LLM (`…/v1`), for `provider: openai` and `provider: anthropic`.
     pub fn llm_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -116,6 +128,16 @@ struct ChatRequest<'a> {
     messages: Vec<ChatMessage<'a>>,
     #[serde(default, borrow)]
     tools: Vec<ChatTool<'a>>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -136,6 +158,52 @@ struct ChatTool<'a> {
 struct ChatFunction<'a> {
     #[serde(borrow)]
     name: Cow<'a, str>,
+}
+
+/// What the mock model does next.
+enum Turn<'a> {
+    /// Calls `tool` with `arguments` (raw text: not always JSON).
+    Call {
+        id: String,
+        tool: &'a str,
+        arguments: String,
+    },
+    /// Answers with text.
+    Answer(String),
+}
+
+/// The next turn of mock model `model`, given the tool results so far, the
+/// first tool offered and the latest result; `None` for an unknown model.
+fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) -> Option<Turn<'a>> {
+    if let Some(n) = model
+        .strip_prefix("tools:")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return Some(if tool_results < n {
+            Turn::Call {
+                id: format!("call_{}", tool_results + 1),
+                tool,
+                arguments: json!({"n": tool_results + 1}).to_string(),
+            }
+        } else {
+            Turn::Answer(format!(
+                "done after {tool_results} tool calls; last result: {last}"
+            ))
+        });
+    }
+    if model == "garbage" {
+        let (tool, arguments) = if tool_results.is_multiple_of(2) {
+            (tool, "{\"n\": oops")
+        } else {
+            ("no_such_tool", "{}")
+        };
+        return Some(Turn::Call {
+            id: format!("call_{tool_results}"),
+            tool,
+            arguments: arguments.to_string(),
+        });
+    }
+    None
 }
 
 async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Response {
@@ -162,39 +230,31 @@ async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Respon
         .tools
         .first()
         .map_or("none", |t| t.function.name.as_ref());
+    let last = req
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "tool")
+        .and_then(|m| m.content.as_deref())
+        .unwrap_or("");
     let prompt_tokens = body.len() / 4;
-
-    let message = if let Some(n) = model
-        .strip_prefix("tools:")
-        .and_then(|n| n.parse::<usize>().ok())
-    {
-        if tool_results < n {
-            let args = json!({"n": tool_results + 1}).to_string();
-            json!({"role": "assistant", "content": null, "tool_calls": [
-                {"id": format!("call_{}", tool_results + 1), "type": "function",
-                 "function": {"name": tool, "arguments": args}}]})
-        } else {
-            let last = req
-                .messages
-                .iter()
-                .rev()
-                .find(|m| m.role == "tool")
-                .and_then(|m| m.content.as_deref())
-                .unwrap_or("");
-            json!({"role": "assistant", "content": format!("done after {tool_results} tool calls; last result: {last}")})
-        }
-    } else if model == "garbage" {
-        let (name, args) = if tool_results % 2 == 0 {
-            (tool, "{\"n\": oops")
-        } else {
-            ("no_such_tool", "{}")
-        };
-        json!({"role": "assistant", "content": null, "tool_calls": [
-            {"id": format!("call_{tool_results}"), "type": "function",
-             "function": {"name": name, "arguments": args}}]})
-    } else {
+    let Some(turn) = next_turn(model, tool_results, tool, last) else {
         let body = json!({"error": {"message": format!("unknown mock model `{model}`"), "type": "invalid_request_error"}});
         return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    };
+    if req.stream {
+        let usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return chat_stream(model, &turn, usage.then_some(prompt_tokens));
+    }
+
+    let message = match &turn {
+        Turn::Call {
+            id,
+            tool,
+            arguments,
+        } => json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": id, "type": "function", "function": {"name": tool, "arguments": arguments}}]}),
+        Turn::Answer(text) => json!({"role": "assistant", "content": text}),
     };
     let completion_tokens = message.to_string().len() / 4;
     let finish = if message["tool_calls"].is_array() {
@@ -212,6 +272,274 @@ async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Respon
                   "total_tokens": prompt_tokens + completion_tokens}
     }))
     .into_response()
+}
+
+/// A streamed chat completion: role, then text split at spaces or the call
+/// with its arguments in two pieces, the finish reason, the usage when asked
+/// (`prompt_tokens`), and `[DONE]`.
+fn chat_stream(model: &str, turn: &Turn<'_>, prompt_tokens: Option<usize>) -> Response {
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+    let (finish, written) = match turn {
+        Turn::Answer(text) => {
+            for piece in text.split_inclusive(' ') {
+                events.push(chunk(json!({"content": piece}), None));
+            }
+            ("stop", text.len())
+        }
+        Turn::Call {
+            id,
+            tool,
+            arguments,
+        } => {
+            events.push(chunk(
+                json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
+                    "function": {"name": tool, "arguments": ""}}]}),
+                None,
+            ));
+            for piece in halves(arguments) {
+                events.push(chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    None,
+                ));
+            }
+            ("tool_calls", tool.len() + arguments.len())
+        }
+    };
+    events.push(chunk(json!({}), Some(finish)));
+    if let Some(prompt_tokens) = prompt_tokens {
+        let completion_tokens = written.div_ceil(4);
+        let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+            "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}});
+        events.push(format!("data: {usage}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    event_stream(events)
+}
+
+/// `text` in two pieces split near its middle (one when it is too short).
+fn halves(text: &str) -> Vec<&str> {
+    let mut middle = text.len() / 2;
+    while !text.is_char_boundary(middle) {
+        middle -= 1;
+    }
+    let (a, b) = text.split_at(middle);
+    [a, b].into_iter().filter(|p| !p.is_empty()).collect()
+}
+
+/// A `text/event-stream` answer sending each event as its own body frame.
+fn event_stream(events: Vec<String>) -> Response {
+    let frames = futures_util::stream::iter(events.into_iter().map(Ok::<_, Infallible>));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(frames),
+    )
+        .into_response()
+}
+
+/// The parts of a Messages API request the mock model looks at.
+#[derive(serde::Deserialize)]
+struct MessagesRequest<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    messages: Vec<AnthropicMessage>,
+    #[serde(default, borrow)]
+    tools: Vec<AnthropicTool<'a>>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct AnthropicMessage {
+    role: String,
+    /// Text, or content blocks.
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(serde::Deserialize)]
+struct AnthropicTool<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+/// An Anthropic error body.
+fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    (status, Json(body)).into_response()
+}
+
+async fn messages(
+    State(c): State<Arc<Counters>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    c.llm_requests.fetch_add(1, Ordering::Relaxed);
+    let latency = c.llm_latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    if c.llm_down.load(Ordering::Relaxed) {
+        return anthropic_error(
+            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "overloaded_error",
+            "Overloaded",
+        );
+    }
+    let bad = |message: String| {
+        anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
+    };
+    if !headers.contains_key("anthropic-version") {
+        return bad("anthropic-version: header is required".into());
+    }
+    let req: MessagesRequest<'_> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("bad request body: {e}")),
+    };
+    if req.max_tokens.is_none() {
+        return bad("max_tokens: Field required".into());
+    }
+    let model = req.model.as_ref();
+    let mut tool_results = 0;
+    let mut last = String::new();
+    for message in req.messages.iter().filter(|m| m.role == "user") {
+        let Some(blocks) = message.content.as_array() else {
+            continue;
+        };
+        for block in blocks.iter().filter(|b| b["type"] == "tool_result") {
+            tool_results += 1;
+            last = match &block["content"] {
+                Value::String(text) => text.clone(),
+                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+                _ => String::new(),
+            };
+        }
+    }
+    let tool = req.tools.first().map_or("none", |t| t.name.as_ref());
+    let input_tokens = body.len() / 4;
+    let Some(turn) = next_turn(model, tool_results, tool, &last) else {
+        return anthropic_error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            &format!("model: {model}"),
+        );
+    };
+    if req.stream {
+        return messages_stream(model, &turn, input_tokens);
+    }
+
+    let (block, stop, written) = match &turn {
+        Turn::Answer(text) => (
+            json!({"type": "text", "text": text}),
+            "end_turn",
+            text.len(),
+        ),
+        Turn::Call {
+            id,
+            tool,
+            arguments,
+        } => {
+            // Only an object fits in `input`: bad arguments become a bad tool.
+            let (tool, input) = match serde_json::from_str::<Value>(arguments) {
+                Ok(input @ Value::Object(_)) => (*tool, input),
+                _ => ("no_such_tool", json!({})),
+            };
+            (
+                json!({"type": "tool_use", "id": id, "name": tool, "input": input}),
+                "tool_use",
+                tool.len() + arguments.len(),
+            )
+        }
+    };
+    Json(json!({
+        "id": "msg_mock",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [block],
+        "stop_reason": stop,
+        "stop_sequence": null,
+        "usage": {"input_tokens": input_tokens, "output_tokens": written.div_ceil(4)}
+    }))
+    .into_response()
+}
+
+/// A streamed Messages API answer: `message_start`, a `ping`, one content
+/// block (text split at spaces, or a tool call with its input JSON in two
+/// pieces), `message_delta` and `message_stop`.
+fn messages_stream(model: &str, turn: &Turn<'_>, input_tokens: usize) -> Response {
+    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut events = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message",
+                "role": "assistant", "content": [], "model": model, "stop_reason": null,
+                "stop_sequence": null, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    let delta = |delta: Value| {
+        event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": delta}),
+        )
+    };
+    let (stop, written) = match turn {
+        Turn::Answer(text) => {
+            events.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}),
+            ));
+            for piece in text.split_inclusive(' ') {
+                events.push(delta(json!({"type": "text_delta", "text": piece})));
+            }
+            ("end_turn", text.len())
+        }
+        Turn::Call {
+            id,
+            tool,
+            arguments,
+        } => {
+            events.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "tool_use", "id": id, "name": tool, "input": {}}}),
+            ));
+            events.push(delta(
+                json!({"type": "input_json_delta", "partial_json": ""}),
+            ));
+            for piece in halves(arguments) {
+                events.push(delta(
+                    json!({"type": "input_json_delta", "partial_json": piece}),
+                ));
+            }
+            ("tool_use", tool.len() + arguments.len())
+        }
+    };
+    events.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+            "usage": {"output_tokens": written.div_ceil(4)}}),
+    ));
+    events.push(event("message_stop", json!({"type": "message_stop"})));
+    event_stream(events)
 }
 
 fn count(c: &Counters, headers: &HeaderMap) {

@@ -13,3 +13,4 @@ mod journal;
 #[cfg(feature = "nats")]
 mod nats;
 mod postgres;
+mod providers;
