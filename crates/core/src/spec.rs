@@ -922,4 +922,26 @@ mod tests {
             vec!["model.script"]
         );
     }
+
+    #[test]
+    fn the_example_specs_are_valid() {
+        for (file, text) in [
+            (
+                "demo.yaml",
+                include_str!("../../../examples/agents/demo.yaml"),
+            ),
+            (
+                "openai.yaml",
+                include_str!("../../../examples/agents/openai.yaml"),
+            ),
+            (
+                "anthropic.yaml",
+                include_str!("../../../examples/agents/anthropic.yaml"),
+            ),
+        ] {
+            if let Err(e) = Agent::parse(text) {
+                panic!("examples/agents/{file}: {e}");
+            }
+        }
+    }
 }
