@@ -227,8 +227,8 @@ impl WireUsage {
         let uncached = self.input_tokens?;
         Some(
             uncached
-                + self.cache_creation_input_tokens.unwrap_or(0)
-                + self.cache_read_input_tokens.unwrap_or(0),
+                .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+                .saturating_add(self.cache_read_input_tokens.unwrap_or(0)),
         )
     }
 }

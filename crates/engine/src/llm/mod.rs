@@ -138,8 +138,8 @@ pub enum Delta {
     ToolCall {
         /// Position among the answer's tool calls.
         index: usize,
-        /// The provider's id for the call (may be empty on some local servers
-        /// until the end, when one is made up).
+        /// The provider's id for the call (`call_<step>_<index>` when a local
+        /// server sends none, as for a plain answer).
         id: String,
         /// Name of the tool.
         name: String,
@@ -316,8 +316,12 @@ impl Client {
                     .idle_timeout
                     .unwrap_or(self.idle_timeout)
                     .min(model.timeout);
+                // A timeout too large to add (a number of seconds in the spec) is a year.
+                let deadline = started
+                    .checked_add(model.timeout)
+                    .unwrap_or_else(|| started + Duration::from_secs(365 * 86_400));
                 let limits = Limits {
-                    deadline: started + model.timeout,
+                    deadline,
                     timeout: model.timeout,
                     idle,
                 };

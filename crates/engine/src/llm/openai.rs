@@ -397,7 +397,7 @@ impl Decoder {
                 let wire_index = delta.index.unwrap_or_else(|| {
                     self.calls
                         .iter()
-                        .map(|c| c.wire_index + 1)
+                        .map(|c| c.wire_index.saturating_add(1))
                         .max()
                         .unwrap_or(0)
                 });
