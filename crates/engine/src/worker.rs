@@ -303,6 +303,7 @@ fn cost(config: &Config, agent: &Agent, usage: Usage) -> Option<f64> {
     let model = &agent.spec.model;
     let provider = match model.provider {
         Provider::Openai => "openai",
+        Provider::Anthropic => "anthropic",
         Provider::Scripted => "scripted",
     };
     let price = config.model(provider, &model.model)?.price?;
