@@ -39,6 +39,7 @@ macro_rules! store_suite {
                 expired_lease_is_taken_over_and_fenced,
                 heartbeat_extends_only_live_leases,
                 retry_later_hides_the_task,
+                defer_does_not_count_an_attempt,
                 dead_letter_and_redrive,
                 release_all_gives_leases_back,
                 tasks_leased_on_creation,
@@ -547,6 +548,70 @@ pub(crate) async fn retry_later_hides_the_task<S: Store>(store: S) -> Result<()>
             .await,
         Err(Error::LeaseLost(_))
     ));
+    Ok(())
+}
+
+pub(crate) async fn defer_does_not_count_an_attempt<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let mut task = claim_one(&store, "a", LEASE, T0).await?;
+    let mut now = T0;
+    for deferred in 1..=5 {
+        now += 1_000;
+        let until = now + 500;
+        let given_back = task.lease;
+        store.defer(given_back, until, "throttled", now).await?;
+        // The lease was given back: it fences nothing any more.
+        assert!(matches!(
+            store.defer(given_back, until, "again", now).await,
+            Err(Error::LeaseLost(id)) if id == given_back.task_id
+        ));
+        assert!(store.claim("b", 10, LEASE, until - 1).await?.is_empty());
+        assert_eq!(store.next_due(now).await?, Some(until));
+        task = claim_one(&store, "b", LEASE, until).await?;
+        assert_eq!(
+            (task.lease.task_id, task.attempts),
+            (given_back.task_id, 1),
+            "after {deferred} deferrals"
+        );
+    }
+
+    // A failure still counts; an expired lease cannot defer.
+    now += 1_000;
+    store.retry_later(task.lease, "boom", now, now).await?;
+    let task = claim_one(&store, "c", Duration::from_secs(1), now).await?;
+    assert_eq!(task.attempts, 2);
+    assert!(matches!(
+        store
+            .defer(task.lease, now + 5_000, "late", now + 1_000)
+            .await,
+        Err(Error::LeaseLost(_))
+    ));
+    now += 1_000;
+    let task = claim_one(&store, "d", LEASE, now).await?;
+    assert_eq!(task.attempts, 3);
+
+    // A task leased on creation counted its first attempt: deferring it
+    // takes that back too.
+    let mut step = append(run_id, 1, Some(task.lease), vec![rejected(1, "x")]);
+    step.now = now + 1;
+    step.task = TaskUpdate::Complete;
+    step.new_tasks = vec![NewTask {
+        lease_to: Some(LeaseTo {
+            owner: "d".to_string(),
+            until: now + LEASE_MS,
+        }),
+        ..new_task(TaskKind::Tools, now + 1)
+    }];
+    let leased = store.append(step).await?.leased.remove(0);
+    assert_eq!(leased.attempts, 1);
+    store
+        .defer(leased.lease, now + 1_000, "throttled", now + 2)
+        .await?;
+    let again = claim_one(&store, "e", LEASE, now + 1_000).await?;
+    assert_eq!(
+        (again.lease.task_id, again.attempts),
+        (leased.lease.task_id, 1)
+    );
     Ok(())
 }
 

@@ -475,6 +475,20 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Gives a leased task back to the queue, due at `until`, and takes
+    /// back the attempt its lease counted (fenced, like
+    /// [`Store::retry_later`]): for a task that could not start (it was
+    /// throttled by a rate limit), not one that failed, so deferring it
+    /// any number of times never moves it towards the dead-letter queue.
+    /// `reason` is recorded as the task's last note.
+    fn defer(
+        &self,
+        lease: Lease,
+        until: Millis,
+        reason: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Gives back every lease held by `owner` so other workers take the tasks
     /// at once (graceful shutdown); returns how many.
     fn release_all(&self, owner: &str, now: Millis) -> impl Future<Output = Result<u64>> + Send;

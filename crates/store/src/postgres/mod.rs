@@ -692,6 +692,19 @@ impl Store for PgStore {
             error: error.to_string(),
             retry_at,
             now,
+            counted: true,
+        };
+        self.write(|reply| Op::RetryLater(Call::new(request, reply)))
+            .await
+    }
+
+    async fn defer(&self, lease: Lease, until: Millis, reason: &str, now: Millis) -> Result<()> {
+        let request = RetryLater {
+            lease,
+            error: reason.to_string(),
+            retry_at: until,
+            now,
+            counted: false,
         };
         self.write(|reply| Op::RetryLater(Call::new(request, reply)))
             .await

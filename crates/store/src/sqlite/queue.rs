@@ -1,4 +1,6 @@
-//! The task queue's own writes: claiming, heartbeats, giving tasks back.
+//! The task queue's own writes: claiming, heartbeats, giving tasks back
+//! (to retry after a failure, deferred without counting an attempt, or all
+//! of an owner's at shutdown).
 //!
 //! A task's `visible_at` is when it can be claimed: its run time while
 //! unleased, its lease expiry while leased. A lease is live while
@@ -25,12 +27,16 @@ pub(super) struct Heartbeat {
     pub(super) now: Millis,
 }
 
-/// [`super::writer::Op::RetryLater`].
+/// [`super::writer::Op::RetryLater`]: a retry after a failure, or a
+/// deferral.
 pub(super) struct RetryLater {
     pub(super) lease: Lease,
     pub(super) error: String,
     pub(super) retry_at: Millis,
     pub(super) now: Millis,
+    /// Whether the attempt the lease counted stays counted (a failure) or
+    /// is taken back (a deferral: [`crate::Store::defer`]).
+    pub(super) counted: bool,
 }
 
 /// [`super::writer::Op::ReleaseAll`].
@@ -119,12 +125,19 @@ const RETRY_LATER: &str = "UPDATE tasks \
      SET lease_owner = NULL, lease_token = NULL, visible_at = ?1, last_error = ?2 \
      WHERE id = ?3 AND lease_token = ?4 AND visible_at > ?5 RETURNING run_id";
 
+/// As [`RETRY_LATER`], and takes back the attempt the lease counted (every
+/// lease counts one: claimed, or leased on creation).
+const DEFER: &str = "UPDATE tasks \
+     SET lease_owner = NULL, lease_token = NULL, visible_at = ?1, last_error = ?2, \
+         attempts = MAX(attempts - 1, 0) \
+     WHERE id = ?3 AND lease_token = ?4 AND visible_at > ?5 RETURNING run_id";
+
 pub(super) async fn retry_later(
     conn: &mut SqliteConnection,
     r: &RetryLater,
     commits: &mut Vec<Committed>,
 ) -> Result<()> {
-    let run: Option<String> = sqlx::query_scalar(RETRY_LATER)
+    let run: Option<String> = sqlx::query_scalar(if r.counted { RETRY_LATER } else { DEFER })
         .bind(r.retry_at)
         .bind(&r.error)
         .bind(r.lease.task_id.to_string())
