@@ -15,9 +15,9 @@ use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
-    Append, Committed, Error, ExportStatus, Lease, LeaseTo, NewTask, OutboxEntry, Projection,
-    Registered, RelayHolder, Result, RunFilter, RunRef, Store, Submission, Submitted, Task,
-    TaskKind, TaskUpdate,
+    Append, Committed, Error, ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry,
+    Projection, Rate, Registered, RelayHolder, Result, RunFilter, RunRef, Store, Submission,
+    Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -54,6 +54,10 @@ macro_rules! store_suite {
                 export_enabled_again_exports_new_commits_only,
                 export_status_counts_the_backlog_and_shows_the_relay,
                 pending_runs_count_unfinished_runs,
+                limits_space_grants_after_a_burst,
+                limits_reserve_within_max_wait,
+                limits_adjust_to_real_costs,
+                limits_hold_closes_a_key,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1380,6 +1384,259 @@ pub(crate) async fn pending_runs_count_unfinished_runs<S: Store>(store: S) -> Re
         store.append(end).await?;
     }
     assert_eq!(counts(&store).await?, [2, 1, 1, 1, 0]);
+    Ok(())
+}
+
+/// `per_window` units per `window_ms`, `burst` at once.
+fn rate(per_window: u64, window_ms: u64, burst: u64) -> Rate {
+    Rate {
+        per_window,
+        window: Duration::from_millis(window_ms),
+        burst,
+    }
+}
+
+/// Takes `cost` of `key` at `now` without waiting.
+async fn take<S: Store>(store: &S, key: &str, rate: Rate, cost: u64, now: Millis) -> Result<Grant> {
+    store
+        .take_capacity(key, rate, cost, Duration::ZERO, now)
+        .await
+}
+
+pub(crate) async fn limits_space_grants_after_a_burst<S: Store>(store: S) -> Result<()> {
+    // 600 per minute: one per 100 ms, 3 at once.
+    let rpm = rate(600, 60_000, 3);
+    let key = "openai/gpt-4o:rpm";
+
+    // Racing takes of a new key: exactly the burst is granted.
+    let mut takers = Vec::new();
+    for _ in 0..12 {
+        let store = store.clone();
+        takers.push(tokio::spawn(
+            async move { take(&store, key, rpm, 1, T0).await },
+        ));
+    }
+    let mut granted = 0;
+    for taker in takers {
+        match taker.await.expect("taker panicked")? {
+            Grant::Granted => granted += 1,
+            Grant::RetryAt(at) => assert_eq!(at, T0 + 100),
+            other => panic!("no wait was allowed: {other:?}"),
+        }
+    }
+    assert_eq!(granted, 3);
+
+    // Refused takes take nothing: asking again changes no answer.
+    for now in [T0 + 1, T0 + 50, T0 + 99, T0 + 99] {
+        assert_eq!(
+            take(&store, key, rpm, 1, now).await?,
+            Grant::RetryAt(T0 + 100)
+        );
+    }
+    // RetryAt is exact, and then grants are spaced by the interval.
+    assert_eq!(take(&store, key, rpm, 1, T0 + 100).await?, Grant::Granted);
+    assert_eq!(
+        take(&store, key, rpm, 1, T0 + 100).await?,
+        Grant::RetryAt(T0 + 200)
+    );
+    assert_eq!(take(&store, key, rpm, 1, T0 + 200).await?, Grant::Granted);
+    assert_eq!(
+        take(&store, key, rpm, 1, T0 + 250).await?,
+        Grant::RetryAt(T0 + 300)
+    );
+
+    // A quiet spell fills the bucket to its burst, no more.
+    let later = T0 + 10_000;
+    for _ in 0..3 {
+        assert_eq!(take(&store, key, rpm, 1, later).await?, Grant::Granted);
+    }
+    assert_eq!(
+        take(&store, key, rpm, 1, later).await?,
+        Grant::RetryAt(later + 100)
+    );
+
+    // Keys are independent.
+    for _ in 0..3 {
+        assert_eq!(
+            take(&store, "other:rpm", rpm, 1, later).await?,
+            Grant::Granted
+        );
+    }
+    assert_eq!(
+        take(&store, "other:rpm", rpm, 1, later).await?,
+        Grant::RetryAt(later + 100)
+    );
+
+    // An interval that is not a whole number of milliseconds (7 per
+    // second): RetryAt is rounded up to the millisecond (142.857… ms is
+    // 143), and a take then is granted (the next one 285.857… ms in).
+    let odd = rate(7, 1_000, 1);
+    assert_eq!(take(&store, "odd", odd, 1, T0).await?, Grant::Granted);
+    assert_eq!(
+        take(&store, "odd", odd, 1, T0).await?,
+        Grant::RetryAt(T0 + 143)
+    );
+    assert_eq!(take(&store, "odd", odd, 1, T0 + 143).await?, Grant::Granted);
+    assert_eq!(
+        take(&store, "odd", odd, 1, T0 + 143).await?,
+        Grant::RetryAt(T0 + 286)
+    );
+    Ok(())
+}
+
+pub(crate) async fn limits_reserve_within_max_wait<S: Store>(store: S) -> Result<()> {
+    // One per 100 ms, one at a time.
+    let rpm = rate(600, 60_000, 1);
+    let wait = Duration::from_millis(250);
+    let reserve = |now| store.take_capacity("k", rpm, 1, wait, now);
+
+    // Each waiting caller gets its own time, as long as it is within the wait.
+    assert_eq!(reserve(T0).await?, Grant::Granted);
+    assert_eq!(reserve(T0).await?, Grant::Reserved(T0 + 100));
+    assert_eq!(reserve(T0).await?, Grant::Reserved(T0 + 200));
+    // T0 + 300 is too far: nothing is taken, and from T0 + 50 it is near enough.
+    assert_eq!(reserve(T0).await?, Grant::RetryAt(T0 + 50));
+    assert_eq!(reserve(T0 + 49).await?, Grant::RetryAt(T0 + 50));
+    // Nobody jumps the queue of reservations.
+    assert_eq!(
+        take(&store, "k", rpm, 1, T0 + 150).await?,
+        Grant::RetryAt(T0 + 300)
+    );
+    assert_eq!(reserve(T0 + 50).await?, Grant::Reserved(T0 + 300));
+    assert_eq!(take(&store, "k", rpm, 1, T0 + 400).await?, Grant::Granted);
+
+    // Reserved times are rounded up to the millisecond, never down.
+    let odd = rate(7, 1_000, 1);
+    let wait = Duration::from_secs(1);
+    for expected in [None, Some(T0 + 143), Some(T0 + 286)] {
+        let grant = store.take_capacity("odd", odd, 1, wait, T0).await?;
+        assert_eq!(grant, expected.map_or(Grant::Granted, Grant::Reserved));
+    }
+    Ok(())
+}
+
+pub(crate) async fn limits_adjust_to_real_costs<S: Store>(store: S) -> Result<()> {
+    // 6 000 tokens per minute: 10 ms per token, 1 000 (10 s) at once.
+    let tpm = rate(6_000, 60_000, 1_000);
+    let key = "openai/gpt-4o:tpm";
+    assert_eq!(take(&store, key, tpm, 800, T0).await?, Grant::Granted);
+    // 300 more fit once 100 have come back: in 1 s.
+    assert_eq!(
+        take(&store, key, tpm, 300, T0).await?,
+        Grant::RetryAt(T0 + 1_000)
+    );
+
+    // The call used 300 tokens, not 800: 500 come back at once.
+    store.adjust_capacity(key, tpm, -500, T0).await?;
+    assert_eq!(take(&store, key, tpm, 300, T0).await?, Grant::Granted);
+    // This one used 2 300, not 300: 2 000 more are charged, granted or not.
+    store.adjust_capacity(key, tpm, 2_000, T0).await?;
+    assert_eq!(
+        take(&store, key, tpm, 1, T0).await?,
+        Grant::RetryAt(T0 + 16_010)
+    );
+    // A charge leaves the key owing at most one window past an empty bucket.
+    store.adjust_capacity(key, tpm, 1_000_000, T0).await?;
+    assert_eq!(
+        take(&store, key, tpm, 1, T0).await?,
+        Grant::RetryAt(T0 + 60_010)
+    );
+    // A give-back fills the bucket to its burst, no more.
+    store
+        .adjust_capacity(key, tpm, -1_000_000_000, T0 + 100)
+        .await?;
+    assert_eq!(take(&store, key, tpm, 0, T0 + 100).await?, Grant::Granted);
+    assert_eq!(
+        take(&store, key, tpm, 1_000, T0 + 100).await?,
+        Grant::Granted
+    );
+    assert_eq!(
+        take(&store, key, tpm, 1, T0 + 100).await?,
+        Grant::RetryAt(T0 + 110)
+    );
+
+    // Giving back to a key never taken from changes nothing; zero is nothing.
+    store.adjust_capacity("new", tpm, -400, T0).await?;
+    store.adjust_capacity("new", tpm, 0, T0).await?;
+    assert_eq!(take(&store, "new", tpm, 1_000, T0).await?, Grant::Granted);
+
+    // A cost over the burst could never be granted; a rate that grants
+    // nothing is refused.
+    match take(&store, key, tpm, 1_001, T0 + 100_000).await {
+        Err(Error::OverBurst {
+            key: k,
+            cost,
+            burst,
+        }) => {
+            assert_eq!((k.as_str(), cost, burst), (key, 1_001, 1_000));
+        }
+        other => panic!("expected OverBurst, got {other:?}"),
+    }
+    for bad in [rate(0, 60_000, 1), rate(1, 0, 1), rate(1, 60_000, 0)] {
+        assert!(matches!(
+            take(&store, key, bad, 0, T0).await,
+            Err(Error::InvalidRate { .. })
+        ));
+        assert!(matches!(
+            store.adjust_capacity(key, bad, 1, T0).await,
+            Err(Error::InvalidRate { .. })
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) async fn limits_hold_closes_a_key<S: Store>(store: S) -> Result<()> {
+    // One per 100 ms, 3 at once.
+    let rpm = rate(600, 60_000, 3);
+    let key = "openai/gpt-4o:rpm";
+    assert_eq!(take(&store, key, rpm, 1, T0).await?, Grant::Granted);
+
+    // A 429 with Retry-After: 5 s. Nothing is granted before then, not
+    // even for a time within a take's wait, ...
+    store.hold_capacity(key, T0 + 5_000).await?;
+    assert_eq!(
+        take(&store, key, rpm, 1, T0 + 1).await?,
+        Grant::RetryAt(T0 + 5_000)
+    );
+    let waiting = store
+        .take_capacity(key, rpm, 1, Duration::from_secs(1), T0 + 1)
+        .await?;
+    assert_eq!(waiting, Grant::RetryAt(T0 + 4_000));
+    // ... a shorter hold does not shorten it, a give-back does not reopen it ...
+    store.hold_capacity(key, T0 + 2_000).await?;
+    store.adjust_capacity(key, rpm, -10, T0 + 2_000).await?;
+    assert_eq!(
+        take(&store, key, rpm, 1, T0 + 4_999).await?,
+        Grant::RetryAt(T0 + 5_000)
+    );
+    // ... and other keys go on.
+    assert_eq!(take(&store, "other", rpm, 1, T0 + 1).await?, Grant::Granted);
+
+    // From then on the limit goes on as before: the refused takes took
+    // nothing, so the bucket is full.
+    for _ in 0..3 {
+        assert_eq!(take(&store, key, rpm, 1, T0 + 5_000).await?, Grant::Granted);
+    }
+    assert_eq!(
+        take(&store, key, rpm, 1, T0 + 5_000).await?,
+        Grant::RetryAt(T0 + 5_100)
+    );
+
+    // A key held before it was ever taken from; a wait reaching past the
+    // hold reserves its end.
+    store.hold_capacity("fresh", T0 + 7_000).await?;
+    let reserved = store
+        .take_capacity("fresh", rpm, 1, Duration::from_secs(3), T0 + 5_000)
+        .await?;
+    assert_eq!(reserved, Grant::Reserved(T0 + 7_000));
+    assert_eq!(
+        take(&store, "fresh", rpm, 1, T0 + 6_999).await?,
+        Grant::RetryAt(T0 + 7_000)
+    );
+    assert_eq!(
+        take(&store, "fresh", rpm, 1, T0 + 7_000).await?,
+        Grant::Granted
+    );
     Ok(())
 }
 

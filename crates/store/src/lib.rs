@@ -11,6 +11,7 @@
 //!   writer task per process group-commits the same way, leases are taken
 //!   with `FOR UPDATE SKIP LOCKED`, commits are announced with `NOTIFY`).
 //! * `outbox`: grouping the rows both backends read from the outbox.
+//! * `limit`: the rate limiter's arithmetic (GCRA), shared by both backends.
 //! * `conformance`: the behaviour every backend must have, as generic tests.
 //!
 //! # Event export
@@ -27,6 +28,15 @@
 //! tenant's unfinished runs for backpressure, from an index of those runs
 //! only.
 //!
+//! # Rate limits
+//!
+//! [`Store::take_capacity`], [`Store::adjust_capacity`] and
+//! [`Store::hold_capacity`] keep rate limits (requests or tokens per
+//! minute of a provider's model, say) shared by every worker using the
+//! store: one number per key, the GCRA's theoretical arrival time (module
+//! `limit` has the algorithm). A throttled task is given back with
+//! [`Store::defer`], which does not count an attempt.
+//!
 //! Every write made under a task lease is fenced: it names the lease, and the
 //! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
 //! taken over. Journal appends are conditional on the expected last sequence
@@ -34,6 +44,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod limit;
 mod outbox;
 pub mod postgres;
 pub mod sqlite;
@@ -82,6 +93,28 @@ pub enum Error {
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
+    /// A rate-limit take costs more than the limit's burst: it could never
+    /// be granted, however long the caller waits.
+    #[error(
+        "rate limit `{key}`: a cost of {cost} is over the burst of {burst}, so it can never be granted"
+    )]
+    OverBurst {
+        /// The limit's key.
+        key: String,
+        /// What the take asked for.
+        cost: u64,
+        /// The most the limit grants at once.
+        burst: u64,
+    },
+    /// A rate that grants nothing: no units per window, an empty window or
+    /// a burst of zero.
+    #[error("rate limit `{key}`: {reason}")]
+    InvalidRate {
+        /// The limit's key.
+        key: String,
+        /// What is wrong with the rate.
+        reason: &'static str,
+    },
 }
 
 /// What a task does when it runs.
@@ -402,6 +435,37 @@ pub struct RelayHolder {
     pub live: bool,
 }
 
+/// A rate limit: `per_window` units (requests, tokens) per `window`, at
+/// most `burst` of them at once. Over any span of `window`, at most
+/// `per_window + burst - 1` units are granted (module `limit`), so a
+/// `burst` of 1 never lets more than `per_window` through in any window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Units granted per window over time (e.g. 600).
+    pub per_window: u64,
+    /// The window (e.g. 60 s).
+    pub window: Duration,
+    /// Units that may be granted at once after a quiet spell: at least 1,
+    /// and at least the largest single cost ([`Error::OverBurst`]).
+    pub burst: u64,
+}
+
+/// The answer to [`Store::take_capacity`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The capacity is taken: go now.
+    Granted,
+    /// The capacity is taken for this later time (within the take's
+    /// `max_wait`): go then, not before. Until then nobody else is granted
+    /// it; a caller that does not go gives it back with
+    /// [`Store::adjust_capacity`].
+    Reserved(Millis),
+    /// Refused: nothing was taken. The same take (same cost and
+    /// `max_wait`) made at this time is granted, unless others take the
+    /// capacity first.
+    RetryAt(Millis),
+}
+
 /// The operations the engine and the API need from a durable store. Each
 /// backend writes its own SQL; `conformance` holds the behaviour they share.
 pub trait Store: Clone + Send + Sync + 'static {
@@ -576,4 +640,44 @@ pub trait Store: Clone + Send + Sync + 'static {
         tenant: &str,
         agent: Option<&str>,
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Takes `cost` units of the rate limit `key` at `now`, if the limit
+    /// allows it now, or at a time within `max_wait` (then the capacity is
+    /// reserved for that time: [`Grant::Reserved`]). Otherwise nothing is
+    /// taken and [`Grant::RetryAt`] says when the same take would be
+    /// granted. Shared by every process on the store; each take is atomic.
+    ///
+    /// The caller composes `key` (e.g. `openai/gpt-4o:rpm`) and passes the
+    /// same `rate` for it every time (a changed rate applies from then on).
+    /// A `cost` over `rate.burst` is [`Error::OverBurst`]; a rate that
+    /// grants nothing is [`Error::InvalidRate`]. A cost of 0 asks whether
+    /// the key is open (not held, not in debt beyond its burst).
+    fn take_capacity(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        max_wait: Duration,
+        now: Millis,
+    ) -> impl Future<Output = Result<Grant>> + Send;
+
+    /// Corrects what was taken from `key`, once the real cost is known (the
+    /// tokens a call used against its estimate): a positive `delta` charges
+    /// more, granted or not, a negative one gives back as if never taken.
+    /// A charge leaves the key owing at most one window beyond an empty
+    /// bucket; a give-back fills the bucket at most to its burst.
+    fn adjust_capacity(
+        &self,
+        key: &str,
+        rate: Rate,
+        delta: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Closes `key` until `until` (a provider's `429` with `Retry-After`):
+    /// no take is granted for a time before it, whatever the rate or
+    /// give-backs say. From `until` the limit goes on as before (refused
+    /// takes consumed nothing). A shorter hold does not shorten a longer
+    /// one; reservations granted before the hold stand.
+    fn hold_capacity(&self, key: &str, until: Millis) -> impl Future<Output = Result<()>> + Send;
 }

@@ -43,6 +43,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "outcome",
         sql: include_str!("migrations/0003_outcome.sql"),
     },
+    Migration {
+        version: 4,
+        name: "rate_limits",
+        sql: include_str!("migrations/0004_rate_limits.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

@@ -4,7 +4,8 @@
 //! and group-commits the ops of every caller in one transaction, as the
 //! SQLite backend does, so many workers share a commit; every statement of a
 //! batch covers all of its rows (`UNNEST` of arrays). Reads use a pool of
-//! their own, as do the event export's writes (`export`).
+//! their own, as do the event export's writes (`export`) and the rate
+//! limits (`limits`).
 //!
 //! Unlike SQLite, other processes write at the same time, so every check is
 //! made against locked rows in the transaction that writes:
@@ -54,8 +55,10 @@
 //! * this file: [`PgStore`], [`Options`], connecting, the reads.
 //! * `writer`: the writer task, its batches and transactions.
 //! * `journal`: submissions and appends, written in bulk per batch.
-//! * `queue`: claims, heartbeats, retries and releases of tasks.
+//! * `queue`: claims, heartbeats, retries, deferrals and releases of tasks.
 //! * `agents`: registering agent versions.
+//! * `limits`: rate limits shared by every process (`rate_limits`), one
+//!   statement per operation, on the pool.
 //! * `export`: the export switch, reading and acknowledging the outbox, the
 //!   relay lease, the export status (outbox rows are written by `journal`).
 //! * `listen`: the listener task and the notification format.
@@ -70,6 +73,7 @@
 mod agents;
 mod export;
 mod journal;
+mod limits;
 mod listen;
 mod migrate;
 mod queue;
@@ -97,10 +101,11 @@ use self::journal::{AppendEvents, Encoded, Insert, Submit};
 pub use self::listen::{CHANNEL, RECONNECTED};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
+use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Lease, OutboxEntry,
-    Projection, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
-    TaskKind, TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Grant, Lease,
+    OutboxEntry, Projection, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission,
+    Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -796,5 +801,27 @@ impl Store for PgStore {
         };
         let count: i64 = query.fetch_one(&self.reads).await.map_err(backend)?;
         u64::try_from(count).map_err(|_| Error::Corrupt(format!("run count {count} is negative")))
+    }
+
+    /// On the pool, not through the writer (see `limits`).
+    async fn take_capacity(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        max_wait: Duration,
+        now: Millis,
+    ) -> Result<Grant> {
+        let take = Take::new(key, rate, cost, max_wait, now)?;
+        limits::take(&self.reads, key, &take).await
+    }
+
+    async fn adjust_capacity(&self, key: &str, rate: Rate, delta: i64, now: Millis) -> Result<()> {
+        let adjust = Adjust::new(key, rate, delta, now)?;
+        limits::adjust(&self.reads, key, &adjust).await
+    }
+
+    async fn hold_capacity(&self, key: &str, until: Millis) -> Result<()> {
+        limits::hold(&self.reads, key, limit::ns(until)).await
     }
 }

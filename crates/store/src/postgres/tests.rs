@@ -646,6 +646,92 @@ async fn a_broken_op_fails_alone() -> Result<()> {
     Ok(())
 }
 
+/// Takers on two stores (two worker processes) hammer one key, each with a
+/// clock of its own: it goes on a little after a grant, to its reserved
+/// time after a reservation (half of them wait up to 300 ms), to the
+/// `RetryAt` (and a few ms) after a refusal. Whatever the interleaving,
+/// the units granted in any window stay within `per_window + burst - 1`,
+/// and the limit is used: the takers ask for more than it allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_stores() -> Result<()> {
+    use crate::{Grant, Rate};
+
+    /// Simulated span of the run: ten windows.
+    const WINDOWS: i64 = 10;
+    const WINDOW_MS: i64 = 1_000;
+    const TAKERS: usize = 16;
+
+    let Some((a, b, _db)) = two().await? else {
+        return Ok(());
+    };
+    // Requests per window, one at a time; tokens per window, costs up to the burst.
+    let limits = [("model:rpm", 40, 1, 1), ("model:tpm", 400, 40, 40)];
+    for (key, per_window, burst, max_cost) in limits {
+        let rate = Rate {
+            per_window,
+            window: Duration::from_millis(WINDOW_MS as u64),
+            burst,
+        };
+        let end = T0 + WINDOWS * WINDOW_MS;
+        let mut takers = Vec::new();
+        for i in 0..TAKERS {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let max_wait = Duration::from_millis(if i % 4 < 2 { 0 } else { 300 });
+            takers.push(tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(i as u64);
+                let mut grants = Vec::new();
+                let mut now = T0;
+                while now < end {
+                    let cost = rng.u64(1..=max_cost);
+                    match store.take_capacity(key, rate, cost, max_wait, now).await? {
+                        Grant::Granted => {
+                            grants.push((now, cost));
+                            now += rng.i64(0..=20);
+                        }
+                        Grant::Reserved(at) => {
+                            assert!(at > now && at <= now + 300, "{at} for {now}");
+                            grants.push((at, cost));
+                            now = at;
+                        }
+                        Grant::RetryAt(at) => {
+                            assert!(at > now, "{at} for {now}");
+                            now = at + rng.i64(0..=3);
+                        }
+                    }
+                }
+                Ok::<_, Error>(grants)
+            }));
+        }
+        let mut grants = Vec::new();
+        for taker in takers {
+            grants.extend(taker.await.expect("taker panicked")?);
+        }
+        grants.sort_unstable();
+
+        let (mut start, mut units, mut most) = (0, 0, 0);
+        for end in 0..grants.len() {
+            units += grants[end].1;
+            while grants[start].0 + WINDOW_MS <= grants[end].0 {
+                units -= grants[start].1;
+                start += 1;
+            }
+            most = most.max(units);
+        }
+        assert!(
+            most < per_window + burst,
+            "{key}: {most} units in a window, at most {} allowed",
+            per_window + burst - 1
+        );
+        let used: u64 = grants.iter().filter(|g| g.0 < end).map(|g| g.1).sum();
+        let allowed = per_window * WINDOWS as u64;
+        assert!(
+            used * 10 >= allowed * 9,
+            "{key}: {used} units granted in {WINDOWS} windows of {per_window}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_empty_statement_cache_is_refused() {
     let options = Options {

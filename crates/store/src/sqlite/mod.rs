@@ -9,8 +9,9 @@
 //! * this file: [`SqliteStore`], opening the file, the reads.
 //! * `writer`: the writer task, its batches and transactions.
 //! * `journal`: submissions and appends, written in bulk per batch.
-//! * `queue`: claims, heartbeats, retries and releases of tasks.
+//! * `queue`: claims, heartbeats, retries, deferrals and releases of tasks.
 //! * `agents`: registering agent versions.
+//! * `limits`: rate limits, kept in memory (why: see there).
 //! * `export`: the export switch, reading and acknowledging the outbox, the
 //!   relay lease, the export status (outbox rows are written by `journal`).
 //! * `bulk`: statements over many rows (`VALUES` lists).
@@ -23,6 +24,7 @@ mod agents;
 mod bulk;
 mod export;
 mod journal;
+mod limits;
 mod migrate;
 mod queue;
 #[cfg(test)]
@@ -47,12 +49,14 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use self::agents::PutAgent;
 use self::export::RelayLease;
 use self::journal::{AppendEvents, Encoded, Insert, Submit};
+use self::limits::Limits;
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
+use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Lease, OutboxEntry,
-    Projection, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
-    TaskKind, TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Grant, Lease,
+    OutboxEntry, Projection, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission,
+    Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -83,6 +87,7 @@ pub struct SqliteStore {
     ops: mpsc::Sender<Op>,
     reads: SqlitePool,
     commits: broadcast::Sender<Committed>,
+    limits: Limits,
 }
 
 impl SqliteStore {
@@ -130,6 +135,7 @@ impl SqliteStore {
             ops,
             reads,
             commits,
+            limits: Limits::default(),
         })
     }
 
@@ -664,5 +670,28 @@ impl Store for SqliteStore {
         };
         let count: i64 = query.fetch_one(&self.reads).await.map_err(backend)?;
         u64::try_from(count).map_err(|_| Error::Corrupt(format!("run count {count} is negative")))
+    }
+
+    async fn take_capacity(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        max_wait: Duration,
+        now: Millis,
+    ) -> Result<Grant> {
+        let take = Take::new(key, rate, cost, max_wait, now)?;
+        Ok(self.limits.take(key, &take))
+    }
+
+    async fn adjust_capacity(&self, key: &str, rate: Rate, delta: i64, now: Millis) -> Result<()> {
+        let adjust = Adjust::new(key, rate, delta, now)?;
+        self.limits.adjust(key, &adjust, limit::ns(now));
+        Ok(())
+    }
+
+    async fn hold_capacity(&self, key: &str, until: Millis) -> Result<()> {
+        self.limits.hold(key, limit::ns(until));
+        Ok(())
     }
 }
