@@ -148,6 +148,16 @@ impl Breaker {
         }
     }
 
+    /// Gives back a permit whose call was not made (the rate limiter said
+    /// later): a trial slot is free again, and nothing is recorded.
+    pub fn release(&mut self, permit: Permit) {
+        if permit.trial == Some(self.opened)
+            && let State::HalfOpen { running, .. } = &mut self.state
+        {
+            *running = running.saturating_sub(1);
+        }
+    }
+
     fn open(&mut self, until: Millis) {
         self.state = State::Open { until };
         self.opened += 1;
@@ -253,6 +263,18 @@ mod tests {
         assert_eq!(b.view(10_003).state, "half_open", "only the trial decides");
         b.record(trial, true, 10_004);
         assert_eq!(b.view(10_004).state, "closed");
+    }
+
+    #[test]
+    fn a_released_trial_frees_its_slot() {
+        let mut b = breaker(1, 1);
+        call(&mut b, false, 0).expect("closed");
+        let trial = b.admit(10_000).expect("trial");
+        assert!(b.admit(10_001).is_err());
+        b.release(trial);
+        let again = b.admit(10_002).expect("the slot is free again");
+        b.record(again, true, 10_003);
+        assert_eq!(b.view(10_003).state, "closed");
     }
 
     proptest! {

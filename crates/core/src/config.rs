@@ -96,9 +96,10 @@ pub struct ProviderConfig {
     /// Timeout of one call (the whole answer, streamed or not).
     #[serde(default = "default_timeout", with = "human_duration")]
     pub timeout: Duration,
-    /// When to stop calling a failing endpoint for a while.
-    #[serde(default)]
-    pub breaker: BreakerConfig,
+    /// When to stop calling a failing endpoint for a while (no breaker
+    /// unless given: failures are retried with the agent's backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
     /// Limits and prices per model name. A model not listed has no limit
     /// and no price (its cost counts as zero).
     #[serde(default)]
@@ -202,18 +203,38 @@ impl Default for BreakerConfig {
 }
 
 /// Limits and prices of one model of a provider.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Requests per minute, for every process sharing the store.
+    /// Requests per window (a minute unless `window` says otherwise), for
+    /// every process sharing the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
-    /// Tokens per minute (input + output), for every process sharing the store.
+    /// Tokens (input + output) per window, for every process sharing the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
+    /// The window `rpm` and `tpm` count in (default 1m; shorter for tests
+    /// and for providers that limit per second).
+    #[serde(default = "default_window", with = "human_duration")]
+    pub window: Duration,
     /// USD per million tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<Price>,
+}
+
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            rpm: None,
+            tpm: None,
+            window: default_window(),
+            price: None,
+        }
+    }
 }
 
 /// A price per million tokens, in USD.
@@ -317,21 +338,22 @@ impl Config {
             if provider.timeout.is_zero() {
                 err(format!("{at}.timeout"), "must be more than 0".into());
             }
-            let breaker = &provider.breaker;
-            if breaker.failures == 0 {
-                err(
-                    format!("{at}.breaker.failures"),
-                    "must be at least 1".into(),
-                );
-            }
-            if breaker.trials == 0 {
-                err(format!("{at}.breaker.trials"), "must be at least 1".into());
-            }
-            if breaker.open_for.is_zero() {
-                err(
-                    format!("{at}.breaker.open_for"),
-                    "must be more than 0".into(),
-                );
+            if let Some(breaker) = &provider.breaker {
+                if breaker.failures == 0 {
+                    err(
+                        format!("{at}.breaker.failures"),
+                        "must be at least 1".into(),
+                    );
+                }
+                if breaker.trials == 0 {
+                    err(format!("{at}.breaker.trials"), "must be at least 1".into());
+                }
+                if breaker.open_for.is_zero() {
+                    err(
+                        format!("{at}.breaker.open_for"),
+                        "must be more than 0".into(),
+                    );
+                }
             }
             for (model, limits) in &provider.models {
                 let at = format!("{at}.models.{model}");
@@ -345,6 +367,9 @@ impl Config {
                             "must be at least 1 (leave it out for no limit)".into(),
                         );
                     }
+                }
+                if limits.window.is_zero() {
+                    err(format!("{at}.window"), "must be more than 0".into());
                 }
                 if let Some(price) = &limits.price {
                     for (field, value) in [("input", price.input), ("output", price.output)] {
@@ -411,9 +436,10 @@ providers:
         assert_eq!(openai.kind, Kind::Openai);
         assert_eq!(openai.base_url(), "https://api.openai.com/v1");
         assert_eq!(openai.timeout, Duration::from_secs(60));
-        assert_eq!(openai.breaker.failures, 3);
-        assert_eq!(openai.breaker.open_for, Duration::from_secs(10));
-        assert_eq!(openai.breaker.trials, 1);
+        let breaker = openai.breaker.clone().expect("a breaker");
+        assert_eq!(breaker.failures, 3);
+        assert_eq!(breaker.open_for, Duration::from_secs(10));
+        assert_eq!(breaker.trials, 1);
         let gpt = config.model("openai", "gpt-4o").expect("model");
         assert_eq!((gpt.rpm, gpt.tpm), (Some(600), Some(150_000)));
         let price = gpt.price.expect("price");
@@ -421,7 +447,8 @@ providers:
         let claude = config.provider("claude").expect("claude");
         assert_eq!(claude.base_url(), "https://api.anthropic.com/v1");
         assert_eq!(claude.timeout, Duration::from_secs(120));
-        assert_eq!(claude.breaker, BreakerConfig::default());
+        assert_eq!(claude.breaker, None);
+        assert_eq!(gpt.window, Duration::from_secs(60));
         assert_eq!(
             config.provider("local").map(ProviderConfig::base_url),
             Some("http://127.0.0.1:8000/v1")

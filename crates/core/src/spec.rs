@@ -125,6 +125,10 @@ pub struct ModelSpec {
     /// The turns a `scripted` provider replays, one per LLM call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub script: Vec<ScriptTurn>,
+    /// Models to call, in order, while this one's circuit breaker is open
+    /// (each a model section of its own, without fallbacks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<ModelSpec>,
 }
 
 /// One scripted model answer: tool calls, or final content.
@@ -497,68 +501,17 @@ impl Agent {
         check_name(&spec.name, "name", &mut err);
         check_name(&spec.version, "version", &mut err);
 
-        let m = &spec.model;
-        if m.model.trim().is_empty() {
-            err("model.model".into(), "must not be empty".into());
-        }
-        if let Some(url) = &m.base_url
-            && !is_http_url(url)
-        {
-            err(
-                "model.base_url".into(),
-                format!("`{url}` is not an http(s) URL"),
-            );
-        }
-        if let Some(t) = m.temperature
-            && !(0.0..=2.0).contains(&t)
-        {
-            err("model.temperature".into(), format!("{t} is outside 0..=2"));
-        }
-        if m.max_tokens == Some(0) {
-            err("model.max_tokens".into(), "must be at least 1".into());
-        }
-        if let Some(env) = &m.api_key_env
-            && !is_env_name(env)
-        {
-            err(
-                "model.api_key_env".into(),
-                format!(
-                    "`{env}` is not an environment variable name (write the variable's name, not the key)"
-                ),
-            );
-        }
-        if m.timeout.is_zero() {
-            err("model.timeout".into(), "must be positive".into());
-        }
-        if m.idle_timeout.is_some_and(|t| t.is_zero()) {
-            err("model.idle_timeout".into(), "must be positive".into());
-        }
-        match m.provider {
-            Provider::Scripted => {
-                if m.script.is_empty() {
-                    err(
-                        "model.script".into(),
-                        "a scripted model needs at least one turn".into(),
-                    );
-                }
+        check_model(&spec.model, "model", &mut err);
+        for (i, fallback) in spec.model.fallbacks.iter().enumerate() {
+            let at = format!("model.fallbacks[{i}]");
+            check_model(fallback, &at, &mut err);
+            if !fallback.fallbacks.is_empty() {
+                err(
+                    format!("{at}.fallbacks"),
+                    "a fallback has no fallbacks of its own (list them all in model.fallbacks)"
+                        .into(),
+                );
             }
-            Provider::Openai | Provider::Anthropic => {
-                if !m.script.is_empty() {
-                    err(
-                        "model.script".into(),
-                        "only the scripted provider takes a script".into(),
-                    );
-                }
-            }
-        }
-        if m.provider == Provider::Anthropic
-            && let Some(t) = m.temperature
-            && t > 1.0
-        {
-            err(
-                "model.temperature".into(),
-                format!("{t} is outside 0..=1 (the Anthropic range)"),
-            );
         }
 
         let mut validators = HashMap::new();
@@ -635,7 +588,7 @@ impl Agent {
             }
         }
 
-        for (i, turn) in m.script.iter().enumerate() {
+        for (i, turn) in spec.model.script.iter().enumerate() {
             if turn.content.is_none() && turn.tool_calls.is_empty() {
                 err(
                     format!("model.script[{i}]"),
@@ -763,6 +716,72 @@ pub fn clip(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// Checks one model (the spec's own, or a fallback at `at`).
+fn check_model(m: &ModelSpec, at: &str, err: &mut impl FnMut(String, String)) {
+    if m.model.trim().is_empty() {
+        err(format!("{at}.model"), "must not be empty".into());
+    }
+    if let Some(url) = &m.base_url
+        && !is_http_url(url)
+    {
+        err(
+            format!("{at}.base_url"),
+            format!("`{url}` is not an http(s) URL"),
+        );
+    }
+    if let Some(t) = m.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        err(format!("{at}.temperature"), format!("{t} is outside 0..=2"));
+    }
+    if m.max_tokens == Some(0) {
+        err(format!("{at}.max_tokens"), "must be at least 1".into());
+    }
+    if let Some(env) = &m.api_key_env
+        && !is_env_name(env)
+    {
+        err(
+            format!("{at}.api_key_env"),
+            format!(
+                "`{env}` is not an environment variable name (write the variable's name, not the key)"
+            ),
+        );
+    }
+    if m.timeout.is_zero() {
+        err(format!("{at}.timeout"), "must be positive".into());
+    }
+    if m.idle_timeout.is_some_and(|t| t.is_zero()) {
+        err(format!("{at}.idle_timeout"), "must be positive".into());
+    }
+    match m.provider {
+        Provider::Scripted => {
+            if m.script.is_empty() {
+                err(
+                    format!("{at}.script"),
+                    "a scripted model needs at least one turn".into(),
+                );
+            }
+        }
+        Provider::Openai | Provider::Anthropic => {
+            if !m.script.is_empty() {
+                err(
+                    format!("{at}.script"),
+                    "only the scripted provider takes a script".into(),
+                );
+            }
+        }
+    }
+    if m.provider == Provider::Anthropic
+        && let Some(t) = m.temperature
+        && t > 1.0
+    {
+        err(
+            format!("{at}.temperature"),
+            format!("{t} is outside 0..=1 (the Anthropic range)"),
+        );
+    }
 }
 
 pub(crate) fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {

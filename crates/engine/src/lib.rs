@@ -15,10 +15,12 @@
 //!   retries) and the built-in file tools.
 
 pub mod agents;
+pub mod gateway;
 pub mod llm;
 pub mod tools;
 pub mod worker;
 
+pub use gateway::Breakers;
 pub use worker::{Engine, Options, projection};
 
 use keel_core::Millis;

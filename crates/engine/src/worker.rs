@@ -16,7 +16,7 @@ use futures_util::stream::FuturesUnordered;
 use keel_core::config::Config;
 use keel_core::message::Usage;
 use keel_core::run::{self, Command, Effect, Invocation, State, Status};
-use keel_core::spec::Provider;
+use keel_core::spec::ModelSpec;
 use keel_core::{Agent, Event, RunId};
 use keel_store::{
     Append, Error as StoreError, LeaseTo, NewTask, Projection, Store, Task, TaskKind, TaskUpdate,
@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::agents::Agents;
+use crate::gateway::{self, Admission, Breakers, Gateway};
 use crate::llm;
 use crate::now;
 use crate::tools::Tools;
@@ -49,8 +50,12 @@ pub struct Options {
     pub claim_batch: u32,
     /// How long shutdown waits for in-flight tasks before giving them back.
     pub drain: Duration,
-    /// The server's configuration: the price table that costs each LLM call.
+    /// The server's configuration: prices, rate limits and circuit breakers
+    /// of the LLM providers.
     pub config: Arc<Config>,
+    /// The circuit breakers of this process (shared with the API, which
+    /// shows them).
+    pub breakers: Breakers,
 }
 
 impl Default for Options {
@@ -63,6 +68,7 @@ impl Default for Options {
             claim_batch: 256,
             drain: Duration::from_secs(10),
             config: Arc::default(),
+            breakers: Breakers::default(),
         }
     }
 }
@@ -84,6 +90,7 @@ struct Inner<S> {
     store: S,
     agents: Agents<S>,
     llm: llm::Client,
+    gateway: Gateway<S>,
     tools: Tools,
     options: Options,
     /// This process's worker id: the owner of its leases.
@@ -112,6 +119,11 @@ impl<S: Store> Engine<S> {
         Self {
             inner: Arc::new(Inner {
                 agents: Agents::new(store.clone()),
+                gateway: Gateway::new(
+                    store.clone(),
+                    options.config.clone(),
+                    options.breakers.clone(),
+                ),
                 store,
                 llm: llm::Client::new(http.clone()),
                 tools: Tools::new(http),
@@ -296,17 +308,13 @@ async fn abandon<S: Store>(inner: &Inner<S>, task: &Task, reason: &str) {
     }
 }
 
-/// What an LLM call of `agent` cost, if the configuration prices its model
+/// What a call of `model` cost, if the configuration prices it
 /// (by the provider and model the spec names, not the snapshot name a
 /// provider answers with).
-fn cost(config: &Config, agent: &Agent, usage: Usage) -> Option<f64> {
-    let model = &agent.spec.model;
-    let provider = match model.provider {
-        Provider::Openai => "openai",
-        Provider::Anthropic => "anthropic",
-        Provider::Scripted => "scripted",
-    };
-    let price = config.model(provider, &model.model)?.price?;
+fn cost(config: &Config, model: &ModelSpec, usage: Usage) -> Option<f64> {
+    let price = config
+        .model(gateway::provider_name(model.provider), &model.model)?
+        .price?;
     Some(price.cost(usage.input_tokens, usage.output_tokens))
 }
 
@@ -408,11 +416,44 @@ async fn llm_step<S: Store>(
     if !awaiting || state.steps + 1 != task.step {
         return finish_stale(inner, slot, task).await;
     }
-    let response = match inner.llm.complete(agent, state, task.step).await {
+    let ticket = match inner.gateway.admit(agent, state, now()).await? {
+        Admission::Go(ticket) => ticket,
+        Admission::Later { until, reason } => {
+            // No capacity or no working endpoint yet: the run waits in the
+            // queue, holding no worker, and the wait counts no attempt.
+            debug!(run_id = %task.run_id, step = task.step, until, %reason, "llm call deferred");
+            inner.store.defer(task.lease, until, &reason, now()).await?;
+            return Ok(Next::Done);
+        }
+    };
+    if let Some(at) = ticket.wait_until {
+        let wait = at.saturating_sub(now()).max(0);
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
+    let model = ticket.model;
+    let result = inner
+        .llm
+        .complete_with(model, agent, state, task.step)
+        .await;
+    inner.gateway.settle(ticket, &result, now()).await;
+    let response = match result {
         Ok(r) => r,
+        Err(e) if e.is_throttled() => {
+            // The provider's own rate limit: the gateway holds the model's
+            // buckets until then; the call did not fail, no attempt counts.
+            let at = now();
+            let until = at + e.retry_after().map_or(1_000, |d| d.as_millis() as i64);
+            warn!(run_id = %task.run_id, step = task.step, error = %e, "llm provider throttled the call, deferring");
+            inner
+                .store
+                .defer(task.lease, until, &e.to_string(), at)
+                .await?;
+            return Ok(Next::Done);
+        }
         Err(llm::Error::Transient {
             message,
             retry_after,
+            ..
         }) => {
             if task.attempts >= task.max_attempts {
                 let error = format!(
@@ -448,7 +489,7 @@ async fn llm_step<S: Store>(
         agent,
         Command::LlmResponded {
             step: task.step,
-            cost_usd: cost(&inner.options.config, agent, response.usage),
+            cost_usd: cost(&inner.options.config, model, response.usage),
             message: response.message,
             usage: response.usage,
             model: response.model,

@@ -10,13 +10,12 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 
 use keel_core::Agent;
-use keel_core::config::{BreakerConfig, Config};
+use keel_core::config::Config;
 use keel_core::spec::human_duration;
 use keel_engine::{Engine, Options};
 use keel_store::postgres::PgStore;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use crate::client::Client;
 use crate::progress::Printer;
@@ -249,20 +248,6 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Arc<Config>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
     let config = Config::parse(&text).with_context(|| format!("in {}", path.display()))?;
-    for (name, provider) in &config.providers {
-        for (model, limits) in &provider.models {
-            if limits.rpm.is_some() || limits.tpm.is_some() {
-                warn!(
-                    "providers.{name}.models.{model}: rpm/tpm are not enforced by this build yet"
-                );
-            }
-        }
-        if provider.breaker != BreakerConfig::default() {
-            warn!(
-                "providers.{name}.breaker: the circuit breaker is not enforced by this build yet"
-            );
-        }
-    }
     Ok(Arc::new(config))
 }
 
@@ -444,7 +429,11 @@ async fn serve_on<S: keel_store::Store>(
         retry_after: args.retry_after,
     };
     let config = load_config(args.config.as_deref())?;
-    let service = Service::with_limits(store.clone(), limits);
+    let breakers = keel_engine::Breakers::default();
+    let service = Service::with_limits(store.clone(), limits).with_providers(service::Providers {
+        config: config.clone(),
+        breakers: breakers.clone(),
+    });
     let nats = start_nats(&service, args, &cancel).await?;
     let workers = if args.role.runs_workers() {
         let options = Options {
@@ -452,6 +441,7 @@ async fn serve_on<S: keel_store::Store>(
             lease: args.lease,
             heartbeat: args.lease / 3,
             config,
+            breakers,
             ..Options::default()
         };
         Some(tokio::spawn(

@@ -31,6 +31,17 @@ pub struct Service<S> {
     pub agents: Agents<S>,
     /// Ceilings on pending runs.
     admission: Arc<Admission>,
+    /// The LLM providers' configuration and this process's circuit breakers.
+    pub providers: Providers,
+}
+
+/// The LLM providers as this process knows them, for the API.
+#[derive(Clone, Debug, Default)]
+pub struct Providers {
+    /// The configuration file's providers.
+    pub config: Arc<keel_core::config::Config>,
+    /// This process's circuit breakers (its workers use them).
+    pub breakers: keel_engine::Breakers,
 }
 
 /// Ceilings on pending runs (not yet finished: `PENDING`, `AWAITING_LLM`,
@@ -169,7 +180,14 @@ impl<S: Store> Service<S> {
                 limits,
                 counts: Mutex::new(HashMap::new()),
             }),
+            providers: Providers::default(),
         }
+    }
+
+    /// This service with the providers' configuration and breakers shown by the API.
+    pub fn with_providers(mut self, providers: Providers) -> Self {
+        self.providers = providers;
+        self
     }
 
     /// Reserves a place for one more pending run of `agent`, or refuses with
@@ -444,6 +462,13 @@ pub struct RunView {
     pub error: Option<String>,
     /// Tokens used.
     pub usage: Usage,
+    /// What the LLM calls cost in USD (calls the configuration does not
+    /// price count 0).
+    pub cost_usd: f64,
+    /// Why the run failed, for machines (`budget_exceeded`, `max_steps`,
+    /// `timeout`), when it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
     /// The dead-lettered task holding the run, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
@@ -466,6 +491,11 @@ pub struct StepView {
     pub content: Option<String>,
     /// Tokens of this call.
     pub usage: Usage,
+    /// What this call cost in USD, if the configuration prices its model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// The model that answered, as the provider named it.
+    pub model: String,
     /// Error the model was told about an empty reply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correction: Option<String>,
@@ -502,11 +532,14 @@ impl RunView {
                     step,
                     message,
                     usage,
-                    ..
+                    model,
+                    cost_usd,
                 } => steps.push(StepView {
                     step: *step,
                     content: message.content.clone(),
                     usage: *usage,
+                    cost_usd: *cost_usd,
+                    model: model.clone(),
                     correction: None,
                     tool_calls: message
                         .tool_calls
@@ -566,6 +599,11 @@ impl RunView {
             output: state.output.clone(),
             error: projection(state).error,
             usage: state.usage,
+            cost_usd: state.cost_usd,
+            error_code: events.iter().rev().find_map(|r| match &r.event {
+                Event::RunFailed { code, .. } => code.clone(),
+                _ => None,
+            }),
             dead_letter: state.parked.as_ref().map(|p| p.task_id.to_string()),
             last_seq: state.seq,
             created_at: record.created_at,

@@ -19,7 +19,7 @@
 
 use keel_core::message::{Message, Role, ToolCall, Usage};
 use keel_core::run::State;
-use keel_core::spec::{Agent, tool_description, tool_parameters};
+use keel_core::spec::{Agent, ModelSpec, tool_description, tool_parameters};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -32,11 +32,11 @@ use super::{
 pub(super) fn request(
     http: &reqwest::Client,
     agent: &Agent,
+    model: &ModelSpec,
     state: &State,
     key: Option<&str>,
     stream: bool,
 ) -> Result<reqwest::RequestBuilder, Error> {
-    let model = &agent.spec.model;
     let url = super::endpoint(model, ANTHROPIC_BASE_URL, "messages")?;
     let body = MessagesRequest {
         model: &model.model,

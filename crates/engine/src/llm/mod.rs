@@ -165,6 +165,9 @@ pub enum Error {
         message: String,
         /// How long the provider asked us to wait (`Retry-After`).
         retry_after: Option<Duration>,
+        /// The provider refused for its rate limit (429): the endpoint works,
+        /// it asks for less. Not a failure of the endpoint (circuit breaker).
+        throttled: bool,
     },
     /// Retrying cannot help until someone fixes something: 400, 401, 403, 404,
     /// a missing API key variable, an invalid base URL, a script that ran out.
@@ -189,10 +192,22 @@ impl Error {
         }
     }
 
+    /// Whether the provider refused for its rate limit (429).
+    pub fn is_throttled(&self) -> bool {
+        matches!(
+            self,
+            Error::Transient {
+                throttled: true,
+                ..
+            }
+        )
+    }
+
     fn transient(message: String) -> Error {
         Error::Transient {
             message,
             retry_after: None,
+            throttled: false,
         }
     }
 
@@ -241,9 +256,29 @@ impl Client {
         state: &State,
         step: u32,
     ) -> Result<Response, Error> {
-        match agent.spec.model.provider {
-            Provider::Openai => self.call(agent, state, step, Wire::Openai, None).await,
-            Provider::Anthropic => self.call(agent, state, step, Wire::Anthropic, None).await,
+        self.complete_with(&agent.spec.model, agent, state, step)
+            .await
+    }
+
+    /// Like [`Client::complete`], with another model than the spec's own (a
+    /// fallback of `model.fallbacks`): the agent's prompt and tools, that
+    /// model's endpoint, key and settings.
+    pub async fn complete_with(
+        &self,
+        model: &ModelSpec,
+        agent: &Agent,
+        state: &State,
+        step: u32,
+    ) -> Result<Response, Error> {
+        match model.provider {
+            Provider::Openai => {
+                self.call(model, agent, state, step, Wire::Openai, None)
+                    .await
+            }
+            Provider::Anthropic => {
+                self.call(model, agent, state, step, Wire::Anthropic, None)
+                    .await
+            }
             Provider::Scripted => scripted::answer(agent, state, step),
         }
     }
@@ -259,16 +294,29 @@ impl Client {
         agent: &Agent,
         state: &State,
         step: u32,
+        on_delta: impl FnMut(Delta) + Send,
+    ) -> Result<Response, Error> {
+        self.stream_with(&agent.spec.model, agent, state, step, on_delta)
+            .await
+    }
+
+    /// [`Client::stream`] with another model than the spec's own.
+    pub async fn stream_with(
+        &self,
+        model: &ModelSpec,
+        agent: &Agent,
+        state: &State,
+        step: u32,
         mut on_delta: impl FnMut(Delta) + Send,
     ) -> Result<Response, Error> {
         let on_delta: &mut (dyn FnMut(Delta) + Send) = &mut on_delta;
-        match agent.spec.model.provider {
+        match model.provider {
             Provider::Openai => {
-                self.call(agent, state, step, Wire::Openai, Some(on_delta))
+                self.call(model, agent, state, step, Wire::Openai, Some(on_delta))
                     .await
             }
             Provider::Anthropic => {
-                self.call(agent, state, step, Wire::Anthropic, Some(on_delta))
+                self.call(model, agent, state, step, Wire::Anthropic, Some(on_delta))
                     .await
             }
             Provider::Scripted => {
@@ -282,20 +330,22 @@ impl Client {
     /// One HTTP call; streamed when there is someone to hand deltas to.
     async fn call(
         &self,
+        model: &ModelSpec,
         agent: &Agent,
         state: &State,
         step: u32,
         wire: Wire,
         on_delta: Option<&mut (dyn FnMut(Delta) + Send)>,
     ) -> Result<Response, Error> {
-        let model = &agent.spec.model;
         let key = self.api_key(model)?;
         let scrub = Scrub { key: key.clone() };
         let streaming = on_delta.is_some();
         let request = match wire {
-            Wire::Openai => openai::request(&self.http, agent, state, key.as_deref(), streaming)?,
+            Wire::Openai => {
+                openai::request(&self.http, agent, model, state, key.as_deref(), streaming)?
+            }
             Wire::Anthropic => {
-                anthropic::request(&self.http, agent, state, key.as_deref(), streaming)?
+                anthropic::request(&self.http, agent, model, state, key.as_deref(), streaming)?
             }
         };
         let request = request
@@ -446,6 +496,7 @@ async fn status_error(response: reqwest::Response, scrub: &Scrub, timeout: Durat
         Error::Transient {
             message,
             retry_after,
+            throttled: status == StatusCode::TOO_MANY_REQUESTS,
         }
     } else {
         Error::permanent(message)

@@ -10,7 +10,7 @@
 
 use keel_core::message::{Message, Role, ToolCall, Usage};
 use keel_core::run::State;
-use keel_core::spec::{Agent, tool_description, tool_parameters};
+use keel_core::spec::{Agent, ModelSpec, tool_description, tool_parameters};
 use reqwest::header;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,11 +21,11 @@ use super::{DEFAULT_BASE_URL, Decode, Delta, Error, Finish, Response, Scrub, sse
 pub(super) fn request(
     http: &reqwest::Client,
     agent: &Agent,
+    model: &ModelSpec,
     state: &State,
     key: Option<&str>,
     stream: bool,
 ) -> Result<reqwest::RequestBuilder, Error> {
-    let model = &agent.spec.model;
     let url = super::endpoint(model, DEFAULT_BASE_URL, "chat/completions")?;
     let body = ChatRequest {
         model: &model.model,

@@ -43,6 +43,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/v1/runs/{id}/cancel", post(cancel::<S>))
         .route("/v1/agents", post(put_agent::<S>).get(list_agents::<S>))
         .route("/v1/agents/{name}", get(get_agent::<S>))
+        .route("/v1/providers", get(providers::<S>))
         .route("/v1/dlq", get(list_dlq::<S>))
         .route("/v1/dlq/{id}/retry", post(retry_dlq::<S>))
         .fallback(|| async { Error::NotFound("no such route".into()) })
@@ -424,6 +425,30 @@ async fn get_agent<S: Store>(
     let mut body = agent_summary(&record);
     body["spec"] = json!(record.spec);
     Ok(Json(body))
+}
+
+/// The configured LLM providers (endpoints, key sources, limits, prices,
+/// breaker thresholds; never a key) and the circuit breakers of this
+/// process: those its workers used (none in an `api`-only process).
+async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
+    let providers = &svc.providers;
+    let configured: Vec<Value> = providers
+        .config
+        .providers
+        .iter()
+        .map(|(name, provider)| {
+            let mut value = serde_json::to_value(provider).unwrap_or(Value::Null);
+            if let Some(object) = value.as_object_mut() {
+                object.insert("name".into(), json!(name));
+                object.insert("base_url".into(), json!(provider.base_url()));
+            }
+            value
+        })
+        .collect();
+    Json(json!({
+        "providers": configured,
+        "breakers": providers.breakers.views(keel_engine::now()),
+    }))
 }
 
 async fn list_dlq<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {

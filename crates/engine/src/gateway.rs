@@ -1,0 +1,434 @@
+//! The LLM gateway: what stands between a run's LLM step and the provider.
+//!
+//! Before a call, [`Gateway::admit`] picks the model (the spec's own, or
+//! the first of `model.fallbacks` whose circuit breaker lets calls through)
+//! and takes its capacity from the shared rate limiter (the store's GCRA
+//! buckets, so every process on the store shares one budget):
+//!
+//! * `rpm`: one request, bucket `llm:<provider>/<model>:requests`, burst 1,
+//!   so no window ever sees more than `rpm` requests;
+//! * `tpm`: the call's input tokens, estimated from the conversation's
+//!   length (4 bytes a token), bucket `…:tokens`, burst a sixth of the
+//!   window's tokens; [`Gateway::settle`] charges the difference once the
+//!   provider reports the real usage (input and output).
+//!
+//! Capacity free within [`MAX_WAIT`] is reserved and the worker waits for
+//! it, holding its task; later than that, the task is deferred to when it
+//! frees ([`Admission::Later`]: the worker gives the task back with
+//! `Store::defer`, which counts no attempt). A 429 from the provider holds
+//! the model's buckets until its `Retry-After`, so no process sends more
+//! until then.
+//!
+//! Circuit breakers are per process, per endpoint (provider and base URL),
+//! for providers whose configuration has a `breaker` section. A failure is
+//! a transient error other than a 429 (timeouts, refused connections, 5xx).
+//! While the spec's model's breaker is open, its fallbacks are tried in
+//! order; when every breaker of the chain is open, the task is deferred
+//! until the first one half-opens (the run is parked, holding no worker).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use keel_core::breaker::{Breaker, Permit, View};
+use keel_core::config::Config;
+use keel_core::message::Usage;
+use keel_core::run::State;
+use keel_core::spec::{ModelSpec, Provider};
+use keel_core::{Agent, Millis};
+use keel_store::{Error as StoreError, Grant, Rate, Store};
+use serde::Serialize;
+use tracing::{debug, warn};
+
+use crate::llm;
+
+/// Longest a worker waits, holding its task, for capacity reserved for it.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a 429 without `Retry-After` holds the model's buckets.
+const DEFAULT_HOLD: Duration = Duration::from_secs(1);
+
+/// The circuit breakers of this process, by endpoint. Cheap to clone; the
+/// API shows them.
+#[derive(Clone, Debug, Default)]
+pub struct Breakers(Arc<Mutex<HashMap<String, Breaker>>>);
+
+/// One breaker as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointView {
+    /// `provider@base_url`.
+    pub endpoint: String,
+    /// Its state.
+    #[serde(flatten)]
+    pub breaker: View,
+}
+
+impl Breakers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Breaker>> {
+        // A panic while holding the lock leaves consistent data: each
+        // operation on a breaker is one small step.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every breaker this process has used, by endpoint.
+    pub fn views(&self, now: Millis) -> Vec<EndpointView> {
+        let mut views: Vec<EndpointView> = self
+            .lock()
+            .iter()
+            .map(|(endpoint, breaker)| EndpointView {
+                endpoint: endpoint.clone(),
+                breaker: breaker.view(now),
+            })
+            .collect();
+        views.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        views
+    }
+}
+
+/// The rate limiter and the breakers, for the worker pool.
+#[derive(Clone)]
+pub struct Gateway<S> {
+    store: S,
+    config: Arc<Config>,
+    breakers: Breakers,
+}
+
+/// What [`Gateway::admit`] decided.
+pub enum Admission<'a> {
+    /// Call this model (after waiting until `Ticket::wait_until`).
+    Go(Ticket<'a>),
+    /// Nothing may be called before `until`: give the task back until then.
+    Later {
+        /// When to try again.
+        until: Millis,
+        /// Why, for the task's record.
+        reason: String,
+    },
+}
+
+/// Leave to call one model, with what it took; hand it to [`Gateway::settle`].
+pub struct Ticket<'a> {
+    /// The model to call.
+    pub model: &'a ModelSpec,
+    /// 0 for the spec's own model, i for `model.fallbacks[i - 1]`.
+    pub choice: usize,
+    /// When the capacity reserved for the call is there.
+    pub wait_until: Option<Millis>,
+    endpoint: String,
+    permit: Option<Permit>,
+    requests: Option<Bucket>,
+    tokens: Option<(Bucket, u64)>,
+}
+
+/// A limiter bucket: its key and rate.
+#[derive(Clone)]
+struct Bucket {
+    key: String,
+    rate: Rate,
+}
+
+/// What taking a model's capacity gave.
+enum Taken {
+    /// Taken, free at once or at the time reserved.
+    Now {
+        requests: Option<Bucket>,
+        tokens: Option<(Bucket, u64)>,
+        at: Option<Millis>,
+    },
+    /// Not before then (nothing taken).
+    Later(Millis),
+}
+
+/// The name a provider has in the configuration and the buckets' keys.
+pub fn provider_name(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Openai => "openai",
+        Provider::Anthropic => "anthropic",
+        Provider::Scripted => "scripted",
+    }
+}
+
+impl<S: Store> Gateway<S> {
+    /// A gateway on `store` with the limits and breakers of `config`.
+    pub fn new(store: S, config: Arc<Config>, breakers: Breakers) -> Self {
+        Gateway {
+            store,
+            config,
+            breakers,
+        }
+    }
+
+    /// The model to call for the next step of `state`, with its capacity
+    /// taken, or when to try again.
+    pub async fn admit<'a>(
+        &self,
+        agent: &'a Agent,
+        state: &State,
+        now: Millis,
+    ) -> Result<Admission<'a>, StoreError> {
+        let primary = &agent.spec.model;
+        let chain = std::iter::once(primary).chain(primary.fallbacks.iter());
+        let mut reopens: Option<Millis> = None;
+        for (choice, model) in chain.enumerate() {
+            let endpoint = endpoint(model);
+            let permit = match self.admit_breaker(model, &endpoint, now) {
+                Ok(permit) => permit,
+                Err(retry_at) => {
+                    reopens = Some(reopens.map_or(retry_at, |r| r.min(retry_at)));
+                    continue;
+                }
+            };
+            let taken = match self.take(agent, model, state, now).await {
+                Ok(taken) => taken,
+                Err(e) => {
+                    self.release(&endpoint, permit);
+                    return Err(e);
+                }
+            };
+            return Ok(match taken {
+                Taken::Now {
+                    requests,
+                    tokens,
+                    at,
+                } => Admission::Go(Ticket {
+                    model,
+                    choice,
+                    wait_until: at,
+                    endpoint,
+                    permit,
+                    requests,
+                    tokens,
+                }),
+                Taken::Later(until) => {
+                    self.release(&endpoint, permit);
+                    Admission::Later {
+                        until,
+                        reason: format!(
+                            "rate limit of {}/{}: no capacity before {until}",
+                            provider_name(model.provider),
+                            model.model
+                        ),
+                    }
+                }
+            });
+        }
+        let until = reopens.unwrap_or(now + 1_000);
+        Ok(Admission::Later {
+            until,
+            reason: format!(
+                "circuit breaker open for {} and every fallback",
+                endpoint(primary)
+            ),
+        })
+    }
+
+    /// Reports how the call went: the breaker learns of endpoint failures,
+    /// the token bucket is charged the real usage, a 429 holds the buckets.
+    pub async fn settle(
+        &self,
+        ticket: Ticket<'_>,
+        result: &Result<llm::Response, llm::Error>,
+        now: Millis,
+    ) {
+        let endpoint_failed = matches!(result, Err(e) if e.is_transient() && !e.is_throttled());
+        if let Some(permit) = ticket.permit {
+            let mut breakers = self.breakers.lock();
+            if let Some(breaker) = breakers.get_mut(&ticket.endpoint) {
+                breaker.record(permit, !endpoint_failed, now);
+            }
+        }
+        if let Some((bucket, charged)) = &ticket.tokens {
+            let used = match result {
+                Ok(response) => total(response.usage),
+                // A failed call is not billed (a stream cut mid-way may be,
+                // partly: the provider does not say).
+                Err(_) => 0,
+            };
+            let delta =
+                i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(*charged).unwrap_or(0);
+            if delta != 0
+                && let Err(e) = self
+                    .store
+                    .adjust_capacity(&bucket.key, bucket.rate, delta, now)
+                    .await
+            {
+                warn!(key = %bucket.key, error = %e, "could not correct the token count");
+            }
+        }
+        if let Err(e) = result
+            && e.is_throttled()
+        {
+            let wait = e.retry_after().unwrap_or(DEFAULT_HOLD);
+            let until = now + millis(wait);
+            let buckets = ticket
+                .requests
+                .iter()
+                .chain(ticket.tokens.iter().map(|(bucket, _)| bucket));
+            for bucket in buckets {
+                if let Err(e) = self.store.hold_capacity(&bucket.key, until).await {
+                    warn!(key = %bucket.key, error = %e, "could not hold a rate limit after a 429");
+                }
+            }
+        }
+    }
+
+    /// The breakers of this gateway.
+    pub fn breakers(&self) -> &Breakers {
+        &self.breakers
+    }
+
+    /// Admits a call through the model's breaker, if its provider has one;
+    /// when it refuses, the time it may let calls through.
+    fn admit_breaker(
+        &self,
+        model: &ModelSpec,
+        endpoint: &str,
+        now: Millis,
+    ) -> Result<Option<Permit>, Millis> {
+        let Some(config) = self
+            .config
+            .provider(provider_name(model.provider))
+            .and_then(|p| p.breaker.clone())
+        else {
+            return Ok(None);
+        };
+        let mut breakers = self.breakers.lock();
+        let breaker = breakers
+            .entry(endpoint.to_string())
+            .or_insert_with(|| Breaker::new(config));
+        match breaker.admit(now) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(refused) => {
+                debug!(
+                    endpoint,
+                    retry_at = refused.retry_at,
+                    "circuit breaker refused a call"
+                );
+                Err(refused.retry_at)
+            }
+        }
+    }
+
+    /// Gives back a breaker permit whose call is not made.
+    fn release(&self, endpoint: &str, permit: Option<Permit>) {
+        let Some(permit) = permit else { return };
+        if let Some(breaker) = self.breakers.lock().get_mut(endpoint) {
+            breaker.release(permit);
+        }
+    }
+
+    /// Takes a request and the estimated input tokens from the model's
+    /// buckets, if its configuration limits it.
+    async fn take(
+        &self,
+        agent: &Agent,
+        model: &ModelSpec,
+        state: &State,
+        now: Millis,
+    ) -> Result<Taken, StoreError> {
+        let provider = provider_name(model.provider);
+        let Some(limits) = self.config.model(provider, &model.model) else {
+            return Ok(Taken::Now {
+                requests: None,
+                tokens: None,
+                at: None,
+            });
+        };
+        let prefix = format!("llm:{provider}/{}", model.model);
+        let mut at: Option<Millis> = None;
+        let mut requests = None;
+        if let Some(rpm) = limits.rpm {
+            let bucket = Bucket {
+                key: format!("{prefix}:requests"),
+                rate: Rate {
+                    per_window: rpm,
+                    window: limits.window,
+                    burst: 1,
+                },
+            };
+            match self
+                .store
+                .take_capacity(&bucket.key, bucket.rate, 1, MAX_WAIT, now)
+                .await?
+            {
+                Grant::Granted => {}
+                Grant::Reserved(t) => at = Some(t),
+                Grant::RetryAt(t) => return Ok(Taken::Later(t)),
+            }
+            requests = Some(bucket);
+        }
+        let mut tokens = None;
+        if let Some(tpm) = limits.tpm {
+            // The burst bounds one call's charge; the window never sees more
+            // than per_window + burst - 1 = tpm tokens.
+            let burst = (tpm / 6).max(1);
+            let bucket = Bucket {
+                key: format!("{prefix}:tokens"),
+                rate: Rate {
+                    per_window: (tpm - burst + 1).max(1),
+                    window: limits.window,
+                    burst,
+                },
+            };
+            let estimate = estimate_input_tokens(agent, state).clamp(1, burst);
+            match self
+                .store
+                .take_capacity(&bucket.key, bucket.rate, estimate, MAX_WAIT, now)
+                .await?
+            {
+                Grant::Granted => {}
+                Grant::Reserved(t) => at = Some(at.map_or(t, |a| a.max(t))),
+                Grant::RetryAt(t) => {
+                    if let Some(taken) = &requests {
+                        // The request slot goes back: this call waits.
+                        self.store
+                            .adjust_capacity(&taken.key, taken.rate, -1, now)
+                            .await?;
+                    }
+                    return Ok(Taken::Later(t));
+                }
+            }
+            tokens = Some((bucket, estimate));
+        }
+        Ok(Taken::Now {
+            requests,
+            tokens,
+            at,
+        })
+    }
+}
+
+/// Where a model's requests go, as breakers name it.
+fn endpoint(model: &ModelSpec) -> String {
+    let base = model.base_url.as_deref().unwrap_or(match model.provider {
+        Provider::Openai => llm::DEFAULT_BASE_URL,
+        Provider::Anthropic => llm::ANTHROPIC_BASE_URL,
+        Provider::Scripted => "",
+    });
+    format!("{}@{base}", provider_name(model.provider))
+}
+
+/// Input tokens of the next call, roughly: 4 bytes a token over the system
+/// prompt, the conversation and the tools' schemas.
+pub fn estimate_input_tokens(agent: &Agent, state: &State) -> u64 {
+    let mut bytes = agent.spec.system.len();
+    for message in &state.messages {
+        bytes += message.content.as_deref().map_or(0, str::len);
+        for call in &message.tool_calls {
+            bytes += call.name.len() + call.arguments.len();
+        }
+    }
+    for tool in &agent.spec.tools {
+        bytes += tool.name.len() + tool.description.len();
+        bytes += tool.parameters.as_ref().map_or(0, |p| p.to_string().len());
+    }
+    (bytes / 4 + 1) as u64
+}
+
+fn total(usage: Usage) -> u64 {
+    usage.input_tokens + usage.output_tokens
+}
+
+fn millis(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX / 4)
+}
