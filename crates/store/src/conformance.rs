@@ -15,9 +15,9 @@ use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
-    Append, Committed, Error, ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry,
-    Projection, Rate, Registered, RelayHolder, Result, RunFilter, RunRef, Store, Submission,
-    Submitted, Task, TaskKind, TaskUpdate,
+    Append, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error, ExportStatus, Grant,
+    Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered, RelayHolder, Result,
+    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -58,6 +58,8 @@ macro_rules! store_suite {
                 limits_reserve_within_max_wait,
                 limits_adjust_to_real_costs,
                 limits_hold_closes_a_key,
+                deltas_are_fenced_ordered_and_announced,
+                deltas_are_compacted_by_the_journal,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1765,3 +1767,215 @@ store_suite!(sqlite, async {
 });
 
 store_suite!(postgres, crate::postgres::tests::open());
+
+/// A batch of streamed text for `task`'s step.
+fn delta_batch(task: &Task, attempt: DeltaAttempt, text: &str, now: Millis) -> DeltaBatch {
+    DeltaBatch {
+        run_id: task.run_id,
+        lease: task.lease,
+        step: task.step,
+        attempt,
+        text: text.to_string(),
+        now,
+    }
+}
+
+fn pos(step: u32, attempt: u32, idx: u32) -> DeltaPos {
+    DeltaPos { step, attempt, idx }
+}
+
+/// The positions and texts of a run's deltas after `after`.
+async fn delta_texts<S: Store>(
+    store: &S,
+    run_id: RunId,
+    after: Option<DeltaPos>,
+) -> Result<Vec<(DeltaPos, String)>> {
+    let page = store.deltas(run_id, after, 100).await?;
+    Ok(page
+        .deltas
+        .into_iter()
+        .map(|Delta { pos, text, .. }| (pos, text))
+        .collect())
+}
+
+pub(crate) async fn deltas_are_fenced_ordered_and_announced<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let mut commits = store.subscribe();
+    let task = claim_one(&store, "a", Duration::from_millis(100), T0).await?;
+    assert_eq!((task.step, task.attempts), (1, 1));
+
+    // The first batch opens the task's attempt; later ones go on with it.
+    let first = delta_batch(&task, DeltaAttempt::Open(task.attempts), "Hel", T0 + 1);
+    assert_eq!(store.append_deltas(first).await?, pos(1, 1, 0));
+    let heard = tokio::time::timeout(Duration::from_secs(5), commits.recv())
+        .await
+        .expect("a notification in time")
+        .expect("the channel is open");
+    assert_eq!(
+        heard,
+        Committed {
+            run_id,
+            last_seq: 1,
+            new_work: false
+        }
+    );
+    for (idx, text) in [(1, "lo, "), (2, "wor")] {
+        let next = DeltaAttempt::Continue { attempt: 1, idx };
+        assert_eq!(
+            store
+                .append_deltas(delta_batch(&task, next, text, T0 + 2))
+                .await?,
+            pos(1, 1, idx)
+        );
+    }
+    // A position written twice is refused and changes nothing.
+    let again = delta_batch(
+        &task,
+        DeltaAttempt::Continue { attempt: 1, idx: 2 },
+        "x",
+        T0 + 3,
+    );
+    assert!(matches!(
+        store.append_deltas(again).await,
+        Err(Error::Conflict(_))
+    ));
+
+    let page = store.deltas(run_id, None, 100).await?;
+    assert_eq!(page.last_seq, 1);
+    assert_eq!(page.deltas[0].at, T0 + 1);
+    assert_eq!(
+        delta_texts(&store, run_id, None).await?,
+        vec![
+            (pos(1, 1, 0), "Hel".to_string()),
+            (pos(1, 1, 1), "lo, ".to_string()),
+            (pos(1, 1, 2), "wor".to_string()),
+        ]
+    );
+    // From a position on; a page stops at its limit.
+    let after = delta_texts(&store, run_id, Some(pos(1, 1, 0))).await?;
+    assert_eq!(after.len(), 2);
+    assert_eq!(after[0].0, pos(1, 1, 1));
+    let page = store.deltas(run_id, None, 1).await?;
+    assert_eq!(page.deltas.len(), 1);
+
+    // The lease expires and another worker takes the task over: the first
+    // worker's writes are refused, the new one opens attempt 2, read after
+    // attempt 1's deltas.
+    let takeover = claim_one(&store, "b", LEASE, T0 + 200).await?;
+    let stale = delta_batch(
+        &task,
+        DeltaAttempt::Continue { attempt: 1, idx: 3 },
+        "ld",
+        T0 + 201,
+    );
+    assert!(matches!(
+        store.append_deltas(stale).await,
+        Err(Error::LeaseLost(id)) if id == task.lease.task_id
+    ));
+    let opened = delta_batch(
+        &takeover,
+        DeltaAttempt::Open(takeover.attempts),
+        "Hi",
+        T0 + 202,
+    );
+    assert_eq!(store.append_deltas(opened).await?, pos(1, 2, 0));
+    // An attempt opened again with an old count (a task given back without
+    // counting its attempt) still gets a new number.
+    let reopened = delta_batch(&takeover, DeltaAttempt::Open(1), "Hey", T0 + 203);
+    assert_eq!(store.append_deltas(reopened).await?, pos(1, 3, 0));
+    let texts = delta_texts(&store, run_id, Some(pos(1, 1, 2))).await?;
+    assert_eq!(
+        texts,
+        vec![
+            (pos(1, 2, 0), "Hi".to_string()),
+            (pos(1, 3, 0), "Hey".to_string())
+        ]
+    );
+
+    // A lease of another run does not fence this one.
+    let other = submit_run(&store, T0).await?;
+    let mut foreign = delta_batch(&takeover, DeltaAttempt::Open(1), "no", T0 + 204);
+    foreign.run_id = other;
+    assert!(matches!(
+        store.append_deltas(foreign).await,
+        Err(Error::LeaseLost(_))
+    ));
+    assert!(delta_texts(&store, other, None).await?.is_empty());
+
+    assert!(matches!(
+        store.deltas(RunId::new(), None, 10).await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
+
+pub(crate) async fn deltas_are_compacted_by_the_journal<S: Store>(store: S) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let other = submit_run(&store, T0).await?;
+    let mut tasks = store.claim("a", 10, LEASE, T0).await?;
+    tasks.sort_by_key(|t| t.run_id != run_id);
+    let (task, other_task) = (tasks[0].clone(), tasks[1].clone());
+    for t in [&task, &other_task] {
+        store
+            .append_deltas(delta_batch(t, DeltaAttempt::Open(1), "partial", T0 + 1))
+            .await?;
+    }
+
+    // The append journaling step 1's answer deletes step 1's deltas, in the
+    // same commit, and leaves the step's final message in the journal.
+    let answer = Event::LlmCompleted {
+        step: 1,
+        message: keel_core::message::Message::assistant(Some("partial answer".into()), vec![]),
+        usage: Usage::default(),
+        model: "m".to_string(),
+        cost_usd: None,
+    };
+    let mut next = append(run_id, 1, Some(task.lease), vec![answer]);
+    next.task = TaskUpdate::Complete;
+    next.new_tasks = vec![NewTask {
+        step: 2,
+        lease_to: Some(LeaseTo {
+            owner: "a".to_string(),
+            until: T0 + LEASE_MS,
+        }),
+        ..new_task(TaskKind::Llm, T0)
+    }];
+    let appended = store.append(next).await?;
+    let page = store.deltas(run_id, None, 100).await?;
+    assert_eq!((page.last_seq, page.deltas.len()), (2, 0));
+    // Another run's deltas stay.
+    assert_eq!(delta_texts(&store, other, None).await?.len(), 1);
+
+    // Step 2 streams, then the run ends: every delta of the run goes.
+    let step2 = appended.leased[0].clone();
+    for attempt in [
+        DeltaAttempt::Open(1),
+        DeltaAttempt::Continue { attempt: 1, idx: 1 },
+    ] {
+        store
+            .append_deltas(delta_batch(&step2, attempt, "more", T0 + 2))
+            .await?;
+    }
+    assert_eq!(
+        delta_texts(&store, run_id, None)
+            .await?
+            .first()
+            .map(|d| d.0),
+        Some(pos(2, 1, 0))
+    );
+    let mut cancel = append(
+        run_id,
+        2,
+        Some(step2.lease),
+        vec![Event::RunCancelled {
+            reason: "stop".to_string(),
+        }],
+    );
+    cancel.task = TaskUpdate::Complete;
+    cancel.clear_tasks = true;
+    cancel.projection = projection(Status::Cancelled);
+    store.append(cancel).await?;
+    assert!(delta_texts(&store, run_id, None).await?.is_empty());
+    assert_eq!(delta_texts(&store, other, None).await?.len(), 1);
+    Ok(())
+}

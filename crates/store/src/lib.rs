@@ -37,6 +37,19 @@
 //! `limit` has the algorithm). A throttled task is given back with
 //! [`Store::defer`], which does not count an attempt.
 //!
+//! # Streamed LLM output
+//!
+//! While a worker streams a model's answer it persists the text in small
+//! batches ([`Store::append_deltas`], one write per batch, fenced by the
+//! task's lease like an append), so a reader that reconnects gets exactly
+//! what it missed ([`Store::deltas`]). Each batch is a [`DeltaPos`]: the LLM
+//! step, the attempt at it (a retried call streams under a newer attempt)
+//! and its index within the attempt. They are ephemeral: the append that
+//! journals a step's `LlmCompleted` deletes the step's deltas in the same
+//! transaction (the final message holds the whole text), and an append that
+//! ends the run deletes all of them. Writes are announced to subscribers
+//! like commits.
+//!
 //! Every write made under a task lease is fenced: it names the lease, and the
 //! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
 //! taken over. Journal appends are conditional on the expected last sequence
@@ -382,6 +395,109 @@ pub struct Committed {
     pub new_work: bool,
 }
 
+/// Where a batch of streamed text stands among its run's deltas: ordered by
+/// step, then attempt, then index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeltaPos {
+    /// The LLM step (1-based) whose answer is streamed.
+    pub step: u32,
+    /// The attempt at the step (from 1): a retried call streams under a
+    /// newer one, and its text replaces the older attempts'.
+    pub attempt: u32,
+    /// The batch's index within the attempt, from 0.
+    pub idx: u32,
+}
+
+/// Which attempt a batch of deltas belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaAttempt {
+    /// The first batch of an LLM call: the store opens a new attempt at the
+    /// step, numbered at least this (the task's attempt count) and above
+    /// every attempt with deltas stored, and writes the batch at index 0.
+    /// (A task given back without counting its attempt, as on shutdown,
+    /// claims the same attempt count again: its deltas still get a new
+    /// attempt.)
+    Open(u32),
+    /// A later batch of the attempt the first batch opened, at `idx`.
+    Continue {
+        /// The attempt the first batch's write returned.
+        attempt: u32,
+        /// The batch's index (the previous batch's + 1).
+        idx: u32,
+    },
+}
+
+/// A batch of streamed LLM output to persist ([`Store::append_deltas`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaBatch {
+    /// The run.
+    pub run_id: RunId,
+    /// The lease of the task making the call (the write is fenced by it).
+    pub lease: Lease,
+    /// The LLM step.
+    pub step: u32,
+    /// Which attempt, and where in it.
+    pub attempt: DeltaAttempt,
+    /// The text streamed since the previous batch.
+    pub text: String,
+    /// Write time.
+    pub now: Millis,
+}
+
+/// A stored batch of streamed text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delta {
+    /// Its position.
+    pub pos: DeltaPos,
+    /// The text.
+    pub text: String,
+    /// When it was written.
+    pub at: Millis,
+}
+
+/// A run's deltas after a position, read in one snapshot with the journal's
+/// last seq ([`Store::deltas`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deltas {
+    /// The run's last seq in the same snapshot: the deltas belong to steps
+    /// not completed by then, so a reader shows them after the journal's
+    /// events up to this seq, never before.
+    pub last_seq: Seq,
+    /// The deltas, in position order.
+    pub deltas: Vec<Delta>,
+}
+
+/// A stored delta, checking its position fits (step, attempt, index).
+fn delta(run_id: RunId, pos: [i64; 3], text: String, at: Millis) -> Result<Delta> {
+    let mut numbers = [0_u32; 3];
+    for (number, value) in numbers.iter_mut().zip(pos) {
+        *number = u32::try_from(value)
+            .map_err(|_| Error::Corrupt(format!("a delta of run {run_id} has position {pos:?}")))?;
+    }
+    let [step, attempt, idx] = numbers;
+    Ok(Delta {
+        pos: DeltaPos { step, attempt, idx },
+        text,
+        at,
+    })
+}
+
+/// Which deltas an append of `events` deletes in its transaction: those of
+/// each step it journals an `LlmCompleted` for (`Some(step)`), or, when it
+/// ends the run, all of the run's (`None`).
+fn compaction(events: &[Event]) -> Vec<Option<u32>> {
+    if events.iter().any(Event::is_terminal) {
+        return vec![None];
+    }
+    let mut steps = Vec::new();
+    for event in events {
+        if let Event::LlmCompleted { step, .. } = event {
+            steps.push(Some(*step));
+        }
+    }
+    steps
+}
+
 /// A run as the outbox names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunRef {
@@ -566,6 +682,26 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The time the earliest not-yet-due task becomes runnable, if any (so an
     /// idle worker sleeps exactly until then).
     fn next_due(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
+
+    /// Persists a batch of text streamed from the model (one write), fenced
+    /// by the task's lease ([`Error::LeaseLost`] once it expired or was taken
+    /// over), and announces it to subscribers like a commit (with no new
+    /// work). Returns where the batch was written; the attempt of
+    /// [`DeltaAttempt::Open`] is chosen by the store. A position already
+    /// written is a [`Error::Conflict`].
+    fn append_deltas(&self, batch: DeltaBatch) -> impl Future<Output = Result<DeltaPos>> + Send;
+
+    /// Up to `limit` of a run's deltas after `after` (all when `None`), in
+    /// position order, with the journal's last seq read in the same
+    /// snapshot. Deltas are deleted once their step is journaled, so these
+    /// are the answers still being streamed (or whose call failed and will
+    /// be retried). [`Error::NotFound`] if the run does not exist.
+    fn deltas(
+        &self,
+        run_id: RunId,
+        after: Option<DeltaPos>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Deltas>> + Send;
 
     /// Notifications of commits, for SSE followers and idle workers.
     ///

@@ -96,6 +96,8 @@ pub(super) struct AppendEvents {
     pub(super) task: TaskUpdate,
     pub(super) new_tasks: Vec<Insert>,
     pub(super) clear_tasks: bool,
+    /// Deltas to delete: of these steps, or all of the run's (`None`).
+    pub(super) purge: Vec<Option<u32>>,
     pub(super) redrive: Option<TaskId>,
     pub(super) projection: Projection,
     pub(super) now: Millis,
@@ -118,6 +120,8 @@ struct Events<'a> {
     data: Vec<&'a str>,
     at: Vec<Millis>,
     outbox: (Vec<Uuid>, Vec<Seq>, Vec<Seq>),
+    /// Deltas compacted by these commits: a run's, of a step or (`None`) all.
+    purge: (Vec<Uuid>, Vec<Option<i64>>),
 }
 
 impl<'a> Events<'a> {
@@ -147,6 +151,7 @@ impl<'a> Events<'a> {
             return Ok(());
         }
         let (runs, firsts, lasts) = self.outbox;
+        let (purge_runs, purge_steps) = self.purge;
         sqlx::query(INSERT_EVENTS)
             .bind(self.run)
             .bind(self.seq)
@@ -156,6 +161,8 @@ impl<'a> Events<'a> {
             .bind(runs)
             .bind(firsts)
             .bind(lasts)
+            .bind(purge_runs)
+            .bind(purge_steps)
             .execute(conn)
             .await
             .map_err(backend)?;
@@ -163,14 +170,19 @@ impl<'a> Events<'a> {
     }
 }
 
-/// Inserts the events and, when export is on, their outbox rows. The
-/// switch is read by this statement, after the run rows were locked: a
-/// commit of the run that follows an exported one sees it too.
+/// Inserts the events and, when export is on, their outbox rows, and
+/// deletes the deltas the events compact (a data-modifying `WITH` runs
+/// whether referenced or not). The switch is read by this statement, after
+/// the run rows were locked: a commit of the run that follows an exported
+/// one sees it too.
 const INSERT_EVENTS: &str = "WITH journal AS ( \
          INSERT INTO events (run_id, seq, kind, data, at) \
          SELECT run, seq, kind, data::json, at \
          FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint[]) \
-             AS v (run, seq, kind, data, at)) \
+             AS v (run, seq, kind, data, at)), \
+     compacted AS ( \
+         DELETE FROM deltas USING unnest($9::uuid[], $10::bigint[]) AS p (run, step) \
+         WHERE deltas.run_id = p.run AND (p.step IS NULL OR deltas.step = p.step)) \
      INSERT INTO outbox (run_id, first_seq, last_seq) \
      SELECT run, first_seq, last_seq \
      FROM unnest($6::uuid[], $7::bigint[], $8::bigint[]) AS o (run, first_seq, last_seq) \
@@ -762,6 +774,10 @@ impl<'a> Rows<'a> {
     fn add(&mut self, r: &'a AppendEvents) {
         self.events
             .push(r.run_id, r.expected_seq + 1, &r.events, r.now);
+        for step in &r.purge {
+            self.events.purge.0.push(r.run_id.0);
+            self.events.purge.1.push(step.map(i64::from));
+        }
         if let Some(lease) = r.lease {
             match &r.task {
                 TaskUpdate::Keep => {}

@@ -48,6 +48,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "rate_limits",
         sql: include_str!("migrations/0004_rate_limits.sql"),
     },
+    Migration {
+        version: 5,
+        name: "deltas",
+        sql: include_str!("migrations/0005_deltas.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

@@ -57,6 +57,8 @@
 //! * `journal`: submissions and appends, written in bulk per batch.
 //! * `queue`: claims, heartbeats, retries, deferrals and releases of tasks.
 //! * `agents`: registering agent versions.
+//! * `deltas`: streamed LLM output, written fenced (one statement on the
+//!   pool, announced by it) and read back.
 //! * `limits`: rate limits shared by every process (`rate_limits`), one
 //!   statement per operation, on the pool.
 //! * `export`: the export switch, reading and acknowledging the outbox, the
@@ -71,6 +73,7 @@
 //! SQLite.
 
 mod agents;
+mod deltas;
 mod export;
 mod journal;
 mod limits;
@@ -103,9 +106,9 @@ use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Grant, Lease,
-    OutboxEntry, Projection, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission,
-    Submitted, Task, TaskKind, TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas, Error,
+    ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result, RunFilter,
+    RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -199,6 +202,8 @@ pub struct PgStore {
     ops: mpsc::Sender<Op>,
     reads: PgPool,
     commits: broadcast::Sender<Committed>,
+    /// This store's id in notifications.
+    origin: u64,
     /// Held by every handle: the listener stops when all are gone.
     _alive: mpsc::Sender<()>,
 }
@@ -253,6 +258,7 @@ impl PgStore {
             ops,
             reads,
             commits,
+            origin,
             _alive: alive,
         })
     }
@@ -667,6 +673,7 @@ impl Store for PgStore {
             task: append.task,
             new_tasks: append.new_tasks.into_iter().map(insert).collect(),
             clear_tasks: append.clear_tasks,
+            purge: crate::compaction(&append.events),
             redrive: append.redrive,
             projection: append.projection,
             now: append.now,
@@ -752,6 +759,20 @@ impl Store for PgStore {
             .fetch_one(&self.reads)
             .await
             .map_err(backend)
+    }
+
+    async fn append_deltas(&self, batch: DeltaBatch) -> Result<DeltaPos> {
+        deltas::append(&self.reads, self.origin, &self.commits, &batch).await
+    }
+
+    async fn deltas(&self, run_id: RunId, after: Option<DeltaPos>, limit: u32) -> Result<Deltas> {
+        // Steps start at 1, so (0, 0, 0) is before every delta.
+        let after = after.unwrap_or(DeltaPos {
+            step: 0,
+            attempt: 0,
+            idx: 0,
+        });
+        deltas::read(&self.reads, run_id, after, limit).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Committed> {

@@ -103,6 +103,8 @@ pub(super) struct AppendEvents {
     pub(super) task: TaskUpdate,
     pub(super) new_tasks: Vec<Insert>,
     pub(super) clear_tasks: bool,
+    /// Deltas to delete: of these steps, or all of the run's (`None`).
+    pub(super) purge: Vec<Option<u32>>,
     pub(super) redrive: Option<TaskId>,
     pub(super) projection: Projection,
     pub(super) now: Millis,
@@ -676,6 +678,28 @@ static CLEAR_TASKS: LazyLock<Bulk> = LazyLock::new(|| {
     )
 });
 
+/// Deltas to delete: a run's, of one step or (`None`) of all.
+struct PurgeRow {
+    run: RunId,
+    step: Option<u32>,
+}
+
+impl BulkRow for PurgeRow {
+    fn bind<'q>(&self, query: Binding<'q>) -> Binding<'q> {
+        query.bind(self.run.to_string()).bind(self.step)
+    }
+}
+
+/// Compacts streamed output: the final message is in the journal now.
+static PURGE_DELTAS: LazyLock<Bulk> = LazyLock::new(|| {
+    Bulk::new(
+        2,
+        "WITH v (run, step) AS (VALUES {values}) \
+         DELETE FROM deltas WHERE run_id IN (SELECT run FROM v) AND EXISTS (SELECT 1 FROM v \
+             WHERE v.run = deltas.run_id AND (v.step IS NULL OR v.step = deltas.step))",
+    )
+});
+
 /// A dead letter going back to the queue, fresh.
 struct RedriveRow {
     id: TaskId,
@@ -716,6 +740,7 @@ struct Rows<'a> {
     /// Leased tasks that are done (completed or dead-lettered).
     done: Vec<TaskIdRow>,
     clears: Vec<ClearRow>,
+    purges: Vec<PurgeRow>,
     redrives: Vec<RedriveRow>,
     tasks: Vec<TaskRow<'a>>,
 }
@@ -757,6 +782,12 @@ impl<'a> Rows<'a> {
                 keep: r.lease.map(|l| l.task_id),
             });
         }
+        for step in &r.purge {
+            self.purges.push(PurgeRow {
+                run: r.run_id,
+                step: *step,
+            });
+        }
         if let Some(id) = r.redrive {
             self.redrives.push(RedriveRow { id, now: r.now });
         }
@@ -776,6 +807,7 @@ impl<'a> Rows<'a> {
         bulk::execute(conn, &DEAD_LETTER_TASKS, &self.dead_letters).await?;
         bulk::execute(conn, &DELETE_TASKS, &self.done).await?;
         bulk::execute(conn, &CLEAR_TASKS, &self.clears).await?;
+        bulk::execute(conn, &PURGE_DELTAS, &self.purges).await?;
         bulk::execute(conn, &REDRIVE, &self.redrives).await?;
         bulk::execute(conn, &DELETE_DEAD_LETTERS, &self.redrives).await?;
         bulk::execute(conn, &INSERT_TASKS, &self.tasks).await?;

@@ -35,6 +35,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "export",
         sql: include_str!("migrations/0002_export.sql"),
     },
+    Migration {
+        version: 3,
+        name: "deltas",
+        sql: include_str!("migrations/0003_deltas.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

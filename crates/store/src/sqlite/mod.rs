@@ -11,6 +11,7 @@
 //! * `journal`: submissions and appends, written in bulk per batch.
 //! * `queue`: claims, heartbeats, retries, deferrals and releases of tasks.
 //! * `agents`: registering agent versions.
+//! * `deltas`: streamed LLM output, written fenced and read back.
 //! * `limits`: rate limits, kept in memory (why: see there).
 //! * `export`: the export switch, reading and acknowledging the outbox, the
 //!   relay lease, the export status (outbox rows are written by `journal`).
@@ -22,6 +23,7 @@
 
 mod agents;
 mod bulk;
+mod deltas;
 mod export;
 mod journal;
 mod limits;
@@ -54,9 +56,9 @@ use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, Error, ExportStatus, Grant, Lease,
-    OutboxEntry, Projection, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission,
-    Submitted, Task, TaskKind, TaskUpdate,
+    AgentRecord, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas, Error,
+    ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result, RunFilter,
+    RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -526,6 +528,7 @@ impl Store for SqliteStore {
             task: append.task,
             new_tasks: append.new_tasks.into_iter().map(insert).collect(),
             clear_tasks: append.clear_tasks,
+            purge: crate::compaction(&append.events),
             redrive: append.redrive,
             projection: append.projection,
             now: append.now,
@@ -611,6 +614,42 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await
             .map_err(backend)
+    }
+
+    async fn append_deltas(&self, batch: DeltaBatch) -> Result<DeltaPos> {
+        self.write(|reply| Op::Deltas(Call::new(batch, reply)))
+            .await
+    }
+
+    async fn deltas(&self, run_id: RunId, after: Option<DeltaPos>, limit: u32) -> Result<Deltas> {
+        // Steps start at 1, so (0, 0, 0) is before every delta.
+        let after = after.unwrap_or(DeltaPos {
+            step: 0,
+            attempt: 0,
+            idx: 0,
+        });
+        let rows = sqlx::query_as::<_, deltas::Row>(deltas::READ)
+            .bind(run_id.to_string())
+            .bind(after.step)
+            .bind(after.attempt)
+            .bind(after.idx)
+            .bind(limit.max(1))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(backend)?;
+        let mut page = Deltas {
+            last_seq: 0,
+            deltas: Vec::with_capacity(rows.len()),
+        };
+        if rows.is_empty() {
+            return Err(Error::NotFound(format!("run {run_id}")));
+        }
+        for row in rows {
+            let (last_seq, delta) = row.into_delta(run_id)?;
+            page.last_seq = last_seq;
+            page.deltas.extend(delta);
+        }
+        Ok(page)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Committed> {

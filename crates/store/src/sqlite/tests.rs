@@ -82,7 +82,7 @@ async fn reopening_keeps_data_and_applies_migrations_once() {
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut conn)
         .await
@@ -120,7 +120,7 @@ async fn an_older_schema_is_brought_up_to_date() {
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
     // The new index holds the runs that were there.
     assert_eq!(store.pending_runs("t", Some("a")).await.expect("count"), 1);
     assert!(store.get_run(run_id).await.expect("read").is_some());

@@ -26,10 +26,13 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::agents::{self, PutAgent};
+use super::deltas;
 use super::export::{self, RelayLease};
 use super::journal::{self, AppendEvents, Submit};
 use super::queue::{self, Claim, Heartbeat, ReleaseAll, RetryLater};
-use crate::{Appended, Committed, Error, Registered, Result, Submitted, Task};
+use crate::{
+    Appended, Committed, DeltaBatch, DeltaPos, Error, Registered, Result, Submitted, Task,
+};
 
 /// Most ops committed in one transaction.
 pub(super) const MAX_BATCH: usize = 512;
@@ -129,6 +132,8 @@ pub(super) enum Op {
     AckOutbox(Call<Vec<i64>, ()>),
     /// Take or extend a relay lease.
     RelayLease(Call<RelayLease, bool>),
+    /// Persist a batch of streamed LLM output.
+    Deltas(Call<DeltaBatch, DeltaPos>),
 }
 
 impl Op {
@@ -146,6 +151,7 @@ impl Op {
             Op::DisableExport(call) => call.clear(),
             Op::AckOutbox(call) => call.clear(),
             Op::RelayLease(call) => call.clear(),
+            Op::Deltas(call) => call.clear(),
         }
     }
 
@@ -163,6 +169,7 @@ impl Op {
             Op::DisableExport(call) => call.fail(message),
             Op::AckOutbox(call) => call.fail(message),
             Op::RelayLease(call) => call.fail(message),
+            Op::Deltas(call) => call.fail(message),
         }
     }
 
@@ -180,6 +187,7 @@ impl Op {
             Op::DisableExport(call) => call.finish(),
             Op::AckOutbox(call) => call.finish(),
             Op::RelayLease(call) => call.finish(),
+            Op::Deltas(call) => call.finish(),
         }
     }
 }
@@ -231,6 +239,10 @@ async fn run(
             }
             Op::RelayLease(call) => {
                 let result = export::lease(conn, &call.request).await;
+                call.settle(result)?;
+            }
+            Op::Deltas(call) => {
+                let result = deltas::append(conn, &call.request, commits).await;
                 call.settle(result)?;
             }
         }
