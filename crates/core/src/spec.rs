@@ -122,6 +122,11 @@ pub struct ModelSpec {
         with = "human_duration::option"
     )]
     pub idle_timeout: Option<Duration>,
+    /// Stream the answer: its text is forwarded to the run's event stream
+    /// (`llm_delta` events) as it arrives, persisted in small batches, and
+    /// replaced by the final message once the step is journaled.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
     /// The turns a `scripted` provider replays, one per LLM call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub script: Vec<ScriptTurn>,
@@ -129,6 +134,12 @@ pub struct ModelSpec {
     /// (each a model section of its own, without fallbacks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<ModelSpec>,
+}
+
+/// Whether a flag is off (then it is not serialized: specs stored before
+/// it existed compare equal).
+fn is_false(flag: &bool) -> bool {
+    !*flag
 }
 
 /// One scripted model answer: tool calls, or final content.
@@ -939,6 +950,29 @@ mod tests {
                 "name: a\nversion: 1\nmodel: {provider: anthropic, model: m, script: [{content: hi}]}\n"
             ),
             vec!["model.script"]
+        );
+    }
+
+    #[test]
+    fn streaming_is_a_model_flag() {
+        let agent = Agent::parse(
+            "name: a\nversion: 1\nmodel: {provider: openai, model: m, stream: true}\n",
+        )
+        .unwrap();
+        assert!(agent.spec.model.stream);
+        let json = serde_json::to_value(&agent.spec).unwrap();
+        assert_eq!(json["model"]["stream"], true);
+
+        // Off by default, and then not written.
+        let agent =
+            Agent::parse("name: a\nversion: 1\nmodel: {provider: openai, model: m}\n").unwrap();
+        assert!(!agent.spec.model.stream);
+        let json = serde_json::to_value(&agent.spec).unwrap();
+        assert!(json["model"].get("stream").is_none());
+
+        assert_eq!(
+            fields("name: a\nversion: 1\nmodel: {provider: openai, model: m, stream: maybe}\n"),
+            vec!["model.stream"]
         );
     }
 

@@ -7,6 +7,8 @@
 //!   slots, a heartbeat that keeps this process's leases alive, and the
 //!   per-task driver that turns LLM answers and tool results into commands for
 //!   the pure state machine and commits the resulting events and tasks.
+//! * [`deltas`]: streaming an answer's text into the store in small batches
+//!   while the call runs (agents with `model.stream`).
 //! * [`agents`]: a cache of compiled agent versions (immutable once registered).
 //! * [`llm`]: LLM providers: OpenAI-compatible chat completions, the
 //!   Anthropic Messages API (both plain and streamed as deltas, with call and
@@ -15,6 +17,7 @@
 //!   retries) and the built-in file tools.
 
 pub mod agents;
+pub mod deltas;
 pub mod gateway;
 pub mod llm;
 pub mod tools;

@@ -431,10 +431,14 @@ async fn llm_step<S: Store>(
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
     let model = ticket.model;
-    let result = inner
-        .llm
-        .complete_with(model, agent, state, task.step)
-        .await;
+    let result = if agent.spec.model.stream {
+        crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
+    } else {
+        inner
+            .llm
+            .complete_with(model, agent, state, task.step)
+            .await
+    };
     inner.gateway.settle(ticket, &result, now()).await;
     let response = match result {
         Ok(r) => r,
