@@ -121,6 +121,10 @@ impl Client {
                 if event.event == "error" {
                     bail!("server: {}", event.data);
                 }
+                // Streamed answer text: the journal's `llm_completed` holds it whole.
+                if matches!(event.event.as_str(), "llm_delta" | "llm_retry") {
+                    continue;
+                }
                 let recorded: Recorded = serde_json::from_str(&event.data)
                     .with_context(|| format!("unreadable event from server: {}", event.data))?;
                 last = recorded.seq;

@@ -10,6 +10,9 @@
 //! * `garbage` calls tools with arguments that are not JSON or unknown tools
 //!   (a plain Anthropic answer can only hold a JSON object, so there the bad
 //!   arguments become a call to an unknown tool);
+//! * `long:N:MS` answers at once with a text of N words (`w1 w2 …`); streamed,
+//!   each word is its own chunk, sent MS milliseconds after the previous one
+//!   (a slow model, for tests of streaming that survives reconnects);
 //! * anything else gets a 400 (OpenAI) or 404 (Anthropic), like a real
 //!   provider for an unknown model.
 //!
@@ -32,6 +35,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 /// Shared state of the mock servers, readable by tests.
@@ -191,6 +195,10 @@ fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) ->
             ))
         });
     }
+    if let Some((words, _)) = long(model) {
+        let text: Vec<String> = (1..=words).map(|i| format!("w{i}")).collect();
+        return Some(Turn::Answer(text.join(" ")));
+    }
     if model == "garbage" {
         let (tool, arguments) = if tool_results.is_multiple_of(2) {
             (tool, "{\"n\": oops")
@@ -204,6 +212,17 @@ fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) ->
         });
     }
     None
+}
+
+/// The words and the pause between streamed chunks of a `long:N:MS` model.
+fn long(model: &str) -> Option<(usize, Duration)> {
+    let mut parts = model.strip_prefix("long:")?.split(':');
+    let words = parts.next()?.parse().ok()?;
+    let pause = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((words, Duration::from_millis(pause)))
 }
 
 async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Response {
@@ -244,7 +263,8 @@ async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Respon
     };
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return chat_stream(model, &turn, usage.then_some(prompt_tokens));
+        let pause = long(model).map(|(_, pause)| pause);
+        return chat_stream(model, &turn, usage.then_some(prompt_tokens), pause);
     }
 
     let message = match &turn {
@@ -276,8 +296,13 @@ async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Respon
 
 /// A streamed chat completion: role, then text split at spaces or the call
 /// with its arguments in two pieces, the finish reason, the usage when asked
-/// (`prompt_tokens`), and `[DONE]`.
-fn chat_stream(model: &str, turn: &Turn<'_>, prompt_tokens: Option<usize>) -> Response {
+/// (`prompt_tokens`), and `[DONE]`; with a `pause`, each chunk after it.
+fn chat_stream(
+    model: &str,
+    turn: &Turn<'_>,
+    prompt_tokens: Option<usize>,
+    pause: Option<Duration>,
+) -> Response {
     let chunk = |delta: Value, finish: Option<&str>| {
         let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
             "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
@@ -320,7 +345,26 @@ fn chat_stream(model: &str, turn: &Turn<'_>, prompt_tokens: Option<usize>) -> Re
         events.push(format!("data: {usage}\n\n"));
     }
     events.push("data: [DONE]\n\n".to_string());
-    event_stream(events)
+    match pause {
+        Some(pause) => paced_event_stream(events, pause),
+        None => event_stream(events),
+    }
+}
+
+/// A `text/event-stream` answer sending each event after `pause`.
+fn paced_event_stream(events: Vec<String>, pause: Duration) -> Response {
+    let frames = futures_util::stream::iter(events).then(move |event| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, Infallible>(event)
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(frames),
+    )
+        .into_response()
 }
 
 /// `text` in two pieces split near its middle (one when it is too short).

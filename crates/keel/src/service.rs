@@ -10,8 +10,8 @@ use keel_core::{Agent, Event, RunId, TaskId};
 use keel_engine::agents::Agents;
 use keel_engine::{now, projection};
 use keel_store::{
-    Append, Error as StoreError, NewTask, Registered, RunRecord, Store, Submission, Submitted,
-    TaskKind, TaskUpdate,
+    Append, Delta, DeltaPos, Error as StoreError, NewTask, Registered, RunRecord, Store,
+    Submission, Submitted, TaskKind, TaskUpdate,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -624,11 +624,107 @@ pub fn follow<S: Store>(
     run_id: RunId,
     after: keel_core::Seq,
 ) -> impl futures_util::Stream<Item = Result<Recorded, StoreError>> + Send {
+    use futures_util::StreamExt;
+    let from = Position {
+        seq: after,
+        delta: None,
+    };
+    follow_with(store, run_id, from, false).filter_map(|item| async move {
+        match item {
+            Ok(Streamed::Event(recorded)) => Some(Ok(recorded)),
+            Ok(Streamed::Delta { .. } | Streamed::Retry { .. }) => None,
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
+/// A run's journal with the text of answers being streamed between its
+/// events ([`Streamed`]), from `from` on: history first, then live, ending
+/// after the terminal event.
+pub fn follow_live<S: Store>(
+    store: S,
+    run_id: RunId,
+    from: Position,
+) -> impl futures_util::Stream<Item = Result<Streamed, StoreError>> + Send {
+    follow_with(store, run_id, from, true)
+}
+
+/// Where a reader of a run's stream is: the last journal event it got, and
+/// the last delta it got after that event, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Last journal seq received.
+    pub seq: keel_core::Seq,
+    /// Last delta received after it.
+    pub delta: Option<DeltaPos>,
+}
+
+impl Position {
+    /// The SSE id of a delta at `delta` following journal seq `seq`:
+    /// `<seq>.<step>.<attempt>.<idx>`.
+    pub fn id(self) -> String {
+        match self.delta {
+            None => self.seq.to_string(),
+            Some(d) => format!("{}.{}.{}.{}", self.seq, d.step, d.attempt, d.idx),
+        }
+    }
+
+    /// Parses an SSE id: `<seq>` (a journal event) or
+    /// `<seq>.<step>.<attempt>.<idx>` (a delta); `None` if it is neither.
+    pub fn parse(id: &str) -> Option<Position> {
+        let mut parts = id.trim().split('.');
+        let seq: u64 = parts.next()?.parse().ok()?;
+        let seq = keel_core::Seq::try_from(seq).ok()?;
+        let rest: Vec<&str> = parts.collect();
+        let delta = match rest.as_slice() {
+            [] => None,
+            [step, attempt, idx] => Some(DeltaPos {
+                step: step.parse().ok()?,
+                attempt: attempt.parse().ok()?,
+                idx: idx.parse().ok()?,
+            }),
+            _ => return None,
+        };
+        Some(Position { seq, delta })
+    }
+}
+
+/// An item of a run's live stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Streamed {
+    /// A journal event.
+    Event(Recorded),
+    /// Text of an answer being streamed, after the journal event `seq`.
+    Delta {
+        /// The journal seq it follows.
+        seq: keel_core::Seq,
+        /// The text and its position.
+        delta: Delta,
+    },
+    /// The step's call is being made again: the text of its earlier
+    /// attempts sent so far is to be discarded; `attempt`'s deltas follow.
+    Retry {
+        /// The step.
+        step: u32,
+        /// The new attempt.
+        attempt: u32,
+    },
+}
+
+fn follow_with<S: Store>(
+    store: S,
+    run_id: RunId,
+    from: Position,
+    deltas: bool,
+) -> impl futures_util::Stream<Item = Result<Streamed, StoreError>> + Send {
     let rx = store.subscribe();
     let start = Follow {
         store,
         run_id,
-        after,
+        after: from.seq.max(0),
+        delta: from.delta,
+        shown: from.delta.map(|d| (d.step, d.attempt)),
+        deltas,
         rx,
         buffer: std::collections::VecDeque::new(),
         done: false,
@@ -639,33 +735,45 @@ pub fn follow<S: Store>(
     })
 }
 
+/// Most journal events or deltas read at once.
+const PAGE: u32 = 512;
+
 struct Follow<S> {
     store: S,
     run_id: RunId,
+    /// Last journal seq sent.
     after: keel_core::Seq,
+    /// The last delta read: the next read starts after it.
+    delta: Option<DeltaPos>,
+    /// The step and attempt the reader was last sent text of.
+    shown: Option<(u32, u32)>,
+    /// Whether deltas are sent at all.
+    deltas: bool,
     rx: tokio::sync::broadcast::Receiver<keel_store::Committed>,
-    buffer: std::collections::VecDeque<Recorded>,
+    buffer: std::collections::VecDeque<Streamed>,
     done: bool,
 }
 
 impl<S: Store> Follow<S> {
-    async fn next(&mut self) -> Option<Result<Recorded, StoreError>> {
+    async fn next(&mut self) -> Option<Result<Streamed, StoreError>> {
         use tokio::sync::broadcast::error::RecvError;
         loop {
             if self.done {
                 return None;
             }
-            if let Some(recorded) = self.buffer.pop_front() {
-                self.after = recorded.seq;
-                self.done = recorded.event.is_terminal();
-                return Some(Ok(recorded));
-            }
-            match self.store.events(self.run_id, self.after, 512).await {
-                Ok(batch) if !batch.is_empty() => {
-                    self.buffer.extend(batch);
-                    continue;
+            if let Some(item) = self.buffer.pop_front() {
+                match &item {
+                    Streamed::Event(recorded) => {
+                        self.after = recorded.seq;
+                        self.done = recorded.event.is_terminal();
+                    }
+                    Streamed::Delta { .. } | Streamed::Retry { .. } => {}
                 }
-                Ok(_) => {}
+                return Some(Ok(item));
+            }
+            match self.read().await {
+                Ok(true) => continue,
+                Ok(false) => {}
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
@@ -698,6 +806,74 @@ impl<S: Store> Follow<S> {
                     },
                 }
             }
+        }
+    }
+
+    /// Buffers what there is to send; false if nothing.
+    ///
+    /// Deltas are read with the journal's last seq in one snapshot, and sent
+    /// only once the journal events up to that seq are: so a step's text never
+    /// comes after the event that completed the step (its deltas are deleted
+    /// in that commit), nor the next step's text before it.
+    async fn read(&mut self) -> Result<bool, StoreError> {
+        if !self.deltas {
+            let events = self.store.events(self.run_id, self.after, PAGE).await?;
+            let any = !events.is_empty();
+            self.buffer.extend(events.into_iter().map(Streamed::Event));
+            return Ok(any);
+        }
+        let page = match self.store.deltas(self.run_id, self.delta, PAGE).await {
+            Ok(page) => page,
+            Err(StoreError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if page.last_seq > self.after {
+            let wanted = u32::try_from(page.last_seq - self.after).unwrap_or(PAGE);
+            let events = self
+                .store
+                .events(self.run_id, self.after, wanted.min(PAGE))
+                .await?;
+            let any = !events.is_empty();
+            self.buffer.extend(events.into_iter().map(Streamed::Event));
+            return Ok(any);
+        }
+        // Even if all were skipped, the read moved on past them.
+        let any = !page.deltas.is_empty();
+        self.buffer_deltas(page.deltas);
+        Ok(any)
+    }
+
+    /// Buffers deltas following the journal's current seq. Of a step's
+    /// attempts in the page only the newest is sent (the older ones' text
+    /// would be discarded); a reader that got text of an older attempt of
+    /// the step first gets [`Streamed::Retry`].
+    fn buffer_deltas(&mut self, deltas: Vec<Delta>) {
+        let mut newest: HashMap<u32, u32> = HashMap::new();
+        for delta in &deltas {
+            let attempt = newest.entry(delta.pos.step).or_default();
+            *attempt = (*attempt).max(delta.pos.attempt);
+        }
+        for delta in deltas {
+            let pos = delta.pos;
+            // Skipped or sent, it is read: the next read starts after it.
+            self.delta = Some(pos);
+            if newest.get(&pos.step).is_some_and(|&n| pos.attempt < n) {
+                continue;
+            }
+            if let Some((step, attempt)) = self.shown
+                && step == pos.step
+                && attempt < pos.attempt
+            {
+                self.buffer.push_back(Streamed::Retry {
+                    step: pos.step,
+                    attempt: pos.attempt,
+                });
+            }
+            self.shown = Some((pos.step, pos.attempt));
+            self.buffer.push_back(Streamed::Delta {
+                seq: self.after,
+                delta,
+            });
         }
     }
 }

@@ -300,16 +300,23 @@ async fn events<S: Store>(
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
+                .and_then(service::Position::parse)
                 .ok_or_else(|| {
-                    Error::BadRequest("Last-Event-ID must be an event sequence number".into())
+                    Error::BadRequest(
+                        "Last-Event-ID must be an event id: `<seq>` (a journal event) or \
+                         `<seq>.<step>.<attempt>.<idx>` (an llm_delta), all non-negative integers"
+                            .into(),
+                    )
                 })?,
         ),
     };
-    let after = last_event_id.or(q.after).unwrap_or(0).max(0);
-    let stream = service::follow(svc.store.clone(), run_id, after).map(|item| {
+    let from = last_event_id.unwrap_or(service::Position {
+        seq: q.after.unwrap_or(0).max(0),
+        delta: None,
+    });
+    let stream = service::follow_live(svc.store.clone(), run_id, from).map(|item| {
         let event = match item {
-            Ok(recorded) => match serde_json::to_string(&recorded) {
+            Ok(service::Streamed::Event(recorded)) => match serde_json::to_string(&recorded) {
                 Ok(data) => SseEvent::default()
                     .id(recorded.seq.to_string())
                     .event(recorded.event.kind())
@@ -318,6 +325,25 @@ async fn events<S: Store>(
                     .event("error")
                     .data(format!("could not encode event: {e}")),
             },
+            Ok(service::Streamed::Delta { seq, delta }) => {
+                let position = service::Position {
+                    seq,
+                    delta: Some(delta.pos),
+                };
+                let data = json!({
+                    "step": delta.pos.step,
+                    "attempt": delta.pos.attempt,
+                    "idx": delta.pos.idx,
+                    "text": delta.text,
+                });
+                SseEvent::default()
+                    .id(position.id())
+                    .event("llm_delta")
+                    .data(data.to_string())
+            }
+            Ok(service::Streamed::Retry { step, attempt }) => SseEvent::default()
+                .event("llm_retry")
+                .data(json!({"step": step, "attempt": attempt}).to_string()),
             Err(e) => {
                 tracing::warn!(error = %e, "event stream failed");
                 SseEvent::default()

@@ -14,3 +14,4 @@ mod journal;
 mod nats;
 mod postgres;
 mod providers;
+mod streaming;

@@ -1,0 +1,292 @@
+//! Streamed answers on a run's event stream: `llm_delta` events between the
+//! journal's, resumable with `Last-Event-ID`, compacted into the final
+//! message once the step is journaled, and `llm_retry` after a crash.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use keel::mock::Mock;
+use keel_store::Store;
+use keel_store::sqlite::SqliteStore;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// An agent streaming the mock's slow `long:N:MS` model.
+fn streaming_agent(name: &str, mock: &Mock, model: &str) -> String {
+    format!(
+        r#"
+name: {name}
+version: 1
+model:
+  provider: openai
+  model: "{model}"
+  base_url: "{llm}"
+  timeout: 30s
+  stream: true
+system: You are a test agent.
+"#,
+        llm = mock.llm_url(),
+    )
+}
+
+/// One SSE event: id (empty when it has none), name, data.
+#[derive(Debug, Clone)]
+struct Seen {
+    id: String,
+    name: String,
+    data: Value,
+}
+
+type Events = Pin<Box<dyn Stream<Item = Seen> + Send>>;
+
+/// Opens a run's event stream, resuming after `last_event_id`.
+async fn open(http: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Events {
+    let mut request = http.get(url).header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    let response = request.send().await.expect("sse");
+    assert_eq!(response.status(), 200);
+    let source = Box::pin(response.bytes_stream().eventsource());
+    let events = futures_util::stream::unfold(
+        (source, String::new()),
+        |(mut source, mut last_id)| async move {
+            let event = source.next().await?.ok()?;
+            // Only events that carry an id change it (ids persist in SSE).
+            let id = if event.id == last_id {
+                String::new()
+            } else {
+                last_id = event.id.clone();
+                event.id
+            };
+            let data = serde_json::from_str(&event.data).expect("event json");
+            let seen = Seen {
+                id,
+                name: event.event,
+                data,
+            };
+            Some((seen, (source, last_id)))
+        },
+    );
+    Box::pin(events)
+}
+
+/// Reads until `deltas` more `llm_delta` events came (or the stream ended).
+async fn read_deltas(events: &mut Events, deltas: usize, out: &mut Vec<Seen>) {
+    let mut got = 0;
+    let read = async {
+        while got < deltas {
+            let Some(event) = events.next().await else {
+                return;
+            };
+            got += usize::from(event.name == "llm_delta");
+            out.push(event);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("deltas in time");
+}
+
+/// Reads to the end of the stream.
+async fn read_to_end(events: &mut Events, out: &mut Vec<Seen>) {
+    let read = async {
+        while let Some(event) = events.next().await {
+            out.push(event);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the stream ended");
+}
+
+/// The last id a client saw: what it reconnects with.
+fn last_id(events: &[Seen]) -> String {
+    events
+        .iter()
+        .rev()
+        .find(|e| !e.id.is_empty())
+        .map(|e| e.id.clone())
+        .expect("an event with an id")
+}
+
+/// (step, attempt, idx) of an `llm_delta`, checked against its id.
+fn position(event: &Seen) -> (u64, u64, u64) {
+    let field = |name: &str| event.data[name].as_u64().expect("a position field");
+    let pos = (field("step"), field("attempt"), field("idx"));
+    let suffix = format!(".{}.{}.{}", pos.0, pos.1, pos.2);
+    assert!(event.id.ends_with(&suffix), "id {} of {pos:?}", event.id);
+    pos
+}
+
+/// The text of the run's one `llm_completed` event.
+fn final_message(events: &[Seen]) -> String {
+    let completed: Vec<&Seen> = events
+        .iter()
+        .filter(|e| e.name == "llm_completed")
+        .collect();
+    assert_eq!(completed.len(), 1, "one llm_completed");
+    completed[0].data["event"]["message"]["content"]
+        .as_str()
+        .expect("text")
+        .to_string()
+}
+
+/// Opens the server's database once the server is gone.
+async fn deltas_left(dir: &TempDir, run_id: &str) -> usize {
+    let store = SqliteStore::open(&dir.db())
+        .await
+        .expect("open the database");
+    let run_id = run_id.parse().expect("run id");
+    let page = store.deltas(run_id, None, 1000).await.expect("deltas");
+    page.deltas.len()
+}
+
+#[tokio::test]
+async fn deltas_stream_in_order_and_resume_after_a_reconnect() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let mut server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // 200 words, one every 10 ms: about 2 s of streaming, some 40 batches.
+    register(
+        &http,
+        &server,
+        &streaming_agent("talker", &mock, "long:200:10"),
+    )
+    .await;
+    let id = submit(&http, &server, "talker", "talk").await;
+    let url = server.url(&format!("/v1/runs/{id}/events"));
+
+    // A client reads a few deltas, then drops the connection.
+    let mut first = Vec::new();
+    let mut events = open(&http, &url, None).await;
+    read_deltas(&mut events, 3, &mut first).await;
+    drop(events);
+    let resume = last_id(&first);
+    assert_eq!(resume.split('.').count(), 4, "a delta id: {resume}");
+
+    // It reconnects with the last id it saw and reads to the end.
+    let mut second = Vec::new();
+    let mut events = open(&http, &url, Some(&resume)).await;
+    read_to_end(&mut events, &mut second).await;
+
+    let all: Vec<&Seen> = first.iter().chain(&second).collect();
+    let deltas: Vec<&&Seen> = all.iter().filter(|e| e.name == "llm_delta").collect();
+    assert!(
+        second.iter().any(|e| e.name == "llm_delta"),
+        "the reconnected client got the rest of the text"
+    );
+    assert!(deltas.len() > 5, "many batches: {}", deltas.len());
+    assert!(all.iter().all(|e| e.name != "llm_retry"));
+    // Every batch exactly once, in order, without a gap.
+    let positions: Vec<(u64, u64, u64)> = deltas.iter().map(|e| position(e)).collect();
+    let expected: Vec<(u64, u64, u64)> = (0..positions.len() as u64).map(|i| (1, 1, i)).collect();
+    assert_eq!(positions, expected);
+    let text: String = deltas
+        .iter()
+        .map(|e| e.data["text"].as_str().expect("text"))
+        .collect();
+    let message = final_message(&second);
+    assert_eq!(text, message);
+    assert!(message.starts_with("w1 w2 ") && message.ends_with(" w200"));
+    // Journal events and deltas keep the journal's order: the text comes
+    // after the submit and before the answer.
+    let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names.first(), Some(&"run_submitted"));
+    let answer = names
+        .iter()
+        .position(|n| *n == "llm_completed")
+        .expect("answer");
+    assert!(names[..answer].iter().skip(1).all(|n| *n == "llm_delta"));
+    assert_eq!(&names[answer..], ["llm_completed", "run_completed"]);
+
+    // Read again from the start, the stream holds only the journal: the
+    // deltas were compacted into the final message.
+    let mut history = Vec::new();
+    let mut events = open(&http, &url, None).await;
+    read_to_end(&mut events, &mut history).await;
+    let names: Vec<&str> = history.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["run_submitted", "llm_completed", "run_completed"]);
+    assert_eq!(final_message(&history), message);
+
+    // A malformed Last-Event-ID is refused, naming the format.
+    let r = http
+        .get(&url)
+        .header("last-event-id", "3.1.x")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.expect("body");
+    assert!(body.contains("<seq>.<step>.<attempt>.<idx>"), "{body}");
+
+    server.kill();
+    assert_eq!(deltas_left(&dir, &id).await, 0, "no delta rows remain");
+}
+
+#[tokio::test]
+async fn a_crash_mid_stream_makes_the_client_discard_the_partial_text() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let mut server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // About 4 s of streaming: the restarted server's attempt is still
+    // streaming when the client is back.
+    register(
+        &http,
+        &server,
+        &streaming_agent("talker", &mock, "long:200:20"),
+    )
+    .await;
+    let id = submit(&http, &server, "talker", "talk").await;
+    let path = format!("/v1/runs/{id}/events");
+
+    let mut before = Vec::new();
+    let mut events = open(&http, &server.url(&path), None).await;
+    read_deltas(&mut events, 3, &mut before).await;
+    server.kill();
+    // The connection dies with the server.
+    read_to_end(&mut events, &mut before).await;
+    let resume = last_id(&before);
+
+    let server = Server::start(&dir.db(), &[]).await;
+    let mut after = Vec::new();
+    let mut events = open(&http, &server.url(&path), Some(&resume)).await;
+    read_to_end(&mut events, &mut after).await;
+
+    // The text of attempt 1 is declared void, then attempt 2 streams whole.
+    let retry = after
+        .iter()
+        .position(|e| e.name == "llm_retry")
+        .unwrap_or_else(|| panic!("an llm_retry: {after:?}"));
+    assert_eq!(after[retry].data["step"], 1);
+    assert_eq!(after[retry].data["attempt"], 2);
+    let earlier: Vec<&Seen> = before
+        .iter()
+        .chain(&after[..retry])
+        .filter(|e| e.name == "llm_delta")
+        .collect();
+    assert!(earlier.len() >= 3);
+    assert!(earlier.iter().all(|e| position(e).1 == 1));
+    let retried: Vec<&Seen> = after[retry..]
+        .iter()
+        .filter(|e| e.name == "llm_delta")
+        .collect();
+    let positions: Vec<(u64, u64, u64)> = retried.iter().map(|e| position(e)).collect();
+    let expected: Vec<(u64, u64, u64)> = (0..positions.len() as u64).map(|i| (1, 2, i)).collect();
+    assert_eq!(positions, expected);
+    let text: String = retried
+        .iter()
+        .map(|e| e.data["text"].as_str().expect("text"))
+        .collect();
+    let message = final_message(&after);
+    assert_eq!(text, message);
+    assert!(message.ends_with(" w200"));
+    assert_eq!(after.last().map(|e| e.name.as_str()), Some("run_completed"));
+    drop(server);
+    assert_eq!(deltas_left(&dir, &id).await, 0, "no delta rows remain");
+}
