@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::ids::{Millis, Seq, TaskId};
 use crate::message::{Message, Usage};
+use crate::priority::Priority;
 
 /// Version of the event schema, bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -25,6 +26,10 @@ pub enum Event {
         version: String,
         /// The request's input (a string or any JSON).
         input: Value,
+        /// Its priority under contention for workers (journals written
+        /// before priorities existed read as the default).
+        #[serde(default)]
+        priority: Priority,
     },
     /// The model answered step `step`.
     LlmCompleted {

@@ -8,6 +8,7 @@
 //!   sources, rate limits, circuit breakers and prices.
 //! * [`ids`]: run and task ids (UUID v7), sequence numbers, epoch-millis time.
 //! * [`message`]: the conversation: messages, tool calls, token usage.
+//! * [`priority`]: a run's priority (0..=9) under contention for workers.
 //! * [`spec`]: agent specs (YAML/JSON), validated with errors naming the field,
 //!   compiled into an [`spec::Agent`] with its tools' JSON Schema validators.
 //! * [`event`]: the journal's events, each carrying only what is new.
@@ -19,9 +20,11 @@ pub mod config;
 pub mod event;
 pub mod ids;
 pub mod message;
+pub mod priority;
 pub mod run;
 pub mod spec;
 
 pub use event::{Event, Recorded};
 pub use ids::{Millis, RunId, Seq, TaskId};
+pub use priority::Priority;
 pub use spec::Agent;

@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::event::Event;
 use crate::ids::{Millis, RunId};
 use crate::message::{Message, Usage};
+use crate::priority::Priority;
 use crate::spec::Agent;
 
 /// Something that happened to a run, or that someone asks of it.
@@ -135,13 +136,20 @@ pub fn idempotency_key(run_id: RunId, step: u32, call_index: u32) -> String {
 }
 
 /// Starts a run: the first event and the first LLM call.
-pub fn submit(tenant: &str, agent: &str, version: &str, input: Value) -> Transition {
+pub fn submit(
+    tenant: &str,
+    agent: &str,
+    version: &str,
+    input: Value,
+    priority: Priority,
+) -> Transition {
     Transition {
         events: vec![Event::RunSubmitted {
             tenant: tenant.to_string(),
             agent: agent.to_string(),
             version: version.to_string(),
             input,
+            priority,
         }],
         effects: vec![Effect::CallLlm { step: 1 }],
     }

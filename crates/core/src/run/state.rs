@@ -6,6 +6,7 @@ use serde_json::Value;
 use crate::event::{Event, Recorded};
 use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, ToolCall, Usage};
+use crate::priority::Priority;
 
 /// Where a run is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -134,6 +135,8 @@ pub struct State {
     pub last_correction: Option<String>,
     /// A dead-lettered task holding the run, if any.
     pub parked: Option<Parked>,
+    /// The run's priority: every task it creates carries it.
+    pub priority: Priority,
 }
 
 impl State {
@@ -157,6 +160,7 @@ impl State {
             error: None,
             last_correction: None,
             parked: None,
+            priority: Priority::DEFAULT,
         }
     }
 
@@ -189,8 +193,10 @@ impl State {
                 agent,
                 version,
                 input,
+                priority,
             } => {
                 self.created_at = at;
+                self.priority = *priority;
                 self.tenant = tenant.clone();
                 self.agent = agent.clone();
                 self.version = version.clone();

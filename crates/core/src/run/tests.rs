@@ -46,7 +46,13 @@ impl Run {
             effects: Vec::new(),
             now: 1_000,
         };
-        run.commit(submit("default", "t", "1", json!("hello")));
+        run.commit(submit(
+            "default",
+            "t",
+            "1",
+            json!("hello"),
+            Priority::new(7).unwrap(),
+        ));
         run
     }
 
@@ -476,4 +482,20 @@ proptest! {
         }
         prop_assert!(run.state.steps <= 4);
     }
+}
+
+#[test]
+fn the_state_knows_the_priority_and_old_journals_read_the_default() {
+    let run = Run::new();
+    assert_eq!(run.state.priority, Priority::new(7).unwrap());
+    let old = json!({"type": "run_submitted", "tenant": "default", "agent": "t",
+        "version": "1", "input": "hello"});
+    let event: Event = serde_json::from_value(old).unwrap();
+    let Event::RunSubmitted { priority, .. } = &event else {
+        panic!("not a submission: {event:?}");
+    };
+    assert_eq!(*priority, Priority::DEFAULT);
+    let out_of_range = json!({"type": "run_submitted", "tenant": "default", "agent": "t",
+        "version": "1", "input": "hello", "priority": 10});
+    assert!(serde_json::from_value::<Event>(out_of_range).is_err());
 }
