@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
-use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
@@ -40,6 +40,8 @@ macro_rules! store_suite {
                 heartbeat_extends_only_live_leases,
                 retry_later_hides_the_task,
                 defer_does_not_count_an_attempt,
+                claims_follow_priority_without_starving,
+                priority_survives_retry_defer_release_and_redrive,
                 dead_letter_and_redrive,
                 release_all_gives_leases_back,
                 tasks_leased_on_creation,
@@ -99,11 +101,13 @@ fn submission(tenant: &str, agent: &str, input: Value, key: Option<&str>) -> Sub
         version: "1".to_string(),
         input: input.clone(),
         idempotency_key: key.map(str::to_string),
+        priority: Priority::DEFAULT,
         event: Event::RunSubmitted {
             tenant: tenant.to_string(),
             agent: agent.to_string(),
             version: "1".to_string(),
             input,
+            priority: Priority::DEFAULT,
         },
         task: new_task(TaskKind::Llm, T0),
         now: T0,
@@ -114,10 +118,32 @@ fn new_task(kind: TaskKind, run_at: Millis) -> NewTask {
     NewTask {
         kind,
         step: 1,
+        priority: Priority::DEFAULT,
         max_attempts: 3,
         run_at,
         lease_to: None,
     }
+}
+
+/// Submits a run of agent `a` in tenant `t` with `priority`, due at `run_at`.
+async fn submit_prioritized<S: Store>(store: &S, run_at: Millis, priority: u8) -> Result<RunId> {
+    let priority = Priority::new(i64::from(priority)).expect("a priority in 0..=9");
+    let mut sub = submission("t", "a", json!("hello"), None);
+    sub.priority = priority;
+    sub.task.priority = priority;
+    sub.task.run_at = run_at;
+    let run_id = sub.run_id;
+    store.submit(sub).await?;
+    assert_eq!(
+        store.get_run(run_id).await?.map(|r| r.priority),
+        Some(priority)
+    );
+    Ok(run_id)
+}
+
+/// The runs of claimed tasks.
+fn runs_of(tasks: &[Task]) -> HashSet<RunId> {
+    tasks.iter().map(|t| t.run_id).collect()
 }
 
 /// Submits a run of agent `a` in tenant `t`, due at `run_at`.
@@ -196,6 +222,7 @@ pub(crate) async fn submit_and_read<S: Store>(store: S) -> Result<()> {
         ("acme", "a", "1")
     );
     assert_eq!(run.input, json!({"q": 1}));
+    assert_eq!(run.priority, Priority::DEFAULT);
     assert_eq!(run.projection, projection(Status::Pending));
     assert_eq!((run.last_seq, run.created_at, run.updated_at), (1, T0, T0));
     let events = store.events(run_id, 0, 100).await?;
@@ -618,6 +645,123 @@ pub(crate) async fn defer_does_not_count_an_attempt<S: Store>(store: S) -> Resul
         (again.lease.task_id, again.attempts),
         (leased.lease.task_id, 1)
     );
+    Ok(())
+}
+
+/// [`crate::PRIORITY_CREDIT`] in millis.
+const CREDIT: Millis = crate::PRIORITY_CREDIT.as_millis() as Millis;
+
+pub(crate) async fn claims_follow_priority_without_starving<S: Store>(store: S) -> Result<()> {
+    // Ranks (due - priority x credit), lowest first: high_new T0-3c,
+    // mid T0-2c, low_old T0, high_late T0+c, low_a T0+2c, low_b T0+2.1c.
+    let low_old = submit_prioritized(&store, T0, 0).await?;
+    let mid = submit_prioritized(&store, T0 + 3 * CREDIT, 5).await?;
+    let high_new = submit_prioritized(&store, T0 + 6 * CREDIT, 9).await?;
+    let high_late = submit_prioritized(&store, T0 + 10 * CREDIT, 9).await?;
+    let low_b = submit_prioritized(&store, T0 + 2 * CREDIT + CREDIT / 10, 0).await?;
+    let low_a = submit_prioritized(&store, T0 + 2 * CREDIT, 0).await?;
+    // Not due yet, though its rank (T0+11c) is before `now`.
+    let future = submit_prioritized(&store, T0 + 20 * CREDIT, 9).await?;
+    let now = T0 + 12 * CREDIT;
+    // Leases that outlast the test, but for the last one.
+    let hour = Duration::from_secs(3600);
+
+    // A claim of N takes the N due tasks of lowest rank.
+    let first = store.claim("w", 2, hour, now).await?;
+    assert_eq!(runs_of(&first), HashSet::from([high_new, mid]));
+    // A low priority that waited longer than its gap in credit beats a
+    // newer high priority: it does not starve.
+    let second = store.claim("w", 2, hour, now).await?;
+    assert_eq!(runs_of(&second), HashSet::from([low_old, high_late]));
+    // Equal priorities go in the order they became due.
+    assert_eq!(claim_one(&store, "w", hour, now).await?.run_id, low_a);
+    assert_eq!(claim_one(&store, "w", hour, now).await?.run_id, low_b);
+    assert!(store.claim("w", 10, hour, now).await?.is_empty());
+    assert_eq!(store.next_due(now).await?, Some(T0 + 20 * CREDIT));
+    let last = claim_one(&store, "w", LEASE, T0 + 20 * CREDIT).await?;
+    assert_eq!(last.run_id, future);
+
+    // An expired lease keeps its task's priority: a high-priority task
+    // whose worker died goes before a low one that became due a little
+    // before the lease expired.
+    let expired = T0 + 20 * CREDIT + LEASE_MS;
+    let low = submit_prioritized(&store, expired - CREDIT, 0).await?;
+    let tasks = store.claim("x", 1, LEASE, expired).await?;
+    assert_eq!(runs_of(&tasks), HashSet::from([future]));
+    assert_eq!(claim_one(&store, "x", LEASE, expired).await?.run_id, low);
+    Ok(())
+}
+
+pub(crate) async fn priority_survives_retry_defer_release_and_redrive<S: Store>(
+    store: S,
+) -> Result<()> {
+    let low = submit_prioritized(&store, T0, 0).await?;
+    let high = submit_prioritized(&store, T0, 9).await?;
+    let task = claim_one(&store, "a", LEASE, T0).await?;
+    assert_eq!(task.run_id, high);
+
+    // Retried after the low one became due, it still goes first.
+    let mut now = T0 + 5 * CREDIT;
+    store.retry_later(task.lease, "boom", now, T0 + 1).await?;
+    let task = claim_one(&store, "a", LEASE, now).await?;
+    assert_eq!((task.run_id, task.attempts), (high, 2));
+
+    // Deferred: the same.
+    store
+        .defer(task.lease, now + CREDIT, "throttled", now)
+        .await?;
+    now += CREDIT;
+    let task = claim_one(&store, "a", LEASE, now).await?;
+    assert_eq!((task.run_id, task.attempts), (high, 2));
+
+    // Given back at shutdown: the same.
+    store.release_all("a", now + 1).await?;
+    let task = claim_one(&store, "b", LEASE, now + 1).await?;
+    assert_eq!(task.run_id, high);
+
+    // A follow-up task carries the priority it is given.
+    now += 2;
+    let mut step = append(high, 1, Some(task.lease), vec![rejected(1, "x")]);
+    step.now = now;
+    step.task = TaskUpdate::Complete;
+    step.new_tasks = vec![NewTask {
+        priority: Priority::HIGHEST,
+        ..new_task(TaskKind::Llm, now)
+    }];
+    store.append(step).await?;
+    let task = claim_one(&store, "b", LEASE, now).await?;
+    assert_eq!((task.run_id, task.attempts), (high, 1));
+
+    // Dead-lettered and redriven: the redriven task has the run's priority.
+    now += 1;
+    let id = task.lease.task_id;
+    let mut park = append(
+        high,
+        2,
+        Some(task.lease),
+        vec![Event::TaskDeadLettered {
+            task_id: id,
+            kind: "llm".to_string(),
+            step: 1,
+            attempts: 1,
+            error: "gave up".to_string(),
+        }],
+    );
+    park.now = now;
+    park.task = TaskUpdate::DeadLetter {
+        error: "gave up".to_string(),
+    };
+    store.append(park).await?;
+    now += CREDIT;
+    let mut redrive = append(high, 3, None, vec![Event::TaskRedriven { task_id: id }]);
+    redrive.redrive = Some(id);
+    redrive.now = now;
+    store.append(redrive).await?;
+    let task = claim_one(&store, "c", LEASE, now).await?;
+    assert_eq!((task.lease.task_id, task.run_id), (id, high));
+
+    // And the low one, due all along, is not starved.
+    assert_eq!(claim_one(&store, "c", LEASE, now).await?.run_id, low);
     Ok(())
 }
 

@@ -68,8 +68,21 @@ use std::time::Duration;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
-use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde_json::Value;
+
+/// How much earlier a task counts as due per level of priority when the
+/// queue picks which due tasks a claim takes: tasks are claimed in order
+/// of their rank, `visible_at - priority x PRIORITY_CREDIT` (lowest
+/// first), among the due ones (`visible_at <= now`).
+///
+/// So a task of priority 9 overtakes tasks of priority 0 that became due
+/// less than 90 s before it, and never older ones: a task waits behind
+/// higher priorities for at most `9 x PRIORITY_CREDIT`, then only behind
+/// tasks that became due before it. Nothing starves. The credit is in the
+/// SQL of both backends (their `tasks_by_rank` index), so changing it
+/// takes a migration.
+pub const PRIORITY_CREDIT: Duration = Duration::from_secs(10);
 
 /// Result of store operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -193,6 +206,9 @@ pub struct NewTask {
     pub kind: TaskKind,
     /// For which step.
     pub step: u32,
+    /// Its run's priority: while it waits in the queue, it ranks as if it
+    /// had become due `priority` x [`PRIORITY_CREDIT`] earlier.
+    pub priority: Priority,
     /// Attempts allowed.
     pub max_attempts: u32,
     /// Not before this time.
@@ -288,6 +304,8 @@ pub struct Submission {
     pub version: String,
     /// Input.
     pub input: Value,
+    /// The run's priority (its tasks carry it: `task` should have the same).
+    pub priority: Priority,
     /// Client's idempotency key: a second submit with it returns the first run.
     pub idempotency_key: Option<String>,
     /// The `RunSubmitted` event.
@@ -320,6 +338,8 @@ pub struct RunRecord {
     pub version: String,
     /// Input.
     pub input: Value,
+    /// Priority.
+    pub priority: Priority,
     /// Summary as of `last_seq`.
     pub projection: Projection,
     /// Seq of the last event.
@@ -624,7 +644,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Recorded>>> + Send;
 
     /// Leases up to `limit` runnable tasks (due, and not leased or with an
-    /// expired lease), counting an attempt on each.
+    /// expired lease), counting an attempt on each: those of lowest rank,
+    /// `visible_at - priority x` [`PRIORITY_CREDIT`] (a task's due time,
+    /// or its expired lease's expiry), so higher priorities go first
+    /// without starving lower ones, and equal priorities go in the order
+    /// they became due.
     fn claim(
         &self,
         owner: &str,

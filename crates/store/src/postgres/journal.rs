@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 
 use keel_core::run::Status;
-use keel_core::{Millis, RunId, Seq, TaskId};
+use keel_core::{Millis, Priority, RunId, Seq, TaskId};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -82,6 +82,7 @@ pub(super) struct Submit {
     /// The input as stored.
     pub(super) input_json: String,
     pub(super) idempotency_key: Option<String>,
+    pub(super) priority: Priority,
     pub(super) event: Encoded,
     pub(super) task: Insert,
     pub(super) now: Millis,
@@ -202,6 +203,7 @@ struct Tasks<'a> {
     owner: Vec<Option<&'a str>>,
     token: Vec<Option<i64>>,
     created_at: Vec<Millis>,
+    priority: Vec<i16>,
 }
 
 impl<'a> Tasks<'a> {
@@ -221,6 +223,7 @@ impl<'a> Tasks<'a> {
         self.owner.push(owner);
         self.token.push(token);
         self.created_at.push(now);
+        self.priority.push(i16::from(task.priority.get()));
     }
 
     async fn write(self, conn: &mut PgConnection) -> Result<()> {
@@ -238,6 +241,7 @@ impl<'a> Tasks<'a> {
             .bind(self.owner)
             .bind(self.token)
             .bind(self.created_at)
+            .bind(self.priority)
             .execute(conn)
             .await
             .map_err(backend)?;
@@ -246,9 +250,9 @@ impl<'a> Tasks<'a> {
 }
 
 const INSERT_TASKS: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
-         visible_at, lease_owner, lease_token, created_at) \
+         visible_at, lease_owner, lease_token, created_at, priority) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
-         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[])";
+         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[])";
 
 type SubmitCall = Call<Submit, Submitted>;
 
@@ -345,10 +349,13 @@ fn earlier_of<'e>(
 /// run another process is inserting with the same id or key makes this wait
 /// for its commit, and is then skipped.
 const INSERT_RUNS: &str = "INSERT INTO runs (id, tenant, agent, version, status, steps, input, \
-         input_tokens, output_tokens, last_seq, idempotency_key, created_at, updated_at) \
-     SELECT id, tenant, agent, version, status, 0, input::jsonb, 0, 0, 1, key, now, now \
+         input_tokens, output_tokens, last_seq, idempotency_key, created_at, updated_at, \
+         priority) \
+     SELECT id, tenant, agent, version, status, 0, input::jsonb, 0, 0, 1, key, now, now, \
+         priority \
      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::text[], $8::bigint[]) AS v (id, tenant, agent, version, status, input, key, now) \
+         $7::text[], $8::bigint[], $9::smallint[]) \
+         AS v (id, tenant, agent, version, status, input, key, now, priority) \
      ON CONFLICT DO NOTHING \
      RETURNING id";
 
@@ -410,6 +417,11 @@ async fn submit_wave(
                 .collect::<Vec<_>>(),
         )
         .bind(new.iter().map(|c| c.request.now).collect::<Vec<_>>())
+        .bind(
+            new.iter()
+                .map(|c| i16::from(c.request.priority.get()))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *conn)
         .await
         .map_err(backend)?;
@@ -746,12 +758,14 @@ const CLEAR_TASKS: &str = "DELETE FROM tasks \
      USING unnest($1::uuid[], $2::uuid[]) AS v (run, keep) \
      WHERE tasks.run_id = v.run AND tasks.id IS DISTINCT FROM v.keep";
 
-/// Puts dead letters back in the queue with fresh attempts, due now.
+/// Puts dead letters back in the queue with fresh attempts, due now, with
+/// their run's priority.
 const REDRIVE: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
-         visible_at, created_at) \
-     SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now \
+         visible_at, created_at, priority) \
+     SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now, runs.priority \
      FROM unnest($1::uuid[], $2::bigint[]) AS v (id, now) \
-     JOIN dead_letters AS d ON d.id = v.id";
+     JOIN dead_letters AS d ON d.id = v.id \
+     JOIN runs ON runs.id = d.run_id";
 
 const DELETE_DEAD_LETTERS: &str = "DELETE FROM dead_letters WHERE id = ANY($1::uuid[])";
 

@@ -53,6 +53,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "deltas",
         sql: include_str!("migrations/0005_deltas.sql"),
     },
+    Migration {
+        version: 6,
+        name: "priority",
+        sql: include_str!("migrations/0006_priority.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

@@ -91,7 +91,7 @@ use std::time::Duration;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
-use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -381,6 +381,7 @@ struct RunRow {
     last_seq: Seq,
     created_at: Millis,
     updated_at: Millis,
+    priority: i16,
 }
 
 impl RunRow {
@@ -394,6 +395,12 @@ impl RunRow {
             tenant: self.tenant,
             agent: self.agent,
             version: self.version,
+            priority: Priority::new(i64::from(self.priority)).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "run {id}: priority {} is not in 0..=9",
+                    self.priority
+                ))
+            })?,
             projection: Projection {
                 status,
                 steps: count(self.steps, "steps", format_args!("run {id}"))?,
@@ -455,30 +462,31 @@ const LIST_AGENTS: &str = "SELECT tenant, spec::text AS spec, created_at FROM ag
      WHERE tenant = $1 ORDER BY name COLLATE \"C\", id";
 
 const GET_RUN: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at \
+     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority \
      FROM runs WHERE id = $1";
 const LIST_RUNS: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs \
+     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority \
+     FROM runs \
      WHERE tenant = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_OUTCOME: &str = "SELECT id, tenant, agent, version, status, steps, \
      input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
-     updated_at FROM runs \
+     updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome = $4 ORDER BY id DESC LIMIT $3";
 const LIST_UNFINISHED_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, \
      input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
-     updated_at FROM runs \
+     updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome IS NULL AND status = $4 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
      input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
-     updated_at FROM runs \
+     updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND agent = $4 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_OUTCOME_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, \
      steps, input::text AS input, output, error, input_tokens, output_tokens, last_seq, \
-     created_at, updated_at FROM runs \
+     created_at, updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome = $4 AND agent = $5 ORDER BY id DESC LIMIT $3";
 const LIST_UNFINISHED_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, \
      status, steps, input::text AS input, output, error, input_tokens, output_tokens, last_seq, \
-     created_at, updated_at FROM runs \
+     created_at, updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome IS NULL AND status = $4 AND agent = $5 \
      ORDER BY id DESC LIMIT $3";
 
@@ -559,6 +567,7 @@ impl Store for PgStore {
             input_json: to_json(&submission.input, "run input")?,
             input: submission.input,
             idempotency_key: submission.idempotency_key,
+            priority: submission.priority,
             event: encode(&submission.event)?,
             task: insert(task),
             now: submission.now,

@@ -46,13 +46,18 @@ pub(super) struct ReleaseAll {
     pub(super) now: Millis,
 }
 
-/// Leases the oldest due tasks, skipping those another transaction holds
-/// (being claimed, or written under a lease, elsewhere). Each lease gets its
-/// own random token (non-negative, like the tokens of tasks leased on
-/// creation).
-const CLAIM: &str = "UPDATE tasks SET lease_owner = $1, \
+/// Leases the due tasks of lowest rank (`visible_at - priority * 10000`:
+/// [`crate::PRIORITY_CREDIT`]), skipping those another transaction holds
+/// (being claimed, or written under a lease, elsewhere). It scans the
+/// `tasks_by_rank` index from its start up to `now` (a due task's rank is
+/// at most `now`) and checks dueness on the index entries (its second
+/// column). Each lease gets its own random token (non-negative, like the
+/// tokens of tasks leased on creation).
+pub(super) const CLAIM: &str = "UPDATE tasks SET lease_owner = $1, \
          lease_token = (random() * 9.2e18)::bigint, visible_at = $2, attempts = attempts + 1 \
-     WHERE id IN (SELECT id FROM tasks WHERE visible_at <= $3 ORDER BY visible_at LIMIT $4 \
+     WHERE id IN (SELECT id FROM tasks \
+         WHERE (visible_at - priority * 10000) <= $3 AND visible_at <= $3 \
+         ORDER BY (visible_at - priority * 10000) LIMIT $4 \
          FOR UPDATE SKIP LOCKED) \
      RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
 

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use keel_core::{Event, Millis, RunId, Seq};
+use keel_core::{Event, Millis, Priority, RunId, Seq};
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
@@ -136,15 +136,18 @@ fn submission(key: Option<&str>) -> Submission {
         version: "1".to_string(),
         input: json!("hi"),
         idempotency_key: key.map(str::to_string),
+        priority: Priority::DEFAULT,
         event: Event::RunSubmitted {
             tenant: "t".to_string(),
             agent: "a".to_string(),
             version: "1".to_string(),
             input: json!("hi"),
+            priority: Priority::DEFAULT,
         },
         task: NewTask {
             kind: TaskKind::Llm,
             step: 1,
+            priority: Priority::DEFAULT,
             max_attempts: 3,
             run_at: T0,
             lease_to: None,
@@ -529,6 +532,42 @@ async fn pending_runs_are_counted_from_their_index() -> Result<()> {
     Ok(())
 }
 
+/// A claim reads the rank index from its start up to `now`, in its order,
+/// checking dueness on the index entries: no sort, no scan of the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_scan_the_rank_index() -> Result<()> {
+    let Some((_store, db)) = open().await? else {
+        return Ok(());
+    };
+    let mut conn = raw(&db).await;
+    // The table is empty: keep the planner from a sequential scan.
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await
+        .expect("set");
+    let plan: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", super::queue::CLAIM)))
+            .bind("w")
+            .bind(T0 + 60_000)
+            .bind(T0)
+            .bind(10_i64)
+            .fetch_all(&mut conn)
+            .await
+            .expect("plan");
+    let scan = plan
+        .iter()
+        .position(|line| line.contains("Index Scan using tasks_by_rank"));
+    let Some(scan) = scan else {
+        panic!("the claim does not scan tasks_by_rank: {plan:#?}");
+    };
+    assert!(
+        plan[scan + 1].contains("Index Cond") && plan[scan + 1].contains("visible_at <= "),
+        "dueness is not checked on the index: {plan:#?}"
+    );
+    assert!(!plan.iter().any(|line| line.contains("Sort")), "{plan:#?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_export_switch_is_shared_by_every_store() -> Result<()> {
     let Some((a, b, _db)) = two().await? else {
@@ -783,6 +822,7 @@ async fn two_store_write_throughput() -> Result<()> {
                     step.new_tasks = vec![NewTask {
                         kind: TaskKind::Tools,
                         step: 1,
+                        priority: Priority::DEFAULT,
                         max_attempts: 3,
                         run_at: T0,
                         lease_to: Some(LeaseTo {

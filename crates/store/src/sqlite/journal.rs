@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use keel_core::run::Status;
-use keel_core::{Millis, RunId, Seq, TaskId};
+use keel_core::{Millis, Priority, RunId, Seq, TaskId};
 use serde_json::Value;
 use sqlx::SqliteConnection;
 
@@ -89,6 +89,7 @@ pub(super) struct Submit {
     /// The input as stored.
     pub(super) input_json: String,
     pub(super) idempotency_key: Option<String>,
+    pub(super) priority: Priority,
     pub(super) event: Encoded,
     pub(super) task: Insert,
     pub(super) now: Millis,
@@ -208,17 +209,19 @@ impl BulkRow for TaskRow<'_> {
             .bind(owner)
             .bind(token)
             .bind(self.now)
+            .bind(task.priority.get())
     }
 }
 
 static INSERT_TASKS: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
-        10,
-        "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now) \
-             AS (VALUES {values}) \
+        11,
+        "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
+             priority) AS (VALUES {values}) \
          INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
-             lease_owner, lease_token, created_at) \
-         SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now \
+             lease_owner, lease_token, created_at, priority) \
+         SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
+             priority \
          FROM v WHERE id IS NOT NULL",
     )
 });
@@ -305,6 +308,7 @@ impl BulkRow for RunRow<'_> {
             .bind(r.input_json.as_str())
             .bind(r.idempotency_key.as_deref())
             .bind(r.now)
+            .bind(r.priority.get())
     }
 }
 
@@ -312,11 +316,12 @@ impl BulkRow for RunRow<'_> {
 /// on ([`exporting`]).
 static INSERT_RUNS: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
-        8,
-        "WITH v (id, tenant, agent, version, status, input, key, now) AS (VALUES {values}) \
+        9,
+        "WITH v (id, tenant, agent, version, status, input, key, now, priority) \
+             AS (VALUES {values}) \
          INSERT INTO runs (id, tenant, agent, version, status, steps, input, input_tokens, \
-             output_tokens, last_seq, idempotency_key, created_at, updated_at) \
-         SELECT id, tenant, agent, version, status, 0, input, 0, 0, 1, key, now, now \
+             output_tokens, last_seq, idempotency_key, created_at, updated_at, priority) \
+         SELECT id, tenant, agent, version, status, 0, input, 0, 0, 1, key, now, now, priority \
          FROM v WHERE id IS NOT NULL \
          ON CONFLICT (id) DO NOTHING \
          RETURNING id, EXISTS (SELECT 1 FROM settings WHERE name = 'export' AND value = 'on')",
@@ -717,9 +722,10 @@ static REDRIVE: LazyLock<Bulk> = LazyLock::new(|| {
         2,
         "WITH v (id, now) AS (VALUES {values}) \
          INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
-             created_at) \
-         SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now \
-         FROM v CROSS JOIN dead_letters AS d ON d.id = v.id",
+             created_at, priority) \
+         SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now, runs.priority \
+         FROM v CROSS JOIN dead_letters AS d ON d.id = v.id \
+         CROSS JOIN runs ON runs.id = d.run_id",
     )
 });
 

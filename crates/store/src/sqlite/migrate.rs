@@ -40,6 +40,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "deltas",
         sql: include_str!("migrations/0003_deltas.sql"),
     },
+    Migration {
+        version: 4,
+        name: "priority",
+        sql: include_str!("migrations/0004_priority.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

@@ -40,7 +40,7 @@ use std::time::Duration;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
-use keel_core::{Event, Millis, Recorded, RunId, Seq, TaskId};
+use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde::de::DeserializeOwned;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -250,6 +250,7 @@ struct RunRow {
     last_seq: Seq,
     created_at: Millis,
     updated_at: Millis,
+    priority: i64,
 }
 
 impl RunRow {
@@ -263,6 +264,12 @@ impl RunRow {
             tenant: self.tenant,
             agent: self.agent,
             version: self.version,
+            priority: Priority::new(self.priority).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "run {id}: priority {} is not in 0..=9",
+                    self.priority
+                ))
+            })?,
             projection: Projection {
                 status,
                 steps: self.steps,
@@ -324,20 +331,20 @@ const LIST_AGENTS: &str =
     "SELECT tenant, spec, created_at FROM agents WHERE tenant = ?1 ORDER BY name, id";
 
 const GET_RUN: &str = "SELECT id, tenant, agent, version, status, steps, input, output, error, \
-     input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs WHERE id = ?1";
+     input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs WHERE id = ?1";
 /// Sorts after every hyphenated UUID: the `before` cursor of a first page.
 const AFTER_EVERY_ID: &str = "~";
 const LIST_RUNS: &str = "SELECT id, tenant, agent, version, status, steps, input, output, error, \
-     input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs \
+     input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs \
      WHERE tenant = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3";
 const LIST_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs \
+     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs \
      WHERE tenant = ?1 AND id < ?2 AND status = ?4 ORDER BY id DESC LIMIT ?3";
 const LIST_RUNS_BY_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at FROM runs \
+     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs \
      WHERE tenant = ?1 AND id < ?2 AND agent = ?4 ORDER BY id DESC LIMIT ?3";
 const LIST_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
-     input, output, error, input_tokens, output_tokens, last_seq, created_at, updated_at \
+     input, output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority \
      FROM runs WHERE tenant = ?1 AND id < ?2 AND status = ?4 AND agent = ?5 \
      ORDER BY id DESC LIMIT ?3";
 
@@ -419,6 +426,7 @@ impl Store for SqliteStore {
             input_json: to_json(&submission.input, "run input")?,
             input: submission.input,
             idempotency_key: submission.idempotency_key,
+            priority: submission.priority,
             event: encode(&submission.event)?,
             task: insert(task),
             now: submission.now,

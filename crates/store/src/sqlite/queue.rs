@@ -47,11 +47,18 @@ pub(super) struct ReleaseAll {
     pub(super) now: Millis,
 }
 
-/// Leases the oldest due tasks. Each lease gets its own random token
-/// (non-negative, like the tokens of tasks leased on creation).
-const CLAIM: &str = "UPDATE tasks SET lease_owner = ?1, \
+/// Leases the due tasks of lowest rank (`visible_at - priority * 10000`:
+/// [`crate::PRIORITY_CREDIT`]), scanning the `tasks_by_rank` index from
+/// its start: a due task's rank is at most `now`, and the index's second
+/// column tells which of the entries up to `now` are due. The expression
+/// is the index's, word for word (SQLite matches it as text). Each lease
+/// gets its own random token (non-negative, like the tokens of tasks
+/// leased on creation).
+pub(super) const CLAIM: &str = "UPDATE tasks SET lease_owner = ?1, \
          lease_token = random() & 0x7FFFFFFFFFFFFFFF, visible_at = ?2, attempts = attempts + 1 \
-     WHERE id IN (SELECT id FROM tasks WHERE visible_at <= ?3 ORDER BY visible_at LIMIT ?4) \
+     WHERE id IN (SELECT id FROM tasks \
+         WHERE visible_at - priority * 10000 <= ?3 AND visible_at <= ?3 \
+         ORDER BY visible_at - priority * 10000 LIMIT ?4) \
      RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
 
 /// A task row as claimed.

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use keel_core::{Event, RunId};
+use keel_core::{Event, Priority, RunId};
 use serde_json::json;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, SqliteConnection};
@@ -49,15 +49,18 @@ fn submission(key: Option<&str>) -> Submission {
         version: "1".to_string(),
         input: json!("hi"),
         idempotency_key: key.map(str::to_string),
+        priority: Priority::DEFAULT,
         event: Event::RunSubmitted {
             tenant: "t".to_string(),
             agent: "a".to_string(),
             version: "1".to_string(),
             input: json!("hi"),
+            priority: Priority::DEFAULT,
         },
         task: NewTask {
             kind: TaskKind::Llm,
             step: 1,
+            priority: Priority::DEFAULT,
             max_attempts: 3,
             run_at: 0,
             lease_to: None,
@@ -82,7 +85,10 @@ async fn reopening_keeps_data_and_applies_migrations_once() {
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(
+        versions,
+        (1..=migrate::MIGRATIONS.len() as i64).collect::<Vec<_>>()
+    );
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut conn)
         .await
@@ -120,10 +126,14 @@ async fn an_older_schema_is_brought_up_to_date() {
         .fetch_all(&mut conn)
         .await
         .expect("history");
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(
+        versions,
+        (1..=migrate::MIGRATIONS.len() as i64).collect::<Vec<_>>()
+    );
     // The new index holds the runs that were there.
     assert_eq!(store.pending_runs("t", Some("a")).await.expect("count"), 1);
-    assert!(store.get_run(run_id).await.expect("read").is_some());
+    let run = store.get_run(run_id).await.expect("read").expect("the run");
+    assert_eq!(run.priority, Priority::DEFAULT);
     store.enable_export().await.expect("export");
     store.submit(submission(None)).await.expect("submit");
     assert_eq!(store.outbox(10).await.expect("outbox").len(), 1);
@@ -156,6 +166,38 @@ async fn pending_runs_are_counted_from_an_index() {
             "{sql}: {plan:?}"
         );
     }
+}
+
+/// A claim reads the rank index from its start, in its order: no sort,
+/// no scan of the table.
+#[tokio::test]
+async fn claims_scan_the_rank_index() {
+    let path = TempPath::new();
+    drop(SqliteStore::open(&path.0).await.expect("open"));
+    let mut conn = raw(&path.0).await;
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "EXPLAIN QUERY PLAN {}",
+        super::queue::CLAIM
+    )))
+    .bind("w")
+    .bind(2_i64)
+    .bind(1_i64)
+    .bind(10_i64)
+    .fetch_all(&mut conn)
+    .await
+    .expect("plan");
+    let plan: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+    assert!(
+        plan.iter().any(
+            |step| step.contains("USING COVERING INDEX tasks_by_rank (<expr><?)")
+                || step.contains("USING INDEX tasks_by_rank (<expr><?)")
+        ),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
 }
 
 #[tokio::test]
