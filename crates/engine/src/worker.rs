@@ -17,7 +17,7 @@ use keel_core::config::Config;
 use keel_core::message::Usage;
 use keel_core::run::{self, Command, Effect, Invocation, State, Status};
 use keel_core::spec::ModelSpec;
-use keel_core::{Agent, Event, RunId};
+use keel_core::{Agent, Event, Priority, RunId};
 use keel_store::{
     Append, Error as StoreError, LeaseTo, NewTask, Projection, Store, Task, TaskKind, TaskUpdate,
 };
@@ -513,7 +513,7 @@ async fn llm_step<S: Store>(
         transition.effects.extend(start.effects);
     }
     let terminal = transition.events.iter().any(Event::is_terminal);
-    let new_tasks = follow_up_tasks(inner, agent, &transition.effects);
+    let new_tasks = follow_up_tasks(inner, agent, state.priority, &transition.effects);
     commit(
         inner,
         slot,
@@ -594,7 +594,7 @@ async fn tools_step<S: Store>(
             !transition.effects.is_empty() || transition.events.iter().any(Event::is_terminal);
         if settles {
             let terminal = transition.events.iter().any(Event::is_terminal);
-            let new_tasks = follow_up_tasks(inner, agent, &transition.effects);
+            let new_tasks = follow_up_tasks(inner, agent, state.priority, &transition.effects);
             result = Some(
                 commit(
                     inner,
@@ -626,8 +626,14 @@ async fn tools_step<S: Store>(
     Ok(result.unwrap_or_else(|| Next::Abandon("tool results did not settle the step".into())))
 }
 
-/// Tasks for the effects of a transition, leased to this worker on creation.
-fn follow_up_tasks<S>(inner: &Inner<S>, agent: &Agent, effects: &[Effect]) -> Vec<NewTask> {
+/// Tasks for the effects of a transition, leased to this worker on creation,
+/// with the run's priority (they rank by it if they go back to the queue).
+fn follow_up_tasks<S>(
+    inner: &Inner<S>,
+    agent: &Agent,
+    priority: Priority,
+    effects: &[Effect],
+) -> Vec<NewTask> {
     let at = now();
     let lease_to = Some(LeaseTo {
         owner: inner.owner.clone(),
@@ -645,6 +651,7 @@ fn follow_up_tasks<S>(inner: &Inner<S>, agent: &Agent, effects: &[Effect]) -> Ve
         tasks.push(NewTask {
             kind,
             step,
+            priority,
             max_attempts,
             run_at: at,
             lease_to: lease_to.clone(),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use keel_core::{Agent, Event};
+use keel_core::{Agent, Event, Priority};
 use keel_engine::{Engine, Options};
 use keel_store::Store;
 use keel_store::postgres::PgStore;
@@ -301,6 +301,7 @@ async fn measure<S: Store>(
                     version: Some("1".into()),
                     input: json!(format!("task {i}")),
                     idempotency_key: None,
+                    priority: Priority::DEFAULT,
                 })
                 .await
             }

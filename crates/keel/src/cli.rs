@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use std::sync::Arc;
 
-use keel_core::Agent;
 use keel_core::config::Config;
 use keel_core::spec::human_duration;
+use keel_core::{Agent, Priority};
 use keel_engine::{Engine, Options};
 use keel_store::postgres::PgStore;
 use serde_json::{Value, json};
@@ -224,6 +224,10 @@ struct RunArgs {
     /// The input: text, or a JSON object/array.
     #[arg(long)]
     input: String,
+    /// Priority under contention for workers: 0 (lowest) to 9 (highest);
+    /// the server's default (5) when not given.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: Option<u8>,
     /// Submit to this server instead of running in-process.
     #[arg(long)]
     server: Option<String>,
@@ -589,6 +593,10 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
             version: Some(agent.spec.version.clone()),
             input: parse_input(&args.input),
             idempotency_key: None,
+            priority: args
+                .priority
+                .and_then(|p| Priority::new(i64::from(p)))
+                .unwrap_or_default(),
         })
         .await?;
     let run_id = submitted.run_id;
@@ -642,11 +650,14 @@ async fn run_remote(server: &str, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&args.spec)
         .with_context(|| format!("cannot read {}", args.spec.display()))?;
     let agent = client.put_agent(text).await?;
-    let body = json!({
+    let mut body = json!({
         "agent": agent["name"],
         "version": agent["version"],
         "input": parse_input(&args.input),
     });
+    if let Some(priority) = args.priority {
+        body["priority"] = json!(priority);
+    }
     let run = client.post("/v1/runs", &body).await?;
     let id = run["id"].as_str().unwrap_or_default().to_string();
     println!(

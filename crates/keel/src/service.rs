@@ -6,7 +6,7 @@ use keel_core::ids::DEFAULT_TENANT;
 use keel_core::message::Usage;
 use keel_core::run::{self, Command, State};
 use keel_core::spec::Spec;
-use keel_core::{Agent, Event, RunId, TaskId};
+use keel_core::{Agent, Event, Priority, RunId, TaskId};
 use keel_engine::agents::Agents;
 use keel_engine::{now, projection};
 use keel_store::{
@@ -160,6 +160,21 @@ pub struct Submit {
     pub input: Value,
     /// Client's idempotency key.
     pub idempotency_key: Option<String>,
+    /// Priority under contention for workers ([`Priority::DEFAULT`] when
+    /// the client gave none).
+    pub priority: Priority,
+}
+
+/// Reads a submission's `priority` field (absent or null: the default),
+/// with a message naming the field when it is not an integer in `0..=9`.
+pub fn parse_priority(value: Option<&Value>) -> Result<Priority, String> {
+    let value = match value {
+        None | Some(Value::Null) => return Ok(Priority::DEFAULT),
+        Some(value) => value,
+    };
+    value.as_i64().and_then(Priority::new).ok_or_else(|| {
+        format!("`priority` must be an integer from 0 (lowest) to 9 (highest), got {value}")
+    })
 }
 
 /// How many times an API-side append retries after a concurrent worker append.
@@ -303,6 +318,7 @@ impl<S: Store> Service<S> {
             &spec.name,
             &spec.version,
             submit.input.clone(),
+            submit.priority,
         );
         let Some(event) = transition.events.into_iter().next() else {
             return Err(Error::Internal("submit produced no event".into()));
@@ -316,10 +332,12 @@ impl<S: Store> Service<S> {
             version: spec.version.clone(),
             input: submit.input,
             idempotency_key: submit.idempotency_key,
+            priority: submit.priority,
             event,
             task: NewTask {
                 kind: TaskKind::Llm,
                 step: 1,
+                priority: submit.priority,
                 max_attempts: spec.retry.max_attempts,
                 run_at: at,
                 lease_to: None,
@@ -450,6 +468,8 @@ pub struct RunView {
     pub agent: String,
     /// Pinned agent version.
     pub version: String,
+    /// Priority, 0 (lowest) to 9 (highest).
+    pub priority: u8,
     /// Status (`AWAITING_LLM`, ...).
     pub status: String,
     /// LLM steps answered.
@@ -593,6 +613,7 @@ impl RunView {
             tenant: record.tenant.clone(),
             agent: record.agent.clone(),
             version: record.version.clone(),
+            priority: record.priority.get(),
             status: state.status.as_str().to_string(),
             step_count: state.steps,
             input: record.input.clone(),

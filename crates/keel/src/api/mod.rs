@@ -135,6 +135,8 @@ struct SubmitBody {
     input: Value,
     #[serde(default)]
     version: Option<Value>,
+    #[serde(default)]
+    priority: Option<Value>,
 }
 
 async fn submit<S: Store>(
@@ -162,6 +164,7 @@ async fn submit<S: Store>(
             )));
         }
     };
+    let priority = service::parse_priority(req.priority.as_ref()).map_err(Error::BadRequest)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -182,6 +185,7 @@ async fn submit<S: Store>(
             version,
             input: req.input,
             idempotency_key,
+            priority,
         })
         .await?;
     let location = format!("/v1/runs/{}", submitted.run_id);

@@ -108,6 +108,16 @@ async fn refusals_name_what_is_wrong() {
             .contains("colour"),
         "{json}"
     );
+    for priority in ["10", "-1", "1.5", "\"high\"", "[]"] {
+        let body = format!(r#"{{"agent": "a", "input": "x", "priority": {priority}}}"#);
+        let (status, json) = call(&app, "POST", "/v1/runs", body.into_bytes()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{priority}: {json}");
+        let message = json["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("`priority` must be an integer from 0 (lowest) to 9 (highest)"),
+            "{priority}: {json}"
+        );
+    }
     let (status, json) = call(&app, "POST", "/v1/agents", b"name: [unclosed".to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(

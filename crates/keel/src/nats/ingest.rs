@@ -1,7 +1,8 @@
 //! The ingest consumer: run submissions published to JetStream.
 //!
 //! A message on `<prefix>.ingest.<agent>` with the body
-//! `{"input": ..., "version"?: ...}` becomes a run of that agent. Its
+//! `{"input": ..., "version"?: ..., "priority"?: 0..9}` becomes a run of
+//! that agent (priority as in `POST /v1/runs`, 5 when absent). Its
 //! `Nats-Msg-Id` is the run's idempotency key (a message without one uses
 //! `nats:<stream>:<stream sequence>`), so a message delivered again, or
 //! published again, returns the run the first one created. A message is
@@ -34,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::{Backoff, Error, Names};
 use crate::api;
-use crate::service::{Service, Submit};
+use crate::service::{Service, Submit, parse_priority};
 
 /// The durable consumer's name on the ingest stream.
 pub const CONSUMER: &str = "keel-ingest";
@@ -93,6 +94,9 @@ pub struct Body {
     /// Agent version (a string or a number); the newest when absent.
     #[serde(default)]
     pub version: Option<Value>,
+    /// Priority, 0 (lowest) to 9 (highest); 5 when absent.
+    #[serde(default)]
+    pub priority: Option<Value>,
 }
 
 /// The ingest consumer.
@@ -381,7 +385,9 @@ pub fn parse(names: &Names, subject: &str, payload: &[u8], key: &str) -> Result<
         ));
     }
     let body: Body = serde_json::from_slice(payload).map_err(|e| {
-        format!(r#"the body is not valid JSON of the form {{"input": ..., "version"?: ...}}: {e}"#)
+        format!(
+            r#"the body is not valid JSON of the form {{"input": ..., "version"?: ..., "priority"?: 0..9}}: {e}"#
+        )
     })?;
     if body.input.is_null() {
         return Err("`input` must be a string or JSON value, not null".into());
@@ -392,11 +398,13 @@ pub fn parse(names: &Names, subject: &str, payload: &[u8], key: &str) -> Result<
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(other) => return Err(format!("`version` must be a string, got {other}")),
     };
+    let priority = parse_priority(body.priority.as_ref())?;
     Ok(Submit {
         agent: agent.to_string(),
         version,
         input: body.input,
         idempotency_key: Some(key.to_string()),
+        priority,
     })
 }
 
@@ -433,8 +441,17 @@ mod tests {
         assert_eq!(ok.agent, "billing.triage");
         assert_eq!(ok.version.as_deref(), Some("2"));
         assert_eq!(ok.idempotency_key.as_deref(), Some("k1"));
+        assert_eq!(ok.priority, keel_core::Priority::DEFAULT);
+        let urgent = parse(
+            &names,
+            "keel.ingest.a",
+            br#"{"input": 1, "priority": 9}"#,
+            "k2",
+        )
+        .expect("valid");
+        assert_eq!(urgent.priority, keel_core::Priority::HIGHEST);
 
-        let cases: [(&str, &[u8], &str, &str); 6] = [
+        let cases: [(&str, &[u8], &str, &str); 8] = [
             ("keel.ingest.a", b"not json", "k", "not valid JSON"),
             ("keel.ingest.a", br#"{"inputs": 1}"#, "k", "unknown field"),
             ("keel.ingest.a", br#"{}"#, "k", "missing field `input`"),
@@ -446,6 +463,18 @@ mod tests {
                 "`version`",
             ),
             ("keel.ingest.a", br#"{"input": 1}"#, "", "message id"),
+            (
+                "keel.ingest.a",
+                br#"{"input": 1, "priority": 10}"#,
+                "k",
+                "`priority` must be an integer from 0",
+            ),
+            (
+                "keel.ingest.a",
+                br#"{"input": 1, "priority": "high"}"#,
+                "k",
+                "`priority`",
+            ),
         ];
         for (subject, body, key, reason) in cases {
             let err = parse(&names, subject, body, key).expect_err("poison");

@@ -37,6 +37,7 @@ async fn journal_grows_linearly_over_200_steps() {
             version: None,
             input: json!("go"),
             idempotency_key: None,
+            priority: Default::default(),
         })
         .await
         .expect("submit");
