@@ -13,5 +13,6 @@ mod journal;
 #[cfg(feature = "nats")]
 mod nats;
 mod postgres;
+mod priority;
 mod providers;
 mod streaming;

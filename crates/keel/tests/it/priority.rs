@@ -1,0 +1,89 @@
+//! Priorities under contention: with one worker and a slow model, runs of
+//! high priority submitted after a backlog of low ones finish first, and
+//! the low ones all finish too.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keel::mock::Mock;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+async fn submit_with(http: &reqwest::Client, server: &Server, body: Value) -> String {
+    let r = http
+        .post(server.url("/v1/runs"))
+        .json(&body)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+#[tokio::test]
+async fn high_priority_runs_overtake_a_backlog_and_the_backlog_still_finishes() {
+    let mock = Mock::start().await.expect("mock");
+    // Each run is one model answer of 300 ms; one worker takes one at a time.
+    mock.counters.llm_latency_ms.store(300, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--workers", "1"]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("queue", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+
+    let mut low = Vec::new();
+    for i in 0..8 {
+        let body = json!({"agent": "queue", "input": format!("low {i}"), "priority": 0});
+        low.push(submit_with(&http, &server, body).await);
+    }
+    let mut high = Vec::new();
+    for i in 0..3 {
+        let body = json!({"agent": "queue", "input": format!("high {i}"), "priority": 9});
+        high.push(submit_with(&http, &server, body).await);
+    }
+    let default = submit_with(&http, &server, json!({"agent": "queue", "input": "x"})).await;
+
+    let mut high_done = Vec::new();
+    for id in &high {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        assert_eq!(
+            (run["status"].as_str(), run["priority"].as_u64()),
+            (Some("COMPLETED"), Some(9)),
+            "{run}"
+        );
+        high_done.push(run["updated_at"].as_i64().expect("updated_at"));
+    }
+    let mut low_done = Vec::new();
+    for id in &low {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        assert_eq!(
+            (run["status"].as_str(), run["priority"].as_u64()),
+            (Some("COMPLETED"), Some(0)),
+            "{run}"
+        );
+        low_done.push(run["updated_at"].as_i64().expect("updated_at"));
+    }
+    let run = wait_terminal(&http, &server, &default, Duration::from_secs(60)).await;
+    assert_eq!(
+        (run["status"].as_str(), run["priority"].as_u64()),
+        (Some("COMPLETED"), Some(5)),
+        "{run}"
+    );
+
+    // In submission order the high runs would finish last. The worker may
+    // have taken a low run or two before the high ones were submitted;
+    // every other low run finishes after every high one.
+    let last_high = high_done.iter().max().copied().unwrap_or_default();
+    let low_before = low_done.iter().filter(|at| **at < last_high).count();
+    assert!(
+        low_before <= 2,
+        "{low_before} low-priority runs finished before the last high one: \
+         high {high_done:?}, low {low_done:?}"
+    );
+}
