@@ -26,7 +26,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -53,17 +53,74 @@ pub struct Counters {
     pub bad_traceparents: AtomicU64,
     /// Tool requests per idempotency key.
     pub keys: Mutex<HashMap<String, u32>>,
+    /// When set (`limit_llm`), the LLM accepts at most this many requests
+    /// in any window of this length and answers 429 with `Retry-After` above.
+    pub llm_rate: Mutex<Option<(usize, Duration)>>,
+    /// Arrival times of the LLM requests accepted while a rate is set.
+    pub llm_accepted: Mutex<Vec<Instant>>,
+    /// LLM requests refused with 429.
+    pub llm_throttled: AtomicU64,
 }
 
 impl Counters {
-    /// Zeroes the request counts (not the switches: down, latency).
+    /// Zeroes the request counts (not the switches: down, latency, rate).
     pub fn reset(&self) {
         self.llm_requests.store(0, Ordering::Relaxed);
+        self.llm_throttled.store(0, Ordering::Relaxed);
+        if let Ok(mut accepted) = self.llm_accepted.lock() {
+            accepted.clear();
+        }
         self.tool_requests.store(0, Ordering::Relaxed);
         self.bad_traceparents.store(0, Ordering::Relaxed);
         if let Ok(mut keys) = self.keys.lock() {
             keys.clear();
         }
+    }
+
+    /// Makes the LLM a rate-limited provider: at most `limit` requests in
+    /// any `window` (sliding), 429 with `Retry-After` above.
+    pub fn limit_llm(&self, limit: usize, window: Duration) {
+        if let Ok(mut rate) = self.llm_rate.lock() {
+            *rate = Some((limit, window));
+        }
+    }
+
+    /// Arrival times of the accepted LLM requests, oldest first.
+    pub fn llm_accepted(&self) -> Vec<Instant> {
+        self.llm_accepted
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// The 429 answer when a request goes over the rate; records it otherwise.
+    fn throttle(&self) -> Option<Response> {
+        let (limit, window) = (*self.llm_rate.lock().ok()?)?;
+        let mut accepted = self.llm_accepted.lock().ok()?;
+        let now = Instant::now();
+        let in_window = accepted
+            .iter()
+            .rev()
+            .take_while(|t| now.duration_since(**t) < window)
+            .count();
+        if in_window < limit {
+            accepted.push(now);
+            return None;
+        }
+        self.llm_throttled.fetch_add(1, Ordering::Relaxed);
+        // Free again once the oldest request of the window leaves it.
+        let oldest = accepted[accepted.len() - in_window];
+        let wait = window.saturating_sub(now.duration_since(oldest));
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let body = json!({"error": {"message": "rate limit reached", "type": "rate_limit_error"}});
+        Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, seconds.max(1).to_string())],
+                Json(body),
+            )
+                .into_response(),
+        )
     }
 
     /// A copy of the per-key counts.
@@ -227,6 +284,9 @@ fn long(model: &str) -> Option<(usize, Duration)> {
 
 async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Response {
     c.llm_requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(refused) = c.throttle() {
+        return refused;
+    }
     let latency = c.llm_latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -431,6 +491,9 @@ async fn messages(
     body: axum::body::Bytes,
 ) -> Response {
     c.llm_requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(refused) = c.throttle() {
+        return refused;
+    }
     let latency = c.llm_latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod events;
 mod failures;
+mod gateway;
 mod journal;
 #[cfg(feature = "nats")]
 mod nats;

@@ -1,0 +1,274 @@
+//! The LLM gateway with real `keel serve` processes: shared rate limits on
+//! PostgreSQL against a mock provider that answers 429 above its limit,
+//! circuit breakers with a fallback model, and cost budgets.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use keel::mock::Mock;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Writes a server configuration file next to the test's database.
+fn config_file(dir: &TempDir, yaml: &str) -> PathBuf {
+    let path = dir.0.join("keel.yaml");
+    std::fs::write(&path, yaml).expect("write the configuration");
+    path
+}
+
+fn arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Submits `n` runs of `agent` (inputs `job <i>`), 16 at a time.
+async fn submit_many(
+    http: &reqwest::Client,
+    server: &Server,
+    agent: &str,
+    n: usize,
+) -> Vec<String> {
+    let inputs: Vec<String> = (0..n).map(|i| format!("job {i}")).collect();
+    futures_util::stream::iter(inputs.iter())
+        .map(|input| submit(http, server, agent, input))
+        .buffered(16)
+        .collect()
+        .await
+}
+
+/// The most requests in any window of `window`, over sorted arrival times.
+fn most_in_a_window(times: &[Instant], window: Duration) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while *t - times[start] >= window {
+            start += 1;
+        }
+        most = most.max(end + 1 - start);
+    }
+    most
+}
+
+/// 300 runs on two worker processes sharing a PostgreSQL store, against a
+/// provider that accepts 30 requests a second and answers 429 above: every
+/// run completes, the provider sees no more than its limit in any window,
+/// and the limit is used (the runs are paced, not stalled).
+#[tokio::test]
+async fn three_hundred_runs_share_a_rate_limit_across_two_worker_processes() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let limit = 30;
+    let window = Duration::from_secs(1);
+    let mock = Mock::start().await.expect("mock");
+    mock.counters.limit_llm(limit, window);
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        &format!(
+            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {{rpm: {limit}, window: 1s}}\n"
+        ),
+    );
+    let config = arg(&config);
+    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
+    let worker_args = [
+        "--database-url",
+        db.url.as_str(),
+        "--role",
+        "worker",
+        "--workers",
+        "64",
+        "--config",
+        config.as_str(),
+    ];
+    let _workers = [
+        Server::start(&dir.db(), &worker_args).await,
+        Server::start(&dir.db(), &worker_args).await,
+    ];
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &api,
+        &agent_yaml("limited", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+    let runs = 300;
+    let ids = submit_many(&http, &api, "limited", runs).await;
+    for id in &ids {
+        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    let accepted = mock.counters.llm_accepted();
+    let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
+    assert_eq!(accepted.len(), runs, "one accepted call per run");
+    let most = most_in_a_window(&accepted, window);
+    assert!(
+        most <= limit,
+        "{most} requests in one window, limit {limit}"
+    );
+    // Keel paced the calls itself: the provider had to refuse few of them.
+    assert!(
+        throttled as usize <= runs / 20,
+        "the provider refused {throttled} of {} calls",
+        runs as u64 + throttled
+    );
+    // And it used the limit: 300 calls at 30/s take 9 s and change.
+    let span = accepted[accepted.len() - 1] - accepted[0];
+    let rate = (runs - 1) as f64 / span.as_secs_f64();
+    eprintln!("{runs} calls in {span:?}: {rate:.1}/s against {limit}/s, {throttled} refused");
+    assert!(
+        rate >= limit as f64 * 0.8,
+        "{rate:.1} calls/s: the limit of {limit}/s was not used"
+    );
+}
+
+/// A provider that fails every call opens its breaker after `failures`
+/// failures; the fallback model serves the runs meanwhile. When the
+/// provider recovers, the breaker half-opens, a trial succeeds, and it
+/// closes again.
+#[tokio::test]
+async fn a_failing_provider_opens_its_breaker_and_the_fallback_serves() {
+    let primary = Mock::start().await.expect("primary");
+    let fallback = Mock::start().await.expect("fallback");
+    primary.counters.llm_down.store(true, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        "providers:\n  openai:\n    kind: openai\n    breaker: {failures: 3, open_for: 2s, trials: 1}\n",
+    );
+    let server = Server::start(&dir.db(), &["--workers", "8", "--config", &arg(&config)]).await;
+    let http = reqwest::Client::new();
+    let yaml = format!(
+        r#"
+name: resilient
+version: 1
+model:
+  provider: openai
+  model: "tools:1"
+  base_url: "{primary}"
+  timeout: 5s
+  fallbacks:
+    - {{provider: openai, model: "tools:1", base_url: "{fallback}"}}
+retry: {{max_attempts: 10, backoff: {{initial: 50ms, max: 200ms}}}}
+tools:
+  - name: echo
+    description: A test tool.
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "{tool}", method: POST}}
+"#,
+        primary = primary.llm_url(),
+        fallback = fallback.llm_url(),
+        tool = fallback.tool_url("echo"),
+    );
+    register(&http, &server, &yaml).await;
+    let ids = submit_many(&http, &server, "resilient", 6).await;
+    for id in &ids {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    // Each run tried the primary at most once before the breaker opened
+    // (six calls in flight at once can all fail); the fallback served all.
+    let failed = primary.counters.llm_requests.load(Ordering::Relaxed);
+    assert!(
+        (3..=6).contains(&failed),
+        "{failed} calls reached the failing provider"
+    );
+    assert_eq!(fallback.counters.llm_requests.load(Ordering::Relaxed), 12);
+    let breaker = primary_breaker(&http, &server, &primary).await;
+    assert_eq!(breaker["opened"], 1, "{breaker}");
+    assert!(
+        breaker["state"] == "open" || breaker["state"] == "half_open",
+        "{breaker}"
+    );
+
+    // The provider recovers; once the breaker half-opens, a trial call
+    // goes through and closes it, and the primary serves again.
+    primary.counters.llm_down.store(false, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let id = submit(&http, &server, "resilient", "after recovery").await;
+        let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+        let breaker = primary_breaker(&http, &server, &primary).await;
+        if breaker["state"] == "closed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the breaker never closed: {breaker}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(primary.counters.llm_requests.load(Ordering::Relaxed) > failed);
+}
+
+/// The breaker of the primary mock's endpoint, from `GET /v1/providers`.
+async fn primary_breaker(http: &reqwest::Client, server: &Server, primary: &Mock) -> Value {
+    let body = get_json(http, &server.url("/v1/providers")).await;
+    let endpoint = format!("openai@{}", primary.llm_url());
+    body["breakers"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["endpoint"] == endpoint.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no breaker for {endpoint}: {body}"))
+}
+
+/// A run whose calls are priced stops with `budget_exceeded` at the call
+/// that reaches `limits.max_cost`; its steps stay journaled with their
+/// costs, and the tools that call asked for never run.
+#[tokio::test]
+async fn a_run_stops_at_its_cost_budget() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    // About 0.15-0.3 USD a call at these prices (the mock counts 4 bytes a token).
+    let config = config_file(
+        &dir,
+        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:10\": {price: {input: 1000, output: 1000}}\n",
+    );
+    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml(
+            "frugal",
+            &mock,
+            "tools:10",
+            "echo",
+            "limits: {max_steps: 20, max_cost: 0.5}",
+        ),
+    )
+    .await;
+    let id = submit(&http, &server, "frugal", "spend").await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "FAILED", "{run}");
+    assert_eq!(run["error_code"], "budget_exceeded", "{run}");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("budget_exceeded: limits.max_cost"),
+        "{error}"
+    );
+    let steps = run["steps"].as_array().expect("steps");
+    assert!(steps.len() >= 2 && steps.len() < 10, "{run}");
+    let costs: Vec<f64> = steps
+        .iter()
+        .map(|s| s["cost_usd"].as_f64().expect("each step is priced"))
+        .collect();
+    assert!(costs.iter().all(|c| *c > 0.0));
+    let total: f64 = costs.iter().sum();
+    let run_cost = run["cost_usd"].as_f64().expect("run cost");
+    assert!((total - run_cost).abs() < 1e-9, "{total} vs {run_cost}");
+    assert!(run_cost >= 0.5 && total - costs[costs.len() - 1] < 0.5);
+    // Every step but the last ran its tool; the last one's never started.
+    let (last, before) = steps.split_last().expect("steps");
+    assert_eq!(last["tool_calls"][0]["attempts"], 0, "{last}");
+    for step in before {
+        assert_eq!(step["tool_calls"][0]["attempts"], 1, "{step}");
+    }
+    assert_eq!(
+        mock.counters.tool_requests.load(Ordering::Relaxed) as usize,
+        before.len()
+    );
+}
