@@ -7,11 +7,13 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
+use keel_core::config::Config;
 use keel_core::{Agent, Event, Priority};
 use keel_engine::{Engine, Options};
 use keel_store::Store;
@@ -55,6 +57,12 @@ pub struct Args {
         requires = "database_url"
     )]
     pub processes: Vec<usize>,
+    /// Limit the mock model to this many requests per minute through Keel's
+    /// shared rate limiter (a configuration with `rpm`); the mock LLM
+    /// enforces the same limit (429 above it) and the achieved rate is
+    /// printed against it.
+    #[arg(long)]
+    pub rpm: Option<u64>,
 }
 
 /// Runs the benchmark and prints its figures.
@@ -89,14 +97,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "limits": {"max_steps": args.steps + 1}
     });
     let agent = Agent::from_value(spec)?;
+    let config = match args.rpm {
+        None => Arc::new(Config::default()),
+        Some(0) => bail!("--rpm must be at least 1"),
+        Some(rpm) => {
+            mock.counters.limit_llm(
+                usize::try_from(rpm).unwrap_or(usize::MAX),
+                Duration::from_secs(60),
+            );
+            let model = format!("tools:{}", args.steps);
+            Arc::new(Config::from_value(json!({
+                "providers": {"openai": {"kind": "openai", "models": {model: {"rpm": rpm}}}}
+            }))?)
+        }
+    };
 
     if let Some(url) = &args.database_url {
         let mut figures = Vec::new();
         for &processes in &args.processes {
             mock.counters.reset();
-            let steps_per_second = postgres_round(&args, &mock, &agent, url, processes, workers)
-                .await
-                .with_context(|| format!("round with {processes} worker processes"))?;
+            let steps_per_second =
+                postgres_round(&args, &mock, &agent, &config, url, processes, workers)
+                    .await
+                    .with_context(|| format!("round with {processes} worker processes"))?;
             figures.push((processes, steps_per_second));
         }
         if figures.len() > 1 {
@@ -122,6 +145,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         store.clone(),
         Options {
             workers,
+            config,
             ..Options::default()
         },
     );
@@ -155,6 +179,7 @@ async fn postgres_round(
     args: &Args,
     mock: &Mock,
     agent: &Agent,
+    config: &Config,
     server_url: &str,
     processes: usize,
     workers: usize,
@@ -166,11 +191,17 @@ async fn postgres_round(
             .context("cannot open the PostgreSQL store")?;
         Service::new(store.clone()).register(agent).await?;
         let exe = std::env::current_exe().context("cannot find the keel binary")?;
+        // The rate limits, for the worker processes (JSON is YAML).
+        let config_path = std::env::temp_dir().join(format!("{}.json", db.name));
+        std::fs::write(&config_path, serde_json::to_string(config)?)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
         let mut children = Vec::new();
         for _ in 0..processes {
             let child = std::process::Command::new(&exe)
                 .args(["serve", "--role", "worker", "--listen", "127.0.0.1:0"])
                 .args(["--workers", &workers.to_string()])
+                .arg("--config")
+                .arg(&config_path)
                 .env("KEEL_DATABASE_URL", &db.url)
                 .env("KEEL_LOG", "warn")
                 .stdin(std::process::Stdio::null())
@@ -188,6 +219,7 @@ async fn postgres_round(
         for mut child in children {
             child.stop();
         }
+        let _ = std::fs::remove_file(&config_path);
         rate
     }
     .await;
@@ -345,19 +377,31 @@ async fn measure<S: Store>(
     // Figures from the journal itself.
     let mut latencies = Vec::new();
     let mut first_steps = Vec::new();
+    // Per LLM call: from the event that made it due to its answer, less the
+    // model's own latency: the time it waited (worker slot, rate limit).
+    let mut llm_waits: Vec<i64> = Vec::new();
+    let llm_latency = args.llm_latency.as_millis() as i64;
     let mut completed = 0;
     let mut first = i64::MAX;
     let mut last = i64::MIN;
     for id in &ids {
         let events = store.events(*id, 0, u32::MAX).await?;
         let mut boundary = None;
+        let mut due: Option<i64> = None;
         for r in &events {
             match &r.event {
+                Event::LlmCompleted { .. } => {
+                    if let Some(d) = due.take() {
+                        llm_waits.push((r.at - d - llm_latency).max(0));
+                    }
+                }
                 Event::RunSubmitted { .. } => {
+                    due = Some(r.at);
                     boundary = Some(r.at);
                     first = first.min(r.at);
                 }
                 Event::ToolCallCompleted { step, .. } => {
+                    due = Some(r.at);
                     if let Some(b) = boundary {
                         // Step 1 also waited in the queue behind the other runs.
                         if *step == 1 {
@@ -378,6 +422,7 @@ async fn measure<S: Store>(
     }
     latencies.sort_unstable();
     first_steps.sort_unstable();
+    llm_waits.sort_unstable();
     let steps = args.runs as u64 * args.steps as u64;
     let journal_wall = Duration::from_millis((last - first).max(1) as u64);
     let rate = steps as f64 / journal_wall.as_secs_f64();
@@ -448,6 +493,25 @@ async fn measure<S: Store>(
         pct(&first_steps, 0.50),
         pct(&first_steps, 0.99)
     );
+    println!(
+        "llm call wait       p50 {} ms, p99 {} ms (due to answered, less the model's latency: a free worker, the rate limit)",
+        pct(&llm_waits, 0.50),
+        pct(&llm_waits, 0.99)
+    );
+    if let Some(rpm) = args.rpm {
+        let accepted = mock.counters.llm_accepted();
+        let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
+        if let (Some(first), Some(last)) = (accepted.first(), accepted.last())
+            && accepted.len() > 1
+        {
+            let span = last.duration_since(*first).as_secs_f64();
+            let achieved = (accepted.len() - 1) as f64 * 60.0 / span.max(1e-9);
+            println!(
+                "rate limit          {achieved:.0} requests/min achieved against {rpm} ({:+.2}%), {throttled} refused by the provider",
+                (achieved / rpm as f64 - 1.0) * 100.0
+            );
+        }
+    }
     println!("peak rss            {:.1} MB", rss_kb as f64 / 1024.0);
     if completed != args.runs {
         bail!("{} runs did not complete", args.runs - completed);
