@@ -300,6 +300,18 @@ impl Config {
         for (name, provider) in &self.providers {
             let at = format!("providers.{name}");
             check_name(name, &at, &mut err);
+            let kind_name = match provider.kind {
+                Kind::Openai => "openai",
+                Kind::Anthropic => "anthropic",
+            };
+            if ["openai", "anthropic"].contains(&name.as_str()) && name != kind_name {
+                err(
+                    format!("{at}.kind"),
+                    format!(
+                        "a provider named `{name}` must be of kind {name}: it applies to the agents whose model.provider is `{name}`"
+                    ),
+                );
+            }
             if RESERVED_PROVIDER_NAMES.contains(&name.as_str()) {
                 err(
                     at.clone(),
@@ -521,6 +533,10 @@ providers:
         assert_eq!(
             fields("providers: {scripted: {kind: openai}}"),
             ["providers.scripted"]
+        );
+        assert_eq!(
+            fields("providers: {openai: {kind: anthropic}}"),
+            ["providers.openai.kind"]
         );
         assert_eq!(
             fields("providers: {'bad name': {kind: openai}}"),

@@ -130,6 +130,10 @@ pub struct ModelSpec {
     /// The turns a `scripted` provider replays, one per LLM call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub script: Vec<ScriptTurn>,
+    /// A file holding the API key: never written in a spec (it is not read
+    /// from one), filled in from the server configuration's `api_key_file`.
+    #[serde(skip)]
+    pub api_key_file: Option<String>,
     /// Models to call, in order, while this one's circuit breaker is open
     /// (each a model section of its own, without fallbacks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -26,12 +26,13 @@
 //! order; when every breaker of the chain is open, the task is deferred
 //! until the first one half-opens (the run is parked, holding no worker).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use keel_core::breaker::{Breaker, Permit, View};
-use keel_core::config::Config;
+use keel_core::config::{Config, KeySource};
 use keel_core::message::Usage;
 use keel_core::run::State;
 use keel_core::spec::{ModelSpec, Provider};
@@ -108,8 +109,9 @@ pub enum Admission<'a> {
 
 /// Leave to call one model, with what it took; hand it to [`Gateway::settle`].
 pub struct Ticket<'a> {
-    /// The model to call.
-    pub model: &'a ModelSpec,
+    /// The model to call, with the endpoint and key source the
+    /// configuration gives its provider where the spec names none.
+    pub model: Cow<'a, ModelSpec>,
     /// 0 for the spec's own model, i for `model.fallbacks[i - 1]`.
     pub choice: usize,
     /// When the capacity reserved for the call is there.
@@ -170,15 +172,16 @@ impl<S: Store> Gateway<S> {
         let chain = std::iter::once(primary).chain(primary.fallbacks.iter());
         let mut reopens: Option<Millis> = None;
         for (choice, model) in chain.enumerate() {
-            let endpoint = endpoint(model);
-            let permit = match self.admit_breaker(model, &endpoint, now) {
+            let model = resolve(&self.config, model);
+            let endpoint = endpoint(&model);
+            let permit = match self.admit_breaker(&model, &endpoint, now) {
                 Ok(permit) => permit,
                 Err(retry_at) => {
                     reopens = Some(reopens.map_or(retry_at, |r| r.min(retry_at)));
                     continue;
                 }
             };
-            let taken = match self.take(agent, model, state, now).await {
+            let taken = match self.take(agent, &model, state, now).await {
                 Ok(taken) => taken,
                 Err(e) => {
                     self.release(&endpoint, permit);
@@ -201,14 +204,12 @@ impl<S: Store> Gateway<S> {
                 }),
                 Taken::Later(until) => {
                     self.release(&endpoint, permit);
-                    Admission::Later {
-                        until,
-                        reason: format!(
-                            "rate limit of {}/{}: no capacity before {until}",
-                            provider_name(model.provider),
-                            model.model
-                        ),
-                    }
+                    let reason = format!(
+                        "rate limit of {}/{}: no capacity before {until}",
+                        provider_name(model.provider),
+                        model.model
+                    );
+                    Admission::Later { until, reason }
                 }
             });
         }
@@ -217,7 +218,7 @@ impl<S: Store> Gateway<S> {
             until,
             reason: format!(
                 "circuit breaker open for {} and every fallback",
-                endpoint(primary)
+                endpoint(&resolve(&self.config, primary))
             ),
         })
     }
@@ -226,7 +227,7 @@ impl<S: Store> Gateway<S> {
     /// the token bucket is charged the real usage, a 429 holds the buckets.
     pub async fn settle(
         &self,
-        ticket: Ticket<'_>,
+        ticket: &Ticket<'_>,
         result: &Result<llm::Response, llm::Error>,
         now: Millis,
     ) {
@@ -398,6 +399,34 @@ impl<S: Store> Gateway<S> {
     }
 }
 
+/// The model as called: the spec's, with the base URL and the key source of
+/// the configuration's entry for its provider where the spec names none
+/// (so an agent can name only `provider` and `model`).
+pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> {
+    let Some(provider) = config.provider(provider_name(model.provider)) else {
+        return Cow::Borrowed(model);
+    };
+    let fill_url = model.base_url.is_none() && provider.base_url.is_some();
+    let fill_key = model.api_key_env.is_none()
+        && model.api_key_file.is_none()
+        && provider.key_source().is_some();
+    if !fill_url && !fill_key {
+        return Cow::Borrowed(model);
+    }
+    let mut resolved = model.clone();
+    if fill_url {
+        resolved.base_url = provider.base_url.clone();
+    }
+    if fill_key {
+        match provider.key_source() {
+            Some(KeySource::Env(var)) => resolved.api_key_env = Some(var.to_string()),
+            Some(KeySource::File(path)) => resolved.api_key_file = Some(path.to_string()),
+            None => {}
+        }
+    }
+    Cow::Owned(resolved)
+}
+
 /// Where a model's requests go, as breakers name it.
 fn endpoint(model: &ModelSpec) -> String {
     let base = model.base_url.as_deref().unwrap_or(match model.provider {
@@ -431,4 +460,52 @@ fn total(usage: Usage) -> u64 {
 
 fn millis(d: Duration) -> Millis {
     Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX / 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(json: &str) -> ModelSpec {
+        match serde_json::from_str(json) {
+            Ok(m) => m,
+            Err(e) => panic!("test model: {e}"),
+        }
+    }
+
+    fn config(yaml: &str) -> Config {
+        match Config::parse(yaml) {
+            Ok(c) => c,
+            Err(e) => panic!("test config: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_configuration_fills_what_the_spec_leaves_out() {
+        let config = config(
+            "providers:\n  openai: {kind: openai, base_url: 'http://llm.internal/v1', api_key_file: /run/k}\n",
+        );
+        let bare = model(r#"{"provider": "openai", "model": "m"}"#);
+        let resolved = resolve(&config, &bare);
+        assert_eq!(resolved.base_url.as_deref(), Some("http://llm.internal/v1"));
+        assert_eq!(resolved.api_key_file.as_deref(), Some("/run/k"));
+        assert_eq!(resolved.api_key_env, None);
+        assert_eq!(endpoint(&resolved), "openai@http://llm.internal/v1");
+
+        // What the spec says wins.
+        let own = model(
+            r#"{"provider": "openai", "model": "m", "base_url": "http://own/v1", "api_key_env": "OWN"}"#,
+        );
+        let resolved = resolve(&config, &own);
+        assert!(matches!(resolved, Cow::Borrowed(_)));
+        assert_eq!(resolved.base_url.as_deref(), Some("http://own/v1"));
+
+        // Another provider's entry does not apply.
+        let other = model(r#"{"provider": "anthropic", "model": "m"}"#);
+        assert!(matches!(resolve(&config, &other), Cow::Borrowed(_)));
+        assert_eq!(
+            endpoint(&other),
+            format!("anthropic@{}", llm::ANTHROPIC_BASE_URL)
+        );
+    }
 }

@@ -430,7 +430,7 @@ async fn llm_step<S: Store>(
         let wait = at.saturating_sub(now()).max(0);
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
-    let model = ticket.model;
+    let model = ticket.model.as_ref();
     let result = if agent.spec.model.stream {
         crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
     } else {
@@ -439,7 +439,7 @@ async fn llm_step<S: Store>(
             .complete_with(model, agent, state, task.step)
             .await
     };
-    inner.gateway.settle(ticket, &result, now()).await;
+    inner.gateway.settle(&ticket, &result, now()).await;
     let response = match result {
         Ok(r) => r,
         Err(e) if e.is_throttled() => {

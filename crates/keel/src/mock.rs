@@ -60,6 +60,8 @@ pub struct Counters {
     pub llm_accepted: Mutex<Vec<Instant>>,
     /// LLM requests refused with 429.
     pub llm_throttled: AtomicU64,
+    /// The `Authorization` header of the latest chat-completions request.
+    pub llm_auth: Mutex<Option<String>>,
 }
 
 impl Counters {
@@ -83,6 +85,11 @@ impl Counters {
         if let Ok(mut rate) = self.llm_rate.lock() {
             *rate = Some((limit, window));
         }
+    }
+
+    /// The `Authorization` header of the latest chat-completions request.
+    pub fn llm_authorization(&self) -> Option<String> {
+        self.llm_auth.lock().ok().and_then(|a| a.clone())
     }
 
     /// Arrival times of the accepted LLM requests, oldest first.
@@ -282,8 +289,17 @@ fn long(model: &str) -> Option<(usize, Duration)> {
     Some((words, Duration::from_millis(pause)))
 }
 
-async fn chat(State(c): State<Arc<Counters>>, body: axum::body::Bytes) -> Response {
+async fn chat(
+    State(c): State<Arc<Counters>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     c.llm_requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(auth) = headers.get(header::AUTHORIZATION)
+        && let Ok(mut last) = c.llm_auth.lock()
+    {
+        *last = auth.to_str().ok().map(str::to_string);
+    }
     if let Some(refused) = c.throttle() {
         return refused;
     }

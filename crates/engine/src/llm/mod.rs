@@ -425,7 +425,18 @@ impl Client {
     /// The API key the spec names, read now; `None` when it names none.
     fn api_key(&self, model: &ModelSpec) -> Result<Option<String>, Error> {
         let Some(var) = &model.api_key_env else {
-            return Ok(None);
+            let Some(path) = &model.api_key_file else {
+                return Ok(None);
+            };
+            return match std::fs::read_to_string(path) {
+                Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
+                Ok(_) => Err(Error::permanent(format!(
+                    "the key file {path} (api_key_file of the server configuration) is empty"
+                ))),
+                Err(e) => Err(Error::permanent(format!(
+                    "cannot read the key file {path} (api_key_file of the server configuration): {e}"
+                ))),
+            };
         };
         match (self.env)(var) {
             Some(value) if !value.is_empty() => Ok(Some(value)),

@@ -272,3 +272,49 @@ async fn a_run_stops_at_its_cost_budget() {
         before.len()
     );
 }
+
+/// An agent that names only its provider and model gets the endpoint and
+/// the key from the server configuration (here a key file).
+#[tokio::test]
+async fn an_agent_names_only_its_provider_and_model() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let key = dir.0.join("openai.key");
+    std::fs::write(&key, "sk-test-from-file\n").expect("key file");
+    let config = config_file(
+        &dir,
+        &format!(
+            "providers:\n  openai:\n    kind: openai\n    base_url: \"{}\"\n    api_key_file: \"{}\"\n",
+            mock.llm_url(),
+            key.display()
+        ),
+    );
+    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let http = reqwest::Client::new();
+    let yaml = format!(
+        r#"
+name: keyless
+version: 1
+model: {{provider: openai, model: "tools:1"}}
+tools:
+  - name: echo
+    description: A test tool.
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "{tool}", method: POST}}
+"#,
+        tool = mock.tool_url("echo"),
+    );
+    register(&http, &server, &yaml).await;
+    let id = submit(&http, &server, "keyless", "hello").await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(mock.counters.llm_requests.load(Ordering::Relaxed), 2);
+    // The key never shows in what the API serves.
+    let providers = get_json(&http, &server.url("/v1/providers")).await;
+    assert!(!providers.to_string().contains("sk-test"), "{providers}");
+    assert!(!run.to_string().contains("sk-test"), "{run}");
+    assert_eq!(
+        mock.counters.llm_authorization().as_deref(),
+        Some("Bearer sk-test-from-file")
+    );
+}
