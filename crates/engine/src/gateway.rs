@@ -97,7 +97,7 @@ pub struct Gateway<S> {
 /// What [`Gateway::admit`] decided.
 pub enum Admission<'a> {
     /// Call this model (after waiting until `Ticket::wait_until`).
-    Go(Ticket<'a>),
+    Go(Box<Ticket<'a>>),
     /// Nothing may be called before `until`: give the task back until then.
     Later {
         /// When to try again.
@@ -193,7 +193,7 @@ impl<S: Store> Gateway<S> {
                     requests,
                     tokens,
                     at,
-                } => Admission::Go(Ticket {
+                } => Admission::Go(Box::new(Ticket {
                     model,
                     choice,
                     wait_until: at,
@@ -201,7 +201,7 @@ impl<S: Store> Gateway<S> {
                     permit,
                     requests,
                     tokens,
-                }),
+                })),
                 Taken::Later(until) => {
                     self.release(&endpoint, permit);
                     let reason = format!(
