@@ -7,10 +7,12 @@
 //!
 //! * `rpm`: one request, bucket `llm:<provider>/<model>:requests`, burst 1,
 //!   so no window ever sees more than `rpm` requests;
-//! * `tpm`: the call's input tokens, estimated from the conversation's
-//!   length (4 bytes a token), bucket `…:tokens`, burst a sixth of the
-//!   window's tokens; [`Gateway::settle`] charges the difference once the
-//!   provider reports the real usage (input and output).
+//! * `tpm`: the call's tokens, estimated from the conversation's length (4
+//!   bytes a token) calibrated by the real counts of earlier calls (moving
+//!   averages of input per estimated token and of output per call), bucket
+//!   `…:tokens`, burst a sixth of the window's tokens, reserved at most a
+//!   quarter window ahead; [`Gateway::settle`] charges the difference once
+//!   the provider reports the real usage (input and output).
 //!
 //! Capacity free within [`MAX_WAIT`] is reserved and the worker waits for
 //! it, holding its task; later than that, the task is deferred to when it
@@ -92,6 +94,8 @@ pub struct Gateway<S> {
     store: S,
     config: Arc<Config>,
     breakers: Breakers,
+    /// Token estimates' calibration, by token bucket.
+    calibration: Arc<Mutex<HashMap<String, Calibration>>>,
 }
 
 /// What [`Gateway::admit`] decided.
@@ -119,7 +123,39 @@ pub struct Ticket<'a> {
     endpoint: String,
     permit: Option<Permit>,
     requests: Option<Bucket>,
-    tokens: Option<(Bucket, u64)>,
+    tokens: Option<Charge>,
+}
+
+/// Tokens taken from a bucket for one call: what was charged, and the raw
+/// input estimate it came from (to calibrate the next estimates).
+struct Charge {
+    bucket: Bucket,
+    charged: u64,
+    raw_input: u64,
+}
+
+/// What the calls of one model really used, against the raw estimates:
+/// moving averages, so estimates follow the provider's way of counting.
+#[derive(Clone, Copy)]
+struct Calibration {
+    /// Real input tokens per estimated one.
+    input_ratio: f64,
+    /// Output tokens per call.
+    output: f64,
+}
+
+/// Weight of the latest call in the moving averages.
+const LEARNING: f64 = 0.2;
+
+impl Default for Calibration {
+    fn default() -> Self {
+        // Cautious until calls tell: providers count more than the text
+        // (roles, tool schemas, formatting), and a call answers something.
+        Calibration {
+            input_ratio: 1.5,
+            output: 64.0,
+        }
+    }
 }
 
 /// A limiter bucket: its key and rate.
@@ -134,7 +170,7 @@ enum Taken {
     /// Taken, free at once or at the time reserved.
     Now {
         requests: Option<Bucket>,
-        tokens: Option<(Bucket, u64)>,
+        tokens: Option<Charge>,
         at: Option<Millis>,
     },
     /// Not before then (nothing taken).
@@ -157,6 +193,7 @@ impl<S: Store> Gateway<S> {
             store,
             config,
             breakers,
+            calibration: Arc::default(),
         }
     }
 
@@ -238,7 +275,15 @@ impl<S: Store> Gateway<S> {
                 breaker.record(permit, !endpoint_failed, now);
             }
         }
-        if let Some((bucket, charged)) = &ticket.tokens {
+        if let Some(Charge {
+            bucket,
+            charged,
+            raw_input,
+        }) = &ticket.tokens
+        {
+            if let Ok(response) = result {
+                self.calibrate(&bucket.key, *raw_input, response.usage);
+            }
             let used = match result {
                 Ok(response) => total(response.usage),
                 // A failed call is not billed (a stream cut mid-way may be,
@@ -264,13 +309,34 @@ impl<S: Store> Gateway<S> {
             let buckets = ticket
                 .requests
                 .iter()
-                .chain(ticket.tokens.iter().map(|(bucket, _)| bucket));
+                .chain(ticket.tokens.iter().map(|charge| &charge.bucket));
             for bucket in buckets {
                 if let Err(e) = self.store.hold_capacity(&bucket.key, until).await {
                     warn!(key = %bucket.key, error = %e, "could not hold a rate limit after a 429");
                 }
             }
         }
+    }
+
+    /// How the calls of a token bucket's model really count, so far.
+    fn calibration(&self, key: &str) -> Calibration {
+        let calibration = self
+            .calibration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        calibration.get(key).copied().unwrap_or_default()
+    }
+
+    /// Moves the calibration of a bucket toward a call's real usage.
+    fn calibrate(&self, key: &str, raw_input: u64, usage: Usage) {
+        let mut calibration = self
+            .calibration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = calibration.entry(key.to_string()).or_default();
+        let ratio = usage.input_tokens as f64 / raw_input.max(1) as f64;
+        entry.input_ratio += LEARNING * (ratio - entry.input_ratio);
+        entry.output += LEARNING * (usage.output_tokens as f64 - entry.output);
     }
 
     /// The breakers of this gateway.
@@ -371,10 +437,19 @@ impl<S: Store> Gateway<S> {
                     burst,
                 },
             };
-            let estimate = estimate_input_tokens(agent, state).clamp(1, burst);
+            let raw_input = estimate_input_tokens(agent, state);
+            let calibration = self.calibration(&bucket.key);
+            let expected = raw_input as f64 * calibration.input_ratio + calibration.output.max(0.0);
+            let max_output = model.max_tokens.map_or(f64::MAX, f64::from);
+            let expected = expected.min(raw_input as f64 * calibration.input_ratio + max_output);
+            let estimate = (expected.ceil() as u64).clamp(1, burst);
+            // Reserve tokens a quarter of a window ahead at most: a reservation
+            // is made on an estimate, and a call waiting for a slot reserved
+            // on too high an estimate would wait for capacity given back.
+            let max_wait = MAX_WAIT.min(limits.window / 4);
             match self
                 .store
-                .take_capacity(&bucket.key, bucket.rate, estimate, MAX_WAIT, now)
+                .take_capacity(&bucket.key, bucket.rate, estimate, max_wait, now)
                 .await?
             {
                 Grant::Granted => {}
@@ -389,7 +464,11 @@ impl<S: Store> Gateway<S> {
                     return Ok(Taken::Later(t));
                 }
             }
-            tokens = Some((bucket, estimate));
+            tokens = Some(Charge {
+                bucket,
+                charged: estimate,
+                raw_input,
+            });
         }
         Ok(Taken::Now {
             requests,

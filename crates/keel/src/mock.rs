@@ -62,6 +62,9 @@ pub struct Counters {
     pub llm_throttled: AtomicU64,
     /// The `Authorization` header of the latest chat-completions request.
     pub llm_auth: Mutex<Option<String>>,
+    /// When on (`track_tokens`), each chat completion's arrival time and
+    /// tokens (prompt + completion, as the mock counts them).
+    pub llm_tokens: Mutex<Option<Vec<(Instant, u64)>>>,
 }
 
 impl Counters {
@@ -85,6 +88,25 @@ impl Counters {
         if let Ok(mut rate) = self.llm_rate.lock() {
             *rate = Some((limit, window));
         }
+    }
+
+    /// Starts logging each chat completion's arrival time and tokens.
+    pub fn track_tokens(&self) {
+        if let Ok(mut log) = self.llm_tokens.lock() {
+            *log = Some(Vec::new());
+        }
+    }
+
+    /// The token log, by arrival time (empty unless `track_tokens`).
+    pub fn token_log(&self) -> Vec<(Instant, u64)> {
+        let mut log = self
+            .llm_tokens
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or_default();
+        log.sort_by_key(|(t, _)| *t);
+        log
     }
 
     /// The `Authorization` header of the latest chat-completions request.
@@ -294,6 +316,7 @@ async fn chat(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    let arrived = Instant::now();
     c.llm_requests.fetch_add(1, Ordering::Relaxed);
     if let Some(auth) = headers.get(header::AUTHORIZATION)
         && let Ok(mut last) = c.llm_auth.lock()
@@ -353,6 +376,11 @@ async fn chat(
         Turn::Answer(text) => json!({"role": "assistant", "content": text}),
     };
     let completion_tokens = message.to_string().len() / 4;
+    if let Ok(mut log) = c.llm_tokens.lock()
+        && let Some(log) = log.as_mut()
+    {
+        log.push((arrived, (prompt_tokens + completion_tokens) as u64));
+    }
     let finish = if message["tool_calls"].is_array() {
         "tool_calls"
     } else {
