@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::spec::{FieldError, check_name, human_duration, is_http_url};
+use crate::spec::{FieldError, check_name, human_duration, is_http_url, typed};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -271,24 +271,11 @@ impl Config {
 
     /// Validates an already-parsed value.
     pub fn from_value(value: Value) -> Result<Config, Error> {
-        if !value.is_object() {
-            return Err(Error::Invalid(vec![FieldError {
-                field: "(root)".into(),
-                message: "the configuration must be a mapping (with `providers`)".into(),
-            }]));
-        }
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            let field = e.path().to_string();
-            let field = if field == "." {
-                "(root)".to_string()
-            } else {
-                field
-            };
-            Error::Invalid(vec![FieldError {
-                field,
-                message: e.inner().to_string(),
-            }])
-        })?;
+        let config: Config = typed(
+            value,
+            "the configuration must be a mapping (with `providers`)",
+        )
+        .map_err(Error::Invalid)?;
         config.validate()?;
         Ok(config)
     }

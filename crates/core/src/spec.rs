@@ -488,24 +488,11 @@ impl Agent {
 
     /// Validates an already-parsed JSON value.
     pub fn from_value(value: Value) -> Result<Agent, Error> {
-        if !value.is_object() {
-            return Err(Error::Invalid(vec![FieldError {
-                field: "(root)".into(),
-                message: "an agent spec must be a mapping with name, version and model".into(),
-            }]));
-        }
-        let spec: Spec = serde_path_to_error::deserialize(value).map_err(|e| {
-            let field = e.path().to_string();
-            let field = if field == "." {
-                "(root)".to_string()
-            } else {
-                field
-            };
-            Error::Invalid(vec![FieldError {
-                field,
-                message: e.inner().to_string(),
-            }])
-        })?;
+        let spec: Spec = typed(
+            value,
+            "an agent spec must be a mapping with name, version and model",
+        )
+        .map_err(Error::Invalid)?;
         Agent::new(spec)
     }
 
@@ -731,6 +718,32 @@ pub fn clip(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// Reads a mapping into its type; a failure names the field at fault
+/// (`(root)` for the whole value, with `not_a_mapping` when it is no mapping).
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(
+    value: Value,
+    not_a_mapping: &str,
+) -> Result<T, Vec<FieldError>> {
+    if !value.is_object() {
+        return Err(vec![FieldError {
+            field: "(root)".into(),
+            message: not_a_mapping.into(),
+        }]);
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." {
+            "(root)".to_string()
+        } else {
+            field
+        };
+        vec![FieldError {
+            field,
+            message: e.inner().to_string(),
+        }]
+    })
 }
 
 /// Checks one model (the spec's own, or a fallback at `at`).

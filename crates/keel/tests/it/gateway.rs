@@ -38,6 +38,42 @@ async fn submit_many(
         .await
 }
 
+/// One API and two worker processes on `db`, the workers configured with
+/// `limits` for the mock model `tools:0`; submits `runs` runs of a new
+/// agent `agent` on it and waits until all completed.
+async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, runs: usize) {
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        &format!(
+            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {limits}\n"
+        ),
+    );
+    let config = arg(&config);
+    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
+    let worker_args = [
+        "--database-url",
+        db.url.as_str(),
+        "--role",
+        "worker",
+        "--workers",
+        "64",
+        "--config",
+        config.as_str(),
+    ];
+    let _workers = [
+        Server::start(&dir.db(), &worker_args).await,
+        Server::start(&dir.db(), &worker_args).await,
+    ];
+    let http = reqwest::Client::new();
+    register(&http, &api, &agent_yaml(agent, mock, "tools:0", "echo", "")).await;
+    let ids = submit_many(&http, &api, agent, runs).await;
+    for id in &ids {
+        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+}
+
 /// The most requests in any window of `window`, over sorted arrival times.
 fn most_in_a_window(times: &[Instant], window: Duration) -> usize {
     let mut most = 0;
@@ -64,42 +100,9 @@ async fn three_hundred_runs_share_a_rate_limit_across_two_worker_processes() {
     let window = Duration::from_secs(1);
     let mock = Mock::start().await.expect("mock");
     mock.counters.limit_llm(limit, window);
-    let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        &format!(
-            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {{rpm: {limit}, window: 1s}}\n"
-        ),
-    );
-    let config = arg(&config);
-    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
-    let worker_args = [
-        "--database-url",
-        db.url.as_str(),
-        "--role",
-        "worker",
-        "--workers",
-        "64",
-        "--config",
-        config.as_str(),
-    ];
-    let _workers = [
-        Server::start(&dir.db(), &worker_args).await,
-        Server::start(&dir.db(), &worker_args).await,
-    ];
-    let http = reqwest::Client::new();
-    register(
-        &http,
-        &api,
-        &agent_yaml("limited", &mock, "tools:0", "echo", ""),
-    )
-    .await;
+    let limits = format!("{{rpm: {limit}, window: 1s}}");
+    run_on_two_workers(&db, &mock, &limits, "limited", 300).await;
     let runs = 300;
-    let ids = submit_many(&http, &api, "limited", runs).await;
-    for id in &ids {
-        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
-        assert_eq!(run["status"], "COMPLETED", "{run}");
-    }
     let accepted = mock.counters.llm_accepted();
     let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
     assert_eq!(accepted.len(), runs, "one accepted call per run");
@@ -331,42 +334,15 @@ async fn a_token_limit_holds_across_two_worker_processes() {
     let window = Duration::from_secs(1);
     let mock = Mock::start().await.expect("mock");
     mock.counters.track_tokens();
-    let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        &format!(
-            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {{tpm: {tpm}, window: 1s}}\n"
-        ),
-    );
-    let config = arg(&config);
-    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
-    let worker_args = [
-        "--database-url",
-        db.url.as_str(),
-        "--role",
-        "worker",
-        "--workers",
-        "64",
-        "--config",
-        config.as_str(),
-    ];
-    let _workers = [
-        Server::start(&dir.db(), &worker_args).await,
-        Server::start(&dir.db(), &worker_args).await,
-    ];
-    let http = reqwest::Client::new();
-    register(
-        &http,
-        &api,
-        &agent_yaml("tokens", &mock, "tools:0", "echo", ""),
+    let runs = 150;
+    run_on_two_workers(
+        &db,
+        &mock,
+        &format!("{{tpm: {tpm}, window: 1s}}"),
+        "tokens",
+        runs,
     )
     .await;
-    let runs = 150;
-    let ids = submit_many(&http, &api, "tokens", runs).await;
-    for id in &ids {
-        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
-        assert_eq!(run["status"], "COMPLETED", "{run}");
-    }
     let log = mock.counters.token_log();
     assert_eq!(log.len(), runs);
     let mut most = 0;
