@@ -331,6 +331,7 @@ pub fn projection(state: &State) -> Projection {
         output: state.output.clone(),
         error,
         usage: state.usage,
+        cost_usd: state.cost_usd,
     }
 }
 

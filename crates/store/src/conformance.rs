@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     Append, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error, ExportStatus, Grant,
     Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered, RelayHolder, Result,
-    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -56,6 +56,7 @@ macro_rules! store_suite {
                 export_enabled_again_exports_new_commits_only,
                 export_status_counts_the_backlog_and_shows_the_relay,
                 pending_runs_count_unfinished_runs,
+                usage_sums_runs_by_agent_and_time,
                 limits_space_grants_after_a_burst,
                 limits_reserve_within_max_wait,
                 limits_adjust_to_real_costs,
@@ -162,6 +163,7 @@ fn projection(status: Status) -> Projection {
         output: None,
         error: None,
         usage: Usage::default(),
+        cost_usd: 0.0,
     }
 }
 
@@ -369,6 +371,7 @@ pub(crate) async fn stale_append_is_refused<S: Store>(store: S) -> Result<()> {
             input_tokens: 10,
             output_tokens: 20,
         },
+        cost_usd: 0.125,
     };
     let appended = store.append(good.clone()).await?;
     assert_eq!(appended.last_seq, 3);
@@ -1530,6 +1533,100 @@ pub(crate) async fn pending_runs_count_unfinished_runs<S: Store>(store: S) -> Re
         store.append(end).await?;
     }
     assert_eq!(counts(&store).await?, [2, 1, 1, 1, 0]);
+    Ok(())
+}
+
+pub(crate) async fn usage_sums_runs_by_agent_and_time<S: Store>(store: S) -> Result<()> {
+    let totals = |runs, input_tokens, output_tokens, cost_usd| UsageTotals {
+        runs,
+        input_tokens,
+        output_tokens,
+        cost_usd,
+    };
+    // Submits a run created at `at` and records its usage so far (costs
+    // are exact in binary, so any order of summing gives the same total).
+    let run = async |tenant: &str, agent: &str, at: Millis, tokens: (u64, u64), cost: f64| {
+        let mut sub = submission(tenant, agent, json!("usage"), None);
+        sub.now = at;
+        let run_id = sub.run_id;
+        store.submit(sub).await?;
+        let mut step = append(run_id, 1, None, vec![rejected(1, "x")]);
+        step.projection.usage = Usage {
+            input_tokens: tokens.0,
+            output_tokens: tokens.1,
+        };
+        step.projection.cost_usd = cost;
+        store.append(step).await?;
+        Result::Ok(run_id)
+    };
+    let first = run("t1", "a", T0, (10, 20), 0.25).await?;
+    run("t1", "a", T0 + 10, (20, 40), 0.5).await?;
+    run("t1", "a", T0 + 20, (30, 60), 1.0).await?;
+    run("t1", "b", T0 + 30, (5, 7), 2.0).await?;
+    // A run with no LLM call yet counts, with nothing used.
+    store.submit(submission("t1", "b", json!(0), None)).await?;
+    run("t2", "a", T0, (1000, 1000), 100.0).await?;
+
+    assert_eq!(
+        store.usage("t1", Some("a"), None).await?,
+        totals(3, 60, 120, 1.75)
+    );
+    assert_eq!(
+        store.usage("t1", None, None).await?,
+        totals(5, 65, 127, 3.75)
+    );
+    assert_eq!(
+        store.usage("t1", Some("a"), Some(T0 + 10)).await?,
+        totals(2, 50, 100, 1.5)
+    );
+    assert_eq!(
+        store.usage("t1", None, Some(T0 + 25)).await?,
+        totals(1, 5, 7, 2.0)
+    );
+    assert_eq!(
+        store.usage("t1", Some("c"), None).await?,
+        UsageTotals::default()
+    );
+    assert_eq!(
+        store.usage("nobody", None, None).await?,
+        UsageTotals::default()
+    );
+    let by_agent = |usage: Vec<crate::AgentUsage>| {
+        usage
+            .into_iter()
+            .map(|u| (u.agent, u.totals))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        by_agent(store.usage_by_agent("t1", None).await?),
+        vec![
+            ("a".to_string(), totals(3, 60, 120, 1.75)),
+            ("b".to_string(), totals(2, 5, 7, 2.0)),
+        ]
+    );
+    assert_eq!(
+        by_agent(store.usage_by_agent("t1", Some(T0 + 20)).await?),
+        vec![
+            ("a".to_string(), totals(1, 30, 60, 1.0)),
+            ("b".to_string(), totals(1, 5, 7, 2.0)),
+        ]
+    );
+    assert!(store.usage_by_agent("nobody", None).await?.is_empty());
+
+    // A run counts as of its last append: the projection holds its totals.
+    let mut later = append(first, 2, None, vec![rejected(2, "y")]);
+    later.projection.usage = Usage {
+        input_tokens: 110,
+        output_tokens: 120,
+    };
+    later.projection.cost_usd = 4.25;
+    store.append(later).await?;
+    let run = store.get_run(first).await?.expect("run");
+    assert_eq!(run.projection.cost_usd, 4.25);
+    assert_eq!(
+        store.usage("t1", Some("a"), None).await?,
+        totals(3, 160, 220, 5.75)
+    );
     Ok(())
 }
 

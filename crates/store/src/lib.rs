@@ -254,6 +254,9 @@ pub struct Projection {
     pub error: Option<String>,
     /// Tokens so far.
     pub usage: Usage,
+    /// What the LLM calls cost so far in USD (the sum of the `LlmCompleted`
+    /// events' `cost_usd`; unpriced calls count 0).
+    pub cost_usd: f64,
 }
 
 /// A conditional, fenced journal append and the task changes it causes, all
@@ -363,6 +366,29 @@ pub struct RunFilter {
     pub before: Option<RunId>,
     /// Page size.
     pub limit: u32,
+}
+
+/// Tokens and cost summed over runs ([`Store::usage`]), each run as of
+/// its last append.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UsageTotals {
+    /// Runs counted.
+    pub runs: u64,
+    /// Input (prompt) tokens of their LLM calls.
+    pub input_tokens: u64,
+    /// Output (completion) tokens of their LLM calls.
+    pub output_tokens: u64,
+    /// What their LLM calls cost in USD.
+    pub cost_usd: f64,
+}
+
+/// One agent's usage totals ([`Store::usage_by_agent`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentUsage {
+    /// Agent name.
+    pub agent: String,
+    /// Its runs' totals.
+    pub totals: UsageTotals,
 }
 
 /// A registered agent version.
@@ -800,6 +826,27 @@ pub trait Store: Clone + Send + Sync + 'static {
         tenant: &str,
         agent: Option<&str>,
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Tokens and cost of the runs of `tenant` (of `agent` only, when
+    /// given) created at or after `since` (all, when `None`), summed in one
+    /// statement from the run rows. It reads every run counted: with an
+    /// agent through the `(tenant, agent, id)` index, without one all the
+    /// tenant's runs. Meant for reports and dashboards, not a hot path.
+    fn usage(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        since: Option<Millis>,
+    ) -> impl Future<Output = Result<UsageTotals>> + Send;
+
+    /// [`Store::usage`] of each agent of `tenant` with runs created at or
+    /// after `since`, by agent name, in one statement (a `GROUP BY` over
+    /// all the tenant's runs: as dear as the tenant-wide [`Store::usage`]).
+    fn usage_by_agent(
+        &self,
+        tenant: &str,
+        since: Option<Millis>,
+    ) -> impl Future<Output = Result<Vec<AgentUsage>>> + Send;
 
     /// Takes `cost` units of the rate limit `key` at `now`, if the limit
     /// allows it now, or at a time within `max_wait` (then the capacity is

@@ -568,11 +568,13 @@ async fn fence(conn: &mut PgConnection, wave: &[&mut AppendCall]) -> Result<Hash
 /// until it commits; then the seq it wrote is the one compared.
 const UPDATE_RUNS: &str = "UPDATE runs SET status = v.status, outcome = v.outcome, \
          steps = v.steps, output = v.output, error = v.error, input_tokens = v.input_tokens, \
-         output_tokens = v.output_tokens, last_seq = v.last_seq, updated_at = v.now \
+         output_tokens = v.output_tokens, cost_usd = v.cost_usd, last_seq = v.last_seq, \
+         updated_at = v.now \
      FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], \
-         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::uuid[], $12::text[]) \
+         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::uuid[], $12::text[], \
+         $13::float8[]) \
          AS v (run, expected, last_seq, status, steps, output, error, input_tokens, \
-             output_tokens, now, redrive, outcome) \
+             output_tokens, now, redrive, outcome, cost_usd) \
      WHERE runs.id = v.run AND runs.last_seq = v.expected \
        AND (v.redrive IS NULL OR EXISTS (SELECT 1 FROM dead_letters \
              WHERE dead_letters.id = v.redrive AND dead_letters.run_id = runs.id)) \
@@ -638,6 +640,12 @@ async fn update_runs(conn: &mut PgConnection, calls: &[&mut AppendCall]) -> Resu
                     let status = r.projection.status;
                     status.is_terminal().then(|| status.as_str())
                 })
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.projection.cost_usd)
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&mut *conn)

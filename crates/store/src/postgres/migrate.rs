@@ -58,6 +58,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "priority",
         sql: include_str!("migrations/0006_priority.sql"),
     },
+    Migration {
+        version: 7,
+        name: "cost",
+        sql: include_str!("migrations/0007_cost.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

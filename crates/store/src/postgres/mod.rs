@@ -106,9 +106,9 @@ use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas, Error,
-    ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result, RunFilter,
-    RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    AgentRecord, AgentUsage, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas,
+    Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result,
+    RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -378,6 +378,7 @@ struct RunRow {
     error: Option<String>,
     input_tokens: i64,
     output_tokens: i64,
+    cost_usd: f64,
     last_seq: Seq,
     created_at: Millis,
     updated_at: Millis,
@@ -410,6 +411,7 @@ impl RunRow {
                     input_tokens: stored_tokens(self.input_tokens, "input tokens")?,
                     output_tokens: stored_tokens(self.output_tokens, "output tokens")?,
                 },
+                cost_usd: self.cost_usd,
             },
             last_seq: self.last_seq,
             created_at: self.created_at,
@@ -462,30 +464,30 @@ const LIST_AGENTS: &str = "SELECT tenant, spec::text AS spec, created_at FROM ag
      WHERE tenant = $1 ORDER BY name COLLATE \"C\", id";
 
 const GET_RUN: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority \
+     output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority \
      FROM runs WHERE id = $1";
 const LIST_RUNS: &str = "SELECT id, tenant, agent, version, status, steps, input::text AS input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority \
+     output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority \
      FROM runs \
      WHERE tenant = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_OUTCOME: &str = "SELECT id, tenant, agent, version, status, steps, \
-     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     input::text AS input, output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, \
      updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome = $4 ORDER BY id DESC LIMIT $3";
 const LIST_UNFINISHED_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, \
-     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     input::text AS input, output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, \
      updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome IS NULL AND status = $4 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
-     input::text AS input, output, error, input_tokens, output_tokens, last_seq, created_at, \
+     input::text AS input, output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, \
      updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND agent = $4 ORDER BY id DESC LIMIT $3";
 const LIST_RUNS_BY_OUTCOME_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, \
-     steps, input::text AS input, output, error, input_tokens, output_tokens, last_seq, \
+     steps, input::text AS input, output, error, input_tokens, output_tokens, cost_usd, last_seq, \
      created_at, updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome = $4 AND agent = $5 ORDER BY id DESC LIMIT $3";
 const LIST_UNFINISHED_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, \
-     status, steps, input::text AS input, output, error, input_tokens, output_tokens, last_seq, \
+     status, steps, input::text AS input, output, error, input_tokens, output_tokens, cost_usd, last_seq, \
      created_at, updated_at, priority FROM runs \
      WHERE tenant = $1 AND id < $2 AND outcome IS NULL AND status = $4 AND agent = $5 \
      ORDER BY id DESC LIMIT $3";
@@ -505,6 +507,34 @@ const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > $1"
 const PENDING_RUNS: &str = "SELECT count(*) FROM runs WHERE tenant = $1 AND outcome IS NULL";
 const PENDING_RUNS_OF_AGENT: &str =
     "SELECT count(*) FROM runs WHERE tenant = $1 AND agent = $2 AND outcome IS NULL";
+
+/// Sums of run rows ([`Store::usage`]). `sum` of `bigint` is `numeric`,
+/// cast back (an error past 2^63 tokens); all are NULL over no rows.
+const USAGE: &str = "SELECT count(*), COALESCE(sum(input_tokens), 0)::bigint, \
+     COALESCE(sum(output_tokens), 0)::bigint, COALESCE(sum(cost_usd), 0)::float8 \
+     FROM runs WHERE tenant = $1 AND created_at >= $2";
+/// As [`USAGE`], of one agent (through `runs_by_agent`).
+const USAGE_OF_AGENT: &str = "SELECT count(*), COALESCE(sum(input_tokens), 0)::bigint, \
+     COALESCE(sum(output_tokens), 0)::bigint, COALESCE(sum(cost_usd), 0)::float8 \
+     FROM runs WHERE tenant = $1 AND agent = $3 AND created_at >= $2";
+/// As [`USAGE`], per agent.
+const USAGE_BY_AGENT: &str = "SELECT agent, count(*), COALESCE(sum(input_tokens), 0)::bigint, \
+     COALESCE(sum(output_tokens), 0)::bigint, COALESCE(sum(cost_usd), 0)::float8 \
+     FROM runs WHERE tenant = $1 AND created_at >= $2 \
+     GROUP BY agent ORDER BY agent COLLATE \"C\"";
+
+/// A row of sums: runs, input tokens, output tokens, cost.
+fn usage_totals((runs, input, output, cost_usd): (i64, i64, i64, f64)) -> Result<UsageTotals> {
+    let count = |value: i64, what: &str| {
+        u64::try_from(value).map_err(|_| Error::Corrupt(format!("{what} sum to {value}")))
+    };
+    Ok(UsageTotals {
+        runs: count(runs, "runs")?,
+        input_tokens: count(input, "input tokens")?,
+        output_tokens: count(output, "output tokens")?,
+        cost_usd,
+    })
+}
 
 impl Store for PgStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
@@ -820,6 +850,41 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<bool> {
         export::lease(&self.reads, name, owner, until, now).await
+    }
+
+    async fn usage(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        since: Option<Millis>,
+    ) -> Result<UsageTotals> {
+        let query = sqlx::query_as(match agent {
+            Some(_) => USAGE_OF_AGENT,
+            None => USAGE,
+        })
+        .bind(tenant)
+        .bind(since.unwrap_or(Millis::MIN));
+        let query = match agent {
+            Some(agent) => query.bind(agent),
+            None => query,
+        };
+        let row = query.fetch_one(&self.reads).await.map_err(backend)?;
+        usage_totals(row)
+    }
+
+    async fn usage_by_agent(&self, tenant: &str, since: Option<Millis>) -> Result<Vec<AgentUsage>> {
+        let rows: Vec<(String, i64, i64, i64, f64)> = sqlx::query_as(USAGE_BY_AGENT)
+            .bind(tenant)
+            .bind(since.unwrap_or(Millis::MIN))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(backend)?;
+        let mut agents = Vec::with_capacity(rows.len());
+        for (agent, runs, input, output, cost_usd) in rows {
+            let totals = usage_totals((runs, input, output, cost_usd))?;
+            agents.push(AgentUsage { agent, totals });
+        }
+        Ok(agents)
     }
 
     async fn pending_runs(&self, tenant: &str, agent: Option<&str>) -> Result<u64> {

@@ -173,6 +173,7 @@ fn append(run_id: RunId, expected_seq: Seq, event: Event) -> Append {
             output: None,
             error: None,
             usage: Default::default(),
+            cost_usd: 0.0,
         },
         now: T0 + 1,
     }
@@ -476,6 +477,9 @@ async fn appends_update_run_rows_in_place() -> Result<()> {
         } else {
             Status::AwaitingTool
         };
+        // The tokens and cost grow with every step; no index holds them.
+        next.projection.usage.input_tokens = 10 * seq as u64;
+        next.projection.cost_usd = 0.001 * seq as f64;
         store.append(next).await?;
     }
     // The writer's session reports its statistics when it ends.
@@ -529,6 +533,42 @@ async fn pending_runs_are_counted_from_their_index() -> Result<()> {
             "{sql}: {plan:#?}"
         );
     }
+    Ok(())
+}
+
+/// An agent's usage reads its runs through `runs_by_agent`, not every run
+/// of the tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_usage_reads_the_agent_index() -> Result<()> {
+    let Some((_store, db)) = open().await? else {
+        return Ok(());
+    };
+    let mut conn = raw(&db).await;
+    // Mostly finished runs of many agents, as a busy tenant has, and their
+    // statistics (on an empty table any index looks as good).
+    for sql in [
+        "INSERT INTO runs (id, tenant, agent, version, status, outcome, steps, input, \
+             input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at) \
+         SELECT md5(i::text)::uuid, 't', 'agent-' || (i % 50), '1', 'COMPLETED', 'COMPLETED', \
+             1, '\"hi\"', 10, 20, 0.01, 3, i, i \
+         FROM generate_series(1, 5000) AS i",
+        "ANALYZE runs",
+        "SET enable_seqscan = off",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.expect(sql);
+    }
+    let plan: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", super::USAGE_OF_AGENT)))
+            .bind("t")
+            .bind(0_i64)
+            .bind("agent-7")
+            .fetch_all(&mut conn)
+            .await
+            .expect("plan");
+    assert!(
+        plan.iter().any(|line| line.contains("runs_by_agent")),
+        "{plan:#?}"
+    );
     Ok(())
 }
 

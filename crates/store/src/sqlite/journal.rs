@@ -477,6 +477,7 @@ impl BulkRow for RunUpdate<'_> {
             .bind(p.error.as_deref())
             .bind(tokens(p.usage.input_tokens))
             .bind(tokens(p.usage.output_tokens))
+            .bind(p.cost_usd)
             .bind(r.now)
             .bind(r.lease.map(|l| l.task_id.to_string()))
             .bind(r.lease.map(|l| l.token))
@@ -490,12 +491,12 @@ impl BulkRow for RunUpdate<'_> {
 /// whether export is on ([`exporting`]).
 static UPDATE_RUNS: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
-        13,
+        14,
         "WITH v (run, expected, last_seq, status, steps, output, error, input_tokens, \
-             output_tokens, now, lease, token, redrive) AS (VALUES {values}) \
+             output_tokens, cost_usd, now, lease, token, redrive) AS (VALUES {values}) \
          UPDATE runs SET status = v.status, steps = v.steps, output = v.output, \
              error = v.error, input_tokens = v.input_tokens, output_tokens = v.output_tokens, \
-             last_seq = v.last_seq, updated_at = v.now \
+             cost_usd = v.cost_usd, last_seq = v.last_seq, updated_at = v.now \
          FROM v \
          WHERE runs.id = v.run AND runs.last_seq = v.expected \
            AND (v.lease IS NULL OR EXISTS (SELECT 1 FROM tasks \

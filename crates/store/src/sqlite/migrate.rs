@@ -45,6 +45,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "priority",
         sql: include_str!("migrations/0004_priority.sql"),
     },
+    Migration {
+        version: 5,
+        name: "cost",
+        sql: include_str!("migrations/0005_cost.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

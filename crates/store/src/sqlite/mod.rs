@@ -56,9 +56,9 @@ use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas, Error,
-    ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result, RunFilter,
-    RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    AgentRecord, AgentUsage, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas,
+    Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result,
+    RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -247,6 +247,7 @@ struct RunRow {
     error: Option<String>,
     input_tokens: u64,
     output_tokens: u64,
+    cost_usd: f64,
     last_seq: Seq,
     created_at: Millis,
     updated_at: Millis,
@@ -279,6 +280,7 @@ impl RunRow {
                     input_tokens: self.input_tokens,
                     output_tokens: self.output_tokens,
                 },
+                cost_usd: self.cost_usd,
             },
             last_seq: self.last_seq,
             created_at: self.created_at,
@@ -331,20 +333,20 @@ const LIST_AGENTS: &str =
     "SELECT tenant, spec, created_at FROM agents WHERE tenant = ?1 ORDER BY name, id";
 
 const GET_RUN: &str = "SELECT id, tenant, agent, version, status, steps, input, output, error, \
-     input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs WHERE id = ?1";
+     input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority FROM runs WHERE id = ?1";
 /// Sorts after every hyphenated UUID: the `before` cursor of a first page.
 const AFTER_EVERY_ID: &str = "~";
 const LIST_RUNS: &str = "SELECT id, tenant, agent, version, status, steps, input, output, error, \
-     input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs \
+     input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority FROM runs \
      WHERE tenant = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3";
 const LIST_RUNS_BY_STATUS: &str = "SELECT id, tenant, agent, version, status, steps, input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs \
+     output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority FROM runs \
      WHERE tenant = ?1 AND id < ?2 AND status = ?4 ORDER BY id DESC LIMIT ?3";
 const LIST_RUNS_BY_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, input, \
-     output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority FROM runs \
+     output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority FROM runs \
      WHERE tenant = ?1 AND id < ?2 AND agent = ?4 ORDER BY id DESC LIMIT ?3";
 const LIST_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent, version, status, steps, \
-     input, output, error, input_tokens, output_tokens, last_seq, created_at, updated_at, priority \
+     input, output, error, input_tokens, output_tokens, cost_usd, last_seq, created_at, updated_at, priority \
      FROM runs WHERE tenant = ?1 AND id < ?2 AND status = ?4 AND agent = ?5 \
      ORDER BY id DESC LIMIT ?3";
 
@@ -364,6 +366,34 @@ const PENDING_RUNS: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 \
      AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
 const PENDING_RUNS_OF_AGENT: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 AND agent = ?2 \
      AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL')";
+
+/// Sums of run rows ([`Store::usage`]). `TOTAL` is a float even over no
+/// rows; `SUM` of integers is an integer (an error on overflow), NULL over
+/// no rows.
+const USAGE: &str = "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), \
+     COALESCE(SUM(output_tokens), 0), TOTAL(cost_usd) \
+     FROM runs WHERE tenant = ?1 AND created_at >= ?2";
+/// As [`USAGE`], of one agent (through `runs_by_agent`).
+const USAGE_OF_AGENT: &str = "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), \
+     COALESCE(SUM(output_tokens), 0), TOTAL(cost_usd) \
+     FROM runs WHERE tenant = ?1 AND agent = ?3 AND created_at >= ?2";
+/// As [`USAGE`], per agent.
+const USAGE_BY_AGENT: &str = "SELECT agent, COUNT(*), COALESCE(SUM(input_tokens), 0), \
+     COALESCE(SUM(output_tokens), 0), TOTAL(cost_usd) \
+     FROM runs WHERE tenant = ?1 AND created_at >= ?2 GROUP BY agent ORDER BY agent";
+
+/// A row of sums: runs, input tokens, output tokens, cost.
+fn usage_totals((runs, input, output, cost_usd): (i64, i64, i64, f64)) -> Result<UsageTotals> {
+    let count = |value: i64, what: &str| {
+        u64::try_from(value).map_err(|_| Error::Corrupt(format!("{what} sum to {value}")))
+    };
+    Ok(UsageTotals {
+        runs: count(runs, "runs")?,
+        input_tokens: count(input, "input tokens")?,
+        output_tokens: count(output, "output tokens")?,
+        cost_usd,
+    })
+}
 
 impl Store for SqliteStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
@@ -706,6 +736,41 @@ impl Store for SqliteStore {
         };
         self.write(|reply| Op::RelayLease(Call::new(request, reply)))
             .await
+    }
+
+    async fn usage(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        since: Option<Millis>,
+    ) -> Result<UsageTotals> {
+        let query = sqlx::query_as(match agent {
+            Some(_) => USAGE_OF_AGENT,
+            None => USAGE,
+        })
+        .bind(tenant)
+        .bind(since.unwrap_or(Millis::MIN));
+        let query = match agent {
+            Some(agent) => query.bind(agent),
+            None => query,
+        };
+        let row = query.fetch_one(&self.reads).await.map_err(backend)?;
+        usage_totals(row)
+    }
+
+    async fn usage_by_agent(&self, tenant: &str, since: Option<Millis>) -> Result<Vec<AgentUsage>> {
+        let rows: Vec<(String, i64, i64, i64, f64)> = sqlx::query_as(USAGE_BY_AGENT)
+            .bind(tenant)
+            .bind(since.unwrap_or(Millis::MIN))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(backend)?;
+        let mut agents = Vec::with_capacity(rows.len());
+        for (agent, runs, input, output, cost_usd) in rows {
+            let totals = usage_totals((runs, input, output, cost_usd))?;
+            agents.push(AgentUsage { agent, totals });
+        }
+        Ok(agents)
     }
 
     async fn pending_runs(&self, tenant: &str, agent: Option<&str>) -> Result<u64> {
