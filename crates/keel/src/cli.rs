@@ -85,6 +85,17 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Tokens and cost of the runs on a server: per agent, or of one agent.
+    Usage {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only runs created at or after this time (epoch milliseconds).
+        #[arg(long)]
+        since: Option<i64>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// List dead-lettered tasks, or put one back in the queue.
     Dlq {
         #[command(subcommand)]
@@ -318,6 +329,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             limit,
             server,
         } => runs(&Client::new(&server.server), status, agent, limit)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Usage {
+            agent,
+            since,
+            server,
+        } => usage(&Client::new(&server.server), agent.as_deref(), since)
             .await
             .map(|_| ExitCode::SUCCESS),
         Command::Dlq { action, server } => dlq(&Client::new(&server.server), action)
@@ -734,6 +752,48 @@ async fn runs(
             run["step_count"],
             run["error"].as_str().unwrap_or(""),
         );
+    }
+    Ok(())
+}
+
+async fn usage(client: &Client, agent: Option<&str>, since: Option<i64>) -> anyhow::Result<()> {
+    let since = since.map(|ms| format!("?since={ms}")).unwrap_or_default();
+    let body = match agent {
+        Some(name) => {
+            // Agent names are URL-safe; anything else names no agent.
+            let plain = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if name.is_empty() || !plain {
+                bail!("`{name}` is not an agent name (letters, digits, `_`, `-` or `.`)");
+            }
+            client
+                .get(&format!("/v1/agents/{name}/usage{since}"))
+                .await?
+        }
+        None => client.get(&format!("/v1/usage{since}")).await?,
+    };
+    let line = |name: &str, totals: &Value| {
+        println!(
+            "{name:<24} {:>8} {:>14} {:>14} {:>12.4}",
+            totals["runs"],
+            totals["input_tokens"],
+            totals["output_tokens"],
+            totals["cost_usd"].as_f64().unwrap_or(0.0),
+        );
+    };
+    println!(
+        "{:<24} {:>8} {:>14} {:>14} {:>12}",
+        "AGENT", "RUNS", "TOKENS IN", "TOKENS OUT", "COST (USD)"
+    );
+    match agent {
+        Some(name) => line(name, &body),
+        None => {
+            for entry in body["agents"].as_array().cloned().unwrap_or_default() {
+                line(entry["agent"].as_str().unwrap_or("?"), &entry);
+            }
+            line("total", &body);
+        }
     }
     Ok(())
 }

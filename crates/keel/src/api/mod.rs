@@ -1,5 +1,5 @@
-//! The HTTP API (JSON): runs, their event streams (SSE), agents, the
-//! dead-letter queue, health. Handlers parse and answer; what they do to runs
+//! The HTTP API (JSON): runs, their event streams (SSE), agents, usage
+//! and cost, the dead-letter queue, health. Handlers parse and answer; what they do to runs
 //! lives in [`crate::service`].
 
 mod error;
@@ -23,7 +23,7 @@ use futures_util::{Stream, StreamExt};
 use keel_core::ids::DEFAULT_TENANT;
 use keel_core::run::Status;
 use keel_core::{Agent, RunId, TaskId};
-use keel_store::{Registered, RunFilter, RunRecord, Store};
+use keel_store::{Registered, RunFilter, RunRecord, Store, UsageTotals};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -43,6 +43,8 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/v1/runs/{id}/cancel", post(cancel::<S>))
         .route("/v1/agents", post(put_agent::<S>).get(list_agents::<S>))
         .route("/v1/agents/{name}", get(get_agent::<S>))
+        .route("/v1/agents/{name}/usage", get(agent_usage::<S>))
+        .route("/v1/usage", get(usage::<S>))
         .route("/v1/providers", get(providers::<S>))
         .route("/v1/dlq", get(list_dlq::<S>))
         .route("/v1/dlq/{id}/retry", post(retry_dlq::<S>))
@@ -230,6 +232,7 @@ fn summary(run: &RunRecord) -> Value {
         "output": run.projection.output,
         "error": run.projection.error,
         "usage": run.projection.usage,
+        "cost_usd": run.projection.cost_usd,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
     })
@@ -455,6 +458,88 @@ async fn get_agent<S: Store>(
     let mut body = agent_summary(&record);
     body["spec"] = json!(record.spec);
     Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    /// Only runs created at or after this time (epoch milliseconds).
+    since: Option<i64>,
+}
+
+fn usage_query(
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<UsageQuery, Error> {
+    let Query(q) = query.map_err(|e| {
+        Error::BadRequest(format!(
+            "bad query string: {e} (`since` is a time in epoch milliseconds)"
+        ))
+    })?;
+    Ok(q)
+}
+
+/// Usage totals as JSON fields.
+fn totals_json(totals: &UsageTotals) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("runs".into(), json!(totals.runs));
+    fields.insert("input_tokens".into(), json!(totals.input_tokens));
+    fields.insert("output_tokens".into(), json!(totals.output_tokens));
+    fields.insert("cost_usd".into(), json!(totals.cost_usd));
+    fields
+}
+
+/// Tokens and cost of an agent's runs (every version), each as of its last
+/// step: `{"agent", "runs", "input_tokens", "output_tokens", "cost_usd"}`.
+async fn agent_usage<S: Store>(
+    State(svc): Api<S>,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Error> {
+    let name = segment(name)?;
+    let q = usage_query(query)?;
+    if svc
+        .store
+        .get_agent(DEFAULT_TENANT, &name, None)
+        .await?
+        .is_none()
+    {
+        return Err(Error::NotFound(format!("agent `{name}` not found")));
+    }
+    let totals = svc
+        .store
+        .usage(DEFAULT_TENANT, Some(&name), q.since)
+        .await?;
+    let mut body = serde_json::Map::new();
+    body.insert("agent".into(), json!(name));
+    body.extend(totals_json(&totals));
+    Ok(Json(Value::Object(body)))
+}
+
+/// Tokens and cost of every run, in all and per agent (one grouped read of
+/// the run rows): `{"runs", "input_tokens", "output_tokens", "cost_usd",
+/// "agents": [{"agent", ...}]}`.
+async fn usage<S: Store>(
+    State(svc): Api<S>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Error> {
+    let q = usage_query(query)?;
+    let agents = svc.store.usage_by_agent(DEFAULT_TENANT, q.since).await?;
+    let mut all = UsageTotals::default();
+    let mut per_agent = Vec::with_capacity(agents.len());
+    for usage in &agents {
+        let t = &usage.totals;
+        all.runs += t.runs;
+        all.input_tokens = all.input_tokens.saturating_add(t.input_tokens);
+        all.output_tokens = all.output_tokens.saturating_add(t.output_tokens);
+        all.cost_usd += t.cost_usd;
+        let mut entry = serde_json::Map::new();
+        entry.insert("agent".into(), json!(usage.agent));
+        entry.extend(totals_json(t));
+        per_agent.push(Value::Object(entry));
+    }
+    let mut body = totals_json(&all);
+    body.insert("agents".into(), Value::Array(per_agent));
+    Ok(Json(Value::Object(body)))
 }
 
 /// The configured LLM providers (endpoints, key sources, limits, prices,

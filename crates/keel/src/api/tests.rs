@@ -69,6 +69,8 @@ proptest! {
                 ("GET", format!("/v1/runs/{segment}")),
                 ("GET", format!("/v1/agents/{segment}")),
                 ("GET", format!("/v1/runs?status={segment}&limit={segment}")),
+                ("GET", format!("/v1/agents/{segment}/usage")),
+                ("GET", format!("/v1/usage?since=x{segment}")),
             ];
             for (method, uri) in targets {
                 let (status, json) = call(&app, method, &uri, body.clone()).await;
@@ -149,5 +151,31 @@ async fn refusals_name_what_is_wrong() {
         (status, json["status"].as_str()),
         (StatusCode::OK, Some("ok"))
     );
+    remove(&path);
+}
+
+#[tokio::test]
+async fn usage_of_nothing_and_of_unknown_agents() {
+    let (app, path) = app().await;
+    let (status, json) = call(&app, "GET", "/v1/usage", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "runs": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "agents": []
+        })
+    );
+    let (status, json) = call(&app, "GET", "/v1/agents/ghost/usage", Vec::new()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+    assert_eq!(
+        json["error"]["message"].as_str(),
+        Some("agent `ghost` not found")
+    );
+    for uri in ["/v1/usage?since=yesterday", "/v1/usage?until=1"] {
+        let (status, json) = call(&app, "GET", uri, Vec::new()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+        let message = json["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("since"), "{uri}: {json}");
+    }
     remove(&path);
 }

@@ -1,6 +1,7 @@
 //! The LLM gateway with real `keel serve` processes: shared rate limits on
 //! PostgreSQL against a mock provider that answers 429 above its limit,
-//! circuit breakers with a fallback model, and cost budgets.
+//! circuit breakers with a fallback model, cost budgets, and usage and
+//! cost per agent.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -274,6 +275,121 @@ async fn a_run_stops_at_its_cost_budget() {
         mock.counters.tool_requests.load(Ordering::Relaxed) as usize,
         before.len()
     );
+}
+
+/// Priced runs of two agents: `GET /v1/agents/{name}/usage` sums each
+/// agent's runs (tokens and cost, as their run views show them),
+/// `GET /v1/usage` both and their total, `?since` filters by creation time,
+/// and `keel usage` prints the same.
+#[tokio::test]
+async fn usage_sums_the_runs_of_each_agent() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:2\": {price: {input: 3, output: 15}}\n      \"tools:1\": {price: {input: 2.5, output: 10}}\n",
+    );
+    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("alpha", &mock, "tools:2", "echo", ""),
+    )
+    .await;
+    register(
+        &http,
+        &server,
+        &agent_yaml("beta", &mock, "tools:1", "echo", ""),
+    )
+    .await;
+    let before = keel_engine::now();
+    let mut ids = submit_many(&http, &server, "alpha", 3).await;
+    ids.push(submit(&http, &server, "beta", "job 0").await);
+
+    // Each agent's sums, from the run views.
+    let mut expected: std::collections::BTreeMap<String, (u64, u64, u64, f64)> = Default::default();
+    for id in &ids {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+        let cost = run["cost_usd"].as_f64().expect("run cost");
+        assert!(cost > 0.0, "{run}");
+        let sums = expected
+            .entry(run["agent"].as_str().expect("agent").to_string())
+            .or_default();
+        sums.0 += 1;
+        sums.1 += run["usage"]["input_tokens"].as_u64().expect("input tokens");
+        sums.2 += run["usage"]["output_tokens"]
+            .as_u64()
+            .expect("output tokens");
+        sums.3 += cost;
+    }
+    let check = |body: &Value, (runs, input, output, cost): (u64, u64, u64, f64)| {
+        assert_eq!(body["runs"], runs, "{body}");
+        assert_eq!(body["input_tokens"], input, "{body}");
+        assert_eq!(body["output_tokens"], output, "{body}");
+        let stored = body["cost_usd"].as_f64().expect("cost_usd");
+        assert!((stored - cost).abs() < 1e-9, "{stored} vs {cost}: {body}");
+    };
+    assert_eq!(expected.len(), 2);
+    for (agent, sums) in &expected {
+        let body = get_json(&http, &server.url(&format!("/v1/agents/{agent}/usage"))).await;
+        assert_eq!(body["agent"], agent.as_str(), "{body}");
+        check(&body, *sums);
+        // The list shows each run's cost too.
+        let list = get_json(&http, &server.url(&format!("/v1/runs?agent={agent}"))).await;
+        let listed: f64 = list["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .map(|r| r["cost_usd"].as_f64().expect("listed cost"))
+            .sum();
+        assert!((listed - sums.3).abs() < 1e-9, "{list}");
+    }
+
+    let all = get_json(&http, &server.url("/v1/usage")).await;
+    let total = expected.values().fold((0, 0, 0, 0.0), |t, s| {
+        (t.0 + s.0, t.1 + s.1, t.2 + s.2, t.3 + s.3)
+    });
+    check(&all, total);
+    let agents = all["agents"].as_array().expect("agents");
+    assert_eq!(agents.len(), 2, "{all}");
+    for entry in agents {
+        let agent = entry["agent"].as_str().expect("agent");
+        check(entry, expected[agent]);
+    }
+
+    // `since`: runs created at or after it.
+    let since = get_json(&http, &server.url(&format!("/v1/usage?since={before}"))).await;
+    check(&since, total);
+    let later = keel_engine::now() + 60_000;
+    let none = get_json(
+        &http,
+        &server.url(&format!("/v1/agents/alpha/usage?since={later}")),
+    )
+    .await;
+    check(&none, (0, 0, 0, 0.0));
+    let r = http
+        .get(server.url("/v1/agents/gamma/usage"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+
+    let (ok, out, err) = keel(&["usage", "--server", &server.url]);
+    assert!(ok, "{err}");
+    for line in ["alpha", "beta", "total"] {
+        assert!(out.lines().any(|l| l.starts_with(line)), "{out}");
+    }
+    let (ok, out, err) = keel(&["usage", "--agent", "beta", "--server", &server.url]);
+    assert!(ok, "{err}");
+    let beta = out
+        .lines()
+        .find(|l| l.starts_with("beta"))
+        .expect("beta's line");
+    assert!(beta.split_whitespace().nth(1) == Some("1"), "{out}");
+    let (ok, _, err) = keel(&["usage", "--agent", "gamma", "--server", &server.url]);
+    assert!(!ok && err.contains("not found"), "{err}");
 }
 
 /// An agent that names only its provider and model gets the endpoint and
