@@ -28,6 +28,13 @@
 //! tenant's unfinished runs for backpressure, from an index of those runs
 //! only.
 //!
+//! # Usage and cost
+//!
+//! Each append writes the run row's [`Projection`], with the run's tokens
+//! and `cost_usd` so far. [`Store::usage`] and [`Store::usage_by_agent`]
+//! sum them over a tenant's or an agent's runs in one statement, when
+//! asked: reads for reports, nothing kept up to date on the write path.
+//!
 //! # Rate limits
 //!
 //! [`Store::take_capacity`], [`Store::adjust_capacity`] and
