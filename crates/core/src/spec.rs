@@ -78,17 +78,54 @@ pub struct Spec {
     pub retry: RetryPolicy,
 }
 
-/// Which wire protocol reaches the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Which wire protocol reaches the model, or which configured provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Provider {
     /// Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp).
-    #[serde(alias = "openai_compatible")]
     Openai,
     /// The Anthropic Messages API (`POST {base_url}/messages`).
     Anthropic,
     /// Replays `model.script` deterministically: for offline demos and tests only.
     Scripted,
+    /// A provider of the server configuration (`providers.<name>`), which
+    /// gives its protocol, endpoint and key.
+    Named(String),
+}
+
+impl Provider {
+    /// The name a spec writes (`openai`, `anthropic`, `scripted`, or the
+    /// configured provider's).
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Scripted => "scripted",
+            Provider::Named(name) => name,
+        }
+    }
+
+    /// The provider a spec's `model.provider` names.
+    pub fn from_name(name: &str) -> Provider {
+        match name {
+            "openai" | "openai_compatible" => Provider::Openai,
+            "anthropic" => Provider::Anthropic,
+            "scripted" => Provider::Scripted,
+            other => Provider::Named(other.to_string()),
+        }
+    }
+}
+
+impl Serialize for Provider {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Provider {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Ok(Provider::from_name(&name))
+    }
 }
 
 /// `model:` section of a spec.
@@ -783,12 +820,21 @@ fn check_model(m: &ModelSpec, at: &str, err: &mut impl FnMut(String, String)) {
     if m.idle_timeout.is_some_and(|t| t.is_zero()) {
         err(format!("{at}.idle_timeout"), "must be positive".into());
     }
-    match m.provider {
+    match &m.provider {
         Provider::Scripted => {
             if m.script.is_empty() {
                 err(
                     format!("{at}.script"),
                     "a scripted model needs at least one turn".into(),
+                );
+            }
+        }
+        Provider::Named(name) => {
+            check_name(name, &format!("{at}.provider"), err);
+            if !m.script.is_empty() {
+                err(
+                    format!("{at}.script"),
+                    "only the scripted provider takes a script".into(),
                 );
             }
         }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use keel_core::breaker::{Breaker, Permit, View};
-use keel_core::config::{Config, KeySource};
+use keel_core::config::{Config, KeySource, Kind};
 use keel_core::message::Usage;
 use keel_core::run::State;
 use keel_core::spec::{ModelSpec, Provider};
@@ -116,6 +116,9 @@ pub struct Ticket<'a> {
     /// The model to call, with the endpoint and key source the
     /// configuration gives its provider where the spec names none.
     pub model: Cow<'a, ModelSpec>,
+    /// The provider's name in the spec and the configuration (a configured
+    /// provider's model is called with its protocol as `model.provider`).
+    pub provider: String,
     /// 0 for the spec's own model, i for `model.fallbacks[i - 1]`.
     pub choice: usize,
     /// When the capacity reserved for the call is there.
@@ -177,15 +180,6 @@ enum Taken {
     Later(Millis),
 }
 
-/// The name a provider has in the configuration and the buckets' keys.
-pub fn provider_name(provider: Provider) -> &'static str {
-    match provider {
-        Provider::Openai => "openai",
-        Provider::Anthropic => "anthropic",
-        Provider::Scripted => "scripted",
-    }
-}
-
 impl<S: Store> Gateway<S> {
     /// A gateway on `store` with the limits and breakers of `config`.
     pub fn new(store: S, config: Arc<Config>, breakers: Breakers) -> Self {
@@ -209,16 +203,19 @@ impl<S: Store> Gateway<S> {
         let chain = std::iter::once(primary).chain(primary.fallbacks.iter());
         let mut reopens: Option<Millis> = None;
         for (choice, model) in chain.enumerate() {
+            // Limits, prices and the breaker are the configured provider's,
+            // by the name the spec gives it.
+            let provider = model.provider.name().to_string();
             let model = resolve(&self.config, model);
-            let endpoint = endpoint(&model);
-            let permit = match self.admit_breaker(&model, &endpoint, now) {
+            let endpoint = endpoint(&provider, &model);
+            let permit = match self.admit_breaker(&provider, &endpoint, now) {
                 Ok(permit) => permit,
                 Err(retry_at) => {
                     reopens = Some(reopens.map_or(retry_at, |r| r.min(retry_at)));
                     continue;
                 }
             };
-            let taken = match self.take(agent, &model, state, now).await {
+            let taken = match self.take(agent, &provider, &model, state, now).await {
                 Ok(taken) => taken,
                 Err(e) => {
                     self.release(&endpoint, permit);
@@ -232,6 +229,7 @@ impl<S: Store> Gateway<S> {
                     at,
                 } => Admission::Go(Box::new(Ticket {
                     model,
+                    provider,
                     choice,
                     wait_until: at,
                     endpoint,
@@ -242,8 +240,7 @@ impl<S: Store> Gateway<S> {
                 Taken::Later(until) => {
                     self.release(&endpoint, permit);
                     let reason = format!(
-                        "rate limit of {}/{}: no capacity before {until}",
-                        provider_name(model.provider),
+                        "rate limit of {provider}/{}: no capacity before {until}",
                         model.model
                     );
                     Admission::Later { until, reason }
@@ -255,7 +252,7 @@ impl<S: Store> Gateway<S> {
             until,
             reason: format!(
                 "circuit breaker open for {} and every fallback",
-                endpoint(&resolve(&self.config, primary))
+                endpoint(primary.provider.name(), &resolve(&self.config, primary))
             ),
         })
     }
@@ -348,13 +345,13 @@ impl<S: Store> Gateway<S> {
     /// when it refuses, the time it may let calls through.
     fn admit_breaker(
         &self,
-        model: &ModelSpec,
+        provider: &str,
         endpoint: &str,
         now: Millis,
     ) -> Result<Option<Permit>, Millis> {
         let Some(config) = self
             .config
-            .provider(provider_name(model.provider))
+            .provider(provider)
             .and_then(|p| p.breaker.clone())
         else {
             return Ok(None);
@@ -389,11 +386,11 @@ impl<S: Store> Gateway<S> {
     async fn take(
         &self,
         agent: &Agent,
+        provider: &str,
         model: &ModelSpec,
         state: &State,
         now: Millis,
     ) -> Result<Taken, StoreError> {
-        let provider = provider_name(model.provider);
         let Some(limits) = self.config.model(provider, &model.model) else {
             return Ok(Taken::Now {
                 requests: None,
@@ -480,19 +477,28 @@ impl<S: Store> Gateway<S> {
 
 /// The model as called: the spec's, with the base URL and the key source of
 /// the configuration's entry for its provider where the spec names none
-/// (so an agent can name only `provider` and `model`).
+/// (so an agent can name only `provider` and `model`), and a configured
+/// provider's protocol in place of its name. A name the configuration does
+/// not have stays as it is (the call fails, naming it).
 pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> {
-    let Some(provider) = config.provider(provider_name(model.provider)) else {
+    let Some(provider) = config.provider(model.provider.name()) else {
         return Cow::Borrowed(model);
     };
+    let named = matches!(model.provider, Provider::Named(_));
     let fill_url = model.base_url.is_none() && provider.base_url.is_some();
     let fill_key = model.api_key_env.is_none()
         && model.api_key_file.is_none()
         && provider.key_source().is_some();
-    if !fill_url && !fill_key {
+    if !named && !fill_url && !fill_key {
         return Cow::Borrowed(model);
     }
     let mut resolved = model.clone();
+    if named {
+        resolved.provider = match provider.kind {
+            Kind::Openai => Provider::Openai,
+            Kind::Anthropic => Provider::Anthropic,
+        };
+    }
     if fill_url {
         resolved.base_url = provider.base_url.clone();
     }
@@ -506,14 +512,15 @@ pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> 
     Cow::Owned(resolved)
 }
 
-/// Where a model's requests go, as breakers name it.
-fn endpoint(model: &ModelSpec) -> String {
+/// Where a resolved model's requests go, as breakers name it (by the
+/// provider's name in the spec).
+fn endpoint(provider: &str, model: &ModelSpec) -> String {
     let base = model.base_url.as_deref().unwrap_or(match model.provider {
         Provider::Openai => llm::DEFAULT_BASE_URL,
         Provider::Anthropic => llm::ANTHROPIC_BASE_URL,
-        Provider::Scripted => "",
+        Provider::Scripted | Provider::Named(_) => "",
     });
-    format!("{}@{base}", provider_name(model.provider))
+    format!("{provider}@{base}")
 }
 
 /// Input tokens of the next call, roughly: 4 bytes a token over the system
@@ -569,7 +576,10 @@ mod tests {
         assert_eq!(resolved.base_url.as_deref(), Some("http://llm.internal/v1"));
         assert_eq!(resolved.api_key_file.as_deref(), Some("/run/k"));
         assert_eq!(resolved.api_key_env, None);
-        assert_eq!(endpoint(&resolved), "openai@http://llm.internal/v1");
+        assert_eq!(
+            endpoint("openai", &resolved),
+            "openai@http://llm.internal/v1"
+        );
 
         // What the spec says wins.
         let own = model(
@@ -583,7 +593,7 @@ mod tests {
         let other = model(r#"{"provider": "anthropic", "model": "m"}"#);
         assert!(matches!(resolve(&config, &other), Cow::Borrowed(_)));
         assert_eq!(
-            endpoint(&other),
+            endpoint("anthropic", &other),
             format!("anthropic@{}", llm::ANTHROPIC_BASE_URL)
         );
     }

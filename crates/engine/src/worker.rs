@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::agents::Agents;
-use crate::gateway::{self, Admission, Breakers, Gateway};
+use crate::gateway::{Admission, Breakers, Gateway};
 use crate::llm;
 use crate::now;
 use crate::tools::Tools;
@@ -311,10 +311,8 @@ async fn abandon<S: Store>(inner: &Inner<S>, task: &Task, reason: &str) {
 /// What a call of `model` cost, if the configuration prices it
 /// (by the provider and model the spec names, not the snapshot name a
 /// provider answers with).
-fn cost(config: &Config, model: &ModelSpec, usage: Usage) -> Option<f64> {
-    let price = config
-        .model(gateway::provider_name(model.provider), &model.model)?
-        .price?;
+fn cost(config: &Config, provider: &str, model: &ModelSpec, usage: Usage) -> Option<f64> {
+    let price = config.model(provider, &model.model)?.price?;
     Some(price.cost(usage.input_tokens, usage.output_tokens))
 }
 
@@ -432,6 +430,7 @@ async fn llm_step<S: Store>(
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
     let model = ticket.model.as_ref();
+    let provider = ticket.provider.clone();
     let result = if agent.spec.model.stream {
         crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
     } else {
@@ -494,7 +493,7 @@ async fn llm_step<S: Store>(
         agent,
         Command::LlmResponded {
             step: task.step,
-            cost_usd: cost(&inner.options.config, model, response.usage),
+            cost_usd: cost(&inner.options.config, &provider, model, response.usage),
             message: response.message,
             usage: response.usage,
             model: response.model,

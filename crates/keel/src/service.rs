@@ -199,6 +199,12 @@ impl<S: Store> Service<S> {
         }
     }
 
+    /// Refuses a spec whose model (or a fallback) names a provider that is
+    /// neither built in nor in the server configuration.
+    pub fn check_providers(&self, agent: &Agent) -> Result<(), keel_core::spec::Error> {
+        check_providers(&self.providers.config, agent)
+    }
+
     /// This service with the providers' configuration and breakers shown by the API.
     pub fn with_providers(mut self, providers: Providers) -> Self {
         self.providers = providers;
@@ -896,5 +902,41 @@ impl<S: Store> Follow<S> {
                 delta,
             });
         }
+    }
+}
+
+/// Refuses a spec whose model (or a fallback) names a provider that is
+/// neither built in nor in `config`, naming the field.
+pub fn check_providers(
+    config: &keel_core::config::Config,
+    agent: &Agent,
+) -> Result<(), keel_core::spec::Error> {
+    let model = &agent.spec.model;
+    let models = std::iter::once(("model.provider".to_string(), model)).chain(
+        model
+            .fallbacks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("model.fallbacks[{i}].provider"), m)),
+    );
+    let mut errors = Vec::new();
+    for (field, m) in models {
+        if let keel_core::spec::Provider::Named(name) = &m.provider
+            && config.provider(name).is_none()
+        {
+            let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+            errors.push(keel_core::spec::FieldError {
+                field,
+                message: format!(
+                    "`{name}` is not a provider of the server configuration (configured: {}) nor one of openai, anthropic, scripted",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(keel_core::spec::Error::Invalid(errors))
     }
 }

@@ -270,7 +270,7 @@ impl Client {
         state: &State,
         step: u32,
     ) -> Result<Response, Error> {
-        match model.provider {
+        match &model.provider {
             Provider::Openai => {
                 self.call(model, agent, state, step, Wire::Openai, None)
                     .await
@@ -280,6 +280,7 @@ impl Client {
                     .await
             }
             Provider::Scripted => scripted::answer(agent, state, step),
+            Provider::Named(name) => Err(unconfigured(name)),
         }
     }
 
@@ -310,7 +311,8 @@ impl Client {
         mut on_delta: impl FnMut(Delta) + Send,
     ) -> Result<Response, Error> {
         let on_delta: &mut (dyn FnMut(Delta) + Send) = &mut on_delta;
-        match model.provider {
+        match &model.provider {
+            Provider::Named(name) => Err(unconfigured(name)),
             Provider::Openai => {
                 self.call(model, agent, state, step, Wire::Openai, Some(on_delta))
                     .await
@@ -445,6 +447,14 @@ impl Client {
             ))),
         }
     }
+}
+
+/// A model naming a provider the server configuration does not have (the
+/// gateway turns a configured one into its protocol before a call).
+fn unconfigured(name: &str) -> Error {
+    Error::permanent(format!(
+        "model.provider `{name}` is not a provider of the server configuration (keel serve --config) nor one of openai, anthropic, scripted"
+    ))
 }
 
 /// Where a provider's requests go: `{base_url}/{path}`.

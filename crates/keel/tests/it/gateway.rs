@@ -489,3 +489,61 @@ async fn a_token_limit_holds_across_two_worker_processes() {
         "{rate:.0} tokens/s: the limit of {tpm}/s was not used"
     );
 }
+
+/// A provider of the configuration under a name of its own: agents name it
+/// in `model.provider`; its protocol, endpoint, prices apply. A name the
+/// configuration does not have is refused at registration, naming the field.
+#[tokio::test]
+async fn agents_name_a_configured_provider() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        &format!(
+            "providers:\n  local-llm:\n    kind: openai\n    base_url: \"{}\"\n    models:\n      \"tools:1\": {{price: {{input: 1, output: 1}}}}\n",
+            mock.llm_url()
+        ),
+    );
+    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let http = reqwest::Client::new();
+    let spec = |name: &str, provider: &str| {
+        format!(
+            r#"
+name: {name}
+version: 1
+model: {{provider: {provider}, model: "tools:1"}}
+tools:
+  - name: echo
+    description: A test tool.
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "{tool}", method: POST}}
+"#,
+            tool = mock.tool_url("echo"),
+        )
+    };
+    register(&http, &server, &spec("named", "local-llm")).await;
+    let id = submit(&http, &server, "named", "hello").await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert!(run["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{run}");
+
+    let refused = http
+        .post(server.url("/v1/agents"))
+        .body(spec("unknown", "no-such-llm"))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(refused.status(), 422);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(
+        body["error"]["fields"][0]["field"], "model.provider",
+        "{body}"
+    );
+    let message = body["error"]["fields"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("no-such-llm") && message.contains("local-llm"),
+        "{body}"
+    );
+}
