@@ -53,11 +53,13 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .with_state(service)
 }
 
-/// Only `/healthz` and `/readyz`: what a worker-only process serves.
+/// What a worker-only process serves: `/healthz`, `/readyz`, and
+/// `/v1/providers` (its own circuit breakers: each process has its own).
 pub fn health_router<S: Store>(service: Service<S>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
+        .route("/v1/providers", get(providers::<S>))
         .fallback(|| async {
             Error::NotFound("this process runs workers only (--role worker)".into())
         })

@@ -62,11 +62,14 @@ async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, r
         "--config",
         config.as_str(),
     ];
-    let _workers = [
+    let workers = [
         Server::start(&dir.db(), &worker_args).await,
         Server::start(&dir.db(), &worker_args).await,
     ];
     let http = reqwest::Client::new();
+    // A worker process shows its configuration (and its own breakers).
+    let providers = get_json(&http, &workers[0].url("/v1/providers")).await;
+    assert_eq!(providers["providers"][0]["name"], "openai", "{providers}");
     register(&http, &api, &agent_yaml(agent, mock, "tools:0", "echo", "")).await;
     let ids = submit_many(&http, &api, agent, runs).await;
     for id in &ids {
