@@ -24,6 +24,25 @@ fn arg(path: &Path) -> String {
     path.display().to_string()
 }
 
+/// An agent spec with the mock's `echo` tool and the `model` section given
+/// (a YAML mapping), plus `extra` top-level YAML.
+fn echo_agent(name: &str, model: &str, mock: &Mock, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+version: 1
+model: {model}
+tools:
+  - name: echo
+    description: A test tool.
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "{tool}", method: POST}}
+{extra}
+"#,
+        tool = mock.tool_url("echo"),
+    )
+}
+
 /// Submits `n` runs of `agent` (inputs `job <i>`), 16 at a time.
 async fn submit_many(
     http: &reqwest::Client,
@@ -147,27 +166,16 @@ async fn a_failing_provider_opens_its_breaker_and_the_fallback_serves() {
     );
     let server = Server::start(&dir.db(), &["--workers", "8", "--config", &arg(&config)]).await;
     let http = reqwest::Client::new();
-    let yaml = format!(
-        r#"
-name: resilient
-version: 1
-model:
-  provider: openai
-  model: "tools:1"
-  base_url: "{primary}"
-  timeout: 5s
-  fallbacks:
-    - {{provider: openai, model: "tools:1", base_url: "{fallback}"}}
-retry: {{max_attempts: 10, backoff: {{initial: 50ms, max: 200ms}}}}
-tools:
-  - name: echo
-    description: A test tool.
-    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    http: {{url: "{tool}", method: POST}}
-"#,
-        primary = primary.llm_url(),
-        fallback = fallback.llm_url(),
-        tool = fallback.tool_url("echo"),
+    let model = format!(
+        r#"{{provider: openai, model: "tools:1", base_url: "{}", timeout: 5s, fallbacks: [{{provider: openai, model: "tools:1", base_url: "{}"}}]}}"#,
+        primary.llm_url(),
+        fallback.llm_url(),
+    );
+    let yaml = echo_agent(
+        "resilient",
+        &model,
+        &fallback,
+        "retry: {max_attempts: 10, backoff: {initial: 50ms, max: 200ms}}",
     );
     register(&http, &server, &yaml).await;
     let ids = submit_many(&http, &server, "resilient", 6).await;
@@ -413,18 +421,11 @@ async fn an_agent_names_only_its_provider_and_model() {
     );
     let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
     let http = reqwest::Client::new();
-    let yaml = format!(
-        r#"
-name: keyless
-version: 1
-model: {{provider: openai, model: "tools:1"}}
-tools:
-  - name: echo
-    description: A test tool.
-    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    http: {{url: "{tool}", method: POST}}
-"#,
-        tool = mock.tool_url("echo"),
+    let yaml = echo_agent(
+        "keyless",
+        r#"{provider: openai, model: "tools:1"}"#,
+        &mock,
+        "",
     );
     register(&http, &server, &yaml).await;
     let id = submit(&http, &server, "keyless", "hello").await;
@@ -510,18 +511,11 @@ async fn agents_name_a_configured_provider() {
     let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
     let http = reqwest::Client::new();
     let spec = |name: &str, provider: &str| {
-        format!(
-            r#"
-name: {name}
-version: 1
-model: {{provider: {provider}, model: "tools:1"}}
-tools:
-  - name: echo
-    description: A test tool.
-    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    http: {{url: "{tool}", method: POST}}
-"#,
-            tool = mock.tool_url("echo"),
+        echo_agent(
+            name,
+            &format!(r#"{{provider: {provider}, model: "tools:1"}}"#),
+            &mock,
+            "",
         )
     };
     register(&http, &server, &spec("named", "local-llm")).await;

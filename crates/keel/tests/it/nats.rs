@@ -97,6 +97,37 @@ fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
         .map(|v| v.as_str())
 }
 
+/// Registers `agent` (4 tool steps on the mock) and submits 100 runs of it.
+async fn start_exported_runs(
+    http: &reqwest::Client,
+    server: &Server,
+    mock: &Mock,
+    agent: &str,
+) -> Vec<String> {
+    register(
+        http,
+        server,
+        &agent_yaml(agent, mock, "tools:4", "echo", ""),
+    )
+    .await;
+    let inputs: Vec<String> = (0..100).map(|i| format!("job {i}")).collect();
+    futures_util::future::join_all(
+        inputs
+            .iter()
+            .map(|input| submit(http, server, agent, input)),
+    )
+    .await
+}
+
+/// Waits until the events stream holds at least `count` messages.
+async fn wait_exported(js: &jetstream::Context, names: &Names, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stream_messages(js, &names.events_stream()).await < count {
+        assert!(Instant::now() < deadline, "no events exported");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn delete_streams(js: &jetstream::Context, names: &Names) {
     for stream in [
         names.events_stream(),
@@ -126,26 +157,10 @@ async fn every_event_is_exported_once_in_order_across_a_sigkill() {
     ];
     let mut server = Server::start(&dir.db(), &args).await;
     let http = reqwest::Client::new();
-    register(
-        &http,
-        &server,
-        &agent_yaml("exporter", &mock, "tools:4", "echo", ""),
-    )
-    .await;
-    let inputs: Vec<String> = (0..100).map(|i| format!("job {i}")).collect();
-    let ids: Vec<String> = futures_util::future::join_all(
-        inputs
-            .iter()
-            .map(|input| submit(&http, &server, "exporter", input)),
-    )
-    .await;
+    let ids = start_exported_runs(&http, &server, &mock, "exporter").await;
 
     // Kill the process while runs are mid-flight and events are being exported.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stream_messages(&js, &names.events_stream()).await < 150 {
-        assert!(Instant::now() < deadline, "no events exported");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_exported(&js, &names, 150).await;
     server.kill();
     let at_kill = stream_messages(&js, &names.events_stream()).await;
     eprintln!("killed with {at_kill} events exported");
@@ -586,25 +601,9 @@ async fn the_relay_lease_moves_to_another_process_after_a_sigkill() {
         Server::start(&dir.db(), &relay_args).await,
     ];
     let http = reqwest::Client::new();
-    register(
-        &http,
-        &api,
-        &agent_yaml("handover", &mock, "tools:4", "echo", ""),
-    )
-    .await;
-    let inputs: Vec<String> = (0..100).map(|i| format!("job {i}")).collect();
-    let ids: Vec<String> = futures_util::future::join_all(
-        inputs
-            .iter()
-            .map(|input| submit(&http, &api, "handover", input)),
-    )
-    .await;
+    let ids = start_exported_runs(&http, &api, &mock, "handover").await;
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stream_messages(&js, &names.events_stream()).await < 150 {
-        assert!(Instant::now() < deadline, "no events exported");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_exported(&js, &names, 150).await;
     let holder = relay_holder(&db.url).await;
     let pid = |server: &Server| server.child.id().to_string();
     let killed = relays
