@@ -103,7 +103,7 @@ impl Breaker {
             // Also the open state for callers that come by now.
             self.state = State::HalfOpen { running, passed };
             return Err(Refused {
-                retry_at: now + TRIAL_WAIT_MS.min(self.open_for_ms()),
+                retry_at: now.saturating_add(TRIAL_WAIT_MS.min(self.open_for_ms())),
             });
         }
         self.state = State::HalfOpen {
@@ -127,14 +127,14 @@ impl Breaker {
                 } else {
                     *failures += 1;
                     if *failures >= self.config.failures {
-                        self.open(now + open_for);
+                        self.open(now.saturating_add(open_for));
                     }
                 }
             }
             (State::HalfOpen { running, passed }, true) => {
                 *running = running.saturating_sub(1);
                 if !ok {
-                    self.open(now + open_for);
+                    self.open(now.saturating_add(open_for));
                 } else {
                     *passed += 1;
                     if *passed >= self.config.trials {

@@ -302,7 +302,7 @@ impl<S: Store> Gateway<S> {
             && e.is_throttled()
         {
             let wait = e.retry_after().unwrap_or(DEFAULT_HOLD);
-            let until = now + millis(wait);
+            let until = now.saturating_add(millis(wait));
             let buckets = ticket
                 .requests
                 .iter()

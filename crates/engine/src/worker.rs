@@ -446,7 +446,11 @@ async fn llm_step<S: Store>(
             // The provider's own rate limit: the gateway holds the model's
             // buckets until then; the call did not fail, no attempt counts.
             let at = now();
-            let until = at + e.retry_after().map_or(1_000, |d| d.as_millis() as i64);
+            // Within the retry policy's longest wait (a provider may ask for
+            // hours; the run's own timeout still applies).
+            let cap = agent.spec.retry.backoff.max.max(Duration::from_secs(1));
+            let wait = e.retry_after().unwrap_or(Duration::from_secs(1)).min(cap);
+            let until = at.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
             warn!(run_id = %task.run_id, step = task.step, error = %e, "llm provider throttled the call, deferring");
             inner
                 .store

@@ -138,7 +138,10 @@ impl Counters {
         }
         self.llm_throttled.fetch_add(1, Ordering::Relaxed);
         // Free again once the oldest request of the window leaves it.
-        let oldest = accepted[accepted.len() - in_window];
+        let oldest = accepted
+            .get(accepted.len() - in_window)
+            .copied()
+            .unwrap_or(now);
         let wait = window.saturating_sub(now.duration_since(oldest));
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         let body = json!({"error": {"message": "rate limit reached", "type": "rate_limit_error"}});
