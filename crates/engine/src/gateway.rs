@@ -119,12 +119,9 @@ pub struct Ticket<'a> {
     /// The provider's name in the spec and the configuration (a configured
     /// provider's model is called with its protocol as `model.provider`).
     pub provider: String,
-    /// 0 for the spec's own model, i for `model.fallbacks[i - 1]`.
-    pub choice: usize,
     /// When the capacity reserved for the call is there.
     pub wait_until: Option<Millis>,
-    endpoint: String,
-    permit: Option<Permit>,
+    breaker: Option<Held>,
     requests: Option<Bucket>,
     tokens: Option<Charge>,
 }
@@ -159,6 +156,12 @@ impl Default for Calibration {
             output: 64.0,
         }
     }
+}
+
+/// A call let through a breaker: which one, and its permit.
+struct Held {
+    endpoint: String,
+    permit: Permit,
 }
 
 /// A limiter bucket: its key and rate.
@@ -202,14 +205,13 @@ impl<S: Store> Gateway<S> {
         let primary = &agent.spec.model;
         let chain = std::iter::once(primary).chain(primary.fallbacks.iter());
         let mut reopens: Option<Millis> = None;
-        for (choice, model) in chain.enumerate() {
+        for model in chain {
             // Limits, prices and the breaker are the configured provider's,
             // by the name the spec gives it.
             let provider = model.provider.name().to_string();
             let model = resolve(&self.config, model);
-            let endpoint = endpoint(&provider, &model);
-            let permit = match self.admit_breaker(&provider, &endpoint, now) {
-                Ok(permit) => permit,
+            let breaker = match self.admit_breaker(&provider, &model, now) {
+                Ok(breaker) => breaker,
                 Err(retry_at) => {
                     reopens = Some(reopens.map_or(retry_at, |r| r.min(retry_at)));
                     continue;
@@ -218,7 +220,7 @@ impl<S: Store> Gateway<S> {
             let taken = match self.take(agent, &provider, &model, state, now).await {
                 Ok(taken) => taken,
                 Err(e) => {
-                    self.release(&endpoint, permit);
+                    self.release(breaker);
                     return Err(e);
                 }
             };
@@ -230,15 +232,13 @@ impl<S: Store> Gateway<S> {
                 } => Admission::Go(Box::new(Ticket {
                     model,
                     provider,
-                    choice,
                     wait_until: at,
-                    endpoint,
-                    permit,
+                    breaker,
                     requests,
                     tokens,
                 })),
                 Taken::Later(until) => {
-                    self.release(&endpoint, permit);
+                    self.release(breaker);
                     let reason = format!(
                         "rate limit of {provider}/{}: no capacity before {until}",
                         model.model
@@ -266,11 +266,10 @@ impl<S: Store> Gateway<S> {
         now: Millis,
     ) {
         let endpoint_failed = matches!(result, Err(e) if e.is_transient() && !e.is_throttled());
-        if let Some(permit) = ticket.permit {
-            let mut breakers = self.breakers.lock();
-            if let Some(breaker) = breakers.get_mut(&ticket.endpoint) {
-                breaker.record(permit, !endpoint_failed, now);
-            }
+        if let Some(held) = &ticket.breaker
+            && let Some(breaker) = self.breakers.lock().get_mut(&held.endpoint)
+        {
+            breaker.record(held.permit, !endpoint_failed, now);
         }
         if let Some(Charge {
             bucket,
@@ -346,22 +345,23 @@ impl<S: Store> Gateway<S> {
     fn admit_breaker(
         &self,
         provider: &str,
-        endpoint: &str,
+        model: &ModelSpec,
         now: Millis,
-    ) -> Result<Option<Permit>, Millis> {
+    ) -> Result<Option<Held>, Millis> {
         let Some(config) = self
             .config
             .provider(provider)
-            .and_then(|p| p.breaker.clone())
+            .and_then(|p| p.breaker.as_ref())
         else {
             return Ok(None);
         };
+        let endpoint = endpoint(provider, model);
         let mut breakers = self.breakers.lock();
         let breaker = breakers
-            .entry(endpoint.to_string())
-            .or_insert_with(|| Breaker::new(config));
+            .entry(endpoint.clone())
+            .or_insert_with(|| Breaker::new(config.clone()));
         match breaker.admit(now) {
-            Ok(permit) => Ok(Some(permit)),
+            Ok(permit) => Ok(Some(Held { endpoint, permit })),
             Err(refused) => {
                 debug!(
                     endpoint,
@@ -374,10 +374,10 @@ impl<S: Store> Gateway<S> {
     }
 
     /// Gives back a breaker permit whose call is not made.
-    fn release(&self, endpoint: &str, permit: Option<Permit>) {
-        let Some(permit) = permit else { return };
-        if let Some(breaker) = self.breakers.lock().get_mut(endpoint) {
-            breaker.release(permit);
+    fn release(&self, held: Option<Held>) {
+        let Some(held) = held else { return };
+        if let Some(breaker) = self.breakers.lock().get_mut(&held.endpoint) {
+            breaker.release(held.permit);
         }
     }
 

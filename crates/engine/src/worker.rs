@@ -430,7 +430,6 @@ async fn llm_step<S: Store>(
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
     let model = ticket.model.as_ref();
-    let provider = ticket.provider.clone();
     let result = if agent.spec.model.stream {
         crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
     } else {
@@ -497,7 +496,12 @@ async fn llm_step<S: Store>(
         agent,
         Command::LlmResponded {
             step: task.step,
-            cost_usd: cost(&inner.options.config, &provider, model, response.usage),
+            cost_usd: cost(
+                &inner.options.config,
+                &ticket.provider,
+                model,
+                response.usage,
+            ),
             message: response.message,
             usage: response.usage,
             model: response.model,

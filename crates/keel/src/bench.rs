@@ -350,7 +350,11 @@ async fn measure<S: Store>(
     // Wait until every run is over.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let unfinished = count_unfinished(store).await?;
+        // The store's cheap count (an index of unfinished runs), so that
+        // waiting does not load the database.
+        let unfinished = store
+            .pending_runs(keel_core::ids::DEFAULT_TENANT, None)
+            .await?;
         if unfinished == 0 {
             break;
         }
@@ -517,14 +521,6 @@ async fn measure<S: Store>(
         bail!("{} runs did not complete", args.runs - completed);
     }
     Ok(rate)
-}
-
-/// Runs not finished yet, from the store's cheap count (the index of
-/// unfinished runs), so that waiting does not load the database.
-async fn count_unfinished<S: Store>(store: &S) -> anyhow::Result<u64> {
-    Ok(store
-        .pending_runs(keel_core::ids::DEFAULT_TENANT, None)
-        .await?)
 }
 
 fn pct(sorted: &[i64], p: f64) -> i64 {

@@ -199,12 +199,6 @@ impl<S: Store> Service<S> {
         }
     }
 
-    /// Refuses a spec whose model (or a fallback) names a provider that is
-    /// neither built in nor in the server configuration.
-    pub fn check_providers(&self, agent: &Agent) -> Result<(), keel_core::spec::Error> {
-        check_providers(&self.providers.config, agent)
-    }
-
     /// This service with the providers' configuration and breakers shown by the API.
     pub fn with_providers(mut self, providers: Providers) -> Self {
         self.providers = providers;

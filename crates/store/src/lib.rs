@@ -389,6 +389,24 @@ pub struct UsageTotals {
     pub cost_usd: f64,
 }
 
+impl UsageTotals {
+    /// The totals from a sum query's row (`count`, input, output, cost), as
+    /// both backends return it.
+    pub(crate) fn from_sums(
+        (runs, input, output, cost_usd): (i64, i64, i64, f64),
+    ) -> Result<UsageTotals> {
+        let count = |value: i64, what: &str| {
+            u64::try_from(value).map_err(|_| Error::Corrupt(format!("{what} sum to {value}")))
+        };
+        Ok(UsageTotals {
+            runs: count(runs, "runs")?,
+            input_tokens: count(input, "input tokens")?,
+            output_tokens: count(output, "output tokens")?,
+            cost_usd,
+        })
+    }
+}
+
 /// One agent's usage totals ([`Store::usage_by_agent`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentUsage {

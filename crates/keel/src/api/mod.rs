@@ -406,7 +406,7 @@ async fn put_agent<S: Store>(
         ));
     }
     let agent = Agent::parse(text)?;
-    svc.check_providers(&agent)?;
+    service::check_providers(&svc.providers.config, &agent)?;
     let registered = svc.register(&agent).await?;
     let status = match registered {
         Registered::Created => StatusCode::CREATED,

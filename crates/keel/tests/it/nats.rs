@@ -119,6 +119,28 @@ async fn start_exported_runs(
     .await
 }
 
+/// Waits for every run to complete; their journal lengths by run id. The
+/// kill (at `at_kill` exported events) must have come before the end.
+async fn completed_journals(
+    http: &reqwest::Client,
+    server: &Server,
+    ids: &[String],
+    at_kill: u64,
+) -> HashMap<String, i64> {
+    let mut journal: HashMap<String, i64> = HashMap::new();
+    for id in ids {
+        let run = wait_terminal(http, server, id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+        journal.insert(id.clone(), run["last_seq"].as_i64().expect("last_seq"));
+    }
+    let total: i64 = journal.values().sum();
+    assert!(
+        (at_kill as i64) < total,
+        "the kill came after everything was exported ({at_kill} of {total})"
+    );
+    journal
+}
+
 /// Waits until the events stream holds at least `count` messages.
 async fn wait_exported(js: &jetstream::Context, names: &Names, count: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -166,17 +188,8 @@ async fn every_event_is_exported_once_in_order_across_a_sigkill() {
     eprintln!("killed with {at_kill} events exported");
 
     let server = Server::start(&dir.db(), &args).await;
-    let mut journal: HashMap<String, i64> = HashMap::new();
-    for id in &ids {
-        let run = wait_terminal(&http, &server, id, Duration::from_secs(120)).await;
-        assert_eq!(run["status"], "COMPLETED", "{run}");
-        journal.insert(id.clone(), run["last_seq"].as_i64().expect("last_seq"));
-    }
+    let journal = completed_journals(&http, &server, &ids, at_kill).await;
     let total: i64 = journal.values().sum();
-    assert!(
-        (at_kill as i64) < total,
-        "the kill came after everything was exported ({at_kill} of {total})"
-    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while (stream_messages(&js, &names.events_stream()).await as i64) < total {
         assert!(Instant::now() < deadline, "not every event was exported");
@@ -614,17 +627,8 @@ async fn the_relay_lease_moves_to_another_process_after_a_sigkill() {
     let at_kill = stream_messages(&js, &names.events_stream()).await;
     eprintln!("killed the relay holding the lease ({holder}) with {at_kill} events exported");
 
-    let mut journal: HashMap<String, i64> = HashMap::new();
-    for id in &ids {
-        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
-        assert_eq!(run["status"], "COMPLETED", "{run}");
-        journal.insert(id.clone(), run["last_seq"].as_i64().expect("last_seq"));
-    }
+    let journal = completed_journals(&http, &api, &ids, at_kill).await;
     let total: i64 = journal.values().sum();
-    assert!(
-        (at_kill as i64) < total,
-        "the kill came after everything was exported ({at_kill} of {total})"
-    );
     // The lease lasts 15 s: the survivor takes it over within that and a renewal.
     let deadline = Instant::now() + Duration::from_secs(40);
     while (stream_messages(&js, &names.events_stream()).await as i64) < total {

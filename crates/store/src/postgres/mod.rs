@@ -524,18 +524,6 @@ const USAGE_BY_AGENT: &str = "SELECT agent, count(*), COALESCE(sum(input_tokens)
      GROUP BY agent ORDER BY agent COLLATE \"C\"";
 
 /// A row of sums: runs, input tokens, output tokens, cost.
-fn usage_totals((runs, input, output, cost_usd): (i64, i64, i64, f64)) -> Result<UsageTotals> {
-    let count = |value: i64, what: &str| {
-        u64::try_from(value).map_err(|_| Error::Corrupt(format!("{what} sum to {value}")))
-    };
-    Ok(UsageTotals {
-        runs: count(runs, "runs")?,
-        input_tokens: count(input, "input tokens")?,
-        output_tokens: count(output, "output tokens")?,
-        cost_usd,
-    })
-}
-
 impl Store for PgStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
         let value = serde_json::to_value(spec)
@@ -869,7 +857,7 @@ impl Store for PgStore {
             None => query,
         };
         let row = query.fetch_one(&self.reads).await.map_err(backend)?;
-        usage_totals(row)
+        UsageTotals::from_sums(row)
     }
 
     async fn usage_by_agent(&self, tenant: &str, since: Option<Millis>) -> Result<Vec<AgentUsage>> {
@@ -881,7 +869,7 @@ impl Store for PgStore {
             .map_err(backend)?;
         let mut agents = Vec::with_capacity(rows.len());
         for (agent, runs, input, output, cost_usd) in rows {
-            let totals = usage_totals((runs, input, output, cost_usd))?;
+            let totals = UsageTotals::from_sums((runs, input, output, cost_usd))?;
             agents.push(AgentUsage { agent, totals });
         }
         Ok(agents)

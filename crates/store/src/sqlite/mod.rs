@@ -383,18 +383,6 @@ const USAGE_BY_AGENT: &str = "SELECT agent, COUNT(*), COALESCE(SUM(input_tokens)
      FROM runs WHERE tenant = ?1 AND created_at >= ?2 GROUP BY agent ORDER BY agent";
 
 /// A row of sums: runs, input tokens, output tokens, cost.
-fn usage_totals((runs, input, output, cost_usd): (i64, i64, i64, f64)) -> Result<UsageTotals> {
-    let count = |value: i64, what: &str| {
-        u64::try_from(value).map_err(|_| Error::Corrupt(format!("{what} sum to {value}")))
-    };
-    Ok(UsageTotals {
-        runs: count(runs, "runs")?,
-        input_tokens: count(input, "input tokens")?,
-        output_tokens: count(output, "output tokens")?,
-        cost_usd,
-    })
-}
-
 impl Store for SqliteStore {
     async fn put_agent(&self, tenant: &str, spec: &Spec, now: Millis) -> Result<Registered> {
         let value = serde_json::to_value(spec)
@@ -755,7 +743,7 @@ impl Store for SqliteStore {
             None => query,
         };
         let row = query.fetch_one(&self.reads).await.map_err(backend)?;
-        usage_totals(row)
+        UsageTotals::from_sums(row)
     }
 
     async fn usage_by_agent(&self, tenant: &str, since: Option<Millis>) -> Result<Vec<AgentUsage>> {
@@ -767,7 +755,7 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         let mut agents = Vec::with_capacity(rows.len());
         for (agent, runs, input, output, cost_usd) in rows {
-            let totals = usage_totals((runs, input, output, cost_usd))?;
+            let totals = UsageTotals::from_sums((runs, input, output, cost_usd))?;
             agents.push(AgentUsage { agent, totals });
         }
         Ok(agents)
