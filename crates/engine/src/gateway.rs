@@ -14,10 +14,33 @@
 //!   quarter window ahead; [`Gateway::settle`] charges the difference once
 //!   the provider reports the real usage (input and output).
 //!
+//! **Fair share.** A take that finds its bucket free at once is granted as
+//! it is. A contended one (the bucket could only reserve a later time, or
+//! nothing) first takes from the run's *flow share*, a bucket per tenant
+//! and agent (`<bucket>:flow:<tenant>/<agent>`) whose rate is the bucket's
+//! divided by the flows contending for it (those whose share was taken
+//! from within the last [`ACTIVE_FOR`], counted by the store, plus this
+//! one), reserving at most [`SHARE_AHEAD`] of it. A flow past its share
+//! is deferred until its share frees (back in the queue, behind the calls
+//! of flows that came since), so it cannot fill the bucket's reservations
+//! ahead of the others (a call of another flow waits behind at most that
+//! span of each flow's share): under
+//! contention each agent gets at least an equal part of the limit,
+//! whatever the number of its runs, and a flow that asks less leaves the
+//! rest to the others (work-conserving: a free bucket is never refused).
+//! The share only counts; the time granted is the bucket's. Token shares
+//! are charged the real usage like the bucket. Within a flow, the queue's
+//! order (priority, then due time) decides who goes first.
+//!
 //! Capacity free within [`MAX_WAIT`] is reserved and the worker waits for
 //! it, holding its task; later than that, the task is deferred to when it
 //! frees ([`Admission::Later`]: the worker gives the task back with
-//! `Store::defer`, which counts no attempt). A 429 from the provider holds
+//! `Store::defer`, which counts no attempt), plus a random part of up to
+//! half the span the take could reserve ahead (`spread`): the limiter
+//! would grant the callers refused at one moment at one same time, and
+//! only one of them, so without it every waiting task would come back for
+//! each freed slot; spread, each comes back about once every quarter of
+//! that span, and can still reserve the capacity freed meanwhile. A 429 from the provider holds
 //! the model's buckets until its `Retry-After`, so no process sends more
 //! until then.
 //!
@@ -43,10 +66,19 @@ use keel_store::{Error as StoreError, Grant, Rate, Store};
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::llm;
+use crate::{llm, now};
 
 /// Longest a worker waits, holding its task, for capacity reserved for it.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a flow (a tenant's agent) counts as contending for a limit
+/// after it last took from its share.
+const ACTIVE_FOR: Duration = MAX_WAIT;
+
+/// How far ahead a flow may reserve its share of a contended limit: what
+/// it holds of the bucket's reservations, and so how long another flow's
+/// call waits behind them, is at most this span of its share.
+const SHARE_AHEAD: Duration = Duration::from_millis(2_500);
 
 /// How long a 429 without `Retry-After` holds the model's buckets.
 const DEFAULT_HOLD: Duration = Duration::from_secs(1);
@@ -122,14 +154,14 @@ pub struct Ticket<'a> {
     /// When the capacity reserved for the call is there.
     pub wait_until: Option<Millis>,
     breaker: Option<Held>,
-    requests: Option<Bucket>,
+    requests: Option<Fair>,
     tokens: Option<Charge>,
 }
 
 /// Tokens taken from a bucket for one call: what was charged, and the raw
 /// input estimate it came from (to calibrate the next estimates).
 struct Charge {
-    bucket: Bucket,
+    bucket: Fair,
     charged: u64,
     raw_input: u64,
 }
@@ -171,11 +203,25 @@ struct Bucket {
     rate: Rate,
 }
 
+/// What [`Gateway::take_fair`] took: from the bucket (its key and rate are
+/// this one's), and from the run's share of it when the bucket is
+/// contended.
+struct Fair {
+    key: String,
+    rate: Rate,
+    grant: Grant,
+    share: Option<Bucket>,
+}
+
 /// What taking a model's capacity gave.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a short-lived return value, moved once into a boxed Ticket"
+)]
 enum Taken {
     /// Taken, free at once or at the time reserved.
     Now {
-        requests: Option<Bucket>,
+        requests: Option<Fair>,
         tokens: Option<Charge>,
         at: Option<Millis>,
     },
@@ -289,10 +335,7 @@ impl<S: Store> Gateway<S> {
             let delta =
                 i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(*charged).unwrap_or(0);
             if delta != 0
-                && let Err(e) = self
-                    .store
-                    .adjust_capacity(&bucket.key, bucket.rate, delta, now)
-                    .await
+                && let Err(e) = self.adjust(bucket, delta, now).await
             {
                 warn!(key = %bucket.key, error = %e, "could not correct the token count");
             }
@@ -381,6 +424,105 @@ impl<S: Store> Gateway<S> {
         }
     }
 
+    /// Takes `cost` from `bucket` for `flow` (the run's tenant and agent),
+    /// reserving up to `max_wait` ahead, so that no flow starves while
+    /// others keep the bucket busy (fair share: module docs). Free at once,
+    /// the capacity is taken as it is; otherwise the flow first takes from
+    /// its share of the bucket, the rate divided by the flows contending
+    /// for it, and a flow past its share waits for it.
+    async fn take_fair(
+        &self,
+        bucket: Bucket,
+        flow: &str,
+        cost: u64,
+        max_wait: Duration,
+    ) -> Result<Fair, StoreError> {
+        // Each take reads the clock: a grant's time is when the call may
+        // go, and the takes before it took time.
+        let free = self
+            .store
+            .take_capacity(&bucket.key, bucket.rate, cost, Duration::ZERO, now())
+            .await?;
+        if free == Grant::Granted {
+            return Ok(Fair {
+                key: bucket.key,
+                rate: bucket.rate,
+                grant: free,
+                share: None,
+            });
+        }
+        let prefix = format!("{}:flow:", bucket.key);
+        let key = format!("{prefix}{flow}");
+        let others = self
+            .store
+            .active_limits(&prefix, &key, now().saturating_sub(millis(ACTIVE_FOR)))
+            .await?;
+        let share = Bucket {
+            key,
+            rate: Rate {
+                per_window: (bucket.rate.per_window / others.saturating_add(1)).max(1),
+                ..bucket.rate
+            },
+        };
+        // The share only counts: the time the bucket reserves is the one
+        // that holds. A flow reserves no further ahead than SHARE_AHEAD even
+        // alone: its other calls go back to the queue, behind the calls of
+        // flows that come later, which then take their share.
+        let ahead = max_wait.min(SHARE_AHEAD);
+        let counted = self
+            .store
+            .take_capacity(&share.key, share.rate, cost, ahead, now())
+            .await?;
+        if let Grant::RetryAt(t) = counted {
+            debug!(flow, key = %bucket.key, others, retry_at = t, "past its fair share of a contended limit");
+            return Ok(Fair {
+                key: bucket.key,
+                rate: bucket.rate,
+                grant: Grant::RetryAt(spread(t, ahead)),
+                share: None,
+            });
+        }
+        let grant = match self
+            .store
+            .take_capacity(&bucket.key, bucket.rate, cost, max_wait, now())
+            .await?
+        {
+            Grant::RetryAt(t) => Grant::RetryAt(spread(t, max_wait)),
+            grant => grant,
+        };
+        let mut fair = Fair {
+            key: bucket.key,
+            rate: bucket.rate,
+            grant,
+            share: Some(share),
+        };
+        if let Grant::RetryAt(_) = grant {
+            // Nothing is taken from the bucket: nothing from the share either
+            // (it stays active: the flow is waiting).
+            if let Some(share) = fair.share.take() {
+                let units = i64::try_from(cost).unwrap_or(i64::MAX);
+                self.store
+                    .adjust_capacity(&share.key, share.rate, -units, now())
+                    .await?;
+            }
+        }
+        Ok(fair)
+    }
+
+    /// Corrects what [`Gateway::take_fair`] took by `delta` units (a
+    /// negative one gives back), in the bucket and the flow's share.
+    async fn adjust(&self, taken: &Fair, delta: i64, now: Millis) -> Result<(), StoreError> {
+        self.store
+            .adjust_capacity(&taken.key, taken.rate, delta, now)
+            .await?;
+        if let Some(share) = &taken.share {
+            self.store
+                .adjust_capacity(&share.key, share.rate, delta, now)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Takes a request and the estimated input tokens from the model's
     /// buckets, if its configuration limits it.
     async fn take(
@@ -399,6 +541,7 @@ impl<S: Store> Gateway<S> {
             });
         };
         let prefix = format!("llm:{provider}/{}", model.model);
+        let flow = format!("{}/{}", state.tenant, state.agent);
         let mut at: Option<Millis> = None;
         let mut requests = None;
         if let Some(rpm) = limits.rpm {
@@ -410,16 +553,13 @@ impl<S: Store> Gateway<S> {
                     burst: 1,
                 },
             };
-            match self
-                .store
-                .take_capacity(&bucket.key, bucket.rate, 1, MAX_WAIT, now)
-                .await?
-            {
+            let taken = self.take_fair(bucket, &flow, 1, MAX_WAIT).await?;
+            match taken.grant {
                 Grant::Granted => {}
                 Grant::Reserved(t) => at = Some(t),
                 Grant::RetryAt(t) => return Ok(Taken::Later(t)),
             }
-            requests = Some(bucket);
+            requests = Some(taken);
         }
         let mut tokens = None;
         if let Some(tpm) = limits.tpm {
@@ -444,25 +584,20 @@ impl<S: Store> Gateway<S> {
             // is made on an estimate, and a call waiting for a slot reserved
             // on too high an estimate would wait for capacity given back.
             let max_wait = MAX_WAIT.min(limits.window / 4);
-            match self
-                .store
-                .take_capacity(&bucket.key, bucket.rate, estimate, max_wait, now)
-                .await?
-            {
+            let taken = self.take_fair(bucket, &flow, estimate, max_wait).await?;
+            match taken.grant {
                 Grant::Granted => {}
                 Grant::Reserved(t) => at = Some(at.map_or(t, |a| a.max(t))),
                 Grant::RetryAt(t) => {
                     if let Some(taken) = &requests {
                         // The request slot goes back: this call waits.
-                        self.store
-                            .adjust_capacity(&taken.key, taken.rate, -1, now)
-                            .await?;
+                        self.adjust(taken, -1, now).await?;
                     }
                     return Ok(Taken::Later(t));
                 }
             }
             tokens = Some(Charge {
-                bucket,
+                bucket: taken,
                 charged: estimate,
                 raw_input,
             });
@@ -542,6 +677,15 @@ pub fn estimate_input_tokens(agent: &Agent, state: &State) -> u64 {
 
 fn total(usage: Usage) -> u64 {
     usage.input_tokens + usage.output_tokens
+}
+
+/// When a caller refused until `at` comes back: `at` plus a random part of
+/// up to half the span its take could reserve ahead. The limiter would
+/// grant every caller it refused at one moment at the same time, and only
+/// one of them; spread, they come back one by one, and each can still
+/// reserve the capacity freed meanwhile.
+fn spread(at: Millis, reserve_ahead: Duration) -> Millis {
+    at.saturating_add(fastrand::i64(0..=millis(reserve_ahead) / 2))
 }
 
 fn millis(d: Duration) -> Millis {

@@ -61,6 +61,7 @@ macro_rules! store_suite {
                 limits_reserve_within_max_wait,
                 limits_adjust_to_real_costs,
                 limits_hold_closes_a_key,
+                limits_count_the_active_keys_under_a_prefix,
                 deltas_are_fenced_ordered_and_announced,
                 deltas_are_compacted_by_the_journal,
             );
@@ -2218,5 +2219,35 @@ pub(crate) async fn deltas_are_compacted_by_the_journal<S: Store>(store: S) -> R
     store.append(cancel).await?;
     assert!(delta_texts(&store, run_id, None).await?.is_empty());
     assert_eq!(delta_texts(&store, other, None).await?.len(), 1);
+    Ok(())
+}
+
+pub(crate) async fn limits_count_the_active_keys_under_a_prefix<S: Store>(store: S) -> Result<()> {
+    // One per second.
+    let share = rate(60, 60_000, 1);
+    let prefix = "llm:openai/gpt-4o:requests:flow:";
+    let a = format!("{prefix}default/a");
+    let b = format!("{prefix}default/b");
+    assert_eq!(store.active_limits(prefix, &a, T0).await?, 0);
+    assert_eq!(take(&store, &a, share, 1, T0).await?, Grant::Granted);
+    assert_eq!(take(&store, &b, share, 1, T0).await?, Grant::Granted);
+    // Keys outside the prefix do not count.
+    assert_eq!(
+        take(&store, "llm:other", share, 1, T0).await?,
+        Grant::Granted
+    );
+    // Each owes a second from T0: both are active until T0 + 1 s, and the
+    // one asking is left out.
+    assert_eq!(store.active_limits(prefix, &a, T0).await?, 1);
+    assert_eq!(store.active_limits(prefix, "", T0 + 999).await?, 2);
+    assert_eq!(store.active_limits(prefix, "", T0 + 1_000).await?, 0);
+    // A give-back leaves a key owing nothing beyond `now`: active up to it.
+    assert_eq!(
+        take(&store, &b, share, 1, T0 + 5_000).await?,
+        Grant::Granted
+    );
+    store.adjust_capacity(&b, share, -1, T0 + 5_000).await?;
+    assert_eq!(store.active_limits(prefix, &a, T0 + 4_999).await?, 1);
+    assert_eq!(store.active_limits(prefix, &a, T0 + 5_000).await?, 0);
     Ok(())
 }

@@ -912,4 +912,17 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// takes consumed nothing). A shorter hold does not shorten a longer
     /// one; reservations granted before the hold stand.
     fn hold_capacity(&self, key: &str, until: Millis) -> impl Future<Output = Result<()>> + Send;
+
+    /// How many keys that start with `prefix`, other than `except`, have
+    /// been taken from lately: their theoretical arrival time is later than
+    /// `since` (a key whose capacity was taken at or after `since`, or that
+    /// still owes some, counts). The gateway counts the agents sharing a
+    /// contended limit with it ([`Store::take_capacity`] on per-agent keys)
+    /// to give each its share.
+    fn active_limits(
+        &self,
+        prefix: &str,
+        except: &str,
+        since: Millis,
+    ) -> impl Future<Output = Result<u64>> + Send;
 }

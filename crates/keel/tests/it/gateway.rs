@@ -544,3 +544,70 @@ async fn agents_name_a_configured_provider() {
         "{body}"
     );
 }
+
+/// Fair share: an agent with 240 runs keeps a 20-per-second limit busy for
+/// 12 s; another agent's 10 runs, submitted a second later, get their share
+/// of it and finish long before the first agent's backlog is through,
+/// instead of queueing behind it. Every run completes.
+#[tokio::test]
+async fn an_agent_with_few_runs_gets_its_share_of_a_busy_limit() {
+    let limit = 20;
+    let window = Duration::from_secs(1);
+    let mock = Mock::start().await.expect("mock");
+    mock.counters.limit_llm(limit, window);
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        &format!(
+            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {{rpm: {limit}, window: 1s}}\n"
+        ),
+    );
+    let server = Server::start(&dir.db(), &["--config", &arg(&config), "--workers", "64"]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("heavy", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+    register(
+        &http,
+        &server,
+        &agent_yaml("light", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+    let heavy = submit_many(&http, &server, "heavy", 240).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let submitted = Instant::now();
+    let light = submit_many(&http, &server, "light", 10).await;
+    for id in &light {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    let light_took = submitted.elapsed();
+    let mut heavy_done = 0;
+    for id in &heavy {
+        let run = get_json(&http, &server.url(&format!("/v1/runs/{id}"))).await;
+        if run["status"] == "COMPLETED" {
+            heavy_done += 1;
+        }
+    }
+    eprintln!("light's 10 runs took {light_took:?}; heavy had {heavy_done} of 240 done by then");
+    // At its share (10/s) light needs 1 s, after the calls reserved before
+    // it came; behind heavy's queue it would need 11 s.
+    assert!(
+        heavy_done <= 200,
+        "light finished only after {heavy_done} of heavy's 240 runs ({light_took:?})"
+    );
+    for id in &heavy {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    // Keel paced the calls: the provider refused few (a call's arrival
+    // jitters around its reserved time), and the refused ones completed too.
+    let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
+    assert!(
+        throttled <= 250 / 20,
+        "the provider refused {throttled} calls"
+    );
+}

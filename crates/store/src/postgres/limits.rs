@@ -130,3 +130,21 @@ pub(super) async fn hold(pool: &PgPool, key: &str, until: i64) -> Result<()> {
         .map_err(backend)?;
     Ok(())
 }
+
+/// The keys under a prefix (`$1`), but one (`$2`), taken from after `$3`.
+/// A scan of the table, which holds a row per limit key: it runs only when
+/// a limit is contended (the gateway's fair share), and the table is small.
+const ACTIVE: &str = "SELECT count(*) FROM rate_limits \
+     WHERE starts_with(key, $1) AND key <> $2 AND tat_ns > $3";
+
+/// [`crate::Store::active_limits`].
+pub(super) async fn active(pool: &PgPool, prefix: &str, except: &str, since: i64) -> Result<u64> {
+    let (count,): (i64,) = sqlx::query_as(ACTIVE)
+        .bind(prefix)
+        .bind(except)
+        .bind(since)
+        .fetch_one(pool)
+        .await
+        .map_err(backend)?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}

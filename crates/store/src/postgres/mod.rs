@@ -907,4 +907,8 @@ impl Store for PgStore {
     async fn hold_capacity(&self, key: &str, until: Millis) -> Result<()> {
         limits::hold(&self.reads, key, limit::ns(until)).await
     }
+
+    async fn active_limits(&self, prefix: &str, except: &str, since: Millis) -> Result<u64> {
+        limits::active(&self.reads, prefix, except, limit::ns(since)).await
+    }
 }

@@ -48,6 +48,19 @@ impl Limits {
         });
     }
 
+    /// [`crate::Store::active_limits`]: the keys under `prefix` but
+    /// `except` whose TAT is after `since`.
+    pub(super) fn active(&self, prefix: &str, except: &str, since: i64) -> u64 {
+        let buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let active = buckets
+            .iter()
+            .filter(|(key, bucket)| {
+                key.starts_with(prefix) && key.as_str() != except && bucket.tat > since
+            })
+            .count();
+        u64::try_from(active).unwrap_or(u64::MAX)
+    }
+
     /// Runs `f` on the bucket of `key` (a new, full one if there is none).
     /// Before adding a key to a big map, drops the buckets that are idle
     /// at `now`.

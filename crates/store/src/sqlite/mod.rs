@@ -794,4 +794,8 @@ impl Store for SqliteStore {
         self.limits.hold(key, limit::ns(until));
         Ok(())
     }
+
+    async fn active_limits(&self, prefix: &str, except: &str, since: Millis) -> Result<u64> {
+        Ok(self.limits.active(prefix, except, limit::ns(since)))
+    }
 }
