@@ -46,10 +46,12 @@
 //!
 //! # Streamed LLM output
 //!
-//! While a worker streams a model's answer it persists the text in small
-//! batches ([`Store::append_deltas`], one write per batch, fenced by the
-//! task's lease like an append), so a reader that reconnects gets exactly
-//! what it missed ([`Store::deltas`]). Each batch is a [`DeltaPos`]: the LLM
+//! While a worker streams a model's answer it persists the text and the
+//! tool calls being written ([`ToolCallDelta`]: a call's start, then its
+//! argument fragments) in small batches ([`Store::append_deltas`], one
+//! write per batch, fenced by the task's lease like an append), so a reader
+//! that reconnects gets exactly what it missed ([`Store::deltas`]). Each
+//! batch is a [`DeltaPos`]: the LLM
 //! step, the attempt at it (a retried call streams under a newer attempt)
 //! and its index within the attempt. They are ephemeral: the append that
 //! journals a step's `LlmCompleted` deletes the step's deltas in the same
@@ -509,19 +511,43 @@ pub struct DeltaBatch {
     pub step: u32,
     /// Which attempt, and where in it.
     pub attempt: DeltaAttempt,
-    /// The text streamed since the previous batch.
+    /// The text streamed since the previous batch (may be empty).
     pub text: String,
+    /// The tool-call pieces streamed since the previous batch, one per
+    /// call they belong to, in the order the calls first appeared.
+    pub tool_calls: Vec<ToolCallDelta>,
     /// Write time.
     pub now: Millis,
 }
 
-/// A stored batch of streamed text.
+/// What a batch of streamed output adds to one tool call of the answer:
+/// its start (id and tool name, in the batch where the call first
+/// appears) and the next fragments of its arguments, concatenated.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCallDelta {
+    /// Position of the call among the answer's tool calls, from 0.
+    pub index: u32,
+    /// The provider's id for the call, in the batch where it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The tool's name, in the batch where the call starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The next piece of the call's arguments (raw text, JSON once all
+    /// pieces are joined); may be empty.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// A stored batch of streamed output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delta {
     /// Its position.
     pub pos: DeltaPos,
-    /// The text.
+    /// The text (may be empty when the batch holds only tool calls).
     pub text: String,
+    /// The tool-call pieces ([`DeltaBatch::tool_calls`]).
+    pub tool_calls: Vec<ToolCallDelta>,
     /// When it was written.
     pub at: Millis,
 }
@@ -538,19 +564,44 @@ pub struct Deltas {
     pub deltas: Vec<Delta>,
 }
 
-/// A stored delta, checking its position fits (step, attempt, index).
-fn delta(run_id: RunId, pos: [i64; 3], text: String, at: Millis) -> Result<Delta> {
+/// A stored delta, checking its position fits (step, attempt, index) and
+/// its tool calls (a JSON array, NULL when none) read.
+fn delta(
+    run_id: RunId,
+    pos: [i64; 3],
+    text: String,
+    tool_calls: Option<&str>,
+    at: Millis,
+) -> Result<Delta> {
     let mut numbers = [0_u32; 3];
     for (number, value) in numbers.iter_mut().zip(pos) {
         *number = u32::try_from(value)
             .map_err(|_| Error::Corrupt(format!("a delta of run {run_id} has position {pos:?}")))?;
     }
     let [step, attempt, idx] = numbers;
+    let tool_calls = match tool_calls {
+        None => Vec::new(),
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            Error::Corrupt(format!(
+                "the tool calls of delta {step}.{attempt}.{idx} of run {run_id} are unreadable: {e}"
+            ))
+        })?,
+    };
     Ok(Delta {
         pos: DeltaPos { step, attempt, idx },
         text,
+        tool_calls,
         at,
     })
+}
+
+/// A batch's tool calls as stored: a JSON array, NULL when there are none.
+fn tool_calls_column(tool_calls: &[ToolCallDelta]) -> Option<String> {
+    if tool_calls.is_empty() {
+        return None;
+    }
+    // Strings and numbers only: serializing cannot fail.
+    serde_json::to_string(tool_calls).ok()
 }
 
 /// Which deltas an append of `events` deletes in its transaction: those of
@@ -758,7 +809,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// idle worker sleeps exactly until then).
     fn next_due(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
-    /// Persists a batch of text streamed from the model (one write), fenced
+    /// Persists a batch of text and tool-call pieces streamed from the
+    /// model (one write), fenced
     /// by the task's lease ([`Error::LeaseLost`] once it expired or was taken
     /// over), and announces it to subscribers like a commit (with no new
     /// work). Returns where the batch was written; the attempt of

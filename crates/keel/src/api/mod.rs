@@ -339,12 +339,17 @@ async fn events<S: Store>(
                     seq,
                     delta: Some(delta.pos),
                 };
-                let data = json!({
+                let mut data = json!({
                     "step": delta.pos.step,
                     "attempt": delta.pos.attempt,
                     "idx": delta.pos.idx,
                     "text": delta.text,
                 });
+                // Only batches with tool calls have the field: text-only
+                // events stay as they were.
+                if !delta.tool_calls.is_empty() {
+                    data["tool_calls"] = json!(delta.tool_calls);
+                }
                 SseEvent::default()
                     .id(position.id())
                     .event("llm_delta")
