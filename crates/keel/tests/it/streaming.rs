@@ -483,3 +483,77 @@ async fn tool_calls_stream_as_they_are_built_and_resume_after_a_reconnect() {
     }
     server.kill();
 }
+
+/// Two `keel serve` processes on one PostgreSQL database: the worker
+/// process streams the answers, a client of the API process (which runs no
+/// step) gets their deltas live, in order, and a reconnect with
+/// `Last-Event-ID` misses nothing.
+#[tokio::test]
+async fn deltas_reach_a_client_of_another_process_on_postgres() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
+    let _worker = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "worker"]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &api,
+        &streaming_agent("talker", &mock, "long:150:10"),
+    )
+    .await;
+    register(&http, &api, &planning_agent("planner", &mock, "openai")).await;
+
+    for agent in ["talker", "planner"] {
+        let id = submit(&http, &api, agent, "go").await;
+        let url = api.url(&format!("/v1/runs/{id}/events"));
+        let mut first = Vec::new();
+        let mut events = open(&http, &url, None).await;
+        read_deltas(&mut events, 4, &mut first).await;
+        drop(events);
+        // Live: the deltas came while the step was still streaming.
+        assert!(
+            first.iter().all(|e| e.name != "llm_completed"),
+            "{agent}: {first:?}"
+        );
+        let resume = last_id(&first);
+        let mut second = Vec::new();
+        let mut events = open(&http, &url, Some(&resume)).await;
+        read_to_end(&mut events, &mut second).await;
+        let all: Vec<&Seen> = first.iter().chain(&second).collect();
+
+        let deltas: Vec<(u64, u64, u64)> = all
+            .iter()
+            .filter(|e| e.name == "llm_delta")
+            .map(|e| position(e))
+            .filter(|p| p.0 == 1)
+            .collect();
+        let expected: Vec<(u64, u64, u64)> = (0..deltas.len() as u64).map(|i| (1, 1, i)).collect();
+        assert_eq!(deltas, expected, "{agent}: every batch once, in order");
+        assert!(deltas.len() > 4, "{agent}: {} batches", deltas.len());
+        let (text, calls, _) = rebuild(&all, 1);
+        let answer = all
+            .iter()
+            .find(|e| e.name == "llm_completed")
+            .expect("an answer");
+        let message = &answer.data["event"]["message"];
+        let content = message["content"].as_str().unwrap_or("");
+        assert!(
+            content.starts_with(&text),
+            "{agent}: {text:?} / {content:?}"
+        );
+        if agent == "talker" {
+            assert!(text.len() > content.len() / 2, "{agent}: {text:?}");
+        } else {
+            assert!(!calls.is_empty(), "{agent}: no tool call streamed");
+            let whole = message["tool_calls"][0]["arguments"].as_str().unwrap_or("");
+            assert!(whole.starts_with(&calls[0].arguments), "{agent}");
+        }
+        assert_eq!(
+            second.last().map(|e| e.name.as_str()),
+            Some("run_completed")
+        );
+    }
+}
