@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use keel_core::breaker::Phase;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
@@ -15,10 +16,10 @@ use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
-    Append, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error, ExportStatus, Grant,
-    Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered, RelayHolder, Result,
-    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, ToolCallDelta,
-    UsageTotals,
+    Append, BreakerRecord, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error,
+    ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered,
+    RelayHolder, Result, RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind,
+    TaskUpdate, ToolCallDelta, UsageTotals,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -64,6 +65,7 @@ macro_rules! store_suite {
                 limits_hold_closes_a_key,
                 deltas_are_fenced_ordered_and_announced,
                 deltas_are_compacted_by_the_journal,
+                breakers_keep_each_endpoints_latest_transition,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2258,5 +2260,45 @@ pub(crate) async fn deltas_are_compacted_by_the_journal<S: Store>(store: S) -> R
     store.append(cancel).await?;
     assert!(delta_texts(&store, run_id, None).await?.is_empty());
     assert_eq!(delta_texts(&store, other, None).await?.len(), 1);
+    Ok(())
+}
+
+fn breaker_record(endpoint: &str, phase: Phase, process: &str, at: Millis) -> BreakerRecord {
+    let open = phase != Phase::Closed;
+    BreakerRecord {
+        endpoint: endpoint.to_string(),
+        phase,
+        until: open.then_some(at + 30_000),
+        opened_at: open.then_some(at),
+        failures: if phase == Phase::Open { 5 } else { 0 },
+        process: process.to_string(),
+        updated_at: at,
+    }
+}
+
+pub(crate) async fn breakers_keep_each_endpoints_latest_transition<S: Store>(
+    store: S,
+) -> Result<()> {
+    assert!(store.breakers().await?.is_empty());
+    let a = "openai@http://a/v1";
+    let b = "anthropic@http://b/v1";
+    let opened = breaker_record(a, Phase::Open, "p1", T0);
+    store.put_breaker(opened.clone()).await?;
+    assert_eq!(store.breakers().await?, vec![opened]);
+
+    // A later transition replaces it, whichever process made it; an older
+    // one (a slow writer) does not.
+    let trial = breaker_record(a, Phase::HalfOpen, "p2", T0 + 30_000);
+    store.put_breaker(trial.clone()).await?;
+    store
+        .put_breaker(breaker_record(a, Phase::Closed, "p1", T0 + 10))
+        .await?;
+    let other = breaker_record(b, Phase::Closed, "p1", T0 + 5);
+    store.put_breaker(other.clone()).await?;
+    // By endpoint.
+    assert_eq!(store.breakers().await?, vec![other, trial]);
+    let closed = breaker_record(a, Phase::Closed, "p1", T0 + 30_001);
+    store.put_breaker(closed.clone()).await?;
+    assert_eq!(store.breakers().await?[1], closed);
     Ok(())
 }

@@ -59,6 +59,15 @@
 //! ends the run deletes all of them. Writes are announced to subscribers
 //! like commits.
 //!
+//! # Circuit breakers
+//!
+//! Each process keeps its own circuit breakers (engine); the store keeps the
+//! latest transition of each endpoint's breaker, whichever process made it
+//! ([`Store::put_breaker`], [`Store::breakers`]), so every process sharing
+//! the store can show it and refuse calls to an endpoint another process
+//! found broken. An older transition never replaces a newer one. PostgreSQL
+//! keeps them in a table; SQLite (one process) in memory.
+//!
 //! Every write made under a task lease is fenced: it names the lease, and the
 //! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
 //! taken over. Journal appends are conditional on the expected last sequence
@@ -74,6 +83,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::time::Duration;
 
+use keel_core::breaker::Phase;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
@@ -620,6 +630,28 @@ fn compaction(events: &[Event]) -> Vec<Option<u32>> {
     steps
 }
 
+/// The latest transition of one LLM endpoint's circuit breaker, as the
+/// process that made it wrote it ([`Store::put_breaker`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerRecord {
+    /// The endpoint (`provider@base_url`).
+    pub endpoint: String,
+    /// The phase it moved to.
+    pub phase: Phase,
+    /// Open: the end of the open period. Half-open: until when other
+    /// processes leave the trial calls to the writer. Closed: none.
+    pub until: Option<Millis>,
+    /// When the opening that led here happened (open, half-open).
+    pub opened_at: Option<Millis>,
+    /// The consecutive failures behind the transition (0 when it closed
+    /// or half-opened).
+    pub failures: u32,
+    /// The process that made the transition.
+    pub process: String,
+    /// When (epoch ms): a record never replaces a newer one.
+    pub updated_at: Millis,
+}
+
 /// A run as the outbox names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunRef {
@@ -964,4 +996,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// takes consumed nothing). A shorter hold does not shorten a longer
     /// one; reservations granted before the hold stand.
     fn hold_capacity(&self, key: &str, until: Millis) -> impl Future<Output = Result<()>> + Send;
+
+    /// Writes a transition of an endpoint's circuit breaker as the shared
+    /// state of that endpoint, unless the stored one is newer (a later
+    /// `updated_at`). One small write per transition, not per call.
+    fn put_breaker(&self, record: BreakerRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// The shared state of every endpoint's breaker ([`Store::put_breaker`]),
+    /// by endpoint. Callers on a hot path cache it.
+    fn breakers(&self) -> impl Future<Output = Result<Vec<BreakerRecord>>> + Send;
 }

@@ -54,7 +54,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
 }
 
 /// What a worker-only process serves: `/healthz`, `/readyz`, and
-/// `/v1/providers` (its own circuit breakers: each process has its own).
+/// `/v1/providers` (its circuit breakers and the store's shared view).
 pub fn health_router<S: Store>(service: Service<S>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -551,8 +551,10 @@ async fn usage<S: Store>(
 }
 
 /// The configured LLM providers (endpoints, key sources, limits, prices,
-/// breaker thresholds; never a key) and the circuit breakers of this
-/// process: those its workers used (none in an `api`-only process).
+/// breaker thresholds; never a key) and the circuit breakers: those this
+/// process's workers used, merged with the store's latest transition of
+/// every endpoint (`shared`, written by any process on the store), so an
+/// `api`-only process shows them too.
 async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
     let providers = &svc.providers;
     let configured: Vec<Value> = providers
@@ -568,9 +570,18 @@ async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
             value
         })
         .collect();
+    let shared = match svc.store.breakers().await {
+        Ok(shared) => shared,
+        Err(e) => {
+            // This process's own breakers are still worth showing.
+            tracing::warn!(error = %e, "could not read the shared circuit breakers");
+            Vec::new()
+        }
+    };
     Json(json!({
         "providers": configured,
-        "breakers": providers.breakers.views(keel_engine::now()),
+        "process": providers.breakers.process(),
+        "breakers": providers.breakers.views(&shared, keel_engine::now()),
     }))
 }
 
