@@ -41,6 +41,42 @@ pub struct Breaker {
     state: State,
     /// Times it opened, for the API.
     opened: u64,
+    /// When it last opened.
+    opened_at: Millis,
+}
+
+/// Where a breaker is, without its counters: what a transition changes,
+/// and what other processes sharing the endpoint learn of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Calls go through.
+    Closed,
+    /// Calls are refused.
+    Open,
+    /// Trial calls decide.
+    HalfOpen,
+}
+
+impl Phase {
+    /// `closed`, `open` or `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Closed => "closed",
+            Phase::Open => "open",
+            Phase::HalfOpen => "half_open",
+        }
+    }
+
+    /// Reads [`Phase::as_str`] back.
+    pub fn parse(name: &str) -> Option<Phase> {
+        match name {
+            "closed" => Some(Phase::Closed),
+            "open" => Some(Phase::Open),
+            "half_open" => Some(Phase::HalfOpen),
+            _ => None,
+        }
+    }
 }
 
 /// Leave to make one call; give it back to [`Breaker::record`].
@@ -84,10 +120,31 @@ impl Breaker {
             config,
             state: State::Closed { failures: 0 },
             opened: 0,
+            opened_at: 0,
         }
     }
 
-    fn open_for_ms(&self) -> Millis {
+    /// Its phase as last moved, with the end of the open period while
+    /// open. (An open breaker whose period ended turns half-open when the
+    /// next call asks: [`Breaker::admit`] makes that transition.)
+    pub fn phase(&self) -> (Phase, Option<Millis>) {
+        match self.state {
+            State::Closed { .. } => (Phase::Closed, None),
+            State::Open { until } => (Phase::Open, Some(until)),
+            State::HalfOpen { .. } => (Phase::HalfOpen, None),
+        }
+    }
+
+    /// When the breaker last opened, unless it is closed.
+    pub fn opened_at(&self) -> Option<Millis> {
+        match self.state {
+            State::Closed { .. } => None,
+            State::Open { .. } | State::HalfOpen { .. } => Some(self.opened_at),
+        }
+    }
+
+    /// How long it stays open, in milliseconds.
+    pub fn open_for_ms(&self) -> Millis {
         Millis::try_from(self.config.open_for.as_millis()).unwrap_or(Millis::MAX / 4)
     }
 
@@ -118,7 +175,6 @@ impl Breaker {
     /// Reports how an admitted call went: `ok` false for an endpoint
     /// failure (see the module docs), true otherwise.
     pub fn record(&mut self, permit: Permit, ok: bool, now: Millis) {
-        let open_for = self.open_for_ms();
         let trial = permit.trial == Some(self.opened);
         match (&mut self.state, trial) {
             (State::Closed { failures }, _) => {
@@ -127,14 +183,14 @@ impl Breaker {
                 } else {
                     *failures += 1;
                     if *failures >= self.config.failures {
-                        self.open(now.saturating_add(open_for));
+                        self.open(now);
                     }
                 }
             }
             (State::HalfOpen { running, passed }, true) => {
                 *running = running.saturating_sub(1);
                 if !ok {
-                    self.open(now.saturating_add(open_for));
+                    self.open(now);
                 } else {
                     *passed += 1;
                     if *passed >= self.config.trials {
@@ -158,9 +214,12 @@ impl Breaker {
         }
     }
 
-    fn open(&mut self, until: Millis) {
-        self.state = State::Open { until };
+    fn open(&mut self, now: Millis) {
+        self.state = State::Open {
+            until: now.saturating_add(self.open_for_ms()),
+        };
         self.opened += 1;
+        self.opened_at = now;
     }
 
     /// What the API shows.
@@ -224,9 +283,21 @@ mod tests {
     #[test]
     fn half_open_lets_trials_through_and_closes_on_their_success() {
         let mut b = breaker(1, 2);
-        call(&mut b, false, 0).expect("closed");
-        assert_eq!(b.view(10_000).state, "half_open");
-        let first = b.admit(10_000).expect("trial 1");
+        assert_eq!((b.phase(), b.opened_at()), ((Phase::Closed, None), None));
+        call(&mut b, false, 7).expect("closed");
+        assert_eq!(b.phase(), (Phase::Open, Some(10_007)));
+        assert_eq!(b.view(10_007).state, "half_open");
+        // The phase moves when a call asks.
+        assert_eq!(b.phase().0, Phase::Open);
+        let first = b.admit(10_007).expect("trial 1");
+        assert_eq!(
+            (b.phase(), b.opened_at()),
+            ((Phase::HalfOpen, None), Some(7))
+        );
+        assert_eq!(
+            Phase::parse(Phase::HalfOpen.as_str()),
+            Some(Phase::HalfOpen)
+        );
         let second = b.admit(10_001).expect("trial 2");
         assert_eq!(b.admit(10_002), Err(Refused { retry_at: 11_002 }));
         b.record(first, true, 10_003);
@@ -234,6 +305,7 @@ mod tests {
         assert!(b.admit(10_004).is_err());
         b.record(second, true, 10_005);
         assert_eq!(b.view(10_005).state, "closed");
+        assert_eq!((b.phase(), b.opened_at()), ((Phase::Closed, None), None));
         assert!(b.admit(10_006).is_ok());
     }
 

@@ -50,21 +50,36 @@
 //! While the spec's model's breaker is open, its fallbacks are tried in
 //! order; when every breaker of the chain is open, the task is deferred
 //! until the first one half-opens (the run is parked, holding no worker).
+//!
+//! Each transition of a breaker (closed → open, open → half-open, → closed)
+//! is written to the store ([`Store::put_breaker`]), so the processes
+//! sharing it see one another's: a process whose own breaker of an
+//! endpoint is closed refuses calls to it while another process has it
+//! open (until that open period ends), or half-open (its trial calls decide;
+//! for at most `open_for` after it half-opened, so a process that died
+//! mid-trial blocks no one). The store's view is read at most once every
+//! [`SHARED_REFRESH`] per process and cached, not per call: a process
+//! learns of another's opening up to that late (and meanwhile its calls
+//! fail and count on its own breaker as before). When the period ends, the
+//! process that opened the breaker makes the trial calls; the others let
+//! calls through again only once it closed it (or its half-open period is
+//! over). A failing write is logged; the breakers work on per process.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use keel_core::breaker::{Breaker, Permit, View};
+use keel_core::breaker::{Breaker, Permit, Phase, View};
 use keel_core::config::{Config, KeySource, Kind};
 use keel_core::message::Usage;
 use keel_core::run::State;
 use keel_core::spec::{ModelSpec, Provider};
 use keel_core::{Agent, Millis};
-use keel_store::{Error as StoreError, Grant, Rate, Store};
+use keel_store::{BreakerRecord, Error as StoreError, Grant, Rate, Store};
 use serde::Serialize;
-use tracing::{debug, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use crate::{llm, now};
 
@@ -83,40 +98,205 @@ const SHARE_AHEAD: Duration = Duration::from_millis(2_500);
 /// How long a 429 without `Retry-After` holds the model's buckets.
 const DEFAULT_HOLD: Duration = Duration::from_secs(1);
 
-/// The circuit breakers of this process, by endpoint. Cheap to clone; the
-/// API shows them.
-#[derive(Clone, Debug, Default)]
-pub struct Breakers(Arc<Mutex<HashMap<String, Breaker>>>);
+/// Longest the store's view of the breakers is used before it is read
+/// again (how late a process learns of another's transition).
+pub const SHARED_REFRESH: Duration = Duration::from_secs(1);
 
-/// One breaker as the API shows it.
+/// How long a call refused because another process's breaker is half-open
+/// waits (its trial calls are running).
+const SHARED_TRIAL_WAIT_MS: Millis = 1_000;
+
+/// The circuit breakers of this process, by endpoint, and the name it
+/// writes their transitions under. Cheap to clone; the API shows them.
+#[derive(Clone, Debug)]
+pub struct Breakers {
+    local: Arc<Mutex<HashMap<String, Breaker>>>,
+    process: Arc<str>,
+}
+
+impl Default for Breakers {
+    /// No breakers yet, under a name unique to this process:
+    /// `<host>:<pid>:<random>` (`$HOSTNAME`, else `local`).
+    fn default() -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "local".to_string());
+        let process = format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..));
+        Breakers {
+            local: Arc::default(),
+            process: process.into(),
+        }
+    }
+}
+
+/// One endpoint's breaker as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct EndpointView {
     /// `provider@base_url`.
     pub endpoint: String,
-    /// Its state.
+    /// How this process treats calls to it now: its own breaker's state,
+    /// or, while that is closed, another process's open or half-open one
+    /// (`opened` is this process's own count).
     #[serde(flatten)]
     pub breaker: View,
+    /// The store's view: the latest transition, by any process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedView>,
+}
+
+/// A breaker's latest transition as the store holds it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SharedView {
+    /// The phase it moved to.
+    pub state: Phase,
+    /// Open: the end of the period; half-open: until when the other
+    /// processes leave the trials to `process`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<Millis>,
+    /// When the opening behind it happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_at: Option<Millis>,
+    /// Consecutive failures behind it.
+    pub failures: u32,
+    /// The process that made it.
+    pub process: String,
+    /// When.
+    pub updated_at: Millis,
+}
+
+impl From<&BreakerRecord> for SharedView {
+    fn from(record: &BreakerRecord) -> Self {
+        SharedView {
+            state: record.phase,
+            until: record.until,
+            opened_at: record.opened_at,
+            failures: record.failures,
+            process: record.process.clone(),
+            updated_at: record.updated_at,
+        }
+    }
 }
 
 impl Breakers {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Breaker>> {
         // A panic while holding the lock leaves consistent data: each
         // operation on a breaker is one small step.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.local.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Every breaker this process has used, by endpoint.
-    pub fn views(&self, now: Millis) -> Vec<EndpointView> {
-        let mut views: Vec<EndpointView> = self
+    /// The name this process writes its transitions under.
+    pub fn process(&self) -> &str {
+        &self.process
+    }
+
+    /// Every endpoint this process has a breaker of or the store has a
+    /// transition of (`shared`), by endpoint.
+    pub fn views(&self, shared: &[BreakerRecord], now: Millis) -> Vec<EndpointView> {
+        let mut views: std::collections::BTreeMap<String, EndpointView> = self
             .lock()
             .iter()
-            .map(|(endpoint, breaker)| EndpointView {
-                endpoint: endpoint.clone(),
-                breaker: breaker.view(now),
+            .map(|(endpoint, breaker)| {
+                let view = EndpointView {
+                    endpoint: endpoint.clone(),
+                    breaker: breaker.view(now),
+                    shared: None,
+                };
+                (endpoint.clone(), view)
             })
             .collect();
-        views.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
-        views
+        for record in shared {
+            let view = views
+                .entry(record.endpoint.clone())
+                .or_insert_with(|| EndpointView {
+                    endpoint: record.endpoint.clone(),
+                    breaker: View {
+                        state: Phase::Closed.as_str(),
+                        failures: 0,
+                        open_until: None,
+                        opened: 0,
+                    },
+                    shared: None,
+                });
+            if view.breaker.state == Phase::Closed.as_str()
+                && let Some(retry_at) = refusal(record, &self.process, now)
+            {
+                view.breaker.state = record.phase.as_str();
+                view.breaker.open_until = (record.phase == Phase::Open).then_some(retry_at);
+            }
+            view.shared = Some(SharedView::from(record));
+        }
+        views.into_values().collect()
+    }
+}
+
+/// Whether another process's transition of an endpoint (`record`) refuses
+/// a call this process's closed breaker would let through, and until when:
+/// open, until its period ends; half-open, shortly (its trials run), for at
+/// most until `record.until`. A process's own records refuse nothing (its
+/// own breaker decides).
+fn refusal(record: &BreakerRecord, process: &str, now: Millis) -> Option<Millis> {
+    if record.process == process {
+        return None;
+    }
+    let until = record.until.filter(|until| now < *until)?;
+    match record.phase {
+        Phase::Open => Some(until),
+        Phase::HalfOpen => Some(now.saturating_add(SHARED_TRIAL_WAIT_MS).min(until)),
+        Phase::Closed => None,
+    }
+}
+
+/// The store's view of the breakers, read at most once per
+/// [`SHARED_REFRESH`].
+#[derive(Default)]
+struct Shared {
+    cache: Mutex<Cached>,
+    /// Held while reading the store, so one caller reads and the others
+    /// wait for its result.
+    reading: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Cached {
+    read_at: Option<Instant>,
+    records: HashMap<String, BreakerRecord>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Cached> {
+        // Replaced whole: a panic cannot leave it half-written.
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.lock()
+            .read_at
+            .is_some_and(|at| at.elapsed() < SHARED_REFRESH)
+    }
+
+    /// The store's latest transition of `endpoint`, read again when the
+    /// cache is older than [`SHARED_REFRESH`]. A failed read keeps the old
+    /// view (and waits a period before the next try).
+    async fn get<S: Store>(&self, store: &S, endpoint: &str) -> Option<BreakerRecord> {
+        if !self.is_fresh() {
+            let _reading = self.reading.lock().await;
+            if !self.is_fresh() {
+                let read = store.breakers().await;
+                let mut cache = self.lock();
+                cache.read_at = Some(Instant::now());
+                match read {
+                    Ok(records) => {
+                        cache.records = records
+                            .into_iter()
+                            .map(|r| (r.endpoint.clone(), r))
+                            .collect();
+                    }
+                    Err(e) => warn!(error = %e, "could not read the shared circuit breakers"),
+                }
+            }
+        }
+        self.lock().records.get(endpoint).cloned()
     }
 }
 
@@ -126,6 +306,8 @@ pub struct Gateway<S> {
     store: S,
     config: Arc<Config>,
     breakers: Breakers,
+    /// The store's view of every process's breakers.
+    shared: Arc<Shared>,
     /// Token estimates' calibration, by token bucket.
     calibration: Arc<Mutex<HashMap<String, Calibration>>>,
 }
@@ -190,6 +372,23 @@ impl Default for Calibration {
     }
 }
 
+/// A breaker before an operation, to tell whether it moved.
+struct Before {
+    phase: (Phase, Option<Millis>),
+    failures: u32,
+    open_for: Millis,
+}
+
+impl Before {
+    fn of(breaker: &Breaker, now: Millis) -> Before {
+        Before {
+            phase: breaker.phase(),
+            failures: breaker.view(now).failures,
+            open_for: breaker.open_for_ms(),
+        }
+    }
+}
+
 /// A call let through a breaker: which one, and its permit.
 struct Held {
     endpoint: String,
@@ -236,6 +435,7 @@ impl<S: Store> Gateway<S> {
             store,
             config,
             breakers,
+            shared: Arc::default(),
             calibration: Arc::default(),
         }
     }
@@ -256,7 +456,7 @@ impl<S: Store> Gateway<S> {
             // by the name the spec gives it.
             let provider = model.provider.name().to_string();
             let model = resolve(&self.config, model);
-            let breaker = match self.admit_breaker(&provider, &model, now) {
+            let breaker = match self.admit_breaker(&provider, &model, now).await {
                 Ok(breaker) => breaker,
                 Err(retry_at) => {
                     reopens = Some(reopens.map_or(retry_at, |r| r.min(retry_at)));
@@ -312,10 +512,15 @@ impl<S: Store> Gateway<S> {
         now: Millis,
     ) {
         let endpoint_failed = matches!(result, Err(e) if e.is_transient() && !e.is_throttled());
-        if let Some(held) = &ticket.breaker
-            && let Some(breaker) = self.breakers.lock().get_mut(&held.endpoint)
-        {
-            breaker.record(held.permit, !endpoint_failed, now);
+        if let Some(held) = &ticket.breaker {
+            let moved = self.breakers.lock().get_mut(&held.endpoint).and_then(|b| {
+                let before = Before::of(b, now);
+                b.record(held.permit, !endpoint_failed, now);
+                self.transition(&held.endpoint, before, b, now)
+            });
+            if let Some(record) = moved {
+                self.publish(record).await;
+            }
         }
         if let Some(Charge {
             bucket,
@@ -383,9 +588,10 @@ impl<S: Store> Gateway<S> {
         &self.breakers
     }
 
-    /// Admits a call through the model's breaker, if its provider has one;
-    /// when it refuses, the time it may let calls through.
-    fn admit_breaker(
+    /// Admits a call through the model's breaker, if its provider has one
+    /// (and, while it is closed, through the other processes' view of the
+    /// endpoint); when it refuses, the time it may let calls through.
+    async fn admit_breaker(
         &self,
         provider: &str,
         model: &ModelSpec,
@@ -399,20 +605,91 @@ impl<S: Store> Gateway<S> {
             return Ok(None);
         };
         let endpoint = endpoint(provider, model);
-        let mut breakers = self.breakers.lock();
-        let breaker = breakers
-            .entry(endpoint.clone())
-            .or_insert_with(|| Breaker::new(config.clone()));
-        match breaker.admit(now) {
-            Ok(permit) => Ok(Some(Held { endpoint, permit })),
-            Err(refused) => {
-                debug!(
-                    endpoint,
-                    retry_at = refused.retry_at,
-                    "circuit breaker refused a call"
-                );
-                Err(refused.retry_at)
+        let shared = self.shared.get(&self.store, &endpoint).await;
+        let (admitted, moved) = {
+            let mut breakers = self.breakers.lock();
+            let breaker = breakers
+                .entry(endpoint.clone())
+                .or_insert_with(|| Breaker::new(config.clone()));
+            let refused = shared
+                .as_ref()
+                .filter(|_| breaker.phase().0 == Phase::Closed)
+                .and_then(|record| refusal(record, &self.breakers.process, now));
+            match refused {
+                Some(retry_at) => {
+                    debug!(
+                        endpoint,
+                        retry_at, "another process's circuit breaker refused a call"
+                    );
+                    (Err(retry_at), None)
+                }
+                None => {
+                    let before = Before::of(breaker, now);
+                    let admitted = breaker.admit(now).map_err(|refused| {
+                        debug!(
+                            endpoint,
+                            retry_at = refused.retry_at,
+                            "circuit breaker refused a call"
+                        );
+                        refused.retry_at
+                    });
+                    (admitted, self.transition(&endpoint, before, breaker, now))
+                }
             }
+        };
+        if let Some(record) = moved {
+            self.publish(record).await;
+        }
+        admitted.map(|permit| Some(Held { endpoint, permit }))
+    }
+
+    /// The record of a breaker's transition, if the operation since
+    /// `before` moved it to another phase (or opened it again).
+    fn transition(
+        &self,
+        endpoint: &str,
+        before: Before,
+        breaker: &Breaker,
+        now: Millis,
+    ) -> Option<BreakerRecord> {
+        let (phase, open_until) = breaker.phase();
+        if (phase, open_until) == before.phase {
+            return None;
+        }
+        let (until, failures) = match phase {
+            Phase::Open => {
+                let failures = match before.phase.0 {
+                    Phase::Closed => before.failures + 1,
+                    Phase::Open | Phase::HalfOpen => 1,
+                };
+                (open_until, failures)
+            }
+            // The others leave the trials to this process for one open period.
+            Phase::HalfOpen => (Some(now.saturating_add(before.open_for)), 0),
+            Phase::Closed => (None, 0),
+        };
+        Some(BreakerRecord {
+            endpoint: endpoint.to_string(),
+            phase,
+            until,
+            opened_at: breaker.opened_at(),
+            failures,
+            process: self.breakers.process.to_string(),
+            updated_at: now,
+        })
+    }
+
+    /// Writes a transition to the store, for the other processes.
+    async fn publish(&self, record: BreakerRecord) {
+        info!(
+            endpoint = %record.endpoint,
+            state = record.phase.as_str(),
+            until = record.until,
+            "circuit breaker moved"
+        );
+        let endpoint = record.endpoint.clone();
+        if let Err(e) = self.store.put_breaker(record).await {
+            warn!(%endpoint, error = %e, "could not share a circuit breaker's transition");
         }
     }
 
@@ -708,6 +985,75 @@ mod tests {
             Ok(c) => c,
             Err(e) => panic!("test config: {e}"),
         }
+    }
+
+    fn record(phase: Phase, until: Option<Millis>, process: &str) -> BreakerRecord {
+        BreakerRecord {
+            endpoint: "openai@http://a/v1".to_string(),
+            phase,
+            until,
+            opened_at: Some(100),
+            failures: 3,
+            process: process.to_string(),
+            updated_at: 100,
+        }
+    }
+
+    #[test]
+    fn another_processs_open_breaker_refuses_until_its_period_ends() {
+        let open = record(Phase::Open, Some(1_000), "other");
+        assert_eq!(refusal(&open, "me", 500), Some(1_000));
+        assert_eq!(refusal(&open, "me", 1_000), None);
+        // Our own records: our own breaker decides.
+        assert_eq!(refusal(&open, "other", 500), None);
+        // Half-open elsewhere: its trials decide, we wait a little, and at
+        // most until its half-open period ends.
+        let trial = record(Phase::HalfOpen, Some(1_500), "other");
+        assert_eq!(refusal(&trial, "me", 200), Some(1_200));
+        assert_eq!(refusal(&trial, "me", 1_400), Some(1_500));
+        assert_eq!(refusal(&trial, "me", 1_500), None);
+        assert_eq!(
+            refusal(&record(Phase::Closed, None, "other"), "me", 0),
+            None
+        );
+
+        // The API's view: this process's closed breaker shows the shared
+        // open one, with this process's own count.
+        let breakers = Breakers::default();
+        breakers.lock().insert(
+            open.endpoint.clone(),
+            Breaker::new(keel_core::config::BreakerConfig {
+                failures: 3,
+                open_for: Duration::from_secs(10),
+                trials: 1,
+            }),
+        );
+        let other = BreakerRecord {
+            endpoint: "anthropic@http://b/v1".to_string(),
+            ..record(Phase::Closed, None, "other")
+        };
+        let views = breakers.views(&[open.clone(), other], 500);
+        let shown: Vec<(&str, &str, Option<Millis>, bool)> = views
+            .iter()
+            .map(|v| {
+                let shared = v.shared.as_ref().is_some_and(|s| s.process == "other");
+                (
+                    v.endpoint.as_str(),
+                    v.breaker.state,
+                    v.breaker.open_until,
+                    shared,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("anthropic@http://b/v1", "closed", None, true),
+                ("openai@http://a/v1", "open", Some(1_000), true),
+            ]
+        );
+        assert_eq!(views[1].breaker.opened, 0);
+        assert_eq!(breakers.views(&[], 500)[0].breaker.state, "closed");
     }
 
     #[test]

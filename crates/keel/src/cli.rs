@@ -452,6 +452,7 @@ async fn serve_on<S: keel_store::Store>(
     };
     let config = load_config(args.config.as_deref())?;
     let breakers = keel_engine::Breakers::default();
+    let process = breakers.process().to_string();
     let service = Service::with_limits(store.clone(), limits).with_providers(service::Providers {
         config: config.clone(),
         breakers: breakers.clone(),
@@ -476,7 +477,7 @@ async fn serve_on<S: keel_store::Store>(
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(listen = %addr, store = %described, role = args.role.as_str(), workers = args.workers, "keel serving");
+    tracing::info!(listen = %addr, store = %described, role = args.role.as_str(), workers = args.workers, %process, "keel serving");
     let app = if args.role.serves_api() {
         api::router(service)
     } else {

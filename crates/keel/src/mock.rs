@@ -13,12 +13,21 @@
 //! * `long:N:MS` answers at once with a text of N words (`w1 w2 …`); streamed,
 //!   each word is its own chunk, sent MS milliseconds after the previous one
 //!   (a slow model, for tests of streaming that survives reconnects);
+//! * `plan:K:MS` first says what it will do (a few words), then calls the
+//!   first tool K times in one answer (parallel calls `call_1`…`call_K`,
+//!   arguments `{"n": k, "note": …}`), then answers once the results are in;
+//!   streamed, the arguments come in pieces of 4 bytes and every chunk MS
+//!   milliseconds after the previous one (tool calls being built, for tests
+//!   of streamed tool calls);
 //! * anything else gets a 400 (OpenAI) or 404 (Anthropic), like a real
 //!   provider for an unknown model.
 //!
-//! Streamed answers split text at spaces and tool arguments in two, so
-//! clients see several deltas; the plain OpenAI answer is the benchmark's hot
-//! path and stays one `json!` value.
+//! Streamed answers split text at spaces and tool arguments in two (in
+//! pieces of 4 bytes for `plan`), in each protocol's own framing (OpenAI:
+//! `delta.tool_calls[]` by index, the id and name first with empty
+//! arguments; Anthropic: a `text` block, then one `tool_use` block per call
+//! with `input_json_delta`s), so clients see several deltas; the plain OpenAI
+//! answer is the benchmark's hot path and stays one `json!` value.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -255,14 +264,46 @@ struct ChatFunction<'a> {
 
 /// What the mock model does next.
 enum Turn<'a> {
-    /// Calls `tool` with `arguments` (raw text: not always JSON).
-    Call {
-        id: String,
-        tool: &'a str,
-        arguments: String,
-    },
+    /// Says `text` (may be empty), then makes the tool calls.
+    Calls { text: String, calls: Vec<Call<'a>> },
     /// Answers with text.
     Answer(String),
+}
+
+/// One tool call of a turn.
+struct Call<'a> {
+    id: String,
+    tool: &'a str,
+    /// Raw text: not always JSON.
+    arguments: String,
+}
+
+impl<'a> Turn<'a> {
+    /// A turn with one call and no text.
+    fn call(id: String, tool: &'a str, arguments: String) -> Turn<'a> {
+        Turn::Calls {
+            text: String::new(),
+            calls: vec![Call {
+                id,
+                tool,
+                arguments,
+            }],
+        }
+    }
+
+    /// Bytes the model wrote (for the usage it reports).
+    fn written(&self) -> usize {
+        match self {
+            Turn::Answer(text) => text.len(),
+            Turn::Calls { text, calls } => {
+                text.len()
+                    + calls
+                        .iter()
+                        .map(|c| c.tool.len() + c.arguments.len())
+                        .sum::<usize>()
+            }
+        }
+    }
 }
 
 /// The next turn of mock model `model`, given the tool results so far, the
@@ -273,11 +314,11 @@ fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) ->
         .and_then(|n| n.parse::<usize>().ok())
     {
         return Some(if tool_results < n {
-            Turn::Call {
-                id: format!("call_{}", tool_results + 1),
+            Turn::call(
+                format!("call_{}", tool_results + 1),
                 tool,
-                arguments: json!({"n": tool_results + 1}).to_string(),
-            }
+                json!({"n": tool_results + 1}).to_string(),
+            )
         } else {
             Turn::Answer(format!(
                 "done after {tool_results} tool calls; last result: {last}"
@@ -288,24 +329,58 @@ fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) ->
         let text: Vec<String> = (1..=words).map(|i| format!("w{i}")).collect();
         return Some(Turn::Answer(text.join(" ")));
     }
+    if let Some((calls, _)) = plan(model) {
+        if tool_results >= calls {
+            return Some(Turn::Answer(format!(
+                "done after {tool_results} tool calls; last result: {last}"
+            )));
+        }
+        let calls = (1..=calls)
+            .map(|k| Call {
+                id: format!("call_{k}"),
+                tool,
+                arguments: json!({"n": k, "note": format!("call number {k} of the plan")})
+                    .to_string(),
+            })
+            .collect();
+        return Some(Turn::Calls {
+            text: format!("I will call {tool} now. "),
+            calls,
+        });
+    }
     if model == "garbage" {
         let (tool, arguments) = if tool_results.is_multiple_of(2) {
             (tool, "{\"n\": oops")
         } else {
             ("no_such_tool", "{}")
         };
-        return Some(Turn::Call {
-            id: format!("call_{tool_results}"),
+        return Some(Turn::call(
+            format!("call_{tool_results}"),
             tool,
-            arguments: arguments.to_string(),
-        });
+            arguments.to_string(),
+        ));
     }
     None
 }
 
 /// The words and the pause between streamed chunks of a `long:N:MS` model.
 fn long(model: &str) -> Option<(usize, Duration)> {
-    let mut parts = model.strip_prefix("long:")?.split(':');
+    count_and_pause(model.strip_prefix("long:")?)
+}
+
+/// The calls and the pause between streamed chunks of a `plan:K:MS` model.
+fn plan(model: &str) -> Option<(usize, Duration)> {
+    count_and_pause(model.strip_prefix("plan:")?)
+}
+
+/// The pause between streamed chunks of a paced model, if it is one.
+fn pace(model: &str) -> Option<Duration> {
+    long(model).or_else(|| plan(model)).map(|(_, pause)| pause)
+}
+
+/// `N:MS` of a paced model's name.
+fn count_and_pause(spec: &str) -> Option<(usize, Duration)> {
+    let mut parts = spec.split(':');
     let words = parts.next()?.parse().ok()?;
     let pause = parts.next()?.parse().ok()?;
     if parts.next().is_some() {
@@ -365,17 +440,21 @@ async fn chat(
     };
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let pause = long(model).map(|(_, pause)| pause);
-        return chat_stream(model, &turn, usage.then_some(prompt_tokens), pause);
+        return chat_stream(model, &turn, usage.then_some(prompt_tokens), pace(model));
     }
 
     let message = match &turn {
-        Turn::Call {
-            id,
-            tool,
-            arguments,
-        } => json!({"role": "assistant", "content": null, "tool_calls": [
-            {"id": id, "type": "function", "function": {"name": tool, "arguments": arguments}}]}),
+        Turn::Calls { text, calls } => {
+            let calls: Vec<Value> = calls
+                .iter()
+                .map(|c| {
+                    json!({"id": c.id, "type": "function",
+                    "function": {"name": c.tool, "arguments": c.arguments}})
+                })
+                .collect();
+            let content = (!text.is_empty()).then_some(text);
+            json!({"role": "assistant", "content": content, "tool_calls": calls})
+        }
         Turn::Answer(text) => json!({"role": "assistant", "content": text}),
     };
     let completion_tokens = message.to_string().len() / 4;
@@ -401,9 +480,10 @@ async fn chat(
     .into_response()
 }
 
-/// A streamed chat completion: role, then text split at spaces or the call
-/// with its arguments in two pieces, the finish reason, the usage when asked
-/// (`prompt_tokens`), and `[DONE]`; with a `pause`, each chunk after it.
+/// A streamed chat completion: role, then text split at spaces, then each
+/// call (its index, id and name, then its arguments in pieces), the finish
+/// reason, the usage when asked (`prompt_tokens`), and `[DONE]`; with a
+/// `pause`, each chunk after it.
 fn chat_stream(
     model: &str,
     turn: &Turn<'_>,
@@ -416,32 +496,27 @@ fn chat_stream(
         format!("data: {chunk}\n\n")
     };
     let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
-    let (finish, written) = match turn {
-        Turn::Answer(text) => {
-            for piece in text.split_inclusive(' ') {
-                events.push(chunk(json!({"content": piece}), None));
-            }
-            ("stop", text.len())
-        }
-        Turn::Call {
-            id,
-            tool,
-            arguments,
-        } => {
+    let (text, calls, finish) = match turn {
+        Turn::Answer(text) => (text, &[][..], "stop"),
+        Turn::Calls { text, calls } => (text, &calls[..], "tool_calls"),
+    };
+    for piece in text.split_inclusive(' ') {
+        events.push(chunk(json!({"content": piece}), None));
+    }
+    for (index, call) in calls.iter().enumerate() {
+        events.push(chunk(
+            json!({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                "function": {"name": call.tool, "arguments": ""}}]}),
+            None,
+        ));
+        for piece in argument_pieces(model, &call.arguments) {
             events.push(chunk(
-                json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
-                    "function": {"name": tool, "arguments": ""}}]}),
+                json!({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}),
                 None,
             ));
-            for piece in halves(arguments) {
-                events.push(chunk(
-                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
-                    None,
-                ));
-            }
-            ("tool_calls", tool.len() + arguments.len())
         }
-    };
+    }
+    let written = turn.written();
     events.push(chunk(json!({}), Some(finish)));
     if let Some(prompt_tokens) = prompt_tokens {
         let completion_tokens = written.div_ceil(4);
@@ -472,6 +547,26 @@ fn paced_event_stream(events: Vec<String>, pause: Duration) -> Response {
         Body::from_stream(frames),
     )
         .into_response()
+}
+
+/// A call's arguments as a stream sends them: in pieces of 4 bytes for
+/// `plan` models, else in two.
+fn argument_pieces<'a>(model: &str, arguments: &'a str) -> Vec<&'a str> {
+    if plan(model).is_none() {
+        return halves(arguments);
+    }
+    let mut pieces = Vec::new();
+    let mut rest = arguments;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(4);
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        pieces.push(piece);
+        rest = tail;
+    }
+    pieces
 }
 
 /// `text` in two pieces split near its middle (one when it is too short).
@@ -591,38 +686,35 @@ async fn messages(
         );
     };
     if req.stream {
-        return messages_stream(model, &turn, input_tokens);
+        return messages_stream(model, &turn, input_tokens, pace(model));
     }
 
-    let (block, stop, written) = match &turn {
-        Turn::Answer(text) => (
-            json!({"type": "text", "text": text}),
-            "end_turn",
-            text.len(),
-        ),
-        Turn::Call {
-            id,
-            tool,
-            arguments,
-        } => {
-            // Only an object fits in `input`: bad arguments become a bad tool.
-            let (tool, input) = match serde_json::from_str::<Value>(arguments) {
-                Ok(input @ Value::Object(_)) => (*tool, input),
-                _ => ("no_such_tool", json!({})),
-            };
-            (
-                json!({"type": "tool_use", "id": id, "name": tool, "input": input}),
-                "tool_use",
-                tool.len() + arguments.len(),
-            )
+    let (blocks, stop) = match &turn {
+        Turn::Answer(text) => (vec![json!({"type": "text", "text": text})], "end_turn"),
+        Turn::Calls { text, calls } => {
+            let mut blocks = Vec::new();
+            if !text.is_empty() {
+                blocks.push(json!({"type": "text", "text": text}));
+            }
+            for call in calls {
+                // Only an object fits in `input`: bad arguments become a bad tool.
+                let (tool, input) = match serde_json::from_str::<Value>(&call.arguments) {
+                    Ok(input @ Value::Object(_)) => (call.tool, input),
+                    _ => ("no_such_tool", json!({})),
+                };
+                blocks
+                    .push(json!({"type": "tool_use", "id": call.id, "name": tool, "input": input}));
+            }
+            (blocks, "tool_use")
         }
     };
+    let written = turn.written();
     Json(json!({
         "id": "msg_mock",
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [block],
+        "content": blocks,
         "stop_reason": stop,
         "stop_sequence": null,
         "usage": {"input_tokens": input_tokens, "output_tokens": written.div_ceil(4)}
@@ -630,10 +722,16 @@ async fn messages(
     .into_response()
 }
 
-/// A streamed Messages API answer: `message_start`, a `ping`, one content
-/// block (text split at spaces, or a tool call with its input JSON in two
-/// pieces), `message_delta` and `message_stop`.
-fn messages_stream(model: &str, turn: &Turn<'_>, input_tokens: usize) -> Response {
+/// A streamed Messages API answer: `message_start`, a `ping`, a text block
+/// (split at spaces) when there is text, a `tool_use` block per call (its
+/// input JSON in pieces), `message_delta` and `message_stop`; with a
+/// `pause`, each event after it.
+fn messages_stream(
+    model: &str,
+    turn: &Turn<'_>,
+    input_tokens: usize,
+    pause: Option<Duration>,
+) -> Response {
     let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
     let mut events = vec![
         event(
@@ -644,56 +742,65 @@ fn messages_stream(model: &str, turn: &Turn<'_>, input_tokens: usize) -> Respons
         ),
         event("ping", json!({"type": "ping"})),
     ];
-    let delta = |delta: Value| {
+    let delta = |index: usize, delta: Value| {
         event(
             "content_block_delta",
-            json!({"type": "content_block_delta", "index": 0, "delta": delta}),
+            json!({"type": "content_block_delta", "index": index, "delta": delta}),
         )
     };
-    let (stop, written) = match turn {
-        Turn::Answer(text) => {
-            events.push(event(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "text", "text": ""}}),
-            ));
-            for piece in text.split_inclusive(' ') {
-                events.push(delta(json!({"type": "text_delta", "text": piece})));
-            }
-            ("end_turn", text.len())
-        }
-        Turn::Call {
-            id,
-            tool,
-            arguments,
-        } => {
-            events.push(event(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "tool_use", "id": id, "name": tool, "input": {}}}),
-            ));
-            events.push(delta(
-                json!({"type": "input_json_delta", "partial_json": ""}),
-            ));
-            for piece in halves(arguments) {
-                events.push(delta(
-                    json!({"type": "input_json_delta", "partial_json": piece}),
-                ));
-            }
-            ("tool_use", tool.len() + arguments.len())
-        }
+    let stop_block = |index: usize| {
+        event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        )
     };
-    events.push(event(
-        "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
-    ));
+    let (text, calls, stop) = match turn {
+        Turn::Answer(text) => (text, &[][..], "end_turn"),
+        Turn::Calls { text, calls } => (text, &calls[..], "tool_use"),
+    };
+    let mut index = 0;
+    if !text.is_empty() || calls.is_empty() {
+        events.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index,
+                "content_block": {"type": "text", "text": ""}}),
+        ));
+        for piece in text.split_inclusive(' ') {
+            events.push(delta(index, json!({"type": "text_delta", "text": piece})));
+        }
+        events.push(stop_block(index));
+        index += 1;
+    }
+    for call in calls {
+        events.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index,
+                "content_block": {"type": "tool_use", "id": call.id, "name": call.tool, "input": {}}}),
+        ));
+        events.push(delta(
+            index,
+            json!({"type": "input_json_delta", "partial_json": ""}),
+        ));
+        for piece in argument_pieces(model, &call.arguments) {
+            events.push(delta(
+                index,
+                json!({"type": "input_json_delta", "partial_json": piece}),
+            ));
+        }
+        events.push(stop_block(index));
+        index += 1;
+    }
+    let written = turn.written();
     events.push(event(
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
             "usage": {"output_tokens": written.div_ceil(4)}}),
     ));
     events.push(event("message_stop", json!({"type": "message_stop"})));
-    event_stream(events)
+    match pause {
+        Some(pause) => paced_event_stream(events, pause),
+        None => event_stream(events),
+    }
 }
 
 fn count(c: &Counters, headers: &HeaderMap) {

@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use keel_core::breaker::Phase;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
@@ -15,9 +16,10 @@ use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde_json::{Value, json};
 
 use crate::{
-    Append, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error, ExportStatus, Grant,
-    Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered, RelayHolder, Result,
-    RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
+    Append, BreakerRecord, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error,
+    ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered,
+    RelayHolder, Result, RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind,
+    TaskUpdate, ToolCallDelta, UsageTotals,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -64,6 +66,7 @@ macro_rules! store_suite {
                 limits_count_the_active_keys_under_a_prefix,
                 deltas_are_fenced_ordered_and_announced,
                 deltas_are_compacted_by_the_journal,
+                breakers_keep_each_endpoints_latest_transition,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2018,6 +2021,7 @@ fn delta_batch(task: &Task, attempt: DeltaAttempt, text: &str, now: Millis) -> D
         step: task.step,
         attempt,
         text: text.to_string(),
+        tool_calls: Vec::new(),
         now,
     }
 }
@@ -2082,20 +2086,53 @@ pub(crate) async fn deltas_are_fenced_ordered_and_announced<S: Store>(store: S) 
         Err(Error::Conflict(_))
     ));
 
+    // A batch of tool calls (one starting, one going on) with no text.
+    let calls = vec![
+        ToolCallDelta {
+            index: 0,
+            id: None,
+            name: None,
+            arguments: "\"x\"}".to_string(),
+        },
+        ToolCallDelta {
+            index: 1,
+            id: Some("call_2".to_string()),
+            name: Some("lookup".to_string()),
+            arguments: "{\"q\": ".to_string(),
+        },
+    ];
+    let mut tools = delta_batch(
+        &task,
+        DeltaAttempt::Continue { attempt: 1, idx: 3 },
+        "",
+        T0 + 4,
+    );
+    tools.tool_calls = calls.clone();
+    assert_eq!(store.append_deltas(tools).await?, pos(1, 1, 3));
+
     let page = store.deltas(run_id, None, 100).await?;
     assert_eq!(page.last_seq, 1);
     assert_eq!(page.deltas[0].at, T0 + 1);
+    assert!(page.deltas[..3].iter().all(|d| d.tool_calls.is_empty()));
+    assert_eq!(
+        (page.deltas[3].text.as_str(), &page.deltas[3].tool_calls),
+        ("", &calls)
+    );
+    let page = store.deltas(run_id, Some(pos(1, 1, 2)), 100).await?;
+    assert_eq!(page.deltas.len(), 1);
+    assert_eq!(page.deltas[0].tool_calls, calls);
     assert_eq!(
         delta_texts(&store, run_id, None).await?,
         vec![
             (pos(1, 1, 0), "Hel".to_string()),
             (pos(1, 1, 1), "lo, ".to_string()),
             (pos(1, 1, 2), "wor".to_string()),
+            (pos(1, 1, 3), String::new()),
         ]
     );
     // From a position on; a page stops at its limit.
     let after = delta_texts(&store, run_id, Some(pos(1, 1, 0))).await?;
-    assert_eq!(after.len(), 2);
+    assert_eq!(after.len(), 3);
     assert_eq!(after[0].0, pos(1, 1, 1));
     let page = store.deltas(run_id, None, 1).await?;
     assert_eq!(page.deltas.len(), 1);
@@ -2106,7 +2143,7 @@ pub(crate) async fn deltas_are_fenced_ordered_and_announced<S: Store>(store: S) 
     let takeover = claim_one(&store, "b", LEASE, T0 + 200).await?;
     let stale = delta_batch(
         &task,
-        DeltaAttempt::Continue { attempt: 1, idx: 3 },
+        DeltaAttempt::Continue { attempt: 1, idx: 4 },
         "ld",
         T0 + 201,
     );
@@ -2125,7 +2162,7 @@ pub(crate) async fn deltas_are_fenced_ordered_and_announced<S: Store>(store: S) 
     // counting its attempt) still gets a new number.
     let reopened = delta_batch(&takeover, DeltaAttempt::Open(1), "Hey", T0 + 203);
     assert_eq!(store.append_deltas(reopened).await?, pos(1, 3, 0));
-    let texts = delta_texts(&store, run_id, Some(pos(1, 1, 2))).await?;
+    let texts = delta_texts(&store, run_id, Some(pos(1, 1, 3))).await?;
     assert_eq!(
         texts,
         vec![
@@ -2158,9 +2195,14 @@ pub(crate) async fn deltas_are_compacted_by_the_journal<S: Store>(store: S) -> R
     tasks.sort_by_key(|t| t.run_id != run_id);
     let (task, other_task) = (tasks[0].clone(), tasks[1].clone());
     for t in [&task, &other_task] {
-        store
-            .append_deltas(delta_batch(t, DeltaAttempt::Open(1), "partial", T0 + 1))
-            .await?;
+        let mut batch = delta_batch(t, DeltaAttempt::Open(1), "partial", T0 + 1);
+        batch.tool_calls = vec![ToolCallDelta {
+            index: 0,
+            id: Some("call_1".to_string()),
+            name: Some("lookup".to_string()),
+            arguments: "{}".to_string(),
+        }];
+        store.append_deltas(batch).await?;
     }
 
     // The append journaling step 1's answer deletes step 1's deltas, in the
@@ -2249,5 +2291,45 @@ pub(crate) async fn limits_count_the_active_keys_under_a_prefix<S: Store>(store:
     store.adjust_capacity(&b, share, -1, T0 + 5_000).await?;
     assert_eq!(store.active_limits(prefix, &a, T0 + 4_999).await?, 1);
     assert_eq!(store.active_limits(prefix, &a, T0 + 5_000).await?, 0);
+    Ok(())
+}
+
+fn breaker_record(endpoint: &str, phase: Phase, process: &str, at: Millis) -> BreakerRecord {
+    let open = phase != Phase::Closed;
+    BreakerRecord {
+        endpoint: endpoint.to_string(),
+        phase,
+        until: open.then_some(at + 30_000),
+        opened_at: open.then_some(at),
+        failures: if phase == Phase::Open { 5 } else { 0 },
+        process: process.to_string(),
+        updated_at: at,
+    }
+}
+
+pub(crate) async fn breakers_keep_each_endpoints_latest_transition<S: Store>(
+    store: S,
+) -> Result<()> {
+    assert!(store.breakers().await?.is_empty());
+    let a = "openai@http://a/v1";
+    let b = "anthropic@http://b/v1";
+    let opened = breaker_record(a, Phase::Open, "p1", T0);
+    store.put_breaker(opened.clone()).await?;
+    assert_eq!(store.breakers().await?, vec![opened]);
+
+    // A later transition replaces it, whichever process made it; an older
+    // one (a slow writer) does not.
+    let trial = breaker_record(a, Phase::HalfOpen, "p2", T0 + 30_000);
+    store.put_breaker(trial.clone()).await?;
+    store
+        .put_breaker(breaker_record(a, Phase::Closed, "p1", T0 + 10))
+        .await?;
+    let other = breaker_record(b, Phase::Closed, "p1", T0 + 5);
+    store.put_breaker(other.clone()).await?;
+    // By endpoint.
+    assert_eq!(store.breakers().await?, vec![other, trial]);
+    let closed = breaker_record(a, Phase::Closed, "p1", T0 + 30_001);
+    store.put_breaker(closed.clone()).await?;
+    assert_eq!(store.breakers().await?[1], closed);
     Ok(())
 }

@@ -46,16 +46,27 @@
 //!
 //! # Streamed LLM output
 //!
-//! While a worker streams a model's answer it persists the text in small
-//! batches ([`Store::append_deltas`], one write per batch, fenced by the
-//! task's lease like an append), so a reader that reconnects gets exactly
-//! what it missed ([`Store::deltas`]). Each batch is a [`DeltaPos`]: the LLM
+//! While a worker streams a model's answer it persists the text and the
+//! tool calls being written ([`ToolCallDelta`]: a call's start, then its
+//! argument fragments) in small batches ([`Store::append_deltas`], one
+//! write per batch, fenced by the task's lease like an append), so a reader
+//! that reconnects gets exactly what it missed ([`Store::deltas`]). Each
+//! batch is a [`DeltaPos`]: the LLM
 //! step, the attempt at it (a retried call streams under a newer attempt)
 //! and its index within the attempt. They are ephemeral: the append that
 //! journals a step's `LlmCompleted` deletes the step's deltas in the same
 //! transaction (the final message holds the whole text), and an append that
 //! ends the run deletes all of them. Writes are announced to subscribers
 //! like commits.
+//!
+//! # Circuit breakers
+//!
+//! Each process keeps its own circuit breakers (engine); the store keeps the
+//! latest transition of each endpoint's breaker, whichever process made it
+//! ([`Store::put_breaker`], [`Store::breakers`]), so every process sharing
+//! the store can show it and refuse calls to an endpoint another process
+//! found broken. An older transition never replaces a newer one. PostgreSQL
+//! keeps them in a table; SQLite (one process) in memory.
 //!
 //! Every write made under a task lease is fenced: it names the lease, and the
 //! store refuses it (with [`Error::LeaseLost`]) once the lease expired or was
@@ -72,6 +83,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::time::Duration;
 
+use keel_core::breaker::Phase;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
@@ -509,19 +521,43 @@ pub struct DeltaBatch {
     pub step: u32,
     /// Which attempt, and where in it.
     pub attempt: DeltaAttempt,
-    /// The text streamed since the previous batch.
+    /// The text streamed since the previous batch (may be empty).
     pub text: String,
+    /// The tool-call pieces streamed since the previous batch, one per
+    /// call they belong to, in the order the calls first appeared.
+    pub tool_calls: Vec<ToolCallDelta>,
     /// Write time.
     pub now: Millis,
 }
 
-/// A stored batch of streamed text.
+/// What a batch of streamed output adds to one tool call of the answer:
+/// its start (id and tool name, in the batch where the call first
+/// appears) and the next fragments of its arguments, concatenated.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCallDelta {
+    /// Position of the call among the answer's tool calls, from 0.
+    pub index: u32,
+    /// The provider's id for the call, in the batch where it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The tool's name, in the batch where the call starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The next piece of the call's arguments (raw text, JSON once all
+    /// pieces are joined); may be empty.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// A stored batch of streamed output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delta {
     /// Its position.
     pub pos: DeltaPos,
-    /// The text.
+    /// The text (may be empty when the batch holds only tool calls).
     pub text: String,
+    /// The tool-call pieces ([`DeltaBatch::tool_calls`]).
+    pub tool_calls: Vec<ToolCallDelta>,
     /// When it was written.
     pub at: Millis,
 }
@@ -538,19 +574,44 @@ pub struct Deltas {
     pub deltas: Vec<Delta>,
 }
 
-/// A stored delta, checking its position fits (step, attempt, index).
-fn delta(run_id: RunId, pos: [i64; 3], text: String, at: Millis) -> Result<Delta> {
+/// A stored delta, checking its position fits (step, attempt, index) and
+/// its tool calls (a JSON array, NULL when none) read.
+fn delta(
+    run_id: RunId,
+    pos: [i64; 3],
+    text: String,
+    tool_calls: Option<&str>,
+    at: Millis,
+) -> Result<Delta> {
     let mut numbers = [0_u32; 3];
     for (number, value) in numbers.iter_mut().zip(pos) {
         *number = u32::try_from(value)
             .map_err(|_| Error::Corrupt(format!("a delta of run {run_id} has position {pos:?}")))?;
     }
     let [step, attempt, idx] = numbers;
+    let tool_calls = match tool_calls {
+        None => Vec::new(),
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            Error::Corrupt(format!(
+                "the tool calls of delta {step}.{attempt}.{idx} of run {run_id} are unreadable: {e}"
+            ))
+        })?,
+    };
     Ok(Delta {
         pos: DeltaPos { step, attempt, idx },
         text,
+        tool_calls,
         at,
     })
+}
+
+/// A batch's tool calls as stored: a JSON array, NULL when there are none.
+fn tool_calls_column(tool_calls: &[ToolCallDelta]) -> Option<String> {
+    if tool_calls.is_empty() {
+        return None;
+    }
+    // Strings and numbers only: serializing cannot fail.
+    serde_json::to_string(tool_calls).ok()
 }
 
 /// Which deltas an append of `events` deletes in its transaction: those of
@@ -567,6 +628,28 @@ fn compaction(events: &[Event]) -> Vec<Option<u32>> {
         }
     }
     steps
+}
+
+/// The latest transition of one LLM endpoint's circuit breaker, as the
+/// process that made it wrote it ([`Store::put_breaker`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerRecord {
+    /// The endpoint (`provider@base_url`).
+    pub endpoint: String,
+    /// The phase it moved to.
+    pub phase: Phase,
+    /// Open: the end of the open period. Half-open: until when other
+    /// processes leave the trial calls to the writer. Closed: none.
+    pub until: Option<Millis>,
+    /// When the opening that led here happened (open, half-open).
+    pub opened_at: Option<Millis>,
+    /// The consecutive failures behind the transition (0 when it closed
+    /// or half-opened).
+    pub failures: u32,
+    /// The process that made the transition.
+    pub process: String,
+    /// When (epoch ms): a record never replaces a newer one.
+    pub updated_at: Millis,
 }
 
 /// A run as the outbox names it.
@@ -758,7 +841,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// idle worker sleeps exactly until then).
     fn next_due(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
-    /// Persists a batch of text streamed from the model (one write), fenced
+    /// Persists a batch of text and tool-call pieces streamed from the
+    /// model (one write), fenced
     /// by the task's lease ([`Error::LeaseLost`] once it expired or was taken
     /// over), and announces it to subscribers like a commit (with no new
     /// work). Returns where the batch was written; the attempt of
@@ -925,4 +1009,13 @@ pub trait Store: Clone + Send + Sync + 'static {
         except: &str,
         since: Millis,
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Writes a transition of an endpoint's circuit breaker as the shared
+    /// state of that endpoint, unless the stored one is newer (a later
+    /// `updated_at`). One small write per transition, not per call.
+    fn put_breaker(&self, record: BreakerRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// The shared state of every endpoint's breaker ([`Store::put_breaker`]),
+    /// by endpoint. Callers on a hot path cache it.
+    fn breakers(&self) -> impl Future<Output = Result<Vec<BreakerRecord>>> + Send;
 }

@@ -54,7 +54,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
 }
 
 /// What a worker-only process serves: `/healthz`, `/readyz`, and
-/// `/v1/providers` (its own circuit breakers: each process has its own).
+/// `/v1/providers` (its circuit breakers and the store's shared view).
 pub fn health_router<S: Store>(service: Service<S>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -339,12 +339,17 @@ async fn events<S: Store>(
                     seq,
                     delta: Some(delta.pos),
                 };
-                let data = json!({
+                let mut data = json!({
                     "step": delta.pos.step,
                     "attempt": delta.pos.attempt,
                     "idx": delta.pos.idx,
                     "text": delta.text,
                 });
+                // Only batches with tool calls have the field: text-only
+                // events stay as they were.
+                if !delta.tool_calls.is_empty() {
+                    data["tool_calls"] = json!(delta.tool_calls);
+                }
                 SseEvent::default()
                     .id(position.id())
                     .event("llm_delta")
@@ -546,8 +551,10 @@ async fn usage<S: Store>(
 }
 
 /// The configured LLM providers (endpoints, key sources, limits, prices,
-/// breaker thresholds; never a key) and the circuit breakers of this
-/// process: those its workers used (none in an `api`-only process).
+/// breaker thresholds; never a key) and the circuit breakers: those this
+/// process's workers used, merged with the store's latest transition of
+/// every endpoint (`shared`, written by any process on the store), so an
+/// `api`-only process shows them too.
 async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
     let providers = &svc.providers;
     let configured: Vec<Value> = providers
@@ -563,9 +570,18 @@ async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
             value
         })
         .collect();
+    let shared = match svc.store.breakers().await {
+        Ok(shared) => shared,
+        Err(e) => {
+            // This process's own breakers are still worth showing.
+            tracing::warn!(error = %e, "could not read the shared circuit breakers");
+            Vec::new()
+        }
+    };
     Json(json!({
         "providers": configured,
-        "breakers": providers.breakers.views(keel_engine::now()),
+        "process": providers.breakers.process(),
+        "breakers": providers.breakers.views(&shared, keel_engine::now()),
     }))
 }
 

@@ -219,6 +219,105 @@ async fn a_failing_provider_opens_its_breaker_and_the_fallback_serves() {
     assert!(primary.counters.llm_requests.load(Ordering::Relaxed) > failed);
 }
 
+/// On PostgreSQL an open breaker is every process's: a worker process
+/// opens the primary's breaker; the API process and a worker process
+/// started afterwards show it open (the store's view, naming the first
+/// worker), and the second worker's runs go to the fallback without
+/// calling the broken endpoint once.
+#[tokio::test]
+async fn an_open_breaker_is_shared_by_the_processes_on_postgres() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let primary = Mock::start().await.expect("primary");
+    let fallback = Mock::start().await.expect("fallback");
+    primary.counters.llm_down.store(true, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        "providers:\n  openai:\n    kind: openai\n    breaker: {failures: 3, open_for: 60s, trials: 1}\n",
+    );
+    let config = arg(&config);
+    let worker_args = [
+        "--database-url",
+        db.url.as_str(),
+        "--role",
+        "worker",
+        "--workers",
+        "8",
+        "--config",
+        config.as_str(),
+    ];
+    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
+    let mut first = Server::start(&dir.db(), &worker_args).await;
+    let http = reqwest::Client::new();
+    let model = format!(
+        r#"{{provider: openai, model: "tools:1", base_url: "{}", timeout: 5s, fallbacks: [{{provider: openai, model: "tools:1", base_url: "{}"}}]}}"#,
+        primary.llm_url(),
+        fallback.llm_url(),
+    );
+    let yaml = echo_agent(
+        "shared",
+        &model,
+        &fallback,
+        "retry: {max_attempts: 10, backoff: {initial: 50ms, max: 200ms}}",
+    );
+    register(&http, &api, &yaml).await;
+    for id in submit_many(&http, &api, "shared", 6).await {
+        let run = wait_terminal(&http, &api, &id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    let failed = primary.counters.llm_requests.load(Ordering::Relaxed);
+    assert!((3..=6).contains(&failed), "{failed} calls failed");
+    let opener = get_json(&http, &first.url("/v1/providers")).await;
+    let process = opener["process"].as_str().expect("process").to_string();
+    let own = primary_breaker(&http, &first, &primary).await;
+    assert_eq!(
+        (own["state"].as_str(), own["opened"].as_u64()),
+        (Some("open"), Some(1)),
+        "{own}"
+    );
+    assert_eq!(own["shared"]["state"], "open", "{own}");
+    assert_eq!(own["shared"]["process"], process.as_str(), "{own}");
+    assert_eq!(own["shared"]["failures"], 3, "{own}");
+
+    // The API process runs no breaker, yet shows it open.
+    let seen = primary_breaker(&http, &api, &primary).await;
+    assert_eq!(seen["state"], "open", "{seen}");
+    assert_eq!(seen["opened"], 0, "{seen}");
+    assert_eq!(seen["shared"]["process"], process.as_str(), "{seen}");
+    assert_eq!(seen["open_until"], own["shared"]["until"], "{seen}");
+
+    // Another worker takes over: it has never called the primary, and
+    // still goes to the fallback at once.
+    terminate(&mut first, Duration::from_secs(20)).await;
+    let second = Server::start(&dir.db(), &worker_args).await;
+    let seen = primary_breaker(&http, &second, &primary).await;
+    assert_eq!(seen["state"], "open", "{seen}");
+    assert_eq!(seen["shared"]["process"], process.as_str(), "{seen}");
+    let served = fallback.counters.llm_requests.load(Ordering::Relaxed);
+    for id in submit_many(&http, &api, "shared", 4).await {
+        let run = wait_terminal(&http, &api, &id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    assert_eq!(
+        primary.counters.llm_requests.load(Ordering::Relaxed),
+        failed,
+        "the second worker called the broken endpoint"
+    );
+    assert_eq!(
+        fallback.counters.llm_requests.load(Ordering::Relaxed),
+        served + 8
+    );
+    // Its own breaker never opened: the refusal was the shared one.
+    let seen = primary_breaker(&http, &second, &primary).await;
+    assert_eq!(
+        (seen["state"].as_str(), seen["opened"].as_u64()),
+        (Some("open"), Some(0)),
+        "{seen}"
+    );
+}
+
 /// The breaker of the primary mock's endpoint, from `GET /v1/providers`.
 async fn primary_breaker(http: &reqwest::Client, server: &Server, primary: &Mock) -> Value {
     let body = get_json(http, &server.url("/v1/providers")).await;

@@ -301,3 +301,259 @@ async fn a_crash_mid_stream_makes_the_client_discard_the_partial_text() {
     drop(server);
     assert_eq!(deltas_left(&dir, &id).await, 0, "no delta rows remain");
 }
+
+/// An agent streaming the mock's `plan:2:MS` model (text, then two calls of
+/// its `echo` tool built piece by piece) over `provider`'s wire protocol.
+fn planning_agent(name: &str, mock: &Mock, provider: &str) -> String {
+    format!(
+        r#"
+name: {name}
+version: 1
+model:
+  provider: {provider}
+  model: "plan:2:15"
+  base_url: "{llm}"
+  timeout: 30s
+  stream: true
+system: You are a test agent.
+tools:
+  - name: echo
+    description: A test tool.
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "{tool}", method: POST}}
+"#,
+        llm = mock.llm_url(),
+        tool = mock.tool_url("echo"),
+    )
+}
+
+/// A tool call as a client rebuilds it from `llm_delta` events.
+#[derive(Debug, Default, PartialEq)]
+struct Built {
+    id: Option<String>,
+    name: Option<String>,
+    arguments: String,
+}
+
+/// Rebuilds step `step`'s text and tool calls (by index) from the
+/// `llm_delta` events among `events`, checking that a call's id and name
+/// come once, in its first piece, and never after its arguments began.
+fn rebuild(events: &[&Seen], step: u64) -> (String, Vec<Built>, usize) {
+    let mut text = String::new();
+    let mut calls: Vec<Built> = Vec::new();
+    let mut with_calls = 0;
+    for event in events.iter().filter(|e| e.name == "llm_delta") {
+        if position(event).0 != step {
+            continue;
+        }
+        text.push_str(event.data["text"].as_str().expect("text"));
+        let Some(pieces) = event.data["tool_calls"].as_array() else {
+            continue;
+        };
+        with_calls += 1;
+        for piece in pieces {
+            let index = piece["index"].as_u64().expect("index") as usize;
+            if calls.len() <= index {
+                calls.resize_with(index + 1, Built::default);
+            }
+            let call = &mut calls[index];
+            if let Some(name) = piece["name"].as_str() {
+                assert!(
+                    call.name.is_none() && call.arguments.is_empty(),
+                    "call {index} started twice or late: {piece}"
+                );
+                call.name = Some(name.to_string());
+                call.id = piece["id"].as_str().map(str::to_string);
+            }
+            assert!(
+                call.name.is_some(),
+                "arguments before the call started: {piece}"
+            );
+            call.arguments
+                .push_str(piece["arguments"].as_str().expect("arguments"));
+        }
+    }
+    (text, calls, with_calls)
+}
+
+/// Tool calls stream as they are built, on both wire protocols: the call's
+/// id and name when it starts, then its argument fragments in order, per
+/// call; a client that reconnects with the last id misses no piece, and the
+/// pieces are compacted into the journaled answer.
+#[tokio::test]
+async fn tool_calls_stream_as_they_are_built_and_resume_after_a_reconnect() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let mut server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    for provider in ["openai", "anthropic"] {
+        let agent = format!("planner-{provider}");
+        register(&http, &server, &planning_agent(&agent, &mock, provider)).await;
+        let id = submit(&http, &server, &agent, "plan").await;
+        let url = server.url(&format!("/v1/runs/{id}/events"));
+
+        // A few deltas, a dropped connection, a reconnect with the last id.
+        let mut first = Vec::new();
+        let mut events = open(&http, &url, None).await;
+        read_deltas(&mut events, 4, &mut first).await;
+        drop(events);
+        let resume = last_id(&first);
+        let mut second = Vec::new();
+        let mut events = open(&http, &url, Some(&resume)).await;
+        read_to_end(&mut events, &mut second).await;
+        let all: Vec<&Seen> = first.iter().chain(&second).collect();
+
+        // Every batch of each step once, in order, without a gap.
+        for step in [1, 2] {
+            let positions: Vec<(u64, u64, u64)> = all
+                .iter()
+                .filter(|e| e.name == "llm_delta")
+                .map(|e| position(e))
+                .filter(|p| p.0 == step)
+                .collect();
+            let expected: Vec<(u64, u64, u64)> =
+                (0..positions.len() as u64).map(|i| (step, 1, i)).collect();
+            assert_eq!(positions, expected, "{provider} step {step}");
+        }
+        let (text, calls, with_calls) = rebuild(&all, 1);
+        let answer = all
+            .iter()
+            .find(|e| e.name == "llm_completed" && e.data["event"]["step"] == 1)
+            .unwrap_or_else(|| panic!("{provider}: no llm_completed of step 1"));
+        let message = &answer.data["event"]["message"];
+        let journaled = message["tool_calls"].as_array().expect("tool calls");
+        assert_eq!(journaled.len(), 2, "{provider}: {message}");
+        // The pieces are the answer from its start, without a gap (the
+        // last batches may reach a client only inside llm_completed).
+        let content = message["content"].as_str().unwrap_or("");
+        assert!(
+            content.starts_with(&text),
+            "{provider}: {text:?} / {content:?}"
+        );
+        assert!(
+            with_calls >= 3,
+            "{provider}: the calls came in {with_calls} batches"
+        );
+        assert!(
+            !calls.is_empty() && calls.len() <= 2,
+            "{provider}: {calls:?}"
+        );
+        for (call, whole) in calls.iter().zip(journaled) {
+            assert_eq!(call.id.as_deref(), whole["id"].as_str(), "{provider}");
+            assert_eq!(call.name.as_deref(), Some("echo"), "{provider}");
+            let arguments = whole["arguments"].as_str().expect("arguments");
+            assert!(
+                arguments.starts_with(&call.arguments),
+                "{provider}: {:?} is not a beginning of {arguments:?}",
+                call.arguments
+            );
+        }
+        // The first call is whole before the second starts: its arguments
+        // arrived in full, in order.
+        if calls.len() == 2 {
+            assert_eq!(
+                calls[0].arguments,
+                journaled[0]["arguments"].as_str().unwrap_or("")
+            );
+        }
+        // The deltas of step 1 come before its answer, those of step 2 after.
+        let names: Vec<(&str, Option<u64>)> = all
+            .iter()
+            .map(|e| {
+                let step = (e.name == "llm_delta").then(|| position(e).0);
+                (e.name.as_str(), step)
+            })
+            .collect();
+        let answered = names
+            .iter()
+            .position(|n| n.0 == "llm_completed")
+            .expect("an answer");
+        assert!(names[..answered].iter().all(|n| n.1 != Some(2)));
+        assert!(names[answered..].iter().all(|n| n.1 != Some(1)));
+        assert_eq!(
+            second.last().map(|e| e.name.as_str()),
+            Some("run_completed")
+        );
+
+        // From the start again: only the journal, the pieces compacted.
+        let mut history = Vec::new();
+        let mut events = open(&http, &url, None).await;
+        read_to_end(&mut events, &mut history).await;
+        assert!(history.iter().all(|e| e.name != "llm_delta"), "{provider}");
+    }
+    server.kill();
+}
+
+/// Two `keel serve` processes on one PostgreSQL database: the worker
+/// process streams the answers, a client of the API process (which runs no
+/// step) gets their deltas live, in order, and a reconnect with
+/// `Last-Event-ID` misses nothing.
+#[tokio::test]
+async fn deltas_reach_a_client_of_another_process_on_postgres() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
+    let _worker = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "worker"]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &api,
+        &streaming_agent("talker", &mock, "long:150:10"),
+    )
+    .await;
+    register(&http, &api, &planning_agent("planner", &mock, "openai")).await;
+
+    for agent in ["talker", "planner"] {
+        let id = submit(&http, &api, agent, "go").await;
+        let url = api.url(&format!("/v1/runs/{id}/events"));
+        let mut first = Vec::new();
+        let mut events = open(&http, &url, None).await;
+        read_deltas(&mut events, 4, &mut first).await;
+        drop(events);
+        // Live: the deltas came while the step was still streaming.
+        assert!(
+            first.iter().all(|e| e.name != "llm_completed"),
+            "{agent}: {first:?}"
+        );
+        let resume = last_id(&first);
+        let mut second = Vec::new();
+        let mut events = open(&http, &url, Some(&resume)).await;
+        read_to_end(&mut events, &mut second).await;
+        let all: Vec<&Seen> = first.iter().chain(&second).collect();
+
+        let deltas: Vec<(u64, u64, u64)> = all
+            .iter()
+            .filter(|e| e.name == "llm_delta")
+            .map(|e| position(e))
+            .filter(|p| p.0 == 1)
+            .collect();
+        let expected: Vec<(u64, u64, u64)> = (0..deltas.len() as u64).map(|i| (1, 1, i)).collect();
+        assert_eq!(deltas, expected, "{agent}: every batch once, in order");
+        assert!(deltas.len() > 4, "{agent}: {} batches", deltas.len());
+        let (text, calls, _) = rebuild(&all, 1);
+        let answer = all
+            .iter()
+            .find(|e| e.name == "llm_completed")
+            .expect("an answer");
+        let message = &answer.data["event"]["message"];
+        let content = message["content"].as_str().unwrap_or("");
+        assert!(
+            content.starts_with(&text),
+            "{agent}: {text:?} / {content:?}"
+        );
+        if agent == "talker" {
+            assert!(text.len() > content.len() / 2, "{agent}: {text:?}");
+        } else {
+            assert!(!calls.is_empty(), "{agent}: no tool call streamed");
+            let whole = message["tool_calls"][0]["arguments"].as_str().unwrap_or("");
+            assert!(whole.starts_with(&calls[0].arguments), "{agent}");
+        }
+        assert_eq!(
+            second.last().map(|e| e.name.as_str()),
+            Some("run_completed")
+        );
+    }
+}

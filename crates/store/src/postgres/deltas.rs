@@ -1,4 +1,4 @@
-//! Streamed LLM output: writing a batch and reading a run's deltas, each one
+//! Streamed LLM output (text and tool-call pieces): writing a batch and reading a run's deltas, each one
 //! statement on the pool (not through the writer: a batch waits for no
 //! other write, and holds no lock but its task row's while it waits for
 //! it, so it can be in no deadlock). Deleting them is part of an append
@@ -21,10 +21,10 @@ const APPEND: &str = "WITH fence AS ( \
            AND tasks.visible_at > $4 \
          FOR SHARE OF tasks), \
      written AS ( \
-         INSERT INTO deltas (run_id, step, attempt, idx, text, at) \
+         INSERT INTO deltas (run_id, step, attempt, idx, text, tool_calls, at) \
          SELECT $2, $5, CASE WHEN $6 THEN GREATEST($7, (SELECT COALESCE(MAX(attempt), 0) + 1 \
                  FROM deltas WHERE run_id = $2 AND step = $5)) ELSE $7 END, \
-             $8, $9, $4 \
+             $8, $9, $12, $4 \
          FROM fence \
          ON CONFLICT DO NOTHING \
          RETURNING attempt), \
@@ -58,6 +58,7 @@ pub(super) async fn append(
         .bind(batch.text.as_str())
         .bind(listen::CHANNEL)
         .bind(format!("{origin:016x}"))
+        .bind(crate::tool_calls_column(&batch.tool_calls))
         .fetch_one(pool)
         .await
         .map_err(backend)?;
@@ -92,7 +93,7 @@ pub(super) async fn append(
 /// A run's deltas after a position, with its last seq, in one statement (so
 /// one snapshot). The run row is always returned (the left join gives one
 /// row of NULLs when there are no deltas).
-const READ: &str = "SELECT runs.last_seq, d.step, d.attempt, d.idx, d.text, d.at \
+const READ: &str = "SELECT runs.last_seq, d.step, d.attempt, d.idx, d.text, d.tool_calls, d.at \
      FROM runs LEFT JOIN deltas AS d ON d.run_id = runs.id \
          AND (d.step, d.attempt, d.idx) > ($2, $3, $4) \
      WHERE runs.id = $1 \
@@ -104,6 +105,7 @@ type Row = (
     Option<i64>,
     Option<i64>,
     Option<i64>,
+    Option<String>,
     Option<String>,
     Option<Millis>,
 );
@@ -131,13 +133,13 @@ pub(super) async fn read(
         last_seq: 0,
         deltas: Vec::with_capacity(rows.len()),
     };
-    for (last_seq, step, attempt, idx, text, at) in rows {
+    for (last_seq, step, attempt, idx, text, tools, at) in rows {
         page.last_seq = last_seq;
         if let (Some(step), Some(attempt), Some(idx), Some(text), Some(at)) =
             (step, attempt, idx, text, at)
         {
-            page.deltas
-                .push(crate::delta(run_id, [step, attempt, idx], text, at)?);
+            let delta = crate::delta(run_id, [step, attempt, idx], text, tools.as_deref(), at)?;
+            page.deltas.push(delta);
         }
     }
     Ok(page)

@@ -63,6 +63,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "cost",
         sql: include_str!("migrations/0007_cost.sql"),
     },
+    Migration {
+        version: 8,
+        name: "gateway",
+        sql: include_str!("migrations/0008_gateway.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

@@ -61,6 +61,8 @@
 //!   pool, announced by it) and read back.
 //! * `limits`: rate limits shared by every process (`rate_limits`), one
 //!   statement per operation, on the pool.
+//! * `breakers`: the latest circuit-breaker transition of each endpoint
+//!   (`breakers`), shared by every process, one statement each.
 //! * `export`: the export switch, reading and acknowledging the outbox, the
 //!   relay lease, the export status (outbox rows are written by `journal`).
 //! * `listen`: the listener task and the notification format.
@@ -73,6 +75,7 @@
 //! SQLite.
 
 mod agents;
+mod breakers;
 mod deltas;
 mod export;
 mod journal;
@@ -106,9 +109,10 @@ use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, AgentUsage, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas,
-    Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result,
-    RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
+    AgentRecord, AgentUsage, Append, Appended, BreakerRecord, Committed, DeadLetter, DeltaBatch,
+    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered,
+    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    UsageTotals,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -910,5 +914,14 @@ impl Store for PgStore {
 
     async fn active_limits(&self, prefix: &str, except: &str, since: Millis) -> Result<u64> {
         limits::active(&self.reads, prefix, except, limit::ns(since)).await
+    }
+
+    /// On the pool, not through the writer (see `breakers`).
+    async fn put_breaker(&self, record: BreakerRecord) -> Result<()> {
+        breakers::put(&self.reads, &record).await
+    }
+
+    async fn breakers(&self) -> Result<Vec<BreakerRecord>> {
+        breakers::read(&self.reads).await
     }
 }

@@ -1,4 +1,4 @@
-//! Streamed LLM output: writing a batch (fenced, through the writer) and
+//! Streamed LLM output (text and tool-call pieces): writing a batch (fenced, through the writer) and
 //! reading a run's deltas (on the read pool). Deleting them is part of an
 //! append (`journal`).
 
@@ -18,8 +18,8 @@ const FENCE: &str = "SELECT runs.last_seq FROM tasks JOIN runs ON runs.id = task
 const NEWEST_ATTEMPT: &str =
     "SELECT COALESCE(MAX(attempt), 0) FROM deltas WHERE run_id = ?1 AND step = ?2";
 
-const INSERT: &str = "INSERT INTO deltas (run_id, step, attempt, idx, text, at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING";
+const INSERT: &str = "INSERT INTO deltas (run_id, step, attempt, idx, text, tool_calls, at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
 
 /// Writes a batch in the writer's transaction; a refusal (lost lease,
 /// position taken) writes nothing.
@@ -71,6 +71,7 @@ pub(super) async fn append(
         .bind(pos.attempt)
         .bind(pos.idx)
         .bind(batch.text.as_str())
+        .bind(crate::tool_calls_column(&batch.tool_calls))
         .bind(batch.now)
         .execute(&mut *conn)
         .await
@@ -93,7 +94,8 @@ pub(super) async fn append(
 /// A run's deltas after a position, with its last seq, in one statement (so
 /// one snapshot). The run row is always returned (the left join gives one
 /// row of NULLs when there are no deltas).
-pub(super) const READ: &str = "SELECT runs.last_seq, d.step, d.attempt, d.idx, d.text, d.at \
+pub(super) const READ: &str = "SELECT runs.last_seq, d.step, d.attempt, d.idx, d.text, \
+         d.tool_calls, d.at \
      FROM runs LEFT JOIN deltas AS d ON d.run_id = runs.id \
          AND (d.step, d.attempt, d.idx) > (?2, ?3, ?4) \
      WHERE runs.id = ?1 \
@@ -108,6 +110,7 @@ pub(super) struct Row {
     attempt: Option<i64>,
     idx: Option<i64>,
     text: Option<String>,
+    tool_calls: Option<String>,
     at: Option<Millis>,
 }
 
@@ -119,7 +122,8 @@ impl Row {
         else {
             return Ok((self.last_seq, None));
         };
-        let delta = crate::delta(run_id, [step, attempt, idx], text, at)?;
+        let tools = self.tool_calls.as_deref();
+        let delta = crate::delta(run_id, [step, attempt, idx], text, tools, at)?;
         Ok((self.last_seq, Some(delta)))
     }
 }

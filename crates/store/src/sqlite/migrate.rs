@@ -50,6 +50,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "cost",
         sql: include_str!("migrations/0005_cost.sql"),
     },
+    Migration {
+        version: 6,
+        name: "tool_call_deltas",
+        sql: include_str!("migrations/0006_tool_call_deltas.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

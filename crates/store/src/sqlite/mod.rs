@@ -13,6 +13,8 @@
 //! * `agents`: registering agent versions.
 //! * `deltas`: streamed LLM output, written fenced and read back.
 //! * `limits`: rate limits, kept in memory (why: see there).
+//! * `breakers`: the latest circuit-breaker transition of each endpoint,
+//!   in memory (one process: its own breakers are the whole truth).
 //! * `export`: the export switch, reading and acknowledging the outbox, the
 //!   relay lease, the export status (outbox rows are written by `journal`).
 //! * `bulk`: statements over many rows (`VALUES` lists).
@@ -22,6 +24,7 @@
 //! as text.
 
 mod agents;
+mod breakers;
 mod bulk;
 mod deltas;
 mod export;
@@ -56,9 +59,10 @@ use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
-    AgentRecord, AgentUsage, Append, Appended, Committed, DeadLetter, DeltaBatch, DeltaPos, Deltas,
-    Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered, Result,
-    RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
+    AgentRecord, AgentUsage, Append, Appended, BreakerRecord, Committed, DeadLetter, DeltaBatch,
+    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered,
+    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
+    UsageTotals,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -90,6 +94,7 @@ pub struct SqliteStore {
     reads: SqlitePool,
     commits: broadcast::Sender<Committed>,
     limits: Limits,
+    breakers: breakers::Breakers,
 }
 
 impl SqliteStore {
@@ -138,6 +143,7 @@ impl SqliteStore {
             reads,
             commits,
             limits: Limits::default(),
+            breakers: breakers::Breakers::default(),
         })
     }
 
@@ -797,5 +803,15 @@ impl Store for SqliteStore {
 
     async fn active_limits(&self, prefix: &str, except: &str, since: Millis) -> Result<u64> {
         Ok(self.limits.active(prefix, except, limit::ns(since)))
+    }
+
+    /// In memory (see `breakers`).
+    async fn put_breaker(&self, record: BreakerRecord) -> Result<()> {
+        self.breakers.put(record);
+        Ok(())
+    }
+
+    async fn breakers(&self) -> Result<Vec<BreakerRecord>> {
+        Ok(self.breakers.all())
     }
 }
