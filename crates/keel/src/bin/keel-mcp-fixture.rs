@@ -16,7 +16,9 @@
 //! Tools: `echo {text}`, `add {a, b}` (integers, nothing else), `create_issue
 //! {title}`, `secret` (the `FIXTURE_TOKEN` of its environment and the
 //! `Authorization` header it got), `env` (the names of its environment
-//! variables), `fail` (an error result), `crash` (exits mid-call).
+//! variables), `fail` (an error result), `crash` (exits mid-call), `slow
+//! {ms}` (answers after that long; the stdio server does nothing else
+//! meanwhile).
 //! On start it writes its token to stderr, so tests can check that Keel's
 //! logs never show it.
 //!
@@ -248,7 +250,12 @@ fn tools() -> Value {
         {"name": "secret", "description": "Shows the secrets it was given.", "inputSchema": none},
         {"name": "env", "description": "Names its environment variables.", "inputSchema": none},
         {"name": "fail", "description": "Fails.", "inputSchema": none},
-        {"name": "crash", "description": "Exits mid-call.", "inputSchema": none}
+        {"name": "crash", "description": "Exits mid-call.", "inputSchema": none},
+        {
+            "name": "slow",
+            "description": "Answers after a while.",
+            "inputSchema": {"type": "object", "properties": {"ms": {"type": "integer", "minimum": 0}}, "required": ["ms"]}
+        }
     ])
 }
 
@@ -280,6 +287,11 @@ fn call(name: &str, arguments: &Value, auth: Option<&str>) -> Value {
         }
         "fail" => failure("the fixture failed on purpose"),
         "crash" => std::process::exit(3),
+        "slow" => {
+            let ms = arg("ms").as_u64().unwrap_or(0).min(60_000);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            text("slept".into())
+        }
         other => failure(&format!("no tool `{other}`")),
     }
 }

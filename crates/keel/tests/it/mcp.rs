@@ -442,3 +442,60 @@ tools:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_call_cut_by_sigkill_is_made_again_with_the_same_key() {
+    let dir = TempDir::new();
+    let record = dir.0.join("record.jsonl");
+    let config = write(
+        &dir,
+        "keel.yaml",
+        &format!(
+            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}']}}\n    timeout: 10s\n",
+            record.display()
+        ),
+    );
+    let mut server = Server::start(&dir.db(), &["--config", &config]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        r#"
+name: slow
+version: 1
+model:
+  provider: scripted
+  model: s
+  script:
+    - tool_calls: [{name: fx__slow, arguments: {ms: 1500}}]
+    - content: "done: {{tool_result}}"
+tools:
+  - {mcp: fx, allow: [slow]}
+"#,
+    )
+    .await;
+    let id = submit(&http, &server, "slow", "go").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while calls(&record).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Mid-call: ToolCallStarted is journaled, the result is not.
+    server.kill();
+
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(run["output"], "done: slept", "{run}");
+    let call = &run["steps"][0]["tool_calls"][0];
+    assert_eq!(call["attempts"], 2, "{call}");
+    // The server saw the call twice, with the same idempotency key.
+    let received = calls(&record);
+    assert_eq!(received.len(), 2, "{received:?}");
+    for call in &received {
+        assert_eq!(call["meta"]["keel/idempotency_key"], format!("{id}:1:0"));
+    }
+}
