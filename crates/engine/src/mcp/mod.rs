@@ -278,9 +278,14 @@ impl Server {
             .ok_or_else(|| format!("mcp server `{}` has listed no tools yet", self.name))
     }
 
-    /// The status once connected, waiting up to `timeout`.
+    /// The status once connected, waiting up to `timeout` (also for the
+    /// replacement of a connection that closed but is still published: the
+    /// supervisor may not have seen it yet).
     async fn connected(&self, timeout: Duration) -> Result<Status, String> {
-        self.wait(timeout, |s| s.peer.is_some()).await
+        self.wait(timeout, |s| {
+            s.peer.as_ref().is_some_and(|p| !p.is_transport_closed())
+        })
+        .await
     }
 
     async fn wait(
