@@ -18,11 +18,31 @@
 //!         price: {input: 2.50, output: 10.00}   # USD per million tokens
 //! ```
 //!
+//! And the MCP servers agents may use tools of (`tools: [{mcp: github,
+//! allow: [create_issue, list_*]}]` in a spec):
+//!
+//! ```yaml
+//! mcp_servers:
+//!   github:
+//!     stdio:                         # Keel spawns and supervises the process
+//!       command: github-mcp-server
+//!       args: [stdio]
+//!       env:                         # its whole environment (nothing else is inherited)
+//!         GITHUB_TOKEN: ${GITHUB_TOKEN}          # from Keel's environment
+//!         OTHER: ${file:/run/secrets/other}      # or from a file
+//!     timeout: 30s                   # one call; also the handshake
+//!     refresh: 5m                    # tool list re-read at least this often
+//!   search:
+//!     http:                          # streamable HTTP
+//!       url: https://mcp.example.com/mcp
+//!       headers: {Authorization: "Bearer ${SEARCH_TOKEN}"}
+//! ```
+//!
 //! Parsing is strict (unknown fields are errors) and validation names the
 //! field at fault, as for agent specs. This module only says where a key
-//! comes from ([`ProviderConfig::key_source`]); the engine reads it when a
-//! call needs it, so a rotated key file takes effect without a restart and
-//! a provider no agent uses needs no key.
+//! comes from ([`ProviderConfig::key_source`], [`expand`]); the engine reads
+//! it when a call (or a spawn) needs it, so a rotated key file takes effect
+//! without a restart and a provider no agent uses needs no key.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -30,7 +50,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::spec::{FieldError, check_name, human_duration, is_http_url, typed};
+use crate::spec::{FieldError, check_name, human_duration, is_env_name, is_http_url, typed};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +75,150 @@ pub struct Config {
     /// LLM providers by the name agents use in `model.provider`.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// MCP servers by the name agents use in `tools: [{mcp: <name>}]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mcp_servers: BTreeMap<String, McpServerConfig>,
+}
+
+/// One MCP server: how to reach it (exactly one of `stdio` and `http`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// A local process Keel spawns, talks to over its stdin/stdout, restarts
+    /// when it dies and kills on shutdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdio: Option<StdioServer>,
+    /// A remote server speaking streamable HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpServer>,
+    /// Timeout of one call, and of connecting (spawn + handshake + tool list).
+    #[serde(default = "default_mcp_timeout", with = "human_duration")]
+    pub timeout: Duration,
+    /// The tool list is read again at least this often (and whenever the
+    /// server announces a change).
+    #[serde(default = "default_mcp_refresh", with = "human_duration")]
+    pub refresh: Duration,
+}
+
+fn default_mcp_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_mcp_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// An MCP server run as a child process of Keel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdioServer {
+    /// The program (a path, or a name looked up on Keel's `PATH`).
+    pub command: String,
+    /// Its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Its whole environment: nothing of Keel's is inherited. Values may
+    /// hold `${VAR}` (Keel's environment) and `${file:/path}` (a file's
+    /// contents, trimmed), read at each spawn; see [`expand`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Its working directory (Keel's when not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// An MCP server reached over streamable HTTP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpServer {
+    /// The endpoint (`https://host/mcp`).
+    pub url: String,
+    /// Headers sent with every request; values may hold `${VAR}` and
+    /// `${file:/path}` like a stdio server's `env`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Where a `${...}` reference in an MCP server's `env` or `headers` reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ref<'a> {
+    /// `${VAR}`: Keel's environment variable.
+    Env(&'a str),
+    /// `${file:/path}`: a file's contents, surrounding whitespace trimmed.
+    File(&'a str),
+}
+
+impl Ref<'_> {
+    /// How an error names it (never its value).
+    pub fn describe(&self) -> String {
+        match self {
+            Ref::Env(var) => format!("environment variable {var}"),
+            Ref::File(path) => format!("file {path}"),
+        }
+    }
+}
+
+/// Replaces each `${VAR}` and `${file:/path}` in `value` with what `read`
+/// returns for it (`None`: unset or unreadable, an error naming the
+/// reference, never a value). `$$` is not special: only `${` starts one.
+pub fn expand(
+    value: &str,
+    mut read: impl FnMut(Ref<'_>) -> Option<String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unclosed `${` (write `${VAR}` or `${file:/path}`)".into());
+        };
+        let reference = parse_ref(&after[..end])?;
+        match read(reference) {
+            Some(v) => out.push_str(&v),
+            None => {
+                return Err(format!(
+                    "{} is not set or cannot be read",
+                    reference.describe()
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Checks every `${...}` of a value without reading anything.
+fn check_refs(value: &str) -> Result<(), String> {
+    expand(value, |_| Some(String::new())).map(drop)
+}
+
+fn parse_ref(inner: &str) -> Result<Ref<'_>, String> {
+    if let Some(path) = inner.strip_prefix("file:") {
+        if path.trim().is_empty() {
+            return Err("`${file:}` needs a path".into());
+        }
+        return Ok(Ref::File(path));
+    }
+    if is_env_name(inner) {
+        Ok(Ref::Env(inner))
+    } else {
+        Err(format!(
+            "`${{{inner}}}` is neither an environment variable nor `file:/path`"
+        ))
+    }
+}
+
+/// Whether `name` may name an MCP server: 1-32 letters, digits, `_` or `-`,
+/// without `__` (the model sees its tools as `<server>__<tool>`).
+pub fn is_mcp_server_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.contains("__")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// The wire protocol of a provider.
@@ -384,11 +548,19 @@ impl Config {
                 }
             }
         }
+        for (name, server) in &self.mcp_servers {
+            check_mcp_server(name, server, &mut err);
+        }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(Error::Invalid(errors))
         }
+    }
+
+    /// An MCP server by the name agents use.
+    pub fn mcp_server(&self, name: &str) -> Option<&McpServerConfig> {
+        self.mcp_servers.get(name)
     }
 
     /// A provider by the name agents use.
@@ -399,6 +571,71 @@ impl Config {
     /// The limits and price of a provider's model, if configured.
     pub fn model(&self, provider: &str, model: &str) -> Option<&ModelConfig> {
         self.providers.get(provider)?.models.get(model)
+    }
+}
+
+fn check_mcp_server(name: &str, server: &McpServerConfig, err: &mut impl FnMut(String, String)) {
+    let at = format!("mcp_servers.{name}");
+    if !is_mcp_server_name(name) {
+        err(
+            at.clone(),
+            format!("`{name}` must be 1-32 letters, digits, `_` or `-`, without `__`"),
+        );
+    }
+    match (&server.stdio, &server.http) {
+        (Some(_), Some(_)) => err(at.clone(), "set either `stdio` or `http`, not both".into()),
+        (None, None) => err(
+            at.clone(),
+            "set `stdio` (a command Keel runs) or `http` (a URL)".into(),
+        ),
+        (Some(stdio), None) => {
+            if stdio.command.trim().is_empty() {
+                err(format!("{at}.stdio.command"), "must not be empty".into());
+            }
+            for (var, value) in &stdio.env {
+                if !is_env_name(var) {
+                    err(
+                        format!("{at}.stdio.env.{var}"),
+                        format!("`{var}` is not an environment variable name"),
+                    );
+                }
+                if let Err(message) = check_refs(value) {
+                    err(format!("{at}.stdio.env.{var}"), message);
+                }
+            }
+            if stdio.cwd.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                err(format!("{at}.stdio.cwd"), "must not be empty".into());
+            }
+        }
+        (None, Some(http)) => {
+            if !is_http_url(&http.url) {
+                err(
+                    format!("{at}.http.url"),
+                    format!("`{}` is not an http(s) URL", http.url),
+                );
+            }
+            for (header, value) in &http.headers {
+                let valid = !header.is_empty()
+                    && header
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !valid {
+                    err(
+                        format!("{at}.http.headers.{header}"),
+                        format!("`{header}` is not a header name"),
+                    );
+                }
+                if let Err(message) = check_refs(value) {
+                    err(format!("{at}.http.headers.{header}"), message);
+                }
+            }
+        }
+    }
+    if server.timeout.is_zero() {
+        err(format!("{at}.timeout"), "must be more than 0".into());
+    }
+    if server.refresh.is_zero() {
+        err(format!("{at}.refresh"), "must be more than 0".into());
     }
 }
 
@@ -534,6 +771,94 @@ providers:
             Config::parse("providers: ["),
             Err(Error::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn mcp_servers_parse_and_errors_name_the_field() {
+        let config = Config::parse(
+            r#"
+mcp_servers:
+  github:
+    stdio:
+      command: github-mcp-server
+      args: [stdio]
+      env: {GITHUB_TOKEN: "${GH}", PATH: "${PATH}", KEY: "${file:/run/k}"}
+  search:
+    http:
+      url: https://mcp.example.com/mcp
+      headers: {Authorization: "Bearer ${SEARCH_TOKEN}"}
+    timeout: 5s
+    refresh: 1m
+"#,
+        )
+        .expect("valid");
+        let github = config.mcp_server("github").expect("github");
+        let stdio = github.stdio.as_ref().expect("stdio");
+        assert_eq!(stdio.args, ["stdio"]);
+        assert_eq!(github.timeout, Duration::from_secs(30));
+        assert_eq!(github.refresh, Duration::from_secs(300));
+        let search = config.mcp_server("search").expect("search");
+        assert_eq!(search.timeout, Duration::from_secs(5));
+        assert!(search.http.is_some());
+
+        assert_eq!(
+            fields("mcp_servers: {a: {stdio: {command: x}, http: {url: 'http://h'}}}"),
+            ["mcp_servers.a"]
+        );
+        assert_eq!(fields("mcp_servers: {a: {timeout: 1s}}"), ["mcp_servers.a"]);
+        assert_eq!(
+            fields("mcp_servers: {a__b: {stdio: {command: x}}}"),
+            ["mcp_servers.a__b"]
+        );
+        assert_eq!(
+            fields(
+                "mcp_servers: {a: {stdio: {command: ' ', env: {'1X': y, T: '${sk-1}', U: '${file:}', V: '${W'}}}}"
+            ),
+            [
+                "mcp_servers.a.stdio.command",
+                "mcp_servers.a.stdio.env.1X",
+                "mcp_servers.a.stdio.env.T",
+                "mcp_servers.a.stdio.env.U",
+                "mcp_servers.a.stdio.env.V"
+            ]
+        );
+        assert_eq!(
+            fields(
+                "mcp_servers: {a: {http: {url: 'ftp://x', headers: {'Bad Name': v}}, timeout: 0s, refresh: 0s}}"
+            ),
+            [
+                "mcp_servers.a.http.url",
+                "mcp_servers.a.http.headers.Bad Name",
+                "mcp_servers.a.timeout",
+                "mcp_servers.a.refresh"
+            ]
+        );
+        assert_eq!(
+            fields("mcp_servers: {a: {stdio: {command: x, secret: y}}}"),
+            ["mcp_servers.a.stdio.secret"]
+        );
+    }
+
+    #[test]
+    fn references_expand_from_the_environment_and_files() {
+        let read = |r: Ref<'_>| match r {
+            Ref::Env("TOKEN") => Some("t0k".to_string()),
+            Ref::File("/run/k") => Some("f1le".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            expand("Bearer ${TOKEN}/${file:/run/k}!", read),
+            Ok("Bearer t0k/f1le!".to_string())
+        );
+        assert_eq!(expand("plain $x {y}", read), Ok("plain $x {y}".to_string()));
+        let missing = expand("${NOPE}", read).expect_err("unset");
+        assert_eq!(
+            missing,
+            "environment variable NOPE is not set or cannot be read"
+        );
+        let missing = expand("${file:/none}", read).expect_err("unreadable");
+        assert!(missing.contains("file /none"), "{missing}");
+        assert!(expand("${TOKEN", read).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -206,11 +207,14 @@ pub struct ScriptCall {
     pub arguments: Value,
 }
 
-/// A tool the model may call.
+/// A tool the model may call, or (with `mcp`) the tools of an MCP server
+/// it may call.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolSpec {
-    /// Name the model uses.
+    /// Name the model uses (empty for an `mcp` entry: its tools keep their
+    /// own names, shown as `<server>__<tool>`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// What the tool does, shown to the model.
     #[serde(default)]
@@ -228,6 +232,79 @@ pub struct ToolSpec {
     /// working directory, or the spec file's folder for `keel run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// An MCP server of the server configuration (`mcp_servers.<name>`)
+    /// whose tools the model may call, those matching `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<String>,
+    /// With `mcp`: the server's tool names the model may see and call,
+    /// `*` matching any run of characters (`list_*`, `*`). Every other tool
+    /// of the server is invisible to the model and refused if it names one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+/// Whether an `allow` list lets the tool `name` through (`*` matches any
+/// run of characters, everything else itself).
+pub fn allows(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| glob(p, name))
+}
+
+fn glob(pattern: &str, name: &str) -> bool {
+    let Some((first, rest)) = pattern.split_once('*') else {
+        return pattern == name;
+    };
+    let Some(mut tail) = name.strip_prefix(first) else {
+        return false;
+    };
+    let mut parts: Vec<&str> = rest.split('*').collect();
+    let last = parts.pop().unwrap_or_default();
+    for part in parts {
+        match tail.find(part) {
+            Some(i) => tail = &tail[i + part.len()..],
+            None => return false,
+        }
+    }
+    tail.len() >= last.len() && tail.ends_with(last)
+}
+
+/// A tool an MCP server lists, as the model sees it once an agent's
+/// `allow` lets it through.
+#[derive(Clone, Debug, PartialEq)]
+pub struct McpTool {
+    /// The name the model sees and calls: `<server>__<tool>`.
+    pub name: String,
+    /// The server (`mcp_servers.<server>` of the configuration).
+    pub server: String,
+    /// The server's name for the tool.
+    pub tool: String,
+    /// What it does, as the server describes it.
+    pub description: String,
+    /// Its input schema, as the server lists it.
+    pub parameters: Value,
+}
+
+impl McpTool {
+    /// A tool `server` lists.
+    pub fn new(server: &str, tool: &str, description: String, parameters: Value) -> McpTool {
+        McpTool {
+            name: format!("{server}__{tool}"),
+            server: server.to_string(),
+            tool: tool.to_string(),
+            description,
+            parameters,
+        }
+    }
+}
+
+/// A tool as the model is offered it: name, description, argument schema.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Offered {
+    /// The name the model calls.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// JSON Schema of its arguments.
+    pub parameters: Value,
 }
 
 /// Tools that ship with Keel.
@@ -502,11 +579,15 @@ pub mod human_duration {
     }
 }
 
-/// A validated spec with its tools' argument validators compiled.
+/// A validated spec with its tools' argument validators compiled, and the
+/// MCP tools it may use once the engine has resolved them
+/// ([`Agent::with_mcp_tools`]).
+#[derive(Clone)]
 pub struct Agent {
     /// The spec.
     pub spec: Spec,
-    validators: HashMap<String, jsonschema::Validator>,
+    validators: HashMap<String, Arc<jsonschema::Validator>>,
+    mcp: Vec<McpTool>,
 }
 
 impl fmt::Debug for Agent {
@@ -556,6 +637,16 @@ impl Agent {
         let mut validators = HashMap::new();
         for (i, tool) in spec.tools.iter().enumerate() {
             let at = format!("tools[{i}]");
+            if let Some(server) = &tool.mcp {
+                check_mcp_entry(&spec.tools[..i], tool, server, &at, &mut err);
+                continue;
+            }
+            if !tool.allow.is_empty() {
+                err(
+                    format!("{at}.allow"),
+                    "only an `mcp` entry takes an allow list".into(),
+                );
+            }
             if !is_tool_name(&tool.name) {
                 err(
                     format!("{at}.name"),
@@ -575,7 +666,7 @@ impl Agent {
                 ),
                 (None, None) => err(
                     at.clone(),
-                    "set `http` (an endpoint) or `builtin` (read_file, list_files)".into(),
+                    "set `http` (an endpoint), `builtin` (read_file, list_files) or `mcp` (a configured MCP server)".into(),
                 ),
                 (Some(http), None) => {
                     if !is_http_url(&http.url) {
@@ -618,7 +709,7 @@ impl Agent {
             }
             match jsonschema::validator_for(&schema) {
                 Ok(v) => {
-                    validators.insert(tool.name.clone(), v);
+                    validators.insert(tool.name.clone(), Arc::new(v));
                 }
                 Err(e) => err(
                     format!("{at}.parameters"),
@@ -662,25 +753,130 @@ impl Agent {
         check_retry(&spec.retry, "retry", &mut err);
 
         if errors.is_empty() {
-            Ok(Agent { spec, validators })
+            Ok(Agent {
+                spec,
+                validators,
+                mcp: Vec::new(),
+            })
         } else {
             Err(Error::Invalid(errors))
         }
     }
 
-    /// The tool named `name`.
+    /// The HTTP or built-in tool named `name`.
     pub fn tool(&self, name: &str) -> Option<&ToolSpec> {
-        self.spec.tools.iter().find(|t| t.name == name)
+        self.spec
+            .tools
+            .iter()
+            .find(|t| t.mcp.is_none() && t.name == name)
+    }
+
+    /// The MCP servers the spec uses, each with its allow list.
+    pub fn mcp_servers(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.spec
+            .tools
+            .iter()
+            .filter_map(|t| Some((t.mcp.as_deref()?, t.allow.as_slice())))
+    }
+
+    /// The resolved MCP tool the model calls `name`, if this agent may use it.
+    pub fn mcp_tool(&self, name: &str) -> Option<&McpTool> {
+        self.mcp.iter().find(|t| t.name == name)
+    }
+
+    /// This agent with the MCP tools it may use among `listed` (what its
+    /// servers list): a tool is kept when the spec has an `mcp` entry for its
+    /// server whose `allow` matches its name. Also returns, for the logs,
+    /// the allowed tools left out and why: a name the model cannot be shown
+    /// (`<server>__<tool>` must be 1-64 letters, digits, `_` or `-`), one
+    /// taken already, or an input schema that does not compile.
+    pub fn with_mcp_tools(&self, listed: &[McpTool]) -> (Agent, Vec<String>) {
+        let mut agent = self.clone();
+        agent.mcp.clear();
+        agent.validators.retain(|name, _| self.tool(name).is_some());
+        let mut skipped = Vec::new();
+        for tool in listed {
+            let allowed = self
+                .mcp_servers()
+                .any(|(server, allow)| server == tool.server && allows(allow, &tool.tool));
+            if !allowed {
+                continue;
+            }
+            if !is_tool_name(&tool.name) {
+                skipped.push(format!(
+                    "mcp tool `{}` of `{}`: `{}` is not a name a model can call (1-64 letters, digits, `_` or `-`)",
+                    tool.tool, tool.server, tool.name
+                ));
+                continue;
+            }
+            if agent.validators.contains_key(&tool.name) {
+                skipped.push(format!(
+                    "mcp tool `{}` of `{}`: the name `{}` is taken",
+                    tool.tool, tool.server, tool.name
+                ));
+                continue;
+            }
+            let mut schema = tool.parameters.clone();
+            if schema.get("type").is_none()
+                && let Value::Object(map) = &mut schema
+            {
+                map.insert("type".into(), Value::String("object".into()));
+            }
+            match jsonschema::validator_for(&schema) {
+                Ok(v) => {
+                    agent.validators.insert(tool.name.clone(), Arc::new(v));
+                    agent.mcp.push(McpTool {
+                        parameters: schema,
+                        ..tool.clone()
+                    });
+                }
+                Err(e) => skipped.push(format!(
+                    "mcp tool `{}` of `{}`: its input schema does not compile: {e}",
+                    tool.tool, tool.server
+                )),
+            }
+        }
+        (agent, skipped)
+    }
+
+    /// The tools offered to the model: the spec's HTTP tools and built-ins,
+    /// then the resolved MCP tools.
+    pub fn tools(&self) -> Vec<Offered> {
+        let mut offered: Vec<Offered> = self
+            .spec
+            .tools
+            .iter()
+            .filter(|t| t.mcp.is_none())
+            .map(|t| Offered {
+                name: t.name.clone(),
+                description: tool_description(t),
+                parameters: tool_parameters(t),
+            })
+            .collect();
+        offered.extend(self.mcp.iter().map(|t| Offered {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            parameters: t.parameters.clone(),
+        }));
+        offered
+    }
+
+    /// The names of the tools offered to the model.
+    pub fn tool_names(&self) -> Vec<&str> {
+        let fixed = self.spec.tools.iter().filter(|t| t.mcp.is_none());
+        fixed
+            .map(|t| t.name.as_str())
+            .chain(self.mcp.iter().map(|t| t.name.as_str()))
+            .collect()
     }
 
     /// Checks arguments the model wrote for a tool: they must be a JSON object
     /// that satisfies the tool's schema. The error is written for the model.
     pub fn check_arguments(&self, tool: &str, arguments: &str) -> Result<Value, String> {
         let Some(validator) = self.validators.get(tool) else {
-            let known: Vec<&str> = self.spec.tools.iter().map(|t| t.name.as_str()).collect();
             return Err(format!(
                 "unknown tool `{tool}`; available tools: {}",
-                known.join(", ")
+                self.tool_names().join(", ")
             ));
         };
         let text = if arguments.trim().is_empty() {
@@ -872,6 +1068,66 @@ pub(crate) fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, 
     }
 }
 
+/// Checks an `{mcp: <server>, allow: [...]}` entry (`earlier`: the entries before it).
+fn check_mcp_entry(
+    earlier: &[ToolSpec],
+    tool: &ToolSpec,
+    server: &str,
+    at: &str,
+    err: &mut impl FnMut(String, String),
+) {
+    if !crate::config::is_mcp_server_name(server) {
+        err(
+            format!("{at}.mcp"),
+            format!("`{server}` must be 1-32 letters, digits, `_` or `-`, without `__`"),
+        );
+    }
+    if earlier.iter().any(|t| t.mcp.as_deref() == Some(server)) {
+        err(
+            format!("{at}.mcp"),
+            format!(
+                "`{server}` is listed twice (one entry per server, with all its allowed tools)"
+            ),
+        );
+    }
+    let extra = [
+        ("name", !tool.name.is_empty()),
+        ("description", !tool.description.is_empty()),
+        ("parameters", tool.parameters.is_some()),
+        ("http", tool.http.is_some()),
+        ("builtin", tool.builtin.is_some()),
+        ("root", tool.root.is_some()),
+    ];
+    for (field, set) in extra {
+        if set {
+            err(
+                format!("{at}.{field}"),
+                "an `mcp` entry takes only `mcp` and `allow` (the server names and describes its tools)"
+                    .into(),
+            );
+        }
+    }
+    if tool.allow.is_empty() {
+        err(
+            format!("{at}.allow"),
+            "list the tools the model may use (`*` for all of them)".into(),
+        );
+    }
+    for (j, pattern) in tool.allow.iter().enumerate() {
+        let ok = !pattern.is_empty()
+            && pattern.len() <= 128
+            && pattern
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | '*'));
+        if !ok {
+            err(
+                format!("{at}.allow[{j}]"),
+                format!("`{pattern}` must be a tool name, `*` matching any run of characters"),
+            );
+        }
+    }
+}
+
 fn check_retry(retry: &RetryPolicy, at: &str, err: &mut impl FnMut(String, String)) {
     if retry.max_attempts == 0 || retry.max_attempts > 100 {
         err(
@@ -905,7 +1161,7 @@ fn is_tool_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn is_env_name(name: &str) -> bool {
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -1037,6 +1293,150 @@ mod tests {
             fields("name: a\nversion: 1\nmodel: {provider: openai, model: m, stream: maybe}\n"),
             vec!["model.stream"]
         );
+    }
+
+    #[test]
+    fn mcp_entries_allow_tools_by_pattern() {
+        let agent = Agent::parse(
+            r#"
+name: a
+version: 1
+model: {provider: scripted, model: s, script: [{content: hi}]}
+tools:
+  - {name: lookup, http: {url: "http://h/x"}}
+  - {mcp: github, allow: [create_issue, list_*]}
+  - {mcp: files, allow: ["*"]}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            agent.mcp_servers().collect::<Vec<_>>(),
+            [
+                ("github", &["create_issue".to_string(), "list_*".into()][..]),
+                ("files", &["*".to_string()][..])
+            ]
+        );
+        // Unresolved, only the HTTP tool is offered.
+        assert_eq!(agent.tool_names(), ["lookup"]);
+        assert!(agent.tool("").is_none());
+        let json = serde_json::to_value(&agent.spec).unwrap();
+        assert_eq!(json["tools"][1]["mcp"], "github");
+
+        let schema = serde_json::json!({"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]});
+        let listed = [
+            McpTool::new(
+                "github",
+                "create_issue",
+                "Opens an issue.".into(),
+                schema.clone(),
+            ),
+            McpTool::new(
+                "github",
+                "list_repos",
+                String::new(),
+                serde_json::json!({"properties": {}}),
+            ),
+            McpTool::new("github", "delete_repo", String::new(), schema.clone()),
+            McpTool::new("github", "list_with.dot", String::new(), schema.clone()),
+            McpTool::new(
+                "github",
+                "list_bad",
+                String::new(),
+                serde_json::json!({"type": "object", "properties": {"x": {"type": 5}}}),
+            ),
+            McpTool::new("other", "create_issue", String::new(), schema.clone()),
+            McpTool::new("files", "read", String::new(), schema.clone()),
+        ];
+        let (resolved, skipped) = agent.with_mcp_tools(&listed);
+        assert_eq!(
+            resolved.tool_names(),
+            [
+                "lookup",
+                "github__create_issue",
+                "github__list_repos",
+                "files__read"
+            ]
+        );
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("list_with.dot"), "{skipped:?}");
+        assert!(skipped[1].contains("list_bad"), "{skipped:?}");
+        let offered = resolved.tools();
+        assert_eq!(offered[1].description, "Opens an issue.");
+        assert_eq!(
+            offered[2].parameters["type"], "object",
+            "a missing type is object"
+        );
+        assert_eq!(
+            resolved.mcp_tool("github__create_issue").unwrap().tool,
+            "create_issue"
+        );
+        assert!(resolved.mcp_tool("github__delete_repo").is_none());
+
+        // Arguments are checked against the server's schema; a tool not allowed is unknown.
+        assert!(
+            resolved
+                .check_arguments("github__create_issue", r#"{"title": "x"}"#)
+                .is_ok()
+        );
+        let error = resolved
+            .check_arguments("github__create_issue", "{}")
+            .unwrap_err();
+        assert!(
+            error.contains("do not match its schema") && error.contains("title"),
+            "{error}"
+        );
+        let error = resolved
+            .check_arguments("github__delete_repo", "{}")
+            .unwrap_err();
+        assert!(
+            error.starts_with("unknown tool `github__delete_repo`"),
+            "{error}"
+        );
+        // Resolving again starts over (a tool gone from the list is gone).
+        let (again, _) = resolved.with_mcp_tools(&listed[..1]);
+        assert_eq!(again.tool_names(), ["lookup", "github__create_issue"]);
+        assert!(again.check_arguments("github__list_repos", "{}").is_err());
+    }
+
+    #[test]
+    fn mcp_entry_errors_name_the_field() {
+        let spec = |tools: &str| {
+            format!("name: a\nversion: 1\nmodel: {{provider: openai, model: m}}\ntools:\n{tools}")
+        };
+        assert_eq!(
+            fields(&spec(
+                "  - {mcp: gh}\n  - {mcp: gh, allow: [x], name: n, http: {url: 'http://h'}}\n  - {mcp: 'a b', allow: ['', 'x y']}\n  - {name: t, builtin: list_files, root: /r, allow: [x]}\n"
+            )),
+            [
+                "tools[0].allow",
+                "tools[1].mcp",
+                "tools[1].name",
+                "tools[1].http",
+                "tools[2].mcp",
+                "tools[2].allow[0]",
+                "tools[2].allow[1]",
+                "tools[3].allow"
+            ]
+        );
+    }
+
+    #[test]
+    fn allow_patterns() {
+        let allow = |patterns: &[&str], name: &str| {
+            let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+            allows(&patterns, name)
+        };
+        assert!(allow(&["create_issue"], "create_issue"));
+        assert!(!allow(&["create_issue"], "create_issues"));
+        assert!(allow(&["list_*"], "list_repos"));
+        assert!(allow(&["list_*"], "list_"));
+        assert!(!allow(&["list_*"], "get_list_x"));
+        assert!(allow(&["*"], "anything"));
+        assert!(allow(&["*_issue"], "close_issue"));
+        assert!(allow(&["a*b*c"], "aXbYc"));
+        assert!(!allow(&["a*b*c"], "aXbY"));
+        assert!(!allow(&["ab*ba"], "aba"));
+        assert!(!allow(&[], "x"));
     }
 
     #[test]

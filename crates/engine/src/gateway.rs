@@ -945,9 +945,9 @@ pub fn estimate_input_tokens(agent: &Agent, state: &State) -> u64 {
             bytes += call.name.len() + call.arguments.len();
         }
     }
-    for tool in &agent.spec.tools {
+    for tool in agent.tools() {
         bytes += tool.name.len() + tool.description.len();
-        bytes += tool.parameters.as_ref().map_or(0, |p| p.to_string().len());
+        bytes += tool.parameters.to_string().len();
     }
     (bytes / 4 + 1) as u64
 }

@@ -14,12 +14,17 @@
 //!   Anthropic Messages API (both plain and streamed as deltas, with call and
 //!   idle timeouts) and the `scripted` stand-in for offline demos and tests.
 //! * [`tools`]: tool execution: HTTP tools (idempotency key, traceparent,
-//!   retries) and the built-in file tools.
+//!   retries), the built-in file tools, and MCP tools through [`mcp`].
+//! * [`mcp`]: MCP servers (stdio processes Keel supervises, streamable
+//!   HTTP): tool discovery and cache, agents resolved with the tools their
+//!   allow lists let through, `tools/call` with the idempotency key and
+//!   traceparent in `_meta`.
 
 pub mod agents;
 pub mod deltas;
 pub mod gateway;
 pub mod llm;
+pub mod mcp;
 pub mod tools;
 pub mod worker;
 

@@ -12,6 +12,9 @@
 //!   the run's trace. Network errors, timeouts, 429 and 5xx are retried per the
 //!   tool's `retry` policy.
 //! * Built-ins: `read_file` and `list_files`, confined to the tool's `root`.
+//! * MCP tools (`<server>__<tool>` of an agent resolved by
+//!   [`Mcp::resolve`](crate::mcp::Mcp::resolve)): a `tools/call` to the server,
+//!   see [`crate::mcp`].
 
 use std::cell::RefCell;
 use std::fmt;
@@ -26,6 +29,8 @@ use keel_core::spec::{Agent, Builtin, HttpTool, Method, clip, expand_secrets};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
+
+use crate::mcp::Mcp;
 
 /// Tool outputs (and file contents) are clipped to this many bytes.
 pub const MAX_OUTPUT_BYTES: usize = 32 * 1024;
@@ -50,6 +55,7 @@ type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 pub struct Tools {
     http: reqwest::Client,
     env: Lookup,
+    mcp: Mcp,
 }
 
 impl fmt::Debug for Tools {
@@ -91,7 +97,14 @@ impl Tools {
         Tools {
             http,
             env: Arc::new(|name| std::env::var(name).ok()),
+            mcp: Mcp::default(),
         }
+    }
+
+    /// Calls MCP tools through `mcp`.
+    pub fn with_mcp(mut self, mcp: Mcp) -> Tools {
+        self.mcp = mcp;
+        self
     }
 
     /// Replaces the process environment as the source of header secrets.
@@ -105,12 +118,14 @@ impl Tools {
 
     /// Makes one tool call. Never fails: every error becomes an error outcome the model sees.
     pub async fn invoke(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
+        if let Some(tool) = agent.mcp_tool(&call.tool) {
+            return self.mcp.call(agent, tool, run_id, call).await;
+        }
         let Some(tool) = agent.tool(&call.tool) else {
-            let known: Vec<&str> = agent.spec.tools.iter().map(|t| t.name.as_str()).collect();
             return Outcome::error(format!(
                 "unknown tool `{}`; available tools: {}",
                 call.tool,
-                known.join(", ")
+                agent.tool_names().join(", ")
             ));
         };
         if let Some(http) = &tool.http {

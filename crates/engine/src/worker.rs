@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::agents::Agents;
 use crate::gateway::{Admission, Breakers, Gateway};
 use crate::llm;
+use crate::mcp::Mcp;
 use crate::now;
 use crate::tools::Tools;
 
@@ -92,6 +93,9 @@ struct Inner<S> {
     llm: llm::Client,
     gateway: Gateway<S>,
     tools: Tools,
+    /// The MCP servers of the configuration, supervised while the pool runs.
+    mcp: Mcp,
+    http: reqwest::Client,
     options: Options,
     /// This process's worker id: the owner of its leases.
     owner: String,
@@ -116,6 +120,7 @@ impl<S: Store> Engine<S> {
             .pool_max_idle_per_host(options.workers.max(16))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
+        let mcp = Mcp::new(&options.config);
         Self {
             inner: Arc::new(Inner {
                 agents: Agents::new(store.clone()),
@@ -126,7 +131,9 @@ impl<S: Store> Engine<S> {
                 ),
                 store,
                 llm: llm::Client::new(http.clone()),
-                tools: Tools::new(http),
+                tools: Tools::new(http.clone()).with_mcp(mcp.clone()),
+                mcp,
+                http,
                 owner: format!("worker-{}", uuid::Uuid::now_v7()),
                 options,
             }),
@@ -146,6 +153,9 @@ impl<S: Store> Engine<S> {
         let heartbeat = tokio::spawn(heartbeat(inner.clone(), cancel.clone()));
         let slots = Arc::new(Semaphore::new(inner.options.workers));
         let mut commits = inner.store.subscribe();
+        // MCP servers outlive the drain: in-flight tool calls may finish.
+        let mcp_stop = CancellationToken::new();
+        let mcp = tokio::spawn(inner.mcp.clone().run(inner.http.clone(), mcp_stop.clone()));
         info!(owner = %inner.owner, workers = inner.options.workers, "engine started");
 
         loop {
@@ -222,6 +232,8 @@ impl<S: Store> Engine<S> {
             Err(e) => warn!(error = %e, "could not give leases back"),
         }
         heartbeat.abort();
+        mcp_stop.cancel();
+        let _ = mcp.await;
         info!(owner = %inner.owner, "engine stopped");
     }
 }
@@ -357,6 +369,8 @@ async fn step<S: Store>(
         .agents
         .get(&state.tenant, &state.agent, &state.version)
         .await?;
+    // With the MCP tools its allow lists let through, as last listed.
+    let (agent, unlisted) = inner.mcp.resolve(agent).await;
     let at = now();
 
     if state.status.is_terminal() {
@@ -385,7 +399,7 @@ async fn step<S: Store>(
     }
 
     match task.kind {
-        TaskKind::Llm => llm_step(inner, slot, task, &agent).await,
+        TaskKind::Llm => llm_step(inner, slot, task, &agent, unlisted).await,
         TaskKind::Tools => tools_step(inner, slot, task, &agent, invocations).await,
     }
 }
@@ -407,6 +421,7 @@ async fn llm_step<S: Store>(
     slot: &mut Option<State>,
     task: &Task,
     agent: &Agent,
+    unlisted: Option<String>,
 ) -> Result<Next, StoreError> {
     let Some(state) = slot.as_ref() else {
         return Ok(Next::Done);
@@ -414,6 +429,11 @@ async fn llm_step<S: Store>(
     let awaiting = matches!(state.status, Status::Pending | Status::AwaitingLlm);
     if !awaiting || state.steps + 1 != task.step {
         return finish_stale(inner, slot, task).await;
+    }
+    if let Some(message) = unlisted {
+        // The model must not be asked without tools it may use: wait for
+        // the server like for a failing provider.
+        return retry_later(inner, slot, task, agent, "tools unavailable", message, None).await;
     }
     let ticket = match inner.gateway.admit(agent, state, now()).await? {
         Admission::Go(ticket) => ticket,
@@ -462,28 +482,16 @@ async fn llm_step<S: Store>(
             retry_after,
             ..
         }) => {
-            if task.attempts >= task.max_attempts {
-                let error = format!(
-                    "llm call failed after {} attempts: {message}",
-                    task.attempts
-                );
-                return dead_letter(inner, slot, task, error).await;
-            }
-            let backoff = agent
-                .spec
-                .retry
-                .backoff
-                .delay(task.attempts, fastrand::f64());
-            // The provider's Retry-After wins over our backoff, within the policy's cap.
-            let cap = agent.spec.retry.backoff.max;
-            let delay = retry_after.map_or(backoff, |r| r.min(cap).max(backoff));
-            warn!(run_id = %task.run_id, step = task.step, attempt = task.attempts, error = %message, "llm call failed, retrying");
-            let at = now();
-            inner
-                .store
-                .retry_later(task.lease, &message, at + delay.as_millis() as i64, at)
-                .await?;
-            return Ok(Next::Done);
+            return retry_later(
+                inner,
+                slot,
+                task,
+                agent,
+                "llm call failed",
+                message,
+                retry_after,
+            )
+            .await;
         }
         Err(llm::Error::Permanent { message }) => {
             let error = format!("llm call failed: {message}");
@@ -632,6 +640,39 @@ async fn tools_step<S: Store>(
     // disagree (it cannot happen unless the journal changed under us). Drive
     // the task again from the journal.
     Ok(result.unwrap_or_else(|| Next::Abandon("tool results did not settle the step".into())))
+}
+
+/// Gives an `llm` task back to be retried after the agent's backoff (or
+/// the provider's `retry_after`, within the policy's cap), or dead-letters
+/// it after its last attempt. `what` names the failure.
+async fn retry_later<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    what: &str,
+    message: String,
+    retry_after: Option<Duration>,
+) -> Result<Next, StoreError> {
+    if task.attempts >= task.max_attempts {
+        let error = format!("{what} after {} attempts: {message}", task.attempts);
+        return dead_letter(inner, slot, task, error).await;
+    }
+    let backoff = agent
+        .spec
+        .retry
+        .backoff
+        .delay(task.attempts, fastrand::f64());
+    // The provider's Retry-After wins over our backoff, within the policy's cap.
+    let cap = agent.spec.retry.backoff.max;
+    let delay = retry_after.map_or(backoff, |r| r.min(cap).max(backoff));
+    warn!(run_id = %task.run_id, step = task.step, attempt = task.attempts, error = %message, "{what}, retrying");
+    let at = now();
+    inner
+        .store
+        .retry_later(task.lease, &message, at + delay.as_millis() as i64, at)
+        .await?;
+    Ok(Next::Done)
 }
 
 /// Tasks for the effects of a transition, leased to this worker on creation,

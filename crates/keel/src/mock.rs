@@ -74,6 +74,9 @@ pub struct Counters {
     /// When on (`track_tokens`), each chat completion's arrival time and
     /// tokens (prompt + completion, as the mock counts them).
     pub llm_tokens: Mutex<Option<Vec<(Instant, u64)>>>,
+    /// When on (`track_tools`), the names of the tools the latest chat
+    /// completion offered the model.
+    pub llm_tools: Mutex<Option<Vec<String>>>,
 }
 
 impl Counters {
@@ -116,6 +119,22 @@ impl Counters {
             .unwrap_or_default();
         log.sort_by_key(|(t, _)| *t);
         log
+    }
+
+    /// Starts keeping the tool names each chat completion offers.
+    pub fn track_tools(&self) {
+        if let Ok(mut tools) = self.llm_tools.lock() {
+            *tools = Some(Vec::new());
+        }
+    }
+
+    /// The tools the latest chat completion offered (empty unless `track_tools`).
+    pub fn offered_tools(&self) -> Vec<String> {
+        self.llm_tools
+            .lock()
+            .ok()
+            .and_then(|t| t.clone())
+            .unwrap_or_default()
     }
 
     /// The `Authorization` header of the latest chat-completions request.
@@ -420,6 +439,15 @@ async fn chat(
             return (StatusCode::BAD_REQUEST, Json(body)).into_response();
         }
     };
+    if let Ok(mut offered) = c.llm_tools.lock()
+        && let Some(offered) = offered.as_mut()
+    {
+        *offered = req
+            .tools
+            .iter()
+            .map(|t| t.function.name.to_string())
+            .collect();
+    }
     let model = req.model.as_ref();
     let tool_results = req.messages.iter().filter(|m| m.role == "tool").count();
     let tool = req

@@ -900,8 +900,9 @@ impl<S: Store> Follow<S> {
 }
 
 /// Refuses a spec whose model (or a fallback) names a provider that is
-/// neither built in nor in `config`, naming the field.
-pub fn check_providers(
+/// neither built in nor in `config`, or whose tools name an MCP server
+/// `config` does not have, naming the field.
+pub fn check_config(
     config: &keel_core::config::Config,
     agent: &Agent,
 ) -> Result<(), keel_core::spec::Error> {
@@ -924,6 +925,24 @@ pub fn check_providers(
                 message: format!(
                     "`{name}` is not a provider of the server configuration (configured: {}) nor one of openai, anthropic, scripted",
                     if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ),
+            });
+        }
+    }
+    for (i, tool) in agent.spec.tools.iter().enumerate() {
+        if let Some(server) = &tool.mcp
+            && config.mcp_server(server).is_none()
+        {
+            let known: Vec<&str> = config.mcp_servers.keys().map(String::as_str).collect();
+            errors.push(keel_core::spec::FieldError {
+                field: format!("tools[{i}].mcp"),
+                message: format!(
+                    "`{server}` is not an MCP server of the server configuration (configured: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             });
         }

@@ -19,7 +19,7 @@
 
 use keel_core::message::{Message, Role, ToolCall, Usage};
 use keel_core::run::State;
-use keel_core::spec::{Agent, ModelSpec, tool_description, tool_parameters};
+use keel_core::spec::{Agent, ModelSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -44,13 +44,12 @@ pub(super) fn request(
         system: &agent.spec.system,
         messages: wire_messages(&state.messages),
         tools: agent
-            .spec
-            .tools
-            .iter()
+            .tools()
+            .into_iter()
             .map(|t| WireTool {
-                name: &t.name,
-                description: tool_description(t),
-                input_schema: tool_parameters(t),
+                name: t.name,
+                description: t.description,
+                input_schema: t.parameters,
             })
             .collect(),
         temperature: model.temperature,
@@ -74,7 +73,7 @@ struct MessagesRequest<'a> {
     system: &'a str,
     messages: Vec<WireMessage<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<WireTool<'a>>,
+    tools: Vec<WireTool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -106,8 +105,8 @@ enum Block<'a> {
 }
 
 #[derive(Serialize)]
-struct WireTool<'a> {
-    name: &'a str,
+struct WireTool {
+    name: String,
     description: String,
     input_schema: Value,
 }

@@ -10,7 +10,7 @@
 
 use keel_core::message::{Message, Role, ToolCall, Usage};
 use keel_core::run::State;
-use keel_core::spec::{Agent, ModelSpec, tool_description, tool_parameters};
+use keel_core::spec::{Agent, ModelSpec};
 use reqwest::header;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -31,15 +31,14 @@ pub(super) fn request(
         model: &model.model,
         messages: wire_messages(&agent.spec.system, &state.messages),
         tools: agent
-            .spec
-            .tools
-            .iter()
+            .tools()
+            .into_iter()
             .map(|t| WireTool {
                 kind: "function",
                 function: WireFunction {
-                    name: &t.name,
-                    description: tool_description(t),
-                    parameters: tool_parameters(t),
+                    name: t.name,
+                    description: t.description,
+                    parameters: t.parameters,
                 },
             })
             .collect(),
@@ -63,7 +62,7 @@ struct ChatRequest<'a> {
     model: &'a str,
     messages: Vec<WireMessage<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<WireTool<'a>>,
+    tools: Vec<WireTool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,15 +104,15 @@ struct WireCallFunction<'a> {
 }
 
 #[derive(Serialize)]
-struct WireTool<'a> {
+struct WireTool {
     #[serde(rename = "type")]
     kind: &'static str,
-    function: WireFunction<'a>,
+    function: WireFunction,
 }
 
 #[derive(Serialize)]
-struct WireFunction<'a> {
-    name: &'a str,
+struct WireFunction {
+    name: String,
     description: String,
     parameters: Value,
 }

@@ -411,7 +411,7 @@ async fn put_agent<S: Store>(
         ));
     }
     let agent = Agent::parse(text)?;
-    service::check_providers(&svc.providers.config, &agent)?;
+    service::check_config(&svc.providers.config, &agent)?;
     let registered = svc.register(&agent).await?;
     let status = match registered {
         Registered::Created => StatusCode::CREATED,
@@ -426,7 +426,15 @@ async fn put_agent<S: Store>(
 }
 
 fn agent_summary(record: &keel_store::AgentRecord) -> Value {
-    let tools: Vec<&str> = record.spec.tools.iter().map(|t| t.name.as_str()).collect();
+    let tools: Vec<String> = record
+        .spec
+        .tools
+        .iter()
+        .map(|t| match &t.mcp {
+            Some(server) => format!("mcp:{server}"),
+            None => t.name.clone(),
+        })
+        .collect();
     json!({
         "name": record.spec.name,
         "version": record.spec.version,

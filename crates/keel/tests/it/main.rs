@@ -11,6 +11,7 @@ mod events;
 mod failures;
 mod gateway;
 mod journal;
+mod mcp;
 #[cfg(feature = "nats")]
 mod nats;
 mod postgres;

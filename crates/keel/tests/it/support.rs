@@ -49,6 +49,8 @@ pub fn keel(args: &[&str]) -> (bool, String, String) {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// Its stderr (the log).
+    pub log: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -59,6 +61,11 @@ fn free_port() -> u16 {
 impl Server {
     /// Starts `keel serve` on `db` and waits until it answers /healthz.
     pub async fn start(db: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(db, args, &[]).await
+    }
+
+    /// Like [`Server::start`], with more environment variables.
+    pub async fn start_with_env(db: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let log = db.with_extension(format!("{port}.log"));
@@ -70,6 +77,7 @@ impl Server {
             .arg("--db")
             .arg(db)
             .args(args)
+            .envs(env.iter().copied())
             .env("KEEL_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -78,6 +86,7 @@ impl Server {
         let server = Server {
             child,
             url: format!("http://{listen}"),
+            log: log.clone(),
         };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);

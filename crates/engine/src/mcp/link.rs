@@ -1,0 +1,462 @@
+//! One server's connection, kept alive: connect (spawn the process, or
+//! open the HTTP transport), handshake, list the tools, publish them; re-list
+//! on change and every `refresh`; when the connection or the process dies,
+//! reconnect after a backoff; on shutdown close the connection and stop the
+//! process (killed if it does not exit within a grace period).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_core::config::{Ref, expand};
+use keel_core::spec::{McpTool, clip, human_duration};
+use reqwest::header::{HeaderName, HeaderValue};
+use rmcp::model::{ClientCapabilities, ClientConfig, Implementation, ProtocolVersion};
+use rmcp::service::{MaybeSendFuture, NotificationContext, RunningServiceCancellationToken};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, Peer, RoleClient};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStderr};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Catalog, Server, redact};
+
+/// How long a stopping server may take to exit before it is killed.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// First and longest wait before reconnecting.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A connection up this long counts as healthy: the backoff starts over.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// Longest stderr line logged (the rest is cut).
+const MAX_LOG_LINE: usize = 2000;
+
+/// Keeps `server` connected until `cancel`.
+pub(super) async fn supervise(
+    server: Arc<Server>,
+    http: reqwest::Client,
+    cancel: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let changed = Arc::new(Notify::new());
+        let timeout = server.config.timeout;
+        let attempt = tokio::select! {
+            attempt = tokio::time::timeout(timeout, connect(&server, &http, changed.clone())) => attempt,
+            _ = cancel.cancelled() => return,
+        };
+        let error = match attempt {
+            Ok(Ok((link, tools))) => {
+                let up = Instant::now();
+                let Some(error) = serve(&server, link, tools, &changed, &cancel).await else {
+                    return;
+                };
+                if up.elapsed() >= HEALTHY_AFTER {
+                    failures = 0;
+                }
+                error
+            }
+            Ok(Err(error)) => error,
+            Err(_) => format!("no connection within {}", human_duration::format(timeout)),
+        };
+        failures = failures.saturating_add(1);
+        let delay = backoff(failures);
+        warn!(server = %server.name, error = %error, attempt = failures, retry_in_ms = delay.as_millis() as u64, "mcp server unavailable, reconnecting");
+        server.status.send_modify(|s| {
+            s.peer = None;
+            s.error = Some(error);
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Exponential from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], jittered over its upper half.
+fn backoff(failures: u32) -> Duration {
+    let exp = 2f64.powi(failures.saturating_sub(1).min(16) as i32);
+    let base = (BACKOFF_MIN.as_secs_f64() * exp).min(BACKOFF_MAX.as_secs_f64());
+    Duration::from_secs_f64(base * (0.5 + 0.5 * fastrand::f64()))
+}
+
+/// Publishes a live connection and keeps it until it is lost (the reason)
+/// or `cancel` (`None`, after closing it).
+async fn serve(
+    server: &Server,
+    mut link: Link,
+    tools: Vec<McpTool>,
+    changed: &Notify,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    info!(server = %server.name, tools = tools.len(), "mcp server connected");
+    publish(server, tools, &link);
+    let every = server.config.refresh;
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lost = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                server.status.send_modify(|s| s.peer = None);
+                link.close().await;
+                info!(server = %server.name, "mcp server stopped");
+                return None;
+            }
+            _ = &mut link.done => break "the connection closed".to_string(),
+            exit = exited(&mut link.child) => break format!("the process exited ({exit})"),
+            _ = changed.notified() => relist(server, &link).await,
+            _ = refresh.tick() => relist(server, &link).await,
+        }
+    };
+    link.close().await;
+    Some(lost)
+}
+
+/// Reads the tool list again; a failure keeps the last one.
+async fn relist(server: &Server, link: &Link) {
+    match tokio::time::timeout(server.config.timeout, list(&server.name, &link.peer)).await {
+        Ok(Ok(tools)) => publish(server, tools, link),
+        Ok(Err(error)) => {
+            let error = redact(&error, &link.secrets);
+            warn!(server = %server.name, error = %error, "mcp tool list failed, keeping the last one");
+        }
+        Err(_) => warn!(server = %server.name, "mcp tool list timed out, keeping the last one"),
+    }
+}
+
+/// Publishes a connection and its tool list (a new generation if it changed).
+fn publish(server: &Server, tools: Vec<McpTool>, link: &Link) {
+    server.status.send_modify(|s| {
+        let generation = match &s.catalog {
+            Some(old) if old.tools == tools => old.generation,
+            Some(old) => old.generation + 1,
+            None => 1,
+        };
+        if s.catalog
+            .as_ref()
+            .is_none_or(|c| c.generation != generation)
+        {
+            s.catalog = Some(Arc::new(Catalog { tools, generation }));
+        }
+        s.peer = Some(link.peer.clone());
+        s.error = None;
+        s.secrets = link.secrets.clone();
+    });
+}
+
+/// The server's tools, every page.
+async fn list(server: &str, peer: &Peer<RoleClient>) -> Result<Vec<McpTool>, String> {
+    let tools = peer
+        .list_all_tools()
+        .await
+        .map_err(|e| format!("tools/list failed: {e}"))?;
+    Ok(tools
+        .into_iter()
+        .map(|t| {
+            McpTool::new(
+                server,
+                &t.name,
+                t.description.map(|d| d.into_owned()).unwrap_or_default(),
+                Value::Object((*t.input_schema).clone()),
+            )
+        })
+        .collect())
+}
+
+/// A live connection.
+struct Link {
+    peer: Peer<RoleClient>,
+    /// Stops the client's service loop (taken when used).
+    stop: Option<RunningServiceCancellationToken>,
+    /// The service loop; it ends when the connection does.
+    done: JoinHandle<()>,
+    /// The process of a stdio server.
+    child: Option<Child>,
+    secrets: Arc<Vec<String>>,
+}
+
+impl Link {
+    /// Closes the connection, then waits for the process to exit (it sees
+    /// its stdin close), killing it after [`GRACE`].
+    async fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.cancel();
+        }
+        if !self.done.is_finished() {
+            let _ = tokio::time::timeout(GRACE, &mut self.done).await;
+            self.done.abort();
+        }
+        if let Some(mut child) = self.child.take()
+            && tokio::time::timeout(GRACE, child.wait()).await.is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Resolves when the process of a stdio server exits (never for HTTP).
+async fn exited(child: &mut Option<Child>) -> String {
+    match child {
+        Some(child) => match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Hears the server's notifications.
+struct Handler {
+    changed: Arc<Notify>,
+}
+
+impl ClientHandler for Handler {
+    fn on_tool_list_changed(
+        &self,
+        _context: NotificationContext<RoleClient>,
+    ) -> impl Future<Output = ()> + MaybeSendFuture + '_ {
+        self.changed.notify_one();
+        std::future::ready(())
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("keel", env!("CARGO_PKG_VERSION")),
+        )
+    }
+}
+
+/// The handshake: `server/discover` (2026-07-28), falling back to
+/// `initialize` (2025-11-25) for a server that does not know it.
+fn lifecycle() -> ClientLifecycleMode {
+    ClientLifecycleMode::Auto {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        legacy_version: Some(ProtocolVersion::V_2025_11_25),
+    }
+}
+
+/// Connects, shakes hands and lists the tools.
+async fn connect(
+    server: &Server,
+    http: &reqwest::Client,
+    changed: Arc<Notify>,
+) -> Result<(Link, Vec<McpTool>), String> {
+    let handler = Handler { changed };
+    let (service, child, secrets) = if let Some(stdio) = &server.config.stdio {
+        let stdio = stdio.clone();
+        let name = server.name.clone();
+        let mut prepared = tokio::task::spawn_blocking(move || prepare_stdio(&name, &stdio))
+            .await
+            .map_err(|e| format!("preparing the process failed: {e}"))??;
+        let mut child = prepared
+            .command
+            .spawn()
+            .map_err(|e| format!("cannot start `{}`: {e}", prepared.program.display()))?;
+        let secrets = Arc::new(prepared.secrets);
+        let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+            return Err("the process has no stdin/stdout pipes".into());
+        };
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(log_stderr(server.name.clone(), stderr, secrets.clone()));
+        }
+        let service = handler
+            .serve_with_lifecycle((stdout, stdin), lifecycle())
+            .await
+            .map_err(|e| redact(&format!("handshake failed: {e}"), &secrets))?;
+        (service, Some(child), secrets)
+    } else if let Some(remote) = &server.config.http {
+        let headers = remote.headers.clone();
+        let (headers, secrets) = tokio::task::spawn_blocking(move || prepare_headers(&headers))
+            .await
+            .map_err(|e| format!("preparing the headers failed: {e}"))??;
+        let secrets = Arc::new(secrets);
+        let config = StreamableHttpClientTransportConfig::with_uri(remote.url.as_str())
+            .custom_headers(headers);
+        let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
+        let service = handler
+            .serve_with_lifecycle(transport, lifecycle())
+            .await
+            .map_err(|e| redact(&format!("handshake failed: {e}"), &secrets))?;
+        (service, None, secrets)
+    } else {
+        return Err("neither stdio nor http is configured".into());
+    };
+    let peer = service.peer().clone();
+    let stop = service.cancellation_token();
+    let done = tokio::spawn(async move {
+        let _ = service.waiting().await;
+    });
+    let link = Link {
+        peer,
+        stop: Some(stop),
+        done,
+        child,
+        secrets,
+    };
+    match list(&server.name, &link.peer).await {
+        Ok(tools) => Ok((link, tools)),
+        Err(error) => {
+            let error = redact(&error, &link.secrets);
+            link.close().await;
+            Err(error)
+        }
+    }
+}
+
+/// A stdio server's command, ready to spawn.
+struct Prepared {
+    command: tokio::process::Command,
+    program: PathBuf,
+    secrets: Vec<String>,
+}
+
+/// Reads the references of the `env` (blocking: files), finds the program
+/// on Keel's `PATH`, and builds the command: a clean environment with only
+/// the configured variables, piped stdio, killed if dropped, in a process
+/// group of its own (a terminal's Ctrl-C reaches Keel, which stops it).
+fn prepare_stdio(server: &str, stdio: &keel_core::config::StdioServer) -> Result<Prepared, String> {
+    let mut env = BTreeMap::new();
+    let mut secrets = Vec::new();
+    for (var, template) in &stdio.env {
+        let value = expand_secret(template, &mut secrets)
+            .map_err(|e| format!("mcp_servers.{server}.stdio.env.{var}: {e}"))?;
+        env.insert(var.clone(), value);
+    }
+    let program = find_program(&stdio.command).ok_or_else(|| {
+        format!(
+            "mcp_servers.{server}.stdio.command: `{}` is not an executable file nor found on PATH",
+            stdio.command
+        )
+    })?;
+    let mut command = tokio::process::Command::new(&program);
+    command
+        .args(&stdio.args)
+        .env_clear()
+        .envs(&env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(cwd) = &stdio.cwd {
+        command.current_dir(cwd);
+    }
+    #[cfg(unix)]
+    command.process_group(0);
+    Ok(Prepared {
+        command,
+        program,
+        secrets,
+    })
+}
+
+/// Expands `${VAR}` / `${file:...}` in `template`, keeping the values read as secrets.
+fn expand_secret(template: &str, secrets: &mut Vec<String>) -> Result<String, String> {
+    expand(template, |reference| {
+        let value = match reference {
+            Ref::Env(var) => std::env::var(var).ok()?,
+            Ref::File(path) => std::fs::read_to_string(path).ok()?.trim().to_string(),
+        };
+        secrets.push(value.clone());
+        Some(value)
+    })
+}
+
+/// The HTTP headers of a remote server, values expanded and marked sensitive.
+fn prepare_headers(
+    headers: &BTreeMap<String, String>,
+) -> Result<(HashMap<HeaderName, HeaderValue>, Vec<String>), String> {
+    let mut out = HashMap::new();
+    let mut secrets = Vec::new();
+    for (name, template) in headers {
+        let value =
+            expand_secret(template, &mut secrets).map_err(|e| format!("header `{name}`: {e}"))?;
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`{name}` is not a valid header name"))?;
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("the value of header `{name}` is not a valid header value"))?;
+        if template.contains("${") {
+            value.set_sensitive(true);
+        }
+        out.insert(header, value);
+    }
+    Ok((out, secrets))
+}
+
+/// `command` itself when it names a file (has a `/`), else the first
+/// executable of that name on Keel's `PATH`.
+fn find_program(command: &str) -> Option<PathBuf> {
+    if command.contains('/') {
+        let path = PathBuf::from(command);
+        return path.is_file().then_some(path);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(command))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        path.is_file()
+    }
+}
+
+/// Logs what the process writes to stderr (its log), a line at a time,
+/// with its secrets redacted.
+async fn log_stderr(server: String, stderr: ChildStderr, secrets: Arc<Vec<String>>) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = redact(text.trim_end(), &secrets);
+                info!(server = %server, line = %clip(&text, MAX_LOG_LINE), "mcp server stderr");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        for failures in 1..40 {
+            let d = backoff(failures);
+            assert!(
+                d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX,
+                "{failures}: {d:?}"
+            );
+        }
+        assert!(backoff(30) >= BACKOFF_MAX / 2);
+    }
+
+    #[test]
+    fn programs_are_found_on_the_path() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("surely-no-such-program-keel").is_none());
+        assert!(find_program("/surely/not/here").is_none());
+    }
+}
