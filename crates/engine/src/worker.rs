@@ -654,7 +654,10 @@ fn follow_up_tasks<S>(
             // Tool retries happen inside the call; the task's attempts only
             // count workers that died while making it.
             Effect::CallTools { step } => (TaskKind::Tools, *step, agent.spec.retry.max_attempts),
-            Effect::InvokeTool(_) => continue,
+            // Parking and notifications are armed by the approval flow.
+            Effect::InvokeTool(_) | Effect::AwaitApproval { .. } | Effect::Notify { .. } => {
+                continue;
+            }
         };
         tasks.push(NewTask {
             kind,
