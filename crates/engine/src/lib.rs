@@ -15,12 +15,15 @@
 //!   idle timeouts) and the `scripted` stand-in for offline demos and tests.
 //! * [`tools`]: tool execution: HTTP tools (idempotency key, traceparent,
 //!   retries) and the built-in file tools.
+//! * [`webhook`]: signed webhook notifications (pending approvals), delivered
+//!   by `notify` tasks.
 
 pub mod agents;
 pub mod deltas;
 pub mod gateway;
 pub mod llm;
 pub mod tools;
+pub mod webhook;
 pub mod worker;
 
 pub use gateway::Breakers;
