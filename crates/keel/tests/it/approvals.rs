@@ -354,3 +354,92 @@ async fn the_timeout_rejects_or_escalates_and_the_webhook_is_signed_and_retried(
     assert_eq!(run["status"], "COMPLETED", "{run}");
     assert_eq!(mock.counters.tool_requests.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn uncertain_calls_after_sigkill_retry_fail_or_ask() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let mut server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // The `hang` tool never answers a key's first call: the server is
+    // killed between ToolCallStarted and the result.
+    let policies = [
+        ("retrying", ""),
+        ("failing", "    on_uncertain: fail"),
+        ("asking", "    on_uncertain: ask"),
+    ];
+    let mut ids = Vec::new();
+    for (name, extra) in policies {
+        register(
+            &http,
+            &server,
+            &agent_yaml(name, &mock, "tools:1", "hang", extra),
+        )
+        .await;
+        ids.push(submit(&http, &server, name, "go").await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mock.counters.tool_requests.load(Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "the calls never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill();
+    let server = Server::start(&dir.db(), &[]).await;
+    let keys = |id: &str| {
+        mock.counters
+            .key_counts()
+            .get(&format!("{id}:1:0"))
+            .copied()
+            .unwrap_or(0)
+    };
+
+    // retry (idempotent: true): made again with the same key.
+    let run = wait_terminal(&http, &server, &ids[0], Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(run["steps"][0]["tool_calls"][0]["attempts"], 2);
+    assert!(
+        run["output"].as_str().unwrap_or("").contains("repeated"),
+        "{run}"
+    );
+    assert_eq!(keys(&ids[0]), 2);
+
+    // fail: the run fails, naming the call's key; it is not made again.
+    let run = wait_terminal(&http, &server, &ids[1], Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "FAILED", "{run}");
+    assert_eq!(run["error_code"], "uncertain_tool_call");
+    let key = format!("{}:1:0", ids[1]);
+    assert!(run["error"].as_str().unwrap_or("").contains(&key), "{run}");
+    assert_eq!(keys(&ids[1]), 1);
+
+    // ask: the run parks for a human; approving repeats it with the same key.
+    let run = wait_for(&http, &server, &ids[2], "parking", parked).await;
+    let approval = &run["approvals"][0];
+    assert_eq!(approval["id"], "1.0.2");
+    assert_eq!(approval["reason"], "uncertain");
+    assert_eq!(keys(&ids[2]), 1);
+    let (status, body) = decide(
+        &http,
+        &server,
+        &ids[2],
+        "1.0.2",
+        json!({"decision": "approve", "arguments": {"n": 7}}),
+    )
+    .await;
+    assert_eq!(
+        status, 422,
+        "an uncertain call is repeated as it was: {body}"
+    );
+    let (status, body) = decide(
+        &http,
+        &server,
+        &ids[2],
+        "1.0.2",
+        json!({"decision": "approve", "by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let run = wait_terminal(&http, &server, &ids[2], Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(run["steps"][0]["tool_calls"][0]["attempts"], 2);
+    assert_eq!(keys(&ids[2]), 2);
+}
