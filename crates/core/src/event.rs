@@ -153,7 +153,7 @@ pub enum Event {
     TaskDeadLettered {
         /// The dead-lettered task (its id is the dead letter's id).
         task_id: TaskId,
-        /// `llm` or `tools`.
+        /// `llm`, `tools`, `approval` (a timer) or `notify` (a webhook).
         kind: String,
         /// Step the task was for.
         step: u32,
@@ -177,7 +177,7 @@ pub enum Event {
         /// Why.
         error: String,
         /// The kind of failure, for machines: `budget_exceeded`, `max_steps`,
-        /// `timeout` (absent for other failures).
+        /// `timeout`, `uncertain_tool_call` (absent for other failures).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
     },
