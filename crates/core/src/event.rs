@@ -97,11 +97,63 @@ pub enum Event {
         /// Whether the tool failed.
         is_error: bool,
     },
+    /// A tool call waits for a human decision before it is made: the
+    /// approval policy asks for it, or recovery found the call uncertain
+    /// and the tool's `on_uncertain` is `ask`. The run is
+    /// `AWAITING_APPROVAL` until every approval of the step is decided.
+    ApprovalRequested {
+        /// The approval's id within the run: `<step>.<call_index>.<attempt>`.
+        approval_id: String,
+        /// Step of the call.
+        step: u32,
+        /// Position of the call in the assistant message.
+        call_index: u32,
+        /// Provider's call id.
+        call_id: String,
+        /// Tool name.
+        tool: String,
+        /// The arguments the call would be made with.
+        arguments: Value,
+        /// The attempt it would be (more than 1: a repeat of an uncertain call).
+        attempt: u32,
+        /// `policy` (an approval rule matched) or `uncertain` (a repeat).
+        reason: String,
+        /// How long a decision may take (`approvals.timeout`), if limited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Someone (or the timeout policy) decided an approval.
+    ApprovalDecided {
+        /// The approval.
+        approval_id: String,
+        /// Step of the call.
+        step: u32,
+        /// Position of the call.
+        call_index: u32,
+        /// Whether the call may be made.
+        approved: bool,
+        /// Who decided (`keel:timeout` for the timeout policy).
+        by: String,
+        /// Why (a rejection's reason is the call's result for the model).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Arguments the approver edited (validated): the call is made with these.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        arguments: Option<Value>,
+    },
+    /// Nobody decided in time and `approvals.on_timeout` is `escalate`: the
+    /// escalation webhook is told, the run keeps waiting.
+    ApprovalEscalated {
+        /// Step of the calls.
+        step: u32,
+        /// The approvals escalated.
+        approval_ids: Vec<String>,
+    },
     /// A task used all its attempts and went to the dead-letter queue.
     TaskDeadLettered {
         /// The dead-lettered task (its id is the dead letter's id).
         task_id: TaskId,
-        /// `llm` or `tools`.
+        /// `llm`, `tools`, `approval` (a timer) or `notify` (a webhook).
         kind: String,
         /// Step the task was for.
         step: u32,
@@ -125,7 +177,7 @@ pub enum Event {
         /// Why.
         error: String,
         /// The kind of failure, for machines: `budget_exceeded`, `max_steps`,
-        /// `timeout` (absent for other failures).
+        /// `timeout`, `uncertain_tool_call` (absent for other failures).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
     },
@@ -146,6 +198,9 @@ impl Event {
             Event::ToolCallRejected { .. } => "tool_call_rejected",
             Event::ToolCallStarted { .. } => "tool_call_started",
             Event::ToolCallCompleted { .. } => "tool_call_completed",
+            Event::ApprovalRequested { .. } => "approval_requested",
+            Event::ApprovalDecided { .. } => "approval_decided",
+            Event::ApprovalEscalated { .. } => "approval_escalated",
             Event::TaskDeadLettered { .. } => "task_dead_lettered",
             Event::TaskRedriven { .. } => "task_redriven",
             Event::RunCompleted { .. } => "run_completed",

@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //!
+//! * [`approval`]: approval policies: which tool calls wait for a human
+//!   (tool flags, name patterns, conditions on arguments), timeouts, and
+//!   what recovery does with an uncertain call (`on_uncertain`).
 //! * [`breaker`]: the circuit breaker of one provider endpoint (pure state).
 //! * [`config`]: the server's configuration file: LLM providers, their keys'
 //!   sources, rate limits, circuit breakers and prices.
@@ -15,6 +18,7 @@
 //! * [`run`]: the run state machine: [`run::State`] is the fold of the events,
 //!   [`run::handle`] turns a command into events and effects.
 
+pub mod approval;
 pub mod breaker;
 pub mod config;
 pub mod event;

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::approval::{Approvals, OnTimeout, OnUncertain, RequiresApproval};
+
 /// A validation failure: which field, and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FieldError {
@@ -77,6 +79,9 @@ pub struct Spec {
     /// Retry policy of the run's LLM tasks.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Which tool calls wait for a human decision, for how long, and who is told.
+    #[serde(default, skip_serializing_if = "Approvals::is_empty")]
+    pub approvals: Approvals,
 }
 
 /// Which wire protocol reaches the model, or which configured provider.
@@ -229,6 +234,17 @@ pub struct ToolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<Builtin>,
     /// Folder a file built-in may read (relative paths resolve against the server's
+    /// Whether a call waits for a human decision: `true`, or `{when: <condition>}`.
+    #[serde(default, skip_serializing_if = "RequiresApproval::is_never")]
+    pub requires_approval: RequiresApproval,
+    /// The tool may be called twice with the same idempotency key without
+    /// harm (then an uncertain call is retried by default).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub idempotent: bool,
+    /// What recovery does with a call that may or may not have happened
+    /// (default: `retry` when idempotent or a read-only built-in, else `ask`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_uncertain: Option<OnUncertain>,
     /// working directory, or the spec file's folder for `keel run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
@@ -718,6 +734,13 @@ impl Agent {
             }
         }
 
+        for (i, tool) in spec.tools.iter().enumerate() {
+            if let RequiresApproval::When(condition) = &tool.requires_approval {
+                condition.check(&format!("tools[{i}].requires_approval.when"), &mut err);
+            }
+        }
+        check_approvals(&spec.approvals, &mut err);
+
         for (i, turn) in spec.model.script.iter().enumerate() {
             if turn.content.is_none() && turn.tool_calls.is_empty() {
                 err(
@@ -868,6 +891,38 @@ impl Agent {
             .map(|t| t.name.as_str())
             .chain(self.mcp.iter().map(|t| t.name.as_str()))
             .collect()
+    }
+
+    /// Whether a call of `tool` with these (validated) arguments waits for
+    /// a human decision: the tool's `requires_approval`, or a rule of
+    /// `approvals.tools` matching its name and arguments.
+    pub fn needs_approval(&self, tool: &str, arguments: &Value) -> bool {
+        let inline = self
+            .tool(tool)
+            .is_some_and(|t| t.requires_approval.applies(arguments));
+        inline
+            || self
+                .spec
+                .approvals
+                .tools
+                .iter()
+                .any(|rule| rule.applies(tool, arguments))
+    }
+
+    /// What recovery does with an uncertain call of `tool`: its
+    /// `on_uncertain`, else `retry` for idempotent tools and built-ins (they
+    /// only read), else `ask`.
+    pub fn on_uncertain(&self, tool: &str) -> OnUncertain {
+        match self.tool(tool) {
+            Some(t) => t
+                .on_uncertain
+                .unwrap_or(if t.idempotent || t.builtin.is_some() {
+                    OnUncertain::Retry
+                } else {
+                    OnUncertain::Ask
+                }),
+            None => OnUncertain::Ask,
+        }
     }
 
     /// Checks arguments the model wrote for a tool: they must be a JSON object
@@ -1124,6 +1179,49 @@ fn check_mcp_entry(
                 format!("{at}.allow[{j}]"),
                 format!("`{pattern}` must be a tool name, `*` matching any run of characters"),
             );
+        }
+    }
+}
+
+fn check_approvals(approvals: &Approvals, err: &mut impl FnMut(String, String)) {
+    for (i, rule) in approvals.tools.iter().enumerate() {
+        let at = format!("approvals.tools[{i}]");
+        let pattern_ok = !rule.tool.is_empty()
+            && rule.tool.len() <= 128
+            && rule
+                .tool
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '*'));
+        if !pattern_ok {
+            err(
+                format!("{at}.tool"),
+                format!(
+                    "`{}` is not a tool-name pattern (letters, digits, `_`, `-`, `.` and `*`)",
+                    rule.tool
+                ),
+            );
+        }
+        if let Some(condition) = &rule.when {
+            condition.check(&format!("{at}.when"), err);
+        }
+    }
+    if approvals.timeout.is_some_and(|t| t.is_zero()) {
+        err("approvals.timeout".into(), "must be positive".into());
+    }
+    if approvals.on_timeout == OnTimeout::Escalate && approvals.timeout.is_none() {
+        err(
+            "approvals.on_timeout".into(),
+            "escalate needs approvals.timeout (when to escalate)".into(),
+        );
+    }
+    for (field, url) in [
+        ("approvals.notify", &approvals.notify),
+        ("approvals.escalate_to", &approvals.escalate_to),
+    ] {
+        if let Some(url) = url
+            && !is_http_url(url)
+        {
+            err(field.into(), format!("`{url}` is not an http(s) URL"));
         }
     }
 }
@@ -1437,6 +1535,86 @@ tools:
         assert!(!allow(&["a*b*c"], "aXbY"));
         assert!(!allow(&["ab*ba"], "aba"));
         assert!(!allow(&[], "x"));
+    }
+
+    #[test]
+    fn approval_policies_are_validated_and_round_trip() {
+        let text = r#"
+name: a
+version: 1
+model: {provider: openai, model: m}
+tools:
+  - name: transfer
+    http: {url: "http://x/t"}
+    requires_approval: {when: {path: /amount, gt: 100}}
+    on_uncertain: fail
+  - name: lookup
+    http: {url: "http://x/l"}
+    idempotent: true
+  - name: mail
+    http: {url: "http://x/m"}
+approvals:
+  tools: ["delete_*", {tool: "github_*", when: {path: /branch, eq: main}}]
+  timeout: 30m
+  on_timeout: escalate
+  notify: "https://hooks.example.com/keel"
+"#;
+        let agent = Agent::parse(text).unwrap();
+        assert!(agent.needs_approval("transfer", &serde_json::json!({"amount": 101})));
+        assert!(!agent.needs_approval("transfer", &serde_json::json!({"amount": 100})));
+        assert!(agent.needs_approval("delete_repo", &serde_json::json!({})));
+        assert!(agent.needs_approval("github_push", &serde_json::json!({"branch": "main"})));
+        assert!(!agent.needs_approval("github_push", &serde_json::json!({"branch": "dev"})));
+        assert!(!agent.needs_approval("lookup", &serde_json::json!({})));
+        assert_eq!(agent.on_uncertain("transfer"), OnUncertain::Fail);
+        assert_eq!(agent.on_uncertain("lookup"), OnUncertain::Retry);
+        assert_eq!(agent.on_uncertain("mail"), OnUncertain::Ask);
+        assert_eq!(agent.on_uncertain("not_declared"), OnUncertain::Ask);
+        // Stored as JSON and read back, it is the same spec.
+        let json = serde_json::to_value(&agent.spec).unwrap();
+        let again = Agent::from_value(json).unwrap();
+        assert_eq!(again.spec, agent.spec);
+        // Without approvals nothing is written.
+        let plain =
+            Agent::parse("name: a\nversion: 1\nmodel: {provider: openai, model: m}\n").unwrap();
+        let json = serde_json::to_value(&plain.spec).unwrap();
+        assert!(json.get("approvals").is_none());
+
+        let bad = r#"
+name: a
+version: 1
+model: {provider: openai, model: m}
+tools:
+  - name: t
+    http: {url: "http://x/t"}
+    requires_approval: {when: {path: amount, gt: 1}}
+approvals:
+  tools: ["bad pattern", {tool: "x", when: {path: /a}}]
+  timeout: 0s
+  notify: "ftp://x"
+"#;
+        assert_eq!(
+            fields(bad),
+            vec![
+                "tools[0].requires_approval.when.path",
+                "approvals.tools[0].tool",
+                "approvals.tools[1].when",
+                "approvals.timeout",
+                "approvals.notify",
+            ]
+        );
+        assert_eq!(
+            fields(
+                "name: a\nversion: 1\nmodel: {provider: openai, model: m}\napprovals: {on_timeout: escalate}\n"
+            ),
+            vec!["approvals.on_timeout"]
+        );
+        assert_eq!(
+            fields(
+                "name: a\nversion: 1\nmodel: {provider: openai, model: m}\ntools: [{name: t, http: {url: \"http://x\"}, on_uncertain: maybe}]\n"
+            ),
+            vec!["tools[0].on_uncertain"]
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //!   HTTP): tool discovery and cache, agents resolved with the tools their
 //!   allow lists let through, `tools/call` with the idempotency key and
 //!   traceparent in `_meta`.
+//! * [`webhook`]: signed webhook notifications (pending approvals), delivered
+//!   by `notify` tasks.
 
 pub mod agents;
 pub mod deltas;
@@ -26,6 +28,7 @@ pub mod gateway;
 pub mod llm;
 pub mod mcp;
 pub mod tools;
+pub mod webhook;
 pub mod worker;
 
 pub use gateway::Breakers;

@@ -17,7 +17,7 @@ use keel_core::config::Config;
 use keel_core::message::Usage;
 use keel_core::run::{self, Command, Effect, Invocation, State, Status};
 use keel_core::spec::ModelSpec;
-use keel_core::{Agent, Event, Priority, RunId};
+use keel_core::{Agent, Event, Millis, RunId};
 use keel_store::{
     Append, Error as StoreError, LeaseTo, NewTask, Projection, Store, Task, TaskKind, TaskUpdate,
 };
@@ -32,6 +32,7 @@ use crate::llm;
 use crate::mcp::Mcp;
 use crate::now;
 use crate::tools::Tools;
+use crate::webhook::{self, Webhooks};
 
 /// Most events a run's journal may be folded from (far above any real run).
 const MAX_EVENTS: u32 = 1_000_000;
@@ -57,6 +58,8 @@ pub struct Options {
     /// The circuit breakers of this process (shared with the API, which
     /// shows them).
     pub breakers: Breakers,
+    /// Secret signing webhook notifications (`Keel-Signature`); unsigned when `None`.
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             drain: Duration::from_secs(10),
             config: Arc::default(),
             breakers: Breakers::default(),
+            webhook_secret: None,
         }
     }
 }
@@ -93,6 +97,7 @@ struct Inner<S> {
     llm: llm::Client,
     gateway: Gateway<S>,
     tools: Tools,
+    webhooks: Webhooks,
     /// The MCP servers of the configuration, supervised while the pool runs.
     mcp: Mcp,
     http: reqwest::Client,
@@ -133,6 +138,7 @@ impl<S: Store> Engine<S> {
                 llm: llm::Client::new(http.clone()),
                 tools: Tools::new(http.clone()).with_mcp(mcp.clone()),
                 mcp,
+                webhooks: Webhooks::new(http.clone(), options.webhook_secret.as_deref()),
                 http,
                 owner: format!("worker-{}", uuid::Uuid::now_v7()),
                 options,
@@ -401,6 +407,8 @@ async fn step<S: Store>(
     match task.kind {
         TaskKind::Llm => llm_step(inner, slot, task, &agent, unlisted).await,
         TaskKind::Tools => tools_step(inner, slot, task, &agent, invocations).await,
+        TaskKind::Approval => approval_step(inner, slot, task, &agent).await,
+        TaskKind::Notify => notify_step(inner, slot, task, &agent).await,
     }
 }
 
@@ -529,7 +537,7 @@ async fn llm_step<S: Store>(
         transition.effects.extend(start.effects);
     }
     let terminal = transition.events.iter().any(Event::is_terminal);
-    let new_tasks = follow_up_tasks(inner, agent, state.priority, &transition.effects);
+    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
     commit(
         inner,
         slot,
@@ -569,7 +577,23 @@ async fn tools_step<S: Store>(
             })
             .collect();
         if invocations.is_empty() {
-            return finish_stale(inner, slot, task).await;
+            if start.events.is_empty() {
+                return finish_stale(inner, slot, task).await;
+            }
+            // An uncertain call's policy: the run parks for a human
+            // (`ask`) or fails (`fail`); this task is done either way.
+            let terminal = start.events.iter().any(Event::is_terminal);
+            let new_tasks = follow_up_tasks(inner, agent, state, &start);
+            return commit(
+                inner,
+                slot,
+                task,
+                start,
+                TaskUpdate::Complete,
+                new_tasks,
+                terminal,
+            )
+            .await;
         }
         commit(
             inner,
@@ -610,7 +634,7 @@ async fn tools_step<S: Store>(
             !transition.effects.is_empty() || transition.events.iter().any(Event::is_terminal);
         if settles {
             let terminal = transition.events.iter().any(Event::is_terminal);
-            let new_tasks = follow_up_tasks(inner, agent, state.priority, &transition.effects);
+            let new_tasks = follow_up_tasks(inner, agent, state, &transition);
             result = Some(
                 commit(
                     inner,
@@ -675,13 +699,15 @@ async fn retry_later<S: Store>(
     Ok(Next::Done)
 }
 
-/// Tasks for the effects of a transition, leased to this worker on creation,
-/// with the run's priority (they rank by it if they go back to the queue).
+/// Tasks for the effects of a transition: the next LLM or tools task,
+/// leased to this worker on creation; an approval timer and a notification,
+/// left in the queue (due at the deadline, and now). All carry the run's
+/// priority (they rank by it in the queue).
 fn follow_up_tasks<S>(
     inner: &Inner<S>,
     agent: &Agent,
-    priority: Priority,
-    effects: &[Effect],
+    state: &State,
+    transition: &run::Transition,
 ) -> Vec<NewTask> {
     let at = now();
     let lease_to = Some(LeaseTo {
@@ -689,24 +715,150 @@ fn follow_up_tasks<S>(
         until: at + inner.options.lease.as_millis() as i64,
     });
     let mut tasks = Vec::new();
-    for effect in effects {
-        let (kind, step, max_attempts) = match effect {
-            Effect::CallLlm { step } => (TaskKind::Llm, *step, agent.spec.retry.max_attempts),
+    for effect in &transition.effects {
+        let (kind, step, max_attempts, run_at, lease_to) = match effect {
+            Effect::CallLlm { step } => (
+                TaskKind::Llm,
+                *step,
+                agent.spec.retry.max_attempts,
+                at,
+                lease_to.clone(),
+            ),
             // Tool retries happen inside the call; the task's attempts only
             // count workers that died while making it.
-            Effect::CallTools { step } => (TaskKind::Tools, *step, agent.spec.retry.max_attempts),
+            Effect::CallTools { step } => (
+                TaskKind::Tools,
+                *step,
+                agent.spec.retry.max_attempts,
+                at,
+                lease_to.clone(),
+            ),
+            Effect::AwaitApproval { step } => {
+                let mut next = state.clone();
+                for event in &transition.events {
+                    next.apply_next(event, at);
+                }
+                let due = approval_due(&next, agent);
+                (TaskKind::Approval, *step, TIMER_ATTEMPTS, due, None)
+            }
+            Effect::Notify { step } => (TaskKind::Notify, *step, webhook::MAX_ATTEMPTS, at, None),
             Effect::InvokeTool(_) => continue,
         };
         tasks.push(NewTask {
             kind,
             step,
-            priority,
+            priority: state.priority,
             max_attempts,
-            run_at: at,
-            lease_to: lease_to.clone(),
+            run_at,
+            lease_to,
         });
     }
     tasks
+}
+
+/// Attempts of an approval timer (only a worker dying while it fires counts one).
+const TIMER_ATTEMPTS: u32 = 10;
+
+/// When a parked run's timer is due: the earliest deadline of its pending
+/// approvals not escalated yet, or the run's own deadline (`limits.timeout`).
+fn approval_due(state: &State, agent: &Agent) -> Millis {
+    let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
+    let run_deadline = state.created_at.saturating_add(limit);
+    state
+        .pending_approvals()
+        .filter(|a| !a.escalated)
+        .filter_map(|a| a.deadline)
+        .min()
+        .map_or(run_deadline, |d| d.min(run_deadline))
+}
+
+/// The timer of a run parked for approvals: applies the timeout policy to
+/// the approvals past their deadline, or waits (deferred) until the next one.
+async fn approval_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    if state.status != Status::AwaitingApproval || state.steps != task.step {
+        // Decided before the deadline: nothing to time out.
+        return finish_stale(inner, slot, task).await;
+    }
+    let at = now();
+    let transition = handle(state, agent, Command::ApprovalTimeout { now: at });
+    if transition.events.is_empty() {
+        // Early (a clock skew between processes, or a deadline that moved):
+        // wait in the queue until it is due, holding no worker.
+        let until = approval_due(state, agent).max(at + 1_000);
+        inner
+            .store
+            .defer(task.lease, until, "waiting for an approval decision", at)
+            .await?;
+        return Ok(Next::Done);
+    }
+    info!(run_id = %task.run_id, step = task.step, "approval timed out, applying approvals.on_timeout");
+    let terminal = transition.events.iter().any(Event::is_terminal);
+    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::Complete,
+        new_tasks,
+        terminal,
+    )
+    .await
+}
+
+/// Delivers the webhook notification of a step's pending approvals (none
+/// left pending: nothing to say). A failed delivery is retried with
+/// backoff, then dead-lettered.
+async fn notify_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let at = now();
+    let message = if state.status == Status::AwaitingApproval && state.steps == task.step {
+        webhook::approvals(state, agent, at)
+    } else {
+        None
+    };
+    let Some((url, body)) = message else {
+        return finish_stale(inner, slot, task).await;
+    };
+    let delivery = task.lease.task_id.to_string();
+    match inner.webhooks.deliver(&url, &body, &delivery, at).await {
+        Ok(()) => {
+            debug!(run_id = %task.run_id, step = task.step, %url, "approval notification delivered");
+            finish_stale(inner, slot, task).await
+        }
+        Err(error) if task.attempts >= task.max_attempts => {
+            let error = format!(
+                "approval notification not delivered after {} attempts: {error}",
+                task.attempts
+            );
+            dead_letter(inner, slot, task, error).await
+        }
+        Err(error) => {
+            warn!(run_id = %task.run_id, attempt = task.attempts, %error, "approval notification failed, retrying");
+            let at = now();
+            let retry_at = at + webhook::backoff(task.attempts).as_millis() as i64;
+            inner
+                .store
+                .retry_later(task.lease, &error, retry_at, at)
+                .await?;
+            Ok(Next::Done)
+        }
+    }
 }
 
 /// Commits a transition under the task's lease and says what comes next.

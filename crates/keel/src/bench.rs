@@ -92,7 +92,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "name": "echo",
             "description": "Echoes its arguments.",
             "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
-            "http": {"url": mock.tool_url("echo"), "method": "POST"}
+            "http": {"url": mock.tool_url("echo"), "method": "POST"},
+            "idempotent": true
         }],
         "limits": {"max_steps": args.steps + 1}
     });

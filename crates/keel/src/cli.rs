@@ -73,7 +73,8 @@ enum Command {
     },
     /// List runs, newest first.
     Runs {
-        /// Only this status (PENDING, AWAITING_LLM, AWAITING_TOOL, COMPLETED, FAILED, CANCELLED).
+        /// Only this status (PENDING, AWAITING_LLM, AWAITING_TOOL, AWAITING_APPROVAL,
+        /// COMPLETED, FAILED, CANCELLED).
         #[arg(long)]
         status: Option<String>,
         /// Only this agent.
@@ -100,6 +101,50 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: Option<DlqAction>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Approve a tool call a run waits for (optionally with edited arguments).
+    Approve {
+        /// Run id.
+        run: String,
+        /// Approval id (`<step>.<call>.<attempt>`, see `keel approvals`).
+        approval: String,
+        /// Edited arguments (a JSON object) to make the call with.
+        #[arg(long = "args", value_name = "JSON")]
+        arguments: Option<String>,
+        /// Who decides (journaled; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Why (optional when approving).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Reject a tool call a run waits for; the reason goes back to the model.
+    Reject {
+        /// Run id.
+        run: String,
+        /// Approval id.
+        approval: String,
+        /// Why: the call's result the model sees.
+        #[arg(long)]
+        reason: String,
+        /// Who decides (journaled; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the approvals waiting for a decision (the inbox).
+    Approvals {
+        /// Only this agent's runs.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -197,6 +242,11 @@ struct ServeArgs {
     /// before delivering it again (after a crash).
     #[arg(long, env = "KEEL_INGEST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     ingest_ack_wait: Duration,
+    /// Secret signing webhook notifications with HMAC-SHA256 (the
+    /// `Keel-Signature` header); unsigned when unset. Set it through the
+    /// environment, not the command line.
+    #[arg(long, env = "KEEL_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
 }
 
 /// The part a `keel serve` process plays.
@@ -338,6 +388,47 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => usage(&Client::new(&server.server), agent.as_deref(), since)
             .await
             .map(|_| ExitCode::SUCCESS),
+        Command::Approve {
+            run,
+            approval,
+            arguments,
+            by,
+            reason,
+            server,
+        } => {
+            let arguments = match arguments {
+                Some(text) => Some(
+                    serde_json::from_str::<Value>(&text)
+                        .with_context(|| format!("--args is not JSON: {text}"))?,
+                ),
+                None => None,
+            };
+            let mut body = json!({"decision": "approve", "by": decider(by)});
+            if let Some(arguments) = arguments {
+                body["arguments"] = arguments;
+            }
+            if let Some(reason) = reason {
+                body["reason"] = json!(reason);
+            }
+            decide(&Client::new(&server.server), &run, &approval, &body).await
+        }
+        Command::Reject {
+            run,
+            approval,
+            reason,
+            by,
+            server,
+        } => {
+            let body = json!({"decision": "reject", "reason": reason, "by": decider(by)});
+            decide(&Client::new(&server.server), &run, &approval, &body).await
+        }
+        Command::Approvals {
+            agent,
+            json,
+            server,
+        } => approvals(&Client::new(&server.server), agent.as_deref(), json)
+            .await
+            .map(|_| ExitCode::SUCCESS),
         Command::Dlq { action, server } => dlq(&Client::new(&server.server), action)
             .await
             .map(|_| ExitCode::SUCCESS),
@@ -465,6 +556,7 @@ async fn serve_on<S: keel_store::Store>(
             heartbeat: args.lease / 3,
             config,
             breakers,
+            webhook_secret: args.webhook_secret.clone(),
             ..Options::default()
         };
         Some(tokio::spawn(
@@ -797,6 +889,68 @@ async fn usage(client: &Client, agent: Option<&str>, since: Option<i64>) -> anyh
             }
             line("total", &body);
         }
+    }
+    Ok(())
+}
+
+/// Who decides: `--by`, else the user running the CLI.
+fn decider(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .filter(|b| !b.trim().is_empty())
+        .unwrap_or_else(|| "cli".into())
+}
+
+async fn decide(
+    client: &Client,
+    run: &str,
+    approval: &str,
+    body: &Value,
+) -> anyhow::Result<ExitCode> {
+    let answer = client
+        .post(&format!("/v1/runs/{run}/approvals/{approval}"), body)
+        .await?;
+    println!(
+        "{} {} of run {} by {}; the run is {}",
+        answer["decision"].as_str().unwrap_or("?"),
+        approval,
+        run,
+        answer["by"].as_str().unwrap_or("?"),
+        answer["status"].as_str().unwrap_or("?"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn approvals(client: &Client, agent: Option<&str>, raw: bool) -> anyhow::Result<()> {
+    let mut path = "/v1/approvals?status=pending".to_string();
+    if let Some(agent) = agent {
+        path.push_str(&format!("&agent={agent}"));
+    }
+    let body = client.get(&path).await?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let approvals = body["approvals"].as_array().cloned().unwrap_or_default();
+    if approvals.is_empty() {
+        println!("no approvals waiting");
+    }
+    for a in approvals {
+        let mut note = String::new();
+        if a["reason"] == "uncertain" {
+            note.push_str("  (repeat of a call that may have happened)");
+        }
+        if a["escalated"] == true {
+            note.push_str("  ESCALATED");
+        }
+        println!(
+            "{}  {:<8} {:<16} {}({}){}",
+            a["run_id"].as_str().unwrap_or("?"),
+            a["id"].as_str().unwrap_or("?"),
+            a["agent"].as_str().unwrap_or("?"),
+            a["tool"].as_str().unwrap_or("?"),
+            keel_core::spec::clip(&a["arguments"].to_string(), 80),
+            note,
+        );
     }
     Ok(())
 }

@@ -77,6 +77,27 @@ pub struct Counters {
     /// When on (`track_tools`), the names of the tools the latest chat
     /// completion offered the model.
     pub llm_tools: Mutex<Option<Vec<String>>>,
+    /// Webhook notifications received at `/hooks/{name}`, in arrival order.
+    pub hooks: Mutex<Vec<Hook>>,
+    /// When set, `/hooks/{name}` answers 503 (and records nothing).
+    pub hooks_down: AtomicBool,
+    /// Webhook requests refused while `hooks_down`.
+    pub hooks_refused: AtomicU64,
+}
+
+/// A webhook notification the mock received.
+#[derive(Clone, Debug)]
+pub struct Hook {
+    /// The last path segment it was POSTed to.
+    pub name: String,
+    /// Its `Keel-Event` header.
+    pub event: Option<String>,
+    /// Its `Keel-Signature` header.
+    pub signature: Option<String>,
+    /// Its `Keel-Delivery` header.
+    pub delivery: Option<String>,
+    /// The raw body.
+    pub body: String,
 }
 
 impl Counters {
@@ -183,6 +204,11 @@ impl Counters {
         )
     }
 
+    /// The webhook notifications received so far.
+    pub fn hooks(&self) -> Vec<Hook> {
+        self.hooks.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
     /// A copy of the per-key counts.
     pub fn key_counts(&self) -> HashMap<String, u32> {
         self.keys.lock().map(|k| k.clone()).unwrap_or_default()
@@ -206,6 +232,8 @@ impl Mock {
             .route("/v1/messages", post(messages))
             .route("/tools/echo", post(echo))
             .route("/tools/fail", post(fail))
+            .route("/tools/hang", post(hang))
+            .route("/hooks/{name}", post(hook))
             .with_state(counters.clone());
         let listener = crate::api::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -222,7 +250,13 @@ impl Mock {
         format!("http://{}/v1", self.addr)
     }
 
-    /// URL of a mock tool (`echo` or `fail`).
+    /// URL of the mock webhook receiver `name` (see [`Counters::hooks`]).
+    pub fn hook_url(&self, name: &str) -> String {
+        format!("http://{}/hooks/{name}", self.addr)
+    }
+
+    /// URL of a mock tool: `echo`, `fail`, or `hang` (the first call with
+    /// an idempotency key never answers; later ones echo).
     pub fn tool_url(&self, name: &str) -> String {
         format!("http://{}/tools/{name}", self.addr)
     }
@@ -858,6 +892,59 @@ async fn echo(
     count(&c, &headers);
     let args: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     Json(json!({"echo": args})).into_response()
+}
+
+/// Hangs on the first call with a key (for an hour: a worker that dies
+/// meanwhile leaves the call uncertain), echoes on later ones.
+async fn hang(
+    State(c): State<Arc<Counters>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    count(&c, &headers);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("(none)");
+    let seen = c
+        .keys
+        .lock()
+        .map(|k| k.get(key).copied().unwrap_or(0))
+        .unwrap_or(0);
+    if seen <= 1 {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    let args: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    Json(json!({"echo": args, "repeated": true})).into_response()
+}
+
+/// Records a webhook notification (503 while `hooks_down`).
+async fn hook(
+    State(c): State<Arc<Counters>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if c.hooks_down.load(Ordering::Relaxed) {
+        c.hooks_refused.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if let Ok(mut hooks) = c.hooks.lock() {
+        hooks.push(Hook {
+            name,
+            event: header("keel-event"),
+            signature: header("keel-signature"),
+            delivery: header("keel-delivery"),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn fail(State(c): State<Arc<Counters>>, headers: HeaderMap) -> Response {

@@ -103,6 +103,46 @@ impl Printer {
                 let tag = if *is_error { "error" } else { "ok" };
                 format!("step {step:<3} tool {tag}: {}", clip(&one_line(output), 90))
             }
+            Event::ApprovalRequested {
+                approval_id,
+                step,
+                tool,
+                arguments,
+                reason,
+                ..
+            } => {
+                let why = if reason == "uncertain" {
+                    " (repeat of a call that may have happened)"
+                } else {
+                    ""
+                };
+                format!(
+                    "step {step:<3} approval {approval_id} needed: {tool}({}){why}",
+                    clip(&arguments.to_string(), 60)
+                )
+            }
+            Event::ApprovalDecided {
+                approval_id,
+                step,
+                approved,
+                by,
+                reason,
+                ..
+            } => {
+                let how = if *approved { "approved" } else { "rejected" };
+                let why = reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(": {}", clip(r, 80)));
+                format!("step {step:<3} approval {approval_id} {how} by {by}{why}")
+            }
+            Event::ApprovalEscalated {
+                step, approval_ids, ..
+            } => {
+                format!(
+                    "step {step:<3} approval {} escalated (nobody decided in time)",
+                    approval_ids.join(", ")
+                )
+            }
             Event::TaskDeadLettered {
                 kind,
                 step,

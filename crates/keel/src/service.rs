@@ -45,7 +45,7 @@ pub struct Providers {
 }
 
 /// Ceilings on pending runs (not yet finished: `PENDING`, `AWAITING_LLM`,
-/// `AWAITING_TOOL`), beyond which submits are refused with
+/// `AWAITING_TOOL`, `AWAITING_APPROVAL`), beyond which submits are refused with
 /// [`Error::Busy`] instead of letting the queue grow without bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -417,6 +417,118 @@ impl<S: Store> Service<S> {
         ))
     }
 
+    /// Decides approval `approval_id` of a run: approve (optionally with
+    /// edited arguments) or reject with a reason. When it was the step's
+    /// last pending approval, the step resumes in the same commit (its
+    /// tools task, or the next LLM call when every call was rejected).
+    pub async fn decide(
+        &self,
+        run_id: RunId,
+        approval_id: &str,
+        decision: Decision,
+    ) -> Result<State, Error> {
+        for _ in 0..APPEND_RETRIES {
+            let (mut state, _) = self.state(run_id).await?;
+            let agent = self
+                .agents
+                .get(&state.tenant, &state.agent, &state.version)
+                .await?;
+            let command = Command::Decide {
+                approval_id: approval_id.to_string(),
+                approved: decision.approved,
+                by: decision.by.clone(),
+                reason: decision.reason.clone(),
+                arguments: decision.arguments.clone(),
+            };
+            let transition = run::handle(&state, &agent, command).map_err(|e| match e {
+                run::Rejected::UnknownApproval(_) => Error::NotFound(format!(
+                    "run `{run_id}` has no approval `{approval_id}` waiting: {e}"
+                )),
+                run::Rejected::InvalidDecision(message) => Error::Invalid {
+                    message: format!("cannot decide approval `{approval_id}`: {message}"),
+                    fields: vec![keel_core::spec::FieldError {
+                        field: "arguments".into(),
+                        message,
+                    }],
+                },
+                other => Error::Conflict(format!(
+                    "cannot decide approval `{approval_id}` of run `{run_id}`: {other}"
+                )),
+            })?;
+            let at = now();
+            let mut new_tasks = Vec::new();
+            for effect in &transition.effects {
+                let (kind, step) = match effect {
+                    run::Effect::CallTools { step } => (TaskKind::Tools, *step),
+                    run::Effect::CallLlm { step } => (TaskKind::Llm, *step),
+                    _ => continue,
+                };
+                new_tasks.push(NewTask {
+                    kind,
+                    step,
+                    priority: state.priority,
+                    max_attempts: agent.spec.retry.max_attempts,
+                    run_at: at,
+                    lease_to: None,
+                });
+            }
+            let terminal = transition.events.iter().any(Event::is_terminal);
+            let expected_seq = state.seq;
+            for event in &transition.events {
+                state.apply_next(event, at);
+            }
+            let appended = self
+                .store
+                .append(Append {
+                    run_id,
+                    expected_seq,
+                    events: transition.events,
+                    lease: None,
+                    task: TaskUpdate::Keep,
+                    new_tasks,
+                    clear_tasks: terminal,
+                    redrive: None,
+                    projection: projection(&state),
+                    now: at,
+                })
+                .await;
+            match appended {
+                Ok(_) => return Ok(state),
+                Err(StoreError::SeqConflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "run `{run_id}` is changing too fast to decide; try again"
+        )))
+    }
+
+    /// The approvals waiting for a decision, in runs parked for them
+    /// (newest runs first, at most `limit` runs), of `agent` only when given.
+    pub async fn inbox(
+        &self,
+        agent: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalView>, Error> {
+        let runs = self
+            .store
+            .list_runs(keel_store::RunFilter {
+                tenant: DEFAULT_TENANT.into(),
+                status: Some(run::Status::AwaitingApproval),
+                agent,
+                before: None,
+                limit,
+            })
+            .await?;
+        let mut inbox = Vec::new();
+        for record in runs {
+            let events = self.store.events(record.id, 0, u32::MAX).await?;
+            let views = ApprovalView::from_journal(record.id, &record.agent, &events);
+            inbox.extend(views.into_iter().filter(|a| a.status == "pending"));
+        }
+        Ok(inbox)
+    }
+
     async fn append_admin(
         &self,
         state: &mut State,
@@ -454,6 +566,136 @@ impl<S: Store> Service<S> {
         let events = self.store.events(run_id, 0, u32::MAX).await?;
         let state = State::replay(run_id, &events);
         Ok(RunView::new(&record, &state, &events))
+    }
+}
+
+/// A decision on an approval, as a caller makes it.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// Approve (true) or reject.
+    pub approved: bool,
+    /// Who decides (journaled).
+    pub by: String,
+    /// Why (a rejection's reason goes to the model).
+    pub reason: Option<String>,
+    /// Edited arguments for an approved call.
+    pub arguments: Option<Value>,
+}
+
+/// An approval as the API shows it (the run view, the inbox).
+#[derive(Clone, Debug, Serialize)]
+pub struct ApprovalView {
+    /// Its id within the run: `<step>.<call_index>.<attempt>`.
+    pub id: String,
+    /// The run.
+    pub run_id: String,
+    /// The run's agent.
+    pub agent: String,
+    /// Step of the call.
+    pub step: u32,
+    /// Position of the call in the step.
+    pub call_index: u32,
+    /// Tool name.
+    pub tool: String,
+    /// The arguments the call would be made with.
+    pub arguments: Value,
+    /// The attempt it gates (more than 1: repeating a call that may have happened).
+    pub attempt: u32,
+    /// `policy` (an approval rule) or `uncertain` (a repeat after a crash).
+    pub reason: String,
+    /// `pending`, `approved`, `rejected`, or `void` (the run ended first).
+    pub status: String,
+    /// When it was requested (epoch ms).
+    pub requested_at: i64,
+    /// When the timeout policy applies (epoch ms), if there is a timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<i64>,
+    /// Whether the timeout escalated it.
+    pub escalated: bool,
+    /// Who decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// When (epoch ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<i64>,
+    /// The decision's reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_reason: Option<String>,
+    /// Arguments the approver edited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edited_arguments: Option<Value>,
+}
+
+impl ApprovalView {
+    /// Every approval of a run, from its journal, in request order.
+    pub fn from_journal(run_id: RunId, agent: &str, events: &[Recorded]) -> Vec<ApprovalView> {
+        let mut views: Vec<ApprovalView> = Vec::new();
+        for recorded in events {
+            match &recorded.event {
+                Event::ApprovalRequested {
+                    approval_id,
+                    step,
+                    call_index,
+                    tool,
+                    arguments,
+                    attempt,
+                    reason,
+                    timeout_ms,
+                    ..
+                } => views.push(ApprovalView {
+                    id: approval_id.clone(),
+                    run_id: run_id.to_string(),
+                    agent: agent.to_string(),
+                    step: *step,
+                    call_index: *call_index,
+                    tool: tool.clone(),
+                    arguments: arguments.clone(),
+                    attempt: *attempt,
+                    reason: reason.clone(),
+                    status: "pending".into(),
+                    requested_at: recorded.at,
+                    deadline: timeout_ms.map(|t| {
+                        recorded
+                            .at
+                            .saturating_add(i64::try_from(t).unwrap_or(i64::MAX))
+                    }),
+                    escalated: false,
+                    decided_by: None,
+                    decided_at: None,
+                    decision_reason: None,
+                    edited_arguments: None,
+                }),
+                Event::ApprovalDecided {
+                    approval_id,
+                    approved,
+                    by,
+                    reason,
+                    arguments,
+                    ..
+                } => {
+                    if let Some(view) = views.iter_mut().rev().find(|v| v.id == *approval_id) {
+                        view.status = if *approved { "approved" } else { "rejected" }.into();
+                        view.decided_by = Some(by.clone());
+                        view.decided_at = Some(recorded.at);
+                        view.decision_reason = reason.clone();
+                        view.edited_arguments = arguments.clone();
+                    }
+                }
+                Event::ApprovalEscalated { approval_ids, .. } => {
+                    for view in views.iter_mut().filter(|v| approval_ids.contains(&v.id)) {
+                        view.escalated = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A run that ended while waiting leaves its approvals undecided for good.
+        if events.last().is_some_and(|r| r.event.is_terminal()) {
+            for view in views.iter_mut().filter(|v| v.status == "pending") {
+                view.status = "void".into();
+            }
+        }
+        views
     }
 }
 
@@ -500,6 +742,9 @@ pub struct RunView {
     pub updated_at: i64,
     /// Each LLM step and its tool calls.
     pub steps: Vec<StepView>,
+    /// The run's approvals (pending and decided, with who decided), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovalView>,
 }
 
 /// One LLM step as the API shows it.
@@ -594,6 +839,19 @@ impl RunView {
                         c.attempts += 1;
                     }
                 }
+                Event::ApprovalDecided {
+                    call_index,
+                    approved: false,
+                    by,
+                    reason,
+                    ..
+                } => {
+                    if let Some(c) = call_mut(&mut steps, *call_index) {
+                        let why = reason.as_deref().unwrap_or("no reason given");
+                        c.result = Some(format!("the call was rejected by {by}: {why}"));
+                        c.is_error = true;
+                    }
+                }
                 Event::ToolCallCompleted {
                     call_index,
                     output,
@@ -630,6 +888,7 @@ impl RunView {
             created_at: record.created_at,
             updated_at: record.updated_at,
             steps,
+            approvals: ApprovalView::from_journal(record.id, &record.agent, events),
         }
     }
 }

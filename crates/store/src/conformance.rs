@@ -1519,11 +1519,14 @@ pub(crate) async fn pending_runs_count_unfinished_runs<S: Store>(store: S) -> Re
     assert_eq!(counts(&store).await?, [5, 3, 2, 1, 0]);
     assert_eq!(store.pending_runs("nobody", None).await?, 0);
 
-    // Waiting for the model or tools is still pending.
+    // Waiting for the model, tools or a human decision is still pending.
     let mut waiting = append(of_a[0], 1, None, vec![rejected(1, "x")]);
     waiting.projection = projection(Status::AwaitingTool);
     store.append(waiting).await?;
     store.append(append(of_b[0], 1, None, Vec::new())).await?;
+    let mut parked = append(of_a[2], 1, None, vec![rejected(1, "x")]);
+    parked.projection = projection(Status::AwaitingApproval);
+    store.append(parked).await?;
     assert_eq!(counts(&store).await?, [5, 3, 2, 1, 0]);
 
     // Completed, failed and cancelled runs are not.

@@ -169,6 +169,11 @@ pub enum TaskKind {
     Llm,
     /// Make the tool calls of a step.
     Tools,
+    /// The timer of a run parked for approvals: when it is due, the
+    /// timeout policy applies (or the run's own timeout).
+    Approval,
+    /// Deliver a webhook notification about a step's pending approvals.
+    Notify,
 }
 
 impl TaskKind {
@@ -177,6 +182,8 @@ impl TaskKind {
         match self {
             TaskKind::Llm => "llm",
             TaskKind::Tools => "tools",
+            TaskKind::Approval => "approval",
+            TaskKind::Notify => "notify",
         }
     }
 
@@ -185,6 +192,8 @@ impl TaskKind {
         match text {
             "llm" => Some(TaskKind::Llm),
             "tools" => Some(TaskKind::Tools),
+            "approval" => Some(TaskKind::Approval),
+            "notify" => Some(TaskKind::Notify),
             _ => None,
         }
     }
@@ -927,7 +936,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Runs of `tenant` not in a terminal status (PENDING, AWAITING_LLM,
-    /// AWAITING_TOOL), of `agent` only when given. Used for backpressure,
+    /// AWAITING_TOOL, AWAITING_APPROVAL), of `agent` only when given. Used for backpressure,
     /// so it must stay cheap with millions of finished runs (an index that
     /// only holds non-terminal runs).
     fn pending_runs(

@@ -6,14 +6,16 @@
 //! cause. It reads no clock and makes no ids: the engine passes them in, then
 //! commits the events and the tasks for the effects in one transaction.
 
+mod approvals;
 mod state;
 #[cfg(test)]
 mod tests;
 
-pub use state::{Call, CallState, Parked, State, Status};
+pub use state::{Approval, Call, CallState, Decision, Parked, State, Status, approval_id};
 
 use serde_json::Value;
 
+use crate::approval::OnUncertain;
 use crate::event::Event;
 use crate::ids::{Millis, RunId};
 use crate::message::{Message, Usage};
@@ -59,6 +61,26 @@ pub enum Command {
     },
     /// The run's wall-clock limit has passed.
     Expire,
+    /// Someone decides an approval of the current step.
+    Decide {
+        /// The approval (`<step>.<call_index>.<attempt>`).
+        approval_id: String,
+        /// Whether the call may be made.
+        approved: bool,
+        /// Who decides.
+        by: String,
+        /// Why (a rejection's reason goes to the model).
+        reason: Option<String>,
+        /// Edited arguments for the call (approvals only; validated
+        /// against the tool's schema).
+        arguments: Option<Value>,
+    },
+    /// The approval timer fired: approvals whose deadline is at or before
+    /// `now` get `approvals.on_timeout`.
+    ApprovalTimeout {
+        /// The time it fired.
+        now: Millis,
+    },
 }
 
 /// Work the events ask for.
@@ -76,6 +98,19 @@ pub enum Effect {
     },
     /// Make one tool call now; its `ToolCallStarted` is among the events.
     InvokeTool(Invocation),
+    /// The run parks for decisions on `step`'s approvals: arm the timer
+    /// that applies the timeout policy (the earliest pending deadline, or
+    /// the run's own `limits.timeout`).
+    AwaitApproval {
+        /// The step whose calls wait.
+        step: u32,
+    },
+    /// Tell `approvals.notify` (or `escalate_to`, for escalated approvals)
+    /// about `step`'s pending approvals, durably.
+    Notify {
+        /// The step whose calls wait.
+        step: u32,
+    },
 }
 
 /// One tool call to make.
@@ -128,6 +163,23 @@ pub enum Rejected {
         /// Position of the call.
         call_index: u32,
     },
+    /// No approval of the current step has this id.
+    #[error("the run has no approval `{0}` waiting (approvals of earlier steps are settled)")]
+    UnknownApproval(String),
+    /// The approval was decided already.
+    #[error("approval `{id}` was already {} by {by}", if *.approved { "approved" } else { "rejected" })]
+    AlreadyDecided {
+        /// The approval.
+        id: String,
+        /// Who decided it.
+        by: String,
+        /// How.
+        approved: bool,
+    },
+    /// The decision itself is invalid (edited arguments that do not match
+    /// the tool's schema, or an edit where none is allowed).
+    #[error("{0}")]
+    InvalidDecision(String),
 }
 
 /// The idempotency key of a tool call.
@@ -174,7 +226,7 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
             model,
             cost_usd,
         } => llm_responded(state, agent, step, message, usage, model, cost_usd),
-        Command::StartTools { step } => start_tools(state, step),
+        Command::StartTools { step } => start_tools(state, agent, step),
         Command::ToolReturned {
             step,
             call_index,
@@ -195,6 +247,14 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
             }],
             effects: Vec::new(),
         }),
+        Command::Decide {
+            approval_id,
+            approved,
+            by,
+            reason,
+            arguments,
+        } => approvals::decide(state, agent, &approval_id, approved, by, reason, arguments),
+        Command::ApprovalTimeout { now } => Ok(approvals::timeout(state, agent, now)),
     }
 }
 
@@ -259,9 +319,15 @@ fn llm_responded(
 
     let mut valid = 0;
     let mut last_error = None;
+    let mut gated = Vec::new();
     for (index, call) in calls.iter().enumerate() {
         match agent.check_arguments(&call.name, &call.arguments) {
-            Ok(_) => valid += 1,
+            Ok(arguments) => {
+                valid += 1;
+                if agent.needs_approval(&call.name, &arguments) {
+                    gated.push((index as u32, call, arguments));
+                }
+            }
             Err(error) => {
                 last_error = Some(error.clone());
                 events.push(Event::ToolCallRejected {
@@ -294,6 +360,26 @@ fn llm_responded(
             effects: Vec::new(),
         });
     }
+    if !gated.is_empty() {
+        // The step waits until every approval is decided; then its calls
+        // (approved, and those that needed none) run together.
+        for (call_index, call, arguments) in gated {
+            events.push(approvals::request(
+                agent,
+                step,
+                call_index,
+                &call.id,
+                &call.name,
+                arguments,
+                1,
+                approvals::POLICY,
+            ));
+        }
+        return Ok(Transition {
+            events,
+            effects: approvals::park(agent, step),
+        });
+    }
     Ok(Transition {
         events,
         effects: vec![Effect::CallTools { step }],
@@ -308,6 +394,9 @@ pub mod code {
     pub const MAX_STEPS: &str = "max_steps";
     /// `limits.timeout` passed.
     pub const TIMEOUT: &str = "timeout";
+    /// A tool call may or may not have happened and its tool's
+    /// `on_uncertain` is `fail`.
+    pub const UNCERTAIN_TOOL_CALL: &str = "uncertain_tool_call";
 }
 
 /// Why the run must stop, if the call just answered (`usage`, `cost_usd`)
@@ -372,7 +461,11 @@ fn next_llm_or_fail(
     }
 }
 
-fn start_tools(state: &State, step: u32) -> Result<Transition, Rejected> {
+/// Starts the calls of `step` that have no result. A call started before
+/// (the worker making it stopped) may or may not have happened: its tool's
+/// `on_uncertain` says whether it is made again with the same key, fails
+/// the run, or waits for a human. While any call waits, none starts.
+fn start_tools(state: &State, agent: &Agent, step: u32) -> Result<Transition, Rejected> {
     if state.status != Status::AwaitingTool || step != state.steps {
         return Err(Rejected::WrongStep {
             step,
@@ -380,17 +473,78 @@ fn start_tools(state: &State, step: u32) -> Result<Transition, Rejected> {
             status: state.status,
         });
     }
-    let mut transition = Transition::default();
+    let mut go = Vec::new();
+    let mut ask = Vec::new();
+    let mut failed = Vec::new();
     for (index, call) in state.calls.iter().enumerate() {
-        let attempt = match call.state {
-            CallState::Pending => 1,
-            CallState::Started { attempts } => attempts + 1,
+        let call_index = index as u32;
+        let (attempt, uncertain) = match call.state {
+            CallState::Pending => (1, false),
+            CallState::Started { attempts } => (attempts + 1, true),
             CallState::Done | CallState::Rejected => continue,
         };
-        // Validated when the answer arrived; parse again for the arguments value.
-        let arguments = serde_json::from_str::<Value>(&call.call.arguments)
-            .unwrap_or_else(|_| Value::Object(Default::default()));
-        let call_index = index as u32;
+        let decision = state
+            .approval(&approval_id(step, call_index, attempt))
+            .and_then(|a| a.decision.as_ref());
+        // Edited by an approver, else as made before, else as the model wrote
+        // them (validated when the answer arrived).
+        let arguments = decision
+            .and_then(|d| d.arguments.clone())
+            .or_else(|| call.arguments.clone())
+            .unwrap_or_else(|| {
+                serde_json::from_str::<Value>(&call.call.arguments)
+                    .unwrap_or_else(|_| Value::Object(Default::default()))
+            });
+        if uncertain {
+            match agent.on_uncertain(&call.call.name) {
+                OnUncertain::Retry => {}
+                OnUncertain::Fail => {
+                    failed.push(format!(
+                        "`{}` (step {step}, call {call_index}, idempotency key {})",
+                        call.call.name,
+                        idempotency_key(state.run_id, step, call_index)
+                    ));
+                    continue;
+                }
+                OnUncertain::Ask => {
+                    if !decision.is_some_and(|d| d.approved) {
+                        ask.push((call_index, call, arguments, attempt));
+                        continue;
+                    }
+                }
+            }
+        }
+        go.push((call_index, call, arguments, attempt));
+    }
+
+    let mut transition = Transition::default();
+    if !failed.is_empty() {
+        transition.events.push(Event::RunFailed {
+            error: format!(
+                "tool call {} may or may not have happened (the worker making it stopped before its result was saved) and its tool's on_uncertain is `fail`",
+                failed.join(", ")
+            ),
+            code: Some(code::UNCERTAIN_TOOL_CALL.into()),
+        });
+        return Ok(transition);
+    }
+    if !ask.is_empty() {
+        for (call_index, call, arguments, attempt) in ask {
+            transition.events.push(approvals::request(
+                agent,
+                step,
+                call_index,
+                &call.call.id,
+                &call.call.name,
+                arguments,
+                attempt,
+                approvals::UNCERTAIN,
+            ));
+        }
+        transition.effects = approvals::park(agent, step);
+        return Ok(transition);
+    }
+    for (call_index, call, arguments, attempt) in go {
         let key = idempotency_key(state.run_id, step, call_index);
         transition.events.push(Event::ToolCallStarted {
             step,

@@ -18,6 +18,8 @@ pub enum Status {
     AwaitingLlm,
     /// Waiting for tool calls.
     AwaitingTool,
+    /// Parked until a human decides on tool calls (no worker is held).
+    AwaitingApproval,
     /// Finished with an answer.
     Completed,
     /// Failed for good.
@@ -28,10 +30,11 @@ pub enum Status {
 
 impl Status {
     /// Every status, in life order.
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 7] = [
         Status::Pending,
         Status::AwaitingLlm,
         Status::AwaitingTool,
+        Status::AwaitingApproval,
         Status::Completed,
         Status::Failed,
         Status::Cancelled,
@@ -43,6 +46,7 @@ impl Status {
             Status::Pending => "PENDING",
             Status::AwaitingLlm => "AWAITING_LLM",
             Status::AwaitingTool => "AWAITING_TOOL",
+            Status::AwaitingApproval => "AWAITING_APPROVAL",
             Status::Completed => "COMPLETED",
             Status::Failed => "FAILED",
             Status::Cancelled => "CANCELLED",
@@ -89,6 +93,60 @@ pub struct Call {
     pub arguments: Option<Value>,
 }
 
+/// A human decision a tool call of the current step waits for (or got).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Approval {
+    /// `<step>.<call_index>.<attempt>`, unique within the run.
+    pub id: String,
+    /// Step of the call.
+    pub step: u32,
+    /// Position of the call.
+    pub call_index: u32,
+    /// Tool name.
+    pub tool: String,
+    /// The arguments the call would be made with.
+    pub arguments: Value,
+    /// The attempt it gates (more than 1: repeating an uncertain call).
+    pub attempt: u32,
+    /// `policy` or `uncertain`.
+    pub reason: String,
+    /// When it was requested.
+    pub requested_at: Millis,
+    /// When the timeout policy applies, if there is a timeout.
+    pub deadline: Option<Millis>,
+    /// Whether the timeout escalated it.
+    pub escalated: bool,
+    /// The decision, once made.
+    pub decision: Option<Decision>,
+}
+
+impl Approval {
+    /// Whether it still waits for a decision.
+    pub fn is_pending(&self) -> bool {
+        self.decision.is_none()
+    }
+}
+
+/// How an approval was decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Whether the call may be made.
+    pub approved: bool,
+    /// Who decided.
+    pub by: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// Edited arguments, if the approver changed them.
+    pub arguments: Option<Value>,
+    /// When.
+    pub at: Millis,
+}
+
+/// The id of the approval gating attempt `attempt` of a call.
+pub fn approval_id(step: u32, call_index: u32, attempt: u32) -> String {
+    format!("{step}.{call_index}.{attempt}")
+}
+
 /// A task parked in the dead-letter queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parked {
@@ -123,6 +181,8 @@ pub struct State {
     pub steps: u32,
     /// Tool calls of the current step.
     pub calls: Vec<Call>,
+    /// Approvals of the current step's calls, in request order.
+    pub approvals: Vec<Approval>,
     /// Tokens used so far.
     pub usage: Usage,
     /// What the LLM calls cost so far, in USD (calls with no price count 0).
@@ -154,6 +214,7 @@ impl State {
             messages: Vec::new(),
             steps: 0,
             calls: Vec::new(),
+            approvals: Vec::new(),
             usage: Usage::default(),
             cost_usd: 0.0,
             output: None,
@@ -219,6 +280,7 @@ impl State {
                 self.usage.add(*usage);
                 self.cost_usd += cost_usd.unwrap_or(0.0);
                 self.messages.push(message.clone());
+                self.approvals.clear();
                 self.calls = message
                     .tool_calls
                     .iter()
@@ -285,6 +347,76 @@ impl State {
                 self.messages.push(Message::tool(call_id.clone(), content));
                 self.settle_step();
             }
+            Event::ApprovalRequested {
+                approval_id,
+                step,
+                call_index,
+                tool,
+                arguments,
+                attempt,
+                reason,
+                timeout_ms,
+                ..
+            } => {
+                self.approvals.push(Approval {
+                    id: approval_id.clone(),
+                    step: *step,
+                    call_index: *call_index,
+                    tool: tool.clone(),
+                    arguments: arguments.clone(),
+                    attempt: *attempt,
+                    reason: reason.clone(),
+                    requested_at: at,
+                    deadline: timeout_ms
+                        .map(|t| at.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
+                    escalated: false,
+                    decision: None,
+                });
+                self.status = Status::AwaitingApproval;
+            }
+            Event::ApprovalDecided {
+                approval_id,
+                call_index,
+                approved,
+                by,
+                reason,
+                arguments,
+                ..
+            } => {
+                if let Some(approval) = self.approvals.iter_mut().find(|a| a.id == *approval_id) {
+                    approval.decision = Some(Decision {
+                        approved: *approved,
+                        by: by.clone(),
+                        reason: reason.clone(),
+                        arguments: arguments.clone(),
+                        at,
+                    });
+                }
+                if !approved && let Some(call) = self.calls.get_mut(*call_index as usize) {
+                    call.state = CallState::Rejected;
+                    let why = reason.as_deref().unwrap_or("no reason given");
+                    self.messages.push(Message::tool(
+                        call.call.id.clone(),
+                        format!("error: the call was rejected by {by}: {why}"),
+                    ));
+                }
+                if self.status == Status::AwaitingApproval
+                    && !self.approvals.iter().any(Approval::is_pending)
+                {
+                    self.status = if self.step_settled() {
+                        Status::AwaitingLlm
+                    } else {
+                        Status::AwaitingTool
+                    };
+                }
+            }
+            Event::ApprovalEscalated { approval_ids, .. } => {
+                for approval in &mut self.approvals {
+                    if approval_ids.contains(&approval.id) {
+                        approval.escalated = true;
+                    }
+                }
+            }
             Event::TaskDeadLettered { task_id, error, .. } => {
                 self.parked = Some(Parked {
                     task_id: *task_id,
@@ -324,6 +456,16 @@ impl State {
         self.calls
             .iter()
             .all(|c| matches!(c.state, CallState::Done | CallState::Rejected))
+    }
+
+    /// The approvals still waiting for a decision.
+    pub fn pending_approvals(&self) -> impl Iterator<Item = &Approval> {
+        self.approvals.iter().filter(|a| a.is_pending())
+    }
+
+    /// The approval with this id, if the current step has it.
+    pub fn approval(&self, id: &str) -> Option<&Approval> {
+        self.approvals.iter().find(|a| a.id == id)
     }
 
     /// The latest tool result text, if any (used by the scripted provider).

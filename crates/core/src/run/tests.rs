@@ -12,6 +12,13 @@ fn agent(max_steps: u32) -> Agent {
 }
 
 fn agent_with_limits(limits: &str) -> Agent {
+    agent_with(limits, "{}")
+}
+
+/// The test agent: `echo` (idempotent), `pay` (needs approval above 100,
+/// asks when uncertain: the default of a tool not declared idempotent) and
+/// `nuke` (fails the run when uncertain), with `limits` and `approvals`.
+fn agent_with(limits: &str, approvals: &str) -> Agent {
     let yaml = format!(
         r#"
 name: t
@@ -21,7 +28,17 @@ tools:
   - name: echo
     parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
     http: {{url: "http://127.0.0.1:2/echo"}}
+    idempotent: true
+  - name: pay
+    parameters: {{type: object, properties: {{amount: {{type: number}}}}, required: [amount]}}
+    http: {{url: "http://127.0.0.1:2/pay"}}
+    requires_approval: {{when: {{path: /amount, gt: 100}}}}
+  - name: nuke
+    parameters: {{type: object}}
+    http: {{url: "http://127.0.0.1:2/nuke"}}
+    on_uncertain: fail
 limits: {{{limits}}}
+approvals: {approvals}
 "#
     );
     match Agent::parse(&yaml) {
@@ -372,39 +389,342 @@ fn empty_reply_is_corrected_and_expiry_fails_the_run() {
     assert_eq!(run.state.status, Status::Failed);
 }
 
+fn decide(
+    id: &str,
+    approved: bool,
+    by: &str,
+    reason: Option<&str>,
+    arguments: Option<Value>,
+) -> Command {
+    Command::Decide {
+        approval_id: id.into(),
+        approved,
+        by: by.into(),
+        reason: reason.map(str::to_string),
+        arguments,
+    }
+}
+
+fn invocations(effects: &[Effect]) -> Vec<&Invocation> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::InvokeTool(inv) => Some(inv),
+            _ => None,
+        })
+        .collect()
+}
+
+const NOTIFY: &str = r#"{timeout: 10m, notify: "http://127.0.0.1:3/hook"}"#;
+
+#[test]
+fn a_gated_call_parks_the_step_until_its_approval_is_decided() {
+    let agent = agent_with("max_steps: 5", NOTIFY);
+    let mut run = Run::new();
+    let calls = [
+        ("echo", r#"{"n":1}"#),
+        ("pay", r#"{"amount":500}"#),
+        ("pay", r#"{"amount":50}"#),
+    ];
+    run.send(&agent, responded(1, answer(&calls, None)))
+        .unwrap();
+    // Only the payment over 100 waits; the step parks with a timer and a
+    // notification, and no tools task.
+    assert_eq!(run.state.status, Status::AwaitingApproval);
+    let requested: Vec<&Event> = run
+        .journal
+        .iter()
+        .filter(|r| matches!(r.event, Event::ApprovalRequested { .. }))
+        .map(|r| &r.event)
+        .collect();
+    assert_eq!(requested.len(), 1);
+    let Event::ApprovalRequested {
+        approval_id,
+        tool,
+        arguments,
+        attempt,
+        reason,
+        timeout_ms,
+        ..
+    } = requested[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (
+            approval_id.as_str(),
+            tool.as_str(),
+            attempt,
+            reason.as_str()
+        ),
+        ("1.1.1", "pay", &1, "policy")
+    );
+    assert_eq!(arguments, &json!({"amount": 500}));
+    assert_eq!(*timeout_ms, Some(600_000));
+    let deadline = run.state.approvals[0].deadline;
+    assert_eq!(
+        deadline,
+        Some(run.state.approvals[0].requested_at + 600_000)
+    );
+    assert_eq!(
+        run.effects[1..],
+        [
+            Effect::AwaitApproval { step: 1 },
+            Effect::Notify { step: 1 }
+        ]
+    );
+    assert!(matches!(
+        run.send(&agent, Command::StartTools { step: 1 }),
+        Err(Rejected::WrongStep { .. })
+    ));
+
+    // Bad decisions are refused and change nothing.
+    assert_eq!(
+        run.send(&agent, decide("1.0.1", true, "alice", None, None)),
+        Err(Rejected::UnknownApproval("1.0.1".into()))
+    );
+    let bad = run.send(
+        &agent,
+        decide("1.1.1", true, "alice", None, Some(json!({"amount": "x"}))),
+    );
+    assert!(
+        matches!(&bad, Err(Rejected::InvalidDecision(m)) if m.contains("schema")),
+        "{bad:?}"
+    );
+    let bad = run.send(
+        &agent,
+        decide("1.1.1", false, "alice", None, Some(json!({"amount": 1}))),
+    );
+    assert!(matches!(bad, Err(Rejected::InvalidDecision(_))), "{bad:?}");
+
+    // Approved with edited arguments: the step resumes with them.
+    run.send(
+        &agent,
+        decide("1.1.1", true, "alice", None, Some(json!({"amount": 200}))),
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingTool);
+    assert_eq!(run.effects.last(), Some(&Effect::CallTools { step: 1 }));
+    assert_eq!(
+        run.send(&agent, decide("1.1.1", false, "bob", None, None)),
+        Err(Rejected::AlreadyDecided {
+            id: "1.1.1".into(),
+            by: "alice".into(),
+            approved: true
+        })
+    );
+    run.effects.clear();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    let started = invocations(&run.effects);
+    assert_eq!(started.len(), 3);
+    assert_eq!(started[1].arguments, json!({"amount": 200}));
+    assert_eq!(started[2].arguments, json!({"amount": 50}));
+}
+
+#[test]
+fn a_rejection_is_the_calls_result_for_the_model() {
+    let agent = agent_with("max_steps: 5", "{}");
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[("pay", r#"{"amount":500}"#)], None)),
+    )
+    .unwrap();
+    // No webhook configured: only the timer.
+    assert_eq!(run.effects.last(), Some(&Effect::AwaitApproval { step: 1 }));
+    assert_eq!(run.state.approvals[0].deadline, None);
+    run.send(
+        &agent,
+        decide("1.0.1", false, "bob", Some("too much"), None),
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
+    assert_eq!(
+        run.state.last_tool_output(),
+        Some("error: the call was rejected by bob: too much")
+    );
+    let decision = run.state.approvals[0].decision.clone().unwrap();
+    assert_eq!((decision.approved, decision.by.as_str()), (false, "bob"));
+}
+
+#[test]
+fn the_timeout_rejects_or_escalates() {
+    let agent = agent_with("max_steps: 5", "{timeout: 10m}");
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[("pay", r#"{"amount":500}"#)], None)),
+    )
+    .unwrap();
+    let deadline = run.state.approvals[0].deadline.unwrap();
+    // Early: nothing happens.
+    let early = handle(
+        &run.state,
+        &agent,
+        Command::ApprovalTimeout { now: deadline - 1 },
+    )
+    .unwrap();
+    assert_eq!(early, Transition::default());
+    run.send(&agent, Command::ApprovalTimeout { now: deadline })
+        .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
+    let decision = run.state.approvals[0].decision.clone().unwrap();
+    assert_eq!(decision.by, "keel:timeout");
+    assert!(
+        run.state
+            .last_tool_output()
+            .unwrap()
+            .contains("approvals.timeout (600s)")
+    );
+
+    let agent = agent_with(
+        "max_steps: 5",
+        r#"{timeout: 10m, on_timeout: escalate, notify: "http://127.0.0.1:3/a", escalate_to: "http://127.0.0.1:3/b"}"#,
+    );
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[("pay", r#"{"amount":500}"#)], None)),
+    )
+    .unwrap();
+    run.effects.clear();
+    run.send(&agent, Command::ApprovalTimeout { now: i64::MAX })
+        .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingApproval);
+    assert!(run.state.approvals[0].escalated);
+    assert_eq!(
+        run.effects,
+        [
+            Effect::AwaitApproval { step: 1 },
+            Effect::Notify { step: 1 }
+        ]
+    );
+    // Escalated once; then only a human decides.
+    let again = handle(
+        &run.state,
+        &agent,
+        Command::ApprovalTimeout { now: i64::MAX },
+    )
+    .unwrap();
+    assert_eq!(again, Transition::default());
+    run.send(&agent, decide("1.0.1", true, "carol", None, None))
+        .unwrap();
+    assert_eq!(run.effects.last(), Some(&Effect::CallTools { step: 1 }));
+}
+
+#[test]
+fn uncertain_calls_follow_their_tools_policy() {
+    let agent = agent_with("max_steps: 5", "{}");
+    // `pay` is not declared idempotent: a human is asked.
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[("pay", r#"{"amount":5}"#)], None)),
+    )
+    .unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    // The worker died before the result: starting again asks.
+    run.effects.clear();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    assert!(invocations(&run.effects).is_empty());
+    assert_eq!(run.state.status, Status::AwaitingApproval);
+    let approval = &run.state.approvals[0];
+    assert_eq!(
+        (
+            approval.id.as_str(),
+            approval.attempt,
+            approval.reason.as_str()
+        ),
+        ("1.0.2", 2, "uncertain")
+    );
+    let edit = run.send(
+        &agent,
+        decide("1.0.2", true, "ops", None, Some(json!({"amount": 1}))),
+    );
+    assert!(
+        matches!(edit, Err(Rejected::InvalidDecision(_))),
+        "{edit:?}"
+    );
+    run.send(&agent, decide("1.0.2", true, "ops", None, None))
+        .unwrap();
+    assert_eq!(run.effects.last(), Some(&Effect::CallTools { step: 1 }));
+    run.effects.clear();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    let again = invocations(&run.effects);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(
+        again[0].idempotency_key,
+        format!("{}:1:0", run.state.run_id)
+    );
+    assert_eq!(again[0].arguments, json!({"amount": 5}));
+    // It died again: a new approval for attempt 3, rejected this time.
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    run.send(
+        &agent,
+        decide("1.0.3", false, "ops", Some("it went through"), None),
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    assert_eq!(
+        run.state.last_tool_output(),
+        Some("error: the call was rejected by ops: it went through")
+    );
+
+    // `nuke` says fail: the run fails, naming the call and its key.
+    let mut run = Run::new();
+    run.send(&agent, responded(1, answer(&[("nuke", "{}")], None)))
+        .unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    assert_eq!(run.state.status, Status::Failed);
+    assert_eq!(failure_code(&run), Some("uncertain_tool_call"));
+    let error = run.state.error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{}:1:0", run.state.run_id)),
+        "{error}"
+    );
+}
+
 /// Commands a fuzzer may throw at a run, including stale and duplicate ones.
 fn command() -> impl Strategy<Value = Command> {
     let step = 1u32..6;
+    let tool = prop_oneof![
+        3 => Just(("echo", r#"{"n":1}"#)),
+        1 => Just(("pay", r#"{"amount":500}"#)),
+        1 => Just(("pay", r#"{"amount":5}"#)),
+        1 => Just(("nuke", "{}")),
+    ];
     prop_oneof![
         (
             step.clone(),
-            0usize..4,
+            prop::collection::vec(tool, 0..4),
             any::<bool>(),
             prop::bool::weighted(0.2)
         )
-            .prop_map(|(step, ncalls, bad, final_answer)| {
-                let calls: Vec<(String, String)> = (0..ncalls)
-                    .map(|i| {
+            .prop_map(|(step, tools, bad, final_answer)| {
+                let calls: Vec<(&str, &str)> = tools
+                    .iter()
+                    .enumerate()
+                    .map(|(i, call)| {
                         if bad && i == 0 {
-                            ("echo".to_string(), "{oops".to_string())
+                            ("echo", "{oops")
                         } else {
-                            ("echo".to_string(), format!(r#"{{"n":{i}}}"#))
+                            *call
                         }
                     })
                     .collect();
-                let refs: Vec<(&str, &str)> = calls
-                    .iter()
-                    .map(|(a, b)| (a.as_str(), b.as_str()))
-                    .collect();
-                let content = if final_answer || ncalls == 0 {
+                let content = if final_answer || calls.is_empty() {
                     Some("answer")
                 } else {
                     None
                 };
-                responded(step, answer(&refs, content))
+                responded(step, answer(&calls, content))
             }),
         step.clone().prop_map(|step| Command::StartTools { step }),
-        (step, 0u32..4, any::<bool>()).prop_map(|(step, call_index, is_error)| {
+        (step.clone(), 0u32..4, any::<bool>()).prop_map(|(step, call_index, is_error)| {
             Command::ToolReturned {
                 step,
                 call_index,
@@ -415,15 +735,37 @@ fn command() -> impl Strategy<Value = Command> {
         Just(Command::Cancel {
             reason: "test".into()
         }),
+        (
+            step,
+            0u32..4,
+            1u32..3,
+            any::<bool>(),
+            prop::option::of(0u32..300)
+        )
+            .prop_map(
+                |(step, call_index, attempt, approved, amount)| Command::Decide {
+                    approval_id: approval_id(step, call_index, attempt),
+                    approved,
+                    by: "fuzzer".into(),
+                    reason: Some("because".into()),
+                    arguments: amount.map(|a| json!({"amount": a})),
+                }
+            ),
+        prop_oneof![Just(0i64), Just(i64::MAX)].prop_map(|now| Command::ApprovalTimeout { now }),
     ]
 }
 
 proptest! {
     #[test]
     fn replay_rebuilds_the_state_and_no_step_is_scheduled_twice(
-        commands in prop::collection::vec(command(), 1..60)
+        commands in prop::collection::vec(command(), 1..60),
+        escalate in any::<bool>(),
     ) {
-        let agent = agent(4);
+        let policy = if escalate { "escalate" } else { "reject" };
+        let agent = agent_with(
+            "max_steps: 4",
+            &format!("{{timeout: 1h, on_timeout: {policy}, notify: \"http://127.0.0.1:3/hook\"}}"),
+        );
         let mut run = Run::new();
         for command in commands {
             let _ = run.send(&agent, command);
@@ -443,37 +785,70 @@ proptest! {
             prop_assert_eq!(r.seq, i as i64 + 1);
         }
 
-        // Each LLM step and each tool-call step is scheduled at most once.
+        // Each LLM step is scheduled at most once; a tool step once, and
+        // once more after each round of approvals to repeat uncertain calls.
         let mut llm_steps = Vec::new();
-        let mut tool_steps = Vec::new();
+        let mut tool_steps = std::collections::HashMap::new();
         for effect in &run.effects {
             match effect {
                 Effect::CallLlm { step } => llm_steps.push(*step),
-                Effect::CallTools { step } => tool_steps.push(*step),
-                Effect::InvokeTool(_) => {}
+                Effect::CallTools { step } => *tool_steps.entry(*step).or_insert(0u32) += 1,
+                Effect::InvokeTool(_) | Effect::AwaitApproval { .. } | Effect::Notify { .. } => {}
             }
         }
         let mut unique = llm_steps.clone();
         unique.dedup();
         prop_assert_eq!(&unique, &llm_steps, "llm steps scheduled twice: {:?}", llm_steps);
-        let mut unique = tool_steps.clone();
-        unique.dedup();
-        prop_assert_eq!(&unique, &tool_steps, "tool steps scheduled twice: {:?}", tool_steps);
+        for (step, scheduled) in &tool_steps {
+            let repeats = run.journal.iter().filter(|r| matches!(&r.event,
+                Event::ApprovalRequested { step: s, attempt, .. } if s == step && *attempt > 1)).count();
+            prop_assert!(*scheduled as usize <= 1 + repeats, "tool step {} scheduled {} times", step, scheduled);
+        }
 
-        // A call is only started again when its previous start has no result.
+        // A call is only started again when its previous start has no
+        // result; a call that needed approval only once approved; each
+        // approval is decided at most once, after it was requested.
         let mut started = std::collections::HashMap::new();
+        let mut requested = std::collections::HashSet::new();
+        let mut decided = std::collections::HashMap::new();
+        let mut asked_for = Vec::new();
         for r in &run.journal {
             match &r.event {
+                Event::LlmCompleted { step, message, .. } => {
+                    for (i, call) in message.tool_calls.iter().enumerate() {
+                        if let Ok(args) = agent.check_arguments(&call.name, &call.arguments)
+                            && agent.needs_approval(&call.name, &args)
+                        {
+                            asked_for.push(approval_id(*step, i as u32, 1));
+                        }
+                    }
+                }
                 Event::ToolCallStarted { step, call_index, attempt, .. } => {
                     let n = started.entry((*step, *call_index)).or_insert(0u32);
                     *n += 1;
                     prop_assert_eq!(*attempt, *n);
+                    let id = approval_id(*step, *call_index, *attempt);
+                    if requested.contains(&id) || asked_for.contains(&id) {
+                        prop_assert_eq!(decided.get(&id), Some(&true), "{} started without approval", id);
+                    }
                 }
                 Event::ToolCallCompleted { step, call_index, .. } => {
                     prop_assert!(started.contains_key(&(*step, *call_index)));
                 }
+                Event::ApprovalRequested { approval_id, .. } => {
+                    prop_assert!(requested.insert(approval_id.clone()), "{} requested twice", approval_id);
+                }
+                Event::ApprovalDecided { approval_id, approved, .. } => {
+                    prop_assert!(requested.contains(approval_id));
+                    prop_assert!(decided.insert(approval_id.clone(), *approved).is_none(), "{} decided twice", approval_id);
+                }
                 _ => {}
             }
+        }
+        // Parked exactly while an approval is pending.
+        let pending = run.state.pending_approvals().count();
+        if !run.state.status.is_terminal() {
+            prop_assert_eq!(pending > 0, run.state.status == Status::AwaitingApproval);
         }
 
         // Nothing follows a terminal event, and the step budget holds.

@@ -41,6 +41,8 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/v1/runs/{id}", get(get_run::<S>))
         .route("/v1/runs/{id}/events", get(events::<S>))
         .route("/v1/runs/{id}/cancel", post(cancel::<S>))
+        .route("/v1/runs/{id}/approvals/{approval_id}", post(decide::<S>))
+        .route("/v1/approvals", get(inbox::<S>))
         .route("/v1/agents", post(put_agent::<S>).get(list_agents::<S>))
         .route("/v1/agents/{name}", get(get_agent::<S>))
         .route("/v1/agents/{name}/usage", get(agent_usage::<S>))
@@ -396,6 +398,150 @@ async fn cancel<S: Store>(
     Ok(Json(
         json!({"id": run_id.to_string(), "status": state.status.as_str(), "error": state.error}),
     ))
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Verdict {
+    Approve,
+    Reject,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    decision: Verdict,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    arguments: Option<Value>,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// Longest `by` and `reason` accepted.
+const MAX_DECIDER: usize = 200;
+const MAX_REASON: usize = 4096;
+
+/// Decides an approval: `{"decision": "approve" | "reject", "reason",
+/// "arguments" (edited, approve only), "by"}`; the decider is `by`, else the
+/// `Keel-Actor` header, else `anonymous`.
+async fn decide<S: Store>(
+    State(svc): Api<S>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, Error> {
+    let Path((id, approval_id)) =
+        path.map_err(|e| Error::BadRequest(format!("bad path: {}", e.body_text())))?;
+    let run_id = run_id(&id)?;
+    let bytes = body(bytes)?;
+    let req: DecideBody = parse_json(&bytes)?;
+    let invalid = |field: &str, message: String| Error::Invalid {
+        message: format!("{field}: {message}"),
+        fields: vec![keel_core::spec::FieldError {
+            field: field.into(),
+            message,
+        }],
+    };
+    let reason = req.reason.filter(|r| !r.trim().is_empty());
+    if req.decision == Verdict::Reject && reason.is_none() {
+        return Err(invalid(
+            "reason",
+            "a rejection needs a reason: it is the call's result the model sees".into(),
+        ));
+    }
+    if reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
+        return Err(invalid(
+            "reason",
+            format!("must be at most {MAX_REASON} bytes"),
+        ));
+    }
+    if req.decision == Verdict::Reject && req.arguments.is_some() {
+        return Err(invalid(
+            "arguments",
+            "arguments can only be edited when approving".into(),
+        ));
+    }
+    if let Some(arguments) = &req.arguments
+        && !arguments.is_object()
+    {
+        return Err(invalid(
+            "arguments",
+            format!("must be a JSON object, got {arguments}"),
+        ));
+    }
+    let by = match req.by {
+        Some(by) => by,
+        None => match headers.get("keel-actor") {
+            Some(v) => v
+                .to_str()
+                .map_err(|_| Error::BadRequest("Keel-Actor must be visible ASCII".into()))?
+                .to_string(),
+            None => "anonymous".to_string(),
+        },
+    };
+    if by.trim().is_empty() || by.len() > MAX_DECIDER {
+        return Err(invalid(
+            "by",
+            format!("must be 1-{MAX_DECIDER} bytes naming who decides"),
+        ));
+    }
+    let approved = req.decision == Verdict::Approve;
+    let state = svc
+        .decide(
+            run_id,
+            &approval_id,
+            service::Decision {
+                approved,
+                by: by.clone(),
+                reason,
+                arguments: req.arguments,
+            },
+        )
+        .await?;
+    let pending: Vec<&str> = state.pending_approvals().map(|a| a.id.as_str()).collect();
+    Ok(Json(json!({
+        "run_id": run_id.to_string(),
+        "approval_id": approval_id,
+        "decision": if approved { "approved" } else { "rejected" },
+        "by": by,
+        "status": state.status.as_str(),
+        "pending": pending,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxQuery {
+    status: Option<String>,
+    agent: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The approvals waiting for a decision: `?status=pending` (the only
+/// status listed), `agent`, `limit` (runs, 1..=500, default 100).
+async fn inbox<S: Store>(
+    State(svc): Api<S>,
+    query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Error> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
+    match q.status.as_deref() {
+        None | Some("") | Some("pending") => {}
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "unknown status `{other}`: the inbox lists `pending` approvals (decided ones are in each run's view)"
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Error::BadRequest(
+            "`limit` must be between 1 and 500".into(),
+        ));
+    }
+    let approvals = svc.inbox(q.agent.filter(|a| !a.is_empty()), limit).await?;
+    Ok(Json(json!({"approvals": approvals})))
 }
 
 async fn put_agent<S: Store>(

@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod approvals;
 mod backpressure;
 mod cli;
 mod crash;

@@ -122,7 +122,9 @@ impl Drop for Server {
     }
 }
 
-/// An agent spec (YAML) using the mock model `model` and one HTTP tool.
+/// An agent spec (YAML) using the mock model `model` and one HTTP tool
+/// (idempotent: the mock tool server only counts calls, so an uncertain call
+/// is retried with its key).
 pub fn agent_yaml(name: &str, mock: &Mock, model: &str, tool: &str, extra: &str) -> String {
     format!(
         r#"
@@ -147,6 +149,7 @@ tools:
       method: POST
       timeout: 5s
       retry: {{max_attempts: 3, backoff: {{initial: 20ms, max: 100ms}}}}
+    idempotent: true
 {extra}
 "#,
         llm = mock.llm_url(),

@@ -55,6 +55,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "tool_call_deltas",
         sql: include_str!("migrations/0006_tool_call_deltas.sql"),
     },
+    Migration {
+        version: 7,
+        name: "awaiting_approval",
+        sql: include_str!("migrations/0007_awaiting_approval.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (
