@@ -794,6 +794,21 @@ impl Agent {
             .find(|t| t.mcp.is_none() && t.name == name)
     }
 
+    /// The spec entry whose policies (`requires_approval`, `idempotent`,
+    /// `on_uncertain`) apply to calls of `name`: the tool declared inline
+    /// by that name, or the `{mcp: <server>, ...}` entry of an MCP tool the
+    /// model sees as `<server>__<tool>`.
+    fn policies(&self, name: &str) -> Option<&ToolSpec> {
+        self.tool(name).or_else(|| {
+            // A server's name has no `__`: the first one ends it.
+            let (server, _) = name.split_once("__")?;
+            self.spec
+                .tools
+                .iter()
+                .find(|t| t.mcp.as_deref() == Some(server))
+        })
+    }
+
     /// The MCP servers the spec uses, each with its allow list.
     pub fn mcp_servers(&self) -> impl Iterator<Item = (&str, &[String])> {
         self.spec
@@ -898,7 +913,7 @@ impl Agent {
     /// `approvals.tools` matching its name and arguments.
     pub fn needs_approval(&self, tool: &str, arguments: &Value) -> bool {
         let inline = self
-            .tool(tool)
+            .policies(tool)
             .is_some_and(|t| t.requires_approval.applies(arguments));
         inline
             || self
@@ -910,10 +925,10 @@ impl Agent {
     }
 
     /// What recovery does with an uncertain call of `tool`: its
-    /// `on_uncertain`, else `retry` for idempotent tools and built-ins (they
-    /// only read), else `ask`.
+    /// `on_uncertain` (an MCP tool's: its server entry's), else `retry` for
+    /// idempotent tools and built-ins (they only read), else `ask`.
     pub fn on_uncertain(&self, tool: &str) -> OnUncertain {
-        match self.tool(tool) {
+        match self.policies(tool) {
             Some(t) => t
                 .on_uncertain
                 .unwrap_or(if t.idempotent || t.builtin.is_some() {
@@ -1157,7 +1172,7 @@ fn check_mcp_entry(
         if set {
             err(
                 format!("{at}.{field}"),
-                "an `mcp` entry takes only `mcp` and `allow` (the server names and describes its tools)"
+                "an `mcp` entry takes only `mcp`, `allow` and the call policies `requires_approval`, `idempotent`, `on_uncertain` (the server names and describes its tools)"
                     .into(),
             );
         }
@@ -1570,6 +1585,15 @@ approvals:
         assert_eq!(agent.on_uncertain("lookup"), OnUncertain::Retry);
         assert_eq!(agent.on_uncertain("mail"), OnUncertain::Ask);
         assert_eq!(agent.on_uncertain("not_declared"), OnUncertain::Ask);
+        // An MCP tool follows its server entry's policies.
+        let agent = Agent::parse(
+            "name: a\nversion: 1\nmodel: {provider: openai, model: m}\ntools:\n  - {mcp: gh, allow: [list_*], on_uncertain: retry}\n  - {mcp: pay, allow: [\"*\"], requires_approval: true}\n",
+        )
+        .unwrap();
+        assert_eq!(agent.on_uncertain("gh__list_issues"), OnUncertain::Retry);
+        assert_eq!(agent.on_uncertain("pay__refund"), OnUncertain::Ask);
+        assert!(agent.needs_approval("pay__refund", &serde_json::json!({})));
+        assert!(!agent.needs_approval("gh__list_issues", &serde_json::json!({})));
         // Stored as JSON and read back, it is the same spec.
         let json = serde_json::to_value(&agent.spec).unwrap();
         let again = Agent::from_value(json).unwrap();

@@ -14,18 +14,17 @@
 //!   quarter window ahead; [`Gateway::settle`] charges the difference once
 //!   the provider reports the real usage (input and output).
 //!
-//! **Fair share.** A take that finds its bucket free at once is granted as
-//! it is. A contended one (the bucket could only reserve a later time, or
-//! nothing) first takes from the run's *flow share*, a bucket per tenant
-//! and agent (`<bucket>:flow:<tenant>/<agent>`) whose rate is the bucket's
-//! divided by the flows contending for it (those whose share was taken
-//! from within the last [`ACTIVE_FOR`], counted by the store, plus this
-//! one), reserving at most [`SHARE_AHEAD`] of it. A flow past its share
-//! is deferred until its share frees (back in the queue, behind the calls
-//! of flows that came since), so it cannot fill the bucket's reservations
-//! ahead of the others (a call of another flow waits behind at most that
-//! span of each flow's share): under
-//! contention each agent gets at least an equal part of the limit,
+//! **Fair share.** Each take first takes from the run's *flow share*, a
+//! bucket per tenant and agent (`<bucket>:flow:<tenant>/<agent>`) whose
+//! rate is the bucket's divided by the flows contending for it (those
+//! whose share was taken from within the last [`ACTIVE_FOR`], counted by
+//! the store at most once a second per process, plus this one), reserving
+//! at most [`SHARE_AHEAD`] of it; then from the bucket. A flow past its
+//! share is deferred until its share frees (back in the queue, behind the
+//! calls of flows that came since), unless the bucket is free at once, so
+//! it cannot fill the bucket's reservations ahead of the others (a call of
+//! another flow waits behind at most that span of each flow's share):
+//! under contention each agent gets at least an equal part of the limit,
 //! whatever the number of its runs, and a flow that asks less leaves the
 //! rest to the others (work-conserving: a free bucket is never refused).
 //! The share only counts; the time granted is the bucket's. Token shares
@@ -94,6 +93,9 @@ const ACTIVE_FOR: Duration = MAX_WAIT;
 /// it holds of the bucket's reservations, and so how long another flow's
 /// call waits behind them, is at most this span of its share.
 const SHARE_AHEAD: Duration = Duration::from_millis(2_500);
+
+/// How long a process uses its count of a limit's contending flows.
+const CONTENDERS_FOR: Duration = Duration::from_secs(1);
 
 /// How long a 429 without `Retry-After` holds the model's buckets.
 const DEFAULT_HOLD: Duration = Duration::from_secs(1);
@@ -310,6 +312,8 @@ pub struct Gateway<S> {
     shared: Arc<Shared>,
     /// Token estimates' calibration, by token bucket.
     calibration: Arc<Mutex<HashMap<String, Calibration>>>,
+    /// The contending flows of each flow share, as last counted, and when.
+    contenders: Arc<Mutex<HashMap<String, (Millis, u64)>>>,
 }
 
 /// What [`Gateway::admit`] decided.
@@ -437,6 +441,7 @@ impl<S: Store> Gateway<S> {
             breakers,
             shared: Arc::default(),
             calibration: Arc::default(),
+            contenders: Arc::default(),
         }
     }
 
@@ -703,10 +708,15 @@ impl<S: Store> Gateway<S> {
 
     /// Takes `cost` from `bucket` for `flow` (the run's tenant and agent),
     /// reserving up to `max_wait` ahead, so that no flow starves while
-    /// others keep the bucket busy (fair share: module docs). Free at once,
-    /// the capacity is taken as it is; otherwise the flow first takes from
-    /// its share of the bucket, the rate divided by the flows contending
-    /// for it, and a flow past its share waits for it.
+    /// others keep the bucket busy (fair share: module docs). The flow
+    /// first takes from its share of the bucket, the rate divided by the
+    /// flows contending for it; within its share, it takes from the
+    /// bucket; past it, it waits for its share, unless the bucket is free
+    /// at once.
+    ///
+    /// The share goes first because only it is ever given back: giving
+    /// back a reservation of the bucket would let a later take reserve the
+    /// time of the bucket's *last* reservation a second time.
     async fn take_fair(
         &self,
         bucket: Bucket,
@@ -714,26 +724,9 @@ impl<S: Store> Gateway<S> {
         cost: u64,
         max_wait: Duration,
     ) -> Result<Fair, StoreError> {
-        // Each take reads the clock: a grant's time is when the call may
-        // go, and the takes before it took time.
-        let free = self
-            .store
-            .take_capacity(&bucket.key, bucket.rate, cost, Duration::ZERO, now())
-            .await?;
-        if free == Grant::Granted {
-            return Ok(Fair {
-                key: bucket.key,
-                rate: bucket.rate,
-                grant: free,
-                share: None,
-            });
-        }
         let prefix = format!("{}:flow:", bucket.key);
         let key = format!("{prefix}{flow}");
-        let others = self
-            .store
-            .active_limits(&prefix, &key, now().saturating_sub(millis(ACTIVE_FOR)))
-            .await?;
+        let others = self.contenders(&prefix, &key).await?;
         let share = Bucket {
             key,
             rate: Rate {
@@ -741,49 +734,85 @@ impl<S: Store> Gateway<S> {
                 ..bucket.rate
             },
         };
-        // The share only counts: the time the bucket reserves is the one
-        // that holds. A flow reserves no further ahead than SHARE_AHEAD even
-        // alone: its other calls go back to the queue, behind the calls of
-        // flows that come later, which then take their share.
+        // A flow reserves no further ahead than SHARE_AHEAD of its share,
+        // even alone: its other calls go back to the queue, behind the calls
+        // of flows that come later, which then take their share. Each take
+        // reads the clock: a grant's time is when the call may go, and the
+        // takes before it took time.
         let ahead = max_wait.min(SHARE_AHEAD);
         let counted = self
             .store
             .take_capacity(&share.key, share.rate, cost, ahead, now())
             .await?;
-        if let Grant::RetryAt(t) = counted {
-            debug!(flow, key = %bucket.key, others, retry_at = t, "past its fair share of a contended limit");
-            return Ok(Fair {
-                key: bucket.key,
-                rate: bucket.rate,
-                grant: Grant::RetryAt(spread(t, ahead)),
-                share: None,
-            });
-        }
-        let grant = match self
-            .store
-            .take_capacity(&bucket.key, bucket.rate, cost, max_wait, now())
-            .await?
-        {
-            Grant::RetryAt(t) => Grant::RetryAt(spread(t, max_wait)),
-            grant => grant,
-        };
         let mut fair = Fair {
             key: bucket.key,
             rate: bucket.rate,
-            grant,
-            share: Some(share),
+            grant: Grant::Granted,
+            share: None,
         };
-        if let Grant::RetryAt(_) = grant {
-            // Nothing is taken from the bucket: nothing from the share either
-            // (it stays active: the flow is waiting).
-            if let Some(share) = fair.share.take() {
-                let units = i64::try_from(cost).unwrap_or(i64::MAX);
-                self.store
-                    .adjust_capacity(&share.key, share.rate, -units, now())
-                    .await?;
-            }
+        if let Grant::RetryAt(t) = counted {
+            // Past its share: only capacity nobody else waits for.
+            fair.grant = match self
+                .store
+                .take_capacity(&fair.key, fair.rate, cost, Duration::ZERO, now())
+                .await?
+            {
+                Grant::Granted => Grant::Granted,
+                _ => {
+                    debug!(flow, key = %fair.key, others, retry_at = t, "past its fair share of a contended limit");
+                    Grant::RetryAt(spread(t, ahead))
+                }
+            };
+            return Ok(fair);
+        }
+        fair.grant = self
+            .store
+            .take_capacity(&fair.key, fair.rate, cost, max_wait, now())
+            .await?;
+        if let Grant::RetryAt(t) = fair.grant {
+            // The share taken for nothing goes back (it stays active: the
+            // flow is waiting).
+            let units = i64::try_from(cost).unwrap_or(i64::MAX);
+            self.store
+                .adjust_capacity(&share.key, share.rate, -units, now())
+                .await?;
+            fair.grant = Grant::RetryAt(spread(t, max_wait));
+        } else {
+            fair.share = Some(share);
         }
         Ok(fair)
+    }
+
+    /// How many flows other than the share `key` contend for the bucket of
+    /// `prefix` (`Store::active_limits`), read at most once per
+    /// [`CONTENDERS_FOR`] per share: a flow that starts contending is
+    /// counted by the others within that time.
+    async fn contenders(&self, prefix: &str, key: &str) -> Result<u64, StoreError> {
+        let at = now();
+        {
+            let cache = self
+                .contenders
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((read_at, count)) = cache.get(key)
+                && at.saturating_sub(*read_at) < millis(CONTENDERS_FOR)
+            {
+                return Ok(*count);
+            }
+        }
+        let count = self
+            .store
+            .active_limits(prefix, key, at.saturating_sub(millis(ACTIVE_FOR)))
+            .await?;
+        let mut cache = self
+            .contenders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        cache.insert(key.to_string(), (at, count));
+        Ok(count)
     }
 
     /// Corrects what [`Gateway::take_fair`] took by `delta` units (a

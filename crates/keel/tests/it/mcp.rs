@@ -470,7 +470,7 @@ model:
     - tool_calls: [{name: fx__slow, arguments: {ms: 1500}}]
     - content: "done: {{tool_result}}"
 tools:
-  - {mcp: fx, allow: [slow]}
+  - {mcp: fx, allow: [slow], on_uncertain: retry}
 "#,
     )
     .await;
