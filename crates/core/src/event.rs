@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ids::{Millis, Seq, TaskId};
+use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, Usage};
 use crate::priority::Priority;
 
@@ -30,6 +30,9 @@ pub enum Event {
         /// before priorities existed read as the default).
         #[serde(default)]
         priority: Priority,
+        /// The run that spawned this one, if it is a child run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<ParentLink>,
     },
     /// The model answered step `step`.
     LlmCompleted {
@@ -149,6 +152,16 @@ pub enum Event {
         /// The approvals escalated.
         approval_ids: Vec<String>,
     },
+    /// A `spawn_agents` call started its child runs: they were created in
+    /// the same commit. The call's result comes once all of them are over.
+    ChildrenSpawned {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call in the assistant message.
+        call_index: u32,
+        /// The child runs, in the order the model listed the tasks.
+        children: Vec<SpawnedChild>,
+    },
     /// A task used all its attempts and went to the dead-letter queue.
     TaskDeadLettered {
         /// The dead-lettered task (its id is the dead letter's id).
@@ -201,6 +214,7 @@ impl Event {
             Event::ApprovalRequested { .. } => "approval_requested",
             Event::ApprovalDecided { .. } => "approval_decided",
             Event::ApprovalEscalated { .. } => "approval_escalated",
+            Event::ChildrenSpawned { .. } => "children_spawned",
             Event::TaskDeadLettered { .. } => "task_dead_lettered",
             Event::TaskRedriven { .. } => "task_redriven",
             Event::RunCompleted { .. } => "run_completed",
@@ -216,6 +230,32 @@ impl Event {
             Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }
         )
     }
+}
+
+/// Where a child run comes from: journaled in its `RunSubmitted`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    /// The parent run.
+    pub run_id: RunId,
+    /// The parent's step whose `spawn_agents` call started it.
+    pub step: u32,
+    /// Position of that call in the parent's assistant message.
+    pub call_index: u32,
+    /// Position of this child among the call's tasks.
+    pub index: u32,
+    /// How deep it nests: the parent's depth + 1 (a submitted run is at 0).
+    pub depth: u32,
+}
+
+/// A child run a `spawn_agents` call started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnedChild {
+    /// The child run (derived from the parent's id, step, call and index).
+    pub run_id: RunId,
+    /// Its agent.
+    pub agent: String,
+    /// The agent version it is pinned to.
+    pub version: String,
 }
 
 /// An event as journaled: its position and time.

@@ -56,6 +56,32 @@ uuid_id!(
     /// Identifies one run: one request handled by one agent version.
     RunId
 );
+impl RunId {
+    /// The id of child `index` of the `spawn_agents` call `call_index` of
+    /// step `step` of this run. Derived, not drawn: a spawn decided again
+    /// (after a crash, or by a second worker) names the same children, so
+    /// it can never create a second set. Keeps the parent's 48-bit
+    /// timestamp (ids stay time-ordered); the other bits mix the parent id
+    /// with the position (a UUID version 8).
+    pub fn child(self, step: u32, call_index: u32, index: u32) -> RunId {
+        let parent = self.0.as_u128();
+        let position = (u64::from(step) << 40) ^ (u64::from(call_index) << 20) ^ u64::from(index);
+        let high = mix(mix((parent >> 64) as u64) ^ position);
+        let low = mix(mix(parent as u64 ^ high) ^ position.rotate_left(17));
+        let mut bytes = ((u128::from(high) << 64) | u128::from(low)).to_be_bytes();
+        bytes[..6].copy_from_slice(&self.0.as_bytes()[..6]);
+        RunId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
+}
+
+/// SplitMix64's finaliser: every input bit moves about half the output bits.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 uuid_id!(
     /// Identifies one task in the store's queue.
     TaskId

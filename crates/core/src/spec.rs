@@ -248,6 +248,10 @@ pub struct ToolSpec {
     /// working directory, or the spec file's folder for `keel run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// With `builtin: spawn_agents`: the agents a call may start as child
+    /// runs (registered agent names; `self` is this agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
     /// An MCP server of the server configuration (`mcp_servers.<name>`)
     /// whose tools the model may call, those matching `allow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,7 +335,15 @@ pub enum Builtin {
     ReadFile,
     /// Lists the files under `root`: `{}`.
     ListFiles,
+    /// Starts child runs and waits for all of them (fan-out, fan-in):
+    /// `{"tasks": [{"agent": "researcher", "input": ...}, ...]}`, each agent
+    /// one of the tool's `agents`. The result is their outcomes in order.
+    SpawnAgents,
 }
+
+/// The name by which a `spawn_agents` tool's `agents` list names the agent
+/// itself.
+pub const SELF_AGENT: &str = "self";
 
 /// HTTP methods a tool may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +398,16 @@ pub struct Limits {
     /// Most one run may cost, in USD, priced by the server's price table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost: Option<f64>,
+    /// How deep child runs may nest: a run submitted by a client is at
+    /// depth 0, its children at 1, and a run at this depth may not spawn.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: u32,
+    /// Most child runs one `spawn_agents` call may start.
+    #[serde(default = "default_max_fan_out")]
+    pub max_fan_out: u32,
+    /// Most child runs one run may start in all its steps.
+    #[serde(default = "default_max_children")]
+    pub max_children: u32,
 }
 
 impl Default for Limits {
@@ -395,6 +417,9 @@ impl Default for Limits {
             timeout: default_run_timeout(),
             max_tokens_total: None,
             max_cost: None,
+            max_depth: default_max_depth(),
+            max_fan_out: default_max_fan_out(),
+            max_children: default_max_children(),
         }
     }
 }
@@ -469,6 +494,15 @@ fn default_run_timeout() -> Duration {
 }
 fn default_max_steps() -> u32 {
     20
+}
+fn default_max_depth() -> u32 {
+    3
+}
+fn default_max_fan_out() -> u32 {
+    20
+}
+fn default_max_children() -> u32 {
+    100
 }
 fn default_max_attempts() -> u32 {
     5
@@ -707,6 +741,9 @@ impl Agent {
                         );
                     }
                 }
+                (None, Some(Builtin::SpawnAgents)) => {
+                    check_spawn(tool, &spec.name, &at, &mut err);
+                }
                 (None, Some(_)) => {
                     if tool.root.as_deref().is_none_or(|r| r.trim().is_empty()) {
                         err(
@@ -715,6 +752,12 @@ impl Agent {
                         );
                     }
                 }
+            }
+            if !tool.agents.is_empty() && tool.builtin != Some(Builtin::SpawnAgents) {
+                err(
+                    format!("{at}.agents"),
+                    "only a `builtin: spawn_agents` tool takes an agents list".into(),
+                );
             }
             let schema = tool_parameters(tool);
             if schema.get("type").and_then(Value::as_str) != Some("object") {
@@ -773,6 +816,21 @@ impl Agent {
         if spec.limits.timeout.is_zero() {
             err("limits.timeout".into(), "must be positive".into());
         }
+        if spec.limits.max_depth > 100 {
+            err("limits.max_depth".into(), "must be at most 100".into());
+        }
+        if spec.limits.max_fan_out == 0 || spec.limits.max_fan_out > 1_000 {
+            err(
+                "limits.max_fan_out".into(),
+                "must be between 1 and 1000".into(),
+            );
+        }
+        if spec.limits.max_children == 0 || spec.limits.max_children > 100_000 {
+            err(
+                "limits.max_children".into(),
+                "must be between 1 and 100000".into(),
+            );
+        }
         check_retry(&spec.retry, "retry", &mut err);
 
         if errors.is_empty() {
@@ -792,6 +850,22 @@ impl Agent {
             .tools
             .iter()
             .find(|t| t.mcp.is_none() && t.name == name)
+    }
+
+    /// The `builtin: spawn_agents` tool named `name`, if there is one.
+    pub fn spawn_tool(&self, name: &str) -> Option<&ToolSpec> {
+        self.tool(name)
+            .filter(|t| t.builtin == Some(Builtin::SpawnAgents))
+    }
+
+    /// The agent name a `spawn_agents` task's `agent` stands for (`self`:
+    /// this agent).
+    pub fn spawned_name<'a>(&'a self, agent: &'a str) -> &'a str {
+        if agent == SELF_AGENT {
+            &self.spec.name
+        } else {
+            agent
+        }
     }
 
     /// The spec entry whose policies (`requires_approval`, `idempotent`,
@@ -995,6 +1069,25 @@ pub fn tool_parameters(tool: &ToolSpec) -> Value {
             "required": ["path"],
             "additionalProperties": false
         }),
+        Some(Builtin::SpawnAgents) => serde_json::json!({
+            "type": "object",
+            "properties": {"tasks": {
+                "type": "array",
+                "minItems": 1,
+                "description": "the child runs to start, all at once; the result lists their outcomes in this order",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "agent": {"type": "string", "enum": tool.agents, "description": "the agent to run (`self`: this agent, on a sub-task)"},
+                        "input": {"description": "the child's request: a string or any JSON"}
+                    },
+                    "required": ["agent", "input"],
+                    "additionalProperties": false
+                }
+            }},
+            "required": ["tasks"],
+            "additionalProperties": false
+        }),
         _ => serde_json::json!({"type": "object", "properties": {}}),
     }
 }
@@ -1007,6 +1100,10 @@ pub fn tool_description(tool: &ToolSpec) -> String {
     match tool.builtin {
         Some(Builtin::ReadFile) => "Read a text file from the agent's data folder.".into(),
         Some(Builtin::ListFiles) => "List the files in the agent's data folder.".into(),
+        Some(Builtin::SpawnAgents) => format!(
+            "Start agents ({}) as child runs on sub-tasks, all at once, and wait until every one has finished; the result is a JSON array of their outcomes ({{agent, run_id, status, output or error}}) in the order of the tasks.",
+            tool.agents.join(", ")
+        ),
         None => String::new(),
     }
 }
@@ -1138,6 +1235,42 @@ pub(crate) fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, 
     }
 }
 
+/// Checks a `builtin: spawn_agents` tool: the agents it may start.
+fn check_spawn(tool: &ToolSpec, own: &str, at: &str, err: &mut impl FnMut(String, String)) {
+    if tool.agents.is_empty() {
+        err(
+            format!("{at}.agents"),
+            "list the agents a call may start (registered agent names, `self` for this agent)"
+                .into(),
+        );
+    }
+    for (i, agent) in tool.agents.iter().enumerate() {
+        let field = format!("{at}.agents[{i}]");
+        check_name(agent, &field, err);
+        if agent == own {
+            err(
+                field.clone(),
+                format!("write `{SELF_AGENT}` for this agent"),
+            );
+        }
+        if tool.agents[..i].contains(agent) {
+            err(field, format!("`{agent}` is listed twice"));
+        }
+    }
+    if tool.root.is_some() {
+        err(
+            format!("{at}.root"),
+            "only file built-ins take a root".into(),
+        );
+    }
+    if tool.parameters.is_some() {
+        err(
+            format!("{at}.parameters"),
+            "spawn_agents has its own schema ({\"tasks\": [{\"agent\", \"input\"}]})".into(),
+        );
+    }
+}
+
 /// Checks an `{mcp: <server>, allow: [...]}` entry (`earlier`: the entries before it).
 fn check_mcp_entry(
     earlier: &[ToolSpec],
@@ -1167,6 +1300,7 @@ fn check_mcp_entry(
         ("http", tool.http.is_some()),
         ("builtin", tool.builtin.is_some()),
         ("root", tool.root.is_some()),
+        ("agents", !tool.agents.is_empty()),
     ];
     for (field, set) in extra {
         if set {

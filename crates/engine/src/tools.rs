@@ -135,6 +135,11 @@ impl Tools {
         match tool.builtin {
             Some(Builtin::ReadFile) => read_file(root, &call.arguments).await,
             Some(Builtin::ListFiles) => list_files(root).await,
+            // Made by the worker: it starts child runs (run::Command::Spawn).
+            Some(Builtin::SpawnAgents) => Outcome::error(format!(
+                "`{}` starts child runs: it is not an ordinary tool call",
+                tool.name
+            )),
             None => Outcome::error(format!("tool `{}` has no implementation", tool.name)),
         }
     }

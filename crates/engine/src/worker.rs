@@ -742,7 +742,9 @@ fn follow_up_tasks<S>(
                 (TaskKind::Approval, *step, TIMER_ATTEMPTS, due, None)
             }
             Effect::Notify { step } => (TaskKind::Notify, *step, webhook::MAX_ATTEMPTS, at, None),
-            Effect::InvokeTool(_) => continue,
+            Effect::InvokeTool(_) | Effect::SpawnChildren(_) | Effect::AwaitChildren { .. } => {
+                continue;
+            }
         };
         tasks.push(NewTask {
             kind,

@@ -103,6 +103,15 @@ impl Printer {
                 let tag = if *is_error { "error" } else { "ok" };
                 format!("step {step:<3} tool {tag}: {}", clip(&one_line(output), 90))
             }
+            Event::ChildrenSpawned { step, children, .. } => {
+                let mut agents: Vec<&str> = children.iter().map(|c| c.agent.as_str()).collect();
+                agents.dedup();
+                format!(
+                    "step {step:<3} spawned {} child runs ({}), waiting for them",
+                    children.len(),
+                    agents.join(", ")
+                )
+            }
             Event::ApprovalRequested {
                 approval_id,
                 step,

@@ -7,11 +7,13 @@
 //! commits the events and the tasks for the effects in one transaction.
 
 mod approvals;
+mod children;
 mod state;
 #[cfg(test)]
 mod tests;
 
-pub use state::{Approval, Call, CallState, Decision, Parked, State, Status, approval_id};
+pub use children::{ChildOutcome, ChildRun, spawn_tasks};
+pub use state::{Approval, Call, CallState, Child, Decision, Parked, State, Status, approval_id};
 
 use serde_json::Value;
 
@@ -81,6 +83,27 @@ pub enum Command {
         /// The time it fired.
         now: Millis,
     },
+    /// A started `spawn_agents` call is made: its child runs start, pinned
+    /// to these versions of their agents (the current ones, in task order;
+    /// `None`: the agent is not registered, and the call fails).
+    Spawn {
+        /// Step of the call.
+        step: u32,
+        /// Position of the call.
+        call_index: u32,
+        /// The version of each task's agent.
+        versions: Vec<Option<String>>,
+    },
+    /// How the child runs of the current step stand (read from the store):
+    /// every `spawn_agents` call whose children are all over gets their
+    /// outcomes as its result.
+    JoinChildren {
+        /// The step.
+        step: u32,
+        /// The outcomes known, in any order (children not listed, or not
+        /// over, are waited for).
+        outcomes: Vec<ChildOutcome>,
+    },
 }
 
 /// Work the events ask for.
@@ -108,6 +131,15 @@ pub enum Effect {
     /// Tell `approvals.notify` (or `escalate_to`, for escalated approvals)
     /// about `step`'s pending approvals, durably.
     Notify {
+        /// The step whose calls wait.
+        step: u32,
+    },
+    /// Create these child runs in the same commit as the events (each with
+    /// its `RunSubmitted` and first LLM task).
+    SpawnChildren(Vec<ChildRun>),
+    /// The run parks until the child runs of `step` are over: check them
+    /// now, and arm the timer of the run's own deadline.
+    AwaitChildren {
         /// The step whose calls wait.
         step: u32,
     },
@@ -202,6 +234,7 @@ pub fn submit(
             version: version.to_string(),
             input,
             priority,
+            parent: None,
         }],
         effects: vec![Effect::CallLlm { step: 1 }],
     }
@@ -255,6 +288,12 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
             arguments,
         } => approvals::decide(state, agent, &approval_id, approved, by, reason, arguments),
         Command::ApprovalTimeout { now } => Ok(approvals::timeout(state, agent, now)),
+        Command::Spawn {
+            step,
+            call_index,
+            versions,
+        } => children::spawn(state, agent, step, call_index, versions),
+        Command::JoinChildren { step, outcomes } => children::join(state, agent, step, &outcomes),
     }
 }
 
@@ -320,8 +359,18 @@ fn llm_responded(
     let mut valid = 0;
     let mut last_error = None;
     let mut gated = Vec::new();
+    // Children this answer would start, for limits.max_children.
+    let mut spawning = 0;
     for (index, call) in calls.iter().enumerate() {
-        match agent.check_arguments(&call.name, &call.arguments) {
+        let checked = agent
+            .check_arguments(&call.name, &call.arguments)
+            .and_then(|arguments| {
+                if agent.spawn_tool(&call.name).is_some() {
+                    spawning += children::check_limits(state, agent, &arguments, spawning)?;
+                }
+                Ok(arguments)
+            });
+        match checked {
             Ok(arguments) => {
                 valid += 1;
                 if agent.needs_approval(&call.name, &arguments) {
@@ -478,6 +527,10 @@ fn start_tools(state: &State, agent: &Agent, step: u32) -> Result<Transition, Re
     let mut failed = Vec::new();
     for (index, call) in state.calls.iter().enumerate() {
         let call_index = index as u32;
+        if state.spawned(step, call_index) {
+            // Its child runs exist: the call is made, its result is their fan-in.
+            continue;
+        }
         let (attempt, uncertain) = match call.state {
             CallState::Pending => (1, false),
             CallState::Started { attempts } => (attempts + 1, true),
@@ -595,19 +648,26 @@ fn tool_returned(
         output,
         is_error,
     }];
-    let others_settled = state.calls.iter().enumerate().all(|(i, c)| {
-        i == call_index as usize || matches!(c.state, CallState::Done | CallState::Rejected)
-    });
-    if !others_settled {
-        return Ok(Transition {
+    Ok(after_results(state, agent, step, events))
+}
+
+/// After results of `step`'s calls: the model is next once every call has
+/// one; the run parks when only calls waiting for child runs are left;
+/// otherwise other calls are still being made.
+fn after_results(state: &State, agent: &Agent, step: u32, events: Vec<Event>) -> Transition {
+    let mut next = state.clone();
+    for event in &events {
+        next.apply_next(event, 0);
+    }
+    match next.status {
+        Status::AwaitingLlm => next_llm_or_fail(events, step, agent.spec.limits.max_steps, None),
+        Status::AwaitingChildren if state.status != Status::AwaitingChildren => Transition {
+            events,
+            effects: vec![Effect::AwaitChildren { step }],
+        },
+        _ => Transition {
             events,
             effects: Vec::new(),
-        });
+        },
     }
-    Ok(next_llm_or_fail(
-        events,
-        step,
-        agent.spec.limits.max_steps,
-        None,
-    ))
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Event, Recorded};
+use crate::event::{Event, ParentLink, Recorded};
 use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, ToolCall, Usage};
 use crate::priority::Priority;
@@ -20,6 +20,9 @@ pub enum Status {
     AwaitingTool,
     /// Parked until a human decides on tool calls (no worker is held).
     AwaitingApproval,
+    /// Parked until the child runs of its `spawn_agents` calls are over
+    /// (no worker is held; the last child to finish wakes it).
+    AwaitingChildren,
     /// Finished with an answer.
     Completed,
     /// Failed for good.
@@ -30,11 +33,12 @@ pub enum Status {
 
 impl Status {
     /// Every status, in life order.
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Pending,
         Status::AwaitingLlm,
         Status::AwaitingTool,
         Status::AwaitingApproval,
+        Status::AwaitingChildren,
         Status::Completed,
         Status::Failed,
         Status::Cancelled,
@@ -47,6 +51,7 @@ impl Status {
             Status::AwaitingLlm => "AWAITING_LLM",
             Status::AwaitingTool => "AWAITING_TOOL",
             Status::AwaitingApproval => "AWAITING_APPROVAL",
+            Status::AwaitingChildren => "AWAITING_CHILDREN",
             Status::Completed => "COMPLETED",
             Status::Failed => "FAILED",
             Status::Cancelled => "CANCELLED",
@@ -147,6 +152,26 @@ pub fn approval_id(step: u32, call_index: u32, attempt: u32) -> String {
     format!("{step}.{call_index}.{attempt}")
 }
 
+/// A child run this run started with `spawn_agents`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Child {
+    /// The child run.
+    pub run_id: RunId,
+    /// Its agent.
+    pub agent: String,
+    /// Its pinned agent version.
+    pub version: String,
+    /// The step of the call that started it.
+    pub step: u32,
+    /// Position of that call.
+    pub call_index: u32,
+    /// Its position among the call's tasks.
+    pub index: u32,
+    /// Whether the call's result (the fan-in) was journaled: then the
+    /// child was over.
+    pub joined: bool,
+}
+
 /// A task parked in the dead-letter queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parked {
@@ -197,6 +222,12 @@ pub struct State {
     pub parked: Option<Parked>,
     /// The run's priority: every task it creates carries it.
     pub priority: Priority,
+    /// The run that spawned this one, if it is a child run.
+    pub parent: Option<ParentLink>,
+    /// How deep it nests (0: submitted by a client).
+    pub depth: u32,
+    /// The child runs it started, in order.
+    pub children: Vec<Child>,
 }
 
 impl State {
@@ -222,6 +253,9 @@ impl State {
             last_correction: None,
             parked: None,
             priority: Priority::DEFAULT,
+            parent: None,
+            depth: 0,
+            children: Vec::new(),
         }
     }
 
@@ -255,7 +289,10 @@ impl State {
                 version,
                 input,
                 priority,
+                parent,
             } => {
+                self.depth = parent.as_ref().map_or(0, |p| p.depth);
+                self.parent = parent.clone();
                 self.created_at = at;
                 self.priority = *priority;
                 self.tenant = tenant.clone();
@@ -330,14 +367,19 @@ impl State {
                 }
             }
             Event::ToolCallCompleted {
+                step,
                 call_index,
                 call_id,
                 output,
                 is_error,
-                ..
             } => {
                 if let Some(call) = self.calls.get_mut(*call_index as usize) {
                     call.state = CallState::Done;
+                }
+                for child in &mut self.children {
+                    if child.step == *step && child.call_index == *call_index {
+                        child.joined = true;
+                    }
                 }
                 let content = if *is_error {
                     format!("error: {output}")
@@ -417,6 +459,24 @@ impl State {
                     }
                 }
             }
+            Event::ChildrenSpawned {
+                step,
+                call_index,
+                children,
+            } => {
+                for (index, child) in children.iter().enumerate() {
+                    self.children.push(Child {
+                        run_id: child.run_id,
+                        agent: child.agent.clone(),
+                        version: child.version.clone(),
+                        step: *step,
+                        call_index: *call_index,
+                        index: index as u32,
+                        joined: false,
+                    });
+                }
+                self.settle_step();
+            }
             Event::TaskDeadLettered { task_id, error, .. } => {
                 self.parked = Some(Parked {
                     task_id: *task_id,
@@ -444,11 +504,47 @@ impl State {
         }
     }
 
-    /// After a call result: when every call of the step has one, the model is next.
+    /// After a call result: when every call of the step has one, the model
+    /// is next; when only calls waiting for child runs are left, the run
+    /// parks until they are over.
     fn settle_step(&mut self) {
-        if self.status == Status::AwaitingTool && self.step_settled() {
-            self.status = Status::AwaitingLlm;
+        if !matches!(self.status, Status::AwaitingTool | Status::AwaitingChildren) {
+            return;
         }
+        if self.step_settled() {
+            self.status = Status::AwaitingLlm;
+        } else if self.only_children_left() {
+            self.status = Status::AwaitingChildren;
+        }
+    }
+
+    /// Whether every call of the current step without a result is a
+    /// `spawn_agents` call whose children run (and at least one is).
+    pub fn only_children_left(&self) -> bool {
+        let mut waiting = false;
+        for (index, call) in self.calls.iter().enumerate() {
+            if matches!(call.state, CallState::Done | CallState::Rejected) {
+                continue;
+            }
+            if !self.spawned(self.steps, index as u32) {
+                return false;
+            }
+            waiting = true;
+        }
+        waiting
+    }
+
+    /// Whether call `call_index` of `step` started child runs.
+    pub fn spawned(&self, step: u32, call_index: u32) -> bool {
+        self.children
+            .iter()
+            .any(|c| c.step == step && c.call_index == call_index)
+    }
+
+    /// The child runs whose call has no result yet: those a cancel of this
+    /// run cancels, and those the fan-in waits for.
+    pub fn live_children(&self) -> impl Iterator<Item = &Child> {
+        self.children.iter().filter(|c| !c.joined)
     }
 
     /// Whether every call of the current step has a result (or was rejected).

@@ -37,6 +37,9 @@ tools:
     parameters: {{type: object}}
     http: {{url: "http://127.0.0.1:2/nuke"}}
     on_uncertain: fail
+  - name: spawn
+    builtin: spawn_agents
+    agents: [worker, self]
 limits: {{{limits}}}
 approvals: {approvals}
 "#
@@ -696,6 +699,7 @@ fn command() -> impl Strategy<Value = Command> {
         1 => Just(("pay", r#"{"amount":500}"#)),
         1 => Just(("pay", r#"{"amount":5}"#)),
         1 => Just(("nuke", "{}")),
+        1 => Just(("spawn", SPAWN_TWO)),
     ];
     prop_oneof![
         (
@@ -736,7 +740,7 @@ fn command() -> impl Strategy<Value = Command> {
             reason: "test".into()
         }),
         (
-            step,
+            step.clone(),
             0u32..4,
             1u32..3,
             any::<bool>(),
@@ -752,7 +756,60 @@ fn command() -> impl Strategy<Value = Command> {
                 }
             ),
         prop_oneof![Just(0i64), Just(i64::MAX)].prop_map(|now| Command::ApprovalTimeout { now }),
+        (step.clone(), 0u32..4, any::<bool>()).prop_map(|(step, call_index, known)| {
+            Command::Spawn {
+                step,
+                call_index,
+                versions: vec![Some("1".into()), known.then(|| "2".into())],
+            }
+        }),
+        (
+            step,
+            prop_oneof![
+                Just(Status::Completed),
+                Just(Status::Failed),
+                Just(Status::AwaitingLlm)
+            ]
+        )
+            .prop_map(|(step, status)| Command::JoinChildren {
+                step,
+                // Filled in with the run's children (see `fill`).
+                outcomes: vec![ChildOutcome {
+                    run_id: RunId(uuid::Uuid::nil()),
+                    status,
+                    output: Some("done".into()),
+                    error: None,
+                }],
+            }),
     ]
+}
+
+/// A `spawn` call starting two children.
+const SPAWN_TWO: &str =
+    r#"{"tasks":[{"agent":"worker","input":"a"},{"agent":"self","input":{"part":2}}]}"#;
+
+/// A fuzzed `JoinChildren` names no real child: give its outcome to every
+/// child of the run.
+fn fill(state: &State, command: Command) -> Command {
+    match command {
+        Command::JoinChildren { step, outcomes } => {
+            let template = outcomes.into_iter().next();
+            let outcomes = template
+                .map(|t| {
+                    state
+                        .children
+                        .iter()
+                        .map(|c| ChildOutcome {
+                            run_id: c.run_id,
+                            ..t.clone()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Command::JoinChildren { step, outcomes }
+        }
+        other => other,
+    }
 }
 
 proptest! {
@@ -768,6 +825,7 @@ proptest! {
         );
         let mut run = Run::new();
         for command in commands {
+            let command = fill(&run.state, command);
             let _ = run.send(&agent, command);
         }
 
@@ -793,8 +851,38 @@ proptest! {
             match effect {
                 Effect::CallLlm { step } => llm_steps.push(*step),
                 Effect::CallTools { step } => *tool_steps.entry(*step).or_insert(0u32) += 1,
-                Effect::InvokeTool(_) | Effect::AwaitApproval { .. } | Effect::Notify { .. } => {}
+                Effect::InvokeTool(_)
+                | Effect::AwaitApproval { .. }
+                | Effect::Notify { .. }
+                | Effect::SpawnChildren(_)
+                | Effect::AwaitChildren { .. } => {}
             }
+        }
+        // Each spawn starts its call's children once, with distinct ids
+        // derived from the call; the events name the runs the effects create.
+        let mut child_ids = std::collections::HashSet::new();
+        let mut spawned_calls = std::collections::HashSet::new();
+        for r in &run.journal {
+            if let Event::ChildrenSpawned { step, call_index, children } = &r.event {
+                prop_assert!(spawned_calls.insert((*step, *call_index)), "call spawned twice");
+                for (i, child) in children.iter().enumerate() {
+                    prop_assert_eq!(child.run_id, run.state.run_id.child(*step, *call_index, i as u32));
+                    prop_assert!(child_ids.insert(child.run_id));
+                }
+            }
+        }
+        let created: Vec<RunId> = run.effects.iter().flat_map(|e| match e {
+            Effect::SpawnChildren(runs) => runs.iter().map(|r| r.run_id).collect(),
+            _ => Vec::new(),
+        }).collect();
+        prop_assert_eq!(created.len(), child_ids.len());
+        prop_assert!(created.iter().all(|id| child_ids.contains(id)));
+        // Parked for children exactly while only spawned calls wait.
+        if !run.state.status.is_terminal() && run.state.status != Status::AwaitingApproval {
+            prop_assert_eq!(
+                run.state.status == Status::AwaitingChildren,
+                run.state.only_children_left()
+            );
         }
         let mut unique = llm_steps.clone();
         unique.dedup();
@@ -873,4 +961,203 @@ fn the_state_knows_the_priority_and_old_journals_read_the_default() {
     let out_of_range = json!({"type": "run_submitted", "tenant": "default", "agent": "t",
         "version": "1", "input": "hello", "priority": 10});
     assert!(serde_json::from_value::<Event>(out_of_range).is_err());
+}
+
+#[test]
+fn spawn_agents_fans_out_parks_and_fans_in_in_task_order() {
+    let agent = agent(5);
+    let mut run = Run::new();
+    let spawn = answer(&[("spawn", SPAWN_TWO), ("echo", r#"{"n":1}"#)], None);
+    run.send(&agent, responded(1, spawn)).unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    assert_eq!(invocations(&run.effects).len(), 2);
+
+    // An unknown agent fails the call, for the model to see.
+    let mut failed = Run::new();
+    failed
+        .send(&agent, responded(1, answer(&[("spawn", SPAWN_TWO)], None)))
+        .unwrap();
+    failed
+        .send(&agent, Command::StartTools { step: 1 })
+        .unwrap();
+    failed
+        .send(
+            &agent,
+            Command::Spawn {
+                step: 1,
+                call_index: 0,
+                versions: vec![Some("1".into()), None],
+            },
+        )
+        .unwrap();
+    assert_eq!(failed.state.status, Status::AwaitingLlm);
+    assert!(
+        failed
+            .state
+            .last_tool_output()
+            .unwrap()
+            .contains("`t` is not registered"),
+        "{:?}",
+        failed.state.messages
+    );
+
+    // The spawn starts two children (`self` is the agent itself) while
+    // `echo` still runs: not parked yet.
+    run.send(
+        &agent,
+        Command::Spawn {
+            step: 1,
+            call_index: 0,
+            versions: vec![Some("3".into()), Some("1".into())],
+        },
+    )
+    .unwrap();
+    let Some(Effect::SpawnChildren(children)) = run.effects.last().cloned() else {
+        panic!("no children: {:?}", run.effects);
+    };
+    assert_eq!(children.len(), 2);
+    assert_eq!(children[0].agent, "worker");
+    assert_eq!(children[0].version, "3");
+    assert_eq!(children[1].agent, "t");
+    assert_eq!(children[1].input, json!({"part": 2}));
+    assert_eq!(children[1].parent.depth, 1);
+    assert_eq!(children[1].parent.index, 1);
+    assert_eq!(run.state.status, Status::AwaitingTool);
+    // A second spawn of the same call, or a restart, starts nothing again.
+    assert!(
+        handle(
+            &run.state,
+            &agent,
+            Command::Spawn {
+                step: 1,
+                call_index: 0,
+                versions: vec![Some("3".into()), Some("1".into())],
+            },
+        )
+        .is_err()
+    );
+    let restart = handle(&run.state, &agent, Command::StartTools { step: 1 }).unwrap();
+    assert_eq!(invocations(&restart.effects).len(), 1);
+
+    // The echo result leaves only the children: the run parks.
+    run.send(
+        &agent,
+        Command::ToolReturned {
+            step: 1,
+            call_index: 1,
+            output: "echoed".into(),
+            is_error: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingChildren);
+    assert_eq!(run.effects.last(), Some(&Effect::AwaitChildren { step: 1 }));
+
+    // One child over: still waiting; both: the fan-in, in task order.
+    let outcome = |i: usize, status, output: Option<&str>, error: Option<&str>| ChildOutcome {
+        run_id: children[i].run_id,
+        status,
+        output: output.map(str::to_string),
+        error: error.map(str::to_string),
+    };
+    let partial = handle(
+        &run.state,
+        &agent,
+        Command::JoinChildren {
+            step: 1,
+            outcomes: vec![
+                outcome(1, Status::Completed, Some("two"), None),
+                outcome(0, Status::AwaitingLlm, None, None),
+            ],
+        },
+    )
+    .unwrap();
+    assert!(partial.events.is_empty());
+    run.send(
+        &agent,
+        Command::JoinChildren {
+            step: 1,
+            outcomes: vec![
+                outcome(1, Status::Completed, Some("two"), None),
+                outcome(0, Status::Cancelled, None, Some("cancelled: stop")),
+            ],
+        },
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
+    let result: serde_json::Value =
+        serde_json::from_str(run.state.last_tool_output().unwrap()).unwrap();
+    assert_eq!(
+        result,
+        json!([
+            {"agent": "worker", "run_id": children[0].run_id.to_string(), "status": "CANCELLED", "error": "cancelled: stop"},
+            {"agent": "t", "run_id": children[1].run_id.to_string(), "status": "COMPLETED", "output": "two"},
+        ])
+    );
+    assert!(run.state.live_children().next().is_none());
+
+    // Replay agrees.
+    assert_eq!(State::replay(run.state.run_id, &run.journal), run.state);
+}
+
+#[test]
+fn spawn_limits_go_back_to_the_model() {
+    let tasks = |n: usize| {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| json!({"agent": "worker", "input": i}))
+            .collect();
+        json!({ "tasks": tasks }).to_string()
+    };
+    // Fan-out per call.
+    let agent = agent_with_limits("max_fan_out: 3, max_children: 4");
+    let mut run = Run::new();
+    let four = tasks(4);
+    run.send(&agent, responded(1, answer(&[("spawn", &four)], None)))
+        .unwrap();
+    assert!(matches!(run.journal.last().map(|r| &r.event),
+        Some(Event::ToolCallRejected { error, .. }) if error.contains("limits.max_fan_out (3)")));
+    // Total per run, across the calls of one answer.
+    let three = tasks(3);
+    let two = tasks(2);
+    run.send(
+        &agent,
+        responded(2, answer(&[("spawn", &three), ("spawn", &two)], None)),
+    )
+    .unwrap();
+    assert!(matches!(run.journal.last().map(|r| &r.event),
+        Some(Event::ToolCallRejected { call_index: 1, error, .. }) if error.contains("limits.max_children (4)")));
+    // Depth: a child at max_depth may not spawn.
+    let agent = agent_with_limits("max_depth: 1");
+    let mut child = Run::new();
+    child.state.depth = 1;
+    child
+        .send(&agent, responded(1, answer(&[("spawn", &two)], None)))
+        .unwrap();
+    assert!(matches!(child.journal.last().map(|r| &r.event),
+        Some(Event::ToolCallRejected { error, .. }) if error.contains("limits.max_depth (1)")));
+    // A schema violation names the agents allowed.
+    let mut run = Run::new();
+    let bad = json!({"tasks": [{"agent": "stranger", "input": 1}]}).to_string();
+    run.send(&agent, responded(1, answer(&[("spawn", &bad)], None)))
+        .unwrap();
+    assert!(matches!(run.journal.last().map(|r| &r.event),
+        Some(Event::ToolCallRejected { error, .. }) if error.contains("worker")));
+}
+
+#[test]
+fn child_ids_are_derived_and_distinct() {
+    let parent = RunId::new();
+    let a = parent.child(1, 0, 0);
+    assert_eq!(a, parent.child(1, 0, 0));
+    let mut seen = std::collections::HashSet::new();
+    for step in 1..5 {
+        for call in 0..3 {
+            for index in 0..50 {
+                assert!(seen.insert(parent.child(step, call, index)));
+            }
+        }
+    }
+    assert_ne!(a, RunId::new().child(1, 0, 0));
+    assert_eq!(a.0.as_bytes()[..6], parent.0.as_bytes()[..6]);
 }
