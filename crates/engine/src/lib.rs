@@ -32,7 +32,7 @@ pub mod webhook;
 pub mod worker;
 
 pub use gateway::Breakers;
-pub use worker::{Engine, Options, projection};
+pub use worker::{Engine, Options, linked_tasks, projection};
 
 use keel_core::Millis;
 

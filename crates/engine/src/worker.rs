@@ -15,11 +15,12 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use keel_core::config::Config;
 use keel_core::message::Usage;
-use keel_core::run::{self, Command, Effect, Invocation, State, Status};
+use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, State, Status};
 use keel_core::spec::ModelSpec;
 use keel_core::{Agent, Event, Millis, RunId};
 use keel_store::{
-    Append, Error as StoreError, LeaseTo, NewTask, Projection, Store, Task, TaskKind, TaskUpdate,
+    Append, Error as StoreError, LeaseTo, NewTask, Projection, RunTask, Store, Submission, Task,
+    TaskKind, TaskUpdate,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -409,6 +410,8 @@ async fn step<S: Store>(
         TaskKind::Tools => tools_step(inner, slot, task, &agent, invocations).await,
         TaskKind::Approval => approval_step(inner, slot, task, &agent).await,
         TaskKind::Notify => notify_step(inner, slot, task, &agent).await,
+        TaskKind::Children => children_step(inner, slot, task, &agent).await,
+        TaskKind::Cancel => cancel_step(inner, slot, task, &agent).await,
     }
 }
 
@@ -608,30 +611,43 @@ async fn tools_step<S: Store>(
     }
 
     let run_id = task.run_id;
+    let tenant = slot.as_ref().map(|s| s.tenant.clone()).unwrap_or_default();
+    let tenant = tenant.as_str();
     let mut calls: FuturesUnordered<_> = invocations
         .into_iter()
         .map(|inv| async move {
+            if agent.spawn_tool(&inv.tool).is_some() {
+                // Made here: the child runs start in the commit.
+                let versions = spawn_versions(inner, tenant, agent, &inv.arguments).await?;
+                return Ok(Command::Spawn {
+                    step: inv.step,
+                    call_index: inv.call_index,
+                    versions,
+                });
+            }
             let outcome = inner.tools.invoke(agent, run_id, &inv).await;
-            (inv, outcome)
-        })
-        .collect();
-    let mut result = None;
-    while let Some((inv, outcome)) = calls.next().await {
-        let Some(state) = slot.as_ref() else {
-            return Ok(Next::Done);
-        };
-        let transition = handle(
-            state,
-            agent,
-            Command::ToolReturned {
+            Ok::<_, StoreError>(Command::ToolReturned {
                 step: inv.step,
                 call_index: inv.call_index,
                 output: outcome.output,
                 is_error: outcome.is_error,
-            },
-        );
-        let settles =
-            !transition.effects.is_empty() || transition.events.iter().any(Event::is_terminal);
+            })
+        })
+        .collect();
+    let mut result = None;
+    while let Some(command) = calls.next().await {
+        let Some(state) = slot.as_ref() else {
+            return Ok(Next::Done);
+        };
+        let transition = handle(state, agent, command?);
+        // Creating child runs goes on with the step; asking the model,
+        // parking for the children or ending the run settles it.
+        let settles = transition.effects.iter().any(|e| {
+            matches!(
+                e,
+                Effect::CallLlm { .. } | Effect::CallTools { .. } | Effect::AwaitChildren { .. }
+            )
+        }) || transition.events.iter().any(Event::is_terminal);
         if settles {
             let terminal = transition.events.iter().any(Event::is_terminal);
             let new_tasks = follow_up_tasks(inner, agent, state, &transition);
@@ -664,6 +680,23 @@ async fn tools_step<S: Store>(
     // disagree (it cannot happen unless the journal changed under us). Drive
     // the task again from the journal.
     Ok(result.unwrap_or_else(|| Next::Abandon("tool results did not settle the step".into())))
+}
+
+/// The current version of each agent a `spawn_agents` call names, in task
+/// order (`None`: not registered).
+async fn spawn_versions<S: Store>(
+    inner: &Inner<S>,
+    tenant: &str,
+    agent: &Agent,
+    arguments: &serde_json::Value,
+) -> Result<Vec<Option<String>>, StoreError> {
+    let mut versions = Vec::new();
+    for (name, _) in run::spawn_tasks(arguments) {
+        let name = agent.spawned_name(&name);
+        let record = inner.store.get_agent(tenant, name, None).await?;
+        versions.push(record.map(|r| r.spec.version));
+    }
+    Ok(versions)
 }
 
 /// Gives an `llm` task back to be retried after the agent's backoff (or
@@ -742,9 +775,16 @@ fn follow_up_tasks<S>(
                 (TaskKind::Approval, *step, TIMER_ATTEMPTS, due, None)
             }
             Effect::Notify { step } => (TaskKind::Notify, *step, webhook::MAX_ATTEMPTS, at, None),
-            Effect::InvokeTool(_) | Effect::SpawnChildren(_) | Effect::AwaitChildren { .. } => {
-                continue;
-            }
+            // Checks the children at once (leased to this worker), then
+            // waits in the queue until the run's deadline as its timer.
+            Effect::AwaitChildren { step } => (
+                TaskKind::Children,
+                *step,
+                TIMER_ATTEMPTS,
+                at,
+                lease_to.clone(),
+            ),
+            Effect::InvokeTool(_) | Effect::SpawnChildren(_) => continue,
         };
         tasks.push(NewTask {
             kind,
@@ -881,6 +921,20 @@ async fn commit<S: Store>(
     for event in &transition.events {
         state.apply_next(event, at);
     }
+    let ended = transition.events.iter().any(Event::is_terminal);
+    let mut spawn = Vec::new();
+    for effect in &transition.effects {
+        if let Effect::SpawnChildren(children) = effect {
+            for child in children {
+                spawn.push(child_submission(inner, state, child, at).await);
+            }
+        }
+    }
+    let wake = if ended {
+        linked_tasks(state, at)
+    } else {
+        Vec::new()
+    };
     let append = Append {
         run_id: task.run_id,
         expected_seq,
@@ -892,6 +946,8 @@ async fn commit<S: Store>(
         redrive: None,
         projection: projection(state),
         now: at,
+        spawn,
+        wake,
     };
     let appended = match inner.store.append(append).await {
         Ok(a) => a,
@@ -913,6 +969,185 @@ async fn commit<S: Store>(
         Some(next) => Ok(Next::Continue(next, invocations)),
         None => Ok(Next::Done),
     }
+}
+
+/// A child run as a submission made by its parent's commit: same tenant
+/// and priority, pinned to the version the spawn resolved.
+async fn child_submission<S: Store>(
+    inner: &Inner<S>,
+    parent: &State,
+    child: &ChildRun,
+    at: Millis,
+) -> Submission {
+    // The child's own retry policy; its version was just read, so this
+    // only fails when the store does: then the default applies.
+    let max_attempts = match inner
+        .agents
+        .get(&parent.tenant, &child.agent, &child.version)
+        .await
+    {
+        Ok(agent) => agent.spec.retry.max_attempts,
+        Err(e) => {
+            warn!(run_id = %parent.run_id, child = %child.run_id, error = %e, "child agent not readable, default retry policy");
+            keel_core::spec::RetryPolicy::default().max_attempts
+        }
+    };
+    Submission {
+        run_id: child.run_id,
+        tenant: parent.tenant.clone(),
+        agent: child.agent.clone(),
+        version: child.version.clone(),
+        input: child.input.clone(),
+        priority: parent.priority,
+        idempotency_key: None,
+        event: Event::RunSubmitted {
+            tenant: parent.tenant.clone(),
+            agent: child.agent.clone(),
+            version: child.version.clone(),
+            input: child.input.clone(),
+            priority: parent.priority,
+            parent: Some(child.parent.clone()),
+        },
+        task: NewTask {
+            kind: TaskKind::Llm,
+            step: 1,
+            priority: parent.priority,
+            max_attempts,
+            run_at: at,
+            lease_to: None,
+        },
+        now: at,
+    }
+}
+
+/// The tasks for other runs that a run's end causes (`state`: after its
+/// terminal event): its parent, if it is a child run, checks its children
+/// again; its children still running are cancelled (each cancels its own).
+pub fn linked_tasks(state: &State, at: Millis) -> Vec<RunTask> {
+    let mut tasks = Vec::new();
+    if let Some(parent) = &state.parent {
+        tasks.push(RunTask {
+            run_id: parent.run_id,
+            task: NewTask {
+                kind: TaskKind::Children,
+                step: parent.step,
+                priority: state.priority,
+                max_attempts: TIMER_ATTEMPTS,
+                run_at: at,
+                lease_to: None,
+            },
+        });
+    }
+    for child in state.live_children() {
+        tasks.push(RunTask {
+            run_id: child.run_id,
+            task: NewTask {
+                kind: TaskKind::Cancel,
+                step: 0,
+                priority: state.priority,
+                max_attempts: TIMER_ATTEMPTS,
+                run_at: at,
+                lease_to: None,
+            },
+        });
+    }
+    tasks
+}
+
+/// A run parked for its children checks them: every `spawn_agents` call
+/// whose children are all over gets its fan-in; if none is ready the task
+/// waits in the queue until the run's deadline (its timer), holding no
+/// worker; the last child to finish queues another check.
+async fn children_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    if state.status != Status::AwaitingChildren || state.steps != task.step {
+        return finish_stale(inner, slot, task).await;
+    }
+    let mut outcomes = Vec::new();
+    for child in state.live_children() {
+        let Some(row) = inner.store.get_run(child.run_id).await? else {
+            warn!(run_id = %task.run_id, child = %child.run_id, "child run not found");
+            continue;
+        };
+        outcomes.push(ChildOutcome {
+            run_id: child.run_id,
+            status: row.projection.status,
+            output: row.projection.output,
+            error: row.projection.error,
+        });
+    }
+    let transition = handle(
+        state,
+        agent,
+        Command::JoinChildren {
+            step: task.step,
+            outcomes,
+        },
+    );
+    if transition.events.is_empty() {
+        let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
+        let at = now();
+        let until = state.created_at.saturating_add(limit).max(at + 1_000);
+        inner
+            .store
+            .defer(task.lease, until, "waiting for child runs", at)
+            .await?;
+        return Ok(Next::Done);
+    }
+    info!(run_id = %task.run_id, step = task.step, "child runs over, fan-in");
+    let terminal = transition.events.iter().any(Event::is_terminal);
+    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::Complete,
+        new_tasks,
+        terminal,
+    )
+    .await
+}
+
+/// A child run whose parent ended while it ran is cancelled.
+async fn cancel_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let parent = state.parent.as_ref().map_or_else(
+        || "its parent run".to_string(),
+        |p| format!("parent run {}", p.run_id),
+    );
+    let transition = handle(
+        state,
+        agent,
+        Command::Cancel {
+            reason: format!("{parent} ended"),
+        },
+    );
+    info!(run_id = %task.run_id, "parent ended, cancelling child run");
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::Complete,
+        Vec::new(),
+        true,
+    )
+    .await
 }
 
 /// Completes a task that has nothing left to do (its step already happened,

@@ -8,7 +8,7 @@ use keel_core::run::{self, Command, State};
 use keel_core::spec::Spec;
 use keel_core::{Agent, Event, Priority, RunId, TaskId};
 use keel_engine::agents::Agents;
-use keel_engine::{now, projection};
+use keel_engine::{linked_tasks, now, projection};
 use keel_store::{
     Append, Delta, DeltaPos, Error as StoreError, NewTask, Registered, RunRecord, Store,
     Submission, Submitted, TaskKind, TaskUpdate,
@@ -477,6 +477,11 @@ impl<S: Store> Service<S> {
             for event in &transition.events {
                 state.apply_next(event, at);
             }
+            let wake = if terminal {
+                linked_tasks(&state, at)
+            } else {
+                Vec::new()
+            };
             let appended = self
                 .store
                 .append(Append {
@@ -490,6 +495,8 @@ impl<S: Store> Service<S> {
                     redrive: None,
                     projection: projection(&state),
                     now: at,
+                    spawn: Vec::new(),
+                    wake,
                 })
                 .await;
             match appended {
@@ -538,9 +545,16 @@ impl<S: Store> Service<S> {
     ) -> Result<(), StoreError> {
         let expected_seq = state.seq;
         let at = now();
+        let ended = events.iter().any(Event::is_terminal);
         for event in &events {
             state.apply_next(event, at);
         }
+        // A run that ends wakes its parent and cancels its children.
+        let wake = if ended {
+            linked_tasks(state, at)
+        } else {
+            Vec::new()
+        };
         self.store
             .append(Append {
                 run_id: state.run_id,
@@ -553,6 +567,8 @@ impl<S: Store> Service<S> {
                 redrive,
                 projection: projection(state),
                 now: at,
+                spawn: Vec::new(),
+                wake,
             })
             .await
             .map(|_| ())
@@ -565,7 +581,16 @@ impl<S: Store> Service<S> {
         };
         let events = self.store.events(run_id, 0, u32::MAX).await?;
         let state = State::replay(run_id, &events);
-        Ok(RunView::new(&record, &state, &events))
+        let mut view = RunView::new(&record, &state, &events);
+        for child in &mut view.children {
+            let Ok(id) = child.run_id.parse::<RunId>() else {
+                continue;
+            };
+            if let Some(row) = self.store.get_run(id).await? {
+                child.status = Some(row.projection.status.as_str().to_string());
+            }
+        }
+        Ok(view)
     }
 }
 
@@ -745,6 +770,43 @@ pub struct RunView {
     /// The run's approvals (pending and decided, with who decided), oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<ApprovalView>,
+    /// The run that started this one with `spawn_agents`, if it is a child run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentView>,
+    /// The child runs it started, in order, with their status.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<ChildView>,
+}
+
+/// Where a child run comes from.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParentView {
+    /// The parent run.
+    pub run_id: String,
+    /// The parent's step whose `spawn_agents` call started it.
+    pub step: u32,
+    /// Its position among that call's tasks.
+    pub index: u32,
+    /// How deep it nests (the parent's depth + 1).
+    pub depth: u32,
+}
+
+/// A child run, as its parent's view shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChildView {
+    /// The child run.
+    pub run_id: String,
+    /// Its agent.
+    pub agent: String,
+    /// Its pinned version.
+    pub version: String,
+    /// The parent's step that started it.
+    pub step: u32,
+    /// Its position among the call's tasks.
+    pub index: u32,
+    /// Its status, as its run row has it (absent if it could not be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 /// One LLM step as the API shows it.
@@ -889,6 +951,24 @@ impl RunView {
             updated_at: record.updated_at,
             steps,
             approvals: ApprovalView::from_journal(record.id, &record.agent, events),
+            parent: state.parent.as_ref().map(|p| ParentView {
+                run_id: p.run_id.to_string(),
+                step: p.step,
+                index: p.index,
+                depth: p.depth,
+            }),
+            children: state
+                .children
+                .iter()
+                .map(|c| ChildView {
+                    run_id: c.run_id.to_string(),
+                    agent: c.agent.clone(),
+                    version: c.version.clone(),
+                    step: c.step,
+                    index: c.index,
+                    status: None,
+                })
+                .collect(),
         }
     }
 }

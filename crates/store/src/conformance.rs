@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::{
     Append, BreakerRecord, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error,
     ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered,
-    RelayHolder, Result, RunFilter, RunRef, Store, Submission, Submitted, Task, TaskKind,
+    RelayHolder, Result, RunFilter, RunRef, RunTask, Store, Submission, Submitted, Task, TaskKind,
     TaskUpdate, ToolCallDelta, UsageTotals,
 };
 
@@ -67,6 +67,7 @@ macro_rules! store_suite {
                 deltas_are_fenced_ordered_and_announced,
                 deltas_are_compacted_by_the_journal,
                 breakers_keep_each_endpoints_latest_transition,
+                appends_spawn_child_runs_and_wake_other_runs,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,6 +193,8 @@ fn append(run_id: RunId, expected_seq: Seq, lease: Option<Lease>, events: Vec<Ev
         redrive: None,
         projection: projection(Status::AwaitingLlm),
         now: T0 + 1,
+        spawn: Vec::new(),
+        wake: Vec::new(),
     }
 }
 
@@ -2335,5 +2338,87 @@ pub(crate) async fn breakers_keep_each_endpoints_latest_transition<S: Store>(
     let closed = breaker_record(a, Phase::Closed, "p1", T0 + 30_001);
     store.put_breaker(closed.clone()).await?;
     assert_eq!(store.breakers().await?[1], closed);
+    Ok(())
+}
+
+/// An append creates child runs (run row, first event, queued first task)
+/// in its commit, and queues tasks for other runs; a child id that exists
+/// fails the whole append.
+async fn appends_spawn_child_runs_and_wake_other_runs<S: Store>(store: S) -> Result<()> {
+    let parent = submit_run(&store, T0).await?;
+    let task = claim_one(&store, "w", LEASE, T0).await?;
+    let children: Vec<Submission> = (0..3)
+        .map(|i| {
+            let mut child = submission("t", "kid", json!({"part": i}), Some("ignored"));
+            child.run_id = parent.child(1, 0, i);
+            child.idempotency_key = None;
+            child.now = T0 + 1;
+            child
+        })
+        .collect();
+    let mut spawn = append(parent, 1, Some(task.lease), vec![rejected(1, "spawned")]);
+    spawn.task = TaskUpdate::Complete;
+    spawn.spawn = children.clone();
+    let mut heard = store.subscribe();
+    store.append(spawn).await?;
+    let mut announced = HashSet::new();
+    while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(500), heard.recv()).await {
+        if c.new_work {
+            announced.insert(c.run_id);
+        }
+        if announced.len() == 3 {
+            break;
+        }
+    }
+    for child in &children {
+        let row = store.get_run(child.run_id).await?.expect("child run row");
+        assert_eq!(row.agent, "kid");
+        assert_eq!(row.projection.status, Status::Pending);
+        assert_eq!(row.last_seq, 1);
+        let events = store.events(child.run_id, 0, 10).await?;
+        assert_eq!(events.len(), 1);
+        assert!(matches!(events[0].event, Event::RunSubmitted { .. }));
+        assert!(announced.contains(&child.run_id), "{announced:?}");
+    }
+    let claimed = store.claim("w", 10, LEASE, T0 + 2).await?;
+    assert_eq!(
+        runs_of(&claimed),
+        children.iter().map(|c| c.run_id).collect::<HashSet<_>>()
+    );
+
+    // A child wakes its parent: a queued task of the other run.
+    let child = &claimed[0];
+    let mut wake = append(
+        child.run_id,
+        1,
+        Some(child.lease),
+        vec![Event::RunCompleted {
+            output: "done".into(),
+        }],
+    );
+    wake.task = TaskUpdate::Complete;
+    wake.clear_tasks = true;
+    wake.projection = projection(Status::Completed);
+    wake.wake = vec![RunTask {
+        run_id: parent,
+        task: NewTask {
+            lease_to: Some(LeaseTo {
+                owner: "ignored".into(),
+                until: T0 + LEASE_MS,
+            }),
+            ..new_task(TaskKind::Children, T0 + 1)
+        },
+    }];
+    let appended = store.append(wake).await?;
+    assert!(appended.leased.is_empty(), "a wake task is never leased");
+    let woken = claim_one(&store, "w2", LEASE, T0 + 3).await?;
+    assert_eq!(woken.run_id, parent);
+    assert_eq!(woken.kind, TaskKind::Children);
+
+    // Spawning the same child again fails the append and writes nothing.
+    let mut again = append(parent, 2, None, vec![rejected(2, "again")]);
+    again.spawn = vec![children[0].clone()];
+    assert!(store.append(again).await.is_err());
+    assert_eq!(event_count(&store, parent).await?, 2);
     Ok(())
 }

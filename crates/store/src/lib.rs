@@ -174,6 +174,12 @@ pub enum TaskKind {
     Approval,
     /// Deliver a webhook notification about a step's pending approvals.
     Notify,
+    /// A run parked for its child runs checks them (a child that finished
+    /// wakes it; it also waits at the run's deadline, as its timer).
+    Children,
+    /// Cancel the run because its parent run ended (cancelled, failed or
+    /// timed out) while it ran.
+    Cancel,
 }
 
 impl TaskKind {
@@ -184,6 +190,8 @@ impl TaskKind {
             TaskKind::Tools => "tools",
             TaskKind::Approval => "approval",
             TaskKind::Notify => "notify",
+            TaskKind::Children => "children",
+            TaskKind::Cancel => "cancel",
         }
     }
 
@@ -194,6 +202,8 @@ impl TaskKind {
             "tools" => Some(TaskKind::Tools),
             "approval" => Some(TaskKind::Approval),
             "notify" => Some(TaskKind::Notify),
+            "children" => Some(TaskKind::Children),
+            "cancel" => Some(TaskKind::Cancel),
             _ => None,
         }
     }
@@ -311,6 +321,23 @@ pub struct Append {
     pub projection: Projection,
     /// Commit time.
     pub now: Millis,
+    /// Child runs the events start, each created with its first event and
+    /// task like a submission (their `idempotency_key` and tasks'
+    /// `lease_to` are ignored). An id that exists already fails the append.
+    pub spawn: Vec<Submission>,
+    /// Tasks for other runs the events cause (a child that ends wakes its
+    /// parent; a parent that ends cancels its children), queued, never
+    /// leased on creation.
+    pub wake: Vec<RunTask>,
+}
+
+/// A task for another run than the one appended to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunTask {
+    /// The run.
+    pub run_id: RunId,
+    /// The task.
+    pub task: NewTask,
 }
 
 /// What an append committed.

@@ -102,6 +102,10 @@ pub(super) struct AppendEvents {
     pub(super) redrive: Option<TaskId>,
     pub(super) projection: Projection,
     pub(super) now: Millis,
+    /// Child runs to create (the idempotency key is not used).
+    pub(super) spawn: Vec<Submit>,
+    /// Tasks for other runs.
+    pub(super) wake: Vec<(RunId, Insert)>,
 }
 
 impl AppendEvents {
@@ -359,6 +363,38 @@ const INSERT_RUNS: &str = "INSERT INTO runs (id, tenant, agent, version, status,
      ON CONFLICT DO NOTHING \
      RETURNING id";
 
+/// Inserts the run rows of `new` whose id and key are both new; returns
+/// their ids.
+async fn insert_runs(conn: &mut PgConnection, new: &[&Submit]) -> Result<Vec<Uuid>> {
+    let status = Status::Pending.as_str();
+    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_RUNS)
+        .bind(new.iter().map(|r| r.run_id.0).collect::<Vec<_>>())
+        .bind(new.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|r| r.agent.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|r| r.version.as_str()).collect::<Vec<_>>())
+        .bind(vec![status; new.len()])
+        .bind(
+            new.iter()
+                .map(|r| r.input_json.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            new.iter()
+                .map(|r| r.idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(new.iter().map(|r| r.now).collect::<Vec<_>>())
+        .bind(
+            new.iter()
+                .map(|r| i16::from(r.priority.get()))
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(inserted)
+}
+
 /// Writes a wave of submissions: each creates its run with its first event
 /// and task, unless its idempotency key names an earlier run.
 async fn submit_wave(
@@ -387,44 +423,9 @@ async fn submit_wave(
         return Ok(());
     }
 
-    let status = Status::Pending.as_str();
-    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_RUNS)
-        .bind(new.iter().map(|c| c.request.run_id.0).collect::<Vec<_>>())
-        .bind(
-            new.iter()
-                .map(|c| c.request.tenant.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            new.iter()
-                .map(|c| c.request.agent.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            new.iter()
-                .map(|c| c.request.version.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(vec![status; new.len()])
-        .bind(
-            new.iter()
-                .map(|c| c.request.input_json.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            new.iter()
-                .map(|c| c.request.idempotency_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(new.iter().map(|c| c.request.now).collect::<Vec<_>>())
-        .bind(
-            new.iter()
-                .map(|c| i16::from(c.request.priority.get()))
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(backend)?;
+    let requests: Vec<&Submit> = new.iter().map(|c| &c.request).collect();
+    let inserted = insert_runs(conn, &requests).await?;
+    drop(requests);
     let created: HashSet<Uuid> = inserted.into_iter().collect();
 
     // Skipped: the id exists, or another process committed the key since
@@ -694,7 +695,16 @@ async fn append_wave(
 
     for call in accepted {
         let r = &call.request;
-        let new_work = r.redrive.is_some() || r.new_tasks.iter().any(|t| t.task.lease_to.is_none());
+        let new_work = r.redrive.is_some()
+            || !r.wake.is_empty()
+            || r.new_tasks.iter().any(|t| t.task.lease_to.is_none());
+        for child in &r.spawn {
+            commits.push(Committed {
+                run_id: child.run_id,
+                last_seq: 1,
+                new_work: true,
+            });
+        }
         commits.push(Committed {
             run_id: r.run_id,
             last_seq: r.last_seq(),
@@ -790,6 +800,8 @@ struct Rows<'a> {
     /// Dead letters going back to the queue, and when.
     redrives: (Vec<Uuid>, Vec<Millis>),
     tasks: Tasks<'a>,
+    /// Child runs the appends start.
+    runs: Vec<&'a Submit>,
 }
 
 impl<'a> Rows<'a> {
@@ -823,12 +835,30 @@ impl<'a> Rows<'a> {
         for insert in &r.new_tasks {
             self.tasks.push(r.run_id, insert, r.now);
         }
+        for child in &r.spawn {
+            self.runs.push(child);
+            self.events.push(child.run_id, 1, [&child.event], r.now);
+            self.tasks.push(child.run_id, &child.task, r.now);
+        }
+        for (run, insert) in &r.wake {
+            self.tasks.push(*run, insert, r.now);
+        }
     }
 
     /// In the order one append would write them: a dead letter copies its
     /// task before the task is deleted, and the tasks cleared are the ones
     /// that were there before.
     async fn write(self, conn: &mut PgConnection) -> Result<()> {
+        if !self.runs.is_empty() {
+            let inserted = insert_runs(conn, &self.runs).await?;
+            if inserted.len() != self.runs.len() {
+                return Err(Error::Conflict(format!(
+                    "{} of {} child runs exist already",
+                    self.runs.len() - inserted.len(),
+                    self.runs.len()
+                )));
+            }
+        }
         self.events.write(conn).await?;
         if !self.dead_letters.0.is_empty() {
             let (ids, errors, ats) = self.dead_letters;

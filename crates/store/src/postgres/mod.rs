@@ -344,6 +344,25 @@ fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<String> {
 
 /// Gives a new task its id and the token of the lease it may be created
 /// with (non-negative, like the tokens `claim` draws).
+/// A submission as the writer takes it; its first task is always queued.
+fn submit_request(submission: Submission) -> Result<Submit> {
+    let mut task = submission.task;
+    task.lease_to = None;
+    Ok(Submit {
+        run_id: submission.run_id,
+        tenant: submission.tenant,
+        agent: submission.agent,
+        version: submission.version,
+        input_json: to_json(&submission.input, "run input")?,
+        input: submission.input,
+        idempotency_key: submission.idempotency_key,
+        priority: submission.priority,
+        event: encode(&submission.event)?,
+        task: insert(task),
+        now: submission.now,
+    })
+}
+
 fn insert(task: crate::NewTask) -> Insert {
     Insert {
         id: TaskId::new(),
@@ -579,21 +598,7 @@ impl Store for PgStore {
     /// `submission.task.lease_to` is ignored: the first task is always
     /// queued, since [`Submitted`] has no room for a lease.
     async fn submit(&self, submission: Submission) -> Result<Submitted> {
-        let mut task = submission.task;
-        task.lease_to = None;
-        let request = Submit {
-            run_id: submission.run_id,
-            tenant: submission.tenant,
-            agent: submission.agent,
-            version: submission.version,
-            input_json: to_json(&submission.input, "run input")?,
-            input: submission.input,
-            idempotency_key: submission.idempotency_key,
-            priority: submission.priority,
-            event: encode(&submission.event)?,
-            task: insert(task),
-            now: submission.now,
-        };
+        let request = submit_request(submission)?;
         self.write(|reply| Op::Submit(Call::new(request, reply)))
             .await
     }
@@ -708,6 +713,20 @@ impl Store for PgStore {
             redrive: append.redrive,
             projection: append.projection,
             now: append.now,
+            spawn: append
+                .spawn
+                .into_iter()
+                .map(submit_request)
+                .collect::<Result<_>>()?,
+            wake: append
+                .wake
+                .into_iter()
+                .map(|w| {
+                    let mut task = w.task;
+                    task.lease_to = None;
+                    (w.run_id, insert(task))
+                })
+                .collect(),
         };
         self.write(|reply| Op::Append(Call::new(request, reply)))
             .await

@@ -177,6 +177,8 @@ fn append(run_id: RunId, expected_seq: Seq, event: Event) -> Append {
             cost_usd: 0.0,
         },
         now: T0 + 1,
+        spawn: Vec::new(),
+        wake: Vec::new(),
     }
 }
 

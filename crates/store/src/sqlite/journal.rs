@@ -109,6 +109,10 @@ pub(super) struct AppendEvents {
     pub(super) redrive: Option<TaskId>,
     pub(super) projection: Projection,
     pub(super) now: Millis,
+    /// Child runs to create (the idempotency key is not used).
+    pub(super) spawn: Vec<Submit>,
+    /// Tasks for other runs.
+    pub(super) wake: Vec<(RunId, Insert)>,
 }
 
 impl AppendEvents {
@@ -545,7 +549,16 @@ async fn append_wave(
 
     for call in accepted {
         let r = &call.request;
-        let new_work = r.redrive.is_some() || r.new_tasks.iter().any(|t| t.task.lease_to.is_none());
+        let new_work = r.redrive.is_some()
+            || !r.wake.is_empty()
+            || r.new_tasks.iter().any(|t| t.task.lease_to.is_none());
+        for child in &r.spawn {
+            commits.push(Committed {
+                run_id: child.run_id,
+                last_seq: 1,
+                new_work: true,
+            });
+        }
         commits.push(Committed {
             run_id: r.run_id,
             last_seq: r.last_seq(),
@@ -750,6 +763,8 @@ struct Rows<'a> {
     purges: Vec<PurgeRow>,
     redrives: Vec<RedriveRow>,
     tasks: Vec<TaskRow<'a>>,
+    /// Child runs the appends start.
+    runs: Vec<RunRow<'a>>,
 }
 
 impl<'a> Rows<'a> {
@@ -801,12 +816,40 @@ impl<'a> Rows<'a> {
         for insert in &r.new_tasks {
             self.tasks.push(insert.row(r.run_id, r.now));
         }
+        for child in &r.spawn {
+            self.runs.push(RunRow(child));
+            self.events.push(EventRow {
+                run: child.run_id,
+                seq: 1,
+                event: &child.event,
+                at: r.now,
+            });
+            self.outbox.push(OutboxRow {
+                run: child.run_id,
+                first_seq: 1,
+                last_seq: 1,
+            });
+            self.tasks.push(child.task.row(child.run_id, r.now));
+        }
+        for (run, insert) in &r.wake {
+            self.tasks.push(insert.row(*run, r.now));
+        }
     }
 
     /// In the order one append would write them: a dead letter copies its
     /// task before the task is deleted, and the tasks cleared are the ones
     /// that were there before. Outbox rows only when `export` is on.
     async fn write(&self, conn: &mut SqliteConnection, export: bool) -> Result<()> {
+        if !self.runs.is_empty() {
+            let inserted: Vec<(String, bool)> = bulk::fetch(conn, &INSERT_RUNS, &self.runs).await?;
+            if inserted.len() != self.runs.len() {
+                return Err(Error::Conflict(format!(
+                    "{} of {} child runs exist already",
+                    self.runs.len() - inserted.len(),
+                    self.runs.len()
+                )));
+            }
+        }
         bulk::execute(conn, &INSERT_EVENTS, &self.events).await?;
         if export {
             bulk::execute(conn, &INSERT_OUTBOX, &self.outbox).await?;
