@@ -409,6 +409,9 @@ async fn step<S: Store>(
         TaskKind::Tools => tools_step(inner, slot, task, &agent, invocations).await,
         TaskKind::Approval => approval_step(inner, slot, task, &agent).await,
         TaskKind::Notify => notify_step(inner, slot, task, &agent).await,
+        // Leased by external workers over the API, never claimed here; a
+        // callback is not created yet.
+        TaskKind::External | TaskKind::Callback => finish_stale(inner, slot, task).await,
     }
 }
 
@@ -751,6 +754,7 @@ fn follow_up_tasks<S>(
             max_attempts,
             run_at,
             lease_to,
+            queue: None,
         });
     }
     tasks

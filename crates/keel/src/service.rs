@@ -341,6 +341,7 @@ impl<S: Store> Service<S> {
                 max_attempts: spec.retry.max_attempts,
                 run_at: at,
                 lease_to: None,
+                queue: None,
             },
             now: at,
         };
@@ -470,6 +471,7 @@ impl<S: Store> Service<S> {
                     max_attempts: agent.spec.retry.max_attempts,
                     run_at: at,
                     lease_to: None,
+                    queue: None,
                 });
             }
             let terminal = transition.events.iter().any(Event::is_terminal);

@@ -68,6 +68,13 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "gateway",
         sql: include_str!("migrations/0008_gateway.sql"),
     },
+    // The file is numbered as reserved for this change; the version is the
+    // next one (renumbered when merged with other schema changes).
+    Migration {
+        version: 9,
+        name: "external_workers",
+        sql: include_str!("migrations/0011_external_workers.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

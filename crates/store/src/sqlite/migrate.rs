@@ -60,6 +60,13 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "awaiting_approval",
         sql: include_str!("migrations/0007_awaiting_approval.sql"),
     },
+    // The file is numbered as reserved for this change; the version is the
+    // next one (renumbered when merged with other schema changes).
+    Migration {
+        version: 8,
+        name: "external_workers",
+        sql: include_str!("migrations/0010_external_workers.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

@@ -64,6 +64,7 @@ fn submission(key: Option<&str>) -> Submission {
             max_attempts: 3,
             run_at: 0,
             lease_to: None,
+            queue: None,
         },
         now: 0,
     }
