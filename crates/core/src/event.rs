@@ -30,6 +30,10 @@ pub enum Event {
         /// before priorities existed read as the default).
         #[serde(default)]
         priority: Priority,
+        /// Where the run's terminal result and its parks (awaiting
+        /// approval, dead-lettered) are POSTed, if the submitter asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        callback_url: Option<String>,
     },
     /// The model answered step `step`.
     LlmCompleted {

@@ -114,6 +114,7 @@ fn submission(tenant: &str, agent: &str, input: Value, key: Option<&str>) -> Sub
             version: "1".to_string(),
             input,
             priority: Priority::DEFAULT,
+            callback_url: None,
         },
         task: new_task(TaskKind::Llm, T0),
         now: T0,

@@ -197,6 +197,8 @@ pub struct State {
     pub parked: Option<Parked>,
     /// The run's priority: every task it creates carries it.
     pub priority: Priority,
+    /// Where the run's outcome and parks are POSTed, if anywhere.
+    pub callback_url: Option<String>,
 }
 
 impl State {
@@ -222,6 +224,7 @@ impl State {
             last_correction: None,
             parked: None,
             priority: Priority::DEFAULT,
+            callback_url: None,
         }
     }
 
@@ -255,7 +258,9 @@ impl State {
                 version,
                 input,
                 priority,
+                callback_url,
             } => {
+                self.callback_url = callback_url.clone();
                 self.created_at = at;
                 self.priority = *priority;
                 self.tenant = tenant.clone();

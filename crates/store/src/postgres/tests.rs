@@ -143,6 +143,7 @@ fn submission(key: Option<&str>) -> Submission {
             version: "1".to_string(),
             input: json!("hi"),
             priority: Priority::DEFAULT,
+            callback_url: None,
         },
         task: NewTask {
             kind: TaskKind::Llm,
