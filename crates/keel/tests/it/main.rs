@@ -19,3 +19,4 @@ mod postgres;
 mod priority;
 mod providers;
 mod streaming;
+mod workers;
