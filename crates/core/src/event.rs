@@ -33,6 +33,10 @@ pub enum Event {
         /// The run that spawned this one, if it is a child run.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         parent: Option<ParentLink>,
+        /// Where the run's terminal result and its parks (awaiting
+        /// approval, dead-lettered) are POSTed, if the submitter asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        callback_url: Option<String>,
     },
     /// The model answered step `step`.
     LlmCompleted {

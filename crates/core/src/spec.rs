@@ -233,6 +233,10 @@ pub struct ToolSpec {
     /// A tool built into Keel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<Builtin>,
+    /// A tool implemented by external workers: each call becomes a task of
+    /// this queue, leased over HTTP (`POST /v1/worker/tasks/lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     /// Folder a file built-in may read (relative paths resolve against the server's
     /// Whether a call waits for a human decision: `true`, or `{when: <condition>}`.
     #[serde(default, skip_serializing_if = "RequiresApproval::is_never")]
@@ -714,10 +718,11 @@ impl Agent {
                     at.clone(),
                     "set either `http` or `builtin`, not both".into(),
                 ),
-                (None, None) => err(
+                (None, None) if tool.worker.is_none() => err(
                     at.clone(),
-                    "set `http` (an endpoint), `builtin` (read_file, list_files) or `mcp` (a configured MCP server)".into(),
+                    "set `http` (an endpoint), `builtin` (read_file, list_files), `worker` (a queue of external workers) or `mcp` (a configured MCP server)".into(),
                 ),
+                (None, None) => {}
                 (Some(http), None) => {
                     if !is_http_url(&http.url) {
                         err(
@@ -758,6 +763,9 @@ impl Agent {
                     format!("{at}.agents"),
                     "only a `builtin: spawn_agents` tool takes an agents list".into(),
                 );
+            }
+            if let Some(queue) = &tool.worker {
+                check_worker(tool, queue, &at, &mut err);
             }
             let schema = tool_parameters(tool);
             if schema.get("type").and_then(Value::as_str) != Some("object") {
@@ -866,6 +874,12 @@ impl Agent {
         } else {
             agent
         }
+    }
+
+    /// The queue of external workers that makes calls of `name`, if it is
+    /// a `worker:` tool.
+    pub fn queue_of(&self, name: &str) -> Option<&str> {
+        self.tool(name).and_then(|t| t.worker.as_deref())
     }
 
     /// The spec entry whose policies (`requires_approval`, `idempotent`,
@@ -1332,6 +1346,42 @@ fn check_mcp_entry(
     }
 }
 
+/// The longest queue name of a `worker:` tool.
+pub const MAX_QUEUE_NAME: usize = 100;
+
+/// Whether `name` can name an external workers' queue: 1 to
+/// [`MAX_QUEUE_NAME`] letters, digits, `_`, `-` or `.`.
+pub fn is_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_QUEUE_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn check_worker(tool: &ToolSpec, queue: &str, at: &str, err: &mut impl FnMut(String, String)) {
+    if tool.http.is_some() || tool.builtin.is_some() {
+        err(
+            at.to_string(),
+            "set one of `http`, `builtin` or `worker`, not several".into(),
+        );
+    }
+    if !is_queue_name(queue) {
+        err(
+            format!("{at}.worker"),
+            format!(
+                "`{queue}` must be 1-{MAX_QUEUE_NAME} letters, digits, `_`, `-` or `.` (the queue external workers lease from)"
+            ),
+        );
+    }
+    if tool.root.is_some() {
+        err(
+            format!("{at}.root"),
+            "only file built-ins take a root".into(),
+        );
+    }
+}
+
 fn check_approvals(approvals: &Approvals, err: &mut impl FnMut(String, String)) {
     for (i, rule) in approvals.tools.iter().enumerate() {
         let at = format!("approvals.tools[{i}]");
@@ -1414,7 +1464,8 @@ pub(crate) fn is_env_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-pub(crate) fn is_http_url(url: &str) -> bool {
+/// Whether `url` is an absolute http(s) URL with a host.
+pub fn is_http_url(url: &str) -> bool {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));
@@ -1664,6 +1715,26 @@ tools:
                 "tools[2].allow[1]",
                 "tools[3].allow"
             ]
+        );
+    }
+
+    #[test]
+    fn worker_tools_name_a_queue() {
+        let spec = |tools: &str| {
+            format!("name: a\nversion: 1\nmodel: {{provider: openai, model: m}}\ntools:\n{tools}")
+        };
+        let agent = Agent::parse(&spec(
+            "  - {name: resize, description: d, worker: images.v1, parameters: {type: object}}\n",
+        ))
+        .unwrap();
+        assert_eq!(agent.queue_of("resize"), Some("images.v1"));
+        assert_eq!(agent.queue_of("other"), None);
+        assert!(agent.tools().iter().any(|t| t.name == "resize"));
+        assert_eq!(
+            fields(&spec(
+                "  - {name: a, worker: 'a b'}\n  - {name: b, worker: q, http: {url: 'http://h'}}\n  - {name: c, worker: q, root: /r}\n  - {name: d}\n"
+            )),
+            ["tools[0].worker", "tools[1]", "tools[2].root", "tools[3]"]
         );
     }
 

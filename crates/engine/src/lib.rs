@@ -9,6 +9,10 @@
 //!   the pure state machine and commits the resulting events and tasks.
 //! * [`deltas`]: streaming an answer's text into the store in small batches
 //!   while the call runs (agents with `model.stream`).
+//! * [`external`]: external workers: `worker:` tools' calls leased over
+//!   HTTP from their queue, completed or failed under the lease.
+//! * [`callback`]: a run's `callback_url` told of its end and its parks,
+//!   durably (`callback` tasks, signed like the webhooks).
 //! * [`agents`]: a cache of compiled agent versions (immutable once registered).
 //! * [`llm`]: LLM providers: OpenAI-compatible chat completions, the
 //!   Anthropic Messages API (both plain and streamed as deltas, with call and
@@ -23,7 +27,9 @@
 //!   by `notify` tasks.
 
 pub mod agents;
+pub mod callback;
 pub mod deltas;
+pub mod external;
 pub mod gateway;
 pub mod llm;
 pub mod mcp;

@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::agents::Agents;
+use crate::callback;
 use crate::gateway::{Admission, Breakers, Gateway};
 use crate::llm;
 use crate::mcp::Mcp;
@@ -380,6 +381,10 @@ async fn step<S: Store>(
     let (agent, unlisted) = inner.mcp.resolve(agent).await;
     let at = now();
 
+    if task.kind == TaskKind::Callback {
+        // Reports the run's end too: it runs after the run is over.
+        return callback_step(inner, slot, task).await;
+    }
     if state.status.is_terminal() {
         return finish_stale(inner, slot, task).await;
     }
@@ -412,6 +417,10 @@ async fn step<S: Store>(
         TaskKind::Notify => notify_step(inner, slot, task, &agent).await,
         TaskKind::Children => children_step(inner, slot, task, &agent).await,
         TaskKind::Cancel => cancel_step(inner, slot, task, &agent).await,
+        // Leased by external workers over the API, never claimed here; a
+        // callback is not created yet.
+        TaskKind::External => finish_stale(inner, slot, task).await,
+        TaskKind::Callback => callback_step(inner, slot, task).await,
     }
 }
 
@@ -566,7 +575,15 @@ async fn tools_step<S: Store>(
     if state.status != Status::AwaitingTool || state.steps != task.step {
         return finish_stale(inner, slot, task).await;
     }
-    if invocations.is_empty() {
+    // External workers' calls wait in their queues (created with the
+    // starts): this task makes the others.
+    let external = |inv: &Invocation| agent.queue_of(&inv.tool).is_some();
+    if !invocations.is_empty() {
+        invocations.retain(|inv| !external(inv));
+        if invocations.is_empty() {
+            return finish_stale(inner, slot, task).await;
+        }
+    } else {
         // Taken over or retried: journal a (new) start for every call without a
         // result. A call started before without a result may have happened: it
         // is repeated with the same idempotency key.
@@ -575,7 +592,7 @@ async fn tools_step<S: Store>(
             .effects
             .iter()
             .filter_map(|e| match e {
-                Effect::InvokeTool(inv) => Some(inv.clone()),
+                Effect::InvokeTool(inv) if !external(inv) => Some(inv.clone()),
                 _ => None,
             })
             .collect();
@@ -584,7 +601,8 @@ async fn tools_step<S: Store>(
                 return finish_stale(inner, slot, task).await;
             }
             // An uncertain call's policy: the run parks for a human
-            // (`ask`) or fails (`fail`); this task is done either way.
+            // (`ask`) or fails (`fail`), or every call is an external
+            // worker's (queued with its start); this task is done.
             let terminal = start.events.iter().any(Event::is_terminal);
             let new_tasks = follow_up_tasks(inner, agent, state, &start);
             return commit(
@@ -598,16 +616,8 @@ async fn tools_step<S: Store>(
             )
             .await;
         }
-        commit(
-            inner,
-            slot,
-            task,
-            start,
-            TaskUpdate::Keep,
-            Vec::new(),
-            false,
-        )
-        .await?;
+        let queued = follow_up_tasks(inner, agent, state, &start);
+        commit(inner, slot, task, start, TaskUpdate::Keep, queued, false).await?;
     }
 
     let run_id = task.run_id;
@@ -636,45 +646,13 @@ async fn tools_step<S: Store>(
         .collect();
     let mut result = None;
     while let Some(command) = calls.next().await {
-        let Some(state) = slot.as_ref() else {
-            return Ok(Next::Done);
-        };
-        let transition = handle(state, agent, command?);
-        // Creating child runs goes on with the step; asking the model,
-        // parking for the children or ending the run settles it.
-        let settles = transition.effects.iter().any(|e| {
-            matches!(
-                e,
-                Effect::CallLlm { .. } | Effect::CallTools { .. } | Effect::AwaitChildren { .. }
-            )
-        }) || transition.events.iter().any(Event::is_terminal);
-        if settles {
-            let terminal = transition.events.iter().any(Event::is_terminal);
-            let new_tasks = follow_up_tasks(inner, agent, state, &transition);
-            result = Some(
-                commit(
-                    inner,
-                    slot,
-                    task,
-                    transition,
-                    TaskUpdate::Complete,
-                    new_tasks,
-                    terminal,
-                )
-                .await?,
-            );
-        } else {
-            commit(
-                inner,
-                slot,
-                task,
-                transition,
-                TaskUpdate::Keep,
-                Vec::new(),
-                false,
-            )
-            .await?;
+        if let Some(next) = journal_result(inner, slot, task, agent, command?).await? {
+            result = Some(next);
         }
+    }
+    if result.is_none() && slot.as_ref().is_some_and(|s| waits_for_workers(s, agent)) {
+        // The step waits for external workers' results: they settle it.
+        return finish_stale(inner, slot, task).await;
     }
     // Every call returned but none settled the step: the fold and the calls
     // disagree (it cannot happen unless the journal changed under us). Drive
@@ -697,6 +675,57 @@ async fn spawn_versions<S: Store>(
         versions.push(record.map(|r| r.spec.version));
     }
     Ok(versions)
+}
+
+/// Whether a call of the current step waits in an external worker's queue.
+fn waits_for_workers(state: &State, agent: &Agent) -> bool {
+    state.status == Status::AwaitingTool
+        && state.calls.iter().any(|c| {
+            matches!(c.state, run::CallState::Started { .. })
+                && agent.queue_of(&c.call.name).is_some()
+        })
+}
+
+/// Journals one tool result; `Some` when it settled the step. When an
+/// external worker's result was journaled meanwhile, folds again and
+/// retries, so this result is not lost to the race.
+async fn journal_result<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    command: Command,
+) -> Result<Option<Next>, StoreError> {
+    let mut conflicts = 0;
+    loop {
+        let state = match slot {
+            Some(state) => state,
+            None => slot.insert(load(&inner.store, task.run_id).await?),
+        };
+        let transition = handle(state, agent, command.clone());
+        // Creating child runs goes on with the step; asking the model,
+        // parking for the children or ending the run settles it.
+        let terminal = transition.events.iter().any(Event::is_terminal);
+        let settles = terminal
+            || transition
+                .effects
+                .iter()
+                .any(|e| !matches!(e, Effect::SpawnChildren(_)));
+        let (update, new_tasks) = if settles {
+            let new_tasks = follow_up_tasks(inner, agent, state, &transition);
+            (TaskUpdate::Complete, new_tasks)
+        } else {
+            (TaskUpdate::Keep, Vec::new())
+        };
+        match commit(inner, slot, task, transition, update, new_tasks, terminal).await {
+            Ok(next) => return Ok(settles.then_some(next)),
+            Err(StoreError::SeqConflict { .. }) if conflicts < 5 => {
+                // `commit` forgot the fold: the next turn reloads it.
+                conflicts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Gives an `llm` task back to be retried after the agent's backoff (or
@@ -747,6 +776,19 @@ fn follow_up_tasks<S>(
         owner: inner.owner.clone(),
         until: at + inner.options.lease.as_millis() as i64,
     });
+    new_tasks(agent, state, transition, lease_to, at)
+}
+
+/// Tasks for the effects of a transition, the next LLM or tools task
+/// leased to `lease_to` (`None`: left in the queue); an external worker's
+/// call goes to its queue.
+pub(crate) fn new_tasks(
+    agent: &Agent,
+    state: &State,
+    transition: &run::Transition,
+    lease_to: Option<LeaseTo>,
+    at: Millis,
+) -> Vec<NewTask> {
     let mut tasks = Vec::new();
     for effect in &transition.effects {
         let (kind, step, max_attempts, run_at, lease_to) = match effect {
@@ -784,7 +826,13 @@ fn follow_up_tasks<S>(
                 at,
                 lease_to.clone(),
             ),
-            Effect::InvokeTool(_) | Effect::SpawnChildren(_) => continue,
+            Effect::SpawnChildren(_) => continue,
+            Effect::InvokeTool(inv) => {
+                if let Some(queue) = agent.queue_of(&inv.tool) {
+                    tasks.push(crate::external::task(agent, state, inv, queue, at));
+                }
+                continue;
+            }
         };
         tasks.push(NewTask {
             kind,
@@ -793,6 +841,7 @@ fn follow_up_tasks<S>(
             max_attempts,
             run_at,
             lease_to,
+            queue: None,
         });
     }
     tasks
@@ -903,6 +952,53 @@ async fn notify_step<S: Store>(
     }
 }
 
+/// POSTs the run's `callback_url` about the event at seq `task.step`; a
+/// failed delivery is retried with backoff, then dead-lettered.
+async fn callback_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let Some(url) = state.callback_url.clone() else {
+        return finish_stale(inner, slot, task).await;
+    };
+    let seq = i64::from(task.step);
+    let events = inner.store.events(task.run_id, seq - 1, 1).await?;
+    let Some(event) = events.into_iter().find(|e| e.seq == seq) else {
+        warn!(run_id = %task.run_id, seq, "callback names no journal event");
+        return finish_stale(inner, slot, task).await;
+    };
+    let at = now();
+    let body = callback::body(state, &event, at);
+    let delivery = task.lease.task_id.to_string();
+    match inner.webhooks.deliver(&url, &body, &delivery, at).await {
+        Ok(()) => {
+            debug!(run_id = %task.run_id, seq, %url, "callback delivered");
+            finish_stale(inner, slot, task).await
+        }
+        Err(error) if task.attempts >= task.max_attempts => {
+            let error = format!(
+                "callback not delivered after {} attempts: {error}",
+                task.attempts
+            );
+            dead_letter(inner, slot, task, error).await
+        }
+        Err(error) => {
+            warn!(run_id = %task.run_id, attempt = task.attempts, %error, "callback failed, retrying");
+            let at = now();
+            let retry_at = at + webhook::backoff(task.attempts).as_millis() as i64;
+            inner
+                .store
+                .retry_later(task.lease, &error, retry_at, at)
+                .await?;
+            Ok(Next::Done)
+        }
+    }
+}
+
 /// Commits a transition under the task's lease and says what comes next.
 async fn commit<S: Store>(
     inner: &Inner<S>,
@@ -918,6 +1014,8 @@ async fn commit<S: Store>(
     };
     let expected_seq = state.seq;
     let at = now();
+    let mut new_tasks = new_tasks;
+    new_tasks.extend(callback::tasks(state, &transition.events, at));
     for event in &transition.events {
         state.apply_next(event, at);
     }
@@ -1007,6 +1105,7 @@ async fn child_submission<S: Store>(
             input: child.input.clone(),
             priority: parent.priority,
             parent: Some(child.parent.clone()),
+            callback_url: None,
         },
         task: NewTask {
             kind: TaskKind::Llm,
@@ -1015,6 +1114,7 @@ async fn child_submission<S: Store>(
             max_attempts,
             run_at: at,
             lease_to: None,
+            queue: None,
         },
         now: at,
     }
@@ -1035,6 +1135,7 @@ pub fn linked_tasks(state: &State, at: Millis) -> Vec<RunTask> {
                 max_attempts: TIMER_ATTEMPTS,
                 run_at: at,
                 lease_to: None,
+                queue: None,
             },
         });
     }
@@ -1048,6 +1149,7 @@ pub fn linked_tasks(state: &State, at: Millis) -> Vec<RunTask> {
                 max_attempts: TIMER_ATTEMPTS,
                 run_at: at,
                 lease_to: None,
+                queue: None,
             },
         });
     }

@@ -335,6 +335,7 @@ async fn measure<S: Store>(
                     input: json!(format!("task {i}")),
                     idempotency_key: None,
                     priority: Priority::DEFAULT,
+                    callback_url: None,
                 })
                 .await
             }

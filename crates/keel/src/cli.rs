@@ -706,6 +706,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
             version: Some(agent.spec.version.clone()),
             input: parse_input(&args.input),
             idempotency_key: None,
+            callback_url: None,
             priority: args
                 .priority
                 .and_then(|p| Priority::new(i64::from(p)))

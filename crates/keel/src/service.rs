@@ -8,6 +8,8 @@ use keel_core::run::{self, Command, State};
 use keel_core::spec::Spec;
 use keel_core::{Agent, Event, Priority, RunId, TaskId};
 use keel_engine::agents::Agents;
+use keel_engine::callback;
+use keel_engine::external::External;
 use keel_engine::{linked_tasks, now, projection};
 use keel_store::{
     Append, Delta, DeltaPos, Error as StoreError, NewTask, Registered, RunRecord, Store,
@@ -29,6 +31,8 @@ pub struct Service<S> {
     pub store: S,
     /// Compiled agent versions.
     pub agents: Agents<S>,
+    /// External workers' access to their queues.
+    pub external: External<S>,
     /// Ceilings on pending runs.
     admission: Arc<Admission>,
     /// The LLM providers' configuration and this process's circuit breakers.
@@ -163,6 +167,23 @@ pub struct Submit {
     /// Priority under contention for workers ([`Priority::DEFAULT`] when
     /// the client gave none).
     pub priority: Priority,
+    /// Where the run's result and parks are POSTed (an http(s) URL,
+    /// checked by [`parse_callback_url`]).
+    pub callback_url: Option<String>,
+}
+
+/// Reads a submission's `callback_url` (absent or null: none), with a
+/// message naming the field when it is not an http(s) URL.
+pub fn parse_callback_url(value: Option<&Value>) -> Result<Option<String>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(url)) if keel_core::spec::is_http_url(url) && url.len() <= 2048 => {
+            Ok(Some(url.clone()))
+        }
+        Some(other) => Err(format!(
+            "`callback_url` must be an http(s) URL of at most 2048 bytes, got {other}"
+        )),
+    }
 }
 
 /// Reads a submission's `priority` field (absent or null: the default),
@@ -190,6 +211,7 @@ impl<S: Store> Service<S> {
     pub fn with_limits(store: S, limits: Limits) -> Self {
         Self {
             agents: Agents::new(store.clone()),
+            external: External::new(store.clone()),
             store,
             admission: Arc::new(Admission {
                 limits,
@@ -320,9 +342,12 @@ impl<S: Store> Service<S> {
             submit.input.clone(),
             submit.priority,
         );
-        let Some(event) = transition.events.into_iter().next() else {
+        let Some(mut event) = transition.events.into_iter().next() else {
             return Err(Error::Internal("submit produced no event".into()));
         };
+        if let Event::RunSubmitted { callback_url, .. } = &mut event {
+            callback_url.clone_from(&submit.callback_url);
+        }
         self.admit(&spec.name).await?;
         let at = now();
         let submission = Submission {
@@ -341,6 +366,7 @@ impl<S: Store> Service<S> {
                 max_attempts: spec.retry.max_attempts,
                 run_at: at,
                 lease_to: None,
+                queue: None,
             },
             now: at,
         };
@@ -470,9 +496,11 @@ impl<S: Store> Service<S> {
                     max_attempts: agent.spec.retry.max_attempts,
                     run_at: at,
                     lease_to: None,
+                    queue: None,
                 });
             }
             let terminal = transition.events.iter().any(Event::is_terminal);
+            new_tasks.extend(callback::tasks(&state, &transition.events, at));
             let expected_seq = state.seq;
             for event in &transition.events {
                 state.apply_next(event, at);
@@ -546,6 +574,7 @@ impl<S: Store> Service<S> {
         let expected_seq = state.seq;
         let at = now();
         let ended = events.iter().any(Event::is_terminal);
+        let new_tasks = callback::tasks(state, &events, at);
         for event in &events {
             state.apply_next(event, at);
         }
@@ -562,7 +591,7 @@ impl<S: Store> Service<S> {
                 events,
                 lease: None,
                 task: TaskUpdate::Keep,
-                new_tasks: Vec::new(),
+                new_tasks,
                 clear_tasks,
                 redrive,
                 projection: projection(state),

@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 
 use crate::{
     Append, BreakerRecord, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error,
-    ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Rate, Registered,
-    RelayHolder, Result, RunFilter, RunRef, RunTask, Store, Submission, Submitted, Task, TaskKind,
-    TaskUpdate, ToolCallDelta, UsageTotals,
+    ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, QueuedCall, Rate,
+    Registered, RelayHolder, Result, RunFilter, RunRef, RunTask, Store, Submission, Submitted,
+    Task, TaskKind, TaskUpdate, ToolCallDelta, UsageTotals,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -68,6 +68,7 @@ macro_rules! store_suite {
                 deltas_are_compacted_by_the_journal,
                 breakers_keep_each_endpoints_latest_transition,
                 appends_spawn_child_runs_and_wake_other_runs,
+                queued_tasks_are_leased_from_their_queue_only,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,6 +116,7 @@ fn submission(tenant: &str, agent: &str, input: Value, key: Option<&str>) -> Sub
             input,
             priority: Priority::DEFAULT,
             parent: None,
+            callback_url: None,
         },
         task: new_task(TaskKind::Llm, T0),
         now: T0,
@@ -129,6 +131,7 @@ fn new_task(kind: TaskKind, run_at: Millis) -> NewTask {
         max_attempts: 3,
         run_at,
         lease_to: None,
+        queue: None,
     }
 }
 
@@ -2421,4 +2424,147 @@ async fn appends_spawn_child_runs_and_wake_other_runs<S: Store>(store: S) -> Res
     assert!(store.append(again).await.is_err());
     assert_eq!(event_count(&store, parent).await?, 2);
     Ok(())
+}
+
+/// An external worker's task on `queue` for call `call_index` of step 1.
+fn queued_task(queue: &str, call_index: u32, run_at: Millis) -> NewTask {
+    NewTask {
+        queue: Some(QueuedCall {
+            queue: queue.to_string(),
+            call_index,
+        }),
+        ..new_task(TaskKind::External, run_at)
+    }
+}
+
+pub(crate) async fn queued_tasks_are_leased_from_their_queue_only<S: Store>(
+    store: S,
+) -> Result<()> {
+    let run_id = submit_run(&store, T0).await?;
+    let llm = claim_one(&store, "engine", LEASE, T0).await?;
+    let mut step = append(run_id, 1, Some(llm.lease), vec![rejected(1, "x")]);
+    step.task = TaskUpdate::Complete;
+    step.new_tasks = vec![
+        queued_task("q", 0, T0),
+        queued_task("q", 1, T0),
+        queued_task("other", 2, T0),
+    ];
+    store.append(step).await?;
+
+    // The engine never sees them, nor sleeps until they are due.
+    assert!(store.claim("engine", 10, LEASE, T0 + 5).await?.is_empty());
+    assert_eq!(store.next_due(T0).await?, None);
+
+    let first = store.claim_queued("q", "w1", LEASE, T0 + 5).await?;
+    let first = first.expect("a task of queue q");
+    let second = store.claim_queued("q", "w2", LEASE, T0 + 5).await?;
+    let second = second.expect("the other task of queue q");
+    assert!(
+        store
+            .claim_queued("q", "w3", LEASE, T0 + 5)
+            .await?
+            .is_none()
+    );
+    assert!(
+        store
+            .claim_queued("nope", "w3", LEASE, T0 + 5)
+            .await?
+            .is_none()
+    );
+    assert_eq!(
+        (first.kind, first.run_id, first.step),
+        (TaskKind::External, run_id, 1)
+    );
+    assert_eq!((first.attempts, first.lease_until), (1, T0 + 5 + LEASE_MS));
+
+    let seen = store.queued(first.lease.task_id, T0 + 6).await?;
+    let seen = seen.expect("the leased task");
+    assert_eq!(seen.run_id, run_id);
+    assert_eq!(seen.lease_token, Some(first.lease.token));
+    let mut calls = vec![seen.call.call_index];
+    let other = store.queued(second.lease.task_id, T0 + 6).await?;
+    calls.push(other.expect("the other leased task").call.call_index);
+    calls.sort_unstable();
+    assert_eq!(calls, vec![0, 1]);
+    assert!(store.queued(llm.lease.task_id, T0 + 6).await?.is_none());
+
+    // One lease is extended, fenced by its token.
+    let stale = Lease {
+        token: first.lease.token.wrapping_add(1),
+        ..first.lease
+    };
+    let until = T0 + 10 + 2 * LEASE_MS;
+    assert!(matches!(
+        store.extend_lease(stale, until, T0 + 10).await,
+        Err(Error::LeaseLost(_))
+    ));
+    store.extend_lease(first.lease, until, T0 + 10).await?;
+
+    // The second worker dies: its task is leased again, and it is fenced.
+    let later = T0 + 5 + LEASE_MS + 1;
+    let again = store.claim_queued("q", "w3", LEASE, later).await?;
+    let again = again.expect("the expired task");
+    assert_eq!(
+        (again.lease.task_id, again.attempts),
+        (second.lease.task_id, 2)
+    );
+    assert!(matches!(
+        store
+            .extend_lease(second.lease, later + LEASE_MS, later)
+            .await,
+        Err(Error::LeaseLost(_))
+    ));
+    let mut late = append(run_id, 2, Some(second.lease), Vec::new());
+    late.task = TaskUpdate::Complete;
+    late.now = later;
+    assert!(matches!(store.append(late).await, Err(Error::LeaseLost(_))));
+
+    // The first is done; the retaken one goes to the dead-letter queue and
+    // a re-drive puts it back in its queue, with its call.
+    let mut done = append(run_id, 2, Some(first.lease), vec![rejected(1, "y")]);
+    done.task = TaskUpdate::Complete;
+    done.now = later;
+    store.append(done).await?;
+    assert!(store.queued(first.lease.task_id, later).await?.is_none());
+    let mut park = append(run_id, 3, Some(again.lease), vec![rejected(1, "z")]);
+    park.task = TaskUpdate::DeadLetter {
+        error: "gave up".to_string(),
+    };
+    park.now = later;
+    store.append(park).await?;
+    assert!(store.claim_queued("q", "w4", LEASE, later).await?.is_none());
+    let id = again.lease.task_id;
+    let mut redrive = append(run_id, 4, None, vec![Event::TaskRedriven { task_id: id }]);
+    redrive.redrive = Some(id);
+    redrive.now = later + 1;
+    store.append(redrive).await?;
+    assert!(
+        store
+            .claim("engine", 10, LEASE, later + 2)
+            .await?
+            .is_empty()
+    );
+    let back = store.claim_queued("q", "w4", LEASE, later + 2).await?;
+    assert_eq!(back.map(|t| (t.lease.task_id, t.attempts)), Some((id, 1)));
+    let back = store
+        .queued(id, later + 2)
+        .await?
+        .expect("the re-driven task");
+    assert_eq!(
+        back.call,
+        calls_of("q", other_call(&calls, seen.call.call_index))
+    );
+    Ok(())
+}
+
+fn calls_of(queue: &str, call_index: u32) -> QueuedCall {
+    QueuedCall {
+        queue: queue.to_string(),
+        call_index,
+    }
+}
+
+/// The call of `calls` that is not `one`.
+fn other_call(calls: &[u32], one: u32) -> u32 {
+    calls.iter().copied().find(|c| *c != one).unwrap_or(one)
 }

@@ -180,6 +180,12 @@ pub enum TaskKind {
     /// Cancel the run because its parent run ended (cancelled, failed or
     /// timed out) while it ran.
     Cancel,
+    /// A tool call made by an external worker: leased over HTTP from its
+    /// queue ([`NewTask::queue`]), never claimed by the engine.
+    External,
+    /// POST a run's `callback_url` about one of its journal events (its
+    /// `step` is that event's seq).
+    Callback,
 }
 
 impl TaskKind {
@@ -192,6 +198,8 @@ impl TaskKind {
             TaskKind::Notify => "notify",
             TaskKind::Children => "children",
             TaskKind::Cancel => "cancel",
+            TaskKind::External => "external",
+            TaskKind::Callback => "callback",
         }
     }
 
@@ -204,6 +212,8 @@ impl TaskKind {
             "notify" => Some(TaskKind::Notify),
             "children" => Some(TaskKind::Children),
             "cancel" => Some(TaskKind::Cancel),
+            "external" => Some(TaskKind::External),
+            "callback" => Some(TaskKind::Callback),
             _ => None,
         }
     }
@@ -254,6 +264,42 @@ pub struct NewTask {
     /// Lease it at once to this worker (the worker that caused it goes on with it
     /// without a round trip through the queue).
     pub lease_to: Option<LeaseTo>,
+    /// For an [`TaskKind::External`] task: the queue external workers lease
+    /// it from and the call it makes. Tasks with a queue are never claimed
+    /// by [`Store::claim`], only by [`Store::claim_queued`].
+    pub queue: Option<QueuedCall>,
+}
+
+/// Where an external worker's tool call waits: its queue, and which call
+/// of the task's step it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedCall {
+    /// The queue's name (the tool's `worker:`).
+    pub queue: String,
+    /// Position of the call in the step's assistant message.
+    pub call_index: u32,
+}
+
+/// A task of an external worker's queue, as stored ([`Store::queued`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    /// The task id.
+    pub task_id: TaskId,
+    /// Run the call belongs to.
+    pub run_id: RunId,
+    /// The queue and the call.
+    pub call: QueuedCall,
+    /// Step of the call.
+    pub step: u32,
+    /// Attempts so far (leases taken), the current one included.
+    pub attempts: u32,
+    /// Attempts allowed before the dead-letter queue.
+    pub max_attempts: u32,
+    /// The token of the live lease, if the task is leased and the lease
+    /// has not expired.
+    pub lease_token: Option<i64>,
+    /// The live lease's expiry (when leased), else when the task is due.
+    pub visible_at: Millis,
 }
 
 /// Who a new task is leased to on creation.
@@ -826,6 +872,34 @@ pub trait Store: Clone + Send + Sync + 'static {
         lease_for: Duration,
         now: Millis,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// Leases the due task of lowest rank of the external queue `queue` to
+    /// `owner` (as [`Store::claim`] does for the engine's tasks, which never
+    /// include a queue's), counting an attempt; `None` when none is due.
+    fn claim_queued(
+        &self,
+        queue: &str,
+        owner: &str,
+        lease_for: Duration,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<Task>>> + Send;
+
+    /// A task of an external queue, with its live lease if any; `None`
+    /// when it does not exist (done, cleared) or has no queue.
+    fn queued(
+        &self,
+        task_id: TaskId,
+        now: Millis,
+    ) -> impl Future<Output = Result<Option<Queued>>> + Send;
+
+    /// Extends one live lease to `until` (fenced: [`Error::LeaseLost`] once
+    /// it expired or was taken over).
+    fn extend_lease(
+        &self,
+        lease: Lease,
+        until: Millis,
+        now: Millis,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Appends events and applies the task changes they cause, in one
     /// transaction, fenced by the lease and conditional on the last seq.

@@ -235,6 +235,7 @@ pub fn submit(
             input,
             priority,
             parent: None,
+            callback_url: None,
         }],
         effects: vec![Effect::CallLlm { step: 1 }],
     }
@@ -532,6 +533,9 @@ fn start_tools(state: &State, agent: &Agent, step: u32) -> Result<Transition, Re
             continue;
         }
         let (attempt, uncertain) = match call.state {
+            // An external worker's call waits in its queue, whose leases
+            // and attempts cover a worker that stops: not uncertain.
+            CallState::Started { .. } if agent.queue_of(&call.call.name).is_some() => continue,
             CallState::Pending => (1, false),
             CallState::Started { attempts } => (attempts + 1, true),
             CallState::Done | CallState::Rejected => continue,

@@ -228,6 +228,8 @@ pub struct State {
     pub depth: u32,
     /// The child runs it started, in order.
     pub children: Vec<Child>,
+    /// Where the run's outcome and parks are POSTed, if anywhere.
+    pub callback_url: Option<String>,
 }
 
 impl State {
@@ -256,6 +258,7 @@ impl State {
             parent: None,
             depth: 0,
             children: Vec::new(),
+            callback_url: None,
         }
     }
 
@@ -290,9 +293,11 @@ impl State {
                 input,
                 priority,
                 parent,
+                callback_url,
             } => {
                 self.depth = parent.as_ref().map_or(0, |p| p.depth);
                 self.parent = parent.clone();
+                self.callback_url = callback_url.clone();
                 self.created_at = at;
                 self.priority = *priority;
                 self.tenant = tenant.clone();

@@ -1161,3 +1161,71 @@ fn child_ids_are_derived_and_distinct() {
     assert_ne!(a, RunId::new().child(1, 0, 0));
     assert_eq!(a.0.as_bytes()[..6], parent.0.as_bytes()[..6]);
 }
+
+#[test]
+fn a_worker_call_in_its_queue_is_not_uncertain() {
+    let yaml = r#"
+name: t
+version: 1
+model: {provider: openai, model: m, base_url: "http://127.0.0.1:1"}
+tools:
+  - name: echo
+    parameters: {type: object}
+    http: {url: "http://127.0.0.1:2/echo"}
+    idempotent: true
+  - name: resize
+    parameters: {type: object}
+    worker: images
+"#;
+    let agent = Agent::parse(yaml).unwrap();
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[("resize", "{}"), ("echo", "{}")], None)),
+    )
+    .unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    assert_eq!(invocations(&run.effects).len(), 2);
+    // The engine's tools task is taken over: only the HTTP call is
+    // repeated; the worker's call stays with its queue (no new start).
+    run.effects.clear();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    let again = invocations(&run.effects);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].tool.as_str(), again[0].attempt), ("echo", 2));
+    // The worker's result settles the step like any tool's.
+    for call_index in [1, 0] {
+        run.send(
+            &agent,
+            Command::ToolReturned {
+                step: 1,
+                call_index,
+                output: "ok".into(),
+                is_error: false,
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    assert!(run.effects.contains(&Effect::CallLlm { step: 2 }));
+}
+
+#[test]
+fn the_callback_url_is_part_of_the_submission() {
+    let mut transition = submit("default", "t", "1", json!("hi"), Priority::DEFAULT);
+    if let Some(Event::RunSubmitted { callback_url, .. }) = transition.events.first_mut() {
+        *callback_url = Some("http://h/cb".into());
+    }
+    let recorded: Vec<Recorded> = transition
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| Recorded {
+            seq: i as i64 + 1,
+            at: 1,
+            event,
+        })
+        .collect();
+    let state = State::replay(RunId::new(), &recorded);
+    assert_eq!(state.callback_url.as_deref(), Some("http://h/cb"));
+}

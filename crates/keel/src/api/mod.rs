@@ -5,6 +5,7 @@
 mod error;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 pub use error::Error;
 
@@ -50,6 +51,16 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/v1/providers", get(providers::<S>))
         .route("/v1/dlq", get(list_dlq::<S>))
         .route("/v1/dlq/{id}/retry", post(retry_dlq::<S>))
+        .route("/v1/worker/tasks/lease", post(worker::lease::<S>))
+        .route(
+            "/v1/worker/tasks/{id}/heartbeat",
+            post(worker::heartbeat::<S>),
+        )
+        .route(
+            "/v1/worker/tasks/{id}/complete",
+            post(worker::complete::<S>),
+        )
+        .route("/v1/worker/tasks/{id}/fail", post(worker::fail::<S>))
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(service)
@@ -143,6 +154,8 @@ struct SubmitBody {
     version: Option<Value>,
     #[serde(default)]
     priority: Option<Value>,
+    #[serde(default)]
+    callback_url: Option<Value>,
 }
 
 async fn submit<S: Store>(
@@ -171,6 +184,8 @@ async fn submit<S: Store>(
         }
     };
     let priority = service::parse_priority(req.priority.as_ref()).map_err(Error::BadRequest)?;
+    let callback_url =
+        service::parse_callback_url(req.callback_url.as_ref()).map_err(Error::BadRequest)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -192,6 +207,7 @@ async fn submit<S: Store>(
             input: req.input,
             idempotency_key,
             priority,
+            callback_url,
         })
         .await?;
     let location = format!("/v1/runs/{}", submitted.run_id);

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::{Backoff, Error, Names};
 use crate::api;
-use crate::service::{Service, Submit, parse_priority};
+use crate::service::{Service, Submit, parse_callback_url, parse_priority};
 
 /// The durable consumer's name on the ingest stream.
 pub const CONSUMER: &str = "keel-ingest";
@@ -97,6 +97,9 @@ pub struct Body {
     /// Priority, 0 (lowest) to 9 (highest); 5 when absent.
     #[serde(default)]
     pub priority: Option<Value>,
+    /// Where the run's result and parks are POSTed (an http(s) URL).
+    #[serde(default)]
+    pub callback_url: Option<Value>,
 }
 
 /// The ingest consumer.
@@ -405,6 +408,7 @@ pub fn parse(names: &Names, subject: &str, payload: &[u8], key: &str) -> Result<
         input: body.input,
         idempotency_key: Some(key.to_string()),
         priority,
+        callback_url: parse_callback_url(body.callback_url.as_ref())?,
     })
 }
 

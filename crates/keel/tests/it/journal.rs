@@ -38,6 +38,7 @@ async fn journal_grows_linearly_over_200_steps() {
             input: json!("go"),
             idempotency_key: None,
             priority: Default::default(),
+            callback_url: None,
         })
         .await
         .expect("submit");

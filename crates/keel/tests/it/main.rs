@@ -20,3 +20,4 @@ mod postgres;
 mod priority;
 mod providers;
 mod streaming;
+mod workers;

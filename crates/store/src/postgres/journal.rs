@@ -208,6 +208,8 @@ struct Tasks<'a> {
     token: Vec<Option<i64>>,
     created_at: Vec<Millis>,
     priority: Vec<i16>,
+    queue: Vec<Option<&'a str>>,
+    call_index: Vec<Option<i64>>,
 }
 
 impl<'a> Tasks<'a> {
@@ -228,6 +230,10 @@ impl<'a> Tasks<'a> {
         self.token.push(token);
         self.created_at.push(now);
         self.priority.push(i16::from(task.priority.get()));
+        self.queue
+            .push(task.queue.as_ref().map(|q| q.queue.as_str()));
+        self.call_index
+            .push(task.queue.as_ref().map(|q| i64::from(q.call_index)));
     }
 
     async fn write(self, conn: &mut PgConnection) -> Result<()> {
@@ -246,6 +252,8 @@ impl<'a> Tasks<'a> {
             .bind(self.token)
             .bind(self.created_at)
             .bind(self.priority)
+            .bind(self.queue)
+            .bind(self.call_index)
             .execute(conn)
             .await
             .map_err(backend)?;
@@ -254,9 +262,10 @@ impl<'a> Tasks<'a> {
 }
 
 const INSERT_TASKS: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
-         visible_at, lease_owner, lease_token, created_at, priority) \
+         visible_at, lease_owner, lease_token, created_at, priority, queue, call_index) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
-         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[])";
+         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[], \
+         $12::text[], $13::bigint[])";
 
 type SubmitCall = Call<Submit, Submitted>;
 
@@ -763,9 +772,9 @@ async fn refusal(conn: &mut PgConnection, r: &AppendEvents) -> Result<Error> {
 
 /// Copies leased tasks to the dead-letter queue, with their last error.
 const DEAD_LETTER_TASKS: &str = "INSERT INTO dead_letters \
-         (id, run_id, kind, step, attempts, max_attempts, error, created_at) \
+         (id, run_id, kind, step, attempts, max_attempts, error, created_at, queue, call_index) \
      SELECT tasks.id, tasks.run_id, tasks.kind, tasks.step, tasks.attempts, \
-         tasks.max_attempts, v.error, v.at \
+         tasks.max_attempts, v.error, v.at, tasks.queue, tasks.call_index \
      FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS v (task, error, at) \
      JOIN tasks ON tasks.id = v.task";
 
@@ -779,8 +788,9 @@ const CLEAR_TASKS: &str = "DELETE FROM tasks \
 /// Puts dead letters back in the queue with fresh attempts, due now, with
 /// their run's priority.
 const REDRIVE: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
-         visible_at, created_at, priority) \
-     SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now, runs.priority \
+         visible_at, created_at, priority, queue, call_index) \
+     SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now, runs.priority, \
+         d.queue, d.call_index \
      FROM unnest($1::uuid[], $2::bigint[]) AS v (id, now) \
      JOIN dead_letters AS d ON d.id = v.id \
      JOIN runs ON runs.id = d.run_id";

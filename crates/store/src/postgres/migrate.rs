@@ -68,6 +68,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "gateway",
         sql: include_str!("migrations/0008_gateway.sql"),
     },
+    Migration {
+        version: 9,
+        name: "external_workers",
+        sql: include_str!("migrations/0009_external_workers.sql"),
+    },
 ];
 
 /// The advisory lock migrators take ("keelmigr" in ASCII).

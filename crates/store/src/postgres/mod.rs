@@ -110,9 +110,9 @@ use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
     AgentRecord, AgentUsage, Append, Appended, BreakerRecord, Committed, DeadLetter, DeltaBatch,
-    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered,
-    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
-    UsageTotals,
+    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Queued,
+    QueuedCall, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
+    TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -523,7 +523,46 @@ const DEAD_LETTERS: &str = "SELECT id, run_id, kind, step, attempts, error, crea
 const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, created_at \
      FROM dead_letters WHERE id = $1";
 
-const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > $1";
+const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > $1 AND queue IS NULL";
+
+/// A task of an external queue ([`Store::queued`]).
+const QUEUED: &str = "SELECT id, run_id, queue, call_index, step, attempts, max_attempts, \
+         lease_token, visible_at \
+     FROM tasks WHERE id = $1 AND queue IS NOT NULL";
+
+/// A row of [`QUEUED`].
+#[derive(sqlx::FromRow)]
+struct QueuedRow {
+    id: Uuid,
+    run_id: Uuid,
+    queue: String,
+    call_index: i64,
+    step: i64,
+    attempts: i64,
+    max_attempts: i64,
+    lease_token: Option<i64>,
+    visible_at: Millis,
+}
+
+impl QueuedRow {
+    fn into_queued(self, now: Millis) -> Result<Queued> {
+        let task_id = TaskId(self.id);
+        let of = format!("task {task_id}");
+        Ok(Queued {
+            task_id,
+            run_id: RunId(self.run_id),
+            call: QueuedCall {
+                queue: self.queue,
+                call_index: count(self.call_index, "call index", &of)?,
+            },
+            step: count(self.step, "step", &of)?,
+            attempts: count(self.attempts, "attempts", &of)?,
+            max_attempts: count(self.max_attempts, "max attempts", &of)?,
+            lease_token: self.lease_token.filter(|_| self.visible_at > now),
+            visible_at: self.visible_at,
+        })
+    }
+}
 
 /// Counts from the `runs_pending` partial index (unfinished runs have no
 /// outcome).
@@ -681,6 +720,7 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let request = Claim {
+            queue: None,
             owner: owner.to_string(),
             limit,
             lease_until: now.saturating_add(millis(lease_for)),
@@ -734,12 +774,58 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, owner: &str, until: Millis, now: Millis) -> Result<u64> {
         let request = Heartbeat {
+            lease: None,
             owner: owner.to_string(),
             until,
             now,
         };
         self.write(|reply| Op::Heartbeat(Call::new(request, reply)))
             .await
+    }
+
+    async fn claim_queued(
+        &self,
+        queue: &str,
+        owner: &str,
+        lease_for: Duration,
+        now: Millis,
+    ) -> Result<Option<Task>> {
+        let request = Claim {
+            queue: Some(queue.to_string()),
+            owner: owner.to_string(),
+            limit: 1,
+            lease_until: now.saturating_add(millis(lease_for)),
+            now,
+        };
+        let tasks = self
+            .write(|reply| Op::Claim(Call::new(request, reply)))
+            .await?;
+        Ok(tasks.into_iter().next())
+    }
+
+    async fn queued(&self, task_id: TaskId, now: Millis) -> Result<Option<Queued>> {
+        let row = sqlx::query_as::<_, QueuedRow>(QUEUED)
+            .bind(task_id.0)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(backend)?;
+        row.map(|r| r.into_queued(now)).transpose()
+    }
+
+    async fn extend_lease(&self, lease: Lease, until: Millis, now: Millis) -> Result<()> {
+        let request = Heartbeat {
+            lease: Some(lease),
+            owner: String::new(),
+            until,
+            now,
+        };
+        let extended = self
+            .write(|reply| Op::Heartbeat(Call::new(request, reply)))
+            .await?;
+        if extended == 0 {
+            return Err(Error::LeaseLost(lease.task_id));
+        }
+        Ok(())
     }
 
     async fn retry_later(

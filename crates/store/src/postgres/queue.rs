@@ -15,6 +15,8 @@ use crate::{Committed, Error, Lease, Result, Task, TaskKind};
 
 /// [`super::writer::Op::Claim`].
 pub(super) struct Claim {
+    /// An external worker's queue, or `None` for the engine's tasks.
+    pub(super) queue: Option<String>,
     pub(super) owner: String,
     pub(super) limit: u32,
     pub(super) lease_until: Millis,
@@ -23,6 +25,8 @@ pub(super) struct Claim {
 
 /// [`super::writer::Op::Heartbeat`].
 pub(super) struct Heartbeat {
+    /// One lease to extend (fenced by its token) instead of all of `owner`'s.
+    pub(super) lease: Option<Lease>,
     pub(super) owner: String,
     pub(super) until: Millis,
     pub(super) now: Millis,
@@ -56,7 +60,16 @@ pub(super) struct ReleaseAll {
 pub(super) const CLAIM: &str = "UPDATE tasks SET lease_owner = $1, \
          lease_token = (random() * 9.2e18)::bigint, visible_at = $2, attempts = attempts + 1 \
      WHERE id IN (SELECT id FROM tasks \
-         WHERE (visible_at - priority * 10000) <= $3 AND visible_at <= $3 \
+         WHERE (visible_at - priority * 10000) <= $3 AND visible_at <= $3 AND queue IS NULL \
+         ORDER BY (visible_at - priority * 10000) LIMIT $4 \
+         FOR UPDATE SKIP LOCKED) \
+     RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
+
+/// As [`CLAIM`], from one external worker's queue (`tasks_by_queue`).
+const CLAIM_QUEUED: &str = "UPDATE tasks SET lease_owner = $1, \
+         lease_token = (random() * 9.2e18)::bigint, visible_at = $2, attempts = attempts + 1 \
+     WHERE id IN (SELECT id FROM tasks \
+         WHERE queue = $5 AND (visible_at - priority * 10000) <= $3 AND visible_at <= $3 \
          ORDER BY (visible_at - priority * 10000) LIMIT $4 \
          FOR UPDATE SKIP LOCKED) \
      RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
@@ -100,14 +113,20 @@ impl Claimed {
 }
 
 pub(super) async fn claim(conn: &mut PgConnection, r: &Claim) -> Result<Vec<Task>> {
-    let rows: Vec<Claimed> = sqlx::query_as(CLAIM)
+    let sql = if r.queue.is_some() {
+        CLAIM_QUEUED
+    } else {
+        CLAIM
+    };
+    let mut query = sqlx::query_as::<_, Claimed>(sql)
         .bind(&r.owner)
         .bind(r.lease_until)
         .bind(r.now)
-        .bind(i64::from(r.limit))
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(backend)?;
+        .bind(i64::from(r.limit));
+    if let Some(queue) = &r.queue {
+        query = query.bind(queue);
+    }
+    let rows = query.fetch_all(&mut *conn).await.map_err(backend)?;
     let mut tasks = Vec::with_capacity(rows.len());
     for row in rows {
         tasks.push(row.into_task()?);
@@ -120,10 +139,19 @@ pub(super) async fn claim(conn: &mut PgConnection, r: &Claim) -> Result<Vec<Task
 const HEARTBEAT: &str =
     "UPDATE tasks SET visible_at = $1 WHERE lease_owner = $2 AND visible_at > $3";
 
+/// Extends one lease, fenced by its token.
+const EXTEND: &str =
+    "UPDATE tasks SET visible_at = $1 WHERE id = $2 AND lease_token = $3 AND visible_at > $4";
+
 pub(super) async fn heartbeat(conn: &mut PgConnection, r: &Heartbeat) -> Result<u64> {
-    let extended = sqlx::query(HEARTBEAT)
-        .bind(r.until)
-        .bind(&r.owner)
+    let query = match r.lease {
+        Some(lease) => sqlx::query(EXTEND)
+            .bind(r.until)
+            .bind(lease.task_id.0)
+            .bind(lease.token),
+        None => sqlx::query(HEARTBEAT).bind(r.until).bind(&r.owner),
+    };
+    let extended = query
         .bind(r.now)
         .execute(&mut *conn)
         .await

@@ -144,6 +144,7 @@ fn submission(key: Option<&str>) -> Submission {
             input: json!("hi"),
             priority: Priority::DEFAULT,
             parent: None,
+            callback_url: None,
         },
         task: NewTask {
             kind: TaskKind::Llm,
@@ -152,6 +153,7 @@ fn submission(key: Option<&str>) -> Submission {
             max_attempts: 3,
             run_at: T0,
             lease_to: None,
+            queue: None,
         },
         now: T0,
     }
@@ -872,6 +874,7 @@ async fn two_store_write_throughput() -> Result<()> {
                             owner: "bench".to_string(),
                             until: T0 + 3_600_000,
                         }),
+                        queue: None,
                     }];
                     lease = store.append(step).await?.leased[0].lease;
                 }

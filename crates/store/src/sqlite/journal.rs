@@ -214,18 +214,20 @@ impl BulkRow for TaskRow<'_> {
             .bind(token)
             .bind(self.now)
             .bind(task.priority.get())
+            .bind(task.queue.as_ref().map(|q| q.queue.as_str()))
+            .bind(task.queue.as_ref().map(|q| q.call_index))
     }
 }
 
 static INSERT_TASKS: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
-        11,
+        13,
         "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
-             priority) AS (VALUES {values}) \
+             priority, queue, call_index) AS (VALUES {values}) \
          INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
-             lease_owner, lease_token, created_at, priority) \
+             lease_owner, lease_token, created_at, priority, queue, call_index) \
          SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
-             priority \
+             priority, queue, call_index \
          FROM v WHERE id IS NOT NULL",
     )
 });
@@ -651,9 +653,10 @@ static DEAD_LETTER_TASKS: LazyLock<Bulk> = LazyLock::new(|| {
         3,
         "WITH v (task, error, at) AS (VALUES {values}) \
          INSERT INTO dead_letters \
-             (id, run_id, kind, step, attempts, max_attempts, error, created_at) \
+             (id, run_id, kind, step, attempts, max_attempts, error, created_at, queue, \
+             call_index) \
          SELECT tasks.id, tasks.run_id, tasks.kind, tasks.step, tasks.attempts, \
-             tasks.max_attempts, v.error, v.at \
+             tasks.max_attempts, v.error, v.at, tasks.queue, tasks.call_index \
          FROM v CROSS JOIN tasks ON tasks.id = v.task",
     )
 });
@@ -736,8 +739,9 @@ static REDRIVE: LazyLock<Bulk> = LazyLock::new(|| {
         2,
         "WITH v (id, now) AS (VALUES {values}) \
          INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
-             created_at, priority) \
-         SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now, runs.priority \
+             created_at, priority, queue, call_index) \
+         SELECT d.id, d.run_id, d.kind, d.step, 0, d.max_attempts, v.now, v.now, runs.priority, \
+             d.queue, d.call_index \
          FROM v CROSS JOIN dead_letters AS d ON d.id = v.id \
          CROSS JOIN runs ON runs.id = d.run_id",
     )

@@ -60,6 +60,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "awaiting_approval",
         sql: include_str!("migrations/0007_awaiting_approval.sql"),
     },
+    Migration {
+        version: 8,
+        name: "external_workers",
+        sql: include_str!("migrations/0008_external_workers.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

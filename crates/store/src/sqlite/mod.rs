@@ -60,9 +60,9 @@ use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::{
     AgentRecord, AgentUsage, Append, Appended, BreakerRecord, Committed, DeadLetter, DeltaBatch,
-    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Rate, Registered,
-    Result, RunFilter, RunRecord, Store, Submission, Submitted, Task, TaskKind, TaskUpdate,
-    UsageTotals,
+    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Queued,
+    QueuedCall, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
+    TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -383,7 +383,44 @@ const DEAD_LETTERS: &str = "SELECT id, run_id, kind, step, attempts, error, crea
 const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, created_at \
      FROM dead_letters WHERE id = ?1";
 
-const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > ?1";
+const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > ?1 AND queue IS NULL";
+
+/// A task of an external queue ([`Store::queued`]).
+const QUEUED: &str = "SELECT id, run_id, queue, call_index, step, attempts, max_attempts, \
+         lease_token, visible_at \
+     FROM tasks WHERE id = ?1 AND queue IS NOT NULL";
+
+/// A row of [`QUEUED`].
+#[derive(sqlx::FromRow)]
+struct QueuedRow {
+    id: String,
+    run_id: String,
+    queue: String,
+    call_index: u32,
+    step: u32,
+    attempts: u32,
+    max_attempts: u32,
+    lease_token: Option<i64>,
+    visible_at: Millis,
+}
+
+impl QueuedRow {
+    fn into_queued(self, now: Millis) -> Result<Queued> {
+        Ok(Queued {
+            task_id: parse_id(&self.id, "task id")?,
+            run_id: parse_id(&self.run_id, "run id of a task")?,
+            call: QueuedCall {
+                queue: self.queue,
+                call_index: self.call_index,
+            },
+            step: self.step,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            lease_token: self.lease_token.filter(|_| self.visible_at > now),
+            visible_at: self.visible_at,
+        })
+    }
+}
 
 /// Counts from the `runs_pending` partial index, whose WHERE clause they
 /// repeat word for word (SQLite uses a partial index only then).
@@ -537,6 +574,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let request = Claim {
+            queue: None,
             owner: owner.to_string(),
             limit,
             lease_until: now.saturating_add(millis(lease_for)),
@@ -590,12 +628,58 @@ impl Store for SqliteStore {
 
     async fn heartbeat(&self, owner: &str, until: Millis, now: Millis) -> Result<u64> {
         let request = Heartbeat {
+            lease: None,
             owner: owner.to_string(),
             until,
             now,
         };
         self.write(|reply| Op::Heartbeat(Call::new(request, reply)))
             .await
+    }
+
+    async fn claim_queued(
+        &self,
+        queue: &str,
+        owner: &str,
+        lease_for: Duration,
+        now: Millis,
+    ) -> Result<Option<Task>> {
+        let request = Claim {
+            queue: Some(queue.to_string()),
+            owner: owner.to_string(),
+            limit: 1,
+            lease_until: now.saturating_add(millis(lease_for)),
+            now,
+        };
+        let tasks = self
+            .write(|reply| Op::Claim(Call::new(request, reply)))
+            .await?;
+        Ok(tasks.into_iter().next())
+    }
+
+    async fn queued(&self, task_id: TaskId, now: Millis) -> Result<Option<Queued>> {
+        let row = sqlx::query_as::<_, QueuedRow>(QUEUED)
+            .bind(task_id.to_string())
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(backend)?;
+        row.map(|r| r.into_queued(now)).transpose()
+    }
+
+    async fn extend_lease(&self, lease: Lease, until: Millis, now: Millis) -> Result<()> {
+        let request = Heartbeat {
+            lease: Some(lease),
+            owner: String::new(),
+            until,
+            now,
+        };
+        let extended = self
+            .write(|reply| Op::Heartbeat(Call::new(request, reply)))
+            .await?;
+        if extended == 0 {
+            return Err(Error::LeaseLost(lease.task_id));
+        }
+        Ok(())
     }
 
     async fn retry_later(

@@ -14,6 +14,8 @@ use crate::{Committed, Error, Lease, Result, Task, TaskKind};
 
 /// [`super::writer::Op::Claim`].
 pub(super) struct Claim {
+    /// An external worker's queue, or `None` for the engine's tasks.
+    pub(super) queue: Option<String>,
     pub(super) owner: String,
     pub(super) limit: u32,
     pub(super) lease_until: Millis,
@@ -22,6 +24,8 @@ pub(super) struct Claim {
 
 /// [`super::writer::Op::Heartbeat`].
 pub(super) struct Heartbeat {
+    /// One lease to extend (fenced by its token) instead of all of `owner`'s.
+    pub(super) lease: Option<Lease>,
     pub(super) owner: String,
     pub(super) until: Millis,
     pub(super) now: Millis,
@@ -57,7 +61,16 @@ pub(super) struct ReleaseAll {
 pub(super) const CLAIM: &str = "UPDATE tasks SET lease_owner = ?1, \
          lease_token = random() & 0x7FFFFFFFFFFFFFFF, visible_at = ?2, attempts = attempts + 1 \
      WHERE id IN (SELECT id FROM tasks \
-         WHERE visible_at - priority * 10000 <= ?3 AND visible_at <= ?3 \
+         WHERE visible_at - priority * 10000 <= ?3 AND visible_at <= ?3 AND queue IS NULL \
+         ORDER BY visible_at - priority * 10000 LIMIT ?4) \
+     RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
+
+/// As [`CLAIM`], from one external worker's queue (`tasks_by_queue`).
+const CLAIM_QUEUED: &str = "UPDATE tasks SET lease_owner = ?1, \
+         lease_token = random() & 0x7FFFFFFFFFFFFFFF, visible_at = ?2, attempts = attempts + 1 \
+     WHERE id IN (SELECT id FROM tasks \
+         WHERE queue = ?5 AND visible_at - priority * 10000 <= ?3 AND visible_at <= ?3 \
+             AND queue IS NOT NULL \
          ORDER BY visible_at - priority * 10000 LIMIT ?4) \
      RETURNING id, run_id, kind, step, attempts, max_attempts, lease_token, visible_at";
 
@@ -96,14 +109,20 @@ impl Claimed {
 }
 
 pub(super) async fn claim(conn: &mut SqliteConnection, r: &Claim) -> Result<Vec<Task>> {
-    let rows: Vec<Claimed> = sqlx::query_as(CLAIM)
+    let sql = if r.queue.is_some() {
+        CLAIM_QUEUED
+    } else {
+        CLAIM
+    };
+    let mut query = sqlx::query_as::<_, Claimed>(sql)
         .bind(&r.owner)
         .bind(r.lease_until)
         .bind(r.now)
-        .bind(r.limit)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(backend)?;
+        .bind(r.limit);
+    if let Some(queue) = &r.queue {
+        query = query.bind(queue);
+    }
+    let rows = query.fetch_all(&mut *conn).await.map_err(backend)?;
     let mut tasks = Vec::with_capacity(rows.len());
     for row in rows {
         tasks.push(row.into_task()?);
@@ -116,10 +135,19 @@ pub(super) async fn claim(conn: &mut SqliteConnection, r: &Claim) -> Result<Vec<
 const HEARTBEAT: &str =
     "UPDATE tasks SET visible_at = ?1 WHERE lease_owner = ?2 AND visible_at > ?3";
 
+/// Extends one lease, fenced by its token.
+const EXTEND: &str =
+    "UPDATE tasks SET visible_at = ?1 WHERE id = ?2 AND lease_token = ?3 AND visible_at > ?4";
+
 pub(super) async fn heartbeat(conn: &mut SqliteConnection, r: &Heartbeat) -> Result<u64> {
-    let extended = sqlx::query(HEARTBEAT)
-        .bind(r.until)
-        .bind(&r.owner)
+    let query = match r.lease {
+        Some(lease) => sqlx::query(EXTEND)
+            .bind(r.until)
+            .bind(lease.task_id.to_string())
+            .bind(lease.token),
+        None => sqlx::query(HEARTBEAT).bind(r.until).bind(&r.owner),
+    };
+    let extended = query
         .bind(r.now)
         .execute(&mut *conn)
         .await
@@ -166,10 +194,11 @@ const RELEASE_ALL: &str = "UPDATE tasks SET lease_owner = NULL, lease_token = NU
          visible_at = ?1, attempts = MAX(attempts - 1, 0) \
      WHERE lease_owner = ?2 AND visible_at > ?1 RETURNING run_id";
 
-/// Unleases every live lease, visible now. The attempt stays counted: the
-/// task may be what brought its worker down.
+/// Unleases every live lease of this process's engine, visible now. The
+/// attempt stays counted: the task may be what brought its worker down.
+/// External workers' leases are theirs: they outlive a restart.
 const RECOVER: &str = "UPDATE tasks SET lease_owner = NULL, lease_token = NULL, visible_at = ?1 \
-     WHERE lease_owner IS NOT NULL AND visible_at > ?1 RETURNING run_id";
+     WHERE lease_owner IS NOT NULL AND visible_at > ?1 AND queue IS NULL RETURNING run_id";
 
 pub(super) async fn release_all(
     conn: &mut SqliteConnection,

@@ -57,6 +57,7 @@ fn submission(key: Option<&str>) -> Submission {
             input: json!("hi"),
             priority: Priority::DEFAULT,
             parent: None,
+            callback_url: None,
         },
         task: NewTask {
             kind: TaskKind::Llm,
@@ -65,6 +66,7 @@ fn submission(key: Option<&str>) -> Submission {
             max_attempts: 3,
             run_at: 0,
             lease_to: None,
+            queue: None,
         },
         now: 0,
     }

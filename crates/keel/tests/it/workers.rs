@@ -1,0 +1,236 @@
+//! External workers and callbacks: a `worker:` tool's call is leased over
+//! HTTP; a worker that dies loses its lease and another one (the Python
+//! example, run for real) makes the call; the run's callback_url gets its
+//! parks and its result, signed, retried while the receiver is down.
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use keel::mock::{Hook, Mock};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const SECRET: &str = "cb-s3cret";
+
+/// An agent whose one tool is made by the external workers of `images`.
+fn worker_agent(mock: &Mock) -> String {
+    format!(
+        r#"
+name: ext
+version: 1
+model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
+system: You are a test agent.
+retry: {{max_attempts: 3, backoff: {{initial: 100ms, max: 1s}}}}
+tools:
+  - name: resize
+    description: Resizes an image (an external worker does it).
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    worker: images
+"#,
+        llm = mock.llm_url(),
+    )
+}
+
+async fn submit_with_callback(
+    http: &reqwest::Client,
+    server: &Server,
+    agent: &str,
+    hook: &str,
+) -> String {
+    let r = http
+        .post(server.url("/v1/runs"))
+        .json(&json!({"agent": agent, "input": "go", "callback_url": hook}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let r = http.post(url).json(&body).send().await.expect("post");
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Waits for the callback of `kind` POSTed to `name`, checks its signature.
+async fn callback(mock: &Mock, name: &str, kind: &str) -> (Hook, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hooks = mock.counters.hooks();
+        if let Some(hook) = hooks
+            .iter()
+            .find(|h| h.name == name && h.event.as_deref() == Some(kind))
+        {
+            let body: Value = serde_json::from_str(&hook.body).expect("callback json");
+            let signature = hook.signature.clone().expect("signed");
+            let t: i64 = signature
+                .strip_prefix("t=")
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|t| t.parse().ok())
+                .expect("timestamp");
+            assert_eq!(
+                signature,
+                keel_engine::webhook::signature(SECRET.as_bytes(), t, hook.body.as_bytes())
+            );
+            return (hook.clone(), body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} callback to {name}: {hooks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dead_workers_call_is_rerun_by_the_python_example_and_the_result_called_back() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--webhook-secret", SECRET]).await;
+    let http = reqwest::Client::new();
+    register(&http, &server, &worker_agent(&mock)).await;
+    let id = submit_with_callback(&http, &server, "ext", &mock.hook_url("done")).await;
+
+    // Nothing to lease on another queue.
+    let lease = server.url("/v1/worker/tasks/lease");
+    let (status, _) = post(&http, &lease, json!({"queue": "videos", "wait": "200ms"})).await;
+    assert_eq!(status, 204);
+    // Worker A leases the call for 1 s, heartbeats once, then dies.
+    let (status, task) = post(
+        &http,
+        &lease,
+        json!({"queue": "images", "worker": "a", "wait": "10s", "lease": "1s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{task}");
+    assert_eq!(task["run_id"], id.as_str());
+    assert_eq!(task["tool"], "resize");
+    assert_eq!(task["arguments"], json!({"n": 1}));
+    assert_eq!(task["idempotency_key"], format!("{id}:1:0").as_str());
+    assert_eq!(task["attempt"], 1);
+    assert!(
+        task["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-"))
+    );
+    let base = server.url(&format!(
+        "/v1/worker/tasks/{}",
+        task["task_id"].as_str().unwrap_or("")
+    ));
+    let token = task["lease_token"].clone();
+    let (status, body) = post(
+        &http,
+        &format!("{base}/heartbeat"),
+        json!({"lease_token": token, "lease": "1s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post(
+        &http,
+        &format!("{base}/heartbeat"),
+        json!({"lease_token": "1"}),
+    )
+    .await;
+    assert_eq!(status, 409, "a wrong token is refused");
+    // The engine never takes the call itself: the run waits for a worker.
+    let run = get_json(&http, &server.url(&format!("/v1/runs/{id}"))).await;
+    assert_eq!(run["status"], "AWAITING_TOOL", "{run}");
+
+    // The Python example, run as documented, gets the call once A's lease expired.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/workers/python_worker.py"
+    );
+    let out = Command::new("python3")
+        .args([script, &server.url, "images", "--once"])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python worker: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A comes back: its token is stale.
+    let (status, body) = post(
+        &http,
+        &format!("{base}/complete"),
+        json!({"lease_token": token, "output": "late"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    let text = run.to_string();
+    assert!(
+        text.contains("python"),
+        "the python worker's result reached the model: {run}"
+    );
+    assert!(!text.contains("late"), "{run}");
+    assert_eq!(mock.counters.tool_requests.load(Ordering::Relaxed), 0);
+
+    // The result is called back, signed.
+    let (_, body) = callback(&mock, "done", "run.completed").await;
+    assert_eq!(body["run_id"], id.as_str());
+    assert_eq!(body["status"], "COMPLETED");
+    assert_eq!(body["output"], run["output"]);
+}
+
+#[tokio::test]
+async fn parks_and_results_are_called_back_and_retried_while_the_receiver_is_down() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--webhook-secret", SECRET]).await;
+    let http = reqwest::Client::new();
+    let yaml = agent_yaml(
+        "gated",
+        &mock,
+        "tools:1",
+        "echo",
+        "    requires_approval: true\n",
+    );
+    register(&http, &server, &yaml).await;
+
+    mock.counters.hooks_down.store(true, Ordering::Relaxed);
+    let id = submit_with_callback(&http, &server, "gated", &mock.hook_url("cb")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mock.counters.hooks_refused.load(Ordering::Relaxed) < 2 {
+        assert!(Instant::now() < deadline, "the callback was not retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mock.counters.hooks_down.store(false, Ordering::Relaxed);
+    let (parked, body) = callback(&mock, "cb", "run.awaiting_approval").await;
+    assert_eq!(body["run_id"], id.as_str());
+    assert_eq!(body["status"], "AWAITING_APPROVAL");
+    assert_eq!(body["approvals"][0]["id"], "1.0.1");
+    assert_eq!(body["approvals"][0]["tool"], "echo");
+
+    // A cancel (an API-side append) is called back too, as another delivery.
+    let (status, body) = post(
+        &http,
+        &server.url(&format!("/v1/runs/{id}/cancel")),
+        json!({"reason": "enough"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (cancelled, body) = callback(&mock, "cb", "run.cancelled").await;
+    assert_eq!(body["status"], "CANCELLED");
+    assert_eq!(body["error"], "cancelled: enough");
+    assert_ne!(parked.delivery, cancelled.delivery);
+
+    // A bad callback_url is refused, naming the field.
+    let (status, body) = post(
+        &http,
+        &server.url("/v1/runs"),
+        json!({"agent": "gated", "input": "go", "callback_url": "ftp://x"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.to_string().contains("callback_url"), "{body}");
+}
