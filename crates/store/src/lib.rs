@@ -174,6 +174,9 @@ pub enum TaskKind {
     Approval,
     /// Deliver a webhook notification about a step's pending approvals.
     Notify,
+    /// Make one compensation of a `COMPENSATING` run (its `step` is the
+    /// compensation's position in the plan).
+    Compensate,
 }
 
 impl TaskKind {
@@ -184,6 +187,7 @@ impl TaskKind {
             TaskKind::Tools => "tools",
             TaskKind::Approval => "approval",
             TaskKind::Notify => "notify",
+            TaskKind::Compensate => "compensate",
         }
     }
 
@@ -194,6 +198,7 @@ impl TaskKind {
             "tools" => Some(TaskKind::Tools),
             "approval" => Some(TaskKind::Approval),
             "notify" => Some(TaskKind::Notify),
+            "compensate" => Some(TaskKind::Compensate),
             _ => None,
         }
     }
@@ -936,7 +941,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Runs of `tenant` not in a terminal status (PENDING, AWAITING_LLM,
-    /// AWAITING_TOOL, AWAITING_APPROVAL), of `agent` only when given. Used for backpressure,
+    /// AWAITING_TOOL, AWAITING_APPROVAL, COMPENSATING), of `agent` only when given. Used for backpressure,
     /// so it must stay cheap with millions of finished runs (an index that
     /// only holds non-terminal runs).
     fn pending_runs(

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Event, Recorded};
+use crate::event::{Compensation, Event, Recorded};
 use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, ToolCall, Usage};
 use crate::priority::Priority;
@@ -20,6 +20,9 @@ pub enum Status {
     AwaitingTool,
     /// Parked until a human decides on tool calls (no worker is held).
     AwaitingApproval,
+    /// Failed or cancelled, undoing its compensable calls (sagas) before
+    /// it ends `FAILED` or `CANCELLED`.
+    Compensating,
     /// Finished with an answer.
     Completed,
     /// Failed for good.
@@ -30,11 +33,12 @@ pub enum Status {
 
 impl Status {
     /// Every status, in life order.
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Pending,
         Status::AwaitingLlm,
         Status::AwaitingTool,
         Status::AwaitingApproval,
+        Status::Compensating,
         Status::Completed,
         Status::Failed,
         Status::Cancelled,
@@ -47,6 +51,7 @@ impl Status {
             Status::AwaitingLlm => "AWAITING_LLM",
             Status::AwaitingTool => "AWAITING_TOOL",
             Status::AwaitingApproval => "AWAITING_APPROVAL",
+            Status::Compensating => "COMPENSATING",
             Status::Completed => "COMPLETED",
             Status::Failed => "FAILED",
             Status::Cancelled => "CANCELLED",
@@ -147,6 +152,95 @@ pub fn approval_id(step: u32, call_index: u32, attempt: u32) -> String {
     format!("{step}.{call_index}.{attempt}")
 }
 
+/// A tool call that succeeded: what its compensation is built from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Succeeded {
+    /// Step of the call.
+    pub step: u32,
+    /// Position of the call.
+    pub call_index: u32,
+    /// Tool name.
+    pub tool: String,
+    /// The arguments it was made with.
+    pub arguments: Value,
+    /// Its result.
+    pub output: String,
+}
+
+/// A run's compensations, once it is `COMPENSATING` (and after).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Saga {
+    /// How the run ends: `FAILED` or `CANCELLED`.
+    pub outcome: Status,
+    /// Why (the cancel's reason for `CANCELLED`).
+    pub error: String,
+    /// The failure's code.
+    pub code: Option<String>,
+    /// The compensations, in the order they run.
+    pub compensations: Vec<Compensating>,
+}
+
+impl Saga {
+    /// The compensation to make next: the first without an outcome.
+    pub fn next(&self) -> Option<u32> {
+        self.compensations
+            .iter()
+            .position(|c| !c.is_settled())
+            .map(|i| i as u32)
+    }
+
+    /// (completed, failed) so far.
+    pub fn counts(&self) -> (u32, u32) {
+        let count = |state: CompensationState| {
+            self.compensations
+                .iter()
+                .filter(|c| c.state == state)
+                .count() as u32
+        };
+        (
+            count(CompensationState::Completed),
+            count(CompensationState::Failed),
+        )
+    }
+}
+
+/// One compensation and where it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compensating {
+    /// What to call.
+    pub plan: Compensation,
+    /// Where it is.
+    pub state: CompensationState,
+    /// The compensating tool's answer, or why it failed.
+    pub result: Option<String>,
+}
+
+impl Compensating {
+    /// Whether it has its outcome.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self.state,
+            CompensationState::Completed | CompensationState::Failed
+        )
+    }
+}
+
+/// Progress of one compensation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompensationState {
+    /// Not started yet.
+    Pending,
+    /// Started `attempts` times without an outcome journaled.
+    Started {
+        /// Starts journaled so far.
+        attempts: u32,
+    },
+    /// It succeeded.
+    Completed,
+    /// It failed for good.
+    Failed,
+}
+
 /// A task parked in the dead-letter queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parked {
@@ -197,6 +291,10 @@ pub struct State {
     pub parked: Option<Parked>,
     /// The run's priority: every task it creates carries it.
     pub priority: Priority,
+    /// The tool calls that succeeded, in journal order.
+    pub succeeded: Vec<Succeeded>,
+    /// Its compensations, once it fails or is cancelled after compensable calls.
+    pub saga: Option<Saga>,
 }
 
 impl State {
@@ -222,6 +320,8 @@ impl State {
             last_correction: None,
             parked: None,
             priority: Priority::DEFAULT,
+            succeeded: Vec::new(),
+            saga: None,
         }
     }
 
@@ -330,14 +430,23 @@ impl State {
                 }
             }
             Event::ToolCallCompleted {
+                step,
                 call_index,
                 call_id,
                 output,
                 is_error,
-                ..
             } => {
                 if let Some(call) = self.calls.get_mut(*call_index as usize) {
                     call.state = CallState::Done;
+                    if !is_error {
+                        self.succeeded.push(Succeeded {
+                            step: *step,
+                            call_index: *call_index,
+                            tool: call.call.name.clone(),
+                            arguments: call.arguments.clone().unwrap_or(Value::Null),
+                            output: output.clone(),
+                        });
+                    }
                 }
                 let content = if *is_error {
                     format!("error: {output}")
@@ -417,6 +526,56 @@ impl State {
                     }
                 }
             }
+            Event::RunCompensating {
+                outcome,
+                error,
+                code,
+                compensations,
+            } => {
+                self.status = Status::Compensating;
+                self.error = Some(match outcome {
+                    Status::Cancelled => format!("cancelled: {error}"),
+                    _ => error.clone(),
+                });
+                // Nothing waits for a decision any more.
+                self.approvals.clear();
+                self.parked = None;
+                self.saga = Some(Saga {
+                    outcome: *outcome,
+                    error: error.clone(),
+                    code: code.clone(),
+                    compensations: compensations
+                        .iter()
+                        .map(|plan| Compensating {
+                            plan: plan.clone(),
+                            state: CompensationState::Pending,
+                            result: None,
+                        })
+                        .collect(),
+                });
+            }
+            Event::CompensationStarted { index, .. } => {
+                if let Some(c) = self.compensation_mut(*index) {
+                    let attempts = match c.state {
+                        CompensationState::Started { attempts } => attempts + 1,
+                        _ => 1,
+                    };
+                    c.state = CompensationState::Started { attempts };
+                }
+            }
+            Event::CompensationCompleted { index, output, .. } => {
+                if let Some(c) = self.compensation_mut(*index) {
+                    c.state = CompensationState::Completed;
+                    c.result = Some(output.clone());
+                }
+            }
+            Event::CompensationFailed { index, error, .. } => {
+                if let Some(c) = self.compensation_mut(*index) {
+                    c.state = CompensationState::Failed;
+                    c.result = Some(error.clone());
+                }
+            }
+            Event::RunCompensated { .. } => {}
             Event::TaskDeadLettered { task_id, error, .. } => {
                 self.parked = Some(Parked {
                     task_id: *task_id,
@@ -442,6 +601,10 @@ impl State {
                 self.parked = None;
             }
         }
+    }
+
+    fn compensation_mut(&mut self, index: u32) -> Option<&mut Compensating> {
+        self.saga.as_mut()?.compensations.get_mut(index as usize)
     }
 
     /// After a call result: when every call of the step has one, the model is next.

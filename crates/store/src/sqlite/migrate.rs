@@ -60,6 +60,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "awaiting_approval",
         sql: include_str!("migrations/0007_awaiting_approval.sql"),
     },
+    Migration {
+        version: 8,
+        name: "compensating",
+        sql: include_str!("migrations/0008_compensating.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

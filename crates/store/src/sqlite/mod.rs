@@ -369,9 +369,11 @@ const NEXT_DUE: &str = "SELECT MIN(visible_at) FROM tasks WHERE visible_at > ?1"
 /// Counts from the `runs_pending` partial index, whose WHERE clause they
 /// repeat word for word (SQLite uses a partial index only then).
 const PENDING_RUNS: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 \
-     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL')";
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL', \
+     'COMPENSATING')";
 const PENDING_RUNS_OF_AGENT: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 AND agent = ?2 \
-     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL')";
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL', \
+     'COMPENSATING')";
 
 /// Sums of run rows ([`Store::usage`]). `TOTAL` is a float even over no
 /// rows; `SUM` of integers is an integer (an error on overflow), NULL over
