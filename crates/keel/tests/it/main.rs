@@ -18,4 +18,5 @@ mod nats;
 mod postgres;
 mod priority;
 mod providers;
+mod sagas;
 mod streaming;
