@@ -1,6 +1,7 @@
 //! The worker pool: claims tasks, drives runs, keeps leases alive.
 //!
-//! A task names a run, a kind (`llm` or `tools`) and a step. Driving it means:
+//! A task names a run, a kind (`llm`, `tools`, `approval`, `notify` or
+//! `compensate`) and a step (a compensation's position, for `compensate`). Driving it means:
 //! fold the run's journal, turn what the outside world answered into a
 //! [`Command`], let the pure state machine decide, and commit the events and
 //! the tasks they cause in one fenced, conditional append. The task the append
