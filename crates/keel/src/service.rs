@@ -45,7 +45,7 @@ pub struct Providers {
 }
 
 /// Ceilings on pending runs (not yet finished: `PENDING`, `AWAITING_LLM`,
-/// `AWAITING_TOOL`, `AWAITING_APPROVAL`), beyond which submits are refused with
+/// `AWAITING_TOOL`, `AWAITING_APPROVAL`, `COMPENSATING`), beyond which submits are refused with
 /// [`Error::Busy`] instead of letting the queue grow without bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
