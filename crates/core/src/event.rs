@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, Usage};
 use crate::priority::Priority;
+use crate::run::Status;
 
 /// Version of the event schema, bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -166,6 +167,72 @@ pub enum Event {
         /// The child runs, in the order the model listed the tasks.
         children: Vec<SpawnedChild>,
     },
+    /// The run fails or is cancelled after successful calls of tools that
+    /// declare `compensate`: it is `COMPENSATING` while their compensations
+    /// run, one at a time, in reverse order of the calls. Then
+    /// `RunCompensated` and the run's own end (`RunFailed` with this
+    /// `error` and `code`, or `RunCancelled` with this `error` as reason).
+    RunCompensating {
+        /// How the run ends once compensated: `FAILED` or `CANCELLED`.
+        outcome: Status,
+        /// Why it fails (or the cancel's reason).
+        error: String,
+        /// The failure's code, as `RunFailed` will carry it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        /// The compensations to make, in order (index 0 first).
+        compensations: Vec<Compensation>,
+    },
+    /// Compensation `index` is about to be called: from here on it may
+    /// have happened (a repeat after a crash carries the same key).
+    CompensationStarted {
+        /// Position in `RunCompensating.compensations`.
+        index: u32,
+        /// Step of the call it undoes.
+        step: u32,
+        /// Position of that call in its step.
+        call_index: u32,
+        /// The compensating tool.
+        tool: String,
+        /// Its arguments (the rendered template).
+        arguments: Value,
+        /// `<run_id>:compensate:<step>:<call_index>`, sent with every attempt.
+        idempotency_key: String,
+        /// 1 for the first start; more when recovery repeats it.
+        attempt: u32,
+    },
+    /// Compensation `index` succeeded.
+    CompensationCompleted {
+        /// Position in `RunCompensating.compensations`.
+        index: u32,
+        /// Step of the call it undid.
+        step: u32,
+        /// Position of that call in its step.
+        call_index: u32,
+        /// What the compensating tool answered.
+        output: String,
+    },
+    /// Compensation `index` failed for good (its tool's retries are spent,
+    /// its template has no value, or the worker making it kept dying); the
+    /// others still run.
+    CompensationFailed {
+        /// Position in `RunCompensating.compensations`.
+        index: u32,
+        /// Step of the call it should have undone.
+        step: u32,
+        /// Position of that call in its step.
+        call_index: u32,
+        /// Why.
+        error: String,
+    },
+    /// Every compensation has its outcome; the run's end follows in the
+    /// same commit.
+    RunCompensated {
+        /// Compensations that succeeded.
+        completed: u32,
+        /// Compensations that failed.
+        failed: u32,
+    },
     /// A task used all its attempts and went to the dead-letter queue.
     TaskDeadLettered {
         /// The dead-lettered task (its id is the dead letter's id).
@@ -219,6 +286,11 @@ impl Event {
             Event::ApprovalDecided { .. } => "approval_decided",
             Event::ApprovalEscalated { .. } => "approval_escalated",
             Event::ChildrenSpawned { .. } => "children_spawned",
+            Event::RunCompensating { .. } => "run_compensating",
+            Event::CompensationStarted { .. } => "compensation_started",
+            Event::CompensationCompleted { .. } => "compensation_completed",
+            Event::CompensationFailed { .. } => "compensation_failed",
+            Event::RunCompensated { .. } => "run_compensated",
             Event::TaskDeadLettered { .. } => "task_dead_lettered",
             Event::TaskRedriven { .. } => "task_redriven",
             Event::RunCompleted { .. } => "run_completed",
@@ -234,6 +306,34 @@ impl Event {
             Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }
         )
     }
+
+    /// Whether this event stops the run's steps: it ends the run, or
+    /// starts its compensations (the run's other tasks are dropped).
+    pub fn stops_steps(&self) -> bool {
+        self.is_terminal() || matches!(self, Event::RunCompensating { .. })
+    }
+}
+
+/// One compensation a failing run makes: which call it undoes and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Compensation {
+    /// Step of the call it undoes.
+    pub step: u32,
+    /// Position of that call in its step.
+    pub call_index: u32,
+    /// The tool of that call.
+    pub call_tool: String,
+    /// The compensating tool (`compensate.tool`).
+    pub tool: String,
+    /// Its arguments: the template filled from the call and its result
+    /// (`null` when that failed: see `error`).
+    pub arguments: Value,
+    /// `<run_id>:compensate:<step>:<call_index>`.
+    pub idempotency_key: String,
+    /// Why the template could not be filled (the compensation fails
+    /// without a call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where a child run comes from: journaled in its `RunSubmitted`.

@@ -12,6 +12,8 @@
 //! * [`ids`]: run and task ids (UUID v7), sequence numbers, epoch-millis time.
 //! * [`message`]: the conversation: messages, tool calls, token usage.
 //! * [`priority`]: a run's priority (0..=9) under contention for workers.
+//! * [`saga`]: `compensate` of a tool: the tool that undoes a call and its
+//!   argument template, checked at registration and filled from the call.
 //! * [`spec`]: agent specs (YAML/JSON), validated with errors naming the field,
 //!   compiled into an [`spec::Agent`] with its tools' JSON Schema validators.
 //! * [`event`]: the journal's events, each carrying only what is new.
@@ -26,6 +28,7 @@ pub mod ids;
 pub mod message;
 pub mod priority;
 pub mod run;
+pub mod saga;
 pub mod spec;
 
 pub use event::{Event, Recorded};

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::approval::{Approvals, OnTimeout, OnUncertain, RequiresApproval};
+use crate::saga::Compensate;
 
 /// A validation failure: which field, and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -265,6 +266,10 @@ pub struct ToolSpec {
     /// of the server is invisible to the model and refused if it names one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// What undoes a successful call when the run fails or is cancelled
+    /// later (a saga): a tool and an argument template, see [`crate::saga`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<Compensate>,
 }
 
 /// Whether an `allow` list lets the tool `name` through (`*` matches any
@@ -786,6 +791,17 @@ impl Agent {
         }
 
         for (i, tool) in spec.tools.iter().enumerate() {
+            if let Some(compensate) = &tool.compensate {
+                check_compensate(
+                    &spec.tools,
+                    tool,
+                    compensate,
+                    &format!("tools[{i}]"),
+                    &mut err,
+                );
+            }
+        }
+        for (i, tool) in spec.tools.iter().enumerate() {
             if let RequiresApproval::When(condition) = &tool.requires_approval {
                 condition.check(&format!("tools[{i}].requires_approval.when"), &mut err);
             }
@@ -895,6 +911,17 @@ impl Agent {
                 .iter()
                 .find(|t| t.mcp.as_deref() == Some(server))
         })
+    }
+
+    /// What undoes a successful call of `tool`, if it declares `compensate`.
+    pub fn compensation(&self, tool: &str) -> Option<&Compensate> {
+        self.tool(tool)?.compensate.as_ref()
+    }
+
+    /// Whether any tool declares `compensate` (else a failing run has
+    /// nothing to undo).
+    pub fn has_compensations(&self) -> bool {
+        self.spec.tools.iter().any(|t| t.compensate.is_some())
     }
 
     /// The MCP servers the spec uses, each with its allow list.
@@ -1286,6 +1313,58 @@ fn check_spawn(tool: &ToolSpec, own: &str, at: &str, err: &mut impl FnMut(String
 }
 
 /// Checks an `{mcp: <server>, allow: [...]}` entry (`earlier`: the entries before it).
+/// Checks `compensate` of the tool at `at`: it names a tool of the spec
+/// (or an MCP tool its server entry allows) and its template's
+/// placeholders parse.
+fn check_compensate(
+    tools: &[ToolSpec],
+    tool: &ToolSpec,
+    compensate: &Compensate,
+    at: &str,
+    err: &mut impl FnMut(String, String),
+) {
+    if tool.mcp.is_some() {
+        err(
+            format!("{at}.compensate"),
+            "an `mcp` entry stands for many tools; declare `compensate` on a tool of its own"
+                .into(),
+        );
+        return;
+    }
+    let name = compensate.tool.as_str();
+    let inline = tools.iter().any(|t| t.mcp.is_none() && t.name == name);
+    let mcp = name.split_once("__").is_some_and(|(server, tool)| {
+        tools
+            .iter()
+            .any(|t| t.mcp.as_deref() == Some(server) && allows(&t.allow, tool))
+    });
+    if !inline && !mcp {
+        let known: Vec<&str> = tools
+            .iter()
+            .filter(|t| t.mcp.is_none())
+            .map(|t| t.name.as_str())
+            .collect();
+        err(
+            format!("{at}.compensate.tool"),
+            format!(
+                "`{name}` is not a tool of this spec (tools: {}; an MCP tool is `<server>__<tool>`, allowed by its server's entry)",
+                known.join(", ")
+            ),
+        );
+    }
+    if !compensate.arguments.is_object() {
+        err(
+            format!("{at}.compensate.arguments"),
+            "must be a mapping (the arguments of the compensating call)".into(),
+        );
+    }
+    crate::saga::check_template(
+        &compensate.arguments,
+        &format!("{at}.compensate.arguments"),
+        err,
+    );
+}
+
 fn check_mcp_entry(
     earlier: &[ToolSpec],
     tool: &ToolSpec,
@@ -1736,6 +1815,51 @@ tools:
             )),
             ["tools[0].worker", "tools[1]", "tools[2].root", "tools[3]"]
         );
+    }
+
+    #[test]
+    fn compensate_names_a_known_tool_and_a_valid_template() {
+        let spec = |tools: &str| {
+            format!("name: a\nversion: 1\nmodel: {{provider: openai, model: m}}\ntools:\n{tools}")
+        };
+        let book = "  - {name: book, http: {url: 'http://h/book'}, compensate: {tool: %s, arguments: %a}}\n";
+        let tools = |target: &str, arguments: &str| {
+            let mut t = book.replace("%s", target).replace("%a", arguments);
+            t.push_str("  - {name: unbook, http: {url: 'http://h/unbook'}}\n");
+            t.push_str("  - {mcp: gh, allow: ['close_*'], compensate: {tool: unbook}}\n");
+            t
+        };
+        assert_eq!(
+            fields(&spec(&tools("cancel", "{id: '{{result.id}}'}"))),
+            ["tools[0].compensate.tool", "tools[2].compensate"]
+        );
+        assert_eq!(
+            fields(&spec(&tools("gh__open_issue", "{id: '{{run.id}}'}"))),
+            [
+                "tools[0].compensate.tool",
+                "tools[0].compensate.arguments.id",
+                "tools[2].compensate"
+            ]
+        );
+        assert_eq!(
+            fields(&spec(&tools("unbook", "[1]"))),
+            ["tools[0].compensate.arguments", "tools[2].compensate"]
+        );
+        // A tool of the spec, or an MCP tool its server entry allows.
+        for target in ["unbook", "gh__close_issue"] {
+            let text = spec(&tools(
+                target,
+                "{id: '{{result.id}}', n: '{{call.arguments.n}}'}",
+            ))
+            .replace(", compensate: {tool: unbook}", "");
+            let agent = Agent::parse(&text).unwrap();
+            assert_eq!(
+                agent.compensation("book").map(|c| c.tool.as_str()),
+                Some(target)
+            );
+            assert!(agent.compensation("unbook").is_none());
+            assert!(agent.has_compensations());
+        }
     }
 
     #[test]

@@ -380,7 +380,7 @@ impl<S: Store> External<S> {
         update: TaskUpdate,
     ) -> Result<(), Error> {
         let at = now();
-        let terminal = transition.events.iter().any(Event::is_terminal);
+        let terminal = transition.events.iter().any(Event::stops_steps);
         let mut tasks = new_tasks(agent, state, &transition, None, at);
         tasks.extend(callback::tasks(state, &transition.events, at));
         let mut next = state.clone();
@@ -399,7 +399,12 @@ impl<S: Store> External<S> {
             projection: projection(&next),
             now: at,
             spawn: Vec::new(),
-            wake: Vec::new(),
+            // A run that stops wakes its parent and cancels its children.
+            wake: if terminal {
+                crate::linked_tasks(&next, at)
+            } else {
+                Vec::new()
+            },
         };
         match self.store.append(append).await {
             Ok(_) => Ok(()),

@@ -1,6 +1,7 @@
 //! The worker pool: claims tasks, drives runs, keeps leases alive.
 //!
-//! A task names a run, a kind (`llm` or `tools`) and a step. Driving it means:
+//! A task names a run, a kind (`llm`, `tools`, `approval`, `notify` or
+//! `compensate`) and a step (a compensation's position, for `compensate`). Driving it means:
 //! fold the run's journal, turn what the outside world answered into a
 //! [`Command`], let the pure state machine decide, and commit the events and
 //! the tasks they cause in one fenced, conditional append. The task the append
@@ -388,7 +389,9 @@ async fn step<S: Store>(
     if state.status.is_terminal() {
         return finish_stale(inner, slot, task).await;
     }
-    if task.attempts > task.max_attempts {
+    // A compensation whose workers kept dying is failed, not parked: the
+    // others must still run (compensate_step).
+    if task.attempts > task.max_attempts && task.kind != TaskKind::Compensate {
         let error = format!(
             "{} task gave up after {} attempts (the worker running it kept dying)",
             task.kind.as_str(),
@@ -398,13 +401,15 @@ async fn step<S: Store>(
     }
     if run::expired(state, &agent, at) {
         let transition = handle(state, &agent, Command::Expire);
+        // The run may compensate before it ends.
+        let new_tasks = follow_up_tasks(inner, &agent, state, &transition);
         return commit(
             inner,
             slot,
             task,
             transition,
             TaskUpdate::Complete,
-            Vec::new(),
+            new_tasks,
             true,
         )
         .await;
@@ -421,6 +426,7 @@ async fn step<S: Store>(
         // callback is not created yet.
         TaskKind::External => finish_stale(inner, slot, task).await,
         TaskKind::Callback => callback_step(inner, slot, task).await,
+        TaskKind::Compensate => compensate_step(inner, slot, task, &agent).await,
     }
 }
 
@@ -548,7 +554,7 @@ async fn llm_step<S: Store>(
         transition.events.extend(start.events);
         transition.effects.extend(start.effects);
     }
-    let terminal = transition.events.iter().any(Event::is_terminal);
+    let terminal = transition.events.iter().any(Event::stops_steps);
     let new_tasks = follow_up_tasks(inner, agent, state, &transition);
     commit(
         inner,
@@ -603,7 +609,7 @@ async fn tools_step<S: Store>(
             // An uncertain call's policy: the run parks for a human
             // (`ask`) or fails (`fail`), or every call is an external
             // worker's (queued with its start); this task is done.
-            let terminal = start.events.iter().any(Event::is_terminal);
+            let terminal = start.events.iter().any(Event::stops_steps);
             let new_tasks = follow_up_tasks(inner, agent, state, &start);
             return commit(
                 inner,
@@ -705,7 +711,7 @@ async fn journal_result<S: Store>(
         let transition = handle(state, agent, command.clone());
         // Creating child runs goes on with the step; asking the model,
         // parking for the children or ending the run settles it.
-        let terminal = transition.events.iter().any(Event::is_terminal);
+        let terminal = transition.events.iter().any(Event::stops_steps);
         let settles = terminal
             || transition
                 .effects
@@ -826,13 +832,22 @@ pub(crate) fn new_tasks(
                 at,
                 lease_to.clone(),
             ),
-            Effect::SpawnChildren(_) => continue,
             Effect::InvokeTool(inv) => {
                 if let Some(queue) = agent.queue_of(&inv.tool) {
                     tasks.push(crate::external::task(agent, state, inv, queue, at));
                 }
                 continue;
             }
+            // Retries of a compensating call happen inside it (its tool's
+            // policy); the task's attempts only count workers that died.
+            Effect::Compensate { index } => (
+                TaskKind::Compensate,
+                *index,
+                agent.spec.retry.max_attempts,
+                at,
+                lease_to.clone(),
+            ),
+            Effect::SpawnChildren(_) | Effect::InvokeCompensation(_) => continue,
         };
         tasks.push(NewTask {
             kind,
@@ -891,7 +906,7 @@ async fn approval_step<S: Store>(
         return Ok(Next::Done);
     }
     info!(run_id = %task.run_id, step = task.step, "approval timed out, applying approvals.on_timeout");
-    let terminal = transition.events.iter().any(Event::is_terminal);
+    let terminal = transition.events.iter().any(Event::stops_steps);
     let new_tasks = follow_up_tasks(inner, agent, state, &transition);
     commit(
         inner,
@@ -999,6 +1014,116 @@ async fn callback_step<S: Store>(
     }
 }
 
+/// Makes compensation `task.step` of a `COMPENSATING` run: journals its
+/// start (before the call: from then on it may have happened), calls the
+/// tool with the compensation's idempotency key, then journals the outcome
+/// with the next compensation's task, or the run's end, in one commit. A
+/// start without an outcome (the worker died) is made again with the same
+/// key; after the task's last attempt it is journaled as failed.
+async fn compensate_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let index = task.step;
+    let next = state.saga.as_ref().and_then(run::Saga::next);
+    if state.status != Status::Compensating || next != Some(index) {
+        return finish_stale(inner, slot, task).await;
+    }
+    let started = state
+        .saga
+        .as_ref()
+        .and_then(|s| s.compensations.get(index as usize))
+        .is_some_and(|c| matches!(c.state, run::CompensationState::Started { .. }));
+    if started && task.attempts > task.max_attempts {
+        let output = format!(
+            "compensation gave up after {} attempts (the worker making it kept dying)",
+            task.max_attempts
+        );
+        let transition = handle(
+            state,
+            agent,
+            Command::CompensationReturned {
+                index,
+                output,
+                is_error: true,
+            },
+        );
+        return settle_compensation(inner, slot, task, agent, transition).await;
+    }
+
+    let start = handle(state, agent, Command::StartCompensation { index });
+    let invocation = start.effects.iter().find_map(|e| match e {
+        Effect::InvokeCompensation(inv) => Some(inv.clone()),
+        _ => None,
+    });
+    let Some(invocation) = invocation else {
+        // Failed without a call (its arguments could not be made).
+        return settle_compensation(inner, slot, task, agent, start).await;
+    };
+    commit(
+        inner,
+        slot,
+        task,
+        start,
+        TaskUpdate::Keep,
+        Vec::new(),
+        false,
+    )
+    .await?;
+    info!(run_id = %task.run_id, index, tool = %invocation.tool, attempt = invocation.attempt, "compensating");
+    let outcome = inner.tools.invoke(agent, task.run_id, &invocation).await;
+    if outcome.is_error {
+        warn!(run_id = %task.run_id, index, tool = %invocation.tool, error = %outcome.output, "compensation failed");
+    }
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let transition = handle(
+        state,
+        agent,
+        Command::CompensationReturned {
+            index,
+            output: outcome.output,
+            is_error: outcome.is_error,
+        },
+    );
+    settle_compensation(inner, slot, task, agent, transition).await
+}
+
+/// Commits a compensation's outcome, completing its task, with the next
+/// compensation's task (leased to this worker) or the run's end.
+async fn settle_compensation<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    transition: run::Transition,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    if transition.events.is_empty() {
+        return finish_stale(inner, slot, task).await;
+    }
+    let terminal = transition.events.iter().any(Event::stops_steps);
+    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::Complete,
+        new_tasks,
+        terminal,
+    )
+    .await
+}
+
 /// Commits a transition under the task's lease and says what comes next.
 async fn commit<S: Store>(
     inner: &Inner<S>,
@@ -1019,7 +1144,7 @@ async fn commit<S: Store>(
     for event in &transition.events {
         state.apply_next(event, at);
     }
-    let ended = transition.events.iter().any(Event::is_terminal);
+    let ended = transition.events.iter().any(Event::stops_steps);
     let mut spawn = Vec::new();
     for effect in &transition.effects {
         if let Effect::SpawnChildren(children) = effect {
@@ -1204,7 +1329,7 @@ async fn children_step<S: Store>(
         return Ok(Next::Done);
     }
     info!(run_id = %task.run_id, step = task.step, "child runs over, fan-in");
-    let terminal = transition.events.iter().any(Event::is_terminal);
+    let terminal = transition.events.iter().any(Event::stops_steps);
     let new_tasks = follow_up_tasks(inner, agent, state, &transition);
     commit(
         inner,

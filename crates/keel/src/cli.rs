@@ -74,7 +74,7 @@ enum Command {
     /// List runs, newest first.
     Runs {
         /// Only this status (PENDING, AWAITING_LLM, AWAITING_TOOL, AWAITING_APPROVAL,
-        /// COMPLETED, FAILED, CANCELLED).
+        /// COMPENSATING, COMPLETED, FAILED, CANCELLED).
         #[arg(long)]
         status: Option<String>,
         /// Only this agent.

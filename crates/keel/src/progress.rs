@@ -164,6 +164,42 @@ impl Printer {
                     clip(error, 100)
                 )
             }
+            Event::RunCompensating {
+                outcome,
+                error,
+                compensations,
+                ..
+            } => {
+                format!(
+                    "compensating   {} compensation(s), then {}: {}",
+                    compensations.len(),
+                    outcome.as_str(),
+                    clip(error, 80)
+                )
+            }
+            Event::CompensationStarted {
+                step,
+                tool,
+                idempotency_key,
+                attempt,
+                ..
+            } => {
+                let again = if *attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                format!("step {step:<3} undo {tool} started, key {idempotency_key}{again}")
+            }
+            Event::CompensationCompleted { step, output, .. } => {
+                format!("step {step:<3} undo ok: {}", clip(&one_line(output), 90))
+            }
+            Event::CompensationFailed { step, error, .. } => {
+                format!("step {step:<3} undo failed: {}", clip(&one_line(error), 90))
+            }
+            Event::RunCompensated { completed, failed } => {
+                format!("compensated    {completed} completed, {failed} failed")
+            }
             Event::TaskRedriven { task_id } => format!("redriven       task {task_id}"),
             Event::RunCompleted { .. } => "completed".into(),
             Event::RunFailed { error, .. } => format!("failed: {error}"),

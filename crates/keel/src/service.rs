@@ -49,7 +49,7 @@ pub struct Providers {
 }
 
 /// Ceilings on pending runs (not yet finished: `PENDING`, `AWAITING_LLM`,
-/// `AWAITING_TOOL`, `AWAITING_APPROVAL`), beyond which submits are refused with
+/// `AWAITING_TOOL`, `AWAITING_APPROVAL`, `COMPENSATING`), beyond which submits are refused with
 /// [`Error::Busy`] instead of letting the queue grow without bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -403,8 +403,11 @@ impl<S: Store> Service<S> {
                 },
             )
             .map_err(|e| Error::Conflict(format!("cannot cancel run `{run_id}`: {e}")))?;
+            // A run with calls to undo is COMPENSATING first: its first
+            // compensation's task is created with the cancel.
+            let new_tasks = effect_tasks(&state, &agent, &transition.effects);
             match self
-                .append_admin(&mut state, transition.events, true, None)
+                .append_admin(&mut state, transition.events, true, None, new_tasks)
                 .await
             {
                 Ok(()) => return Ok(state),
@@ -432,7 +435,10 @@ impl<S: Store> Service<S> {
                 )));
             }
             let events = vec![Event::TaskRedriven { task_id: id }];
-            match self.append_admin(&mut state, events, false, Some(id)).await {
+            match self
+                .append_admin(&mut state, events, false, Some(id), Vec::new())
+                .await
+            {
                 Ok(()) => return Ok(letter.run_id),
                 Err(StoreError::SeqConflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -482,24 +488,8 @@ impl<S: Store> Service<S> {
                 )),
             })?;
             let at = now();
-            let mut new_tasks = Vec::new();
-            for effect in &transition.effects {
-                let (kind, step) = match effect {
-                    run::Effect::CallTools { step } => (TaskKind::Tools, *step),
-                    run::Effect::CallLlm { step } => (TaskKind::Llm, *step),
-                    _ => continue,
-                };
-                new_tasks.push(NewTask {
-                    kind,
-                    step,
-                    priority: state.priority,
-                    max_attempts: agent.spec.retry.max_attempts,
-                    run_at: at,
-                    lease_to: None,
-                    queue: None,
-                });
-            }
-            let terminal = transition.events.iter().any(Event::is_terminal);
+            let mut new_tasks = effect_tasks(&state, &agent, &transition.effects);
+            let terminal = transition.events.iter().any(Event::stops_steps);
             new_tasks.extend(callback::tasks(&state, &transition.events, at));
             let expected_seq = state.seq;
             for event in &transition.events {
@@ -570,11 +560,14 @@ impl<S: Store> Service<S> {
         events: Vec<Event>,
         clear_tasks: bool,
         redrive: Option<TaskId>,
+        new_tasks: Vec<NewTask>,
     ) -> Result<(), StoreError> {
         let expected_seq = state.seq;
         let at = now();
-        let ended = events.iter().any(Event::is_terminal);
-        let new_tasks = callback::tasks(state, &events, at);
+        // A run that stops its steps (it ends, or starts compensating).
+        let ended = events.iter().any(Event::stops_steps);
+        let mut new_tasks = new_tasks;
+        new_tasks.extend(callback::tasks(state, &events, at));
         for event in &events {
             state.apply_next(event, at);
         }
@@ -805,6 +798,10 @@ pub struct RunView {
     /// The child runs it started, in order, with their status.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<ChildView>,
+    /// Its compensations, once it failed or was cancelled after calls of
+    /// tools with `compensate` (sagas).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<CompensationView>,
 }
 
 /// Where a child run comes from.
@@ -836,6 +833,87 @@ pub struct ChildView {
     /// Its status, as its run row has it (absent if it could not be read).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+}
+
+/// A run's compensations as the API shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompensationView {
+    /// `running` while the run is COMPENSATING, then `done`.
+    pub status: String,
+    /// How the run ends (or ended): `FAILED` or `CANCELLED`.
+    pub outcome: String,
+    /// Compensations that succeeded.
+    pub completed: u32,
+    /// Compensations that failed.
+    pub failed: u32,
+    /// Each compensation, in the order they run (the last call first).
+    pub compensations: Vec<CompensatingView>,
+}
+
+/// One compensation as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompensatingView {
+    /// Step of the call it undoes.
+    pub step: u32,
+    /// Position of that call in its step.
+    pub call_index: u32,
+    /// The tool of that call.
+    pub call_tool: String,
+    /// The compensating tool.
+    pub tool: String,
+    /// Its arguments (the filled template; null when it could not be filled).
+    pub arguments: Value,
+    /// `<run_id>:compensate:<step>:<call_index>`.
+    pub idempotency_key: String,
+    /// `pending`, `started`, `completed` or `failed`.
+    pub status: String,
+    /// Starts journaled (more than 1: repeated after a crash, same key).
+    pub attempts: u32,
+    /// The tool's answer, or why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+impl CompensationView {
+    fn new(state: &State, events: &[Recorded]) -> Option<CompensationView> {
+        let saga = state.saga.as_ref()?;
+        let (completed, failed) = saga.counts();
+        let compensations = saga
+            .compensations
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CompensatingView {
+                step: c.plan.step,
+                call_index: c.plan.call_index,
+                call_tool: c.plan.call_tool.clone(),
+                tool: c.plan.tool.clone(),
+                arguments: c.plan.arguments.clone(),
+                idempotency_key: c.plan.idempotency_key.clone(),
+                status: match c.state {
+                    run::CompensationState::Pending => "pending",
+                    run::CompensationState::Started { .. } => "started",
+                    run::CompensationState::Completed => "completed",
+                    run::CompensationState::Failed => "failed",
+                }
+                .into(),
+                attempts: events
+                    .iter()
+                    .filter(|r| {
+                        matches!(&r.event, Event::CompensationStarted { index, .. } if *index as usize == i)
+                    })
+                    .count() as u32,
+                result: c.result.clone(),
+            })
+            .collect();
+        let running = state.status == run::Status::Compensating;
+        Some(CompensationView {
+            status: if running { "running" } else { "done" }.into(),
+            outcome: saga.outcome.as_str().into(),
+            completed,
+            failed,
+            compensations,
+        })
+    }
 }
 
 /// One LLM step as the API shows it.
@@ -971,7 +1049,7 @@ impl RunView {
             usage: state.usage,
             cost_usd: state.cost_usd,
             error_code: events.iter().rev().find_map(|r| match &r.event {
-                Event::RunFailed { code, .. } => code.clone(),
+                Event::RunFailed { code, .. } | Event::RunCompensating { code, .. } => code.clone(),
                 _ => None,
             }),
             dead_letter: state.parked.as_ref().map(|p| p.task_id.to_string()),
@@ -998,12 +1076,40 @@ impl RunView {
                     status: None,
                 })
                 .collect(),
+            compensation: CompensationView::new(state, events),
         }
     }
 }
 
 fn call_mut(steps: &mut [StepView], index: u32) -> Option<&mut CallView> {
     steps.last_mut()?.tool_calls.get_mut(index as usize)
+}
+
+/// The queue's tasks for the effects of an API-side transition (a decision
+/// or a cancel): the next tools or LLM task, or a compensation, due now
+/// and leased to nobody. The timers and notifications of approvals are the
+/// workers' business.
+fn effect_tasks(state: &State, agent: &keel_core::Agent, effects: &[run::Effect]) -> Vec<NewTask> {
+    let at = now();
+    let mut tasks = Vec::new();
+    for effect in effects {
+        let (kind, step) = match effect {
+            run::Effect::CallTools { step } => (TaskKind::Tools, *step),
+            run::Effect::CallLlm { step } => (TaskKind::Llm, *step),
+            run::Effect::Compensate { index } => (TaskKind::Compensate, *index),
+            _ => continue,
+        };
+        tasks.push(NewTask {
+            kind,
+            step,
+            priority: state.priority,
+            max_attempts: agent.spec.retry.max_attempts,
+            run_at: at,
+            lease_to: None,
+            queue: None,
+        });
+    }
+    tasks
 }
 
 /// A run's journal from `after` on: history first, then live events as they

@@ -1534,6 +1534,10 @@ pub(crate) async fn pending_runs_count_unfinished_runs<S: Store>(store: S) -> Re
     let mut parked = append(of_a[2], 1, None, vec![rejected(1, "x")]);
     parked.projection = projection(Status::AwaitingApproval);
     store.append(parked).await?;
+    // So is undoing calls before the end (sagas).
+    let mut compensating = append(of_b[1], 1, None, vec![rejected(1, "x")]);
+    compensating.projection = projection(Status::Compensating);
+    store.append(compensating).await?;
     assert_eq!(counts(&store).await?, [5, 3, 2, 1, 0]);
 
     // Completed, failed and cancelled runs are not.

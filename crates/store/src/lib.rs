@@ -186,6 +186,9 @@ pub enum TaskKind {
     /// POST a run's `callback_url` about one of its journal events (its
     /// `step` is that event's seq).
     Callback,
+    /// Make one compensation of a `COMPENSATING` run (its `step` is the
+    /// compensation's position in the plan).
+    Compensate,
 }
 
 impl TaskKind {
@@ -200,6 +203,7 @@ impl TaskKind {
             TaskKind::Cancel => "cancel",
             TaskKind::External => "external",
             TaskKind::Callback => "callback",
+            TaskKind::Compensate => "compensate",
         }
     }
 
@@ -214,6 +218,7 @@ impl TaskKind {
             "cancel" => Some(TaskKind::Cancel),
             "external" => Some(TaskKind::External),
             "callback" => Some(TaskKind::Callback),
+            "compensate" => Some(TaskKind::Compensate),
             _ => None,
         }
     }
@@ -1037,7 +1042,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Runs of `tenant` not in a terminal status (PENDING, AWAITING_LLM,
-    /// AWAITING_TOOL, AWAITING_APPROVAL), of `agent` only when given. Used for backpressure,
+    /// AWAITING_TOOL, AWAITING_APPROVAL, AWAITING_CHILDREN, COMPENSATING), of `agent` only when given. Used for backpressure,
     /// so it must stay cheap with millions of finished runs (an index that
     /// only holds non-terminal runs).
     fn pending_runs(

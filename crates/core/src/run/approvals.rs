@@ -176,7 +176,7 @@ fn resume(state: &State, agent: &Agent, step: u32, events: Vec<Event>) -> Transi
             events,
             effects: vec![Effect::CallTools { step }],
         },
-        Status::AwaitingLlm => next_llm_or_fail(events, step, agent.spec.limits.max_steps, None),
+        Status::AwaitingLlm => next_llm_or_fail(state, agent, events, step, None),
         _ => Transition {
             events,
             effects: Vec::new(),

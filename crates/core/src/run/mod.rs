@@ -8,12 +8,16 @@
 
 mod approvals;
 mod children;
+mod saga;
 mod state;
 #[cfg(test)]
 mod tests;
 
 pub use children::{ChildOutcome, ChildRun, spawn_tasks};
-pub use state::{Approval, Call, CallState, Child, Decision, Parked, State, Status, approval_id};
+pub use state::{
+    Approval, Call, CallState, Child, Compensating, CompensationState, Decision, Parked, Saga,
+    State, Status, Succeeded, approval_id,
+};
 
 use serde_json::Value;
 
@@ -104,6 +108,21 @@ pub enum Command {
         /// over, are waited for).
         outcomes: Vec<ChildOutcome>,
     },
+    /// Compensation `index` of a `COMPENSATING` run is about to be made
+    /// (or made again after a crash).
+    StartCompensation {
+        /// Position in the plan of `RunCompensating`.
+        index: u32,
+    },
+    /// The compensating call returned (an error result is its failure).
+    CompensationReturned {
+        /// Position in the plan of `RunCompensating`.
+        index: u32,
+        /// What the tool answered, or what went wrong.
+        output: String,
+        /// Whether it failed.
+        is_error: bool,
+    },
 }
 
 /// Work the events ask for.
@@ -143,6 +162,14 @@ pub enum Effect {
         /// The step whose calls wait.
         step: u32,
     },
+    /// Queue compensation `index` of a `COMPENSATING` run.
+    Compensate {
+        /// Position in the plan of `RunCompensating`.
+        index: u32,
+    },
+    /// Make one compensating call now; its `CompensationStarted` is among
+    /// the events (`step` and `call_index` are the undone call's).
+    InvokeCompensation(Invocation),
 }
 
 /// One tool call to make.
@@ -212,11 +239,28 @@ pub enum Rejected {
     /// the tool's schema, or an edit where none is allowed).
     #[error("{0}")]
     InvalidDecision(String),
+    /// The run is undoing its compensable calls; it ends on its own.
+    #[error("run is COMPENSATING: it ends {} once its compensations ran", .0.as_str())]
+    Compensating(Status),
+    /// The command is for a compensation that is not the next one (a
+    /// stale or duplicate task).
+    #[error("compensation {index} is not the next one to make (next: {next:?})")]
+    WrongCompensation {
+        /// Compensation the command was for.
+        index: u32,
+        /// The next one, if any.
+        next: Option<u32>,
+    },
 }
 
 /// The idempotency key of a tool call.
 pub fn idempotency_key(run_id: RunId, step: u32, call_index: u32) -> String {
     format!("{run_id}:{step}:{call_index}")
+}
+
+/// The idempotency key of the compensation of a tool call.
+pub fn compensation_key(run_id: RunId, step: u32, call_index: u32) -> String {
+    format!("{run_id}:compensate:{step}:{call_index}")
 }
 
 /// Starts a run: the first event and the first LLM call.
@@ -244,13 +288,26 @@ pub fn submit(
 /// Whether the run's wall-clock limit has passed at `now`.
 pub fn expired(state: &State, agent: &Agent, now: Millis) -> bool {
     let limit = agent.spec.limits.timeout.as_millis() as i64;
-    !state.status.is_terminal() && now.saturating_sub(state.created_at) >= limit
+    // Compensations run to the end whatever the clock says.
+    let running = !state.status.is_terminal() && state.status != Status::Compensating;
+    running && now.saturating_sub(state.created_at) >= limit
 }
 
 /// Decides what a command means for a run.
 pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transition, Rejected> {
     if state.status.is_terminal() {
         return Err(Rejected::Finished(state.status));
+    }
+    if let Some(saga) = &state.saga {
+        return match command {
+            Command::StartCompensation { index } => saga::start(state, agent, index),
+            Command::CompensationReturned {
+                index,
+                output,
+                is_error,
+            } => saga::returned(state, index, output, is_error),
+            _ => Err(Rejected::Compensating(saga.outcome)),
+        };
     }
     match command {
         Command::LlmResponded {
@@ -267,20 +324,25 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
             output,
             is_error,
         } => tool_returned(state, agent, step, call_index, output, is_error),
-        Command::Cancel { reason } => Ok(Transition {
-            events: vec![Event::RunCancelled { reason }],
-            effects: Vec::new(),
-        }),
-        Command::Expire => Ok(Transition {
-            events: vec![Event::RunFailed {
-                error: format!(
-                    "run timed out: limits.timeout ({}) passed",
-                    crate::spec::human_duration::format(agent.spec.limits.timeout)
-                ),
-                code: Some(code::TIMEOUT.into()),
-            }],
-            effects: Vec::new(),
-        }),
+        Command::Cancel { reason } => Ok(saga::stop(
+            state,
+            agent,
+            Vec::new(),
+            Status::Cancelled,
+            reason,
+            None,
+        )),
+        Command::Expire => Ok(saga::stop(
+            state,
+            agent,
+            Vec::new(),
+            Status::Failed,
+            format!(
+                "run timed out: limits.timeout ({}) passed",
+                crate::spec::human_duration::format(agent.spec.limits.timeout)
+            ),
+            Some(code::TIMEOUT.into()),
+        )),
         Command::Decide {
             approval_id,
             approved,
@@ -295,6 +357,9 @@ pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transiti
             versions,
         } => children::spawn(state, agent, step, call_index, versions),
         Command::JoinChildren { step, outcomes } => children::join(state, agent, step, &outcomes),
+        Command::StartCompensation { index } | Command::CompensationReturned { index, .. } => {
+            Err(Rejected::WrongCompensation { index, next: None })
+        }
     }
 }
 
@@ -331,14 +396,14 @@ fn llm_responded(
     // (its cost is spent either way); anything else stops here.
     let answered = calls.is_empty() && !content.trim().is_empty();
     if !answered && let Some(error) = over_budget(state, agent, usage, cost_usd) {
-        events.push(Event::RunFailed {
-            error,
-            code: Some(code::BUDGET_EXCEEDED.into()),
-        });
-        return Ok(Transition {
+        return Ok(saga::stop(
+            state,
+            agent,
             events,
-            effects: Vec::new(),
-        });
+            Status::Failed,
+            error,
+            Some(code::BUDGET_EXCEEDED.into()),
+        ));
     }
 
     if calls.is_empty() {
@@ -348,7 +413,7 @@ fn llm_responded(
                 step,
                 error: error.clone(),
             });
-            return Ok(next_llm_or_fail(events, step, max_steps, Some(&error)));
+            return Ok(next_llm_or_fail(state, agent, events, step, Some(&error)));
         }
         events.push(Event::RunCompleted { output: content });
         return Ok(Transition {
@@ -392,23 +457,24 @@ fn llm_responded(
     }
     if valid == 0 {
         return Ok(next_llm_or_fail(
+            state,
+            agent,
             events,
             step,
-            max_steps,
             last_error.as_deref(),
         ));
     }
     if step >= max_steps {
-        events.push(Event::RunFailed {
-            error: format!(
+        return Ok(saga::stop(
+            state,
+            agent,
+            events,
+            Status::Failed,
+            format!(
                 "limits.max_steps ({max_steps}) reached: the model still asked for tools at step {step}"
             ),
-            code: Some(code::MAX_STEPS.into()),
-        });
-        return Ok(Transition {
-            events,
-            effects: Vec::new(),
-        });
+            Some(code::MAX_STEPS.into()),
+        ));
     }
     if !gated.is_empty() {
         // The step waits until every approval is decided; then its calls
@@ -483,27 +549,30 @@ fn over_budget(
 }
 
 /// After a step whose calls all settled without running anything new: ask the
-/// model again, unless the step budget is spent.
+/// model again, unless the step budget is spent. `state` is the run
+/// before `events`.
 fn next_llm_or_fail(
-    mut events: Vec<Event>,
+    state: &State,
+    agent: &Agent,
+    events: Vec<Event>,
     step: u32,
-    max_steps: u32,
     last_error: Option<&str>,
 ) -> Transition {
+    let max_steps = agent.spec.limits.max_steps;
     if step >= max_steps {
         let mut error = format!("limits.max_steps ({max_steps}) reached without a final answer");
         if let Some(last) = last_error {
             error.push_str("; last error: ");
             error.push_str(last);
         }
-        events.push(Event::RunFailed {
-            error,
-            code: Some(code::MAX_STEPS.into()),
-        });
-        return Transition {
+        return saga::stop(
+            state,
+            agent,
             events,
-            effects: Vec::new(),
-        };
+            Status::Failed,
+            error,
+            Some(code::MAX_STEPS.into()),
+        );
     }
     Transition {
         events,
@@ -576,14 +645,17 @@ fn start_tools(state: &State, agent: &Agent, step: u32) -> Result<Transition, Re
 
     let mut transition = Transition::default();
     if !failed.is_empty() {
-        transition.events.push(Event::RunFailed {
-            error: format!(
+        return Ok(saga::stop(
+            state,
+            agent,
+            Vec::new(),
+            Status::Failed,
+            format!(
                 "tool call {} may or may not have happened (the worker making it stopped before its result was saved) and its tool's on_uncertain is `fail`",
                 failed.join(", ")
             ),
-            code: Some(code::UNCERTAIN_TOOL_CALL.into()),
-        });
-        return Ok(transition);
+            Some(code::UNCERTAIN_TOOL_CALL.into()),
+        ));
     }
     if !ask.is_empty() {
         for (call_index, call, arguments, attempt) in ask {
@@ -664,7 +736,7 @@ fn after_results(state: &State, agent: &Agent, step: u32, events: Vec<Event>) ->
         next.apply_next(event, 0);
     }
     match next.status {
-        Status::AwaitingLlm => next_llm_or_fail(events, step, agent.spec.limits.max_steps, None),
+        Status::AwaitingLlm => next_llm_or_fail(state, agent, events, step, None),
         Status::AwaitingChildren if state.status != Status::AwaitingChildren => Transition {
             events,
             effects: vec![Effect::AwaitChildren { step }],

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Event, ParentLink, Recorded};
+use crate::event::{Compensation, Event, ParentLink, Recorded};
 use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, ToolCall, Usage};
 use crate::priority::Priority;
@@ -23,6 +23,9 @@ pub enum Status {
     /// Parked until the child runs of its `spawn_agents` calls are over
     /// (no worker is held; the last child to finish wakes it).
     AwaitingChildren,
+    /// Failed or cancelled, undoing its compensable calls (sagas) before
+    /// it ends `FAILED` or `CANCELLED`.
+    Compensating,
     /// Finished with an answer.
     Completed,
     /// Failed for good.
@@ -33,12 +36,13 @@ pub enum Status {
 
 impl Status {
     /// Every status, in life order.
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Pending,
         Status::AwaitingLlm,
         Status::AwaitingTool,
         Status::AwaitingApproval,
         Status::AwaitingChildren,
+        Status::Compensating,
         Status::Completed,
         Status::Failed,
         Status::Cancelled,
@@ -52,6 +56,7 @@ impl Status {
             Status::AwaitingTool => "AWAITING_TOOL",
             Status::AwaitingApproval => "AWAITING_APPROVAL",
             Status::AwaitingChildren => "AWAITING_CHILDREN",
+            Status::Compensating => "COMPENSATING",
             Status::Completed => "COMPLETED",
             Status::Failed => "FAILED",
             Status::Cancelled => "CANCELLED",
@@ -172,6 +177,95 @@ pub struct Child {
     pub joined: bool,
 }
 
+/// A tool call that succeeded: what its compensation is built from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Succeeded {
+    /// Step of the call.
+    pub step: u32,
+    /// Position of the call.
+    pub call_index: u32,
+    /// Tool name.
+    pub tool: String,
+    /// The arguments it was made with.
+    pub arguments: Value,
+    /// Its result.
+    pub output: String,
+}
+
+/// A run's compensations, once it is `COMPENSATING` (and after).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Saga {
+    /// How the run ends: `FAILED` or `CANCELLED`.
+    pub outcome: Status,
+    /// Why (the cancel's reason for `CANCELLED`).
+    pub error: String,
+    /// The failure's code.
+    pub code: Option<String>,
+    /// The compensations, in the order they run.
+    pub compensations: Vec<Compensating>,
+}
+
+impl Saga {
+    /// The compensation to make next: the first without an outcome.
+    pub fn next(&self) -> Option<u32> {
+        self.compensations
+            .iter()
+            .position(|c| !c.is_settled())
+            .map(|i| i as u32)
+    }
+
+    /// (completed, failed) so far.
+    pub fn counts(&self) -> (u32, u32) {
+        let count = |state: CompensationState| {
+            self.compensations
+                .iter()
+                .filter(|c| c.state == state)
+                .count() as u32
+        };
+        (
+            count(CompensationState::Completed),
+            count(CompensationState::Failed),
+        )
+    }
+}
+
+/// One compensation and where it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compensating {
+    /// What to call.
+    pub plan: Compensation,
+    /// Where it is.
+    pub state: CompensationState,
+    /// The compensating tool's answer, or why it failed.
+    pub result: Option<String>,
+}
+
+impl Compensating {
+    /// Whether it has its outcome.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self.state,
+            CompensationState::Completed | CompensationState::Failed
+        )
+    }
+}
+
+/// Progress of one compensation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompensationState {
+    /// Not started yet.
+    Pending,
+    /// Started `attempts` times without an outcome journaled.
+    Started {
+        /// Starts journaled so far.
+        attempts: u32,
+    },
+    /// It succeeded.
+    Completed,
+    /// It failed for good.
+    Failed,
+}
+
 /// A task parked in the dead-letter queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parked {
@@ -230,6 +324,10 @@ pub struct State {
     pub children: Vec<Child>,
     /// Where the run's outcome and parks are POSTed, if anywhere.
     pub callback_url: Option<String>,
+    /// The tool calls that succeeded, in journal order.
+    pub succeeded: Vec<Succeeded>,
+    /// Its compensations, once it fails or is cancelled after compensable calls.
+    pub saga: Option<Saga>,
 }
 
 impl State {
@@ -259,6 +357,8 @@ impl State {
             depth: 0,
             children: Vec::new(),
             callback_url: None,
+            succeeded: Vec::new(),
+            saga: None,
         }
     }
 
@@ -380,6 +480,15 @@ impl State {
             } => {
                 if let Some(call) = self.calls.get_mut(*call_index as usize) {
                     call.state = CallState::Done;
+                    if !is_error {
+                        self.succeeded.push(Succeeded {
+                            step: *step,
+                            call_index: *call_index,
+                            tool: call.call.name.clone(),
+                            arguments: call.arguments.clone().unwrap_or(Value::Null),
+                            output: output.clone(),
+                        });
+                    }
                 }
                 for child in &mut self.children {
                     if child.step == *step && child.call_index == *call_index {
@@ -482,6 +591,56 @@ impl State {
                 }
                 self.settle_step();
             }
+            Event::RunCompensating {
+                outcome,
+                error,
+                code,
+                compensations,
+            } => {
+                self.status = Status::Compensating;
+                self.error = Some(match outcome {
+                    Status::Cancelled => format!("cancelled: {error}"),
+                    _ => error.clone(),
+                });
+                // Nothing waits for a decision any more.
+                self.approvals.clear();
+                self.parked = None;
+                self.saga = Some(Saga {
+                    outcome: *outcome,
+                    error: error.clone(),
+                    code: code.clone(),
+                    compensations: compensations
+                        .iter()
+                        .map(|plan| Compensating {
+                            plan: plan.clone(),
+                            state: CompensationState::Pending,
+                            result: None,
+                        })
+                        .collect(),
+                });
+            }
+            Event::CompensationStarted { index, .. } => {
+                if let Some(c) = self.compensation_mut(*index) {
+                    let attempts = match c.state {
+                        CompensationState::Started { attempts } => attempts + 1,
+                        _ => 1,
+                    };
+                    c.state = CompensationState::Started { attempts };
+                }
+            }
+            Event::CompensationCompleted { index, output, .. } => {
+                if let Some(c) = self.compensation_mut(*index) {
+                    c.state = CompensationState::Completed;
+                    c.result = Some(output.clone());
+                }
+            }
+            Event::CompensationFailed { index, error, .. } => {
+                if let Some(c) = self.compensation_mut(*index) {
+                    c.state = CompensationState::Failed;
+                    c.result = Some(error.clone());
+                }
+            }
+            Event::RunCompensated { .. } => {}
             Event::TaskDeadLettered { task_id, error, .. } => {
                 self.parked = Some(Parked {
                     task_id: *task_id,
@@ -507,6 +666,10 @@ impl State {
                 self.parked = None;
             }
         }
+    }
+
+    fn compensation_mut(&mut self, index: u32) -> Option<&mut Compensating> {
+        self.saga.as_mut()?.compensations.get_mut(index as usize)
     }
 
     /// After a call result: when every call of the step has one, the model

@@ -16,8 +16,9 @@ fn agent_with_limits(limits: &str) -> Agent {
 }
 
 /// The test agent: `echo` (idempotent), `pay` (needs approval above 100,
-/// asks when uncertain: the default of a tool not declared idempotent) and
-/// `nuke` (fails the run when uncertain), with `limits` and `approvals`.
+/// asks when uncertain: the default of a tool not declared idempotent),
+/// `nuke` (fails the run when uncertain) and `book`, undone by `unbook`
+/// with the booking id of its result, with `limits` and `approvals`.
 fn agent_with(limits: &str, approvals: &str) -> Agent {
     let yaml = format!(
         r#"
@@ -40,6 +41,16 @@ tools:
   - name: spawn
     builtin: spawn_agents
     agents: [worker, self]
+  - name: book
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "http://127.0.0.1:2/book"}}
+    idempotent: true
+    compensate:
+      tool: unbook
+      arguments: {{n: "{{{{call.arguments.n}}}}", id: "{{{{result.id}}}}", note: "undo {{{{call.arguments.n}}}}"}}
+  - name: unbook
+    parameters: {{type: object, properties: {{n: {{type: integer}}, id: {{type: integer}}}}, required: [n, id]}}
+    http: {{url: "http://127.0.0.1:2/unbook"}}
 limits: {{{limits}}}
 approvals: {approvals}
 "#
@@ -700,9 +711,11 @@ fn command() -> impl Strategy<Value = Command> {
         1 => Just(("pay", r#"{"amount":5}"#)),
         1 => Just(("nuke", "{}")),
         1 => Just(("spawn", SPAWN_TWO)),
+        2 => Just(("book", r#"{"n":3}"#)),
     ];
+    // Weighted so runs get far enough to fail after bookings and compensate.
     prop_oneof![
-        (
+        4 => (
             step.clone(),
             prop::collection::vec(tool, 0..4),
             any::<bool>(),
@@ -727,19 +740,27 @@ fn command() -> impl Strategy<Value = Command> {
                 };
                 responded(step, answer(&calls, content))
             }),
-        step.clone().prop_map(|step| Command::StartTools { step }),
-        (step.clone(), 0u32..4, any::<bool>()).prop_map(|(step, call_index, is_error)| {
-            Command::ToolReturned {
+        3 => step.clone().prop_map(|step| Command::StartTools { step }),
+        4 => (step.clone(), 0u32..4, any::<bool>(), any::<bool>()).prop_map(
+            |(step, call_index, is_error, booked)| Command::ToolReturned {
                 step,
                 call_index,
-                output: "out".into(),
+                // A booking's id, or a result the template finds none in.
+                output: if booked { r#"{"id": 7}"#.into() } else { "out".into() },
                 is_error,
             }
-        }),
-        Just(Command::Cancel {
+        ),
+        1 => Just(Command::Cancel {
             reason: "test".into()
         }),
-        (
+        1 => Just(Command::Expire),
+        3 => (0u32..3).prop_map(|index| Command::StartCompensation { index }),
+        3 => (0u32..3, any::<bool>()).prop_map(|(index, is_error)| Command::CompensationReturned {
+            index,
+            output: "undone".into(),
+            is_error,
+        }),
+        2 => (
             step.clone(),
             0u32..4,
             1u32..3,
@@ -755,15 +776,15 @@ fn command() -> impl Strategy<Value = Command> {
                     arguments: amount.map(|a| json!({"amount": a})),
                 }
             ),
-        prop_oneof![Just(0i64), Just(i64::MAX)].prop_map(|now| Command::ApprovalTimeout { now }),
-        (step.clone(), 0u32..4, any::<bool>()).prop_map(|(step, call_index, known)| {
+        1 => prop_oneof![Just(0i64), Just(i64::MAX)].prop_map(|now| Command::ApprovalTimeout { now }),
+        2 => (step.clone(), 0u32..4, any::<bool>()).prop_map(|(step, call_index, known)| {
             Command::Spawn {
                 step,
                 call_index,
                 versions: vec![Some("1".into()), known.then(|| "2".into())],
             }
         }),
-        (
+        2 => (
             step,
             prop_oneof![
                 Just(Status::Completed),
@@ -828,7 +849,34 @@ proptest! {
             let command = fill(&run.state, command);
             let _ = run.send(&agent, command);
         }
+        check(&run, &agent)?;
+    }
 
+    #[test]
+    fn sagas_undo_each_booking_once_in_reverse_order(
+        bookings in prop::collection::vec((any::<bool>(), any::<bool>()), 1..4),
+        commands in prop::collection::vec(command(), 1..40),
+    ) {
+        // A run that booked (or failed to) for a few steps, then anything.
+        let agent = agent_with("max_steps: 4", "{}");
+        let mut run = Run::new();
+        for (i, (is_error, with_id)) in bookings.into_iter().enumerate() {
+            let step = i as u32 + 1;
+            run.send(&agent, responded(step, answer(&[("book", r#"{"n":3}"#)], None))).unwrap();
+            run.send(&agent, Command::StartTools { step }).unwrap();
+            let output = if with_id { r#"{"id": 7}"# } else { "booked" };
+            run.send(&agent, Command::ToolReturned { step, call_index: 0, output: output.into(), is_error }).unwrap();
+        }
+        for command in commands {
+            let _ = run.send(&agent, command);
+        }
+        check(&run, &agent)?;
+    }
+}
+
+/// What holds after any sequence of commands.
+fn check(run: &Run, agent: &Agent) -> Result<(), TestCaseError> {
+    {
         // Replaying the journal (through its stored JSON form) rebuilds the same state.
         let stored: Vec<Recorded> = run
             .journal
@@ -847,13 +895,22 @@ proptest! {
         // once more after each round of approvals to repeat uncertain calls.
         let mut llm_steps = Vec::new();
         let mut tool_steps = std::collections::HashMap::new();
+        let mut compensations = std::collections::HashSet::new();
         for effect in &run.effects {
             match effect {
                 Effect::CallLlm { step } => llm_steps.push(*step),
                 Effect::CallTools { step } => *tool_steps.entry(*step).or_insert(0u32) += 1,
+                Effect::Compensate { index } => {
+                    prop_assert!(
+                        compensations.insert(*index),
+                        "compensation {} scheduled twice",
+                        index
+                    );
+                }
                 Effect::InvokeTool(_)
                 | Effect::AwaitApproval { .. }
                 | Effect::Notify { .. }
+                | Effect::InvokeCompensation(_)
                 | Effect::SpawnChildren(_)
                 | Effect::AwaitChildren { .. } => {}
             }
@@ -863,18 +920,33 @@ proptest! {
         let mut child_ids = std::collections::HashSet::new();
         let mut spawned_calls = std::collections::HashSet::new();
         for r in &run.journal {
-            if let Event::ChildrenSpawned { step, call_index, children } = &r.event {
-                prop_assert!(spawned_calls.insert((*step, *call_index)), "call spawned twice");
+            if let Event::ChildrenSpawned {
+                step,
+                call_index,
+                children,
+            } = &r.event
+            {
+                prop_assert!(
+                    spawned_calls.insert((*step, *call_index)),
+                    "call spawned twice"
+                );
                 for (i, child) in children.iter().enumerate() {
-                    prop_assert_eq!(child.run_id, run.state.run_id.child(*step, *call_index, i as u32));
+                    prop_assert_eq!(
+                        child.run_id,
+                        run.state.run_id.child(*step, *call_index, i as u32)
+                    );
                     prop_assert!(child_ids.insert(child.run_id));
                 }
             }
         }
-        let created: Vec<RunId> = run.effects.iter().flat_map(|e| match e {
-            Effect::SpawnChildren(runs) => runs.iter().map(|r| r.run_id).collect(),
-            _ => Vec::new(),
-        }).collect();
+        let created: Vec<RunId> = run
+            .effects
+            .iter()
+            .flat_map(|e| match e {
+                Effect::SpawnChildren(runs) => runs.iter().map(|r| r.run_id).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
         prop_assert_eq!(created.len(), child_ids.len());
         prop_assert!(created.iter().all(|id| child_ids.contains(id)));
         // Parked for children exactly while only spawned calls wait.
@@ -886,11 +958,27 @@ proptest! {
         }
         let mut unique = llm_steps.clone();
         unique.dedup();
-        prop_assert_eq!(&unique, &llm_steps, "llm steps scheduled twice: {:?}", llm_steps);
+        prop_assert_eq!(
+            &unique,
+            &llm_steps,
+            "llm steps scheduled twice: {:?}",
+            llm_steps
+        );
         for (step, scheduled) in &tool_steps {
-            let repeats = run.journal.iter().filter(|r| matches!(&r.event,
-                Event::ApprovalRequested { step: s, attempt, .. } if s == step && *attempt > 1)).count();
-            prop_assert!(*scheduled as usize <= 1 + repeats, "tool step {} scheduled {} times", step, scheduled);
+            let repeats = run
+                .journal
+                .iter()
+                .filter(|r| {
+                    matches!(&r.event,
+                Event::ApprovalRequested { step: s, attempt, .. } if s == step && *attempt > 1)
+                })
+                .count();
+            prop_assert!(
+                *scheduled as usize <= 1 + repeats,
+                "tool step {} scheduled {} times",
+                step,
+                scheduled
+            );
         }
 
         // A call is only started again when its previous start has no
@@ -911,24 +999,48 @@ proptest! {
                         }
                     }
                 }
-                Event::ToolCallStarted { step, call_index, attempt, .. } => {
+                Event::ToolCallStarted {
+                    step,
+                    call_index,
+                    attempt,
+                    ..
+                } => {
                     let n = started.entry((*step, *call_index)).or_insert(0u32);
                     *n += 1;
                     prop_assert_eq!(*attempt, *n);
                     let id = approval_id(*step, *call_index, *attempt);
                     if requested.contains(&id) || asked_for.contains(&id) {
-                        prop_assert_eq!(decided.get(&id), Some(&true), "{} started without approval", id);
+                        prop_assert_eq!(
+                            decided.get(&id),
+                            Some(&true),
+                            "{} started without approval",
+                            id
+                        );
                     }
                 }
-                Event::ToolCallCompleted { step, call_index, .. } => {
+                Event::ToolCallCompleted {
+                    step, call_index, ..
+                } => {
                     prop_assert!(started.contains_key(&(*step, *call_index)));
                 }
                 Event::ApprovalRequested { approval_id, .. } => {
-                    prop_assert!(requested.insert(approval_id.clone()), "{} requested twice", approval_id);
+                    prop_assert!(
+                        requested.insert(approval_id.clone()),
+                        "{} requested twice",
+                        approval_id
+                    );
                 }
-                Event::ApprovalDecided { approval_id, approved, .. } => {
+                Event::ApprovalDecided {
+                    approval_id,
+                    approved,
+                    ..
+                } => {
                     prop_assert!(requested.contains(approval_id));
-                    prop_assert!(decided.insert(approval_id.clone(), *approved).is_none(), "{} decided twice", approval_id);
+                    prop_assert!(
+                        decided.insert(approval_id.clone(), *approved).is_none(),
+                        "{} decided twice",
+                        approval_id
+                    );
                 }
                 _ => {}
             }
@@ -944,7 +1056,337 @@ proptest! {
             prop_assert_eq!(pos, run.journal.len() - 1);
         }
         prop_assert!(run.state.steps <= 4);
+
+        // Sagas: the plan undoes the successful `book` calls, last first;
+        // each compensation starts only when it is the next one, settles
+        // once, and the run ends only after all of them, with their count.
+        let booked: Vec<(u32, u32)> = run
+            .journal
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::ToolCallCompleted {
+                    step,
+                    call_index,
+                    is_error: false,
+                    ..
+                } => Some((*step, *call_index)),
+                _ => None,
+            })
+            .filter(|(step, call_index)| {
+                run.journal.iter().any(|r| {
+                    matches!(&r.event,
+            Event::ToolCallStarted { step: s, call_index: c, tool, .. }
+                if s == step && c == call_index && tool == "book")
+                })
+            })
+            .collect();
+        let mut plan = None;
+        let mut settled = Vec::new();
+        let mut starts = std::collections::HashMap::new();
+        for r in &run.journal {
+            match &r.event {
+                Event::RunCompensating { compensations, .. } => {
+                    prop_assert!(plan.is_none(), "compensating twice");
+                    let order: Vec<(u32, u32)> = compensations
+                        .iter()
+                        .map(|c| (c.step, c.call_index))
+                        .collect();
+                    let mut expected = booked.clone();
+                    expected.reverse();
+                    prop_assert_eq!(&order, &expected);
+                    for c in compensations {
+                        prop_assert_eq!(
+                            &c.idempotency_key,
+                            &compensation_key(run.state.run_id, c.step, c.call_index)
+                        );
+                    }
+                    plan = Some(compensations.len());
+                }
+                Event::CompensationStarted { index, attempt, .. } => {
+                    prop_assert_eq!(*index as usize, settled.len(), "started out of order");
+                    let n = starts.entry(*index).or_insert(0u32);
+                    *n += 1;
+                    prop_assert_eq!(*attempt, *n);
+                }
+                Event::CompensationCompleted { index, .. } => {
+                    prop_assert!(starts.contains_key(index));
+                    prop_assert_eq!(*index as usize, settled.len());
+                    settled.push(true);
+                }
+                Event::CompensationFailed { index, .. } => {
+                    prop_assert_eq!(*index as usize, settled.len());
+                    settled.push(false);
+                }
+                Event::RunCompensated { completed, failed } => {
+                    prop_assert_eq!(Some(settled.len()), plan);
+                    prop_assert_eq!(
+                        *completed as usize,
+                        settled.iter().filter(|ok| **ok).count()
+                    );
+                    prop_assert_eq!(*failed as usize, settled.iter().filter(|ok| !**ok).count());
+                }
+                _ => {}
+            }
+        }
+        match plan {
+            Some(planned) if run.state.status.is_terminal() => {
+                prop_assert_eq!(settled.len(), planned);
+                prop_assert!(matches!(
+                    run.state.status,
+                    Status::Failed | Status::Cancelled
+                ));
+            }
+            Some(_) => prop_assert_eq!(run.state.status, Status::Compensating),
+            None => prop_assert!(run.state.status != Status::Compensating),
+        }
+        if matches!(run.state.status, Status::Failed | Status::Cancelled) && plan.is_none() {
+            prop_assert!(
+                booked.is_empty(),
+                "a run with bookings ended without undoing them"
+            );
+        }
     }
+    Ok(())
+}
+
+/// A 3-step booking whose third step fails (its tool errs, then the step
+/// budget is spent) undoes the first two, last first, once each.
+#[test]
+fn a_failed_saga_compensates_in_reverse_order_once_each() {
+    let agent = agent(4);
+    let mut run = Run::new();
+    for (step, output) in [(1, r#"{"id": 11}"#), (2, r#"{"id": 22}"#)] {
+        run.send(
+            &agent,
+            responded(
+                step,
+                answer(&[("book", &format!(r#"{{"n":{step}}}"#))], None),
+            ),
+        )
+        .unwrap();
+        run.send(&agent, Command::StartTools { step }).unwrap();
+        run.send(
+            &agent,
+            Command::ToolReturned {
+                step,
+                call_index: 0,
+                output: output.into(),
+                is_error: false,
+            },
+        )
+        .unwrap();
+    }
+    run.send(
+        &agent,
+        responded(3, answer(&[("book", r#"{"n":3}"#)], None)),
+    )
+    .unwrap();
+    run.send(&agent, Command::StartTools { step: 3 }).unwrap();
+    run.send(
+        &agent,
+        Command::ToolReturned {
+            step: 3,
+            call_index: 0,
+            output: "sold out".into(),
+            is_error: true,
+        },
+    )
+    .unwrap();
+    // The model tries again; the step budget is spent.
+    assert_eq!(run.state.status, Status::AwaitingLlm);
+    run.send(
+        &agent,
+        responded(4, answer(&[("book", r#"{"n":3}"#)], None)),
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::Compensating);
+    assert_eq!(run.effects.last(), Some(&Effect::Compensate { index: 0 }));
+    let Some(Event::RunCompensating {
+        outcome,
+        code,
+        compensations,
+        ..
+    }) = run.journal.last().map(|r| &r.event)
+    else {
+        panic!("expected run_compensating, got {:?}", run.journal.last())
+    };
+    assert_eq!(*outcome, Status::Failed);
+    assert_eq!(code.as_deref(), Some("max_steps"));
+    let id = run.state.run_id;
+    assert_eq!(
+        compensations.len(),
+        2,
+        "the failed call has nothing to undo"
+    );
+    assert_eq!(compensations[0].step, 2);
+    assert_eq!(
+        compensations[0].arguments,
+        json!({"n": 2, "id": 22, "note": "undo 2"})
+    );
+    assert_eq!(
+        compensations[0].idempotency_key,
+        format!("{id}:compensate:2:0")
+    );
+    assert_eq!(compensations[1].step, 1);
+    assert_eq!(compensations[1].arguments["id"], 11);
+
+    // While compensating, the run takes no other command.
+    assert_eq!(
+        handle(&run.state, &agent, Command::Cancel { reason: "x".into() }),
+        Err(Rejected::Compensating(Status::Failed))
+    );
+    assert!(!expired(&run.state, &agent, i64::MAX));
+    assert!(matches!(
+        handle(&run.state, &agent, Command::StartCompensation { index: 1 }),
+        Err(Rejected::WrongCompensation {
+            index: 1,
+            next: Some(0)
+        })
+    ));
+
+    // The first is started, the worker dies, it is started again with the same key.
+    run.send(&agent, Command::StartCompensation { index: 0 })
+        .unwrap();
+    run.send(&agent, Command::StartCompensation { index: 0 })
+        .unwrap();
+    let invoked: Vec<&Invocation> = run
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::InvokeCompensation(inv) => Some(inv),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(invoked.len(), 2);
+    assert_eq!(invoked[0].idempotency_key, invoked[1].idempotency_key);
+    assert_eq!((invoked[0].attempt, invoked[1].attempt), (1, 2));
+    assert_eq!(invoked[0].tool, "unbook");
+    run.send(
+        &agent,
+        Command::CompensationReturned {
+            index: 0,
+            output: "cancelled 22".into(),
+            is_error: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(run.effects.last(), Some(&Effect::Compensate { index: 1 }));
+    // A stale return of the first one is refused.
+    assert!(
+        handle(
+            &run.state,
+            &agent,
+            Command::CompensationReturned {
+                index: 0,
+                output: "again".into(),
+                is_error: false
+            }
+        )
+        .is_err()
+    );
+    run.send(&agent, Command::StartCompensation { index: 1 })
+        .unwrap();
+    run.send(
+        &agent,
+        Command::CompensationReturned {
+            index: 1,
+            output: "HTTP 500".into(),
+            is_error: true,
+        },
+    )
+    .unwrap();
+    let kinds: Vec<&str> = run
+        .journal
+        .iter()
+        .rev()
+        .take(3)
+        .map(|r| r.event.kind())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["run_failed", "run_compensated", "compensation_failed"]
+    );
+    assert!(matches!(
+        run.journal[run.journal.len() - 2].event,
+        Event::RunCompensated {
+            completed: 1,
+            failed: 1
+        }
+    ));
+    assert_eq!(run.state.status, Status::Failed);
+    assert_eq!(failure_code(&run), Some("max_steps"));
+}
+
+/// A cancel undoes what was booked and ends CANCELLED; a template with no
+/// value fails its compensation without a call; runs with nothing to undo
+/// end at once.
+#[test]
+fn a_cancel_compensates_and_unfillable_templates_fail_without_a_call() {
+    let agent = agent(5);
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[("book", r#"{"n":1}"#)], None)),
+    )
+    .unwrap();
+    run.send(&agent, Command::StartTools { step: 1 }).unwrap();
+    run.send(
+        &agent,
+        Command::ToolReturned {
+            step: 1,
+            call_index: 0,
+            output: "booked, no id".into(),
+            is_error: false,
+        },
+    )
+    .unwrap();
+    run.send(
+        &agent,
+        Command::Cancel {
+            reason: "user".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::Compensating);
+    assert_eq!(run.state.error.as_deref(), Some("cancelled: user"));
+    run.send(&agent, Command::StartCompensation { index: 0 })
+        .unwrap();
+    assert!(
+        !run.effects
+            .iter()
+            .any(|e| matches!(e, Effect::InvokeCompensation(_))),
+        "no call without arguments"
+    );
+    let kinds: Vec<&str> = run
+        .journal
+        .iter()
+        .rev()
+        .take(3)
+        .map(|r| r.event.kind())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["run_cancelled", "run_compensated", "compensation_failed"]
+    );
+    let Some(Event::CompensationFailed { error, .. }) =
+        run.journal.iter().rev().nth(2).map(|r| &r.event)
+    else {
+        panic!("expected compensation_failed")
+    };
+    assert!(error.contains("`result` has no `id`"), "{error}");
+    assert_eq!(run.state.status, Status::Cancelled);
+
+    // echo declares no compensate: the cancel ends the run at once.
+    let mut run = Run::new();
+    tool_step(&mut run, &agent, 1).unwrap();
+    run.send(
+        &agent,
+        Command::Cancel {
+            reason: "user".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::Cancelled);
 }
 
 #[test]

@@ -19,5 +19,6 @@ mod nats;
 mod postgres;
 mod priority;
 mod providers;
+mod sagas;
 mod streaming;
 mod workers;

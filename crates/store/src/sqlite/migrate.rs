@@ -65,6 +65,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         name: "external_workers",
         sql: include_str!("migrations/0008_external_workers.sql"),
     },
+    Migration {
+        version: 9,
+        name: "compensating",
+        sql: include_str!("migrations/0009_compensating.sql"),
+    },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS keel_migrations (

@@ -425,9 +425,11 @@ impl QueuedRow {
 /// Counts from the `runs_pending` partial index, whose WHERE clause they
 /// repeat word for word (SQLite uses a partial index only then).
 const PENDING_RUNS: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 \
-     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL')";
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL', \
+     'AWAITING_CHILDREN', 'COMPENSATING')";
 const PENDING_RUNS_OF_AGENT: &str = "SELECT COUNT(*) FROM runs WHERE tenant = ?1 AND agent = ?2 \
-     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL')";
+     AND status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL', \
+     'AWAITING_CHILDREN', 'COMPENSATING')";
 
 /// Sums of run rows ([`Store::usage`]). `TOTAL` is a float even over no
 /// rows; `SUM` of integers is an integer (an error on overflow), NULL over
