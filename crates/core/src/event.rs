@@ -246,6 +246,18 @@ pub enum Event {
         /// Last error.
         error: String,
     },
+    /// The run's LLM step waits, holding no worker, because the circuit
+    /// breaker of its model and of every fallback is open: it goes on by
+    /// itself when one half-opens (`until`). Journaled once per wait, so
+    /// a callback (and an SSE client) learns the run is stuck.
+    LlmParked {
+        /// The LLM step that waits.
+        step: u32,
+        /// Why, naming the endpoint.
+        reason: String,
+        /// When the first breaker half-opens (epoch ms).
+        until: Millis,
+    },
     /// A dead-lettered task was put back in the queue.
     TaskRedriven {
         /// The task.
@@ -292,6 +304,7 @@ impl Event {
             Event::CompensationFailed { .. } => "compensation_failed",
             Event::RunCompensated { .. } => "run_compensated",
             Event::TaskDeadLettered { .. } => "task_dead_lettered",
+            Event::LlmParked { .. } => "llm_parked",
             Event::TaskRedriven { .. } => "task_redriven",
             Event::RunCompleted { .. } => "run_completed",
             Event::RunFailed { .. } => "run_failed",

@@ -1,6 +1,7 @@
 //! Callbacks: a run submitted with `callback_url` is POSTed its terminal
 //! result and every park that needs someone (awaiting approval, a task
-//! dead-lettered), signed like the webhooks (`webhook.rs`).
+//! dead-lettered, every circuit breaker of its model open), signed like
+//! the webhooks (`webhook.rs`).
 //!
 //! Each POST is a `callback` task created in the same commit as the event
 //! it reports (its `step` is that event's seq), so it is durable: retried
@@ -30,6 +31,7 @@ pub fn tasks(state: &State, events: &[Event], now: Millis) -> Vec<NewTask> {
             // A callback that could not be delivered is not reported by
             // another callback (it would fail the same way, forever).
             Event::TaskDeadLettered { kind, .. } => kind != TaskKind::Callback.as_str(),
+            Event::LlmParked { .. } => true,
             event => event.is_terminal(),
         };
         if !reported {
@@ -61,6 +63,7 @@ pub fn body(state: &State, event: &Recorded, now: Millis) -> Value {
         Event::RunCancelled { .. } => "run.cancelled",
         Event::ApprovalRequested { .. } => "run.awaiting_approval",
         Event::TaskDeadLettered { .. } => "run.dead_lettered",
+        Event::LlmParked { .. } => "run.breaker_open",
         _ => "run.event",
     };
     let code = match &event.event {

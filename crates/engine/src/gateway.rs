@@ -326,6 +326,9 @@ pub enum Admission<'a> {
         until: Millis,
         /// Why, for the task's record.
         reason: String,
+        /// Whether it is because every breaker of the chain is open (not a
+        /// rate limit): the run is stuck until one half-opens.
+        breakers_open: bool,
     },
 }
 
@@ -494,7 +497,11 @@ impl<S: Store> Gateway<S> {
                         "rate limit of {provider}/{}: no capacity before {until}",
                         model.model
                     );
-                    Admission::Later { until, reason }
+                    Admission::Later {
+                        until,
+                        reason,
+                        breakers_open: false,
+                    }
                 }
             });
         }
@@ -505,6 +512,7 @@ impl<S: Store> Gateway<S> {
                 "circuit breaker open for {} and every fallback",
                 endpoint(primary.provider.name(), &resolve(&self.config, primary))
             ),
+            breakers_open: true,
         })
     }
 

@@ -463,10 +463,37 @@ async fn llm_step<S: Store>(
     }
     let ticket = match inner.gateway.admit(agent, state, now()).await? {
         Admission::Go(ticket) => ticket,
-        Admission::Later { until, reason } => {
+        Admission::Later {
+            until,
+            reason,
+            breakers_open,
+        } => {
             // No capacity or no working endpoint yet: the run waits in the
             // queue, holding no worker, and the wait counts no attempt.
             debug!(run_id = %task.run_id, step = task.step, until, %reason, "llm call deferred");
+            if breakers_open && state.breaker_parked != Some(task.step) {
+                // Stuck, not just throttled: journaled once per wait, so
+                // callbacks and event streams say so.
+                let parked = run::Transition {
+                    events: vec![Event::LlmParked {
+                        step: task.step,
+                        reason: reason.clone(),
+                        until,
+                    }],
+                    effects: Vec::new(),
+                };
+                // (`commit` adds the callback.)
+                commit(
+                    inner,
+                    slot,
+                    task,
+                    parked,
+                    TaskUpdate::Keep,
+                    Vec::new(),
+                    false,
+                )
+                .await?;
+            }
             inner.store.defer(task.lease, until, &reason, now()).await?;
             return Ok(Next::Done);
         }

@@ -200,6 +200,9 @@ impl Printer {
             Event::RunCompensated { completed, failed } => {
                 format!("compensated    {completed} completed, {failed} failed")
             }
+            Event::LlmParked { step, reason, .. } => {
+                format!("step {step:<3} waiting: {}", clip(&one_line(reason), 90))
+            }
             Event::TaskRedriven { task_id } => format!("redriven       task {task_id}"),
             Event::RunCompleted { .. } => "completed".into(),
             Event::RunFailed { error, .. } => format!("failed: {error}"),

@@ -314,6 +314,9 @@ pub struct State {
     pub last_correction: Option<String>,
     /// A dead-lettered task holding the run, if any.
     pub parked: Option<Parked>,
+    /// The LLM step waiting behind open circuit breakers (`LlmParked`),
+    /// until its answer.
+    pub breaker_parked: Option<u32>,
     /// The run's priority: every task it creates carries it.
     pub priority: Priority,
     /// The run that spawned this one, if it is a child run.
@@ -352,6 +355,7 @@ impl State {
             error: None,
             last_correction: None,
             parked: None,
+            breaker_parked: None,
             priority: Priority::DEFAULT,
             parent: None,
             depth: 0,
@@ -418,6 +422,7 @@ impl State {
                 cost_usd,
                 ..
             } => {
+                self.breaker_parked = None;
                 self.steps = *step;
                 self.usage.add(*usage);
                 self.cost_usd += cost_usd.unwrap_or(0.0);
@@ -646,6 +651,9 @@ impl State {
                     task_id: *task_id,
                     error: error.clone(),
                 });
+            }
+            Event::LlmParked { step, .. } => {
+                self.breaker_parked = Some(*step);
             }
             Event::TaskRedriven { .. } => {
                 self.parked = None;

@@ -710,3 +710,93 @@ async fn an_agent_with_few_runs_gets_its_share_of_a_busy_limit() {
         "the provider refused {throttled} calls"
     );
 }
+
+/// A run whose model's breaker is open, with no fallback, waits holding no
+/// worker: `llm_parked` is journaled once, its `callback_url` is told
+/// (`run.breaker_open`), and once the provider recovers and the breaker
+/// half-opens the run completes (and is called back again).
+#[tokio::test]
+async fn a_run_stuck_behind_an_open_breaker_is_journaled_and_called_back() {
+    let provider = Mock::start().await.expect("provider");
+    let hooks = Mock::start().await.expect("hooks");
+    provider.counters.llm_down.store(true, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let config = config_file(
+        &dir,
+        "providers:\n  openai:\n    kind: openai\n    breaker: {failures: 2, open_for: 2s, trials: 1}\n",
+    );
+    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let http = reqwest::Client::new();
+    let model = format!(
+        r#"{{provider: openai, model: "tools:1", base_url: "{}", timeout: 5s}}"#,
+        provider.llm_url(),
+    );
+    let yaml = echo_agent(
+        "stuck",
+        &model,
+        &provider,
+        "retry: {max_attempts: 10, backoff: {initial: 50ms, max: 100ms}}",
+    );
+    register(&http, &server, &yaml).await;
+    let r = http
+        .post(server.url("/v1/runs"))
+        .json(&serde_json::json!({
+            "agent": "stuck",
+            "input": "go",
+            "callback_url": hooks.hook_url("stuck"),
+        }))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.expect("json");
+    let id = body["id"].as_str().expect("id").to_string();
+
+    // Two failures open the breaker; the run parks and says so, once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hooks
+        .counters
+        .hooks()
+        .iter()
+        .any(|h| h.event.as_deref() == Some("run.breaker_open"))
+    {
+        assert!(Instant::now() < deadline, "no breaker_open callback");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    provider.counters.llm_down.store(false, Ordering::Relaxed);
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let received = hooks.counters.hooks();
+        let kinds: Vec<String> = received.iter().filter_map(|h| h.event.clone()).collect();
+        if kinds.iter().any(|k| k == "run.completed") {
+            // One park, however often the task came back while it waited
+            // (a delivery may be repeated, with its Keel-Delivery id).
+            let mut parks: Vec<&str> = received
+                .iter()
+                .filter(|h| h.event.as_deref() == Some("run.breaker_open"))
+                .filter_map(|h| h.delivery.as_deref())
+                .collect();
+            parks.dedup();
+            assert_eq!(parks.len(), 1, "{kinds:?} {parks:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no completion callback: {kinds:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The journal holds the park once, before the answer.
+    let events = sse(&http, &server.url(&format!("/v1/runs/{id}/events")), None).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "llm_parked").count(),
+        1,
+        "{kinds:?}"
+    );
+    let parked = kinds.iter().position(|k| *k == "llm_parked");
+    let answered = kinds.iter().position(|k| *k == "llm_completed");
+    assert!(parked < answered, "{kinds:?}");
+}
