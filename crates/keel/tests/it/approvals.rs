@@ -11,28 +11,6 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-/// Polls a run until `done` holds for its view.
-async fn wait_for(
-    http: &reqwest::Client,
-    server: &Server,
-    id: &str,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let run = get_json(http, &server.url(&format!("/v1/runs/{id}"))).await;
-        if done(&run) {
-            return run;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run {id}: {what} never happened: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn parked(run: &Value) -> bool {
     run["status"] == "AWAITING_APPROVAL"
 }

@@ -35,27 +35,6 @@ limits: {{max_fan_out: 20}}
     )
 }
 
-async fn wait_for(
-    http: &reqwest::Client,
-    server: &Server,
-    id: &str,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let run = get_json(http, &server.url(&format!("/v1/runs/{id}"))).await;
-        if done(&run) {
-            return run;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run {id}: {what} never happened: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn twenty_children_fan_out_and_fan_in_in_order() {
     let dir = TempDir::new();

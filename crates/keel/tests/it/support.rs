@@ -189,6 +189,29 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     r.json().await.expect("json")
 }
 
+/// Polls a run until `done` holds for its view (30 s at most; `what`
+/// names it in the failure).
+pub async fn wait_for(
+    http: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let run = get_json(http, &server.url(&format!("/v1/runs/{id}"))).await;
+        if done(&run) {
+            return run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {id}: {what} never happened: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls a run until its status is terminal.
 pub async fn wait_terminal(
     http: &reqwest::Client,
