@@ -581,18 +581,7 @@ async fn llm_step<S: Store>(
         transition.events.extend(start.events);
         transition.effects.extend(start.effects);
     }
-    let terminal = transition.events.iter().any(Event::stops_steps);
-    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
-    commit(
-        inner,
-        slot,
-        task,
-        transition,
-        TaskUpdate::Complete,
-        new_tasks,
-        terminal,
-    )
-    .await
+    settle(inner, slot, task, agent, transition).await
 }
 
 async fn tools_step<S: Store>(
@@ -636,18 +625,7 @@ async fn tools_step<S: Store>(
             // An uncertain call's policy: the run parks for a human
             // (`ask`) or fails (`fail`), or every call is an external
             // worker's (queued with its start); this task is done.
-            let terminal = start.events.iter().any(Event::stops_steps);
-            let new_tasks = follow_up_tasks(inner, agent, state, &start);
-            return commit(
-                inner,
-                slot,
-                task,
-                start,
-                TaskUpdate::Complete,
-                new_tasks,
-                terminal,
-            )
-            .await;
+            return settle(inner, slot, task, agent, start).await;
         }
         let queued = follow_up_tasks(inner, agent, state, &start);
         commit(inner, slot, task, start, TaskUpdate::Keep, queued, false).await?;
@@ -933,18 +911,7 @@ async fn approval_step<S: Store>(
         return Ok(Next::Done);
     }
     info!(run_id = %task.run_id, step = task.step, "approval timed out, applying approvals.on_timeout");
-    let terminal = transition.events.iter().any(Event::stops_steps);
-    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
-    commit(
-        inner,
-        slot,
-        task,
-        transition,
-        TaskUpdate::Complete,
-        new_tasks,
-        terminal,
-    )
-    .await
+    settle(inner, slot, task, agent, transition).await
 }
 
 /// Delivers the webhook notification of a step's pending approvals (none
@@ -1114,9 +1081,10 @@ async fn compensate_step<S: Store>(
     settle_compensation(inner, slot, task, agent, transition).await
 }
 
-/// Commits a compensation's outcome, completing its task, with the next
-/// compensation's task (leased to this worker) or the run's end.
-async fn settle_compensation<S: Store>(
+/// Commits a transition that settles `task`: completes it, with the tasks
+/// its effects cause (the next one leased to this worker); one that stops
+/// the run's steps (its end, or compensating) clears the run's other tasks.
+async fn settle<S: Store>(
     inner: &Inner<S>,
     slot: &mut Option<State>,
     task: &Task,
@@ -1126,9 +1094,6 @@ async fn settle_compensation<S: Store>(
     let Some(state) = slot.as_ref() else {
         return Ok(Next::Done);
     };
-    if transition.events.is_empty() {
-        return finish_stale(inner, slot, task).await;
-    }
     let terminal = transition.events.iter().any(Event::stops_steps);
     let new_tasks = follow_up_tasks(inner, agent, state, &transition);
     commit(
@@ -1141,6 +1106,21 @@ async fn settle_compensation<S: Store>(
         terminal,
     )
     .await
+}
+
+/// Commits a compensation's outcome, completing its task, with the next
+/// compensation's task (leased to this worker) or the run's end.
+async fn settle_compensation<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    transition: run::Transition,
+) -> Result<Next, StoreError> {
+    if transition.events.is_empty() {
+        return finish_stale(inner, slot, task).await;
+    }
+    settle(inner, slot, task, agent, transition).await
 }
 
 /// Commits a transition under the task's lease and says what comes next.
@@ -1348,18 +1328,7 @@ async fn children_step<S: Store>(
         return Ok(Next::Done);
     }
     info!(run_id = %task.run_id, step = task.step, "child runs over, fan-in");
-    let terminal = transition.events.iter().any(Event::stops_steps);
-    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
-    commit(
-        inner,
-        slot,
-        task,
-        transition,
-        TaskUpdate::Complete,
-        new_tasks,
-        terminal,
-    )
-    .await
+    settle(inner, slot, task, agent, transition).await
 }
 
 /// A child run whose parent ended while it ran is cancelled.
