@@ -903,9 +903,15 @@ impl<S: Store> Gateway<S> {
                 Grant::Granted => {}
                 Grant::Reserved(t) => at = Some(at.map_or(t, |a| a.max(t))),
                 Grant::RetryAt(t) => {
-                    if let Some(taken) = &requests {
-                        // The request slot goes back: this call waits.
-                        self.adjust(taken, -1, now).await?;
+                    // This call waits. Its request slot stays taken (the
+                    // limit is one call stricter): giving back a slot that
+                    // may not be the latest would let the next call reserve
+                    // the latest one's time twice (`limit` module docs).
+                    // Its flow share only counts, and goes back.
+                    if let Some(share) = requests.as_ref().and_then(|r| r.share.as_ref()) {
+                        self.store
+                            .adjust_capacity(&share.key, share.rate, -1, now)
+                            .await?;
                     }
                     return Ok(Taken::Later(t));
                 }

@@ -900,18 +900,22 @@ async fn approval_step<S: Store>(
     }
     let at = now();
     let transition = handle(state, agent, Command::ApprovalTimeout { now: at });
-    if transition.events.is_empty() {
-        // Early (a clock skew between processes, or a deadline that moved):
-        // wait in the queue until it is due, holding no worker.
-        let until = approval_due(state, agent).max(at + 1_000);
-        inner
-            .store
-            .defer(task.lease, until, "waiting for an approval decision", at)
-            .await?;
-        return Ok(Next::Done);
+    // Early (a clock skew between processes, or a deadline that moved):
+    // it waits until it is due.
+    let due = approval_due(state, agent);
+    if !transition.events.is_empty() {
+        info!(run_id = %task.run_id, step = task.step, "approval timed out, applying approvals.on_timeout");
     }
-    info!(run_id = %task.run_id, step = task.step, "approval timed out, applying approvals.on_timeout");
-    settle(inner, slot, task, agent, transition).await
+    settle_or_wait(
+        inner,
+        slot,
+        task,
+        agent,
+        transition,
+        due,
+        "waiting for an approval decision",
+    )
+    .await
 }
 
 /// Delivers the webhook notification of a step's pending approvals (none
@@ -1079,6 +1083,29 @@ async fn compensate_step<S: Store>(
         },
     );
     settle_compensation(inner, slot, task, agent, transition).await
+}
+
+/// A timer task's turn: [`settle`] a transition that has events; with
+/// none, the task waits in the queue until `until` (at least a second
+/// from now), holding no worker.
+async fn settle_or_wait<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    transition: run::Transition,
+    until: Millis,
+    reason: &str,
+) -> Result<Next, StoreError> {
+    if !transition.events.is_empty() {
+        return settle(inner, slot, task, agent, transition).await;
+    }
+    let at = now();
+    inner
+        .store
+        .defer(task.lease, until.max(at + 1_000), reason, at)
+        .await?;
+    Ok(Next::Done)
 }
 
 /// Commits a transition that settles `task`: completes it, with the tasks
@@ -1317,18 +1344,22 @@ async fn children_step<S: Store>(
             outcomes,
         },
     );
-    if transition.events.is_empty() {
-        let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
-        let at = now();
-        let until = state.created_at.saturating_add(limit).max(at + 1_000);
-        inner
-            .store
-            .defer(task.lease, until, "waiting for child runs", at)
-            .await?;
-        return Ok(Next::Done);
+    // None over yet: the task waits as the run's deadline timer.
+    let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
+    let deadline = state.created_at.saturating_add(limit);
+    if !transition.events.is_empty() {
+        info!(run_id = %task.run_id, step = task.step, "child runs over, fan-in");
     }
-    info!(run_id = %task.run_id, step = task.step, "child runs over, fan-in");
-    settle(inner, slot, task, agent, transition).await
+    settle_or_wait(
+        inner,
+        slot,
+        task,
+        agent,
+        transition,
+        deadline,
+        "waiting for child runs",
+    )
+    .await
 }
 
 /// A child run whose parent ended while it ran is cancelled.

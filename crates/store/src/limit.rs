@@ -31,7 +31,12 @@
 //! were made (their times need not increase). With `B = 1`, never more
 //! than `P`. Over a long run the rate is exactly `P` per `W`. A charge
 //! ([`Adjust`]) only raises `TAT`; a give-back lowers it as if its units
-//! had never been taken, so the bound holds for the units kept.
+//! had never been taken. That keeps the bound for units granted at once,
+//! but not for a reservation: `TAT` is one number, so giving back a
+//! reservation that is not the latest frees the latest one's time, not
+//! its own, and the next take is reserved that time a second time. Give
+//! back only what is free to go now, or counts alone (the gateway's flow
+//! shares).
 //!
 //! **Reservations.** A take may wait up to `max_wait`: it is granted at the
 //! first time `t* = max(now, hold, TAT − (B − c)·T)` if `t* <= now + max_wait`,

@@ -141,8 +141,9 @@ pub(super) async fn hold(pool: &PgPool, key: &str, until: i64) -> Result<()> {
 }
 
 /// The keys under a prefix (`$1`), but one (`$2`), taken from after `$3`.
-/// A scan of the table, which holds a row per limit key: it runs only when
-/// a limit is contended (the gateway's fair share), and the table is small.
+/// A scan of the table, which holds a row per limit key: the gateway runs
+/// it at most once a second per agent share and process (its fair share),
+/// and the table is small.
 const ACTIVE: &str = "SELECT count(*) FROM rate_limits \
      WHERE starts_with(key, $1) AND key <> $2 AND tat_ns > $3";
 
