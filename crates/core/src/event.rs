@@ -9,6 +9,7 @@ use crate::ids::{Millis, RunId, Seq, TaskId};
 use crate::message::{Message, Usage};
 use crate::priority::Priority;
 use crate::run::Status;
+use crate::spec::OnDeadLetter;
 
 /// Version of the event schema, bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -362,6 +363,10 @@ pub struct ParentLink {
     pub index: u32,
     /// How deep it nests: the parent's depth + 1 (a submitted run is at 0).
     pub depth: u32,
+    /// What it does when one of its tasks is dead-lettered (the spawning
+    /// tool's `on_dead_letter`).
+    #[serde(default, skip_serializing_if = "OnDeadLetter::is_fail")]
+    pub on_dead_letter: OnDeadLetter,
 }
 
 /// A child run a `spawn_agents` call started.

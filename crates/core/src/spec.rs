@@ -238,7 +238,6 @@ pub struct ToolSpec {
     /// this queue, leased over HTTP (`POST /v1/worker/tasks/lease`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
-    /// Folder a file built-in may read (relative paths resolve against the server's
     /// Whether a call waits for a human decision: `true`, or `{when: <condition>}`.
     #[serde(default, skip_serializing_if = "RequiresApproval::is_never")]
     pub requires_approval: RequiresApproval,
@@ -250,6 +249,7 @@ pub struct ToolSpec {
     /// (default: `retry` when idempotent or a read-only built-in, else `ask`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_uncertain: Option<OnUncertain>,
+    /// Folder a file built-in may read (relative paths resolve against the server's
     /// working directory, or the spec file's folder for `keel run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
@@ -270,6 +270,32 @@ pub struct ToolSpec {
     /// later (a saga): a tool and an argument template, see [`crate::saga`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<Compensate>,
+    /// With `builtin: spawn_agents`: what a child run does when one of its
+    /// tasks is dead-lettered (default `fail`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_dead_letter: Option<OnDeadLetter>,
+}
+
+/// What a child run does when one of its LLM or tool tasks runs out of
+/// attempts (a submitted run parks in the dead-letter queue).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadLetter {
+    /// The child fails (`dead_lettered`, after its compensations) and its
+    /// parent's fan-in gets that failure: the parent's model decides.
+    #[default]
+    Fail,
+    /// The child parks in the dead-letter queue like a submitted run and
+    /// its parent keeps waiting (until a retry resumes the child, or the
+    /// parent's own `limits.timeout`).
+    Wait,
+}
+
+impl OnDeadLetter {
+    /// Whether this is the default, `fail`.
+    pub fn is_fail(&self) -> bool {
+        *self == OnDeadLetter::Fail
+    }
 }
 
 /// Whether an `allow` list lets the tool `name` through (`*` matches any
@@ -767,6 +793,12 @@ impl Agent {
                 err(
                     format!("{at}.agents"),
                     "only a `builtin: spawn_agents` tool takes an agents list".into(),
+                );
+            }
+            if tool.on_dead_letter.is_some() && tool.builtin != Some(Builtin::SpawnAgents) {
+                err(
+                    format!("{at}.on_dead_letter"),
+                    "only a `builtin: spawn_agents` tool takes on_dead_letter (what its child runs do with a dead letter)".into(),
                 );
             }
             if let Some(queue) = &tool.worker {
@@ -1312,7 +1344,6 @@ fn check_spawn(tool: &ToolSpec, own: &str, at: &str, err: &mut impl FnMut(String
     }
 }
 
-/// Checks an `{mcp: <server>, allow: [...]}` entry (`earlier`: the entries before it).
 /// Checks `compensate` of the tool at `at`: it names a tool of the spec
 /// (or an MCP tool its server entry allows) and its template's
 /// placeholders parse.
@@ -1365,6 +1396,7 @@ fn check_compensate(
     );
 }
 
+/// Checks an `{mcp: <server>, allow: [...]}` entry (`earlier`: the entries before it).
 fn check_mcp_entry(
     earlier: &[ToolSpec],
     tool: &ToolSpec,
@@ -1814,6 +1846,31 @@ tools:
                 "  - {name: a, worker: 'a b'}\n  - {name: b, worker: q, http: {url: 'http://h'}}\n  - {name: c, worker: q, root: /r}\n  - {name: d}\n"
             )),
             ["tools[0].worker", "tools[1]", "tools[2].root", "tools[3]"]
+        );
+    }
+
+    #[test]
+    fn only_spawn_agents_takes_on_dead_letter() {
+        let spec = |tools: &str| {
+            format!("name: a\nversion: 1\nmodel: {{provider: openai, model: m}}\ntools:\n{tools}")
+        };
+        let agent = Agent::parse(&spec(
+            "  - {name: fan, builtin: spawn_agents, agents: [self], on_dead_letter: wait}\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            agent.spawn_tool("fan").and_then(|t| t.on_dead_letter),
+            Some(OnDeadLetter::Wait)
+        );
+        assert_eq!(
+            fields(&spec("  - {name: r, worker: q, on_dead_letter: wait}\n")),
+            ["tools[0].on_dead_letter"]
+        );
+        assert_eq!(
+            fields(&spec(
+                "  - {name: f, builtin: spawn_agents, agents: [self], on_dead_letter: later}\n"
+            )),
+            ["tools[0].on_dead_letter"]
         );
     }
 

@@ -23,6 +23,8 @@
 //!   HTTP): tool discovery and cache, agents resolved with the tools their
 //!   allow lists let through, `tools/call` with the idempotency key and
 //!   traceparent in `_meta`.
+//! * [`failpoint`]: crash points that let durability tests SIGKILL the
+//!   process between two commits (debug builds, `KEEL_FAILPOINTS`).
 //! * [`webhook`]: signed webhook notifications (pending approvals), delivered
 //!   by `notify` tasks.
 
@@ -30,6 +32,7 @@ pub mod agents;
 pub mod callback;
 pub mod deltas;
 pub mod external;
+pub mod failpoint;
 pub mod gateway;
 pub mod llm;
 pub mod mcp;

@@ -397,7 +397,7 @@ async fn step<S: Store>(
             task.kind.as_str(),
             task.max_attempts
         );
-        return dead_letter(inner, slot, task, error).await;
+        return give_up(inner, slot, task, &agent, error).await;
     }
     if run::expired(state, &agent, at) {
         let transition = handle(state, &agent, Command::Expire);
@@ -548,7 +548,7 @@ async fn llm_step<S: Store>(
         }
         Err(llm::Error::Permanent { message }) => {
             let error = format!("llm call failed: {message}");
-            return dead_letter(inner, slot, task, error).await;
+            return give_up(inner, slot, task, agent, error).await;
         }
     };
 
@@ -753,7 +753,7 @@ async fn retry_later<S: Store>(
 ) -> Result<Next, StoreError> {
     if task.attempts >= task.max_attempts {
         let error = format!("{what} after {} attempts: {message}", task.attempts);
-        return dead_letter(inner, slot, task, error).await;
+        return give_up(inner, slot, task, agent, error).await;
     }
     let backoff = agent
         .spec
@@ -1082,7 +1082,9 @@ async fn compensate_step<S: Store>(
             is_error: outcome.is_error,
         },
     );
-    settle_compensation(inner, slot, task, agent, transition).await
+    let next = settle_compensation(inner, slot, task, agent, transition).await?;
+    crate::failpoint::hit(crate::failpoint::COMPENSATION_DONE);
+    Ok(next)
 }
 
 /// A timer task's turn: [`settle`] a transition that has events; with
@@ -1417,6 +1419,49 @@ async fn finish_stale<S: Store>(
     Ok(Next::Done)
 }
 
+/// A run's step task (LLM or tools) ran out of attempts: a child run its
+/// parent told to fail (`on_dead_letter: fail`, the default) fails, which
+/// wakes the parent with the failure; any other run parks the task in the
+/// dead-letter queue.
+async fn give_up<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+    error: String,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    let Some(transition) = run::give_up(state, agent, dead_letter_event(task, &error)) else {
+        return dead_letter(inner, slot, task, error).await;
+    };
+    warn!(run_id = %task.run_id, kind = task.kind.as_str(), step = task.step, attempts = task.attempts, error = %error, "task out of attempts: the child run fails");
+    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
+    commit(
+        inner,
+        slot,
+        task,
+        transition,
+        TaskUpdate::Complete,
+        new_tasks,
+        true,
+    )
+    .await?;
+    Ok(Next::Done)
+}
+
+/// The `TaskDeadLettered` event of `task`.
+fn dead_letter_event(task: &Task, error: &str) -> Event {
+    Event::TaskDeadLettered {
+        task_id: task.lease.task_id,
+        kind: task.kind.as_str().to_string(),
+        step: task.step,
+        attempts: task.attempts,
+        error: error.to_string(),
+    }
+}
+
 /// Moves the task to the dead-letter queue and journals why.
 async fn dead_letter<S: Store>(
     inner: &Inner<S>,
@@ -1426,13 +1471,7 @@ async fn dead_letter<S: Store>(
 ) -> Result<Next, StoreError> {
     warn!(run_id = %task.run_id, kind = task.kind.as_str(), step = task.step, attempts = task.attempts, error = %error, "task dead-lettered");
     let transition = run::Transition {
-        events: vec![Event::TaskDeadLettered {
-            task_id: task.lease.task_id,
-            kind: task.kind.as_str().to_string(),
-            step: task.step,
-            attempts: task.attempts,
-            error: error.clone(),
-        }],
+        events: vec![dead_letter_event(task, &error)],
         effects: Vec::new(),
     };
     commit(

@@ -157,6 +157,10 @@ pub(super) fn spawn(
         return Ok(after_results(state, agent, step, events));
     }
 
+    let on_dead_letter = agent
+        .spawn_tool(&call.call.name)
+        .and_then(|tool| tool.on_dead_letter)
+        .unwrap_or_default();
     let mut spawned = Vec::with_capacity(tasks.len());
     let mut runs = Vec::with_capacity(tasks.len());
     for (index, ((name, input), version)) in tasks.into_iter().zip(versions).enumerate() {
@@ -180,6 +184,7 @@ pub(super) fn spawn(
                 call_index,
                 index,
                 depth: state.depth + 1,
+                on_dead_letter,
             },
         });
     }

@@ -26,7 +26,7 @@ use crate::event::Event;
 use crate::ids::{Millis, RunId};
 use crate::message::{Message, Usage};
 use crate::priority::Priority;
-use crate::spec::Agent;
+use crate::spec::{Agent, OnDeadLetter};
 
 /// Something that happened to a run, or that someone asks of it.
 #[derive(Clone, Debug, PartialEq)]
@@ -293,6 +293,36 @@ pub fn expired(state: &State, agent: &Agent, now: Millis) -> bool {
     running && now.saturating_sub(state.created_at) >= limit
 }
 
+/// What a task that ran out of attempts (`dead_letter`, its
+/// `TaskDeadLettered` event) does to a child run whose spawning tool says
+/// `on_dead_letter: fail`: the run fails (`dead_lettered`, after its
+/// compensations), which wakes its parent with the failure. `None`: the
+/// task parks in the dead-letter queue (a submitted run, a child told to
+/// `wait`, or a run already compensating).
+pub fn give_up(state: &State, agent: &Agent, dead_letter: Event) -> Option<Transition> {
+    let parent = state.parent.as_ref()?;
+    if parent.on_dead_letter != OnDeadLetter::Fail
+        || state.status.is_terminal()
+        || state.saga.is_some()
+    {
+        return None;
+    }
+    let Event::TaskDeadLettered { error, .. } = &dead_letter else {
+        return None;
+    };
+    let error = format!(
+        "a task was dead-lettered ({error}); a child run fails instead of waiting in the dead-letter queue (its parent's spawn_agents tool has on_dead_letter: fail)"
+    );
+    Some(saga::stop(
+        state,
+        agent,
+        vec![dead_letter],
+        Status::Failed,
+        error,
+        Some(code::DEAD_LETTERED.into()),
+    ))
+}
+
 /// Decides what a command means for a run.
 pub fn handle(state: &State, agent: &Agent, command: Command) -> Result<Transition, Rejected> {
     if state.status.is_terminal() {
@@ -513,6 +543,9 @@ pub mod code {
     /// A tool call may or may not have happened and its tool's
     /// `on_uncertain` is `fail`.
     pub const UNCERTAIN_TOOL_CALL: &str = "uncertain_tool_call";
+    /// A child run's task ran out of attempts and its parent's
+    /// `spawn_agents` tool says `on_dead_letter: fail`.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
 }
 
 /// Why the run must stop, if the call just answered (`usage`, `cost_usd`)

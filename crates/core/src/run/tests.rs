@@ -20,7 +20,19 @@ fn agent_with_limits(limits: &str) -> Agent {
 /// `nuke` (fails the run when uncertain) and `book`, undone by `unbook`
 /// with the booking id of its result, with `limits` and `approvals`.
 fn agent_with(limits: &str, approvals: &str) -> Agent {
-    let yaml = format!(
+    parse(&spec_yaml(limits, approvals))
+}
+
+fn parse(yaml: &str) -> Agent {
+    match Agent::parse(yaml) {
+        Ok(agent) => agent,
+        Err(e) => panic!("test spec is invalid: {e}"),
+    }
+}
+
+/// The YAML of [`agent_with`].
+fn spec_yaml(limits: &str, approvals: &str) -> String {
+    format!(
         r#"
 name: t
 version: 1
@@ -54,11 +66,7 @@ tools:
 limits: {{{limits}}}
 approvals: {approvals}
 "#
-    );
-    match Agent::parse(&yaml) {
-        Ok(agent) => agent,
-        Err(e) => panic!("test spec is invalid: {e}"),
-    }
+    )
 }
 
 /// A run, folded incrementally, with its journal kept for replay checks.
@@ -1670,4 +1678,91 @@ fn the_callback_url_is_part_of_the_submission() {
         .collect();
     let state = State::replay(RunId::new(), &recorded);
     assert_eq!(state.callback_url.as_deref(), Some("http://h/cb"));
+}
+
+#[test]
+fn a_dead_letter_fails_a_child_whose_parent_says_fail_and_parks_the_others() {
+    let dead_letter = || Event::TaskDeadLettered {
+        task_id: crate::ids::TaskId::new(),
+        kind: "llm".into(),
+        step: 1,
+        attempts: 3,
+        error: "llm unreachable".into(),
+    };
+    // A submitted run parks in the dead-letter queue.
+    let agent = agent(5);
+    let run = Run::new();
+    assert!(give_up(&run.state, &agent, dead_letter()).is_none());
+
+    // A child carries its spawning tool's policy (default: fail).
+    let waiting = parse(&spec_yaml("max_steps: 5", "{}").replace(
+        "agents: [worker, self]",
+        "agents: [worker, self]\n    on_dead_letter: wait",
+    ));
+    let mut children = Vec::new();
+    for parent_agent in [&agent, &waiting] {
+        let mut parent = Run::new();
+        parent
+            .send(
+                parent_agent,
+                responded(1, answer(&[("spawn", SPAWN_TWO)], None)),
+            )
+            .unwrap();
+        parent
+            .send(parent_agent, Command::StartTools { step: 1 })
+            .unwrap();
+        parent
+            .send(
+                parent_agent,
+                Command::Spawn {
+                    step: 1,
+                    call_index: 0,
+                    versions: vec![Some("1".into()), Some("1".into())],
+                },
+            )
+            .unwrap();
+        let spawned = parent.effects.iter().find_map(|e| match e {
+            Effect::SpawnChildren(spawned) => spawned.first().map(|c| c.parent.clone()),
+            _ => None,
+        });
+        children.push(spawned.expect("a child"));
+    }
+    assert_eq!(children[0].on_dead_letter, OnDeadLetter::Fail);
+    assert_eq!(children[1].on_dead_letter, OnDeadLetter::Wait);
+
+    let child = |link: &crate::event::ParentLink| {
+        let mut run = Run::new();
+        run.state.parent = Some(link.clone());
+        run
+    };
+    // Told to fail: the child fails with the dead letter's error, which
+    // ends its steps (and so wakes the parent).
+    let mut failing = child(&children[0]);
+    let transition = give_up(&failing.state, &agent, dead_letter()).expect("the child fails");
+    assert!(matches!(
+        transition.events[0],
+        Event::TaskDeadLettered { .. }
+    ));
+    failing.commit(transition);
+    assert_eq!(failing.state.status, Status::Failed);
+    assert_eq!(failure_code(&failing), Some("dead_lettered"));
+    assert!(
+        failing
+            .state
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("llm unreachable"),
+        "{:?}",
+        failing.state.error
+    );
+    assert!(failing.state.parked.is_none());
+    // Told to wait: it parks like a submitted run.
+    let waiting_child = child(&children[1]);
+    assert!(give_up(&waiting_child.state, &agent, dead_letter()).is_none());
+    // The policy round-trips through the journal (and is left out when default).
+    let json = serde_json::to_value(&children[0]).unwrap();
+    assert!(json.get("on_dead_letter").is_none(), "{json}");
+    let json = serde_json::to_value(&children[1]).unwrap();
+    assert_eq!(json["on_dead_letter"], "wait");
 }

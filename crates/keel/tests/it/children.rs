@@ -14,6 +14,11 @@ use crate::support::*;
 /// A parent agent (scripted) whose first step spawns `tasks` and whose
 /// answer is the fan-in it got.
 fn boss(tasks: &Value, agents: &str) -> String {
+    boss_with(tasks, agents, "")
+}
+
+/// [`boss`] with more keys for its `delegate` tool (`extra`, YAML).
+fn boss_with(tasks: &Value, agents: &str, extra: &str) -> String {
     let arguments = json!({ "tasks": tasks });
     format!(
         r#"
@@ -30,6 +35,7 @@ tools:
   - name: delegate
     builtin: spawn_agents
     agents: [{agents}]
+    {extra}
 limits: {{max_fan_out: 20}}
 "#
     )
@@ -171,4 +177,89 @@ async fn cancelling_the_parent_cancels_its_children() {
         .map(|c| c["status"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(statuses, ["CANCELLED"; 3]);
+}
+
+/// The parent of a `sick` child (its LLM endpoint is down; 2 attempts) and
+/// a healthy `kid`, with `extra` on its `delegate` tool.
+async fn sick_family(http: &reqwest::Client, server: &Server, down: &Mock, extra: &str) -> String {
+    let retry = "retry: {max_attempts: 2, backoff: {initial: 20ms, max: 50ms}}";
+    register(
+        http,
+        server,
+        &agent_yaml("sick", down, "tools:1", "echo", retry),
+    )
+    .await;
+    register(
+        http,
+        server,
+        "name: kid\nversion: 1\nmodel: {provider: scripted, model: s, script: [{content: kid done}]}\n",
+    )
+    .await;
+    let tasks = json!([{"agent": "kid", "input": "a"}, {"agent": "sick", "input": "b"}]);
+    register(http, server, &boss_with(&tasks, "kid, sick", extra)).await;
+    submit(http, server, "boss", "split it").await
+}
+
+#[tokio::test]
+async fn a_dead_lettered_child_fails_into_the_fan_in_or_waits_for_a_retry() {
+    let down = Mock::start().await.expect("mock");
+    down.counters.llm_down.store(true, Ordering::Relaxed);
+    let http = reqwest::Client::new();
+
+    // By default the child fails with its dead letter's error, its parent's
+    // model gets that failure, and nothing waits in the dead-letter queue.
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let id = sick_family(&http, &server, &down, "").await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    let results: Value =
+        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    assert_eq!(results[0]["status"], "COMPLETED", "{results}");
+    assert_eq!(results[1]["status"], "FAILED", "{results}");
+    let error = results[1]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("dead-lettered") && error.contains("after 2 attempts"),
+        "{error}"
+    );
+    let sick = results[1]["run_id"].as_str().expect("child id");
+    let child = get_json(&http, &server.url(&format!("/v1/runs/{sick}"))).await;
+    assert_eq!(child["status"], "FAILED", "{child}");
+    assert_eq!(child["error_code"], "dead_lettered", "{child}");
+    let dlq = get_json(&http, &server.url("/v1/dlq")).await;
+    assert_eq!(
+        dlq["dead_letters"].as_array().map(Vec::len),
+        Some(0),
+        "{dlq}"
+    );
+    assert_eq!(down.counters.llm_requests.load(Ordering::Relaxed), 2);
+
+    // `on_dead_letter: wait`: the child parks in the dead-letter queue, the
+    // parent keeps waiting, and a retry once the endpoint is back finishes both.
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let id = sick_family(&http, &server, &down, "on_dead_letter: wait").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letter = loop {
+        let dlq = get_json(&http, &server.url("/v1/dlq")).await;
+        if let Some(id) = dlq["dead_letters"][0]["id"].as_str() {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {dlq}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let run = get_json(&http, &server.url(&format!("/v1/runs/{id}"))).await;
+    assert_eq!(run["status"], "AWAITING_CHILDREN", "{run}");
+    down.counters.llm_down.store(false, Ordering::Relaxed);
+    let r = http
+        .post(server.url(&format!("/v1/dlq/{letter}/retry")))
+        .send()
+        .await
+        .expect("retry");
+    assert!(r.status().is_success(), "{}", r.status());
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    let results: Value =
+        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    assert_eq!(results[1]["status"], "COMPLETED", "{results}");
 }

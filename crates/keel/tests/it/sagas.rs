@@ -1,5 +1,5 @@
 //! Sagas: a failed or cancelled run undoes its compensable calls, last
-//! first, durably (SIGKILL between two compensations).
+//! first, durably (SIGKILL during a compensation, and exactly between two).
 
 use std::time::{Duration, Instant};
 
@@ -193,6 +193,77 @@ async fn a_failed_booking_is_compensated_in_reverse_order_once_each_across_a_sig
     let compensated = &events[events.len() - 2];
     assert_eq!(compensated["completed"], 2);
     assert_eq!(compensated["failed"], 0);
+}
+
+#[tokio::test]
+async fn a_sigkill_between_two_compensations_makes_each_exactly_once() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    // The server SIGKILLs itself right after the first compensation's
+    // outcome is committed: the second is queued, not started.
+    let mut server =
+        Server::start_with_env(&dir.db(), &[], &[("KEEL_FAILPOINTS", "compensation_done")]).await;
+    let http = reqwest::Client::new();
+    let yaml =
+        trip(&mock, "trip", BOOKING, 4).replace(&mock.tool_url("hang"), &mock.tool_url("echo"));
+    register(&http, &server, &yaml).await;
+    let id = submit(&http, &server, "trip", "book my trip").await;
+    let status = server.exited(Duration::from_secs(60)).await;
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    let count = |key: String| mock.counters.key_counts().get(&key).copied().unwrap_or(0);
+    assert_eq!(count(format!("{id}:compensate:2:0")), 1, "the hotel undone");
+    assert_eq!(
+        count(format!("{id}:compensate:1:0")),
+        0,
+        "the flight not yet"
+    );
+
+    let server = Server::start(&dir.db(), &[]).await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "FAILED", "{run}");
+    let saga = &run["compensation"];
+    assert_eq!(
+        (saga["completed"].as_u64(), saga["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{saga}"
+    );
+    let undone = saga["compensations"].as_array().expect("compensations");
+    assert_eq!(undone[0]["call_tool"], "book_hotel");
+    assert_eq!(undone[0]["attempts"], 1, "not repeated: {saga}");
+    assert_eq!(undone[1]["call_tool"], "book_flight");
+    assert_eq!(
+        undone[1]["attempts"], 1,
+        "made once, after the restart: {saga}"
+    );
+    assert_eq!(count(format!("{id}:compensate:2:0")), 1);
+    assert_eq!(count(format!("{id}:compensate:1:0")), 1);
+
+    let events = journal(&http, &server, &id).await;
+    let saga_events: Vec<(String, Option<u64>)> = events
+        .iter()
+        .skip_while(|e| e["type"] != "run_compensating")
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or("").to_string(),
+                e["index"].as_u64(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, Option<u64>)> = [
+        ("run_compensating", None),
+        ("compensation_started", Some(0)),
+        ("compensation_completed", Some(0)),
+        ("compensation_started", Some(1)),
+        ("compensation_completed", Some(1)),
+        ("run_compensated", None),
+        ("run_failed", None),
+    ]
+    .into_iter()
+    .map(|(t, i)| (t.to_string(), i))
+    .collect();
+    assert_eq!(saga_events, expected);
 }
 
 #[tokio::test]
