@@ -15,6 +15,12 @@
 //! LLM call. A failure with attempts left and `retryable` is retried after
 //! the agent's backoff; otherwise its error is the call's result for the
 //! model, as for an HTTP tool whose retries are spent.
+//!
+//! A call nobody leases does not hold its run past `limits.timeout`: the
+//! commit that queues it also arms the run's deadline timer (an engine
+//! task, `deadline`); due, it fails the run with `timeout` and the run's
+//! end removes the queued task, so it is leased no more, and a worker
+//! still holding it is told its token is stale (409).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,9 +55,10 @@ const CONFLICTS: u32 = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The token is not the task's live lease: it expired and was (or may
-    /// be) taken over, or the task is done or gone (409).
+    /// be) taken over, or the task is done or gone: its result is in, or
+    /// its run ended (cancelled, failed, timed out), which removes it (409).
     #[error(
-        "task {0} is not leased with this token (the lease expired or was taken over, or the task is done)"
+        "task {0} is not leased with this token: the lease expired or was taken over, or the call is over (its result is in, or its run ended: cancelled, failed or timed out); drop the call"
     )]
     Stale(TaskId),
     /// The store failed.

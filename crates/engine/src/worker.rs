@@ -1,12 +1,13 @@
 //! The worker pool: claims tasks, drives runs, keeps leases alive.
 //!
-//! A task names a run, a kind (`llm`, `tools`, `approval`, `notify` or
-//! `compensate`) and a step (a compensation's position, for `compensate`). Driving it means:
-//! fold the run's journal, turn what the outside world answered into a
-//! [`Command`], let the pure state machine decide, and commit the events and
-//! the tasks they cause in one fenced, conditional append. The task the append
-//! creates is leased to this worker on creation, so a run goes from step to
-//! step without a round trip through the queue; another worker only takes a
+//! A task names a run, a kind (`llm`, `tools`, `approval`, `notify`,
+//! `children`, `cancel`, `callback`, `compensate` or `deadline`) and a step
+//! (a compensation's position, for `compensate`). Driving it means: fold the
+//! run's journal, turn what the outside world answered into a [`Command`],
+//! let the pure state machine decide, and commit the events and the tasks
+//! they cause in one fenced, conditional append. The task the append creates
+//! is leased to this worker on creation, so a run goes from step to step
+//! without a round trip through the queue; another worker only takes a
 //! task over when this one died (its lease expired) or gave it back.
 
 use std::sync::Arc;
@@ -427,6 +428,7 @@ async fn step<S: Store>(
         TaskKind::External => finish_stale(inner, slot, task).await,
         TaskKind::Callback => callback_step(inner, slot, task).await,
         TaskKind::Compensate => compensate_step(inner, slot, task, &agent).await,
+        TaskKind::Deadline => deadline_step(inner, slot, task, &agent).await,
     }
 }
 
@@ -840,6 +842,10 @@ pub(crate) fn new_tasks(
             Effect::InvokeTool(inv) => {
                 if let Some(queue) = agent.queue_of(&inv.tool) {
                     tasks.push(crate::external::task(agent, state, inv, queue, at));
+                    // Nobody may ever lease it: the run's timeout still applies.
+                    if !tasks.iter().any(|t| t.kind == TaskKind::Deadline) {
+                        tasks.push(deadline_timer(agent, state, inv.step));
+                    }
                 }
                 continue;
             }
@@ -914,6 +920,57 @@ async fn approval_step<S: Store>(
         transition,
         due,
         "waiting for an approval decision",
+    )
+    .await
+}
+
+/// When a run's `limits.timeout` passes.
+fn run_deadline(state: &State, agent: &Agent) -> Millis {
+    let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
+    state.created_at.saturating_add(limit)
+}
+
+/// The timer of a step whose calls wait in external workers' queues, due
+/// at the run's deadline (no engine task of the run may run before then).
+fn deadline_timer(agent: &Agent, state: &State, step: u32) -> NewTask {
+    NewTask {
+        kind: TaskKind::Deadline,
+        step,
+        priority: state.priority,
+        max_attempts: TIMER_ATTEMPTS,
+        run_at: run_deadline(state, agent),
+        lease_to: None,
+        queue: None,
+    }
+}
+
+/// The deadline timer of a step waiting for external workers. Due, it
+/// never gets here: like any task of an expired run it applies
+/// `Command::Expire` (`step`), whose commit clears the run's tasks, the
+/// queued calls included, so no worker leases them any more. Early (the
+/// clocks of two processes differ), it waits until the deadline; once the
+/// step has its results it has nothing left to do.
+async fn deadline_step<S: Store>(
+    inner: &Inner<S>,
+    slot: &mut Option<State>,
+    task: &Task,
+    agent: &Agent,
+) -> Result<Next, StoreError> {
+    let Some(state) = slot.as_ref() else {
+        return Ok(Next::Done);
+    };
+    if state.steps != task.step || !waits_for_workers(state, agent) {
+        return finish_stale(inner, slot, task).await;
+    }
+    let deadline = run_deadline(state, agent);
+    settle_or_wait(
+        inner,
+        slot,
+        task,
+        agent,
+        run::Transition::default(),
+        deadline,
+        "waiting for external workers",
     )
     .await
 }

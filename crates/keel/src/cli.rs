@@ -137,7 +137,7 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// List the approvals waiting for a decision (the inbox).
+    /// List the approvals waiting for a decision (the inbox, every page).
     Approvals {
         /// Only this agent's runs.
         #[arg(long)]
@@ -921,17 +921,35 @@ async fn decide(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Approvals the CLI asks for per inbox page.
+const INBOX_PAGE: u32 = 100;
+
+/// Lists the whole inbox, page after page (following `next_cursor`).
 async fn approvals(client: &Client, agent: Option<&str>, raw: bool) -> anyhow::Result<()> {
-    let mut path = "/v1/approvals?status=pending".to_string();
+    let mut path = format!("/v1/approvals?status=pending&limit={INBOX_PAGE}");
     if let Some(agent) = agent {
         path.push_str(&format!("&agent={agent}"));
     }
-    let body = client.get(&path).await?;
+    let mut approvals = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = match &cursor {
+            Some(c) => format!("{path}&cursor={c}"),
+            None => path.clone(),
+        };
+        let body = client.get(&page).await?;
+        approvals.extend(body["approvals"].as_array().cloned().unwrap_or_default());
+        match body["next_cursor"].as_str() {
+            // A cursor that does not move would page forever.
+            Some(next) if cursor.as_deref() != Some(next) => cursor = Some(next.to_string()),
+            _ => break,
+        }
+    }
     if raw {
+        let body = json!({"approvals": approvals});
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    let approvals = body["approvals"].as_array().cloned().unwrap_or_default();
     if approvals.is_empty() {
         println!("no approvals waiting");
     }

@@ -528,30 +528,84 @@ impl<S: Store> Service<S> {
         )))
     }
 
-    /// The approvals waiting for a decision, in runs parked for them
-    /// (newest runs first, at most `limit` runs), of `agent` only when given.
+    /// A page of the approvals waiting for a decision, of `agent` only
+    /// when given: newest runs first, each run's approvals in request
+    /// order, at most `limit`, after `after` (the previous page's
+    /// [`Inbox::next_cursor`]). A run leaving or entering
+    /// `AWAITING_APPROVAL` between pages shifts no other approval: the
+    /// cursor is a position (run id, approval), not an offset.
     pub async fn inbox(
         &self,
         agent: Option<String>,
+        after: Option<InboxCursor>,
         limit: u32,
-    ) -> Result<Vec<ApprovalView>, Error> {
-        let runs = self
-            .store
-            .list_runs(keel_store::RunFilter {
-                tenant: DEFAULT_TENANT.into(),
-                status: Some(run::Status::AwaitingApproval),
-                agent,
-                before: None,
-                limit,
-            })
-            .await?;
-        let mut inbox = Vec::new();
-        for record in runs {
-            let events = self.store.events(record.id, 0, u32::MAX).await?;
-            let views = ApprovalView::from_journal(record.id, &record.agent, &events);
-            inbox.extend(views.into_iter().filter(|a| a.status == "pending"));
+    ) -> Result<Inbox, Error> {
+        let limit = limit.max(1) as usize;
+        let mut approvals = Vec::new();
+        let mut before = None;
+        if let Some(cursor) = after {
+            // The rest of the cursor's run, if it still waits.
+            if let Some(record) = self.store.get_run(cursor.run_id).await?
+                && record.tenant == DEFAULT_TENANT
+                && record.projection.status == run::Status::AwaitingApproval
+                && agent.as_ref().is_none_or(|a| *a == record.agent)
+            {
+                let events = self.store.events(record.id, 0, u32::MAX).await?;
+                let views = ApprovalView::from_journal(record.id, &record.agent, &events);
+                let rest = views
+                    .iter()
+                    .position(|a| a.id == cursor.approval_id)
+                    .map_or(views.len(), |i| i + 1);
+                approvals.extend(
+                    views
+                        .into_iter()
+                        .skip(rest)
+                        .filter(|a| a.status == "pending"),
+                );
+            }
+            before = Some(cursor.run_id);
         }
-        Ok(inbox)
+        while approvals.len() < limit {
+            // A parked run has at least one pending approval: as many runs
+            // as approvals are missing, unless decisions raced the read.
+            let wanted = (limit - approvals.len()).min(MAX_INBOX_RUNS) as u32;
+            let runs = self
+                .store
+                .list_runs(keel_store::RunFilter {
+                    tenant: DEFAULT_TENANT.into(),
+                    status: Some(run::Status::AwaitingApproval),
+                    agent: agent.clone(),
+                    before,
+                    limit: wanted,
+                })
+                .await?;
+            for record in &runs {
+                let events = self.store.events(record.id, 0, u32::MAX).await?;
+                let views = ApprovalView::from_journal(record.id, &record.agent, &events);
+                approvals.extend(views.into_iter().filter(|a| a.status == "pending"));
+            }
+            if (runs.len() as u32) < wanted {
+                break;
+            }
+            before = runs.last().map(|r| r.id);
+        }
+        // A full page: the next one starts after its last approval.
+        let next_cursor = if approvals.len() >= limit {
+            approvals.truncate(limit);
+            approvals.last().and_then(|a| {
+                let run_id = a.run_id.parse().ok()?;
+                Some(InboxCursor {
+                    run_id,
+                    approval_id: a.id.clone(),
+                })
+            })
+        } else {
+            None
+        };
+        Ok(Inbox {
+            approvals,
+            next_cursor,
+        })
     }
 
     async fn append_admin(
@@ -627,6 +681,60 @@ pub struct Decision {
     pub reason: Option<String>,
     /// Edited arguments for an approved call.
     pub arguments: Option<Value>,
+}
+
+/// Most runs one inbox read lists at a time.
+const MAX_INBOX_RUNS: usize = 500;
+
+/// A page of the approvals inbox.
+#[derive(Clone, Debug, Serialize)]
+pub struct Inbox {
+    /// The pending approvals.
+    pub approvals: Vec<ApprovalView>,
+    /// Where the next page starts (`?cursor=`); `None` when this page is
+    /// the last (a full page always has one: the next may be empty).
+    pub next_cursor: Option<InboxCursor>,
+}
+
+/// A position in the approvals inbox: after approval `approval_id` of run
+/// `run_id`. Written `<run_id>:<approval_id>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxCursor {
+    /// The run of the last approval of a page.
+    pub run_id: RunId,
+    /// That approval's id (`<step>.<call_index>.<attempt>`).
+    pub approval_id: String,
+}
+
+impl InboxCursor {
+    /// Parses a cursor the inbox gave (`None`: not one).
+    pub fn parse(text: &str) -> Option<InboxCursor> {
+        let (run, approval) = text.split_once(':')?;
+        let parts: Vec<&str> = approval.split('.').collect();
+        let numeric = parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()));
+        if !numeric {
+            return None;
+        }
+        Some(InboxCursor {
+            run_id: run.parse().ok()?,
+            approval_id: approval.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for InboxCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.run_id, self.approval_id)
+    }
+}
+
+impl Serialize for InboxCursor {
+    fn serialize<Se: serde::Serializer>(&self, serializer: Se) -> Result<Se::Ok, Se::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// An approval as the API shows it (the run view, the inbox).

@@ -49,6 +49,7 @@ macro_rules! store_suite {
                 tasks_leased_on_creation,
                 terminal_append_clears_tasks,
                 list_runs_filters_and_pages,
+                parked_runs_page_by_cursor,
                 agent_versions,
                 subscribers_hear_commits,
                 outbox_exports_commits_once_enabled,
@@ -1004,6 +1005,121 @@ pub(crate) async fn list_runs_filters_and_pages<S: Store>(store: S) -> Result<()
         before = Some(last);
     }
     assert_eq!(paged, all);
+    Ok(())
+}
+
+/// The approvals inbox pages runs `AWAITING_APPROVAL` by id: newest first,
+/// the last id of a page as the next one's cursor. Runs leaving or
+/// entering the status between pages shift no other run.
+pub(crate) async fn parked_runs_page_by_cursor<S: Store>(store: S) -> Result<()> {
+    let mut parked = Vec::new();
+    let mut others = Vec::new();
+    for i in 0..11 {
+        let agent = if i % 2 == 0 { "a" } else { "b" };
+        let sub = submission("t1", agent, json!(i), None);
+        let run_id = sub.run_id;
+        store.submit(sub).await?;
+        let status = match i {
+            3 => Status::AwaitingTool,
+            6 => Status::Completed,
+            9 => Status::Pending,
+            _ => Status::AwaitingApproval,
+        };
+        if status != Status::Pending {
+            let mut park = append(run_id, 1, None, Vec::new());
+            park.projection = projection(status);
+            store.append(park).await?;
+        }
+        if status == Status::AwaitingApproval {
+            parked.push((run_id, agent));
+        } else {
+            others.push(run_id);
+        }
+    }
+    let elsewhere = submission("t2", "a", json!("other"), None);
+    let elsewhere_id = elsewhere.run_id;
+    store.submit(elsewhere).await?;
+    let mut park = append(elsewhere_id, 1, None, Vec::new());
+    park.projection = projection(Status::AwaitingApproval);
+    store.append(park).await?;
+    assert_eq!(parked.len(), 8);
+    let newest_first = |mut runs: Vec<RunId>| {
+        runs.sort_by_key(|id| std::cmp::Reverse(id.to_string()));
+        runs
+    };
+    let page = |agent: Option<&str>, before: Option<RunId>, limit: u32| RunFilter {
+        tenant: "t1".to_string(),
+        status: Some(Status::AwaitingApproval),
+        agent: agent.map(str::to_string),
+        before,
+        limit,
+    };
+
+    // Pages of 3; between the first and the second, one listed run and one
+    // not listed yet are decided (AWAITING_TOOL), and another run parks.
+    let all = newest_first(parked.iter().map(|(id, _)| *id).collect());
+    let first: Vec<RunId> = store
+        .list_runs(page(None, None, 3))
+        .await?
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(first, all[..3]);
+    let cursor = all[2];
+    for (run_id, status) in [
+        (all[1], Status::AwaitingTool),
+        (all[5], Status::AwaitingTool),
+        (others[0], Status::AwaitingApproval),
+    ] {
+        let mut change = append(run_id, 1, None, Vec::new());
+        change.projection = projection(status);
+        store.append(change).await?;
+    }
+    let mut parked_now: Vec<(RunId, &str)> = parked
+        .iter()
+        .copied()
+        .filter(|(id, _)| *id != all[1] && *id != all[5])
+        .collect();
+    // The run parked between pages: the 4th submitted, agent "b".
+    parked_now.push((others[0], "b"));
+    let mut paged = first.clone();
+    let mut before = Some(cursor);
+    loop {
+        let records = store.list_runs(page(None, before, 3)).await?;
+        assert!(records.len() <= 3);
+        for record in &records {
+            assert_eq!(record.projection.status, Status::AwaitingApproval);
+            assert_eq!(record.tenant, "t1");
+        }
+        let Some(last) = records.last() else { break };
+        before = Some(last.id);
+        paged.extend(records.iter().map(|r| r.id));
+    }
+    let rest = parked_now
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| id.to_string() < cursor.to_string())
+        .collect();
+    let expected: Vec<RunId> = first.iter().copied().chain(newest_first(rest)).collect();
+    assert_eq!(paged, expected, "each parked run once, newest first");
+
+    // One agent's, in pages of 2.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let records = store.list_runs(page(Some("a"), before, 2)).await?;
+        assert!(records.len() <= 2);
+        assert!(records.iter().all(|r| r.agent == "a"));
+        let Some(last) = records.last() else { break };
+        before = Some(last.id);
+        paged.extend(records.iter().map(|r| r.id));
+    }
+    let of_a = parked_now
+        .iter()
+        .filter(|(_, agent)| *agent == "a")
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(paged, newest_first(of_a));
     Ok(())
 }
 

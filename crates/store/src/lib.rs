@@ -189,6 +189,11 @@ pub enum TaskKind {
     /// Make one compensation of a `COMPENSATING` run (its `step` is the
     /// compensation's position in the plan).
     Compensate,
+    /// The run's deadline timer, armed by a step that queues calls for
+    /// external workers (due at `limits.timeout`): due, it fails the run
+    /// with `timeout` if the run is still going, like any task of an
+    /// expired run.
+    Deadline,
 }
 
 impl TaskKind {
@@ -204,6 +209,7 @@ impl TaskKind {
             TaskKind::External => "external",
             TaskKind::Callback => "callback",
             TaskKind::Compensate => "compensate",
+            TaskKind::Deadline => "deadline",
         }
     }
 
@@ -219,6 +225,7 @@ impl TaskKind {
             "external" => Some(TaskKind::External),
             "callback" => Some(TaskKind::Callback),
             "compensate" => Some(TaskKind::Compensate),
+            "deadline" => Some(TaskKind::Deadline),
             _ => None,
         }
     }

@@ -533,14 +533,17 @@ struct InboxQuery {
     status: Option<String>,
     agent: Option<String>,
     limit: Option<u32>,
+    cursor: Option<String>,
 }
 
 /// The approvals waiting for a decision: `?status=pending` (the only
-/// status listed), `agent`, `limit` (runs, 1..=500, default 100).
+/// status listed), `agent`, `limit` (approvals, 1..=500, default 100) and
+/// `cursor` (a page's `next_cursor`, `null` on the last page), newest runs
+/// first, like `GET /v1/runs`.
 async fn inbox<S: Store>(
     State(svc): Api<S>,
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<service::Inbox>, Error> {
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
     match q.status.as_deref() {
         None | Some("") | Some("pending") => {}
@@ -556,8 +559,18 @@ async fn inbox<S: Store>(
             "`limit` must be between 1 and 500".into(),
         ));
     }
-    let approvals = svc.inbox(q.agent.filter(|a| !a.is_empty()), limit).await?;
-    Ok(Json(json!({"approvals": approvals})))
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(service::InboxCursor::parse(c).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "bad cursor `{c}`: pass a page's `next_cursor` (`<run_id>:<approval_id>`)"
+            ))
+        })?),
+    };
+    let page = svc
+        .inbox(q.agent.filter(|a| !a.is_empty()), after, limit)
+        .await?;
+    Ok(Json(page))
 }
 
 async fn put_agent<S: Store>(

@@ -69,6 +69,7 @@ proptest! {
                 ("GET", format!("/v1/runs/{segment}")),
                 ("GET", format!("/v1/agents/{segment}")),
                 ("GET", format!("/v1/runs?status={segment}&limit={segment}")),
+                ("GET", format!("/v1/approvals?cursor={segment}&limit={segment}")),
                 ("GET", format!("/v1/agents/{segment}/usage")),
                 ("GET", format!("/v1/usage?since=x{segment}")),
             ];

@@ -421,3 +421,125 @@ async fn uncertain_calls_after_sigkill_retry_fail_or_ask() {
     assert_eq!(run["steps"][0]["tool_calls"][0]["attempts"], 2);
     assert_eq!(keys(&ids[2]), 2);
 }
+
+#[tokio::test]
+async fn the_inbox_pages_by_cursor_in_a_stable_order() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // `pair` asks for two gated calls in one step, `single` for one.
+    let gate = "    requires_approval: true\n";
+    register(
+        &http,
+        &server,
+        &agent_yaml("pair", &mock, "plan:2:0", "echo", gate),
+    )
+    .await;
+    register(
+        &http,
+        &server,
+        &agent_yaml("single", &mock, "tools:1", "echo", gate),
+    )
+    .await;
+    let mut runs = Vec::new();
+    for agent in ["pair", "pair", "pair", "single"] {
+        let id = submit(&http, &server, agent, "go").await;
+        wait_for(&http, &server, &id, "parking", parked).await;
+        runs.push(id);
+    }
+    let single = runs[3].clone();
+    // Newest run first (ids grow with time), each run's approvals in
+    // request order: 7 in all.
+    runs.sort_by(|a, b| b.cmp(a));
+    let mut expected = Vec::new();
+    for id in &runs {
+        let run = get_json(&http, &server.url(&format!("/v1/runs/{id}"))).await;
+        for a in run["approvals"].as_array().expect("approvals") {
+            expected.push((id.clone(), a["id"].as_str().unwrap_or("").to_string()));
+        }
+    }
+    assert_eq!(expected.len(), 7, "{expected:?}");
+
+    // Pages of 3: 3, 3, then the last 1 without a cursor; a page boundary
+    // falls inside a run.
+    let pages = inbox_pages(&http, &server, "status=pending&limit=3").await;
+    let sizes: Vec<(usize, bool)> = pages.iter().map(|(p, more)| (p.len(), *more)).collect();
+    assert_eq!(sizes, [(3, true), (3, true), (1, false)]);
+    let all: Vec<(String, String)> = pages.into_iter().flat_map(|(p, _)| p).collect();
+    assert_eq!(all, expected);
+    // One agent's: a full last page has a cursor, whose page is empty.
+    let pages = inbox_pages(&http, &server, "agent=pair&limit=3").await;
+    let sizes: Vec<(usize, bool)> = pages.iter().map(|(p, more)| (p.len(), *more)).collect();
+    assert_eq!(sizes, [(3, true), (3, true), (0, false)]);
+    let pairs: Vec<(String, String)> = pages.into_iter().flat_map(|(p, _)| p).collect();
+    let of_pair: Vec<(String, String)> = expected
+        .iter()
+        .filter(|(run, _)| *run != single)
+        .cloned()
+        .collect();
+    assert_eq!(pairs, of_pair);
+
+    // A decision between two pages shifts nothing: the next page starts
+    // after the previous one's last approval, not at an offset.
+    let first = get_json(&http, &server.url("/v1/approvals?limit=3")).await;
+    let cursor = first["next_cursor"].as_str().expect("a cursor").to_string();
+    let (decided_run, decided) = &expected[3];
+    let (status, body) = decide(
+        &http,
+        &server,
+        decided_run,
+        decided,
+        json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let second = get_json(
+        &http,
+        &server.url(&format!("/v1/approvals?limit=3&cursor={cursor}")),
+    )
+    .await;
+    let second: Vec<(String, String)> = second["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .map(|a| {
+            (
+                a["run_id"].as_str().unwrap_or("").to_string(),
+                a["id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(second, expected[4..]);
+
+    // Bad paging parameters are 400s naming the parameter.
+    for (query, name) in [
+        ("cursor=nope", "cursor"),
+        ("cursor=0190b6c4-1f2e-7000-8000-000000000000:1.0", "cursor"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=many", "limit"),
+    ] {
+        let r = http
+            .get(server.url(&format!("/v1/approvals?{query}")))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 400, "{query}");
+        let body: Value = r.json().await.expect("json");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(name), "{query}: {body}");
+    }
+
+    // The CLI follows the cursor: the whole inbox (6 left).
+    let (ok, out, err) = keel(&["approvals", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    for (run, approval) in expected.iter().filter(|e| *e != &expected[3]) {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(run.as_str()) && l.contains(approval.as_str())),
+            "{run} {approval} missing: {out}"
+        );
+    }
+}

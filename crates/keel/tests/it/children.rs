@@ -13,7 +13,7 @@ use crate::support::*;
 
 /// A parent agent (scripted) whose first step spawns `tasks` and whose
 /// answer is the fan-in it got.
-fn boss(tasks: &Value, agents: &str) -> String {
+pub(crate) fn boss(tasks: &Value, agents: &str) -> String {
     boss_with(tasks, agents, "")
 }
 

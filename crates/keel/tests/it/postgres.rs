@@ -1,5 +1,7 @@
 //! Scale-out on PostgreSQL: one API process and several worker processes
-//! on one database, with workers SIGKILLed and SIGTERMed mid-flight.
+//! on one database, with workers SIGKILLed and SIGTERMed mid-flight; child
+//! runs fanned out over two processes, one SIGKILLed; approvals decided
+//! through another process than the one the run parked on.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -7,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use keel::mock::Mock;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::*;
 
@@ -221,4 +223,209 @@ async fn sigterm_hands_a_workers_tasks_over_without_waiting_for_the_lease() {
         "the remaining runs took {took:?} after the SIGTERM"
     );
     drop(staying);
+}
+
+/// A `keel serve` process (API and workers) on `db` with `--workers 5`,
+/// so that of two such processes neither takes all the work; `config`: its
+/// configuration file.
+async fn process(dir: &TempDir, db: &PgDb, config: Option<&str>) -> Server {
+    let mut args = vec![
+        "--database-url",
+        db.url.as_str(),
+        "--lease",
+        "2s",
+        "--workers",
+        "5",
+    ];
+    if let Some(config) = config {
+        args.extend(["--config", config]);
+    }
+    Server::start(&dir.db(), &args).await
+}
+
+/// A child agent of provider `lm` (each process's configuration points it
+/// at its own mock, so a mock's requests tell which process ran a step):
+/// two steps calling `echo`, then an answer.
+fn kid_agent(tool_url: &str) -> String {
+    format!(
+        r#"
+name: kid
+version: 1
+model: {{provider: lm, model: "tools:2", timeout: 10s}}
+system: You are a test agent.
+tools:
+  - name: echo
+    description: A test tool.
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    http: {{url: "{tool_url}", method: POST, timeout: 5s}}
+    idempotent: true
+"#
+    )
+}
+
+#[tokio::test]
+async fn twenty_children_run_on_two_processes_and_survive_a_sigkill() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mocks = [
+        Mock::start().await.expect("mock"),
+        Mock::start().await.expect("mock"),
+    ];
+    let dir = TempDir::new();
+    let mut configs = Vec::new();
+    for (i, mock) in mocks.iter().enumerate() {
+        // Each LLM call takes a while, so the kill finds children mid-flight.
+        mock.counters.llm_latency_ms.store(400, Ordering::Relaxed);
+        let path = dir.0.join(format!("keel-{i}.yaml"));
+        let yaml = format!(
+            "providers:\n  lm:\n    kind: openai\n    base_url: \"{}\"\n",
+            mock.llm_url()
+        );
+        std::fs::write(&path, yaml).expect("write the configuration");
+        configs.push(path.display().to_string());
+    }
+    let mut a = process(&dir, &db, Some(&configs[0])).await;
+    let b = process(&dir, &db, Some(&configs[1])).await;
+    let http = reqwest::Client::new();
+    register(&http, &a, &kid_agent(&mocks[0].tool_url("echo"))).await;
+    let tasks: Vec<Value> = (0..20)
+        .map(|i| json!({"agent": "kid", "input": format!("part {i}")}))
+        .collect();
+    register(
+        &http,
+        &a,
+        &crate::children::boss(&Value::Array(tasks), "kid"),
+    )
+    .await;
+    let id = submit(&http, &a, "boss", "split it").await;
+
+    // Both processes run children: each one's mock hears its LLM calls.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while mocks
+        .iter()
+        .any(|m| m.counters.llm_requests.load(Ordering::Relaxed) < 2)
+    {
+        let counts: Vec<u64> = mocks
+            .iter()
+            .map(|m| m.counters.llm_requests.load(Ordering::Relaxed))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "the children did not spread over both processes: {counts:?} LLM calls"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.kill();
+    let listed = get_json(&http, &b.url("/v1/runs?agent=kid&limit=100")).await;
+    let done_at_kill = listed["runs"].as_array().map_or(0, |runs| {
+        runs.iter().filter(|r| r["status"] == "COMPLETED").count()
+    });
+    assert!(
+        done_at_kill < 20,
+        "every child finished before the kill: nothing was tested"
+    );
+
+    // The other process finishes everything, A's children after their
+    // leases expire.
+    let run = wait_terminal(&http, &b, &id, Duration::from_secs(180)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    let results: Value =
+        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    let results = results.as_array().expect("an array");
+    assert_eq!(results.len(), 20, "{results:?}");
+    let children = run["children"].as_array().expect("children");
+    assert_eq!(children.len(), 20);
+    for (i, (result, child)) in results.iter().zip(children).enumerate() {
+        assert_eq!(result["status"], "COMPLETED", "{result}");
+        assert_eq!(result["run_id"], child["run_id"], "task order");
+        assert_eq!(child["index"], i);
+        let child_id = child["run_id"].as_str().expect("child id");
+        let view = get_json(&http, &b.url(&format!("/v1/runs/{child_id}"))).await;
+        assert_eq!(view["input"], format!("part {i}").as_str(), "{view}");
+        assert_eq!(view["status"], "COMPLETED", "{view}");
+    }
+    // Exactly one set of children, one spawn and one fan-in.
+    let listed = get_json(&http, &b.url("/v1/runs?agent=kid&limit=100")).await;
+    assert_eq!(listed["runs"].as_array().map(Vec::len), Some(20));
+    let events = sse(&http, &b.url(&format!("/v1/runs/{id}/events")), None).await;
+    let count = |kind: &str| events.iter().filter(|e| e.1 == kind).count();
+    assert_eq!(count("children_spawned"), 1);
+    assert_eq!(count("tool_call_completed"), 1, "one fan-in");
+    assert_eq!(count("run_completed"), 1);
+}
+
+#[tokio::test]
+async fn a_run_parked_on_one_process_is_approved_through_the_other() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let a = process(&dir, &db, None).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &a,
+        &agent_yaml(
+            "gate",
+            &mock,
+            "tools:1",
+            "echo",
+            "    requires_approval: true\n",
+        ),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&http, &a, "gate", &format!("pay {i}")).await);
+    }
+    for id in &ids {
+        wait_for(&http, &a, id, "parking", |r| {
+            r["status"] == "AWAITING_APPROVAL"
+        })
+        .await;
+    }
+
+    // B starts once the runs are parked on A; the inbox is the same from
+    // both processes, page by page.
+    let b = process(&dir, &db, None).await;
+    let from_a = inbox_pages(&http, &a, "status=pending&limit=2").await;
+    let from_b = inbox_pages(&http, &b, "status=pending&limit=2").await;
+    assert_eq!(from_a, from_b);
+    let pending: Vec<(String, String)> = from_a.into_iter().flat_map(|(p, _)| p).collect();
+    let mut expected: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.clone(), "1.0.1".to_string()))
+        .collect();
+    expected.sort_by(|x, y| y.cmp(x));
+    assert_eq!(pending, expected);
+
+    // Approved through B's API, the runs go on (on either process) and
+    // complete, each call made once; A sees it too.
+    for id in &ids {
+        let r = http
+            .post(b.url(&format!("/v1/runs/{id}/approvals/1.0.1")))
+            .json(&json!({"decision": "approve", "by": "bob"}))
+            .send()
+            .await
+            .expect("decide");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    for id in &ids {
+        let run = wait_terminal(&http, &a, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+        assert_eq!(run["approvals"][0]["decided_by"], "bob");
+        let key = format!("{id}:1:0");
+        assert_eq!(
+            mock.counters.key_counts().get(&key).copied(),
+            Some(1),
+            "{key}"
+        );
+    }
+    for server in [&a, &b] {
+        let inbox = get_json(&http, &server.url("/v1/approvals?status=pending")).await;
+        assert_eq!(inbox["approvals"], json!([]), "{inbox}");
+        assert_eq!(inbox["next_cursor"], Value::Null);
+    }
 }

@@ -249,6 +249,43 @@ pub async fn wait_terminal(
     }
 }
 
+/// Reads the inbox page by page (`query` without the cursor): the pages'
+/// (run id, approval id) pairs and whether each had a `next_cursor`.
+pub async fn inbox_pages(
+    http: &reqwest::Client,
+    server: &Server,
+    query: &str,
+) -> Vec<(Vec<(String, String)>, bool)> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => server.url(&format!("/v1/approvals?{query}&cursor={c}")),
+            None => server.url(&format!("/v1/approvals?{query}")),
+        };
+        let page = get_json(http, &url).await;
+        let approvals: Vec<(String, String)> = page["approvals"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no approvals: {page}"))
+            .iter()
+            .map(|a| {
+                assert_eq!(a["status"], "pending", "{a}");
+                (
+                    a["run_id"].as_str().unwrap_or("").to_string(),
+                    a["id"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let next = page["next_cursor"].as_str().map(str::to_string);
+        pages.push((approvals, next.is_some()));
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return pages,
+        }
+        assert!(pages.len() < 20, "the inbox pages forever");
+    }
+}
+
 /// Reads a run's SSE stream to the end: (id, event name, data) per event.
 pub async fn sse(
     http: &reqwest::Client,

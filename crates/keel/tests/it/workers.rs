@@ -234,3 +234,74 @@ async fn parks_and_results_are_called_back_and_retried_while_the_receiver_is_dow
     assert_eq!(status, 400);
     assert!(body.to_string().contains("callback_url"), "{body}");
 }
+
+#[tokio::test]
+async fn the_run_timeout_ends_a_run_whose_call_no_worker_finishes() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // Long enough for the worker below to lease a call on a loaded machine.
+    let yaml = format!("{}limits: {{timeout: 3s}}\n", worker_agent(&mock));
+    register(&http, &server, &yaml).await;
+    let submitted = Instant::now();
+    let ids = [
+        submit(&http, &server, "ext", "go").await,
+        submit(&http, &server, "ext", "go").await,
+    ];
+
+    // One call is leased by a worker that then hangs; nobody leases the other.
+    let lease = server.url("/v1/worker/tasks/lease");
+    let (status, task) = post(
+        &http,
+        &lease,
+        json!({"queue": "images", "worker": "slow", "wait": "10s", "lease": "60s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{task}");
+    let leased_run = task["run_id"].as_str().expect("run id").to_string();
+    assert!(ids.contains(&leased_run), "{task}");
+
+    // Both fail with `timeout` shortly after their 3 s deadline, whether the
+    // call was leased or not.
+    for id in &ids {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "FAILED", "{run}");
+        assert_eq!(run["error_code"], "timeout", "{run}");
+        assert!(
+            run["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("limits.timeout"),
+            "{run}"
+        );
+    }
+    let took = submitted.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "ended before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the timeout took {took:?} to apply"
+    );
+
+    // The unleased call left its queue with its run: nothing to lease.
+    let (status, body) = post(&http, &lease, json!({"queue": "images", "wait": "1s"})).await;
+    assert_eq!(status, 204, "{body}");
+    // The hanging worker's late result is refused, saying why.
+    let (status, body) = post(
+        &http,
+        &server.url(&format!(
+            "/v1/worker/tasks/{}/complete",
+            task["task_id"].as_str().unwrap_or("")
+        )),
+        json!({"lease_token": task["lease_token"], "output": "too late"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("timed out"), "{body}");
+    let run = get_json(&http, &server.url(&format!("/v1/runs/{leased_run}"))).await;
+    assert!(!run.to_string().contains("too late"), "{run}");
+    assert_eq!(mock.counters.tool_requests.load(Ordering::Relaxed), 0);
+}
