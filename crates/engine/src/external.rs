@@ -214,24 +214,26 @@ impl<S: Store> External<S> {
                 task.max_attempts
             );
             warn!(run_id = %task.run_id, task_id = %task.lease.task_id, "{error}");
-            let transition = run::Transition {
-                events: vec![Event::TaskDeadLettered {
-                    task_id: task.lease.task_id,
-                    kind: TaskKind::External.as_str().to_string(),
-                    step: task.step,
-                    attempts: task.attempts,
-                    error: error.clone(),
-                }],
-                effects: Vec::new(),
+            let dead_letter = Event::TaskDeadLettered {
+                task_id: task.lease.task_id,
+                kind: TaskKind::External.as_str().to_string(),
+                step: task.step,
+                attempts: task.attempts,
+                error: error.clone(),
             };
-            self.settle(
-                &task.lease,
-                &state,
-                &agent,
-                transition,
-                TaskUpdate::DeadLetter { error },
-            )
-            .await?;
+            // A child run its parent told to fail fails instead of parking.
+            let (transition, update) = match run::give_up(&state, &agent, dead_letter.clone()) {
+                Some(transition) => (transition, TaskUpdate::Complete),
+                None => (
+                    run::Transition {
+                        events: vec![dead_letter],
+                        effects: Vec::new(),
+                    },
+                    TaskUpdate::DeadLetter { error },
+                ),
+            };
+            self.settle(&task.lease, &state, &agent, transition, update)
+                .await?;
             return Ok(None);
         }
         let Some(call) = call else {
