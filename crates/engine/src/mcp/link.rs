@@ -3,6 +3,13 @@
 //! on change and every `refresh`; when the connection or the process dies,
 //! reconnect after a backoff; on shutdown close the connection and stop the
 //! process (killed if it does not exit within a grace period).
+//!
+//! Changes: a server of protocol 2025-11-25 sends
+//! `notifications/tools/list_changed` unasked ([`Handler`]); one of
+//! 2026-07-28 sends it only on a `subscriptions/listen` request that asked
+//! for it, which [`listen`] opens when the server announces
+//! `tools.listChanged` (rmcp routes such notifications to the subscription,
+//! never to the handler).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,18 +20,22 @@ use std::time::{Duration, Instant};
 use keel_core::config::{Ref, expand};
 use keel_core::spec::{McpTool, clip, human_duration};
 use reqwest::header::{HeaderName, HeaderValue};
-use rmcp::model::{ClientCapabilities, ClientConfig, Implementation, ProtocolVersion};
-use rmcp::service::{MaybeSendFuture, NotificationContext, RunningServiceCancellationToken};
+use rmcp::model::{
+    ClientCapabilities, ClientConfig, Implementation, ProtocolVersion, SubscriptionFilter,
+};
+use rmcp::service::{
+    MaybeSendFuture, NotificationContext, RunningServiceCancellationToken, Subscription,
+};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, Peer, RoleClient};
+use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, Peer, RoleClient, ServiceError};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStderr};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Catalog, Server, redact};
 
@@ -40,6 +51,10 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// Longest stderr line logged (the rest is cut).
 const MAX_LOG_LINE: usize = 2000;
+
+/// Longest wait for a server to acknowledge `subscriptions/listen` (at
+/// most half its `timeout`): without one, changes wait for the `refresh`.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Keeps `server` connected until `cancel`.
 pub(super) async fn supervise(
@@ -115,7 +130,26 @@ async fn serve(
             _ = &mut link.done => break "the connection closed".to_string(),
             exit = exited(&mut link.child) => break format!("the process exited ({exit})"),
             _ = changed.notified() => relist(server, &link).await,
-            _ = refresh.tick() => relist(server, &link).await,
+            heard = next_change(&mut link.listen) => {
+                if let Err(end) = heard {
+                    link.listen = None;
+                    if link.peer.is_transport_closed() {
+                        break "the connection closed".to_string();
+                    }
+                    // A change may have been missed: re-list now, listen
+                    // again at the next refresh.
+                    let end = redact(&end, &link.secrets);
+                    warn!(server = %server.name, reason = %end, "mcp list_changed subscription ended");
+                    link.relisten = true;
+                }
+                relist(server, &link).await;
+            }
+            _ = refresh.tick() => {
+                if link.relisten {
+                    (link.listen, link.relisten) = listen(server, &link.peer, &link.secrets).await;
+                }
+                relist(server, &link).await;
+            }
         }
     };
     link.close().await;
@@ -176,6 +210,12 @@ async fn list(server: &str, peer: &Peer<RoleClient>) -> Result<Vec<McpTool>, Str
 /// A live connection.
 struct Link {
     peer: Peer<RoleClient>,
+    /// The `subscriptions/listen` request the server sends its
+    /// list_changed notifications on (2026-07-28).
+    listen: Option<Subscription>,
+    /// Whether to open `listen` again at the next refresh (it ended or
+    /// could not be opened, for a reason that may pass).
+    relisten: bool,
     /// Stops the client's service loop (taken when used).
     stop: Option<RunningServiceCancellationToken>,
     /// The service loop; it ends when the connection does.
@@ -213,6 +253,69 @@ async fn exited(child: &mut Option<Child>) -> String {
         },
         None => std::future::pending().await,
     }
+}
+
+/// The next notification of a list_changed subscription (never without
+/// one); `Err` says how it ended.
+async fn next_change(listen: &mut Option<Subscription>) -> Result<(), String> {
+    let Some(subscription) = listen else {
+        return std::future::pending().await;
+    };
+    // The filter asked only for `notifications/tools/list_changed`, and rmcp
+    // refuses any other notification on it.
+    match subscription.next().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(match subscription.end() {
+            Some(end) => format!("{end:?}"),
+            None => "ended".into(),
+        }),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Opens the subscription a 2026-07-28 server sends
+/// `notifications/tools/list_changed` on, if it announces them
+/// (`tools.listChanged`); and whether to try again at the next refresh
+/// (it failed for a reason that may pass). A server of an older protocol
+/// sends them unasked ([`Handler`]).
+async fn listen(
+    server: &Server,
+    peer: &Peer<RoleClient>,
+    secrets: &[String],
+) -> (Option<Subscription>, bool) {
+    let Some(info) = peer.peer_info() else {
+        return (None, false);
+    };
+    let announces = info
+        .capabilities
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.list_changed == Some(true));
+    if info.protocol_version.has_initialize() || !announces {
+        return (None, false);
+    }
+    let filter = SubscriptionFilter::builder().tools_list_changed().build();
+    let within = LISTEN_TIMEOUT.min(server.config.timeout / 2);
+    let error = match tokio::time::timeout(within, peer.listen(filter)).await {
+        Ok(Ok(subscription)) if subscription.acknowledged().tools_list_changed == Some(true) => {
+            debug!(server = %server.name, "mcp list_changed subscription open");
+            return (Some(subscription), false);
+        }
+        Ok(Ok(_)) => {
+            info!(server = %server.name, "mcp server did not accept a list_changed subscription, re-listing every refresh");
+            return (None, false);
+        }
+        // It answered: it does not take subscriptions.
+        Ok(Err(ServiceError::McpError(e))) => {
+            let error = redact(&e.message, secrets);
+            info!(server = %server.name, error = %error, "mcp server refused a list_changed subscription, re-listing every refresh");
+            return (None, false);
+        }
+        Ok(Err(e)) => redact(&e.to_string(), secrets),
+        Err(_) => format!("no answer within {}", human_duration::format(within)),
+    };
+    warn!(server = %server.name, error = %error, "mcp list_changed subscription failed, trying again at the next refresh");
+    (None, true)
 }
 
 /// Hears the server's notifications.
@@ -297,8 +400,12 @@ async fn connect(
     let done = tokio::spawn(async move {
         let _ = service.waiting().await;
     });
+    // Subscribed before listing: no change after the list goes unheard.
+    let (listen, relisten) = listen(server, &peer, &secrets).await;
     let link = Link {
         peer,
+        listen,
+        relisten,
         stop: Some(stop),
         done,
         child,

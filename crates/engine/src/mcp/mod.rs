@@ -6,7 +6,8 @@
 //! HTTP server speaks streamable HTTP. [`link`] connects each one (handshake:
 //! `server/discover` of protocol 2026-07-28, falling back to `initialize` for
 //! older servers), lists its tools, re-lists them on
-//! `notifications/tools/list_changed` and every `refresh`, reconnects (and
+//! `notifications/tools/list_changed` (asked for with `subscriptions/listen`
+//! on a 2026-07-28 connection) and every `refresh`, reconnects (and
 //! respawns) with backoff when the connection or the process dies, and kills
 //! the process on shutdown.
 //!

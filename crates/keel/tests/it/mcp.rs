@@ -1,7 +1,7 @@
 //! MCP servers end to end: `keel serve` with the fixture server over stdio
 //! (spawned and supervised by Keel) and over streamable HTTP; discovery,
 //! allow lists, schema checks, `_meta`, secrets, calls cut by a dying
-//! server, restarts, shutdown.
+//! server, tool list changes, restarts, shutdown.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -578,6 +578,90 @@ tools:
     let key = format!("{id}:1:0");
     assert_eq!(keys_of(&record, "crash"), [key.clone(), key]);
     drop(fixture);
+}
+
+#[tokio::test]
+async fn a_tool_added_at_runtime_is_callable_after_list_changed() {
+    for legacy in [false, true] {
+        let dir = TempDir::new();
+        let record = dir.0.join("record.jsonl");
+        let legacy_arg = if legacy { ", --legacy" } else { "" };
+        // Re-listed every hour: only the notification can bring the tool in time.
+        let config = write(
+            &dir,
+            "keel.yaml",
+            &format!(
+                "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}'{legacy_arg}]}}\n    timeout: 10s\n    refresh: 1h\n",
+                record.display()
+            ),
+        );
+        let server = Server::start(&dir.db(), &["--config", &config]).await;
+        let http = reqwest::Client::new();
+        register(
+            &http,
+            &server,
+            r#"
+name: grower
+version: 1
+model:
+  provider: scripted
+  model: s
+  script:
+    - tool_calls: [{name: fx__register_tool, arguments: {name: greet}}]
+    - tool_calls: [{name: fx__greet}]
+    - content: "done: {{tool_result}}"
+tools:
+  - {mcp: fx, allow: [register_tool, greet]}
+"#,
+        )
+        .await;
+        let started = Instant::now();
+        let id = submit(&http, &server, "grower", "go").await;
+        let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "COMPLETED", "legacy {legacy}: {run}");
+        assert_eq!(
+            run["output"], "done: hello from greet",
+            "legacy {legacy}: {run}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let (events, _) = journal(&http, &server, &id).await;
+        assert!(
+            by_call(&events, "tool_call_rejected").is_empty(),
+            "legacy {legacy}: {events:?}"
+        );
+
+        // What the server saw: the handshake, a subscription to list
+        // changes on 2026-07-28 only (older servers notify unasked), and a
+        // second listing that has the new tool.
+        let lines = recorded(&record);
+        let handshake = if legacy {
+            "initialize"
+        } else {
+            "server/discover"
+        };
+        let handshakes: Vec<&Value> = lines.iter().filter_map(|l| l.get("handshake")).collect();
+        assert_eq!(handshakes, [&json!(handshake)], "legacy {legacy}");
+        let listens: Vec<&Value> = lines.iter().filter_map(|l| l.get("listen")).collect();
+        if legacy {
+            assert!(listens.is_empty(), "{listens:?}");
+        } else {
+            assert_eq!(listens, [&json!({"toolsListChanged": true})]);
+        }
+        let listed: Vec<&Value> = lines.iter().filter_map(|l| l.get("listed")).collect();
+        assert_eq!(listed.len(), 2, "legacy {legacy}: {listed:?}");
+        assert!(
+            !listed[0]
+                .as_array()
+                .expect("names")
+                .contains(&json!("greet"))
+        );
+        assert!(
+            listed[1]
+                .as_array()
+                .expect("names")
+                .contains(&json!("greet"))
+        );
+    }
 }
 
 #[tokio::test]
