@@ -10,6 +10,11 @@
 //! for it, which [`listen`] opens when the server announces
 //! `tools.listChanged` (rmcp routes such notifications to the subscription,
 //! never to the handler).
+//!
+//! Processes: a stdio server is spawned in a process group of its own, and
+//! on Linux with `PR_SET_PDEATHSIG` so the kernel kills it when Keel dies,
+//! even by SIGKILL, when nothing closes its stdin in order
+//! ([`die_with_parent`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -431,7 +436,8 @@ struct Prepared {
 /// Reads the references of the `env` (blocking: files), finds the program
 /// on Keel's `PATH`, and builds the command: a clean environment with only
 /// the configured variables, piped stdio, killed if dropped, in a process
-/// group of its own (a terminal's Ctrl-C reaches Keel, which stops it).
+/// group of its own (a terminal's Ctrl-C reaches Keel, which stops it),
+/// and on Linux killed by the kernel if Keel dies ([`die_with_parent`]).
 fn prepare_stdio(server: &str, stdio: &keel_core::config::StdioServer) -> Result<Prepared, String> {
     let mut env = BTreeMap::new();
     let mut secrets = Vec::new();
@@ -460,11 +466,51 @@ fn prepare_stdio(server: &str, stdio: &keel_core::config::StdioServer) -> Result
     }
     #[cfg(unix)]
     command.process_group(0);
+    #[cfg(target_os = "linux")]
+    die_with_parent(&mut command);
     Ok(Prepared {
         command,
         program,
         secrets,
     })
+}
+
+/// Makes the kernel SIGKILL the process when Keel dies, however it dies
+/// (a SIGKILLed Keel closes no stdin in order, and a server that ignores
+/// EOF would be orphaned).
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
+/// not the process. The fork happens in `Command::spawn`, called from
+/// [`connect`] on the supervisor's task: a worker thread of the tokio
+/// runtime, which lives as long as the runtime (Keel's is multi-threaded;
+/// nothing here uses `block_in_place`). It must not move to
+/// `spawn_blocking`, whose threads exit when idle and would take the
+/// server with them; [`prepare_stdio`] runs there but only builds the
+/// command.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    let Ok(parent) = libc::pid_t::try_from(std::process::id()) else {
+        return;
+    };
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe code may run: it makes two system calls
+    // (prctl(2), getppid(2)), touches no lock and allocates nothing (an
+    // `io::Error` from an OS error code is not boxed).
+    unsafe {
+        command.pre_exec(move || {
+            let (signal, unused): (libc::c_ulong, libc::c_ulong) = (libc::SIGKILL as _, 0);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal, unused, unused, unused) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Keel died between the fork and the prctl: the signal will
+            // never come (the child was re-parented), so do not start.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Expands `${VAR}` / `${file:...}` in `template`, keeping the values read as secrets.

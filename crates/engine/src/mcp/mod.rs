@@ -9,7 +9,7 @@
 //! `notifications/tools/list_changed` (asked for with `subscriptions/listen`
 //! on a 2026-07-28 connection) and every `refresh`, reconnects (and
 //! respawns) with backoff when the connection or the process dies, and kills
-//! the process on shutdown.
+//! the process on shutdown; on Linux the kernel kills it if Keel dies.
 //!
 //! An agent uses a server through `tools: [{mcp: <server>, allow: [...]}]`.
 //! [`Mcp::resolve`] turns the agent's pinned version into one holding the

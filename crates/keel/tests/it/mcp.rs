@@ -1,7 +1,7 @@
 //! MCP servers end to end: `keel serve` with the fixture server over stdio
 //! (spawned and supervised by Keel) and over streamable HTTP; discovery,
 //! allow lists, schema checks, `_meta`, secrets, calls cut by a dying
-//! server, tool list changes, restarts, shutdown.
+//! server, tool list changes, restarts, shutdown, a SIGKILLed keel.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -661,6 +661,46 @@ tools:
                 .expect("names")
                 .contains(&json!("greet"))
         );
+    }
+}
+
+#[tokio::test]
+async fn a_stdio_server_dies_with_a_sigkilled_keel() {
+    let dir = TempDir::new();
+    let record = dir.0.join("record.jsonl");
+    // `--linger`: the server ignores its stdin closing, so only the kernel
+    // (PR_SET_PDEATHSIG) can stop it once keel is gone.
+    let config = write(
+        &dir,
+        "keel.yaml",
+        &format!(
+            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}', --linger]}}\n    timeout: 10s\n",
+            record.display()
+        ),
+    );
+    let mut server = Server::start(&dir.db(), &["--config", &config]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        let handshakes = recorded(&record)
+            .iter()
+            .filter(|l| l.get("handshake").is_some())
+            .count();
+        if let (1, [pid]) = (handshakes, started(&record).as_slice()) {
+            break *pid;
+        }
+        assert!(Instant::now() < deadline, "the MCP server never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(alive(pid));
+
+    server.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the MCP server {pid} outlived a SIGKILLed keel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
