@@ -321,7 +321,8 @@ pub enum OnTimeout {
 }
 
 /// What recovery does with a call whose `ToolCallStarted` has no result
-/// (the worker making it died): it may or may not have happened.
+/// (the worker making it died, or the connection to its MCP server was cut
+/// mid-call): it may or may not have happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnUncertain {

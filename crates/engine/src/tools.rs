@@ -71,6 +71,14 @@ pub struct Outcome {
     pub output: String,
     /// Whether `output` describes a failure.
     pub is_error: bool,
+    /// Whether the call was cut off with no answer after it was sent (the
+    /// connection to its MCP server died mid-call): it may or may not have
+    /// happened, and `output` says why. It is no result: the tools step
+    /// journals nothing for it and fails the task's attempt, as if the
+    /// worker had died, so the tool's `on_uncertain` decides what happens
+    /// next. A caller that cannot wait for that reads it as an error
+    /// (`is_error` is set too).
+    pub uncertain: bool,
 }
 
 impl Outcome {
@@ -79,6 +87,7 @@ impl Outcome {
         Outcome {
             output: output.into(),
             is_error: false,
+            uncertain: false,
         }
     }
 
@@ -87,6 +96,16 @@ impl Outcome {
         Outcome {
             output: output.into(),
             is_error: true,
+            uncertain: false,
+        }
+    }
+
+    /// A call cut off after it was sent: `why` says how.
+    pub fn uncertain(why: impl Into<String>) -> Outcome {
+        Outcome {
+            output: why.into(),
+            is_error: true,
+            uncertain: true,
         }
     }
 }
@@ -116,7 +135,9 @@ impl Tools {
         self
     }
 
-    /// Makes one tool call. Never fails: every error becomes an error outcome the model sees.
+    /// Makes one tool call. Never fails: every error becomes an error outcome
+    /// the model sees, except a call cut off mid-way, whose outcome is
+    /// [`Outcome::uncertain`].
     pub async fn invoke(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
         if let Some(tool) = agent.mcp_tool(&call.tool) {
             return self.mcp.call(agent, tool, run_id, call).await;

@@ -642,26 +642,43 @@ async fn tools_step<S: Store>(
             if agent.spawn_tool(&inv.tool).is_some() {
                 // Made here: the child runs start in the commit.
                 let versions = spawn_versions(inner, tenant, agent, &inv.arguments).await?;
-                return Ok(Command::Spawn {
+                return Ok(Ok(Command::Spawn {
                     step: inv.step,
                     call_index: inv.call_index,
                     versions,
-                });
+                }));
             }
             let outcome = inner.tools.invoke(agent, run_id, &inv).await;
-            Ok::<_, StoreError>(Command::ToolReturned {
+            if outcome.uncertain {
+                // Cut off after it was sent: no result to journal.
+                return Ok(Err(format!("call {}: {}", inv.call_index, outcome.output)));
+            }
+            Ok::<_, StoreError>(Ok(Command::ToolReturned {
                 step: inv.step,
                 call_index: inv.call_index,
                 output: outcome.output,
                 is_error: outcome.is_error,
-            })
+            }))
         })
         .collect();
     let mut result = None;
+    let mut uncertain = Vec::new();
     while let Some(command) = calls.next().await {
-        if let Some(next) = journal_result(inner, slot, task, agent, command?).await? {
-            result = Some(next);
+        match command? {
+            Ok(command) => {
+                if let Some(next) = journal_result(inner, slot, task, agent, command).await? {
+                    result = Some(next);
+                }
+            }
+            Err(why) => uncertain.push(why),
         }
+    }
+    if result.is_none() && !uncertain.is_empty() {
+        // A call cut off mid-way keeps its start without a result, as if
+        // this worker had died making it: the attempt fails, and the next
+        // one applies the tool's on_uncertain (start_tools).
+        let message = uncertain.join("; ");
+        return retry_later(inner, slot, task, agent, "tool call cut off", message, None).await;
     }
     if result.is_none() && slot.as_ref().is_some_and(|s| waits_for_workers(s, agent)) {
         // The step waits for external workers' results: they settle it.
@@ -741,9 +758,9 @@ async fn journal_result<S: Store>(
     }
 }
 
-/// Gives an `llm` task back to be retried after the agent's backoff (or
-/// the provider's `retry_after`, within the policy's cap), or dead-letters
-/// it after its last attempt. `what` names the failure.
+/// Gives an `llm` or `tools` task back to be retried after the agent's
+/// backoff (or the provider's `retry_after`, within the policy's cap), or
+/// dead-letters it after its last attempt. `what` names the failure.
 async fn retry_later<S: Store>(
     inner: &Inner<S>,
     slot: &mut Option<State>,

@@ -614,7 +614,8 @@ fn next_llm_or_fail(
 }
 
 /// Starts the calls of `step` that have no result. A call started before
-/// (the worker making it stopped) may or may not have happened: its tool's
+/// without a result (the worker making it stopped, or the connection to its
+/// MCP server was cut mid-call) may or may not have happened: its tool's
 /// `on_uncertain` says whether it is made again with the same key, fails
 /// the run, or waits for a human. While any call waits, none starts.
 fn start_tools(state: &State, agent: &Agent, step: u32) -> Result<Transition, Rejected> {
@@ -684,7 +685,7 @@ fn start_tools(state: &State, agent: &Agent, step: u32) -> Result<Transition, Re
             Vec::new(),
             Status::Failed,
             format!(
-                "tool call {} may or may not have happened (the worker making it stopped before its result was saved) and its tool's on_uncertain is `fail`",
+                "tool call {} may or may not have happened (no result was saved: the worker making it stopped, or its connection to the tool's server was cut mid-call) and its tool's on_uncertain is `fail`",
                 failed.join(", ")
             ),
             Some(code::UNCERTAIN_TOOL_CALL.into()),

@@ -3,6 +3,18 @@
 //! on change and every `refresh`; when the connection or the process dies,
 //! reconnect after a backoff; on shutdown close the connection and stop the
 //! process (killed if it does not exit within a grace period).
+//!
+//! Changes: a server of protocol 2025-11-25 sends
+//! `notifications/tools/list_changed` unasked ([`Handler`]); one of
+//! 2026-07-28 sends it only on a `subscriptions/listen` request that asked
+//! for it, which [`listen`] opens when the server announces
+//! `tools.listChanged` (rmcp routes such notifications to the subscription,
+//! never to the handler).
+//!
+//! Processes: a stdio server is spawned in a process group of its own, and
+//! on Linux with `PR_SET_PDEATHSIG` so the kernel kills it when Keel dies,
+//! even by SIGKILL, when nothing closes its stdin in order
+//! ([`die_with_parent`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,18 +25,22 @@ use std::time::{Duration, Instant};
 use keel_core::config::{Ref, expand};
 use keel_core::spec::{McpTool, clip, human_duration};
 use reqwest::header::{HeaderName, HeaderValue};
-use rmcp::model::{ClientCapabilities, ClientConfig, Implementation, ProtocolVersion};
-use rmcp::service::{MaybeSendFuture, NotificationContext, RunningServiceCancellationToken};
+use rmcp::model::{
+    ClientCapabilities, ClientConfig, Implementation, ProtocolVersion, SubscriptionFilter,
+};
+use rmcp::service::{
+    MaybeSendFuture, NotificationContext, RunningServiceCancellationToken, Subscription,
+};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, Peer, RoleClient};
+use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, Peer, RoleClient, ServiceError};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStderr};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Catalog, Server, redact};
 
@@ -40,6 +56,10 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// Longest stderr line logged (the rest is cut).
 const MAX_LOG_LINE: usize = 2000;
+
+/// Longest wait for a server to acknowledge `subscriptions/listen` (at
+/// most half its `timeout`): without one, changes wait for the `refresh`.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Keeps `server` connected until `cancel`.
 pub(super) async fn supervise(
@@ -115,7 +135,26 @@ async fn serve(
             _ = &mut link.done => break "the connection closed".to_string(),
             exit = exited(&mut link.child) => break format!("the process exited ({exit})"),
             _ = changed.notified() => relist(server, &link).await,
-            _ = refresh.tick() => relist(server, &link).await,
+            heard = next_change(&mut link.listen) => {
+                if let Err(end) = heard {
+                    link.listen = None;
+                    if link.peer.is_transport_closed() {
+                        break "the connection closed".to_string();
+                    }
+                    // A change may have been missed: re-list now, listen
+                    // again at the next refresh.
+                    let end = redact(&end, &link.secrets);
+                    warn!(server = %server.name, reason = %end, "mcp list_changed subscription ended");
+                    link.relisten = true;
+                }
+                relist(server, &link).await;
+            }
+            _ = refresh.tick() => {
+                if link.relisten {
+                    (link.listen, link.relisten) = listen(server, &link.peer, &link.secrets).await;
+                }
+                relist(server, &link).await;
+            }
         }
     };
     link.close().await;
@@ -176,6 +215,12 @@ async fn list(server: &str, peer: &Peer<RoleClient>) -> Result<Vec<McpTool>, Str
 /// A live connection.
 struct Link {
     peer: Peer<RoleClient>,
+    /// The `subscriptions/listen` request the server sends its
+    /// list_changed notifications on (2026-07-28).
+    listen: Option<Subscription>,
+    /// Whether to open `listen` again at the next refresh (it ended or
+    /// could not be opened, for a reason that may pass).
+    relisten: bool,
     /// Stops the client's service loop (taken when used).
     stop: Option<RunningServiceCancellationToken>,
     /// The service loop; it ends when the connection does.
@@ -213,6 +258,69 @@ async fn exited(child: &mut Option<Child>) -> String {
         },
         None => std::future::pending().await,
     }
+}
+
+/// The next notification of a list_changed subscription (never without
+/// one); `Err` says how it ended.
+async fn next_change(listen: &mut Option<Subscription>) -> Result<(), String> {
+    let Some(subscription) = listen else {
+        return std::future::pending().await;
+    };
+    // The filter asked only for `notifications/tools/list_changed`, and rmcp
+    // refuses any other notification on it.
+    match subscription.next().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(match subscription.end() {
+            Some(end) => format!("{end:?}"),
+            None => "ended".into(),
+        }),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Opens the subscription a 2026-07-28 server sends
+/// `notifications/tools/list_changed` on, if it announces them
+/// (`tools.listChanged`); and whether to try again at the next refresh
+/// (it failed for a reason that may pass). A server of an older protocol
+/// sends them unasked ([`Handler`]).
+async fn listen(
+    server: &Server,
+    peer: &Peer<RoleClient>,
+    secrets: &[String],
+) -> (Option<Subscription>, bool) {
+    let Some(info) = peer.peer_info() else {
+        return (None, false);
+    };
+    let announces = info
+        .capabilities
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.list_changed == Some(true));
+    if info.protocol_version.has_initialize() || !announces {
+        return (None, false);
+    }
+    let filter = SubscriptionFilter::builder().tools_list_changed().build();
+    let within = LISTEN_TIMEOUT.min(server.config.timeout / 2);
+    let error = match tokio::time::timeout(within, peer.listen(filter)).await {
+        Ok(Ok(subscription)) if subscription.acknowledged().tools_list_changed == Some(true) => {
+            debug!(server = %server.name, "mcp list_changed subscription open");
+            return (Some(subscription), false);
+        }
+        Ok(Ok(_)) => {
+            info!(server = %server.name, "mcp server did not accept a list_changed subscription, re-listing every refresh");
+            return (None, false);
+        }
+        // It answered: it does not take subscriptions.
+        Ok(Err(ServiceError::McpError(e))) => {
+            let error = redact(&e.message, secrets);
+            info!(server = %server.name, error = %error, "mcp server refused a list_changed subscription, re-listing every refresh");
+            return (None, false);
+        }
+        Ok(Err(e)) => redact(&e.to_string(), secrets),
+        Err(_) => format!("no answer within {}", human_duration::format(within)),
+    };
+    warn!(server = %server.name, error = %error, "mcp list_changed subscription failed, trying again at the next refresh");
+    (None, true)
 }
 
 /// Hears the server's notifications.
@@ -297,8 +405,12 @@ async fn connect(
     let done = tokio::spawn(async move {
         let _ = service.waiting().await;
     });
+    // Subscribed before listing: no change after the list goes unheard.
+    let (listen, relisten) = listen(server, &peer, &secrets).await;
     let link = Link {
         peer,
+        listen,
+        relisten,
         stop: Some(stop),
         done,
         child,
@@ -324,7 +436,8 @@ struct Prepared {
 /// Reads the references of the `env` (blocking: files), finds the program
 /// on Keel's `PATH`, and builds the command: a clean environment with only
 /// the configured variables, piped stdio, killed if dropped, in a process
-/// group of its own (a terminal's Ctrl-C reaches Keel, which stops it).
+/// group of its own (a terminal's Ctrl-C reaches Keel, which stops it),
+/// and on Linux killed by the kernel if Keel dies ([`die_with_parent`]).
 fn prepare_stdio(server: &str, stdio: &keel_core::config::StdioServer) -> Result<Prepared, String> {
     let mut env = BTreeMap::new();
     let mut secrets = Vec::new();
@@ -353,11 +466,51 @@ fn prepare_stdio(server: &str, stdio: &keel_core::config::StdioServer) -> Result
     }
     #[cfg(unix)]
     command.process_group(0);
+    #[cfg(target_os = "linux")]
+    die_with_parent(&mut command);
     Ok(Prepared {
         command,
         program,
         secrets,
     })
+}
+
+/// Makes the kernel SIGKILL the process when Keel dies, however it dies
+/// (a SIGKILLed Keel closes no stdin in order, and a server that ignores
+/// EOF would be orphaned).
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
+/// not the process. The fork happens in `Command::spawn`, called from
+/// [`connect`] on the supervisor's task: a worker thread of the tokio
+/// runtime, which lives as long as the runtime (Keel's is multi-threaded;
+/// nothing here uses `block_in_place`). It must not move to
+/// `spawn_blocking`, whose threads exit when idle and would take the
+/// server with them; [`prepare_stdio`] runs there but only builds the
+/// command.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    let Ok(parent) = libc::pid_t::try_from(std::process::id()) else {
+        return;
+    };
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe code may run: it makes two system calls
+    // (prctl(2), getppid(2)), touches no lock and allocates nothing (an
+    // `io::Error` from an OS error code is not boxed).
+    unsafe {
+        command.pre_exec(move || {
+            let (signal, unused): (libc::c_ulong, libc::c_ulong) = (libc::SIGKILL as _, 0);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal, unused, unused, unused) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Keel died between the fork and the prctl: the signal will
+            // never come (the child was re-parented), so do not start.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Expands `${VAR}` / `${file:...}` in `template`, keeping the values read as secrets.

@@ -6,9 +6,10 @@
 //! HTTP server speaks streamable HTTP. [`link`] connects each one (handshake:
 //! `server/discover` of protocol 2026-07-28, falling back to `initialize` for
 //! older servers), lists its tools, re-lists them on
-//! `notifications/tools/list_changed` and every `refresh`, reconnects (and
+//! `notifications/tools/list_changed` (asked for with `subscriptions/listen`
+//! on a 2026-07-28 connection) and every `refresh`, reconnects (and
 //! respawns) with backoff when the connection or the process dies, and kills
-//! the process on shutdown.
+//! the process on shutdown; on Linux the kernel kills it if Keel dies.
 //!
 //! An agent uses a server through `tools: [{mcp: <server>, allow: [...]}]`.
 //! [`Mcp::resolve`] turns the agent's pinned version into one holding the
@@ -18,7 +19,9 @@
 //! an unknown tool. [`Mcp::call`] makes one `tools/call`, carrying the
 //! call's idempotency key and the run's traceparent in the request's
 //! `_meta` (`keel/idempotency_key`, `traceparent`); the text the server
-//! answers is what the model reads, with the server's secrets redacted.
+//! answers is what the model reads, with the server's secrets redacted. A
+//! call cut off by a dying connection has no answer: its outcome is
+//! uncertain, and the worker treats it like a call whose worker died.
 
 mod link;
 
@@ -31,12 +34,17 @@ use keel_core::RunId;
 use keel_core::config::{Config, McpServerConfig};
 use keel_core::run::Invocation;
 use keel_core::spec::{Agent, McpTool, allows, clip, human_duration};
-use rmcp::RoleClient;
-use rmcp::model::{CallToolRequestParams, CallToolResult, MetaObject, RequestMetaObject};
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CallToolResult, ClientRequest, MetaObject,
+    RequestMetaObject, ServerResult,
+};
+use rmcp::service::PeerRequestOptions;
+use rmcp::transport::streamable_http_client::StreamableHttpError;
+use rmcp::{RoleClient, ServiceError};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::tools::{MAX_OUTPUT_BYTES, Outcome};
 
@@ -45,6 +53,9 @@ pub const IDEMPOTENCY_KEY_META: &str = "keel/idempotency_key";
 
 /// Secrets shorter than this are not searched for in outputs and logs.
 const MIN_REDACTED_LEN: usize = 4;
+
+/// The wait before sending again a call that could not be sent.
+const RESEND_PAUSE: Duration = Duration::from_millis(250);
 
 /// The MCP servers of this process. Cheap to clone.
 #[derive(Clone, Default)]
@@ -180,7 +191,11 @@ impl Mcp {
     }
 
     /// Makes one call of an MCP tool the agent may use. Never fails: every
-    /// error becomes an error outcome the model reads.
+    /// error becomes an error outcome the model reads, except a call cut
+    /// off after it was sent (the connection died before an answer), which
+    /// is [`Outcome::uncertain`]. A call that could not be sent waits for
+    /// the server's next connection, within its `timeout`; a call with no
+    /// answer within the `timeout` is cancelled and reads as an error.
     pub async fn call(
         &self,
         agent: &Agent,
@@ -211,19 +226,6 @@ impl Mcp {
                 ));
             }
         };
-        let timeout = server.config.timeout;
-        let status = match server.connected(timeout).await {
-            Ok(status) => status,
-            Err(message) => {
-                return Outcome::error(format!("tool `{}` was not called: {message}", call.tool));
-            }
-        };
-        let Some(peer) = status.peer.clone() else {
-            return Outcome::error(format!(
-                "tool `{}` was not called: mcp server `{}` is not connected",
-                call.tool, tool.server
-            ));
-        };
         let mut meta = MetaObject::new();
         meta.insert(
             IDEMPOTENCY_KEY_META.into(),
@@ -233,9 +235,57 @@ impl Mcp {
         let mut params = CallToolRequestParams::new(tool.tool.clone()).with_arguments(arguments);
         params.meta = Some(RequestMetaObject(meta));
 
-        let redact = |text: &str| redact(text, &status.secrets);
-        match tokio::time::timeout(timeout, peer.call_tool(params)).await {
-            Ok(Ok(result)) => {
+        // Until the request reaches the server, a connection that closes
+        // only delays the call: wait for the supervisor's next one, within
+        // the timeout.
+        let timeout = server.config.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (answer, secrets) = loop {
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let status = match server.connected(wait).await {
+                Ok(status) => status,
+                Err(message) => {
+                    return Outcome::error(format!(
+                        "tool `{}` was not called: {message}",
+                        call.tool
+                    ));
+                }
+            };
+            let Some(peer) = status.peer.clone() else {
+                return Outcome::error(format!(
+                    "tool `{}` was not called: mcp server `{}` is not connected",
+                    call.tool, tool.server
+                ));
+            };
+            let request = ClientRequest::CallToolRequest(CallToolRequest::new(params.clone()));
+            // The answer is awaited at most `timeout`; past it the server
+            // is told the call is cancelled.
+            let options = PeerRequestOptions::with_timeout(timeout);
+            let answer = match peer.send_cancellable_request(request, options).await {
+                Ok(sent) => sent.await_response().await,
+                // The connection had ended: the request never left.
+                Err(ServiceError::TransportClosed) => continue,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Err(e) if failure(&e) == Failure::NotSent => {
+                    let message = redact(&e.to_string(), &status.secrets);
+                    if tokio::time::Instant::now() + RESEND_PAUSE >= deadline {
+                        return Outcome::error(format!(
+                            "tool `{}` was not called: {message}",
+                            call.tool
+                        ));
+                    }
+                    debug!(run_id = %run_id, server = %tool.server, tool = %tool.tool, error = %message, "mcp tool call not sent, trying again");
+                    tokio::time::sleep(RESEND_PAUSE).await;
+                }
+                answer => break (answer, status.secrets.clone()),
+            }
+        };
+
+        let redact = |text: &str| redact(text, &secrets);
+        match answer {
+            Ok(ServerResult::CallToolResult(result)) => {
                 let (text, is_error) = result_text(&result);
                 let output = clip(&redact(&text), MAX_OUTPUT_BYTES);
                 if is_error {
@@ -244,18 +294,35 @@ impl Mcp {
                     Outcome::ok(output)
                 }
             }
-            Ok(Err(e)) => {
-                let message = redact(&e.to_string());
-                warn!(run_id = %run_id, server = %tool.server, tool = %tool.tool, error = %message, "mcp tool call failed");
-                Outcome::error(format!("tool `{}` failed: {message}", call.tool))
-            }
-            Err(_) => {
+            // `{}`: a result without content.
+            Ok(ServerResult::EmptyResult(_)) => Outcome::ok(""),
+            Ok(_) => Outcome::error(format!(
+                "tool `{}` failed: the server answered with something other than a tool result",
+                call.tool
+            )),
+            Err(ServiceError::Timeout { .. }) => {
+                // The server is alive but slow: it is told to cancel, and
+                // the model is told the call may have run (as for an HTTP
+                // tool's timeout).
                 warn!(run_id = %run_id, server = %tool.server, tool = %tool.tool, "mcp tool call timed out");
                 Outcome::error(format!(
                     "tool `{}` failed: no answer within {} (it may have run)",
                     call.tool,
                     human_duration::format(timeout)
                 ))
+            }
+            Err(e) => {
+                let message = redact(&e.to_string());
+                if failure(&e) == Failure::Cut {
+                    warn!(run_id = %run_id, server = %tool.server, tool = %tool.tool, error = %message, "mcp tool call cut off, it may or may not have happened");
+                    Outcome::uncertain(format!(
+                        "tool `{}` was cut off: the connection to mcp server `{}` broke before it answered ({message})",
+                        call.tool, tool.server
+                    ))
+                } else {
+                    warn!(run_id = %run_id, server = %tool.server, tool = %tool.tool, error = %message, "mcp tool call failed");
+                    Outcome::error(format!("tool `{}` failed: {message}", call.tool))
+                }
             }
         }
     }
@@ -339,6 +406,58 @@ fn result_text(result: &CallToolResult) -> (String, bool) {
     (parts.join("\n"), result.is_error == Some(true))
 }
 
+/// What a failed call's error says about whether the server got it.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// It never reached the server: writing to the process failed (it is
+    /// gone), or no HTTP connection could be made.
+    NotSent,
+    /// It was sent and the connection broke before an answer: the process
+    /// exited, the HTTP connection or response stream was cut. Whether it
+    /// happened is unknown.
+    Cut,
+    /// The server answered (an error, an HTTP status, something
+    /// unreadable), or the call failed on this side.
+    Answered,
+}
+
+/// Sorts an error of a call already handed to the connection.
+fn failure(error: &ServiceError) -> Failure {
+    let ServiceError::TransportSend(error) = error else {
+        return match error {
+            // The connection ended with the request pending.
+            ServiceError::TransportClosed => Failure::Cut,
+            _ => Failure::Answered,
+        };
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.error.as_ref());
+    while let Some(current) = source {
+        if let Some(http) = current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            return match http {
+                StreamableHttpError::Client(e) if e.is_connect() || e.is_builder() => {
+                    Failure::NotSent
+                }
+                StreamableHttpError::Client(_)
+                | StreamableHttpError::Io(_)
+                | StreamableHttpError::Sse(_)
+                | StreamableHttpError::UnexpectedEndOfStream
+                | StreamableHttpError::TokioJoinError(_)
+                | StreamableHttpError::TransportChannelClosed
+                | StreamableHttpError::SessionRecoveryTimeout
+                | StreamableHttpError::ControlRequestTimeout => Failure::Cut,
+                _ => Failure::Answered,
+            };
+        }
+        if current.is::<std::io::Error>() {
+            // Writing a line to the process's stdin failed: it was not read.
+            return Failure::NotSent;
+        }
+        source = current.source();
+    }
+    // Another transport's error: assume the worst.
+    Failure::Cut
+}
+
 /// `text` with every secret replaced by `[redacted]`.
 fn redact(text: &str, secrets: &[String]) -> String {
     let mut text = text.to_string();
@@ -368,6 +487,53 @@ mod tests {
         assert_eq!(
             redact("token=hunter22 abc", &secrets),
             "token=[redacted] abc"
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_say_whether_a_call_was_sent() {
+        use rmcp::transport::DynamicTransportError;
+        use std::any::TypeId;
+        let send = |error: Box<dyn std::error::Error + Send + Sync>| {
+            ServiceError::TransportSend(DynamicTransportError::from_parts(
+                "test",
+                TypeId::of::<()>(),
+                error,
+            ))
+        };
+        type Http = StreamableHttpError<reqwest::Error>;
+
+        // The connection ended with the call pending: unknown.
+        assert_eq!(failure(&ServiceError::TransportClosed), Failure::Cut);
+        assert_eq!(
+            failure(&send(Box::new(Http::UnexpectedEndOfStream))),
+            Failure::Cut
+        );
+        // Writing to a dead process failed; no HTTP connection was made.
+        let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert_eq!(failure(&send(Box::new(pipe))), Failure::NotSent);
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let refused = reqwest::Client::new()
+            .post(format!("http://{closed}/mcp"))
+            .send()
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(
+            failure(&send(Box::new(Http::Client(refused)))),
+            Failure::NotSent
+        );
+        // The server answered.
+        let answered = ServiceError::McpError(rmcp::ErrorData::internal_error("no", None));
+        assert_eq!(failure(&answered), Failure::Answered);
+        let garbled = Http::UnexpectedServerResponse("<html>".into());
+        assert_eq!(failure(&send(Box::new(garbled))), Failure::Answered);
+        assert_eq!(
+            failure(&ServiceError::Timeout {
+                timeout: Duration::from_secs(1)
+            }),
+            Failure::Answered
         );
     }
 }

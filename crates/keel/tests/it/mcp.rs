@@ -1,6 +1,7 @@
 //! MCP servers end to end: `keel serve` with the fixture server over stdio
 //! (spawned and supervised by Keel) and over streamable HTTP; discovery,
-//! allow lists, schema checks, `_meta`, secrets, restarts, shutdown.
+//! allow lists, schema checks, `_meta`, secrets, calls cut by a dying
+//! server, tool list changes, restarts, shutdown, a SIGKILLed keel.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -382,8 +383,46 @@ fn alive(pid: u64) -> bool {
     })
 }
 
+/// The pids of the fixture processes that started, in order.
+fn started(record: &Path) -> Vec<u64> {
+    recorded(record)
+        .iter()
+        .filter_map(|l| l["started"].as_u64())
+        .collect()
+}
+
+/// The idempotency keys of the calls of `tool` the fixture received.
+fn keys_of(record: &Path, tool: &str) -> Vec<String> {
+    calls(record)
+        .iter()
+        .filter(|c| c["tool"] == tool)
+        .map(|c| {
+            c["meta"]["keel/idempotency_key"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+async fn decide(
+    http: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    approval: &str,
+    body: Value,
+) -> u16 {
+    http.post(server.url(&format!("/v1/runs/{id}/approvals/{approval}")))
+        .json(&body)
+        .send()
+        .await
+        .expect("decide")
+        .status()
+        .as_u16()
+}
+
 #[tokio::test]
-async fn a_stdio_server_that_dies_is_restarted_and_stopped_on_shutdown() {
+async fn a_call_cut_by_a_dying_stdio_server_is_uncertain() {
     let dir = TempDir::new();
     let record = dir.0.join("record.jsonl");
     let config = write(
@@ -396,50 +435,272 @@ async fn a_stdio_server_that_dies_is_restarted_and_stopped_on_shutdown() {
     );
     let mut server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
-    register(
-        &http,
-        &server,
-        r#"
-name: crashy
+    // `crash` exits mid-call the first time for a key, and answers after.
+    let agent = |name: &str, policy: &str| {
+        format!(
+            r#"
+name: {name}
 version: 1
 model:
   provider: scripted
   model: s
   script:
-    - tool_calls: [{name: fx__crash}]
-    - tool_calls: [{name: fx__echo, arguments: {text: back again}}]
-    - content: "done: {{tool_result}}"
+    - tool_calls: [{{name: fx__crash}}]
+    - tool_calls: [{{name: fx__echo, arguments: {{text: back again}}}}]
+    - content: "done: {{{{tool_result}}}}"
 tools:
-  - {mcp: fx, allow: ["*"]}
-"#,
-    )
-    .await;
-    let id = submit(&http, &server, "crashy", "go").await;
+  - {{mcp: fx, allow: ["*"]{policy}}}
+"#
+        )
+    };
+    register(&http, &server, &agent("idempotent", ", idempotent: true")).await;
+    register(&http, &server, &agent("asking", "")).await;
+
+    // Idempotent (on_uncertain: retry): no result is journaled for the
+    // cut call; the task's next attempt makes it again with the same key,
+    // on the respawned process.
+    let id = submit(&http, &server, "idempotent", "go").await;
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
     assert_eq!(run["output"], "done: back again", "{run}");
+    let call = &run["steps"][0]["tool_calls"][0];
+    assert_eq!(call["attempts"], 2, "{call}");
     let (events, _) = journal(&http, &server, &id).await;
-    let crashed = events
+    let results: Vec<&Value> = events
         .iter()
-        .find(|e| e["type"] == "tool_call_completed" && e["step"] == 1)
-        .expect("the crash call has a result");
-    assert_eq!(crashed["is_error"], true, "{crashed}");
-
-    // Two processes: the one that died and its replacement.
-    let pids: Vec<u64> = recorded(&record)
-        .iter()
-        .filter_map(|l| l["started"].as_u64())
+        .filter(|e| e["type"] == "tool_call_completed" && e["step"] == 1)
         .collect();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["output"], "back after a crash");
+    assert_eq!(results[0]["is_error"], false);
+    let starts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "tool_call_started" && e["step"] == 1)
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let key = format!("{id}:1:0");
+    assert_eq!(keys_of(&record, "crash"), [key.clone(), key]);
+    // Two processes: the one that died and its replacement.
+    let pids = started(&record);
     assert_eq!(pids.len(), 2, "{pids:?}");
     assert!(!alive(pids[0]));
     assert!(alive(pids[1]));
 
+    // Not declared idempotent (on_uncertain: ask): the run parks for a
+    // human; approving makes the call again with the same key.
+    let id = submit(&http, &server, "asking", "go").await;
+    let run = wait_for(&http, &server, &id, "parking", |r| {
+        r["status"] == "AWAITING_APPROVAL"
+    })
+    .await;
+    let approval = &run["approvals"][0];
+    assert_eq!(approval["id"], "1.0.2", "{run}");
+    assert_eq!(approval["reason"], "uncertain", "{run}");
+    let key = format!("{id}:1:0");
+    let crashes = keys_of(&record, "crash");
+    assert_eq!(crashes.len(), 3, "{crashes:?}");
+    assert_eq!(crashes[2], key);
+    let status = decide(&http, &server, &id, "1.0.2", json!({"decision": "approve"})).await;
+    assert_eq!(status, 200);
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(run["output"], "done: back again", "{run}");
+    assert_eq!(keys_of(&record, "crash")[2..], [key.clone(), key]);
+    let pids = started(&record);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+
     // A graceful shutdown stops the server process too.
     terminate(&mut server, Duration::from_secs(15)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(pids[1]) {
+    while alive(pids[2]) {
         assert!(Instant::now() < deadline, "the MCP server outlived keel");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_call_cut_by_a_dying_http_server_is_made_again() {
+    let dir = TempDir::new();
+    let record = dir.0.join("record.jsonl");
+    let (fixture, url) = http_fixture(&record, false).await;
+    let mut fixture = Killed(fixture);
+    let config = write(
+        &dir,
+        "keel.yaml",
+        &format!("mcp_servers:\n  remote:\n    http: {{url: '{url}'}}\n    timeout: 10s\n"),
+    );
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        r#"
+name: remote-crashy
+version: 1
+model:
+  provider: scripted
+  model: s
+  script:
+    - tool_calls: [{name: remote__crash}]
+    - content: "done: {{tool_result}}"
+tools:
+  - {mcp: remote, allow: [crash], idempotent: true}
+"#,
+    )
+    .await;
+    let id = submit(&http, &server, "remote-crashy", "go").await;
+    // The server exits mid-call, cutting the HTTP connection; it comes
+    // back on the same address.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(fixture.0.try_wait(), Ok(Some(_))) {
+        assert!(Instant::now() < deadline, "the HTTP fixture did not crash");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = url
+        .trim_end_matches("/mcp")
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
+    fixture = Killed(
+        Command::new(FIXTURE)
+            .args(["--http", &format!("127.0.0.1:{port}"), "--record"])
+            .arg(&record)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart the fixture"),
+    );
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(run["output"], "done: back after a crash", "{run}");
+    assert_eq!(run["steps"][0]["tool_calls"][0]["attempts"], 2, "{run}");
+    let key = format!("{id}:1:0");
+    assert_eq!(keys_of(&record, "crash"), [key.clone(), key]);
+    drop(fixture);
+}
+
+#[tokio::test]
+async fn a_tool_added_at_runtime_is_callable_after_list_changed() {
+    for legacy in [false, true] {
+        let dir = TempDir::new();
+        let record = dir.0.join("record.jsonl");
+        let legacy_arg = if legacy { ", --legacy" } else { "" };
+        // Re-listed every hour: only the notification can bring the tool in time.
+        let config = write(
+            &dir,
+            "keel.yaml",
+            &format!(
+                "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}'{legacy_arg}]}}\n    timeout: 10s\n    refresh: 1h\n",
+                record.display()
+            ),
+        );
+        let server = Server::start(&dir.db(), &["--config", &config]).await;
+        let http = reqwest::Client::new();
+        register(
+            &http,
+            &server,
+            r#"
+name: grower
+version: 1
+model:
+  provider: scripted
+  model: s
+  script:
+    - tool_calls: [{name: fx__register_tool, arguments: {name: greet}}]
+    - tool_calls: [{name: fx__greet}]
+    - content: "done: {{tool_result}}"
+tools:
+  - {mcp: fx, allow: [register_tool, greet]}
+"#,
+        )
+        .await;
+        let started = Instant::now();
+        let id = submit(&http, &server, "grower", "go").await;
+        let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "COMPLETED", "legacy {legacy}: {run}");
+        assert_eq!(
+            run["output"], "done: hello from greet",
+            "legacy {legacy}: {run}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let (events, _) = journal(&http, &server, &id).await;
+        assert!(
+            by_call(&events, "tool_call_rejected").is_empty(),
+            "legacy {legacy}: {events:?}"
+        );
+
+        // What the server saw: the handshake, a subscription to list
+        // changes on 2026-07-28 only (older servers notify unasked), and a
+        // second listing that has the new tool.
+        let lines = recorded(&record);
+        let handshake = if legacy {
+            "initialize"
+        } else {
+            "server/discover"
+        };
+        let handshakes: Vec<&Value> = lines.iter().filter_map(|l| l.get("handshake")).collect();
+        assert_eq!(handshakes, [&json!(handshake)], "legacy {legacy}");
+        let listens: Vec<&Value> = lines.iter().filter_map(|l| l.get("listen")).collect();
+        if legacy {
+            assert!(listens.is_empty(), "{listens:?}");
+        } else {
+            assert_eq!(listens, [&json!({"toolsListChanged": true})]);
+        }
+        let listed: Vec<&Value> = lines.iter().filter_map(|l| l.get("listed")).collect();
+        assert_eq!(listed.len(), 2, "legacy {legacy}: {listed:?}");
+        assert!(
+            !listed[0]
+                .as_array()
+                .expect("names")
+                .contains(&json!("greet"))
+        );
+        assert!(
+            listed[1]
+                .as_array()
+                .expect("names")
+                .contains(&json!("greet"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stdio_server_dies_with_a_sigkilled_keel() {
+    let dir = TempDir::new();
+    let record = dir.0.join("record.jsonl");
+    // `--linger`: the server ignores its stdin closing, so only the kernel
+    // (PR_SET_PDEATHSIG) can stop it once keel is gone.
+    let config = write(
+        &dir,
+        "keel.yaml",
+        &format!(
+            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}', --linger]}}\n    timeout: 10s\n",
+            record.display()
+        ),
+    );
+    let mut server = Server::start(&dir.db(), &["--config", &config]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        let handshakes = recorded(&record)
+            .iter()
+            .filter(|l| l.get("handshake").is_some())
+            .count();
+        if let (1, [pid]) = (handshakes, started(&record).as_slice()) {
+            break *pid;
+        }
+        assert!(Instant::now() < deadline, "the MCP server never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(alive(pid));
+
+    server.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the MCP server {pid} outlived a SIGKILLed keel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
