@@ -1141,6 +1141,27 @@ async fn compensate_step<S: Store>(
     .await?;
     info!(run_id = %task.run_id, index, tool = %invocation.tool, attempt = invocation.attempt, "compensating");
     let outcome = inner.tools.invoke(agent, task.run_id, &invocation).await;
+    if outcome.uncertain && task.attempts < task.max_attempts {
+        // Cut off mid-call: it may have happened. Made again later with the
+        // same key, like after a crash (the last attempt's cut is a failure).
+        warn!(run_id = %task.run_id, index, tool = %invocation.tool, attempt = task.attempts, error = %outcome.output, "compensation cut off, retrying");
+        let at = now();
+        let delay = agent
+            .spec
+            .retry
+            .backoff
+            .delay(task.attempts, fastrand::f64());
+        inner
+            .store
+            .retry_later(
+                task.lease,
+                &outcome.output,
+                at + delay.as_millis() as i64,
+                at,
+            )
+            .await?;
+        return Ok(Next::Done);
+    }
     if outcome.is_error {
         warn!(run_id = %task.run_id, index, tool = %invocation.tool, error = %outcome.output, "compensation failed");
     }

@@ -519,6 +519,66 @@ tools:
 }
 
 #[tokio::test]
+async fn a_compensation_cut_by_a_dying_server_is_made_again_with_its_key() {
+    let dir = TempDir::new();
+    let record = dir.0.join("record.jsonl");
+    std::fs::write(dir.0.join("order.txt"), "order 7").expect("data file");
+    let config = write(
+        &dir,
+        "keel.yaml",
+        &format!(
+            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}']}}\n    timeout: 10s\n",
+            record.display()
+        ),
+    );
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
+    let http = reqwest::Client::new();
+    // Reading the order "books" it; the run then fails at max_steps, and
+    // the compensation (`crash`: the server dies mid-call the first time
+    // for a key) is cut off once.
+    register(
+        &http,
+        &server,
+        &format!(
+            r#"
+name: undo
+version: 1
+model:
+  provider: scripted
+  model: s
+  script:
+    - tool_calls: [{{name: order, arguments: {{path: order.txt}}}}]
+    - tool_calls: [{{name: order, arguments: {{path: order.txt}}}}]
+limits: {{max_steps: 2}}
+retry: {{max_attempts: 3, backoff: {{initial: 20ms, max: 50ms}}}}
+tools:
+  - name: order
+    builtin: read_file
+    root: "{}"
+    compensate: {{tool: fx__crash, arguments: {{}}}}
+  - {{mcp: fx, allow: [crash]}}
+"#,
+            dir.0.display()
+        ),
+    )
+    .await;
+    let id = submit(&http, &server, "undo", "go").await;
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "FAILED", "{run}");
+    let saga = &run["compensation"];
+    assert_eq!(
+        (saga["completed"].as_u64(), saga["failed"].as_u64()),
+        (Some(1), Some(0)),
+        "{saga}"
+    );
+    let undone = &saga["compensations"][0];
+    assert_eq!(undone["attempts"], 2, "{saga}");
+    assert_eq!(undone["result"], "back after a crash", "{saga}");
+    let key = format!("{id}:compensate:1:0");
+    assert_eq!(keys_of(&record, "crash"), [key.clone(), key]);
+}
+
+#[tokio::test]
 async fn a_call_cut_by_a_dying_http_server_is_made_again() {
     let dir = TempDir::new();
     let record = dir.0.join("record.jsonl");
