@@ -1532,18 +1532,7 @@ async fn give_up<S: Store>(
         return dead_letter(inner, slot, task, error).await;
     };
     warn!(run_id = %task.run_id, kind = task.kind.as_str(), step = task.step, attempts = task.attempts, error = %error, "task out of attempts: the child run fails");
-    let new_tasks = follow_up_tasks(inner, agent, state, &transition);
-    commit(
-        inner,
-        slot,
-        task,
-        transition,
-        TaskUpdate::Complete,
-        new_tasks,
-        true,
-    )
-    .await?;
-    Ok(Next::Done)
+    settle(inner, slot, task, agent, transition).await
 }
 
 /// The `TaskDeadLettered` event of `task`.

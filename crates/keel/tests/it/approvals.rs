@@ -15,23 +15,6 @@ fn parked(run: &Value) -> bool {
     run["status"] == "AWAITING_APPROVAL"
 }
 
-async fn decide(
-    http: &reqwest::Client,
-    server: &Server,
-    id: &str,
-    approval: &str,
-    body: Value,
-) -> (u16, Value) {
-    let r = http
-        .post(server.url(&format!("/v1/runs/{id}/approvals/{approval}")))
-        .json(&body)
-        .send()
-        .await
-        .expect("decide");
-    let status = r.status().as_u16();
-    (status, r.json().await.expect("json"))
-}
-
 /// An echo agent (`tools:1`) whose tool needs approval, with `approvals`.
 fn gated(name: &str, mock: &Mock, approvals: &str) -> String {
     agent_yaml(

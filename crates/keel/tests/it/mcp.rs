@@ -69,6 +69,20 @@ fn write(dir: &TempDir, name: &str, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A configuration with the stdio fixture as server `fx`, recording to
+/// `record`, with more `args` (`, --flag`) and server keys (`extra`, YAML
+/// lines).
+fn fixture_config(dir: &TempDir, record: &Path, args: &str, extra: &str) -> String {
+    write(
+        dir,
+        "keel.yaml",
+        &format!(
+            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}'{args}]}}\n    timeout: 10s\n{extra}",
+            record.display()
+        ),
+    )
+}
+
 fn is_traceparent_of(value: &Value, run_id: &str) -> bool {
     let trace = value.as_str().unwrap_or_default();
     let run: uuid::Uuid = run_id.parse().expect("run id");
@@ -405,34 +419,11 @@ fn keys_of(record: &Path, tool: &str) -> Vec<String> {
         .collect()
 }
 
-async fn decide(
-    http: &reqwest::Client,
-    server: &Server,
-    id: &str,
-    approval: &str,
-    body: Value,
-) -> u16 {
-    http.post(server.url(&format!("/v1/runs/{id}/approvals/{approval}")))
-        .json(&body)
-        .send()
-        .await
-        .expect("decide")
-        .status()
-        .as_u16()
-}
-
 #[tokio::test]
 async fn a_call_cut_by_a_dying_stdio_server_is_uncertain() {
     let dir = TempDir::new();
     let record = dir.0.join("record.jsonl");
-    let config = write(
-        &dir,
-        "keel.yaml",
-        &format!(
-            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}']}}\n    timeout: 10s\n",
-            record.display()
-        ),
-    );
+    let config = fixture_config(&dir, &record, "", "");
     let mut server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     // `crash` exits mid-call the first time for a key, and answers after.
@@ -500,7 +491,7 @@ tools:
     let crashes = keys_of(&record, "crash");
     assert_eq!(crashes.len(), 3, "{crashes:?}");
     assert_eq!(crashes[2], key);
-    let status = decide(&http, &server, &id, "1.0.2", json!({"decision": "approve"})).await;
+    let (status, _) = decide(&http, &server, &id, "1.0.2", json!({"decision": "approve"})).await;
     assert_eq!(status, 200);
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
@@ -523,14 +514,7 @@ async fn a_compensation_cut_by_a_dying_server_is_made_again_with_its_key() {
     let dir = TempDir::new();
     let record = dir.0.join("record.jsonl");
     std::fs::write(dir.0.join("order.txt"), "order 7").expect("data file");
-    let config = write(
-        &dir,
-        "keel.yaml",
-        &format!(
-            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}']}}\n    timeout: 10s\n",
-            record.display()
-        ),
-    );
+    let config = fixture_config(&dir, &record, "", "");
     let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     // Reading the order "books" it; the run then fails at max_steps, and
@@ -647,14 +631,7 @@ async fn a_tool_added_at_runtime_is_callable_after_list_changed() {
         let record = dir.0.join("record.jsonl");
         let legacy_arg = if legacy { ", --legacy" } else { "" };
         // Re-listed every hour: only the notification can bring the tool in time.
-        let config = write(
-            &dir,
-            "keel.yaml",
-            &format!(
-                "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}'{legacy_arg}]}}\n    timeout: 10s\n    refresh: 1h\n",
-                record.display()
-            ),
-        );
+        let config = fixture_config(&dir, &record, legacy_arg, "    refresh: 1h\n");
         let server = Server::start(&dir.db(), &["--config", &config]).await;
         let http = reqwest::Client::new();
         register(
@@ -730,14 +707,7 @@ async fn a_stdio_server_dies_with_a_sigkilled_keel() {
     let record = dir.0.join("record.jsonl");
     // `--linger`: the server ignores its stdin closing, so only the kernel
     // (PR_SET_PDEATHSIG) can stop it once keel is gone.
-    let config = write(
-        &dir,
-        "keel.yaml",
-        &format!(
-            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}', --linger]}}\n    timeout: 10s\n",
-            record.display()
-        ),
-    );
+    let config = fixture_config(&dir, &record, ", --linger", "");
     let mut server = Server::start(&dir.db(), &["--config", &config]).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let pid = loop {
@@ -768,14 +738,7 @@ async fn a_stdio_server_dies_with_a_sigkilled_keel() {
 async fn a_call_cut_by_sigkill_is_made_again_with_the_same_key() {
     let dir = TempDir::new();
     let record = dir.0.join("record.jsonl");
-    let config = write(
-        &dir,
-        "keel.yaml",
-        &format!(
-            "mcp_servers:\n  fx:\n    stdio: {{command: '{FIXTURE}', args: [--record, '{}']}}\n    timeout: 10s\n",
-            record.display()
-        ),
-    );
+    let config = fixture_config(&dir, &record, "", "");
     let mut server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     register(

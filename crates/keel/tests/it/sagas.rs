@@ -70,6 +70,21 @@ const BOOKING: &str = r#"    - tool_calls: [{name: book_flight, arguments: {ref:
     - tool_calls: [{name: book_car, arguments: {ref: C1}}]
     - tool_calls: [{name: book_car, arguments: {ref: C1}}]"#;
 
+/// The saga's part of a journal: each event's type and compensation index,
+/// from `run_compensating` on.
+fn saga_events(events: &[Value]) -> Vec<(String, Option<u64>)> {
+    events
+        .iter()
+        .skip_while(|e| e["type"] != "run_compensating")
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or("").to_string(),
+                e["index"].as_u64(),
+            )
+        })
+        .collect()
+}
+
 /// The run's journal events (their JSON), in order.
 async fn journal(http: &reqwest::Client, server: &Server, id: &str) -> Vec<Value> {
     sse(http, &server.url(&format!("/v1/runs/{id}/events")), None)
@@ -157,16 +172,6 @@ async fn a_failed_booking_is_compensated_in_reverse_order_once_each_across_a_sig
     // The journal: compensating, then each compensation started before its
     // outcome, hotel before flight, then the outcome and the run's end.
     let events = journal(&http, &server, &id).await;
-    let saga_events: Vec<(String, Option<u64>)> = events
-        .iter()
-        .skip_while(|e| e["type"] != "run_compensating")
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap_or("").to_string(),
-                e["index"].as_u64(),
-            )
-        })
-        .collect();
     let expected: Vec<(String, Option<u64>)> = [
         ("run_compensating", None),
         ("compensation_started", Some(0)),
@@ -180,7 +185,7 @@ async fn a_failed_booking_is_compensated_in_reverse_order_once_each_across_a_sig
     .into_iter()
     .map(|(t, i)| (t.to_string(), i))
     .collect();
-    assert_eq!(saga_events, expected);
+    assert_eq!(saga_events(&events), expected);
     let starts: Vec<&Value> = events
         .iter()
         .filter(|e| e["type"] == "compensation_started")
@@ -241,16 +246,6 @@ async fn a_sigkill_between_two_compensations_makes_each_exactly_once() {
     assert_eq!(count(format!("{id}:compensate:1:0")), 1);
 
     let events = journal(&http, &server, &id).await;
-    let saga_events: Vec<(String, Option<u64>)> = events
-        .iter()
-        .skip_while(|e| e["type"] != "run_compensating")
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap_or("").to_string(),
-                e["index"].as_u64(),
-            )
-        })
-        .collect();
     let expected: Vec<(String, Option<u64>)> = [
         ("run_compensating", None),
         ("compensation_started", Some(0)),
@@ -263,7 +258,7 @@ async fn a_sigkill_between_two_compensations_makes_each_exactly_once() {
     .into_iter()
     .map(|(t, i)| (t.to_string(), i))
     .collect();
-    assert_eq!(saga_events, expected);
+    assert_eq!(saga_events(&events), expected);
 }
 
 #[tokio::test]

@@ -420,3 +420,22 @@ pub async fn terminate(server: &mut Server, within: Duration) -> Duration {
     assert!(status.success(), "exit status {status}");
     stopped.elapsed()
 }
+
+/// Decides approval `approval` of run `id` (`body`: the decision); the
+/// answer's status and JSON.
+pub async fn decide(
+    http: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    approval: &str,
+    body: Value,
+) -> (u16, Value) {
+    let r = http
+        .post(server.url(&format!("/v1/runs/{id}/approvals/{approval}")))
+        .json(&body)
+        .send()
+        .await
+        .expect("decide");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json"))
+}
