@@ -896,8 +896,7 @@ const TIMER_ATTEMPTS: u32 = 10;
 /// When a parked run's timer is due: the earliest deadline of its pending
 /// approvals not escalated yet, or the run's own deadline (`limits.timeout`).
 fn approval_due(state: &State, agent: &Agent) -> Millis {
-    let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
-    let run_deadline = state.created_at.saturating_add(limit);
+    let run_deadline = run_deadline(state, agent);
     state
         .pending_approvals()
         .filter(|a| !a.escalated)
@@ -1442,8 +1441,7 @@ async fn children_step<S: Store>(
         },
     );
     // None over yet: the task waits as the run's deadline timer.
-    let limit = i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
-    let deadline = state.created_at.saturating_add(limit);
+    let deadline = run_deadline(state, agent);
     if !transition.events.is_empty() {
         info!(run_id = %task.run_id, step = task.step, "child runs over, fan-in");
     }
