@@ -41,7 +41,7 @@ pub mod webhook;
 pub mod worker;
 
 pub use gateway::Breakers;
-pub use worker::{Engine, Handoff, Options, Reserved, linked_tasks, projection};
+pub use worker::{Engine, Options, linked_tasks, projection};
 
 use keel_core::Millis;
 

@@ -8,9 +8,7 @@
 //! they cause in one fenced, conditional append. The task the append creates
 //! is leased to this worker on creation, so a run goes from step to step
 //! without a round trip through the queue; another worker only takes a
-//! task over when this one died (its lease expired) or gave it back. A run
-//! submitted in this process while a worker slot is free starts the same
-//! way ([`Handoff`]): its first task is created leased to this engine.
+//! task over when this one died (its lease expired) or gave it back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +24,7 @@ use keel_store::{
     Append, Error as StoreError, LeaseTo, NewTask, Projection, RunTask, Store, Submission, Task,
     TaskKind, TaskUpdate,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -87,58 +85,12 @@ impl Default for Options {
 /// The worker pool of one process.
 pub struct Engine<S> {
     inner: Arc<Inner<S>>,
-    /// Tasks handed over by this process's submits ([`Handoff`]).
-    handed: mpsc::UnboundedReceiver<Handed>,
-    handoff: Handoff,
 }
 
-/// A task leased on creation to this engine, with the worker slot it runs in.
-type Handed = (Task, OwnedSemaphorePermit);
-
-/// Starts runs submitted in this process without a round trip through the
-/// queue: a submit that finds a free worker slot creates the run's first
-/// task leased to this engine ([`Handoff::reserve`]) and hands it over
-/// once committed ([`Handoff::start`]). A task handed to an engine that
-/// stopped stays leased to it until the lease expires (or the embedded
-/// store's next start recovers it): nothing is lost, it only waits.
-#[derive(Clone, Debug)]
-pub struct Handoff {
-    slots: Arc<Semaphore>,
-    to: mpsc::UnboundedSender<Handed>,
-    owner: String,
-    lease: Duration,
-}
-
-/// A free worker slot, held for one submit.
-#[derive(Debug)]
-pub struct Reserved {
-    permit: OwnedSemaphorePermit,
-    /// The lease to create the first task with.
-    pub lease_to: LeaseTo,
-}
-
-impl Handoff {
-    /// A free worker slot, if there is one and the engine still runs.
-    pub fn reserve(&self) -> Option<Reserved> {
-        if self.to.is_closed() {
-            return None;
-        }
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        Some(Reserved {
-            permit,
-            lease_to: LeaseTo {
-                owner: self.owner.clone(),
-                until: now()
-                    .saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)),
-            },
-        })
-    }
-
-    /// Drives `task` (created leased with `reserved.lease_to`) in the slot
-    /// `reserved` holds.
-    pub fn start(&self, reserved: Reserved, task: Task) {
-        if self.to.send((task, reserved.permit)).is_err() {
-            debug!("engine stopped: a handed-over task waits for its lease to expire");
+impl<S> Clone for Engine<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
         }
     }
 }
@@ -178,17 +130,7 @@ impl<S: Store> Engine<S> {
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         let mcp = Mcp::new(&options.config);
-        let owner = format!("worker-{}", uuid::Uuid::now_v7());
-        let (to, handed) = mpsc::unbounded_channel();
-        let handoff = Handoff {
-            slots: Arc::new(Semaphore::new(options.workers)),
-            to,
-            owner: owner.clone(),
-            lease: options.lease,
-        };
         Self {
-            handed,
-            handoff,
             inner: Arc::new(Inner {
                 agents: Agents::new(store.clone()),
                 gateway: Gateway::new(
@@ -202,7 +144,7 @@ impl<S: Store> Engine<S> {
                 mcp,
                 webhooks: Webhooks::new(http.clone(), options.webhook_secret.as_deref()),
                 http,
-                owner,
+                owner: format!("worker-{}", uuid::Uuid::now_v7()),
                 options,
             }),
         }
@@ -213,46 +155,13 @@ impl<S: Store> Engine<S> {
         &self.inner.owner
     }
 
-    /// Lets this process's submits start runs in this engine directly.
-    pub fn handoff(&self) -> Handoff {
-        self.handoff.clone()
-    }
-
     /// Runs the pool until `cancel`, then stops claiming, lets in-flight tasks
     /// finish within `Options::drain` and gives back what is left.
     pub async fn run(self, cancel: CancellationToken) {
-        let Engine {
-            inner,
-            mut handed,
-            handoff,
-        } = self;
+        let inner = self.inner;
         let tracker = TaskTracker::new();
         let heartbeat = tokio::spawn(heartbeat(inner.clone(), cancel.clone()));
-        let slots = handoff.slots.clone();
-        drop(handoff);
-        // Runs submitted in this process, handed over with their slot.
-        let handovers = {
-            let (inner, tracker, cancel) = (inner.clone(), tracker.clone(), cancel.clone());
-            tokio::spawn(async move {
-                loop {
-                    let (task, permit) = tokio::select! {
-                        next = handed.recv() => match next {
-                            Some(next) => next,
-                            None => break,
-                        },
-                        _ = cancel.cancelled() => break,
-                    };
-                    let inner = inner.clone();
-                    let draining = cancel.clone();
-                    tracker.spawn(async move {
-                        drive(&inner, task, Vec::new(), &draining).await;
-                        drop(permit);
-                    });
-                }
-                // Submits see the engine stopped and queue their runs.
-                handed.close();
-            })
-        };
+        let slots = Arc::new(Semaphore::new(inner.options.workers));
         let mut commits = inner.store.subscribe();
         // MCP servers outlive the drain: in-flight tool calls may finish.
         let mcp_stop = CancellationToken::new();
@@ -320,7 +229,6 @@ impl<S: Store> Engine<S> {
             }
         }
 
-        let _ = handovers.await;
         tracker.close();
         if tokio::time::timeout(inner.options.drain, tracker.wait())
             .await

@@ -150,8 +150,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ..Options::default()
         },
     );
-    // Submitted as `keel serve` does: into the engine's free slots first.
-    let svc = Service::new(store.clone()).with_handoff(engine.handoff());
     let cancel = CancellationToken::new();
     let pool = tokio::spawn(engine.run(cancel.clone()));
     println!(
@@ -162,7 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         workers,
         db.display()
     );
-    let result = measure(&args, &mock, &svc, &[]).await;
+    let result = measure(&args, &mock, &store, &[]).await;
     cancel.cancel();
     let _ = pool.await;
     drop(embedded);
@@ -218,7 +216,7 @@ async fn postgres_round(
             args.runs, args.steps, args.llm_latency,
         );
         let pids: Vec<u32> = children.iter().map(|c| c.0.id()).collect();
-        let rate = measure(args, mock, &Service::new(store.clone()), &pids).await;
+        let rate = measure(args, mock, &store, &pids).await;
         for mut child in children {
             child.stop();
         }
@@ -307,16 +305,16 @@ impl ScratchDatabase {
     }
 }
 
-/// Submits the runs through `svc`, waits for them all and prints the
-/// figures; returns steps per second. `children` are worker processes whose CPU and memory
+/// Submits the runs, waits for them all and prints the figures; returns
+/// steps per second. `children` are worker processes whose CPU and memory
 /// count too.
 async fn measure<S: Store>(
     args: &Args,
     mock: &Mock,
-    svc: &Service<S>,
+    store: &S,
     children: &[u32],
 ) -> anyhow::Result<f64> {
-    let store = &svc.store;
+    let svc = Service::new(store.clone());
     let workers_cpu = || {
         children
             .iter()

@@ -544,12 +544,12 @@ async fn serve_on<S: keel_store::Store>(
     let config = load_config(args.config.as_deref())?;
     let breakers = keel_engine::Breakers::default();
     let process = breakers.process().to_string();
-    let mut service =
-        Service::with_limits(store.clone(), limits).with_providers(service::Providers {
-            config: config.clone(),
-            breakers: breakers.clone(),
-        });
-    let engine = args.role.runs_workers().then(|| {
+    let service = Service::with_limits(store.clone(), limits).with_providers(service::Providers {
+        config: config.clone(),
+        breakers: breakers.clone(),
+    });
+    let nats = start_nats(&service, args, &cancel).await?;
+    let workers = if args.role.runs_workers() {
         let options = Options {
             workers: args.workers.max(1),
             lease: args.lease,
@@ -559,14 +559,12 @@ async fn serve_on<S: keel_store::Store>(
             webhook_secret: args.webhook_secret.clone(),
             ..Options::default()
         };
-        Engine::new(store.clone(), options)
-    });
-    if let Some(engine) = &engine {
-        // Runs submitted here start in this process's free worker slots.
-        service = service.with_handoff(engine.handoff());
-    }
-    let nats = start_nats(&service, args, &cancel).await?;
-    let workers = engine.map(|engine| tokio::spawn(engine.run(cancel.clone())));
+        Some(tokio::spawn(
+            Engine::new(store.clone(), options).run(cancel.clone()),
+        ))
+    } else {
+        None
+    };
     let listener = api::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

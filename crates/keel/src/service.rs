@@ -37,9 +37,6 @@ pub struct Service<S> {
     admission: Arc<Admission>,
     /// The LLM providers' configuration and this process's circuit breakers.
     pub providers: Providers,
-    /// This process's engine, if it runs one: a submit that finds a free
-    /// worker slot starts the run there without a round trip through the queue.
-    handoff: Option<keel_engine::Handoff>,
 }
 
 /// The LLM providers as this process knows them, for the API.
@@ -221,14 +218,7 @@ impl<S: Store> Service<S> {
                 counts: Mutex::new(HashMap::new()),
             }),
             providers: Providers::default(),
-            handoff: None,
         }
-    }
-
-    /// This service starting its runs in `engine`'s free worker slots.
-    pub fn with_handoff(mut self, handoff: keel_engine::Handoff) -> Self {
-        self.handoff = Some(handoff);
-        self
     }
 
     /// This service with the providers' configuration and breakers shown by the API.
@@ -359,10 +349,6 @@ impl<S: Store> Service<S> {
             callback_url.clone_from(&submit.callback_url);
         }
         self.admit(&spec.name).await?;
-        let reserved = self
-            .handoff
-            .as_ref()
-            .and_then(keel_engine::Handoff::reserve);
         let at = now();
         let submission = Submission {
             run_id: RunId::new(),
@@ -379,22 +365,12 @@ impl<S: Store> Service<S> {
                 priority: submit.priority,
                 max_attempts: spec.retry.max_attempts,
                 run_at: at,
-                lease_to: reserved.as_ref().map(|r| r.lease_to.clone()),
+                lease_to: None,
                 queue: None,
             },
             now: at,
         };
         let submitted = self.store.submit(submission).await;
-        if let (
-            Some(handoff),
-            Some(reserved),
-            Ok(Submitted {
-                leased: Some(task), ..
-            }),
-        ) = (&self.handoff, reserved, &submitted)
-        {
-            handoff.start(reserved, task.clone());
-        }
         self.admission.finish(
             &self.scopes(&spec.name),
             submitted.as_ref().is_ok_and(|s| s.created),

@@ -433,15 +433,12 @@ pub struct Submission {
 }
 
 /// Outcome of a submission.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Submitted {
     /// The run (the earlier one when the key was seen before).
     pub run_id: RunId,
     /// Whether this call created it.
     pub created: bool,
-    /// The first task, when this call created the run and asked for the
-    /// task leased on creation (`Submission::task.lease_to`).
-    pub leased: Option<Task>,
 }
 
 /// A run row.
@@ -857,9 +854,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn list_agents(&self, tenant: &str) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
 
     /// Creates a run with its first event and task, or returns the run an
-    /// earlier submission with the same idempotency key created. A first
-    /// task with `lease_to` is created leased (its first attempt counted)
-    /// and returned in [`Submitted::leased`]; no one is woken for it.
+    /// earlier submission with the same idempotency key created.
     fn submit(&self, submission: Submission) -> impl Future<Output = Result<Submitted>> + Send;
 
     /// A run row.

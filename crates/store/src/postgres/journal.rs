@@ -469,17 +469,14 @@ async fn submit_wave(
 
     for call in accepted {
         let run_id = call.request.run_id;
-        // A task leased on creation is its worker's already: no one to wake.
         commits.push(Committed {
             run_id,
             last_seq: 1,
-            new_work: call.request.task.task.lease_to.is_none(),
+            new_work: true,
         });
-        let leased = call.request.task.leased(run_id);
         call.settle(Ok(Submitted {
             run_id,
             created: true,
-            leased,
         }))?;
     }
     Ok(())
@@ -494,7 +491,6 @@ fn same_request(run: &Earlier, r: &Submit) -> Result<Submitted> {
         return Ok(Submitted {
             run_id,
             created: false,
-            leased: None,
         });
     }
     Err(Error::Conflict(format!(

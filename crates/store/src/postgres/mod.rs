@@ -346,7 +346,8 @@ fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<String> {
 /// with (non-negative, like the tokens `claim` draws).
 /// A submission as the writer takes it; its first task is always queued.
 fn submit_request(submission: Submission) -> Result<Submit> {
-    let task = submission.task;
+    let mut task = submission.task;
+    task.lease_to = None;
     Ok(Submit {
         run_id: submission.run_id,
         tenant: submission.tenant,
@@ -633,6 +634,8 @@ impl Store for PgStore {
         Ok(agents)
     }
 
+    /// `submission.task.lease_to` is ignored: the first task is always
+    /// queued, since [`Submitted`] has no room for a lease.
     async fn submit(&self, submission: Submission) -> Result<Submitted> {
         let request = submit_request(submission)?;
         self.write(|reply| Op::Submit(Call::new(request, reply)))
