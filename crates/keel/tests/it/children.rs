@@ -263,3 +263,73 @@ async fn a_dead_lettered_child_fails_into_the_fan_in_or_waits_for_a_retry() {
         serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
     assert_eq!(results[1]["status"], "COMPLETED", "{results}");
 }
+
+#[tokio::test]
+async fn a_child_whose_external_call_keeps_losing_its_lease_fails_into_the_fan_in() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // The child's one call is made by the external workers of `images`;
+    // two leases are allowed (retry.max_attempts).
+    register(
+        &http,
+        &server,
+        &format!(
+            r#"
+name: ext
+version: 1
+model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
+retry: {{max_attempts: 2, backoff: {{initial: 20ms, max: 50ms}}}}
+tools:
+  - name: resize
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    worker: images
+"#,
+            llm = mock.llm_url()
+        ),
+    )
+    .await;
+    let tasks = json!([{"agent": "ext", "input": "a"}]);
+    register(&http, &server, &boss(&tasks, "ext")).await;
+    let id = submit(&http, &server, "boss", "split it").await;
+
+    // Workers lease the call and die (their 1 s leases expire), until the
+    // lease after the last attempt finds the call given up.
+    let lease = server.url("/v1/worker/tasks/lease");
+    let mut leased = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http
+            .post(&lease)
+            .json(&json!({"queue": "images", "wait": "3s", "lease": "1s"}))
+            .send()
+            .await
+            .expect("lease");
+        match r.status().as_u16() {
+            200 => leased += 1,
+            204 if leased >= 2 => break,
+            204 => {}
+            other => panic!("lease answered {other}"),
+        }
+        assert!(Instant::now() < deadline, "leased {leased} times");
+    }
+    assert_eq!(leased, 2, "as many leases as attempts");
+
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    let results: Value =
+        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    assert_eq!(results[0]["status"], "FAILED", "{results}");
+    let error = results[0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("dead-lettered") && error.contains("2 leases"),
+        "{error}"
+    );
+    let dlq = get_json(&http, &server.url("/v1/dlq")).await;
+    assert_eq!(
+        dlq["dead_letters"].as_array().map(Vec::len),
+        Some(0),
+        "{dlq}"
+    );
+}
