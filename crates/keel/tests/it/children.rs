@@ -60,8 +60,7 @@ async fn twenty_children_fan_out_and_fan_in_in_order() {
     let id = submit(&http, &server, "boss", "split it").await;
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
-    let results: Value =
-        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    let results = fan_in(&run);
     let results = results.as_array().expect("an array");
     assert_eq!(results.len(), 20);
     let children = run["children"].as_array().expect("children");
@@ -213,8 +212,7 @@ async fn a_dead_lettered_child_fails_into_the_fan_in_or_waits_for_a_retry() {
     let id = sick_family(&http, &server, &down, "").await;
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
-    let results: Value =
-        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    let results = fan_in(&run);
     assert_eq!(results[0]["status"], "COMPLETED", "{results}");
     assert_eq!(results[1]["status"], "FAILED", "{results}");
     let error = results[1]["error"].as_str().unwrap_or("");
@@ -259,8 +257,7 @@ async fn a_dead_lettered_child_fails_into_the_fan_in_or_waits_for_a_retry() {
     assert!(r.status().is_success(), "{}", r.status());
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
-    let results: Value =
-        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    let results = fan_in(&run);
     assert_eq!(results[1]["status"], "COMPLETED", "{results}");
 }
 
@@ -318,8 +315,7 @@ tools:
 
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
-    let results: Value =
-        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    let results = fan_in(&run);
     assert_eq!(results[0]["status"], "FAILED", "{results}");
     let error = results[0]["error"].as_str().unwrap_or("");
     assert!(

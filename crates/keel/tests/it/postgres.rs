@@ -330,8 +330,7 @@ async fn twenty_children_run_on_two_processes_and_survive_a_sigkill() {
     // leases expire.
     let run = wait_terminal(&http, &b, &id, Duration::from_secs(180)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
-    let results: Value =
-        serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON");
+    let results = fan_in(&run);
     let results = results.as_array().expect("an array");
     assert_eq!(results.len(), 20, "{results:?}");
     let children = run["children"].as_array().expect("children");

@@ -439,3 +439,9 @@ pub async fn decide(
     let status = r.status().as_u16();
     (status, r.json().await.expect("json"))
 }
+
+/// The answer of a parent whose model answers with its fan-in (a JSON
+/// array of the children's outcomes).
+pub fn fan_in(run: &Value) -> Value {
+    serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON")
+}
