@@ -214,13 +214,7 @@ impl<S: Store> External<S> {
                 task.max_attempts
             );
             warn!(run_id = %task.run_id, task_id = %task.lease.task_id, "{error}");
-            let dead_letter = Event::TaskDeadLettered {
-                task_id: task.lease.task_id,
-                kind: TaskKind::External.as_str().to_string(),
-                step: task.step,
-                attempts: task.attempts,
-                error: error.clone(),
-            };
+            let dead_letter = crate::worker::dead_letter_event(&task, &error);
             // A child run its parent told to fail fails instead of parking.
             let (transition, update) = match run::give_up(&state, &agent, dead_letter.clone()) {
                 Some(transition) => (transition, TaskUpdate::Complete),

@@ -758,9 +758,10 @@ async fn journal_result<S: Store>(
     }
 }
 
-/// Gives an `llm` or `tools` task back to be retried after the agent's
-/// backoff (or the provider's `retry_after`, within the policy's cap), or
-/// dead-letters it after its last attempt. `what` names the failure.
+/// Gives an `llm`, `tools` or `compensate` task back to be retried after
+/// the agent's backoff (or the provider's `retry_after`, within the
+/// policy's cap), or gives it up after its last attempt ([`give_up`]).
+/// `what` names the failure.
 async fn retry_later<S: Store>(
     inner: &Inner<S>,
     slot: &mut Option<State>,
@@ -1142,24 +1143,10 @@ async fn compensate_step<S: Store>(
     let outcome = inner.tools.invoke(agent, task.run_id, &invocation).await;
     if outcome.uncertain && task.attempts < task.max_attempts {
         // Cut off mid-call: it may have happened. Made again later with the
-        // same key, like after a crash (the last attempt's cut is a failure).
-        warn!(run_id = %task.run_id, index, tool = %invocation.tool, attempt = task.attempts, error = %outcome.output, "compensation cut off, retrying");
-        let at = now();
-        let delay = agent
-            .spec
-            .retry
-            .backoff
-            .delay(task.attempts, fastrand::f64());
-        inner
-            .store
-            .retry_later(
-                task.lease,
-                &outcome.output,
-                at + delay.as_millis() as i64,
-                at,
-            )
-            .await?;
-        return Ok(Next::Done);
+        // same key, like after a crash (the last attempt's cut is a failure,
+        // below: a compensation is never dead-lettered).
+        let what = format!("compensation {index} cut off");
+        return retry_later(inner, slot, task, agent, &what, outcome.output, None).await;
     }
     if outcome.is_error {
         warn!(run_id = %task.run_id, index, tool = %invocation.tool, error = %outcome.output, "compensation failed");
@@ -1534,7 +1521,7 @@ async fn give_up<S: Store>(
 }
 
 /// The `TaskDeadLettered` event of `task`.
-fn dead_letter_event(task: &Task, error: &str) -> Event {
+pub(crate) fn dead_letter_event(task: &Task, error: &str) -> Event {
     Event::TaskDeadLettered {
         task_id: task.lease.task_id,
         kind: task.kind.as_str().to_string(),
