@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod approvals;
 mod backpressure;
+mod chaos;
 mod children;
 mod cli;
 mod crash;
