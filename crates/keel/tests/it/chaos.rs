@@ -5,7 +5,8 @@
 //! key more often than the journal says the call may have been made.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel::mock::Mock;
@@ -38,7 +39,9 @@ impl Cluster {
 
     async fn start(pg: Option<PgDb>, processes: usize) -> Cluster {
         let dir = TempDir::new();
-        let mut args: Vec<String> = ["--workers", "8"].map(String::from).to_vec();
+        let mut args: Vec<String> = ["--workers", "8", "--webhook-secret", "chaos"]
+            .map(String::from)
+            .to_vec();
         if let Some(db) = &pg {
             // A killed process's leases expire quickly for the other one.
             args.extend(["--database-url", &db.url, "--lease", "2s"].map(String::from));
@@ -115,6 +118,105 @@ tools:
     )
 }
 
+/// An agent streaming its answers (deltas on the run's stream, compacted
+/// into the journal at each step).
+fn streamer(mock: &Mock) -> String {
+    let yaml = agent_yaml("streamer", mock, "tools:3", "echo", "")
+        .replace("  timeout: 10s\n", "  timeout: 10s\n  stream: true\n");
+    assert!(yaml.contains("stream: true"), "{yaml}");
+    yaml
+}
+
+/// An agent whose tool is done by an external worker (queue `chaos`).
+fn outsourced(mock: &Mock) -> String {
+    format!(
+        r#"
+name: outsourced
+version: 1
+model: {{provider: openai, model: "tools:2", base_url: "{llm}", timeout: 10s}}
+tools:
+  - name: resize
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    worker: chaos
+"#,
+        llm = mock.llm_url(),
+    )
+}
+
+/// Submits a run whose end (and parks) are called back to the mock's
+/// `chaos` hook.
+async fn submit_called_back(
+    http: &reqwest::Client,
+    server: &Server,
+    mock: &Mock,
+    agent: &str,
+    input: &str,
+) -> String {
+    let r = http
+        .post(server.url("/v1/runs"))
+        .json(&json!({"agent": agent, "input": input, "callback_url": mock.hook_url("chaos")}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+/// An external worker of queue `chaos` that outlives the server's kills:
+/// it leases from whichever process `url` names now, works 30 ms and
+/// completes, retrying the completion until the server answers it. Counts
+/// the leases of each idempotency key.
+fn external_worker(
+    url: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    leases: Arc<Mutex<HashMap<String, u32>>>,
+) -> tokio::task::JoinHandle<()> {
+    let base = move || url.lock().map(|u| u.clone()).unwrap_or_default();
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("client");
+        while !stop.load(Ordering::Relaxed) {
+            let leased = http
+                .post(format!("{}/v1/worker/tasks/lease", base()))
+                .json(&json!({"queue": "chaos", "worker": "w", "wait": "500ms", "lease": "5s"}))
+                .send()
+                .await;
+            let task: Value = match leased {
+                Ok(r) if r.status() == 200 => r.json().await.unwrap_or(Value::Null),
+                Ok(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let key = task["idempotency_key"].as_str().unwrap_or("").to_string();
+            if let Ok(mut leases) = leases.lock() {
+                *leases.entry(key.clone()).or_insert(0) += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let id = task["task_id"].as_str().unwrap_or("");
+            let body =
+                json!({"lease_token": task["lease_token"], "output": format!("resized {key}")});
+            for _ in 0..100 {
+                let done = http
+                    .post(format!("{}/v1/worker/tasks/{id}/complete", base()))
+                    .json(&body)
+                    .send()
+                    .await;
+                match done.map(|r| r.status().as_u16()) {
+                    // Done, or the lease is gone (expired while the server
+                    // was down: leased again, with the same key).
+                    Ok(200 | 404 | 409) => break,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+    })
+}
+
 /// Approves every pending approval (a decision the server refuses because
 /// it was already made is fine: the kill may have come after it).
 async fn approve_all(http: &reqwest::Client, server: &Server) -> usize {
@@ -184,6 +286,12 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
     )
     .await;
     register(&http, cluster.api(), &trip(&mock)).await;
+    register(&http, cluster.api(), &streamer(&mock)).await;
+    register(&http, cluster.api(), &outsourced(&mock)).await;
+    let url = Arc::new(Mutex::new(cluster.api().url.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let leases = Arc::new(Mutex::new(HashMap::new()));
+    let worker = external_worker(url.clone(), stop.clone(), leases.clone());
     let kids: Vec<Value> = (0..3)
         .map(|i| json!({"agent": "looper", "input": format!("part {i}")}))
         .collect();
@@ -213,6 +321,23 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
             submit(&http, cluster.api(), "gated", &format!("pay {i}")).await,
             "gated",
         ));
+    }
+
+    let mut called_back = Vec::new();
+    for (i, agent) in [
+        "streamer",
+        "streamer",
+        "streamer",
+        "outsourced",
+        "outsourced",
+        "gated",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = submit_called_back(&http, cluster.api(), &mock, agent, &format!("cb {i}")).await;
+        kinds.push((id.clone(), agent));
+        called_back.push(id);
     }
 
     // Kill it at random moments while most of the work is still to do;
@@ -259,6 +384,9 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
         }
         cluster.kill(kills.len()).await;
         kills.push(mock.counters.tool_requests.load(Ordering::Relaxed));
+        if let Ok(mut url) = url.lock() {
+            *url = cluster.api().url.clone();
+        }
     }
     assert!(
         kills.len() >= 3,
@@ -299,7 +427,9 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
         match (*kind, cancelled.get(id)) {
             (_, Some(true)) => assert_eq!(run["status"], "CANCELLED", "{run}"),
             (_, Some(false)) => assert_eq!(run["status"], "COMPLETED", "{run}"),
-            ("looper" | "gated", None) => assert_eq!(run["status"], "COMPLETED", "{run}"),
+            ("looper" | "gated" | "streamer" | "outsourced", None) => {
+                assert_eq!(run["status"], "COMPLETED", "{run}")
+            }
             ("boss", None) => {
                 assert_eq!(run["status"], "COMPLETED", "{run}");
                 let results = fan_in(&run);
@@ -361,11 +491,18 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
                 let tool = event["tool"].as_str().unwrap_or("").to_string();
                 let entry = starts.entry(key.clone()).or_insert((0, tool));
                 entry.0 += 1;
-                // The boss's `delegate` (spawn_agents) is built in.
-                let http_tool = event["tool"] != "delegate";
-                if http_tool && (run["status"] == "COMPLETED" || run["status"] == "FAILED") {
-                    completed_keys.push((key, id.clone()));
+                if run["status"] == "COMPLETED" || run["status"] == "FAILED" {
+                    completed_keys.push((key, id.clone(), event["tool"].clone()));
                 }
+            }
+            // An external call's result is what the worker sent for its key.
+            if kind == "tool_call_completed" && run["agent"] == "outsourced" {
+                let key = format!(
+                    "{id}:{}:{}",
+                    event["step"].as_u64().unwrap_or(0),
+                    event["call_index"].as_u64().unwrap_or(0)
+                );
+                assert_eq!(event["output"], format!("resized {key}"), "{event}");
             }
         }
     }
@@ -384,7 +521,20 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
             "{key} ({tool}) called {seen} times with {started} journaled starts (seed {seed})"
         );
     }
-    for (key, id) in &completed_keys {
+    stop.store(true, Ordering::Relaxed);
+    let _ = worker.await;
+    let leases = leases.lock().map(|l| l.clone()).unwrap_or_default();
+    for (key, id, tool) in &completed_keys {
+        match tool.as_str() {
+            // The boss's `delegate` (spawn_agents) is built in.
+            Some("delegate") => continue,
+            // Done by the external worker, at least once per call.
+            Some("resize") => {
+                assert!(leases.contains_key(key), "{key} was never leased");
+                continue;
+            }
+            _ => {}
+        }
         if !calls.contains_key(key) {
             let events = journal(&http, cluster.api(), id).await;
             let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
@@ -395,15 +545,45 @@ async fn mixed_workload_under_kills(mut cluster: Cluster) {
         }
     }
     assert_eq!(mock.counters.bad_traceparents.load(Ordering::Relaxed), 0);
+
+    // Every end of a run submitted with a callback_url was called back
+    // (at least once: a kill may repeat a delivery), signed, with the status
+    // the run ended with.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in &called_back {
+        let status = runs[id]["status"].as_str().unwrap_or("").to_string();
+        let event = format!("run.{}", status.to_lowercase());
+        loop {
+            let hooks = mock.counters.hooks();
+            let mine: Vec<Value> = hooks
+                .iter()
+                .filter(|h| h.name == "chaos" && h.event.as_deref() == Some(event.as_str()))
+                .filter(|h| h.signature.is_some())
+                .filter_map(|h| serde_json::from_str::<Value>(&h.body).ok())
+                .filter(|b| b["run_id"] == id.as_str())
+                .collect();
+            if let Some(body) = mine.first() {
+                assert_eq!(body["status"], status.as_str(), "{body}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} ended {status}: no {event} callback"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let repeated: u32 = calls
         .iter()
         .filter(|(k, _)| starts.get(*k).is_some_and(|(_, t)| t != "book_car"))
         .map(|(_, n)| n.saturating_sub(1))
         .sum();
     eprintln!(
-        "chaos: {} kills at {kills:?} tool calls, {} runs, {} keys, {repeated} repeated calls",
+        "chaos: {} kills at {kills:?} tool calls, {} runs, {} keys, {repeated} repeated calls, {} external calls leased {} times",
         kills.len(),
         all.len(),
-        calls.len()
+        calls.len(),
+        leases.len(),
+        leases.values().sum::<u32>()
     );
 }
