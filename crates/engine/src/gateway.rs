@@ -118,10 +118,13 @@ pub struct Breakers {
 
 impl Default for Breakers {
     /// No breakers yet, under a name unique to this process:
-    /// `<host>:<pid>:<random>` (`$HOSTNAME`, else `local`).
+    /// `<host>:<pid>:<random>` (`$HOSTNAME`, else the kernel's host name,
+    /// else `local`).
     fn default() -> Self {
         let host = std::env::var("HOSTNAME")
             .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "local".to_string());
         let process = format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..));

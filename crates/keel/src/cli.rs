@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use keel_core::config::Config;
 use keel_core::spec::human_duration;
-use keel_core::{Agent, Priority};
+use keel_core::{Agent, Event, Priority, RunId, TaskId};
 use keel_engine::{Engine, Options};
 use keel_store::postgres::PgStore;
 use serde_json::{Value, json};
@@ -23,6 +23,10 @@ use crate::service::{self, Service, Submit};
 use crate::{api, bench, embedded, events};
 
 const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// How long `keel run` waits for more events after its run parked for an
+/// operator (the events of one commit arrive together, well within it).
+const PARKED_SETTLE: Duration = Duration::from_millis(300);
 
 /// Keel: a durable runtime for AI agents.
 #[derive(Parser, Debug)]
@@ -182,7 +186,8 @@ enum AgentsAction {
 #[derive(clap::Args, Debug)]
 struct ServerArg {
     /// URL of a running `keel serve`.
-    #[arg(long, env = "KEEL_SERVER", default_value = DEFAULT_SERVER)]
+    // Global: `keel dlq retry ID --server URL` takes it after the subcommand.
+    #[arg(long, env = "KEEL_SERVER", default_value = DEFAULT_SERVER, global = true)]
     server: String,
 }
 
@@ -206,21 +211,30 @@ struct ServeArgs {
     /// PgBouncer in transaction pooling mode (LISTEN needs a session).
     #[arg(long, env = "KEEL_DATABASE_LISTEN_URL", requires = "database_url")]
     database_listen_url: Option<String>,
-    /// Tasks executed at once.
-    #[arg(long, env = "KEEL_WORKERS", default_value_t = 256)]
+    /// Tasks executed at once (at least 1).
+    #[arg(long, env = "KEEL_WORKERS", default_value_t = 256, value_parser = parse_workers, allow_negative_numbers = true)]
     workers: usize,
     /// Lease of a task without heartbeat (e.g. 30s).
-    #[arg(long, env = "KEEL_LEASE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "KEEL_LEASE", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     lease: Duration,
     /// Most pending (unfinished) runs; beyond it submits get 429 with
     /// Retry-After and ingestion pauses. 0: no ceiling.
-    #[arg(long, env = "KEEL_MAX_PENDING", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "KEEL_MAX_PENDING",
+        default_value_t = 100_000,
+        allow_negative_numbers = true
+    )]
     max_pending: u64,
     /// Most pending runs of any one agent (default: no ceiling).
-    #[arg(long, env = "KEEL_MAX_PENDING_PER_AGENT")]
+    #[arg(
+        long,
+        env = "KEEL_MAX_PENDING_PER_AGENT",
+        allow_negative_numbers = true
+    )]
     max_pending_per_agent: Option<u64>,
     /// What a submit refused for backpressure is told to wait (Retry-After).
-    #[arg(long, env = "KEEL_RETRY_AFTER", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "KEEL_RETRY_AFTER", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     retry_after: Duration,
     /// What this process does: `all` (API + workers), `api` (accept submits,
     /// serve reads) or `worker` (execute tasks; serves /healthz and /readyz).
@@ -240,7 +254,7 @@ struct ServeArgs {
     nats_prefix: String,
     /// How long NATS waits for Keel to acknowledge an ingested message
     /// before delivering it again (after a crash).
-    #[arg(long, env = "KEEL_INGEST_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "KEEL_INGEST_ACK_WAIT", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     ingest_ack_wait: Duration,
     /// Secret signing webhook notifications with HMAC-SHA256 (the
     /// `Keel-Signature` header); unsigned when unset. Set it through the
@@ -287,7 +301,7 @@ struct RunArgs {
     input: String,
     /// Priority under contention for workers: 0 (lowest) to 9 (highest);
     /// the server's default (5) when not given.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9), allow_negative_numbers = true)]
     priority: Option<u8>,
     /// Submit to this server instead of running in-process.
     #[arg(long)]
@@ -295,8 +309,8 @@ struct RunArgs {
     /// SQLite database file for in-process runs.
     #[arg(long, env = "KEEL_DB", default_value = "./keel.db")]
     db: PathBuf,
-    /// Tasks executed at once (in-process).
-    #[arg(long, default_value_t = 16)]
+    /// Tasks executed at once (in-process; at least 1).
+    #[arg(long, default_value_t = 16, value_parser = parse_workers, allow_negative_numbers = true)]
     workers: usize,
     /// Server configuration file (YAML): LLM providers and their prices
     /// (docs/CONFIG.md).
@@ -314,6 +328,13 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Arc<Config>> {
         .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
     let config = Config::parse(&text).with_context(|| format!("in {}", path.display()))?;
     Ok(Arc::new(config))
+}
+
+fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("must be a whole number of at least 1".into()),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -365,27 +386,28 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             None => run_local(args).await,
         },
         Command::Status { id, json, server } => {
-            status(&Client::new(&server.server), &id, json).await
+            status(&Client::new(&server.server)?, run_id(&id)?, json).await
         }
         Command::Watch { id, server } => {
-            let client = Client::new(&server.server);
+            let id = run_id(&id)?;
+            let client = Client::new(&server.server)?;
             let mut printer = Printer::new();
-            client.follow(&id, |r| printer.print(r)).await?;
-            status(&client, &id, false).await
+            client.follow(id, |r| printer.print(r)).await?;
+            status(&client, id, false).await
         }
         Command::Runs {
             status,
             agent,
             limit,
             server,
-        } => runs(&Client::new(&server.server), status, agent, limit)
+        } => runs(&Client::new(&server.server)?, status, agent, limit)
             .await
             .map(|_| ExitCode::SUCCESS),
         Command::Usage {
             agent,
             since,
             server,
-        } => usage(&Client::new(&server.server), agent.as_deref(), since)
+        } => usage(&Client::new(&server.server)?, agent.as_deref(), since)
             .await
             .map(|_| ExitCode::SUCCESS),
         Command::Approve {
@@ -410,7 +432,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(reason) = reason {
                 body["reason"] = json!(reason);
             }
-            decide(&Client::new(&server.server), &run, &approval, &body).await
+            decide(
+                &Client::new(&server.server)?,
+                run_id(&run)?,
+                &approval,
+                &body,
+            )
+            .await
         }
         Command::Reject {
             run,
@@ -420,31 +448,40 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             server,
         } => {
             let body = json!({"decision": "reject", "reason": reason, "by": decider(by)});
-            decide(&Client::new(&server.server), &run, &approval, &body).await
+            decide(
+                &Client::new(&server.server)?,
+                run_id(&run)?,
+                &approval,
+                &body,
+            )
+            .await
         }
         Command::Approvals {
             agent,
             json,
             server,
-        } => approvals(&Client::new(&server.server), agent.as_deref(), json)
+        } => approvals(&Client::new(&server.server)?, agent.as_deref(), json)
             .await
             .map(|_| ExitCode::SUCCESS),
-        Command::Dlq { action, server } => dlq(&Client::new(&server.server), action)
+        Command::Dlq { action, server } => dlq(&Client::new(&server.server)?, action)
             .await
             .map(|_| ExitCode::SUCCESS),
         Command::Agents { action, server } => {
-            let client = Client::new(&server.server);
+            let client = Client::new(&server.server)?;
             match action {
                 AgentsAction::Apply { file } => {
                     let text = std::fs::read_to_string(&file)
                         .with_context(|| format!("cannot read {}", file.display()))?;
-                    let body = client.put_agent(text).await?;
-                    println!("{}", serde_json::to_string_pretty(&body)?);
+                    let body = client
+                        .put_agent(text)
+                        .await
+                        .with_context(|| format!("cannot register {}", file.display()))?;
+                    outln!("{}", serde_json::to_string_pretty(&body)?);
                 }
                 AgentsAction::List => {
-                    let body = client.get("/v1/agents").await?;
+                    let body = client.get(&["v1", "agents"], &[]).await?;
                     for a in body["agents"].as_array().cloned().unwrap_or_default() {
-                        println!(
+                        outln!(
                             "{:<24} v{:<10} {}/{}",
                             a["name"].as_str().unwrap_or("?"),
                             a["version"].as_str().unwrap_or("?"),
@@ -471,13 +508,13 @@ async fn migrate(database_url: Option<&str>, db: &Path) -> anyhow::Result<()> {
             let version = PgStore::migrate(url)
                 .await
                 .with_context(|| format!("cannot migrate {}", redact(url)))?;
-            println!("{} is at schema version {version}", redact(url));
+            outln!("{} is at schema version {version}", redact(url));
         }
         None => {
             // Opening the embedded store applies its migrations.
             let embedded = embedded::open(db).await?;
             drop(embedded);
-            println!("{} is migrated", db.display());
+            outln!("{} is migrated", db.display());
         }
     }
     Ok(())
@@ -551,7 +588,7 @@ async fn serve_on<S: keel_store::Store>(
     let nats = start_nats(&service, args, &cancel).await?;
     let workers = if args.role.runs_workers() {
         let options = Options {
-            workers: args.workers.max(1),
+            workers: args.workers,
             lease: args.lease,
             heartbeat: args.lease / 3,
             config,
@@ -714,44 +751,84 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .await?;
     let run_id = submitted.run_id;
-    println!(
+    outln!(
         "run {run_id}  agent {} v{}  store {}",
         agent.spec.name,
         agent.spec.version,
         args.db.display()
     );
 
-    let engine = Engine::new(
-        store.clone(),
-        Options {
-            workers: args.workers.max(1),
-            config,
-            ..Options::default()
-        },
-    );
+    let options = Options {
+        workers: args.workers,
+        config,
+        ..Options::default()
+    };
+    let drain = options.drain;
+    let engine = Engine::new(store.clone(), options);
     let cancel = CancellationToken::new();
-    let workers = tokio::spawn(engine.run(cancel.clone()));
+    let mut workers = tokio::spawn(engine.run(cancel.clone()));
     let mut printer = Printer::new();
     let mut events = std::pin::pin!(service::follow(store.clone(), run_id, 0));
     let mut outcome = Ok(());
+    let mut interrupted = false;
+    // Parked for an operator: nothing in this process can decide an approval
+    // or re-drive a dead letter, so waiting would never end.
+    let mut parked = false;
     loop {
         tokio::select! {
             item = events.next() => match item {
-                Some(Ok(recorded)) => printer.print(&recorded),
+                Some(Ok(recorded)) => {
+                    printer.print(&recorded);
+                    parked = matches!(
+                        recorded.event,
+                        Event::ApprovalRequested { .. } | Event::TaskDeadLettered { .. }
+                    );
+                }
                 Some(Err(e)) => { outcome = Err(anyhow::anyhow!("reading the journal: {e}")); break; }
                 None => break,
             },
+            // The rest of the parking commit (one approval per gated call) comes at once.
+            _ = tokio::time::sleep(PARKED_SETTLE), if parked => break,
             _ = shutdown_signal() => {
-                println!("interrupted: the run stays in {} and resumes with `keel serve --db {}`", args.db.display(), args.db.display());
+                outln!(
+                    "interrupted: steps in flight get up to {} to reach their next boundary (interrupt again to stop now); the run stays in {} and resumes with `keel serve --db {}`",
+                    human_duration::format(drain),
+                    args.db.display(),
+                    args.db.display()
+                );
+                interrupted = true;
                 break;
             }
         }
     }
     cancel.cancel();
-    let _ = workers.await;
+    if interrupted {
+        tokio::select! {
+            _ = &mut workers => {}
+            // Leases still held are taken back when the file is next opened.
+            _ = shutdown_signal() => return Ok(ExitCode::FAILURE),
+        }
+    } else {
+        let _ = workers.await;
+    }
     outcome?;
     let view = svc.view(run_id).await?;
     print_summary(&serde_json::to_value(&view)?);
+    if parked {
+        let db = args.db.display();
+        for approval in view.approvals.iter().filter(|a| a.status == "pending") {
+            outln!(
+                "waiting for a decision on {}({}): `keel approve {run_id} {}` or `keel reject {run_id} {} --reason TEXT`",
+                approval.tool,
+                keel_core::spec::clip(&approval.arguments.to_string(), 60),
+                approval.id,
+                approval.id
+            );
+        }
+        outln!(
+            "the run waits in {db} for an operator: these commands work once `keel serve --db {db}` serves it"
+        );
+    }
     Ok(if view.status == "COMPLETED" {
         ExitCode::SUCCESS
     } else {
@@ -760,10 +837,13 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_remote(server: &str, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server);
+    let client = Client::new(server)?;
     let text = std::fs::read_to_string(&args.spec)
         .with_context(|| format!("cannot read {}", args.spec.display()))?;
-    let agent = client.put_agent(text).await?;
+    let agent = client
+        .put_agent(text)
+        .await
+        .with_context(|| format!("cannot register {}", args.spec.display()))?;
     let mut body = json!({
         "agent": agent["name"],
         "version": agent["version"],
@@ -772,9 +852,9 @@ async fn run_remote(server: &str, args: &RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(priority) = args.priority {
         body["priority"] = json!(priority);
     }
-    let run = client.post("/v1/runs", &body).await?;
+    let run = client.post(&["v1", "runs"], &body).await?;
     let id = run["id"].as_str().unwrap_or_default().to_string();
-    println!(
+    outln!(
         "run {id}  agent {} v{}  server {server}",
         agent["name"].as_str().unwrap_or("?"),
         agent["version"].as_str().unwrap_or("?")
@@ -785,9 +865,9 @@ async fn run_remote(server: &str, args: &RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn status(client: &Client, id: &str, raw: bool) -> anyhow::Result<ExitCode> {
-    let view = client.get(&format!("/v1/runs/{id}")).await?;
+    let view = client.get(&["v1", "runs", id], &[]).await?;
     if raw {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        outln!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print_summary(&view);
     }
@@ -801,7 +881,7 @@ async fn status(client: &Client, id: &str, raw: bool) -> anyhow::Result<ExitCode
 fn print_summary(view: &Value) {
     let status = view["status"].as_str().unwrap_or("?");
     let took = view["updated_at"].as_i64().unwrap_or(0) - view["created_at"].as_i64().unwrap_or(0);
-    println!(
+    outln!(
         "\n{status}  run {}  {} steps, {} tokens in / {} out, {:.3}s, {} journal events",
         view["id"].as_str().unwrap_or("?"),
         view["step_count"],
@@ -811,13 +891,13 @@ fn print_summary(view: &Value) {
         view["last_seq"],
     );
     if let Some(error) = view["error"].as_str() {
-        println!("error: {error}");
+        outln!("error: {error}");
     }
     if let Some(letter) = view["dead_letter"].as_str() {
-        println!("dead letter: {letter}  (re-drive with `keel dlq retry {letter}`)");
+        outln!("dead letter: {letter}  (re-drive with `keel dlq retry {letter}`)");
     }
     if let Some(output) = view["output"].as_str() {
-        println!("\n{output}");
+        outln!("\n{output}");
     }
 }
 
@@ -827,17 +907,18 @@ async fn runs(
     agent: Option<String>,
     limit: u32,
 ) -> anyhow::Result<()> {
-    let mut query = format!("/v1/runs?limit={limit}");
-    if let Some(s) = status {
-        query.push_str(&format!("&status={s}"));
+    let limit = limit.to_string();
+    let mut query = vec![("limit", limit.as_str())];
+    if let Some(s) = &status {
+        query.push(("status", s));
     }
-    if let Some(a) = agent {
-        query.push_str(&format!("&agent={a}"));
+    if let Some(a) = &agent {
+        query.push(("agent", a));
     }
-    let body = client.get(&query).await?;
+    let body = client.get(&["v1", "runs"], &query).await?;
     for run in body["runs"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "{}  {:<14} {:<20} steps {:>3}  {}",
+        outln!(
+            "{}  {:<17} {:<20} steps {:>3}  {}",
             run["id"].as_str().unwrap_or("?"),
             run["status"].as_str().unwrap_or("?"),
             format!(
@@ -845,7 +926,7 @@ async fn runs(
                 run["agent"].as_str().unwrap_or("?"),
                 run["version"].as_str().unwrap_or("?")
             ),
-            run["step_count"],
+            run["step_count"].to_string(),
             run["error"].as_str().unwrap_or(""),
         );
     }
@@ -853,7 +934,8 @@ async fn runs(
 }
 
 async fn usage(client: &Client, agent: Option<&str>, since: Option<i64>) -> anyhow::Result<()> {
-    let since = since.map(|ms| format!("?since={ms}")).unwrap_or_default();
+    let since = since.map(|ms| ms.to_string());
+    let query: Vec<(&str, &str)> = since.iter().map(|ms| ("since", ms.as_str())).collect();
     let body = match agent {
         Some(name) => {
             // Agent names are URL-safe; anything else names no agent.
@@ -863,24 +945,26 @@ async fn usage(client: &Client, agent: Option<&str>, since: Option<i64>) -> anyh
             if name.is_empty() || !plain {
                 bail!("`{name}` is not an agent name (letters, digits, `_`, `-` or `.`)");
             }
-            client
-                .get(&format!("/v1/agents/{name}/usage{since}"))
-                .await?
+            client.get(&["v1", "agents", name, "usage"], &query).await?
         }
-        None => client.get(&format!("/v1/usage{since}")).await?,
+        None => client.get(&["v1", "usage"], &query).await?,
     };
     let line = |name: &str, totals: &Value| {
-        println!(
+        outln!(
             "{name:<24} {:>8} {:>14} {:>14} {:>12.4}",
-            totals["runs"],
-            totals["input_tokens"],
-            totals["output_tokens"],
+            totals["runs"].to_string(),
+            totals["input_tokens"].to_string(),
+            totals["output_tokens"].to_string(),
             totals["cost_usd"].as_f64().unwrap_or(0.0),
         );
     };
-    println!(
+    outln!(
         "{:<24} {:>8} {:>14} {:>14} {:>12}",
-        "AGENT", "RUNS", "TOKENS IN", "TOKENS OUT", "COST (USD)"
+        "AGENT",
+        "RUNS",
+        "TOKENS IN",
+        "TOKENS OUT",
+        "COST (USD)"
     );
     match agent {
         Some(name) => line(name, &body),
@@ -892,6 +976,14 @@ async fn usage(client: &Client, agent: Option<&str>, since: Option<i64>) -> anyh
         }
     }
     Ok(())
+}
+
+/// A run id from the command line, checked before any request: a UUID.
+fn run_id(text: &str) -> anyhow::Result<&str> {
+    if text.parse::<RunId>().is_err() {
+        bail!("`{text}` is not a run id (a UUID like 019ab6c3-5d1e-7c4a-9f00-2b1d5e6f7a80)");
+    }
+    Ok(text)
 }
 
 /// Who decides: `--by`, else the user running the CLI.
@@ -908,9 +1000,9 @@ async fn decide(
     body: &Value,
 ) -> anyhow::Result<ExitCode> {
     let answer = client
-        .post(&format!("/v1/runs/{run}/approvals/{approval}"), body)
+        .post(&["v1", "runs", run, "approvals", approval], body)
         .await?;
-    println!(
+    outln!(
         "{} {} of run {} by {}; the run is {}",
         answer["decision"].as_str().unwrap_or("?"),
         approval,
@@ -926,18 +1018,18 @@ const INBOX_PAGE: u32 = 100;
 
 /// Lists the whole inbox, page after page (following `next_cursor`).
 async fn approvals(client: &Client, agent: Option<&str>, raw: bool) -> anyhow::Result<()> {
-    let mut path = format!("/v1/approvals?status=pending&limit={INBOX_PAGE}");
-    if let Some(agent) = agent {
-        path.push_str(&format!("&agent={agent}"));
-    }
+    let limit = INBOX_PAGE.to_string();
     let mut approvals = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let page = match &cursor {
-            Some(c) => format!("{path}&cursor={c}"),
-            None => path.clone(),
-        };
-        let body = client.get(&page).await?;
+        let mut query = vec![("status", "pending"), ("limit", limit.as_str())];
+        if let Some(agent) = agent {
+            query.push(("agent", agent));
+        }
+        if let Some(c) = &cursor {
+            query.push(("cursor", c));
+        }
+        let body = client.get(&["v1", "approvals"], &query).await?;
         approvals.extend(body["approvals"].as_array().cloned().unwrap_or_default());
         match body["next_cursor"].as_str() {
             // A cursor that does not move would page forever.
@@ -947,11 +1039,11 @@ async fn approvals(client: &Client, agent: Option<&str>, raw: bool) -> anyhow::R
     }
     if raw {
         let body = json!({"approvals": approvals});
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        outln!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
     if approvals.is_empty() {
-        println!("no approvals waiting");
+        outln!("no approvals waiting");
     }
     for a in approvals {
         let mut note = String::new();
@@ -961,7 +1053,7 @@ async fn approvals(client: &Client, agent: Option<&str>, raw: bool) -> anyhow::R
         if a["escalated"] == true {
             note.push_str("  ESCALATED");
         }
-        println!(
+        outln!(
             "{}  {:<8} {:<16} {}({}){}",
             a["run_id"].as_str().unwrap_or("?"),
             a["id"].as_str().unwrap_or("?"),
@@ -977,23 +1069,26 @@ async fn approvals(client: &Client, agent: Option<&str>, raw: bool) -> anyhow::R
 async fn dlq(client: &Client, action: Option<DlqAction>) -> anyhow::Result<()> {
     match action {
         Some(DlqAction::Retry { id }) => {
+            if id.parse::<TaskId>().is_err() {
+                bail!("`{id}` is not a dead letter id (a UUID: see `keel dlq`)");
+            }
             let body = client
-                .post(&format!("/v1/dlq/{id}/retry"), &json!({}))
+                .post(&["v1", "dlq", &id, "retry"], &json!({}))
                 .await?;
-            println!(
+            outln!(
                 "requeued {} of run {}",
                 id,
                 body["run_id"].as_str().unwrap_or("?")
             );
         }
         None => {
-            let body = client.get("/v1/dlq").await?;
+            let body = client.get(&["v1", "dlq"], &[]).await?;
             let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
             if letters.is_empty() {
-                println!("no dead letters");
+                outln!("no dead letters");
             }
             for d in letters {
-                println!(
+                outln!(
                     "{}  run {}  {} step {}  after {} attempts: {}",
                     d["id"].as_str().unwrap_or("?"),
                     d["run_id"].as_str().unwrap_or("?"),

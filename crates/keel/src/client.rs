@@ -7,25 +7,48 @@ use anyhow::{Context, bail};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use keel_core::event::Recorded;
+use reqwest::Url;
 use serde_json::Value;
 
 /// A client of one server.
 pub struct Client {
-    base: String,
+    /// The server's URL, as given (for messages).
+    name: String,
+    base: Url,
     http: reqwest::Client,
 }
 
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:8080`).
-    pub fn new(base: &str) -> Client {
-        Client {
-            base: base.trim_end_matches('/').to_string(),
+    /// A client for `base` (e.g. `http://127.0.0.1:8080`, or a path under
+    /// which a proxy serves the API); refused unless it is an http(s) URL.
+    pub fn new(base: &str) -> anyhow::Result<Client> {
+        let url = Url::parse(base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        let Some(base_url) = url else {
+            bail!("the server URL `{base}` is not an http(s) URL like http://127.0.0.1:8080");
+        };
+        Ok(Client {
+            name: base.trim_end_matches('/').to_string(),
+            base: base_url,
             http: reqwest::Client::new(),
-        }
+        })
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    /// The URL of the API path `segments` (each percent-encoded, so an id
+    /// can never name another route) with the `query` pairs.
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> anyhow::Result<Url> {
+        if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+            bail!("`{bad}` is not an id");
+        }
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        Ok(url)
     }
 
     async fn check(&self, response: reqwest::Response) -> anyhow::Result<Value> {
@@ -52,26 +75,26 @@ impl Client {
         Ok(body)
     }
 
-    /// GET a JSON document.
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    /// GET the JSON document at `path` (its segments) with `query`.
+    pub async fn get(&self, path: &[&str], query: &[(&str, &str)]) -> anyhow::Result<Value> {
         let response = self
             .http
-            .get(self.url(path))
+            .get(self.url(path, query)?)
             .send()
             .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
+            .with_context(|| format!("cannot reach {}", self.name))?;
         self.check(response).await
     }
 
-    /// POST a JSON body.
-    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+    /// POST a JSON body to `path` (its segments).
+    pub async fn post(&self, path: &[&str], body: &Value) -> anyhow::Result<Value> {
         let response = self
             .http
-            .post(self.url(path))
+            .post(self.url(path, &[])?)
             .json(body)
             .send()
             .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
+            .with_context(|| format!("cannot reach {}", self.name))?;
         self.check(response).await
     }
 
@@ -79,12 +102,12 @@ impl Client {
     pub async fn put_agent(&self, text: String) -> anyhow::Result<Value> {
         let response = self
             .http
-            .post(self.url("/v1/agents"))
+            .post(self.url(&["v1", "agents"], &[])?)
             .header("content-type", "application/yaml")
             .body(text)
             .send()
             .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
+            .with_context(|| format!("cannot reach {}", self.name))?;
         self.check(response).await
     }
 
@@ -95,26 +118,33 @@ impl Client {
         run_id: &str,
         mut on_event: impl FnMut(&Recorded),
     ) -> anyhow::Result<()> {
+        let events = self.url(&["v1", "runs", run_id, "events"], &[])?;
         let mut last: i64 = 0;
         let mut failures = 0;
+        // Only a server that answered once is waited for when it goes away.
+        let mut connected = false;
         loop {
             let request = self
                 .http
-                .get(self.url(&format!("/v1/runs/{run_id}/events")))
+                .get(events.clone())
                 .header("accept", "text/event-stream")
                 .header("last-event-id", last.to_string());
             let response = match request.send().await {
                 Ok(r) if r.status().is_success() => r,
                 Ok(r) => return self.check(r).await.map(|_| ()),
+                Err(e) if !connected => {
+                    return Err(e).with_context(|| format!("cannot reach {}", self.name));
+                }
                 Err(e) => {
                     failures += 1;
                     if failures > 30 {
-                        bail!("lost the server at {}: {e}", self.base);
+                        bail!("lost the server at {}: {e}", self.name);
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
+            connected = true;
             let mut stream = response.bytes_stream().eventsource();
             while let Some(item) = stream.next().await {
                 let Ok(event) = item else { break };
@@ -135,7 +165,16 @@ impl Client {
                 }
             }
             // The stream ended: either the run was already over, or the connection dropped.
-            let run = self.get(&format!("/v1/runs/{run_id}")).await?;
+            let run = match self.get(&["v1", "runs", run_id], &[]).await {
+                Ok(run) => run,
+                // The server went away (a restart): wait for it as for a failed connect.
+                Err(e) if e.downcast_ref::<reqwest::Error>().is_some() && failures < 30 => {
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let done = matches!(
                 run["status"].as_str(),
                 Some("COMPLETED" | "FAILED" | "CANCELLED")

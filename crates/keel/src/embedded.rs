@@ -14,13 +14,20 @@ pub struct Embedded {
     _lock: File,
 }
 
-/// Opens (creating if needed) the SQLite file at `path`. Because this process
-/// is now the only one using the file, leases left by a process that died are
-/// given back at once instead of waiting for them to expire.
+/// Opens (creating if needed) the SQLite file at `path`, in a folder that
+/// must exist: a mistyped path is refused rather than starting an empty
+/// store somewhere else. Because this process is now the only one using the
+/// file, leases left by a process that died are given back at once instead
+/// of waiting for them to expire.
 pub async fn open(path: &Path) -> anyhow::Result<Embedded> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(
+            "cannot open database {}: the folder {} does not exist (create it, or give another --db)",
+            path.display(),
+            dir.display()
+        );
     }
     let lock_path = lock_path(path);
     let lock = File::options()

@@ -88,10 +88,10 @@ async fn run_on<S: Store>(store: S, command: &Command, sole_process: bool) -> an
     }
     match command {
         Command::Status { json: true, .. } => {
-            println!("{}", serde_json::to_string_pretty(&to_json(&status, now))?);
+            outln!("{}", serde_json::to_string_pretty(&to_json(&status, now))?);
         }
         Command::Status { json: false, .. } => {
-            print!("{}", describe(&status, now));
+            outln!("{}", describe(&status, now).trim_end_matches('\n'));
             if growing(&status) {
                 eprintln!(
                     "warning: export is on but no relay holds the lease: the outbox grows with every commit until a relay runs (`keel serve --events nats://...`) or export is switched off (`keel events off`)"
@@ -104,15 +104,15 @@ async fn run_on<S: Store>(store: S, command: &Command, sole_process: bool) -> an
                 .await
                 .context("cannot switch event export off")?;
             if !status.enabled && dropped == 0 {
-                println!("event export was already off; the outbox is empty");
+                outln!("event export was already off; the outbox is empty");
             } else {
-                println!(
+                outln!(
                     "event export is off: dropped {} not yet published (their events stay in the journal but will not be exported)",
                     count(dropped, "outbox entry", "outbox entries")
                 );
             }
             if let Some(relay) = status.relay.as_ref().filter(|r| r.live) {
-                println!(
+                outln!(
                     "note: relay {} holds the lease: it has nothing to publish now, but switches export on again when it restarts unless its `keel serve` runs without --events",
                     relay.owner
                 );

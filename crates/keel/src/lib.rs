@@ -20,6 +20,16 @@
 //!   events to NATS JetStream and the consumer ingesting run submissions
 //!   from it (`docs/EVENTS.md`).
 
+/// `println!` for what a command prints. When stdout is closed (a pipe into
+/// `head` that has read enough), the process ends quietly with the status a
+/// Unix tool killed by SIGPIPE has (141) instead of panicking; Rust ignores
+/// SIGPIPE, and `keel serve` must keep doing so (MCP servers' stdin is a pipe).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_line(format_args!($($arg)*))
+    };
+}
+
 pub mod api;
 pub mod bench;
 pub mod cli;
@@ -31,3 +41,16 @@ pub mod mock;
 pub mod nats;
 pub mod progress;
 pub mod service;
+
+/// Writes one line of a command's output to stdout (see `outln!`).
+fn write_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(141);
+    }
+}

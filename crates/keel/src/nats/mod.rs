@@ -47,6 +47,14 @@ pub enum Error {
         "invalid NATS subject prefix `{0}`: use dot-separated tokens of letters, digits, `_` and `-`"
     )]
     Prefix(String),
+    /// The server URL cannot be read: reconnecting would never help.
+    #[error("invalid NATS URL `{url}`: {message}")]
+    Url {
+        /// Server URL, as given.
+        url: String,
+        /// Why.
+        message: String,
+    },
     /// The server could not be reached.
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect {
@@ -107,6 +115,9 @@ pub async fn start<S: Store>(
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     let names = Names::new(&serve.prefix)?;
+    for url in serve.events.iter().chain(&serve.ingest) {
+        check_url(url)?;
+    }
     let mut tasks = Vec::new();
     if let Some(url) = serve.events {
         let owner = if serve.sole_process {
@@ -128,6 +139,20 @@ pub async fn start<S: Store>(
         tasks.push(tokio::spawn(ingest.run(cancel)));
     }
     Ok(tasks)
+}
+
+/// Refuses a server list that can never connect (a typo, another scheme);
+/// a server that is down is not checked: Keel starts and reconnects.
+fn check_url(url: &str) -> Result<(), Error> {
+    for server in url.split(',').map(str::trim) {
+        if let Err(e) = server.parse::<async_nats::ServerAddr>() {
+            return Err(Error::Url {
+                url: url.to_string(),
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The subjects and stream names derived from one prefix, so several Keel

@@ -170,6 +170,13 @@ impl Options {
                     .to_string(),
             ));
         }
+        // sqlx reads other schemes too, then fails on a host lookup.
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::Backend(
+                "invalid database URL: a PostgreSQL URL starts with postgres:// or postgresql://"
+                    .to_string(),
+            ));
+        }
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::Backend(format!("invalid database URL: {e}")))?;
         Ok(options
@@ -231,23 +238,25 @@ impl PgStore {
         // The writer keeps one connection out of its own pool of one, which
         // replaces it if it breaks; pings on acquire and release would cost
         // a round trip per batch.
-        let writes = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .test_before_acquire(false)
-            .connect_with(connect.clone())
-            .await
-            .map_err(backend)?;
+        let writes = open_pool(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false),
+            &connect,
+        )
+        .await?;
         let mut conn = writes.acquire().await.map_err(backend)?;
         migrate::run(&mut conn).await?;
 
-        let reads = PgPoolOptions::new()
-            .max_connections(options.read_connections.max(1))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .test_before_acquire(false)
-            .connect_with(connect)
-            .await
-            .map_err(backend)?;
+        let reads = open_pool(
+            PgPoolOptions::new()
+                .max_connections(options.read_connections.max(1))
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false),
+            &connect,
+        )
+        .await?;
 
         let origin = fastrand::u64(..);
         let (commits, _) = broadcast::channel(NOTIFICATIONS);
@@ -288,6 +297,25 @@ impl PgStore {
         let (reply, result) = oneshot::channel();
         self.ops.send(op(reply)).await.map_err(|_| Error::Closed)?;
         result.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// Opens a pool. One that timed out connecting (it retries until its acquire
+/// timeout) does not say why, so one more direct connection names the cause:
+/// refused, unknown host, bad password.
+async fn open_pool(pool: PgPoolOptions, connect: &PgConnectOptions) -> Result<PgPool> {
+    match pool.connect_with(connect.clone()).await {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => match connect.connect().await {
+            Ok(conn) => {
+                if let Err(e) = sqlx::Connection::close(conn).await {
+                    tracing::debug!(error = %e, "closing the probe connection failed");
+                }
+                Err(backend(sqlx::Error::PoolTimedOut))
+            }
+            Err(cause) => Err(backend(cause)),
+        },
+        Err(e) => Err(backend(e)),
     }
 }
 
