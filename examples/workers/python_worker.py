@@ -4,6 +4,8 @@
 """
 import json, sys, time, urllib.error, urllib.request
 
+if len(sys.argv) < 3:
+    sys.exit(__doc__)
 KEEL, QUEUE = sys.argv[1].rstrip("/"), sys.argv[2]
 
 def post(path, body):
