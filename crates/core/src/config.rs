@@ -428,8 +428,7 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        let value: Value =
-            serde_yaml_ng::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+        let value = crate::yaml::parse(text).map_err(Error::Syntax)?;
         Config::from_value(value)
     }
 

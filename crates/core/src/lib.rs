@@ -19,6 +19,8 @@
 //! * [`event`]: the journal's events, each carrying only what is new.
 //! * [`run`]: the run state machine: [`run::State`] is the fold of the events,
 //!   [`run::handle`] turns a command into events and effects.
+//! * [`yaml`]: YAML text to a JSON value, its size bounded by the text's
+//!   (alias bombs are refused).
 
 pub mod approval;
 pub mod breaker;
@@ -30,6 +32,7 @@ pub mod priority;
 pub mod run;
 pub mod saga;
 pub mod spec;
+pub mod yaml;
 
 pub use event::{Event, Recorded};
 pub use ids::{Millis, RunId, Seq, TaskId};

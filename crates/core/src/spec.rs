@@ -585,6 +585,14 @@ pub mod human_duration {
     use serde::{Deserialize, Deserializer, Serializer};
     use serde_json::Value;
 
+    /// Longest duration accepted, in seconds: 365 days.
+    const MAX_SECONDS: f64 = 365.0 * 86400.0;
+
+    /// Whether `seconds` is a duration we take (so it always fits a `Duration`).
+    fn in_range(seconds: f64) -> bool {
+        seconds.is_finite() && (0.0..=MAX_SECONDS).contains(&seconds)
+    }
+
     /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1.5s"` or `"30"` (seconds).
     pub fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
@@ -606,8 +614,8 @@ pub mod human_duration {
                 ));
             }
         };
-        if !seconds.is_finite() || !(0.0..=365.0 * 86400.0).contains(&seconds) {
-            return Err(format!("`{text}` is out of range"));
+        if !in_range(seconds) {
+            return Err(format!("`{text}` is out of range (at most 365 days)"));
         }
         Ok(Duration::from_secs_f64(seconds))
     }
@@ -652,10 +660,10 @@ pub mod human_duration {
         match Value::deserialize(d)? {
             Value::String(s) => parse(&s).map_err(serde::de::Error::custom),
             Value::Number(n) => match n.as_f64() {
-                Some(secs) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
-                _ => Err(serde::de::Error::custom(
-                    "duration must be a positive number of seconds",
-                )),
+                Some(secs) if in_range(secs) => Ok(Duration::from_secs_f64(secs)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "duration {n} must be a number of seconds from 0 to {MAX_SECONDS} (365 days)"
+                ))),
             },
             other => Err(serde::de::Error::custom(format!(
                 "expected a duration like \"30s\", found {other}"
@@ -684,13 +692,18 @@ impl fmt::Debug for Agent {
 impl Agent {
     /// Parses YAML or JSON text (JSON is YAML) and validates it.
     pub fn parse(text: &str) -> Result<Agent, Error> {
-        let value: Value =
-            serde_yaml_ng::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+        let value = crate::yaml::parse(text).map_err(Error::Syntax)?;
         Agent::from_value(value)
     }
 
     /// Validates an already-parsed JSON value.
     pub fn from_value(value: Value) -> Result<Agent, Error> {
+        if let Some(field) = nul_at(&value, "") {
+            return Err(Error::Invalid(vec![FieldError {
+                field,
+                message: "holds U+0000 (NUL), which a spec cannot hold".into(),
+            }]));
+        }
         let spec: Spec = typed(
             value,
             "an agent spec must be a mapping with name, version and model",
@@ -1294,13 +1307,49 @@ fn check_model(m: &ModelSpec, at: &str, err: &mut impl FnMut(String, String)) {
     }
 }
 
-pub(crate) fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {
-    let ok = !value.is_empty()
+/// The first place in a spec (`tools[0].description`, or `(root)`) whose
+/// text holds U+0000: PostgreSQL cannot store it, so no store takes it.
+fn nul_at(value: &Value, at: &str) -> Option<String> {
+    let here = || {
+        if at.is_empty() {
+            "(root)".to_string()
+        } else {
+            at.to_string()
+        }
+    };
+    match value {
+        Value::String(text) if text.contains('\0') => Some(here()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_at(item, &format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            if key.contains('\0') {
+                return Some(path);
+            }
+            nul_at(item, &path)
+        }),
+        _ => None,
+    }
+}
+
+/// Whether `value` is a name (of an agent, a version): 1-64 ASCII letters,
+/// digits, `_`, `-` or `.`.
+pub fn is_name(value: &str) -> bool {
+    !value.is_empty()
         && value.len() <= 64
         && value
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+pub(crate) fn check_name(value: &str, field: &str, err: &mut impl FnMut(String, String)) {
+    if !is_name(value) {
         err(
             field.into(),
             format!("`{value}` must be 1-64 letters, digits, `_`, `-` or `.`"),

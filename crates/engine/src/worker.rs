@@ -305,6 +305,9 @@ async fn drive<S: Store>(
                 debug!(%run_id, %task_id, "lease lost, stopping");
                 return;
             }
+            Err(StoreError::Corrupt(why)) if task.attempts >= task.max_attempts => {
+                return park_undecodable(inner, &task, &why).await;
+            }
             Err(e) => {
                 warn!(%run_id, error = %e, "task failed on the store");
                 return abandon(inner, &task, &e.to_string()).await;
@@ -327,6 +330,42 @@ async fn abandon<S: Store>(inner: &Inner<S>, task: &Task, reason: &str) {
         .await
     {
         warn!(run_id = %task.run_id, error = %e, "could not give an abandoned task back");
+    }
+}
+
+/// Dead-letters a task that failed on stored data that does not decode (its
+/// run's journal, its agent version) on its last attempt: it would fail
+/// the same way until the data is repaired, then it is re-driven. The run
+/// cannot be folded, so its row's projection is kept, with the reason.
+async fn park_undecodable<S: Store>(inner: &Inner<S>, task: &Task, why: &str) {
+    let error = format!("stored data does not decode: {why}");
+    warn!(run_id = %task.run_id, kind = task.kind.as_str(), step = task.step, attempts = task.attempts, error = %error, "task dead-lettered");
+    let run = match inner.store.get_run(task.run_id).await {
+        Ok(Some(run)) => run,
+        Ok(None) => return abandon(inner, task, &error).await,
+        Err(e) => return abandon(inner, task, &e.to_string()).await,
+    };
+    let mut projection = run.projection;
+    projection.error = Some(format!("task dead-lettered: {error}"));
+    let append = Append {
+        run_id: task.run_id,
+        expected_seq: run.last_seq,
+        events: vec![dead_letter_event(task, &error)],
+        lease: Some(task.lease),
+        task: TaskUpdate::DeadLetter {
+            error: error.clone(),
+        },
+        new_tasks: Vec::new(),
+        clear_tasks: false,
+        redrive: None,
+        projection,
+        now: now(),
+        spawn: Vec::new(),
+        wake: Vec::new(),
+    };
+    if let Err(e) = inner.store.append(append).await {
+        warn!(run_id = %task.run_id, error = %e, "could not dead-letter the task");
+        abandon(inner, task, &error).await;
     }
 }
 

@@ -10,6 +10,9 @@
 //! * `garbage` calls tools with arguments that are not JSON or unknown tools
 //!   (a plain Anthropic answer can only hold a JSON object, so there the bad
 //!   arguments become a call to an unknown tool);
+//! * `absurd` first says something holding U+0000 and calls tools with an
+//!   empty id, an id used twice, an empty name and arguments that are a
+//!   NUL, then answers with 1 MB of text holding U+0000;
 //! * `long:N:MS` answers at once with a text of N words (`w1 w2 …`); streamed,
 //!   each word is its own chunk, sent MS milliseconds after the previous one
 //!   (a slow model, for tests of streaming that survives reconnects);
@@ -399,6 +402,27 @@ fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) ->
         return Some(Turn::Calls {
             text: format!("I will call {tool} now. "),
             calls,
+        });
+    }
+    if model == "absurd" {
+        if tool_results > 0 {
+            return Some(Turn::Answer(format!(
+                "nul \u{0} then {}",
+                "w ".repeat(512 * 1024)
+            )));
+        }
+        let call = |id: &str, tool: &'a str, arguments: &str| Call {
+            id: id.to_string(),
+            tool,
+            arguments: arguments.to_string(),
+        };
+        return Some(Turn::Calls {
+            text: "thinking \u{0} aloud".to_string(),
+            calls: vec![
+                call("", tool, r#"{"n": 1}"#),
+                call("dup", tool, r#"{"n": 2}"#),
+                call("dup", "", "\u{0}"),
+            ],
         });
     }
     if model == "garbage" {

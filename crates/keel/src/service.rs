@@ -300,7 +300,14 @@ impl<S: Store> Service<S> {
     pub async fn submit(&self, submit: Submit) -> Result<Submitted, Error> {
         // An explicit version is immutable, so the compiled cache answers it;
         // "the newest version" has to be asked of the store.
+        let names = keel_core::spec::is_name(&submit.agent)
+            && submit
+                .version
+                .as_deref()
+                .is_none_or(keel_core::spec::is_name);
         let spec: Option<Spec> = match &submit.version {
+            // Not names: nothing is registered under them.
+            _ if !names => None,
             Some(version) => match self
                 .agents
                 .get(DEFAULT_TENANT, &submit.agent, version)
@@ -1151,7 +1158,15 @@ impl RunView {
             priority: record.priority.get(),
             status: state.status.as_str().to_string(),
             step_count: state.steps,
-            input: record.input.clone(),
+            // The journal's input is exact; the row's copy may not be
+            // (PostgreSQL has U+FFFD for U+0000).
+            input: events
+                .iter()
+                .find_map(|r| match &r.event {
+                    Event::RunSubmitted { input, .. } => Some(input.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| record.input.clone()),
             output: state.output.clone(),
             error: projection(state).error,
             usage: state.usage,

@@ -36,6 +36,7 @@ macro_rules! store_suite {
                 racing_submits_share_a_key,
                 stale_append_is_refused,
                 events_keep_any_text,
+                run_rows_take_any_text,
                 racing_appends_have_one_winner,
                 claim_is_exclusive,
                 expired_lease_is_taken_over_and_fenced,
@@ -441,6 +442,55 @@ pub(crate) async fn events_keep_any_text<S: Store>(store: S) -> Result<()> {
         .map(|recorded| recorded.event)
         .collect();
     assert_eq!(stored, events);
+    Ok(())
+}
+
+pub(crate) async fn run_rows_take_any_text<S: Store>(store: S) -> Result<()> {
+    // What a client or a model may send: U+0000 in an input (a string and a
+    // key), in a run's output and error, a retry's reason, a dead letter's
+    // error. The journal keeps it; a row copy may hold U+FFFD instead
+    // (PostgreSQL's text and jsonb refuse U+0000), but every write goes in.
+    let nul = "nul \u{0} inside";
+    let same = |stored: &str| stored == nul || stored == nul.replace('\u{0}', "\u{fffd}");
+    let input = json!({"text": nul, nul: [nul]});
+    let sub = submission("t", "a", input.clone(), Some("nul-key"));
+    let run_id = sub.run_id;
+    store.submit(sub).await?;
+    // The same request again is the same run, whatever the row holds.
+    let again = store
+        .submit(submission("t", "a", input.clone(), Some("nul-key")))
+        .await?;
+    assert_eq!((again.run_id, again.created), (run_id, false));
+    let events = store.events(run_id, 0, 10).await?;
+    assert!(
+        matches!(&events[0].event, Event::RunSubmitted { input: journaled, .. } if *journaled == input)
+    );
+    let run = store.get_run(run_id).await?.expect("run");
+    assert!(
+        same(run.input["text"].as_str().unwrap_or("")),
+        "{}",
+        run.input
+    );
+
+    let task = claim_one(&store, "a", LEASE, T0).await?;
+    store.retry_later(task.lease, nul, T0 + 1, T0).await?;
+    let task = claim_one(&store, "a", LEASE, T0 + 1).await?;
+    let mut step = append(run_id, 1, Some(task.lease), vec![rejected(1, nul)]);
+    step.projection.output = Some(nul.to_string());
+    step.projection.error = Some(nul.to_string());
+    step.task = TaskUpdate::DeadLetter {
+        error: nul.to_string(),
+    };
+    store.append(step).await?;
+    let run = store.get_run(run_id).await?.expect("run");
+    assert!(same(run.projection.output.as_deref().unwrap_or("")));
+    assert!(same(run.projection.error.as_deref().unwrap_or("")));
+    let letters = store.dead_letters(10).await?;
+    assert!(same(&letters[0].error), "{}", letters[0].error);
+    assert_eq!(
+        store.events(run_id, 1, 10).await?[0].event,
+        rejected(1, nul)
+    );
     Ok(())
 }
 

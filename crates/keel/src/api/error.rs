@@ -24,6 +24,9 @@ pub enum Error {
     /// The thing named does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The route exists, but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The request conflicts with the current state.
     #[error("{0}")]
     Conflict(String),
@@ -50,6 +53,7 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -62,6 +66,7 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::Invalid { .. } => "invalid",
             Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::Conflict(_) => "conflict",
             Error::TooLarge(_) => "too_large",
             Error::Busy { .. } => "busy",
@@ -94,13 +99,41 @@ impl From<spec::Error> for Error {
     }
 }
 
+/// Longest value a message quotes (between backticks), and longest message.
+const MAX_QUOTED: usize = 200;
+const MAX_MESSAGE: usize = 2048;
+
+/// A message as sent: messages quote what they refuse, so a 500 KB name
+/// would come back whole; each quoted value and the message are clipped.
+fn shown(message: &str) -> String {
+    let parts: Vec<String> = message
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                spec::clip(part, MAX_QUOTED)
+            } else {
+                part.to_string()
+            }
+        })
+        .collect();
+    spec::clip(&parts.join("`"), MAX_MESSAGE)
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         if let Error::Internal(cause) = &self {
             tracing::error!(cause = %cause, "request failed");
         }
-        let mut body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let mut body = json!({"error": {"code": self.code(), "message": shown(&self.to_string())}});
         if let Error::Invalid { fields, .. } = &self {
+            let fields: Vec<FieldError> = fields
+                .iter()
+                .map(|f| FieldError {
+                    field: shown(&f.field),
+                    message: shown(&f.message),
+                })
+                .collect();
             body["error"]["fields"] = json!(fields);
         }
         let mut response = (self.status_code(), Json(body)).into_response();

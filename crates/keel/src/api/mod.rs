@@ -62,6 +62,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         )
         .route("/v1/worker/tasks/{id}/fail", post(worker::fail::<S>))
         .fallback(|| async { Error::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(service)
 }
@@ -76,10 +77,20 @@ pub fn health_router<S: Store>(service: Service<S>) -> Router {
         .fallback(|| async {
             Error::NotFound("this process runs workers only (--role worker)".into())
         })
+        .method_not_allowed_fallback(not_allowed)
         .with_state(service)
 }
 
 type Api<S> = State<Service<S>>;
+
+/// A known route asked with another method (the `Allow` header lists those
+/// it takes).
+async fn not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Error {
+    Error::MethodNotAllowed(format!(
+        "method {method} is not allowed on `{}` (see the Allow header)",
+        uri.path()
+    ))
+}
 
 fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, Error> {
     bytes.map_err(|e| {
@@ -97,21 +108,51 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> 
             "the body is empty; send a JSON object".into(),
         ));
     }
+    // A struct also reads from an array (its fields by position): refused.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Error::BadRequest(
+            "invalid JSON body: expected a JSON object".into(),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
             Error::BadRequest(format!("invalid JSON body: {}", e.inner()))
         } else {
             Error::BadRequest(format!("invalid JSON body at `{path}`: {}", e.inner()))
         }
-    })
+    })?;
+    de.end()
+        .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
 /// A path parameter, or a JSON 400 (e.g. for bad percent-encoding).
 fn segment(path: Result<Path<String>, PathRejection>) -> Result<String, Error> {
     path.map(|Path(p)| p)
         .map_err(|e| Error::BadRequest(format!("bad path: {}", e.body_text())))
+}
+
+/// An `agent` filter of a listing: absent or empty for all agents.
+fn agent_filter(agent: Option<String>) -> Result<Option<String>, Error> {
+    match agent {
+        None => Ok(None),
+        Some(a) if a.is_empty() => Ok(None),
+        Some(a) if keel_core::spec::is_name(&a) => Ok(Some(a)),
+        Some(a) => Err(Error::BadRequest(format!(
+            "`agent` `{a}` is not an agent name (1-64 letters, digits, `_`, `-` or `.`)"
+        ))),
+    }
+}
+
+/// An agent named in a path: a name that cannot be registered is not found.
+fn agent_name(name: &str) -> Result<&str, Error> {
+    if keel_core::spec::is_name(name) {
+        Ok(name)
+    } else {
+        Err(Error::NotFound(format!("agent `{name}` not found")))
+    }
 }
 
 fn run_id(text: &str) -> Result<RunId, Error> {
@@ -291,7 +332,7 @@ async fn list_runs<S: Store>(
         .list_runs(RunFilter {
             tenant: DEFAULT_TENANT.into(),
             status,
-            agent: q.agent.filter(|a| !a.is_empty()),
+            agent: agent_filter(q.agent)?,
             before,
             limit,
         })
@@ -567,9 +608,7 @@ async fn inbox<S: Store>(
             ))
         })?),
     };
-    let page = svc
-        .inbox(q.agent.filter(|a| !a.is_empty()), after, limit)
-        .await?;
+    let page = svc.inbox(agent_filter(q.agent)?, after, limit).await?;
     Ok(Json(page))
 }
 
@@ -639,9 +678,13 @@ async fn get_agent<S: Store>(
 ) -> Result<Json<Value>, Error> {
     let name = segment(name)?;
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
+    let version = q.version.as_deref();
+    if version.is_some_and(|v| !keel_core::spec::is_name(v)) {
+        return Err(Error::NotFound(format!("agent `{name}` not found")));
+    }
     let Some(record) = svc
         .store
-        .get_agent(DEFAULT_TENANT, &name, q.version.as_deref())
+        .get_agent(DEFAULT_TENANT, agent_name(&name)?, version)
         .await?
     else {
         return Err(Error::NotFound(format!("agent `{name}` not found")));
@@ -690,7 +733,7 @@ async fn agent_usage<S: Store>(
     let q = usage_query(query)?;
     if svc
         .store
-        .get_agent(DEFAULT_TENANT, &name, None)
+        .get_agent(DEFAULT_TENANT, agent_name(&name)?, None)
         .await?
         .is_none()
     {

@@ -72,6 +72,11 @@ proptest! {
                 ("GET", format!("/v1/approvals?cursor={segment}&limit={segment}")),
                 ("GET", format!("/v1/agents/{segment}/usage")),
                 ("GET", format!("/v1/usage?since=x{segment}")),
+                ("POST", format!("/v1/runs/{segment}/approvals/{segment}")),
+                ("POST", "/v1/worker/tasks/lease".to_string()),
+                ("POST", format!("/v1/worker/tasks/{segment}/heartbeat")),
+                ("POST", format!("/v1/worker/tasks/{segment}/complete")),
+                ("POST", format!("/v1/worker/tasks/{segment}/fail")),
             ];
             for (method, uri) in targets {
                 let (status, json) = call(&app, method, &uri, body.clone()).await;

@@ -32,6 +32,9 @@ use serde_json::{Value, json};
 
 use super::{Api, Error, body, parse_json, segment};
 
+/// Longest worker name (it is the lease's owner).
+const MAX_WORKER: usize = 200;
+
 /// A lease's length when the worker names none.
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
@@ -116,10 +119,16 @@ pub(super) async fn lease<S: Store>(
     }
     let wait = duration("wait", req.wait.as_deref(), Duration::ZERO)?;
     let lease_for = duration("lease", req.lease.as_deref(), DEFAULT_LEASE)?;
-    let worker = req
-        .worker
-        .filter(|w| !w.is_empty() && w.len() <= 200)
-        .unwrap_or_else(|| "external".into());
+    let worker = match req.worker {
+        None => "external".to_string(),
+        Some(w) if w.is_empty() => "external".to_string(),
+        Some(w) if w.len() <= MAX_WORKER && !w.chars().any(char::is_control) => w,
+        Some(_) => {
+            return Err(Error::BadRequest(format!(
+                "`worker` must be at most {MAX_WORKER} bytes without control characters"
+            )));
+        }
+    };
     let owner = format!("ext:{worker}");
     match svc
         .external

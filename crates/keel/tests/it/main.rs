@@ -13,6 +13,7 @@ mod crash;
 mod events;
 mod failures;
 mod gateway;
+mod hostile;
 mod journal;
 mod mcp;
 #[cfg(feature = "nats")]

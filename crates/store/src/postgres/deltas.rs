@@ -7,7 +7,7 @@
 use keel_core::{Millis, RunId, Seq};
 use sqlx::PgPool;
 
-use super::{backend, listen};
+use super::{backend, listen, storable};
 use crate::{Committed, DeltaAttempt, DeltaBatch, DeltaPos, Error, Result};
 
 /// Writes a batch if the lease is live on a task of the run (the share lock
@@ -55,7 +55,7 @@ pub(super) async fn append(
         .bind(open)
         .bind(i64::from(attempt))
         .bind(i64::from(idx))
-        .bind(batch.text.as_str())
+        .bind(storable(&batch.text))
         .bind(listen::CHANNEL)
         .bind(format!("{origin:016x}"))
         .bind(crate::tool_calls_column(&batch.tool_calls))

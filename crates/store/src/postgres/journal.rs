@@ -20,6 +20,7 @@
 //! where an order can be chosen, making lock cycles between two batches
 //! (deadlocks, which PostgreSQL breaks by failing one) unlikely.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use keel_core::run::Status;
@@ -29,7 +30,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::writer::Call;
-use super::{backend, parse_json, tokens};
+use super::{backend, parse_json, storable, tokens};
 use crate::{
     Appended, Committed, Error, Lease, NewTask, Projection, Result, Submitted, Task, TaskUpdate,
 };
@@ -616,13 +617,13 @@ async fn update_runs(conn: &mut PgConnection, calls: &[&mut AppendCall]) -> Resu
         .bind(
             projections
                 .clone()
-                .map(|p| p.output.as_deref())
+                .map(|p| p.output.as_deref().map(storable))
                 .collect::<Vec<_>>(),
         )
         .bind(
             projections
                 .clone()
-                .map(|p| p.error.as_deref())
+                .map(|p| p.error.as_deref().map(storable))
                 .collect::<Vec<_>>(),
         )
         .bind(
@@ -802,7 +803,7 @@ const DELETE_DEAD_LETTERS: &str = "DELETE FROM dead_letters WHERE id = ANY($1::u
 struct Rows<'a> {
     events: Events<'a>,
     /// Leased tasks moving to the dead-letter queue, their errors and times.
-    dead_letters: (Vec<Uuid>, Vec<&'a str>, Vec<Millis>),
+    dead_letters: (Vec<Uuid>, Vec<Cow<'a, str>>, Vec<Millis>),
     /// Leased tasks that are done (completed or dead-lettered).
     done: Vec<Uuid>,
     /// Runs whose tasks are cleared, and the task each keeps.
@@ -828,7 +829,7 @@ impl<'a> Rows<'a> {
                 TaskUpdate::Complete => self.done.push(lease.task_id.0),
                 TaskUpdate::DeadLetter { error } => {
                     self.dead_letters.0.push(lease.task_id.0);
-                    self.dead_letters.1.push(error);
+                    self.dead_letters.1.push(storable(error));
                     self.dead_letters.2.push(r.now);
                     self.done.push(lease.task_id.0);
                 }

@@ -70,9 +70,11 @@
 //!
 //! Ids are `uuid`, times epoch milliseconds (`bigint`), JSON `jsonb`, but
 //! for the journal's events: `json`, which keeps any text serde writes
-//! (jsonb refuses U+0000, which a step's output may hold). So a run input or
-//! an agent spec holding U+0000 is refused ([`Error::Backend`]), unlike in
-//! SQLite.
+//! (jsonb and text refuse U+0000, which a client, a model or a tool may
+//! send). So the copies of such text in other tables (a run's input, output
+//! and error, a task's last error, a dead letter's error, streamed text)
+//! hold U+FFFD in its place ([`storable`]), unlike in SQLite; the journal
+//! keeps the exact text. Agent specs holding U+0000 are refused when parsed.
 
 mod agents;
 mod breakers;
@@ -87,6 +89,7 @@ mod queue;
 pub(crate) mod tests;
 mod writer;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -97,6 +100,7 @@ use keel_core::spec::Spec;
 use keel_core::{Event, Millis, Priority, Recorded, RunId, Seq, TaskId};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, FromRow};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -364,6 +368,43 @@ fn encode(event: &Event) -> Result<Encoded> {
     })
 }
 
+/// Text as a `text` or `jsonb` column takes it: U+0000 becomes U+FFFD.
+fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// Makes every string and key of a JSON value [`storable`] (for `jsonb`).
+fn storable_json(value: &mut Value) {
+    match value {
+        Value::String(text) => {
+            if let Cow::Owned(fixed) = storable(text) {
+                *text = fixed;
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                storable_json(item);
+            }
+        }
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (storable(&k).into_owned(), v))
+                    .collect();
+            }
+            for item in map.values_mut() {
+                storable_json(item);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
 /// Serializes a value to store.
 fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<String> {
     serde_json::to_string(value)
@@ -374,6 +415,8 @@ fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<String> {
 /// with (non-negative, like the tokens `claim` draws).
 /// A submission as the writer takes it; its first task is always queued.
 fn submit_request(submission: Submission) -> Result<Submit> {
+    let mut input = submission.input;
+    storable_json(&mut input);
     let mut task = submission.task;
     task.lease_to = None;
     Ok(Submit {
@@ -381,8 +424,8 @@ fn submit_request(submission: Submission) -> Result<Submit> {
         tenant: submission.tenant,
         agent: submission.agent,
         version: submission.version,
-        input_json: to_json(&submission.input, "run input")?,
-        input: submission.input,
+        input_json: to_json(&input, "run input")?,
+        input,
         idempotency_key: submission.idempotency_key,
         priority: submission.priority,
         event: encode(&submission.event)?,
@@ -865,7 +908,7 @@ impl Store for PgStore {
     ) -> Result<()> {
         let request = RetryLater {
             lease,
-            error: error.to_string(),
+            error: storable(error).into_owned(),
             retry_at,
             now,
             counted: true,
@@ -877,7 +920,7 @@ impl Store for PgStore {
     async fn defer(&self, lease: Lease, until: Millis, reason: &str, now: Millis) -> Result<()> {
         let request = RetryLater {
             lease,
-            error: reason.to_string(),
+            error: storable(reason).into_owned(),
             retry_at: until,
             now,
             counted: false,
