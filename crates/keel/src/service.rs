@@ -84,6 +84,11 @@ struct Admission {
     limits: Limits,
     /// Pending runs per scope (`None` = all agents).
     counts: Mutex<HashMap<Option<String>, Count>>,
+    /// Held shared by each submit from its commit until its run is
+    /// counted, exclusively by a read of the counts from the store: a read
+    /// then sees every run this process committed, each counted once, and
+    /// no commit lands between its snapshot and the count it sets.
+    reading: tokio::sync::RwLock<()>,
 }
 
 impl Admission {
@@ -216,6 +221,7 @@ impl<S: Store> Service<S> {
             admission: Arc::new(Admission {
                 limits,
                 counts: Mutex::new(HashMap::new()),
+                reading: tokio::sync::RwLock::new(()),
             }),
             providers: Providers::default(),
         }
@@ -242,18 +248,23 @@ impl<S: Store> Service<S> {
         for (scope, ceiling) in checks {
             let Some(ceiling) = ceiling else { continue };
             if !self.admission.is_fresh(&scope) {
-                let n = self
-                    .store
-                    .pending_runs(DEFAULT_TENANT, scope.as_deref())
-                    .await;
-                let n = match n {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.admission.finish(&reserved, false);
-                        return Err(e.into());
-                    }
-                };
-                self.admission.remember(scope.clone(), n);
+                let reading = self.admission.reading.write().await;
+                // Another submit may have read it while this one waited.
+                if !self.admission.is_fresh(&scope) {
+                    let n = self
+                        .store
+                        .pending_runs(DEFAULT_TENANT, scope.as_deref())
+                        .await;
+                    let n = match n {
+                        Ok(n) => n,
+                        Err(e) => {
+                            drop(reading);
+                            self.admission.finish(&reserved, false);
+                            return Err(e.into());
+                        }
+                    };
+                    self.admission.remember(scope.clone(), n);
+                }
             }
             if let Err(pending) = self.admission.reserve(&scope, ceiling) {
                 self.admission.finish(&reserved, false);
@@ -377,11 +388,13 @@ impl<S: Store> Service<S> {
             },
             now: at,
         };
+        let counting = self.admission.reading.read().await;
         let submitted = self.store.submit(submission).await;
         self.admission.finish(
             &self.scopes(&spec.name),
             submitted.as_ref().is_ok_and(|s| s.created),
         );
+        drop(counting);
         Ok(submitted?)
     }
 
