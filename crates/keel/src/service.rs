@@ -670,6 +670,14 @@ impl<S: Store> Service<S> {
             .map(|_| ())
     }
 
+    /// A run's status as its row holds it (no fold of its journal).
+    pub async fn status(&self, run_id: RunId) -> Result<keel_core::run::Status, Error> {
+        match self.store.get_run(run_id).await? {
+            Some(record) => Ok(record.projection.status),
+            None => Err(Error::NotFound(format!("run `{run_id}` not found"))),
+        }
+    }
+
     /// The full view of a run: its row and its steps.
     pub async fn view(&self, run_id: RunId) -> Result<RunView, Error> {
         let Some(record) = self.store.get_run(run_id).await? else {

@@ -252,9 +252,15 @@ async fn submit<S: Store>(
         })
         .await?;
     let location = format!("/v1/runs/{}", submitted.run_id);
+    // A retried submit answers with the run as it is now.
+    let status = if submitted.created {
+        keel_core::run::Status::Pending
+    } else {
+        svc.status(submitted.run_id).await?
+    };
     let body = json!({
         "id": submitted.run_id.to_string(),
-        "status": "PENDING",
+        "status": status.as_str(),
         "created": submitted.created,
         "location": location,
     });

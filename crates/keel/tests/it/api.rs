@@ -62,6 +62,14 @@ async fn five_step_agent_over_http_with_sse_and_idempotent_submit() {
     let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(names.first(), Some(&"run_submitted"));
     assert_eq!(names.last(), Some(&"run_completed"));
+    // Retried after the run ended, the submit answers with the run as it is.
+    let late = submit().await.expect("submit");
+    assert_eq!(late.status(), 202);
+    let late: Value = late.json().await.expect("json");
+    assert_eq!(late["id"], first["id"]);
+    assert_eq!(late["created"], false);
+    assert_eq!(late["status"], "COMPLETED", "{late}");
+    assert_eq!(first["status"], "PENDING");
     assert_eq!(names.iter().filter(|n| **n == "llm_completed").count(), 6);
     assert_eq!(
         names.iter().filter(|n| **n == "tool_call_started").count(),
