@@ -86,6 +86,59 @@ pub struct Counters {
     pub hooks_down: AtomicBool,
     /// Webhook requests refused while `hooks_down`.
     pub hooks_refused: AtomicU64,
+    /// Percent of chat completions answered with a fault chosen at random:
+    /// a 500, a 429 with `Retry-After: 1`, a 200 whose JSON body is cut
+    /// short, or a 200 whose connection drops mid-body.
+    pub llm_faults: AtomicU64,
+    /// Chat completions answered with a fault.
+    pub llm_faulted: AtomicU64,
+    /// Percent of `echo` tool requests answered 500 or 503 (after they are
+    /// counted: the server saw the key, as a real one that failed late would).
+    pub tool_faults: AtomicU64,
+    /// Tool requests answered with a fault.
+    pub tool_faulted: AtomicU64,
+}
+
+/// A fault for `percent` of the requests (`llm_faults`): None for the rest.
+fn llm_fault(c: &Counters) -> Option<Response> {
+    let percent = c.llm_faults.load(Ordering::Relaxed);
+    if percent == 0 || fastrand::u64(0..100) >= percent {
+        return None;
+    }
+    c.llm_faulted.fetch_add(1, Ordering::Relaxed);
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    Some(match fastrand::u8(0..8) {
+        0..=2 => {
+            let body =
+                json!({"error": {"message": "the mock provider failed", "type": "server_error"}});
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+        }
+        3 => {
+            let body =
+                json!({"error": {"message": "rate limit reached", "type": "rate_limit_error"}});
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                Json(body),
+            )
+                .into_response()
+        }
+        4 | 5 => (
+            StatusCode::OK,
+            json,
+            r#"{"id": "chatcmpl-mock", "choices": [{"#,
+        )
+            .into_response(),
+        _ => {
+            let pieces = futures_util::stream::iter([
+                Ok(axum::body::Bytes::from_static(
+                    br#"{"id": "chatcmpl-mock", "#,
+                )),
+                Err(std::io::Error::other("the mock dropped the connection")),
+            ]);
+            (StatusCode::OK, json, Body::from_stream(pieces)).into_response()
+        }
+    })
 }
 
 /// A webhook notification the mock received.
@@ -481,6 +534,9 @@ async fn chat(
     if let Some(refused) = c.throttle() {
         return refused;
     }
+    if let Some(fault) = llm_fault(&c) {
+        return fault;
+    }
     let latency = c.llm_latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -722,6 +778,9 @@ async fn messages(
     if let Some(refused) = c.throttle() {
         return refused;
     }
+    if let Some(fault) = llm_fault(&c) {
+        return fault;
+    }
     let latency = c.llm_latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -914,6 +973,14 @@ async fn echo(
     body: axum::body::Bytes,
 ) -> Response {
     count(&c, &headers);
+    let percent = c.tool_faults.load(Ordering::Relaxed);
+    if percent > 0 && fastrand::u64(0..100) < percent {
+        c.tool_faulted.fetch_add(1, Ordering::Relaxed);
+        return match fastrand::bool() {
+            true => (StatusCode::INTERNAL_SERVER_ERROR, "the mock tool failed").into_response(),
+            false => (StatusCode::SERVICE_UNAVAILABLE, "the mock tool is busy").into_response(),
+        };
+    }
     let args: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     Json(json!({"echo": args})).into_response()
 }

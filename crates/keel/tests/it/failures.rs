@@ -1,5 +1,5 @@
 //! Failures: a failing tool, a failing LLM endpoint (DLQ and re-drive), a
-//! model that answers garbage.
+//! model that answers garbage, intermittent faults of both.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -167,4 +167,62 @@ async fn garbage_from_the_model_fails_the_run_after_max_steps() {
             .unwrap_or("")
             .contains("changed their mind")
     );
+}
+
+#[tokio::test]
+async fn intermittent_provider_and_tool_faults_are_retried_and_every_run_completes() {
+    let mock = Mock::start().await.expect("mock");
+    // One LLM call in five fails (500, 429 + Retry-After, a body cut short,
+    // a connection dropped mid-body); one tool call in five answers 500/503.
+    mock.counters.llm_faults.store(20, Ordering::Relaxed);
+    mock.counters.tool_faults.store(20, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--workers", "16"]).await;
+    let http = reqwest::Client::new();
+    let yaml = agent_yaml(
+        "shaky",
+        &mock,
+        "tools:5",
+        "echo",
+        "retry: {max_attempts: 12, backoff: {initial: 10ms, max: 50ms}}",
+    )
+    .replace("retry: {max_attempts: 3,", "retry: {max_attempts: 12,");
+    assert!(yaml.contains("http:\n      url"), "{yaml}");
+    register(&http, &server, &yaml).await;
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(submit(&http, &server, "shaky", &format!("job {i}")).await);
+    }
+
+    let keys = || mock.counters.key_counts();
+    let mut retried = 0;
+    for id in &ids {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(90)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+        assert_eq!(run["step_count"], 6, "{run}");
+        let counts = keys();
+        for step in 1..=5 {
+            let call = &run["steps"][step - 1]["tool_calls"][0];
+            assert_eq!(call["is_error"], false, "{call}");
+            assert_eq!(call["attempts"], 1, "one start: retries reuse it");
+            let key = format!("{id}:{step}:0");
+            let seen = counts.get(&key).copied().unwrap_or(0);
+            assert!(seen >= 1, "{key} never reached the tool");
+            if seen > 1 {
+                retried += 1;
+            }
+        }
+    }
+    // Nothing was left in the dead-letter queue, and faults did happen.
+    let dlq = get_json(&http, &server.url("/v1/dlq")).await;
+    assert_eq!(
+        dlq["dead_letters"].as_array().map(Vec::len),
+        Some(0),
+        "{dlq}"
+    );
+    let llm_faults = mock.counters.llm_faulted.load(Ordering::Relaxed);
+    let tool_faults = mock.counters.tool_faulted.load(Ordering::Relaxed);
+    assert!(llm_faults >= 20, "only {llm_faults} LLM faults");
+    assert!(tool_faults >= 20, "only {tool_faults} tool faults");
+    assert!(retried >= 20, "only {retried} tool calls were retried");
 }
