@@ -152,15 +152,8 @@ async fn submit_called_back(
     agent: &str,
     input: &str,
 ) -> String {
-    let r = http
-        .post(server.url("/v1/runs"))
-        .json(&json!({"agent": agent, "input": input, "callback_url": mock.hook_url("chaos")}))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202);
-    let body: Value = r.json().await.expect("json");
-    body["id"].as_str().expect("id").to_string()
+    let body = json!({"agent": agent, "input": input, "callback_url": mock.hook_url("chaos")});
+    submit_to(http, server.url("/v1/runs"), &body).await
 }
 
 /// An external worker of queue `chaos` that outlives the server's kills:

@@ -50,15 +50,8 @@ async fn submit_many(
             let url = api.url("/v1/runs");
             let agent = agent.to_string();
             async move {
-                let r = http
-                    .post(url)
-                    .json(&serde_json::json!({"agent": agent, "input": format!("job {i}")}))
-                    .send()
-                    .await
-                    .expect("submit");
-                assert_eq!(r.status(), 202);
-                let body: Value = r.json().await.expect("json");
-                body["id"].as_str().expect("id").to_string()
+                let body = serde_json::json!({"agent": agent, "input": format!("job {i}")});
+                submit_to(&http, url, &body).await
             }
         })
         .buffered(32)

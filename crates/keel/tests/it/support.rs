@@ -189,12 +189,14 @@ pub async fn register(http: &reqwest::Client, server: &Server, yaml: &str) {
 }
 
 pub async fn submit(http: &reqwest::Client, server: &Server, agent: &str, input: &str) -> String {
-    let r = http
-        .post(server.url("/v1/runs"))
-        .json(&serde_json::json!({"agent": agent, "input": input}))
-        .send()
-        .await
-        .expect("submit");
+    let body = serde_json::json!({"agent": agent, "input": input});
+    submit_to(http, server.url("/v1/runs"), &body).await
+}
+
+/// POSTs a submission (`body`: the request's JSON) to `url`, expects the
+/// 202 and returns the run's id.
+pub async fn submit_to(http: &reqwest::Client, url: String, body: &Value) -> String {
+    let r = http.post(url).json(body).send().await.expect("submit");
     assert_eq!(r.status(), 202);
     let body: Value = r.json().await.expect("json");
     body["id"].as_str().expect("id").to_string()

@@ -39,15 +39,8 @@ async fn submit_with_callback(
     agent: &str,
     hook: &str,
 ) -> String {
-    let r = http
-        .post(server.url("/v1/runs"))
-        .json(&json!({"agent": agent, "input": "go", "callback_url": hook}))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202);
-    let body: Value = r.json().await.expect("json");
-    body["id"].as_str().expect("id").to_string()
+    let body = json!({"agent": agent, "input": "go", "callback_url": hook});
+    submit_to(http, server.url("/v1/runs"), &body).await
 }
 
 async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
