@@ -482,14 +482,14 @@ impl Config {
                     "give api_key_env or api_key_file, not both".into(),
                 );
             }
+            // The value is not repeated: it may be the key, written here by mistake.
             if let Some(var) = &provider.api_key_env
                 && (var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
             {
                 err(
                     format!("{at}.api_key_env"),
-                    format!(
-                        "`{var}` is not an environment variable name (the key itself never goes here)"
-                    ),
+                    "must name an environment variable (letters, digits, `_`), not hold the key"
+                        .into(),
                 );
             }
             if let Some(path) = &provider.api_key_file
@@ -739,6 +739,11 @@ providers:
             fields("providers: {o: {kind: openai, api_key_env: sk-live-123}}"),
             ["providers.o.api_key_env"]
         );
+        let Err(e) = Config::parse("providers: {o: {kind: openai, api_key_env: sk-live-123}}")
+        else {
+            panic!("a key in api_key_env is refused");
+        };
+        assert!(!e.to_string().contains("sk-live-123"), "{e}");
         assert_eq!(
             fields("providers: {o: {kind: openai, base_url: ftp://x}}"),
             ["providers.o.base_url"]

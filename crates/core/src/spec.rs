@@ -1253,14 +1253,14 @@ fn check_model(m: &ModelSpec, at: &str, err: &mut impl FnMut(String, String)) {
     if m.max_tokens == Some(0) {
         err(format!("{at}.max_tokens"), "must be at least 1".into());
     }
-    if let Some(env) = &m.api_key_env
-        && !is_env_name(env)
+    // The value is not repeated: it may be the key, written here by mistake.
+    if m.api_key_env
+        .as_deref()
+        .is_some_and(|env| !is_env_name(env))
     {
         err(
             format!("{at}.api_key_env"),
-            format!(
-                "`{env}` is not an environment variable name (write the variable's name, not the key)"
-            ),
+            "must name an environment variable (letters, digits, `_`), not hold the key".into(),
         );
     }
     if m.timeout.is_zero() {
@@ -1632,6 +1632,66 @@ pub fn is_http_url(url: &str) -> bool {
     matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace))
 }
 
+/// `url` fit for a log line or an error message, whether it parses or not:
+/// its user info cut after the user name (`user:***@`; a user name alone,
+/// which may be a token, as `***@`), every query value as `***`, no
+/// fragment. A password holding `/`, `?`, `#` or `@` (not valid in a URL,
+/// but written) is hidden all the same.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return redact_query(url);
+    };
+    let (userinfo, rest) = split_userinfo(rest);
+    let mut out = format!("{scheme}://");
+    match userinfo.map(|u| u.split_once(':')) {
+        Some(Some((user, _))) => {
+            out.push_str(user);
+            out.push_str(":***@");
+        }
+        Some(None) => out.push_str("***@"),
+        None => {}
+    }
+    out.push_str(&redact_query(rest));
+    out
+}
+
+/// The user info at the start of what follows a URL's `://`, if any, and
+/// the rest.
+fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
+    let Some(at) = rest.find('@') else {
+        return (None, rest);
+    };
+    if let Some(slash) = rest[..at].find('/') {
+        // A path holding `@` (`/@scope/name`), unless what precedes the
+        // slash is `user:password`, not `host:port`.
+        let port = rest[..slash].rsplit_once(':').map(|(_, port)| port);
+        if !port.is_some_and(|p| p.chars().any(|c| !c.is_ascii_digit())) {
+            return (None, rest);
+        }
+    }
+    let end = rest[at..].find('/').map_or(rest.len(), |i| at + i);
+    let last = rest[..end].rfind('@').unwrap_or(at);
+    (Some(&rest[..last]), &rest[last + 1..])
+}
+
+/// `text` without its fragment and with every query value as `***` (a
+/// parameter without a value, which may be a token, as `***`).
+fn redact_query(text: &str) -> String {
+    let text = text.split('#').next().unwrap_or_default();
+    let Some((base, query)) = text.split_once('?') else {
+        return text.to_string();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) => format!("{name}=***"),
+            None if pair.is_empty() => String::new(),
+            None => "***".to_string(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
+}
+
 /// Checks that every `${...}` in a header value names an environment variable.
 fn check_secret_refs(value: &str) -> Result<(), String> {
     let mut rest = value;
@@ -1688,6 +1748,52 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(Error::Invalid(errors)) => errors.into_iter().map(|e| e.field).collect(),
             Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn a_key_written_as_api_key_env_is_not_repeated() {
+        let spec =
+            "name: a\nversion: 1\nmodel: {provider: openai, model: m, api_key_env: sk-live-123}\n";
+        let Err(e) = Agent::parse(spec) else {
+            panic!("a key in api_key_env is refused");
+        };
+        assert_eq!(fields(spec), ["model.api_key_env"]);
+        assert!(!e.to_string().contains("sk-live-123"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_shown_without_secrets() {
+        for (url, shown) in [
+            (
+                "postgres://keel:pw@db:5432/keel",
+                "postgres://keel:***@db:5432/keel",
+            ),
+            ("postgres://keel@db/keel", "postgres://***@db/keel"),
+            (
+                "postgres://db/keel?sslmode=require&password=pw",
+                "postgres://db/keel?sslmode=***&password=***",
+            ),
+            (
+                "postgres://k:a/b?c#d@e@db:1/k?x=1#frag",
+                "postgres://k:***@db:1/k?x=***",
+            ),
+            ("nats://tok@n1:4222", "nats://***@n1:4222"),
+            (
+                "https://api.example.com/v1/items?api_key=k&",
+                "https://api.example.com/v1/items?api_key=***&",
+            ),
+            ("https://h/x?token", "https://h/x?***"),
+            (
+                "https://registry.example.com/@scope/pkg",
+                "https://registry.example.com/@scope/pkg",
+            ),
+            ("https://h:8443/@me", "https://h:8443/@me"),
+            ("https://u:p@h/a@b", "https://u:***@h/a@b"),
+            ("not a url?secret=s", "not a url?secret=***"),
+            ("https://h/p#access_token=t", "https://h/p"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
     }
 

@@ -73,7 +73,7 @@ use keel_core::breaker::{Breaker, Permit, Phase, View};
 use keel_core::config::{Config, KeySource, Kind};
 use keel_core::message::Usage;
 use keel_core::run::State;
-use keel_core::spec::{ModelSpec, Provider};
+use keel_core::spec::{ModelSpec, Provider, redact_url};
 use keel_core::{Agent, Millis};
 use keel_store::{BreakerRecord, Error as StoreError, Grant, Rate, Store};
 use serde::Serialize;
@@ -971,14 +971,15 @@ pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> 
 }
 
 /// Where a resolved model's requests go, as breakers name it (by the
-/// provider's name in the spec).
+/// provider's name in the spec; the URL shown without credentials or
+/// query values, as it is logged, stored and shown).
 fn endpoint(provider: &str, model: &ModelSpec) -> String {
     let base = model.base_url.as_deref().unwrap_or(match model.provider {
         Provider::Openai => llm::DEFAULT_BASE_URL,
         Provider::Anthropic => llm::ANTHROPIC_BASE_URL,
         Provider::Scripted | Provider::Named(_) => "",
     });
-    format!("{provider}@{base}")
+    format!("{provider}@{}", redact_url(base))
 }
 
 /// Input tokens of the next call, roughly: 4 bytes a token over the system

@@ -10,7 +10,10 @@
 //!   Every attempt carries the call's `Idempotency-Key` (the same on every
 //!   retry, and when a call is repeated after a crash) and a `traceparent` in
 //!   the run's trace. Network errors, timeouts, 429 and 5xx are retried per the
-//!   tool's `retry` policy.
+//!   tool's `retry` policy. What the model reads never shows the secrets the
+//!   call carried (the `${ENV}` values, the URL's user info, the values of
+//!   query parameters named like `api_key` or `token`), and a redirect to
+//!   another origin is followed without the headers holding them.
 //! * Built-ins: `read_file` and `list_files`, confined to the tool's `root`.
 //! * MCP tools (`<server>__<tool>` of an agent resolved by
 //!   [`Mcp::resolve`](crate::mcp::Mcp::resolve)): a `tools/call` to the server,
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use keel_core::RunId;
 use keel_core::run::Invocation;
-use keel_core::spec::{Agent, Builtin, HttpTool, Method, clip, expand_secrets};
+use keel_core::spec::{Agent, Builtin, HttpTool, Method, clip, expand_secrets, redact_url};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
@@ -178,13 +181,7 @@ impl Tools {
                 return Outcome::error(format!("tool `{name}` was not called: {message}"));
             }
         };
-        let redact = |text: &str| {
-            let mut text = text.to_string();
-            for secret in &request.secrets {
-                text = text.replace(secret.as_str(), "[redacted]");
-            }
-            text
-        };
+        let redact = |text: &str| redact(text, &request.secrets);
 
         let max_attempts = http.retry.max_attempts.max(1);
         let mut attempt = 1;
@@ -229,7 +226,8 @@ impl Tools {
         };
         let filled = fill_placeholders(&http.url, &mut arguments)?;
         let mut url = reqwest::Url::parse(&filled)
-            .map_err(|e| format!("`{filled}` is not a valid URL: {e}"))?;
+            .map_err(|e| format!("`{}` is not a valid URL: {e}", redact_url(&filled)))?;
+        let secrets = RefCell::new(url_secrets(&url));
 
         let (method, body) = match http.method {
             Method::Get => (reqwest::Method::GET, None),
@@ -245,7 +243,6 @@ impl Tools {
             }
         }
 
-        let secrets = RefCell::new(Vec::new());
         let mut headers = HeaderMap::new();
         for (name, template) in &http.headers {
             let value = expand_secrets(template, |var| {
@@ -282,25 +279,58 @@ impl Tools {
     }
 
     /// One attempt. `Ok` holds the body of a 2xx answer.
+    ///
+    /// The client follows redirects within an origin ([`redirect_policy`]);
+    /// one to another origin is followed here, without the headers that
+    /// carry secrets.
     async fn attempt(
         &self,
         http: &HttpTool,
         request: &Prepared,
         run_id: RunId,
     ) -> Result<String, Failure> {
-        let mut builder = self
-            .http
-            .request(request.method.clone(), request.url.clone())
-            .headers(request.headers.clone())
-            .header("traceparent", crate::llm::traceparent(run_id))
-            .timeout(http.timeout);
-        if let Some(body) = &request.body {
-            builder = builder.json(body);
-        }
-        let mut response = builder
-            .send()
-            .await
-            .map_err(|e| Failure::network(e, http.timeout))?;
+        let mut method = request.method.clone();
+        let mut url = request.url.clone();
+        let mut headers = request.headers.clone();
+        let mut body = request.body.as_ref();
+        let mut hops = 0;
+        let mut response = loop {
+            let mut builder = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone())
+                .header("traceparent", crate::llm::traceparent(run_id))
+                .timeout(http.timeout);
+            if let Some(body) = body {
+                builder = builder.json(body);
+            }
+            let response = builder
+                .send()
+                .await
+                .map_err(|e| Failure::network(e, http.timeout))?;
+            let Some(next) = elsewhere(&response) else {
+                break response;
+            };
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(Failure {
+                    message: format!("more than {MAX_REDIRECTS} redirects"),
+                    retryable: false,
+                    retry_after: None,
+                });
+            }
+            headers = without_secrets(&headers);
+            // As browsers do: 303, and 301/302 after a POST, go on with a GET.
+            let status = response.status();
+            if status == StatusCode::SEE_OTHER
+                || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND)
+                    && method == reqwest::Method::POST)
+            {
+                method = reqwest::Method::GET;
+                body = None;
+            }
+            url = next;
+        };
         let status = response.status();
         let retry_after = match status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
@@ -313,18 +343,20 @@ impl Tools {
         } else {
             ERROR_BODY_BYTES
         };
-        // Read a little past the limit so `clip` can mark the cut.
+        // Read a little past the limit so `clip` can mark the cut, and past
+        // the end of any secret starting before it, so it is redacted whole.
+        let longest = request.secrets.iter().map(String::len).max().unwrap_or(0);
         let mut bytes = Vec::new();
-        while bytes.len() <= limit {
+        while bytes.len() <= limit + longest {
             match response.chunk().await {
                 Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
                 Ok(None) => break,
                 Err(e) => return Err(Failure::network(e, http.timeout)),
             }
         }
-        let text = String::from_utf8_lossy(&bytes);
+        let text = redact(&String::from_utf8_lossy(&bytes), &request.secrets);
         if status.is_success() {
-            return Ok(text.into_owned());
+            return Ok(text);
         }
         Err(Failure {
             message: format!("HTTP {status}: {}", clip(text.trim(), ERROR_BODY_BYTES)),
@@ -342,8 +374,106 @@ struct Prepared {
     url: reqwest::Url,
     headers: HeaderMap,
     body: Option<Map<String, Value>>,
-    /// Secret values expanded into the headers, scrubbed from every output.
+    /// Secret values expanded into the headers or written in the URL,
+    /// scrubbed from every output.
     secrets: Vec<String>,
+}
+
+/// `text` with every secret replaced by `[redacted]`.
+fn redact(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_string();
+    for secret in secrets {
+        text = text.replace(secret.as_str(), "[redacted]");
+    }
+    text
+}
+
+/// Most redirects to another origin one attempt follows.
+const MAX_REDIRECTS: usize = 10;
+
+/// The redirect policy of the client making HTTP tool calls and LLM calls:
+/// follow redirects within an origin (scheme, host and port), at most 10;
+/// stop at one to another origin and hand its answer back. Headers may
+/// carry secrets (`${VAR}` values, an Anthropic `x-api-key`) that the
+/// client would pass on; tools follow such redirects without them, a model
+/// call fails.
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same = attempt
+            .previous()
+            .last()
+            .is_some_and(|previous| same_origin(previous, attempt.url()));
+        if !same {
+            attempt.stop()
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Where a redirect the client stopped at leads (to another origin).
+fn elsewhere(response: &reqwest::Response) -> Option<reqwest::Url> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response.headers().get(header::LOCATION)?.to_str().ok()?;
+    let next = response.url().join(location).ok()?;
+    (!same_origin(response.url(), &next)).then_some(next)
+}
+
+/// `headers` without those that carry secrets: the values expanded from
+/// `${VAR}` (marked sensitive) and the credentials headers.
+fn without_secrets(headers: &HeaderMap) -> HeaderMap {
+    let credentials = [
+        header::AUTHORIZATION,
+        header::COOKIE,
+        header::PROXY_AUTHORIZATION,
+    ];
+    let mut kept = HeaderMap::new();
+    for (name, value) in headers {
+        if !value.is_sensitive() && !credentials.contains(name) {
+            kept.append(name, value.clone());
+        }
+    }
+    kept
+}
+
+/// Query parameters whose names hold one of these (lowercase) carry secrets.
+const SECRET_PARAMETERS: [&str; 7] = [
+    "key",
+    "token",
+    "secret",
+    "pass",
+    "auth",
+    "sig",
+    "credential",
+];
+
+/// What a tool's URL carries that a tool's answer must not show: its user
+/// info (a password, or a user name alone: a token) and the values of the
+/// query parameters named like secrets (`api_key`, `access_token`, `sig`, …).
+fn url_secrets(url: &reqwest::Url) -> Vec<String> {
+    let mut secrets = vec![url.password().unwrap_or(url.username()).to_string()];
+    for (name, value) in url.query_pairs() {
+        let name = name.to_ascii_lowercase();
+        if SECRET_PARAMETERS.iter().any(|s| name.contains(s)) {
+            // As sent (percent-encoded) too: an answer may quote the request line.
+            secrets.push(encode_component(&value));
+            secrets.push(value.into_owned());
+        }
+    }
+    secrets.retain(|s| s.len() >= MIN_REDACTED_LEN);
+    secrets.sort();
+    secrets.dedup();
+    secrets
 }
 
 /// Why one attempt failed.
@@ -665,6 +795,14 @@ mod tests {
                 }),
             )
             .route(
+                "/straddle",
+                post(move |headers: Headers| async move {
+                    // The secret straddles the 300 bytes an error shows.
+                    let auth = headers["authorization"].to_str().unwrap().to_string();
+                    (Status::INTERNAL_SERVER_ERROR, format!("{}{auth} and more", "x".repeat(290)))
+                }),
+            )
+            .route(
                 "/slow",
                 post(move |headers: Headers| async move {
                     s6.record("slow", headers);
@@ -703,6 +841,8 @@ tools:
     http: {{url: "{base}/limited", retry: {retry}}}
   - name: slow
     http: {{url: "{base}/slow", timeout: 200ms, retry: {{max_attempts: 2, backoff: {{initial: 10ms, max: 10ms}}}}}}
+  - name: straddle
+    http: {{url: "{base}/straddle", headers: {{Authorization: "Bearer ${{KEEL_TEST_TOOL_TOKEN}}"}}, retry: {{max_attempts: 1}}}}
   - name: unset_secret
     http: {{url: "{base}/items", headers: {{X-Key: "${{KEEL_TEST_SURELY_UNSET_TOOL_VAR}}"}}}}
 "#
@@ -890,6 +1030,25 @@ tools:
             started.elapsed()
         );
         assert_eq!(seen.on("slow").len(), 2);
+
+        // A secret cut by the error's length limit is still redacted whole.
+        let outcome = tools
+            .invoke(&agent, run_id, &call(run_id, "straddle", json!({})))
+            .await;
+        assert!(outcome.is_error);
+        assert!(outcome.output.contains("Bearer [re"), "{outcome:?}");
+        assert!(!outcome.output.contains("s3c"), "{outcome:?}");
+    }
+
+    #[test]
+    fn secrets_of_urls() {
+        let url = |text: &str| url_secrets(&reqwest::Url::parse(text).unwrap());
+        assert_eq!(
+            url("https://user:pa%20ss@h/x?q=cats&api_key=k%2Fey1&X-Amz-Signature=abcd&n=12345"),
+            ["abcd", "k%2Fey1", "k/ey1", "pa%20ss"]
+        );
+        assert_eq!(url("https://t0ken@h/"), ["t0ken"]);
+        assert!(url("https://h/x?format=json&token=abc").is_empty());
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use keel_core::run::State;
+use keel_core::spec::redact_url;
 use keel_core::{Agent, Millis};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -52,7 +53,8 @@ impl Webhooks {
     }
 
     /// POSTs `body` to `url`; an error says why it was not delivered (a
-    /// non-2xx answer, a timeout, a refused connection).
+    /// non-2xx answer, a timeout, a refused connection), showing `url`
+    /// without credentials or query values.
     pub async fn deliver(
         &self,
         url: &str,
@@ -76,12 +78,12 @@ impl Webhooks {
             .body(bytes)
             .send()
             .await
-            .map_err(|e| format!("POST {url} failed: {e}"))?;
+            .map_err(|e| format!("POST {} failed: {}", redact_url(url), e.without_url()))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
         } else {
-            Err(format!("POST {url} answered {status}"))
+            Err(format!("POST {} answered {status}", redact_url(url)))
         }
     }
 }

@@ -18,7 +18,7 @@ use futures_util::stream::FuturesUnordered;
 use keel_core::config::Config;
 use keel_core::message::Usage;
 use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, State, Status};
-use keel_core::spec::ModelSpec;
+use keel_core::spec::{ModelSpec, redact_url};
 use keel_core::{Agent, Event, Millis, RunId};
 use keel_store::{
     Append, Error as StoreError, LeaseTo, NewTask, Projection, RunTask, Store, Submission, Task,
@@ -42,7 +42,7 @@ use crate::webhook::{self, Webhooks};
 const MAX_EVENTS: u32 = 1_000_000;
 
 /// How the worker pool behaves.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     /// Tasks executed at once (LLM calls are I/O waits, so this can be large).
     pub workers: usize,
@@ -64,6 +64,21 @@ pub struct Options {
     pub breakers: Breakers,
     /// Secret signing webhook notifications (`Keel-Signature`); unsigned when `None`.
     pub webhook_secret: Option<String>,
+}
+
+/// Shows whether there is a webhook secret, never the secret.
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("workers", &self.workers)
+            .field("lease", &self.lease)
+            .field("heartbeat", &self.heartbeat)
+            .field("poll", &self.poll)
+            .field("claim_batch", &self.claim_batch)
+            .field("drain", &self.drain)
+            .field("webhook_secret", &self.webhook_secret.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Options {
@@ -127,6 +142,10 @@ impl<S: Store> Engine<S> {
     pub fn new(store: S, options: Options) -> Self {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(options.workers.max(16))
+            // Secrets ride in headers and URLs: no Referer, and no redirect
+            // to another origin (tools follow those themselves, without them).
+            .referer(false)
+            .redirect(crate::tools::redirect_policy())
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         let mcp = Mcp::new(&options.config);
@@ -1094,7 +1113,7 @@ async fn deliver<S: Store>(
     let delivery = task.lease.task_id.to_string();
     match inner.webhooks.deliver(url, body, &delivery, at).await {
         Ok(()) => {
-            debug!(run_id = %task.run_id, step = task.step, %url, "{what} delivered");
+            debug!(run_id = %task.run_id, step = task.step, url = %redact_url(url), "{what} delivered");
             finish_stale(inner, slot, task).await
         }
         Err(error) if task.attempts >= task.max_attempts => {

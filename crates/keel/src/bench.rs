@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use keel_core::config::Config;
+use keel_core::spec::redact_url;
 use keel_core::{Agent, Event, Priority};
 use keel_engine::{Engine, Options};
 use keel_store::Store;
@@ -25,7 +26,8 @@ use crate::mock::Mock;
 use crate::service::{Service, Submit};
 
 /// `keel bench` options.
-#[derive(clap::Args, Debug)]
+// No `Debug`: the database URL may hold a password.
+#[derive(clap::Args)]
 pub struct Args {
     /// Runs to submit at once.
     #[arg(long, default_value_t = 1000)]
@@ -269,10 +271,10 @@ impl ScratchDatabase {
     async fn create(server: &str) -> anyhow::Result<ScratchDatabase> {
         use sqlx::{ConnectOptions, Connection};
         let options = sqlx::postgres::PgConnectOptions::from_str(server)
-            .with_context(|| format!("invalid --database-url {}", crate::cli::redact(server)))?;
+            .with_context(|| format!("invalid --database-url {}", redact_url(server)))?;
         let mut conn = sqlx::PgConnection::connect_with(&options)
             .await
-            .with_context(|| format!("cannot connect to {}", crate::cli::redact(server)))?;
+            .with_context(|| format!("cannot connect to {}", redact_url(server)))?;
         let name = format!("keel_bench_{}", uuid::Uuid::now_v7().simple());
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)

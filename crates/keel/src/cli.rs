@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 
 use keel_core::config::Config;
-use keel_core::spec::human_duration;
+use keel_core::spec::{human_duration, redact_url};
 use keel_core::{Agent, Event, Priority, RunId, TaskId};
 use keel_engine::{Engine, Options};
 use keel_store::postgres::PgStore;
@@ -29,14 +29,16 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 const PARKED_SETTLE: Duration = Duration::from_millis(300);
 
 /// Keel: a durable runtime for AI agents.
-#[derive(Parser, Debug)]
+// No `Debug` here and below: the serve arguments hold database passwords,
+// NATS credentials and the webhook secret.
+#[derive(Parser)]
 #[command(name = "keel", version, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API and/or run workers, on the embedded store or on
     /// PostgreSQL (--database-url).
@@ -191,7 +193,7 @@ struct ServerArg {
     server: String,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:8080")]
@@ -507,8 +509,8 @@ async fn migrate(database_url: Option<&str>, db: &Path) -> anyhow::Result<()> {
         Some(url) => {
             let version = PgStore::migrate(url)
                 .await
-                .with_context(|| format!("cannot migrate {}", redact(url)))?;
-            outln!("{} is at schema version {version}", redact(url));
+                .with_context(|| format!("cannot migrate {}", redact_url(url)))?;
+            outln!("{} is at schema version {version}", redact_url(url));
         }
         None => {
             // Opening the embedded store applies its migrations.
@@ -520,36 +522,14 @@ async fn migrate(database_url: Option<&str>, db: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A database URL without its password, for logs and errors.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{userinfo}@{host}{path}")
-            }
-        }
-        None => url.to_string(),
-    }
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.database_url {
         let mut options = keel_store::postgres::Options::new(url.clone());
         options.listen_url = args.database_listen_url.clone();
         let store = PgStore::connect_with(options)
             .await
-            .with_context(|| format!("cannot open the PostgreSQL store at {}", redact(url)))?;
-        return serve_on(store, &args, &redact(url)).await;
+            .with_context(|| format!("cannot open the PostgreSQL store at {}", redact_url(url)))?;
+        return serve_on(store, &args, &redact_url(url)).await;
     }
     if args.role != Role::All {
         bail!(
@@ -645,8 +625,8 @@ async fn start_nats<S: keel_store::Store>(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let serve = crate::nats::Serve {
-        events: args.events.clone(),
-        ingest: args.ingest.clone(),
+        events: args.events.clone().map(crate::nats::Servers::new),
+        ingest: args.ingest.clone().map(crate::nats::Servers::new),
         prefix: args.nats_prefix.clone(),
         ingest_ack_wait: args.ingest_ack_wait,
         sole_process: args.database_url.is_none(),

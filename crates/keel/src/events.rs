@@ -11,18 +11,18 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use keel_core::Millis;
+use keel_core::spec::redact_url;
 use keel_store::postgres::PgStore;
 use keel_store::{ExportStatus, Store};
 use serde_json::json;
 
-use crate::cli::redact;
 use crate::embedded;
 
 /// The store's name for the NATS relay's lease: one outbox, one active relay.
 pub const RELAY_LEASE: &str = "nats-events";
 
 /// The `keel events` subcommands.
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand)]
 pub enum Command {
     /// Show whether export is on, the outbox backlog, and whether a relay
     /// holds the lease (and until when).
@@ -43,7 +43,8 @@ pub enum Command {
 }
 
 /// Which store to use.
-#[derive(clap::Args, Debug)]
+// No `Debug`: the database URL may hold a password.
+#[derive(clap::Args)]
 pub struct StoreArgs {
     /// PostgreSQL URL; without it, the embedded SQLite file --db.
     #[arg(long, env = "KEEL_DATABASE_URL")]
@@ -59,7 +60,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     if let Some(url) = &args.database_url {
         let store = PgStore::connect(url)
             .await
-            .with_context(|| format!("cannot open the PostgreSQL store at {}", redact(url)))?;
+            .with_context(|| format!("cannot open the PostgreSQL store at {}", redact_url(url)))?;
         return run_on(store, &command, false).await;
     }
     if !args.db.is_file() {

@@ -22,8 +22,18 @@
 //!   streamed, the arguments come in pieces of 4 bytes and every chunk MS
 //!   milliseconds after the previous one (tool calls being built, for tests
 //!   of streamed tool calls);
+//! * `refuse:STATUS` answers with that HTTP status and an error that quotes
+//!   the request's credentials (`Authorization`, `x-api-key`) and its start,
+//!   like a careless provider or proxy (for tests that keys stay out of
+//!   errors);
 //! * anything else gets a 400 (OpenAI) or 404 (Anthropic), like a real
 //!   provider for an unknown model.
+//!
+//! The tool server also has `/tools/mirror` (any method: answers the
+//! request's method, URI and headers as JSON, with the status of its
+//! `status` query parameter, 200 by default; each request is kept, see
+//! [`Counters::mirrored`]) and `/tools/redirect` (307 to its `to` query
+//! parameter).
 //!
 //! Streamed answers split text at spaces and tool arguments in two (in
 //! pieces of 4 bytes for `plan`), in each protocol's own framing (OpenAI:
@@ -46,7 +56,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{any, post};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -97,6 +107,11 @@ pub struct Counters {
     pub tool_faults: AtomicU64,
     /// Tool requests answered with a fault.
     pub tool_faulted: AtomicU64,
+    /// When on (`track_bodies`), the body of every LLM request (chat
+    /// completions and messages), in arrival order: what the model was told.
+    pub llm_bodies: Mutex<Option<Vec<String>>>,
+    /// What `/tools/mirror` answered, one JSON text per request.
+    pub mirrored: Mutex<Vec<String>>,
 }
 
 /// A fault for `percent` of the requests (`llm_faults`): None for the rest.
@@ -214,6 +229,36 @@ impl Counters {
             .unwrap_or_default()
     }
 
+    /// Starts keeping the body of every LLM request.
+    pub fn track_bodies(&self) {
+        if let Ok(mut bodies) = self.llm_bodies.lock() {
+            *bodies = Some(Vec::new());
+        }
+    }
+
+    /// The LLM request bodies received (empty unless `track_bodies`).
+    pub fn llm_bodies(&self) -> Vec<String> {
+        self.llm_bodies
+            .lock()
+            .ok()
+            .and_then(|b| b.clone())
+            .unwrap_or_default()
+    }
+
+    /// Keeps an LLM request body when `track_bodies` is on.
+    fn keep_body(&self, body: &[u8]) {
+        if let Ok(mut bodies) = self.llm_bodies.lock()
+            && let Some(bodies) = bodies.as_mut()
+        {
+            bodies.push(String::from_utf8_lossy(body).into_owned());
+        }
+    }
+
+    /// What `/tools/mirror` answered so far.
+    pub fn mirrored(&self) -> Vec<String> {
+        self.mirrored.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
     /// The `Authorization` header of the latest chat-completions request.
     pub fn llm_authorization(&self) -> Option<String> {
         self.llm_auth.lock().ok().and_then(|a| a.clone())
@@ -289,6 +334,8 @@ impl Mock {
             .route("/tools/echo", post(echo))
             .route("/tools/fail", post(fail))
             .route("/tools/hang", post(hang))
+            .route("/tools/mirror", any(mirror))
+            .route("/tools/redirect", any(redirect))
             .route("/hooks/{name}", post(hook))
             .with_state(counters.clone());
         let listener = crate::api::bind("127.0.0.1:0").await?;
@@ -311,8 +358,9 @@ impl Mock {
         format!("http://{}/hooks/{name}", self.addr)
     }
 
-    /// URL of a mock tool: `echo`, `fail`, or `hang` (the first call with
-    /// an idempotency key never answers; later ones echo).
+    /// URL of a mock tool: `echo`, `fail`, `hang` (the first call with
+    /// an idempotency key never answers; later ones echo), `mirror` or
+    /// `redirect` (see the module docs).
     pub fn tool_url(&self, name: &str) -> String {
         format!("http://{}/tools/{name}", self.addr)
     }
@@ -493,6 +541,30 @@ fn next_turn<'a>(model: &str, tool_results: usize, tool: &'a str, last: &str) ->
     None
 }
 
+/// The status a `refuse:STATUS` model answers with.
+fn refusal(model: &str) -> Option<StatusCode> {
+    let status = model.strip_prefix("refuse:")?.parse().ok()?;
+    StatusCode::from_u16(status).ok()
+}
+
+/// An error message quoting what a request was sent with: its credentials
+/// headers and the start of its body.
+fn quote_credentials(headers: &HeaderMap, body: &[u8]) -> String {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string()
+    };
+    let start = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+    format!(
+        "refused: authorization `{}`, x-api-key `{}`, request `{start}`",
+        header("authorization"),
+        header("x-api-key")
+    )
+}
+
 /// The words and the pause between streamed chunks of a `long:N:MS` model.
 fn long(model: &str) -> Option<(usize, Duration)> {
     count_and_pause(model.strip_prefix("long:")?)
@@ -546,6 +618,7 @@ async fn chat(
             json!({"error": {"message": "the mock provider is down", "type": "server_error"}});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
+    c.keep_body(&body);
     let req: ChatRequest<'_> = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -553,6 +626,10 @@ async fn chat(
             return (StatusCode::BAD_REQUEST, Json(body)).into_response();
         }
     };
+    if let Some(status) = refusal(&req.model) {
+        let body = json!({"error": {"message": quote_credentials(&headers, &body), "type": "invalid_request_error"}});
+        return (status, Json(body)).into_response();
+    }
     if let Ok(mut offered) = c.llm_tools.lock()
         && let Some(offered) = offered.as_mut()
     {
@@ -798,10 +875,14 @@ async fn messages(
     if !headers.contains_key("anthropic-version") {
         return bad("anthropic-version: header is required".into());
     }
+    c.keep_body(&body);
     let req: MessagesRequest<'_> = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad(format!("bad request body: {e}")),
     };
+    if let Some(status) = refusal(&req.model) {
+        return anthropic_error(status, "api_error", &quote_credentials(&headers, &body));
+    }
     if req.max_tokens.is_none() {
         return bad("max_tokens: Field required".into());
     }
@@ -1045,4 +1126,53 @@ async fn fail(State(c): State<Arc<Counters>>, headers: HeaderMap) -> Response {
         "the mock tool always fails",
     )
         .into_response()
+}
+
+/// Answers a request's method, URI and headers as JSON, with the status of
+/// its `status` query parameter (200 by default), and keeps the answer.
+async fn mirror(
+    State(c): State<Arc<Counters>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    count(&c, &headers);
+    let status = query_param(&uri, "status")
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let headers: serde_json::Map<String, Value> = headers
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.to_string(), Value::String(value))
+        })
+        .collect();
+    let answer = json!({"method": method.as_str(), "uri": uri.to_string(), "headers": headers});
+    if let Ok(mut mirrored) = c.mirrored.lock() {
+        mirrored.push(answer.to_string());
+    }
+    (status, Json(answer)).into_response()
+}
+
+/// 307 to the `to` query parameter (method and body kept).
+async fn redirect(
+    State(c): State<Arc<Counters>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    count(&c, &headers);
+    let Some(to) = query_param(&uri, "to") else {
+        return (StatusCode::BAD_REQUEST, "`to` is missing").into_response();
+    };
+    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response()
+}
+
+/// The decoded value of query parameter `name` of `uri`.
+fn query_param(uri: &axum::http::Uri, name: &str) -> Option<String> {
+    let query = uri.query()?;
+    let url = reqwest::Url::parse(&format!("http://mock/?{query}")).ok()?;
+    url.query_pairs()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }

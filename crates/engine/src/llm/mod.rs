@@ -39,7 +39,7 @@ use std::time::Duration;
 use keel_core::RunId;
 use keel_core::message::{Message, Usage};
 use keel_core::run::State;
-use keel_core::spec::{Agent, ModelSpec, Provider, clip, human_duration};
+use keel_core::spec::{Agent, ModelSpec, Provider, clip, human_duration, redact_url};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderValue};
 use tokio::time::Instant;
@@ -461,8 +461,12 @@ fn unconfigured(name: &str) -> Error {
 fn endpoint(model: &ModelSpec, default_base: &str, path: &str) -> Result<reqwest::Url, Error> {
     let base = model.base_url.as_deref().unwrap_or(default_base);
     let endpoint = format!("{}/{path}", base.trim_end_matches('/'));
-    reqwest::Url::parse(&endpoint)
-        .map_err(|e| Error::permanent(format!("model.base_url `{base}` is not a valid URL: {e}")))
+    reqwest::Url::parse(&endpoint).map_err(|e| {
+        Error::permanent(format!(
+            "model.base_url `{}` is not a valid URL: {e}",
+            redact_url(base)
+        ))
+    })
 }
 
 /// A header value carrying the API key, marked sensitive (never logged).

@@ -797,7 +797,10 @@ async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
             let mut value = serde_json::to_value(provider).unwrap_or(Value::Null);
             if let Some(object) = value.as_object_mut() {
                 object.insert("name".into(), json!(name));
-                object.insert("base_url".into(), json!(provider.base_url()));
+                object.insert(
+                    "base_url".into(),
+                    json!(keel_core::spec::redact_url(provider.base_url())),
+                );
             }
             value
         })

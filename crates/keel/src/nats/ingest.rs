@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Backoff, Error, Names};
+use super::{Backoff, Error, Names, Servers};
 use crate::api;
 use crate::service::{Service, Submit, parse_callback_url, parse_priority};
 
@@ -57,8 +57,8 @@ const MAX_REASON_LEN: usize = 1024;
 /// Ingest settings.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// NATS server URL.
-    pub url: String,
+    /// NATS servers.
+    pub url: Servers,
     /// Subject and stream names.
     pub names: Names,
     /// Messages fetched (and submitted concurrently) per batch.
@@ -74,7 +74,7 @@ pub struct Options {
 
 impl Options {
     /// Defaults for consuming from `url` under `names`.
-    pub fn new(url: String, names: Names) -> Options {
+    pub fn new(url: Servers, names: Names) -> Options {
         Options {
             url,
             names,

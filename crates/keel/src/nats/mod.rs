@@ -18,9 +18,12 @@
 pub mod ingest;
 pub mod relay;
 
+use std::fmt;
 use std::time::Duration;
 
+use async_nats::ServerAddr;
 use async_nats::jetstream::{self, stream};
+use keel_core::spec::redact_url;
 use keel_store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -50,16 +53,16 @@ pub enum Error {
     /// The server URL cannot be read: reconnecting would never help.
     #[error("invalid NATS URL `{url}`: {message}")]
     Url {
-        /// Server URL, as given.
-        url: String,
+        /// Server URLs, without credentials.
+        url: Servers,
         /// Why.
         message: String,
     },
     /// The server could not be reached.
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect {
-        /// Server URL.
-        url: String,
+        /// Server URLs, without credentials.
+        url: Servers,
         /// Cause.
         message: String,
     },
@@ -71,13 +74,46 @@ pub enum Error {
     Store(#[from] keel_store::Error),
 }
 
+/// NATS servers as configured: one URL or several separated by commas,
+/// with their credentials (`nats://user:password@host:4222`,
+/// `nats://token@host`). Shown (`Display`, `Debug`) without them: they
+/// reach the server in the connect options ([`connect`]), never in an
+/// address.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Servers(String);
+
+impl Servers {
+    /// The servers of a list as written.
+    pub fn new(list: impl Into<String>) -> Servers {
+        Servers(list.into())
+    }
+
+    /// Each server's URL, as written.
+    fn each(&self) -> impl Iterator<Item = &str> {
+        self.0.split(',').map(str::trim)
+    }
+}
+
+impl fmt::Display for Servers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: Vec<String> = self.each().map(redact_url).collect();
+        f.write_str(&shown.join(","))
+    }
+}
+
+impl fmt::Debug for Servers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Servers({self})")
+    }
+}
+
 /// What `keel serve` asks of NATS.
 #[derive(Clone, Debug)]
 pub struct Serve {
-    /// Export events to this server.
-    pub events: Option<String>,
-    /// Ingest submissions from this server.
-    pub ingest: Option<String>,
+    /// Export events to these servers.
+    pub events: Option<Servers>,
+    /// Ingest submissions from these servers.
+    pub ingest: Option<Servers>,
     /// Subject and stream prefix.
     pub prefix: String,
     /// Ack wait of the ingest consumer.
@@ -115,8 +151,8 @@ pub async fn start<S: Store>(
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     let names = Names::new(&serve.prefix)?;
-    for url in serve.events.iter().chain(&serve.ingest) {
-        check_url(url)?;
+    for servers in serve.events.iter().chain(&serve.ingest) {
+        addresses(servers)?;
     }
     let mut tasks = Vec::new();
     if let Some(url) = serve.events {
@@ -141,18 +177,65 @@ pub async fn start<S: Store>(
     Ok(tasks)
 }
 
+/// The addresses of `servers` without their credentials, and the first
+/// credentials found: (user, password), or a token (a user name alone).
 /// Refuses a server list that can never connect (a typo, another scheme);
 /// a server that is down is not checked: Keel starts and reconnects.
-fn check_url(url: &str) -> Result<(), Error> {
-    for server in url.split(',').map(str::trim) {
-        if let Err(e) = server.parse::<async_nats::ServerAddr>() {
-            return Err(Error::Url {
-                url: url.to_string(),
-                message: e.to_string(),
+fn addresses(servers: &Servers) -> Result<(Vec<ServerAddr>, Option<Credentials>), Error> {
+    let invalid = |message: String| Error::Url {
+        url: servers.clone(),
+        message,
+    };
+    let mut addresses = Vec::new();
+    let mut credentials = None;
+    for server in servers.each() {
+        let mut url = server
+            .parse::<ServerAddr>()
+            .map_err(|e| invalid(e.to_string()))?
+            .into_inner();
+        if credentials.is_none() && !url.username().is_empty() {
+            let user = percent_decode(url.username());
+            credentials = Some(match url.password() {
+                Some(password) => Credentials::User(user, percent_decode(password)),
+                None => Credentials::Token(user),
             });
         }
+        // The client logs addresses (their passwords too) at debug level.
+        if url.set_username("").is_err() || url.set_password(None).is_err() {
+            return Err(invalid("the URL cannot hold credentials".to_string()));
+        }
+        addresses.push(ServerAddr::from_url(url).map_err(|e| invalid(e.to_string()))?);
     }
-    Ok(())
+    Ok((addresses, credentials))
+}
+
+/// How Keel authenticates to NATS, from a server URL's user info.
+enum Credentials {
+    /// `nats://user:password@host`.
+    User(String, String),
+    /// `nats://token@host`.
+    Token(String),
+}
+
+/// Percent-decodes the user info of a URL (an invalid escape stays as written).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let hex = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The subjects and stream names derived from one prefix, so several Keel
@@ -272,18 +355,24 @@ pub fn escape_token(text: &str) -> String {
     out
 }
 
-/// Connects to `url` (one server, or several separated by commas) and
+/// Connects to `servers` (with the first credentials in their URLs) and
 /// returns a JetStream context whose publishes wait for an ack slot instead
 /// of failing when many are in flight.
-pub async fn connect(url: &str, name: &str) -> Result<jetstream::Context, Error> {
-    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
-    let client = async_nats::ConnectOptions::new()
+pub async fn connect(servers: &Servers, name: &str) -> Result<jetstream::Context, Error> {
+    let (addresses, credentials) = addresses(servers)?;
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(servers)
+        .connection_timeout(Duration::from_secs(5));
+    options = match credentials {
+        Some(Credentials::User(user, password)) => options.user_and_password(user, password),
+        Some(Credentials::Token(token)) => options.token(token),
+        None => options,
+    };
+    let client = options
+        .connect(addresses)
         .await
         .map_err(|e| Error::Connect {
-            url: url.to_string(),
+            url: servers.clone(),
             message: e.to_string(),
         })?;
     Ok(jetstream::ContextBuilder::new()

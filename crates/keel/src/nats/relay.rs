@@ -31,14 +31,14 @@ use tokio::sync::broadcast::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Backoff, Error, Names};
+use super::{Backoff, Error, Names, Servers};
 use crate::events::RELAY_LEASE;
 
 /// Relay settings.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// NATS server URL (`nats://127.0.0.1:4222`).
-    pub url: String,
+    /// NATS servers (`nats://127.0.0.1:4222`).
+    pub url: Servers,
     /// Subject and stream names.
     pub names: Names,
     /// This relay's id in the lease. A process that is sure to be the store's
@@ -56,7 +56,7 @@ pub struct Options {
 
 impl Options {
     /// Defaults for publishing to `url` under `names`.
-    pub fn new(url: String, names: Names, owner: String) -> Options {
+    pub fn new(url: Servers, names: Names, owner: String) -> Options {
         Options {
             url,
             names,

@@ -22,5 +22,6 @@ mod postgres;
 mod priority;
 mod providers;
 mod sagas;
+mod secrets;
 mod streaming;
 mod workers;

@@ -256,7 +256,7 @@ tools:
 }
 
 /// Starts the fixture over HTTP on a free port; returns it and its endpoint.
-async fn http_fixture(record: &Path, legacy: bool) -> (Child, String) {
+pub(crate) async fn http_fixture(record: &Path, legacy: bool) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -283,7 +283,7 @@ async fn http_fixture(record: &Path, legacy: bool) -> (Child, String) {
     (child, url)
 }
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {

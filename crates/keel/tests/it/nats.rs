@@ -21,7 +21,7 @@ use crate::support::*;
 
 /// A JetStream context on the test server, or `None` (test skipped) when it
 /// is unreachable outside CI.
-async fn jetstream(test: &str) -> Option<(String, jetstream::Context)> {
+pub(crate) async fn jetstream(test: &str) -> Option<(String, jetstream::Context)> {
     let url =
         std::env::var("KEEL_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string());
     let connected = async_nats::ConnectOptions::new()
@@ -43,7 +43,7 @@ async fn jetstream(test: &str) -> Option<(String, jetstream::Context)> {
 }
 
 /// A prefix no other test (or earlier run) uses.
-fn unique_names() -> Names {
+pub(crate) fn unique_names() -> Names {
     Names::new(&format!("t{}", uuid::Uuid::now_v7().simple())).expect("prefix")
 }
 
@@ -55,7 +55,7 @@ async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
 }
 
 /// Every message of a stream, in stream order.
-async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<jetstream::Message> {
+pub(crate) async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<jetstream::Message> {
     let expected = stream_messages(js, stream).await as usize;
     let consumer = js
         .get_stream(stream)

@@ -64,7 +64,8 @@ impl Server {
         Server::start_with_env(db, args, &[]).await
     }
 
-    /// Like [`Server::start`], with more environment variables.
+    /// Like [`Server::start`], with more environment variables (`KEEL_LOG`
+    /// among them replaces the default `info`).
     pub async fn start_with_env(db: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -77,8 +78,8 @@ impl Server {
             .arg("--db")
             .arg(db)
             .args(args)
-            .envs(env.iter().copied())
             .env("KEEL_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
