@@ -132,9 +132,16 @@ pub enum Error {
     /// Stored data could not be decoded.
     #[error("corrupt data in store: {0}")]
     Corrupt(String),
-    /// The database failed or is unreachable.
+    /// The database failed.
     #[error("database error: {0}")]
     Backend(String),
+    /// The database cannot be reached for now: a connection was lost (a
+    /// server restart, a failover, a pooler's restart, the network) or
+    /// refused. The operation did not take effect, but for a write cut off
+    /// while committing, whose outcome is unknown; trying again later may
+    /// succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
