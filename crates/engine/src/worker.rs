@@ -183,6 +183,10 @@ impl<S: Store> Engine<S> {
                 }
             }
             let asked = permits.len() as u32;
+            // What was committed before this claim, the claim sees: only
+            // commits announced from now on may wake the idle wait below
+            // (the receiver fell behind while every slot was busy).
+            commits = commits.resubscribe();
             let claimed = match inner
                 .store
                 .claim(&inner.owner, asked, inner.options.lease, now())
