@@ -368,6 +368,20 @@ impl PgDb {
             .to_string();
         Some(PgDb { url, name, server })
     }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A connection to the server's maintenance database (not this one):
+    /// it survives whatever is done to this database's sessions.
+    pub async fn admin(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&self.server)
+            .await
+            .expect("connect to the server")
+    }
 }
 
 impl Drop for PgDb {
