@@ -29,29 +29,6 @@ const POLL: Duration = Duration::from_secs(1);
 /// Tool steps of each run (`tools:8`: eight tool steps, then the answer).
 const TOOL_STEPS: usize = 8;
 
-/// Terminates every session of database `name`: how many, and how many of
-/// them were LISTEN sessions.
-async fn terminate_sessions(admin: &mut PgConnection, name: &str) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)), \
-                count(*) FILTER (WHERE application_name = 'keel-listen') \
-         FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(name)
-    .fetch_one(admin)
-    .await
-    .expect("terminate sessions")
-}
-
-/// Lets database `name` take new connections, or refuses them.
-async fn allow_connections(admin: &mut PgConnection, name: &str, allow: bool) {
-    let sql = format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allow}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(admin)
-        .await
-        .expect("alter database");
-}
-
 /// The server's clock, in seconds since the epoch.
 async fn server_clock(admin: &mut PgConnection) -> f64 {
     sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
@@ -303,14 +280,14 @@ async fn runs_survive_their_database_connections_being_killed_and_refused() {
     // Six rounds of killing every session, the LISTEN ones included.
     wait_tool_calls(&mock, 100, Duration::from_secs(30)).await;
     for _ in 0..6 {
-        let (killed, listening) = terminate_sessions(&mut admin, db.name()).await;
+        let (killed, listening) = db.terminate_sessions(&mut admin).await;
         assert!(killed > 0, "no session to kill");
         assert!(listening > 0, "no LISTEN session among {killed}");
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     // Then the database refuses connections for three seconds.
-    allow_connections(&mut admin, db.name(), false).await;
-    terminate_sessions(&mut admin, db.name()).await;
+    db.allow_connections(&mut admin, false).await;
+    db.terminate_sessions(&mut admin).await;
     let at_outage = mock.counters.tool_requests.load(Ordering::Relaxed);
     let total_calls = (ids.len() * TOOL_STEPS) as u64;
     assert!(
@@ -318,7 +295,7 @@ async fn runs_survive_their_database_connections_being_killed_and_refused() {
         "the outage came too late to test anything ({at_outage} tool calls of {total_calls})"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    allow_connections(&mut admin, db.name(), true).await;
+    db.allow_connections(&mut admin, true).await;
     let back = Instant::now();
     let back_clock = server_clock(&mut admin).await;
     stop.store(true, Ordering::Relaxed);
