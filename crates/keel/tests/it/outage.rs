@@ -495,7 +495,7 @@ async fn runs_survive_commits_whose_answer_is_lost() {
         return;
     };
     let mock = Mock::start().await.expect("mock");
-    mock.counters.llm_latency_ms.store(20, Ordering::Relaxed);
+    mock.counters.llm_latency_ms.store(40, Ordering::Relaxed);
     let dir = TempDir::new();
     // The worker reaches the database through the cutter (in plain text,
     // so it can see the COMMITs); the API directly.
@@ -517,7 +517,7 @@ async fn runs_survive_commits_whose_answer_is_lost() {
         "--role",
         "worker",
         "--workers",
-        "16",
+        "8",
         "--lease",
         "4s",
     ];
