@@ -10,7 +10,8 @@
 //! without a round trip through the queue; another worker only takes a
 //! task over when this one died (its lease expired) or gave it back.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -21,8 +22,8 @@ use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, 
 use keel_core::spec::{ModelSpec, redact_url};
 use keel_core::{Agent, Event, Millis, RunId};
 use keel_store::{
-    Append, Error as StoreError, LeaseTo, NewTask, Projection, RunTask, Store, Submission, Task,
-    TaskKind, TaskUpdate,
+    Append, Error as StoreError, Lease, LeaseTo, NewTask, Projection, RunTask, Store, Submission,
+    Task, TaskKind, TaskUpdate,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -123,6 +124,55 @@ struct Inner<S> {
     options: Options,
     /// This process's worker id: the owner of its leases.
     owner: String,
+    /// The leases of the tasks being driven: the ones the heartbeat extends.
+    driving: Mutex<HashSet<Lease>>,
+    /// Leases of tasks nobody drives that could not be given back while the
+    /// store was unavailable; the heartbeat task gives them back.
+    stranded: Mutex<Vec<Stranded>>,
+}
+
+/// Locks a mutex that no holder can leave inconsistent (its holders only
+/// insert, remove or take).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The lease of the task a driver works on, extended by the heartbeat while
+/// this lives.
+struct Driving<'a, S> {
+    inner: &'a Inner<S>,
+    lease: Lease,
+}
+
+impl<'a, S> Driving<'a, S> {
+    fn new(inner: &'a Inner<S>, lease: Lease) -> Self {
+        lock(&inner.driving).insert(lease);
+        Driving { inner, lease }
+    }
+
+    /// Goes on with the next task's lease.
+    fn switch(&mut self, lease: Lease) {
+        let mut driving = lock(&self.inner.driving);
+        driving.remove(&self.lease);
+        driving.insert(lease);
+        self.lease = lease;
+    }
+}
+
+impl<S> Drop for Driving<'_, S> {
+    fn drop(&mut self) {
+        lock(&self.inner.driving).remove(&self.lease);
+    }
+}
+
+/// A lease of a task this process does not drive, to give back as soon as
+/// the store answers rather than leave the task waiting for the lease to
+/// expire.
+struct Stranded {
+    run_id: RunId,
+    lease: Lease,
+    /// Recorded as the task's last error.
+    reason: String,
 }
 
 /// What a driven task leads to.
@@ -165,6 +215,8 @@ impl<S: Store> Engine<S> {
                 http,
                 owner: format!("worker-{}", uuid::Uuid::now_v7()),
                 options,
+                driving: Mutex::default(),
+                stranded: Mutex::default(),
             }),
         }
     }
@@ -202,6 +254,10 @@ impl<S: Store> Engine<S> {
                 }
             }
             let asked = permits.len() as u32;
+            // What was committed before this claim, the claim sees: only
+            // commits announced from now on may wake the idle wait below
+            // (the receiver fell behind while every slot was busy).
+            commits = commits.resubscribe();
             let claimed = match inner
                 .store
                 .claim(&inner.owner, asked, inner.options.lease, now())
@@ -267,21 +323,61 @@ impl<S: Store> Engine<S> {
     }
 }
 
-/// Extends every lease of this process until cancelled.
+/// Extends the leases of the tasks being driven until cancelled, and gives
+/// back the stranded ones (see [`abandon`]) as soon as the store answers
+/// again. A lease this process holds without knowing (a claim or an append
+/// whose answer was lost) is not extended: it expires and the task is
+/// taken over.
 async fn heartbeat<S: Store>(inner: Arc<Inner<S>>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(inner.options.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = tokio::time::interval(ABANDON_DELAY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => extend_leases(&inner).await,
+            _ = retry.tick() => give_back_stranded(&inner).await,
             _ = cancel.cancelled() => return,
         }
-        let at = now();
-        let until = at + inner.options.lease.as_millis() as i64;
-        if let Err(e) = inner.store.heartbeat(&inner.owner, until, at).await {
-            warn!(error = %e, "heartbeat failed");
+    }
+}
+
+/// Extends the leases of the tasks being driven.
+async fn extend_leases<S: Store>(inner: &Inner<S>) {
+    let leases: Vec<Lease> = lock(&inner.driving).iter().copied().collect();
+    if leases.is_empty() {
+        return;
+    }
+    let at = now();
+    let until = at + inner.options.lease.as_millis() as i64;
+    if let Err(e) = inner.store.heartbeat(&leases, until, at).await {
+        warn!(error = %e, "heartbeat failed");
+    }
+}
+
+/// Gives back the stranded leases, until the store is found unavailable
+/// again: the rest wait for the next try.
+async fn give_back_stranded<S: Store>(inner: &Inner<S>) {
+    let mut left = std::mem::take(&mut *lock(&inner.stranded));
+    while let Some(stranded) = left.pop() {
+        if let Some(stranded) = give_back(inner, stranded).await {
+            left.push(stranded);
+            break;
         }
     }
+    if !left.is_empty() {
+        debug!(
+            leases = left.len(),
+            "store unavailable, giving leases back later"
+        );
+        lock(&inner.stranded).append(&mut left);
+    }
+}
+
+/// Keeps a lease for the heartbeat task to give back.
+fn strand<S>(inner: &Inner<S>, stranded: Stranded) {
+    debug!(run_id = %stranded.run_id, task_id = %stranded.lease.task_id, "lease stranded");
+    lock(&inner.stranded).push(stranded);
 }
 
 /// Drives a task and whatever tasks it leads to, until the run parks, ends or
@@ -299,6 +395,7 @@ async fn drive<S: Store>(
 ) {
     let mut state: Option<State> = None;
     let mut conflicts = 0;
+    let mut driving = Driving::new(inner, task.lease);
     loop {
         let run_id = task.run_id;
         let outcome = step(inner, &mut state, &task, std::mem::take(&mut invocations)).await;
@@ -311,6 +408,7 @@ async fn drive<S: Store>(
             }
             Ok(Next::Continue(next, next_invocations)) => {
                 task = next;
+                driving.switch(task.lease);
                 invocations = next_invocations;
                 conflicts = 0;
             }
@@ -338,17 +436,39 @@ async fn drive<S: Store>(
 /// How long an abandoned task waits before it is driven again.
 const ABANDON_DELAY: Duration = Duration::from_secs(1);
 
-/// Gives a task back to the queue (fenced). If even that fails, the store is
-/// unreachable: heartbeats fail too, the lease expires and the task is taken over.
+/// Gives a task back to the queue (fenced). While the store is unavailable
+/// its lease is stranded: the heartbeat task gives it back as soon as the
+/// store answers again, so the task does not wait for the lease to expire.
 async fn abandon<S: Store>(inner: &Inner<S>, task: &Task, reason: &str) {
+    let stranded = Stranded {
+        run_id: task.run_id,
+        lease: task.lease,
+        reason: reason.to_string(),
+    };
+    if let Some(stranded) = give_back(inner, stranded).await {
+        strand(inner, stranded);
+    }
+}
+
+/// Gives a lease back to the queue, due after [`ABANDON_DELAY`]; returns
+/// it when the store is unavailable.
+async fn give_back<S: Store>(inner: &Inner<S>, stranded: Stranded) -> Option<Stranded> {
     let at = now();
     let retry_at = at + ABANDON_DELAY.as_millis() as i64;
-    if let Err(e) = inner
+    let given = inner
         .store
-        .retry_later(task.lease, reason, retry_at, at)
-        .await
-    {
-        warn!(run_id = %task.run_id, error = %e, "could not give an abandoned task back");
+        .retry_later(stranded.lease, &stranded.reason, retry_at, at)
+        .await;
+    match given {
+        Ok(()) => None,
+        Err(StoreError::Unavailable(_)) => Some(stranded),
+        // Settled or taken over meanwhile, or never created (a commit that
+        // did not go through): nothing to give back.
+        Err(StoreError::LeaseLost(_)) => None,
+        Err(e) => {
+            warn!(run_id = %stranded.run_id, error = %e, "could not give an abandoned task back");
+            None
+        }
     }
 }
 
@@ -861,16 +981,16 @@ fn follow_up_tasks<S>(
     transition: &run::Transition,
 ) -> Vec<NewTask> {
     let at = now();
-    let lease_to = Some(LeaseTo {
-        owner: inner.owner.clone(),
-        until: at + inner.options.lease.as_millis() as i64,
-    });
+    let lease_to = Some(LeaseTo::new(
+        inner.owner.clone(),
+        at + inner.options.lease.as_millis() as i64,
+    ));
     new_tasks(agent, state, transition, lease_to, at)
 }
 
 /// Tasks for the effects of a transition, the next LLM or tools task
-/// leased to `lease_to` (`None`: left in the queue); an external worker's
-/// call goes to its queue.
+/// leased to `lease_to`'s owner (`None`: left in the queue), each with a
+/// lease of its own; an external worker's call goes to its queue.
 pub(crate) fn new_tasks(
     agent: &Agent,
     state: &State,
@@ -878,6 +998,11 @@ pub(crate) fn new_tasks(
     lease_to: Option<LeaseTo>,
     at: Millis,
 ) -> Vec<NewTask> {
+    let lease = || {
+        lease_to
+            .as_ref()
+            .map(|to| LeaseTo::new(to.owner.clone(), to.until))
+    };
     let mut tasks = Vec::new();
     for effect in &transition.effects {
         let (kind, step, max_attempts, run_at, lease_to) = match effect {
@@ -886,7 +1011,7 @@ pub(crate) fn new_tasks(
                 *step,
                 agent.spec.retry.max_attempts,
                 at,
-                lease_to.clone(),
+                lease(),
             ),
             // Tool retries happen inside the call; the task's attempts only
             // count workers that died while making it.
@@ -895,7 +1020,7 @@ pub(crate) fn new_tasks(
                 *step,
                 agent.spec.retry.max_attempts,
                 at,
-                lease_to.clone(),
+                lease(),
             ),
             Effect::AwaitApproval { step } => {
                 let mut next = state.clone();
@@ -908,13 +1033,9 @@ pub(crate) fn new_tasks(
             Effect::Notify { step } => (TaskKind::Notify, *step, webhook::MAX_ATTEMPTS, at, None),
             // Checks the children at once (leased to this worker), then
             // waits in the queue until the run's deadline as its timer.
-            Effect::AwaitChildren { step } => (
-                TaskKind::Children,
-                *step,
-                TIMER_ATTEMPTS,
-                at,
-                lease_to.clone(),
-            ),
+            Effect::AwaitChildren { step } => {
+                (TaskKind::Children, *step, TIMER_ATTEMPTS, at, lease())
+            }
             Effect::InvokeTool(inv) => {
                 if let Some(queue) = agent.queue_of(&inv.tool) {
                     tasks.push(crate::external::task(agent, state, inv, queue, at));
@@ -932,7 +1053,7 @@ pub(crate) fn new_tasks(
                 *index,
                 agent.spec.retry.max_attempts,
                 at,
-                lease_to.clone(),
+                lease(),
             ),
             Effect::SpawnChildren(_) | Effect::InvokeCompensation(_) => continue,
         };
@@ -1325,6 +1446,10 @@ async fn commit<S: Store>(
     } else {
         Vec::new()
     };
+    let leased: Vec<Lease> = new_tasks
+        .iter()
+        .filter_map(|t| t.lease_to.as_ref().map(|to| to.lease))
+        .collect();
     let append = Append {
         run_id: task.run_id,
         expected_seq,
@@ -1344,6 +1469,23 @@ async fn commit<S: Store>(
         Err(e) => {
             // The in-memory fold ran ahead of the journal: forget it.
             *slot = None;
+            // Cut off while committing, the append may have gone through:
+            // the tasks it leased to this worker would then exist, driven
+            // by nobody.
+            if matches!(e, StoreError::Unavailable(_)) {
+                let run_id = task.run_id;
+                for lease in leased {
+                    let reason = "the commit creating it was cut off".to_string();
+                    strand(
+                        inner,
+                        Stranded {
+                            run_id,
+                            lease,
+                            reason,
+                        },
+                    );
+                }
+            }
             return Err(e);
         }
     };

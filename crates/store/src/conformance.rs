@@ -583,7 +583,12 @@ pub(crate) async fn expired_lease_is_taken_over_and_fenced<S: Store>(store: S) -
             .await,
         Err(Error::LeaseLost(_))
     ));
-    assert_eq!(store.heartbeat("a", T0 + 9000, T0 + 1001).await?, 0);
+    assert_eq!(
+        store
+            .heartbeat(&[first.lease], T0 + 9000, T0 + 1001)
+            .await?,
+        0
+    );
     assert_eq!(event_count(&store, run_id).await?, 1);
 
     // The new owner goes on.
@@ -610,12 +615,21 @@ pub(crate) async fn heartbeat_extends_only_live_leases<S: Store>(store: S) -> Re
     assert_eq!(task1.run_id, run1);
     let task2 = claim_one(&store, "a", Duration::from_secs(1), T0 + 900).await?;
     assert_eq!(task2.run_id, run2);
+    // a holds task3 too, but does not name it (it lost the claim's answer).
+    let run3 = submit_run(&store, T0 + 200).await?;
+    let task3 = claim_one(&store, "a", Duration::from_secs(1), T0 + 900).await?;
+    assert_eq!(task3.run_id, run3);
 
     // task1's lease expired at T0+1000; task2's lives until T0+1900.
-    assert_eq!(store.heartbeat("a", T0 + 5000, T0 + 1500).await?, 1);
+    let named = [task1.lease, task2.lease];
+    assert_eq!(store.heartbeat(&named, T0 + 5000, T0 + 1500).await?, 1);
     let taken = store.claim("b", 10, LEASE, T0 + 1500).await?;
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].lease.task_id, task1.lease.task_id);
+    // task3's lease was not extended: it expires as claimed.
+    let taken = store.claim("b", 10, LEASE, T0 + 1900).await?;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].lease.task_id, task3.lease.task_id);
 
     // task2 is still a's, and a can still write under it.
     assert!(store.claim("b", 10, LEASE, T0 + 4999).await?.is_empty());
@@ -694,10 +708,7 @@ pub(crate) async fn defer_does_not_count_an_attempt<S: Store>(store: S) -> Resul
     step.now = now + 1;
     step.task = TaskUpdate::Complete;
     step.new_tasks = vec![NewTask {
-        lease_to: Some(LeaseTo {
-            owner: "d".to_string(),
-            until: now + LEASE_MS,
-        }),
+        lease_to: Some(LeaseTo::new("d", now + LEASE_MS)),
         ..new_task(TaskKind::Tools, now + 1)
     }];
     let leased = store.append(step).await?.leased.remove(0);
@@ -890,10 +901,12 @@ pub(crate) async fn dead_letter_and_redrive<S: Store>(store: S) -> Result<()> {
 pub(crate) async fn release_all_gives_leases_back<S: Store>(store: S) -> Result<()> {
     submit_run(&store, T0).await?;
     submit_run(&store, T0).await?;
-    assert_eq!(store.claim("a", 10, LEASE, T0).await?.len(), 2);
+    let claimed = store.claim("a", 10, LEASE, T0).await?;
+    assert_eq!(claimed.len(), 2);
     assert_eq!(store.release_all("b", T0 + 1).await?, 0);
     assert_eq!(store.release_all("a", T0 + 1).await?, 2);
-    assert_eq!(store.heartbeat("a", T0 + LEASE_MS, T0 + 1).await?, 0);
+    let leases: Vec<Lease> = claimed.iter().map(|t| t.lease).collect();
+    assert_eq!(store.heartbeat(&leases, T0 + LEASE_MS, T0 + 1).await?, 0);
     let taken = store.claim("b", 10, LEASE, T0 + 1).await?;
     assert_eq!(taken.len(), 2);
     // A graceful release is not a failed attempt.
@@ -907,12 +920,10 @@ pub(crate) async fn tasks_leased_on_creation<S: Store>(store: S) -> Result<()> {
 
     let mut step = append(run_id, 1, Some(task.lease), vec![rejected(1, "x")]);
     step.task = TaskUpdate::Complete;
+    let lease_to = LeaseTo::new("a", T0 + 1000);
     step.new_tasks = vec![
         NewTask {
-            lease_to: Some(LeaseTo {
-                owner: "a".to_string(),
-                until: T0 + 1000,
-            }),
+            lease_to: Some(lease_to.clone()),
             ..new_task(TaskKind::Tools, T0 + 1)
         },
         new_task(TaskKind::Llm, T0 + 50_000),
@@ -925,6 +936,9 @@ pub(crate) async fn tasks_leased_on_creation<S: Store>(store: S) -> Result<()> {
         (run_id, TaskKind::Tools, 1)
     );
     assert_eq!((leased.attempts, leased.lease_until), (1, T0 + 1000));
+    // Its id and token are the caller's: one that lost the append's answer
+    // can still give it back.
+    assert_eq!(leased.lease, lease_to.lease);
 
     // Nobody else gets it while the lease lives, and it fences writes.
     assert!(store.claim("b", 10, LEASE, T0 + 999).await?.is_empty());
@@ -2127,10 +2141,7 @@ pub(crate) async fn write_throughput<S: Store>(store: S) -> Result<()> {
                 let mut step = append(task.run_id, seq, Some(lease), vec![output(200)]);
                 step.task = TaskUpdate::Complete;
                 step.new_tasks = vec![NewTask {
-                    lease_to: Some(LeaseTo {
-                        owner: "bench".to_string(),
-                        until: T0 + 3_600_000,
-                    }),
+                    lease_to: Some(LeaseTo::new("bench", T0 + 3_600_000)),
                     ..new_task(TaskKind::Tools, T0)
                 }];
                 let appended = store.append(step).await?;
@@ -2398,10 +2409,7 @@ pub(crate) async fn deltas_are_compacted_by_the_journal<S: Store>(store: S) -> R
     next.task = TaskUpdate::Complete;
     next.new_tasks = vec![NewTask {
         step: 2,
-        lease_to: Some(LeaseTo {
-            owner: "a".to_string(),
-            until: T0 + LEASE_MS,
-        }),
+        lease_to: Some(LeaseTo::new("a", T0 + LEASE_MS)),
         ..new_task(TaskKind::Llm, T0)
     }];
     let appended = store.append(next).await?;
@@ -2575,10 +2583,7 @@ async fn appends_spawn_child_runs_and_wake_other_runs<S: Store>(store: S) -> Res
     wake.wake = vec![RunTask {
         run_id: parent,
         task: NewTask {
-            lease_to: Some(LeaseTo {
-                owner: "ignored".into(),
-                until: T0 + LEASE_MS,
-            }),
+            lease_to: Some(LeaseTo::new("ignored", T0 + LEASE_MS)),
             ..new_task(TaskKind::Children, T0 + 1)
         },
     }];

@@ -132,9 +132,16 @@ pub enum Error {
     /// Stored data could not be decoded.
     #[error("corrupt data in store: {0}")]
     Corrupt(String),
-    /// The database failed or is unreachable.
+    /// The database failed.
     #[error("database error: {0}")]
     Backend(String),
+    /// The database cannot be reached for now: a connection was lost (a
+    /// server restart, a failover, a pooler's restart, the network) or
+    /// refused. The operation did not take effect, but for a write cut off
+    /// while committing, whose outcome is unknown; trying again later may
+    /// succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
@@ -232,7 +239,7 @@ impl TaskKind {
 }
 
 /// The right to work on a task until the lease expires.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lease {
     /// The task.
     pub task_id: TaskId,
@@ -321,6 +328,25 @@ pub struct LeaseTo {
     pub owner: String,
     /// Lease expiry.
     pub until: Millis,
+    /// The new task's id and lease token, chosen by the caller: one that
+    /// lost the append's answer (the connection dropped while it
+    /// committed) can still give the task back.
+    pub lease: Lease,
+}
+
+impl LeaseTo {
+    /// A lease to `owner` until `until` for a new task: a fresh task id and
+    /// token.
+    pub fn new(owner: impl Into<String>, until: Millis) -> LeaseTo {
+        LeaseTo {
+            owner: owner.into(),
+            until,
+            lease: Lease {
+                task_id: TaskId::new(),
+                token: fastrand::i64(0..),
+            },
+        }
+    }
 }
 
 /// What happens to the task under whose lease an append is made.
@@ -917,10 +943,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// transaction, fenced by the lease and conditional on the last seq.
     fn append(&self, append: Append) -> impl Future<Output = Result<Appended>> + Send;
 
-    /// Extends every unexpired lease held by `owner` to `until`; returns how many.
+    /// Extends the unexpired ones of `leases` to `until`, each fenced by its
+    /// token; returns how many. A worker names the leases of the tasks it
+    /// drives, so one it holds without knowing (a claim or an append whose
+    /// answer was lost) expires and its task is taken over.
     fn heartbeat(
         &self,
-        owner: &str,
+        leases: &[Lease],
         until: Millis,
         now: Millis,
     ) -> impl Future<Output = Result<u64>> + Send;

@@ -41,10 +41,17 @@ pub enum Error {
         /// When to try again.
         retry_after: std::time::Duration,
     },
+    /// The database cannot be reached for now: the caller should retry in a
+    /// moment. The cause is logged, not returned.
+    #[error("the database is unavailable, try again shortly")]
+    Unavailable(String),
     /// Something failed inside; the cause is logged, not returned.
     #[error("internal error")]
     Internal(String),
 }
+
+/// What a caller told the database is unavailable is asked to wait.
+const UNAVAILABLE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Error {
     /// The HTTP status of this error.
@@ -57,6 +64,7 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,6 +78,7 @@ impl Error {
             Error::Conflict(_) => "conflict",
             Error::TooLarge(_) => "too_large",
             Error::Busy { .. } => "busy",
+            Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }
     }
@@ -80,6 +89,7 @@ impl From<keel_store::Error> for Error {
         match e {
             keel_store::Error::NotFound(what) => Error::NotFound(format!("{what} not found")),
             keel_store::Error::Conflict(message) => Error::Conflict(message),
+            keel_store::Error::Unavailable(cause) => Error::Unavailable(cause),
             other => Error::Internal(other.to_string()),
         }
     }
@@ -122,8 +132,12 @@ fn shown(message: &str) -> String {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        if let Error::Internal(cause) = &self {
-            tracing::error!(cause = %cause, "request failed");
+        match &self {
+            Error::Internal(cause) => tracing::error!(cause = %cause, "request failed"),
+            Error::Unavailable(cause) => {
+                tracing::warn!(cause = %cause, "request failed: database unavailable");
+            }
+            _ => {}
         }
         let mut body = json!({"error": {"code": self.code(), "message": shown(&self.to_string())}});
         if let Error::Invalid { fields, .. } = &self {
@@ -137,7 +151,12 @@ impl IntoResponse for Error {
             body["error"]["fields"] = json!(fields);
         }
         let mut response = (self.status_code(), Json(body)).into_response();
-        if let Error::Busy { retry_after, .. } = &self {
+        let retry_after = match &self {
+            Error::Busy { retry_after, .. } => Some(*retry_after),
+            Error::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             // Whole seconds, rounded up: `Retry-After: 0` would invite a storm.
             let seconds = retry_after.as_millis().div_ceil(1000).max(1);
             if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {

@@ -273,7 +273,7 @@ impl<S: Store> Ingest<S> {
                     debug!(key = %key, retry_in_ms = retry_after.as_millis() as u64, "busy: holding the message");
                     retry_after
                 }
-                Err(api::Error::Internal(cause)) => {
+                Err(api::Error::Internal(cause) | api::Error::Unavailable(cause)) => {
                     let delay = backoff.next();
                     warn!(key = %key, error = %cause, retry_in_ms = delay.as_millis() as u64, "ingest submit failed");
                     delay

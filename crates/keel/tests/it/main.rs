@@ -18,6 +18,7 @@ mod journal;
 mod mcp;
 #[cfg(feature = "nats")]
 mod nats;
+mod outage;
 mod postgres;
 mod priority;
 mod providers;

@@ -471,6 +471,82 @@ async fn publish(js: &jetstream::Context, messages: &[(String, String, Vec<u8>)]
     stored
 }
 
+#[tokio::test]
+async fn ingestion_holds_messages_while_the_database_is_away() {
+    let Some((url, js)) = jetstream("ingest outage").await else {
+        return;
+    };
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mut admin = db.admin().await;
+    let names = unique_names();
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let args = [
+        "--database-url",
+        db.url.as_str(),
+        "--ingest",
+        url.as_str(),
+        "--nats-prefix",
+        names.prefix(),
+    ];
+    let server = Server::start(&dir.db(), &args).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("patient", &mock, "tools:1", "echo", ""),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js.get_stream(names.ingest_stream()).await.is_err() {
+        assert!(Instant::now() < deadline, "keel did not set up ingestion");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Messages arrive while the database refuses connections: they are
+    // held, not dead-lettered, and become runs once it is back.
+    db.allow_connections(&mut admin, false).await;
+    db.terminate_sessions(&mut admin).await;
+    let messages: Vec<(String, String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                names.ingest_subject("patient"),
+                format!("job-{i}"),
+                json!({"input": {"n": i}}).to_string().into_bytes(),
+            )
+        })
+        .collect();
+    assert_eq!(publish(&js, &messages).await, 5);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+        if log.contains("ingest submit failed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no submit met the outage: {log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.allow_connections(&mut admin, true).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = get_json(&http, &server.url("/v1/runs?agent=patient&limit=100")).await;
+        let runs = listed["runs"].as_array().cloned().unwrap_or_default();
+        if runs.len() == 5 && runs.iter().all(|r| r["status"] == "COMPLETED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held messages did not run: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stream_messages(&js, &names.dead_stream()).await, 0);
+    delete_streams(&js, &names).await;
+}
+
 /// Whether a message is one of the valid ones (not poison).
 fn poison_body_is_valid(body: &[u8], subject: &str, names: &Names) -> bool {
     subject == names.ingest_subject("ingested")

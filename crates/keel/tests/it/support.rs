@@ -371,6 +371,47 @@ impl PgDb {
             .to_string();
         Some(PgDb { url, name, server })
     }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A connection to the server's maintenance database (not this one):
+    /// it survives whatever is done to this database's sessions.
+    pub async fn admin(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&self.server)
+            .await
+            .expect("connect to the server")
+    }
+
+    /// Terminates every session of this database (as a server restart, a
+    /// failover or a pooler's restart does): how many, and how many of them
+    /// were LISTEN sessions. `admin`: see [`PgDb::admin`].
+    pub async fn terminate_sessions(&self, admin: &mut sqlx::PgConnection) -> (i64, i64) {
+        sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)), \
+                    count(*) FILTER (WHERE application_name = 'keel-listen') \
+             FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_one(admin)
+        .await
+        .expect("terminate sessions")
+    }
+
+    /// Lets this database take new connections, or refuses them.
+    pub async fn allow_connections(&self, admin: &mut sqlx::PgConnection, allow: bool) {
+        let sql = format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}",
+            self.name
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(admin)
+            .await
+            .expect("alter database");
+    }
 }
 
 impl Drop for PgDb {

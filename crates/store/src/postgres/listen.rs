@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::backend;
+use super::{Losses, backend};
 use crate::{Committed, Result};
 
 /// The channel commits are announced on.
@@ -93,6 +93,8 @@ pub(super) struct Listener {
     commits: broadcast::Sender<Committed>,
     /// Ends when the last store handle is dropped.
     closed: mpsc::Receiver<()>,
+    /// Told when the session drops.
+    losses: Losses,
 }
 
 impl Listener {
@@ -102,6 +104,7 @@ impl Listener {
         origin: u64,
         commits: broadcast::Sender<Committed>,
         closed: mpsc::Receiver<()>,
+        losses: Losses,
     ) -> Result<Listener> {
         let listener = listen(&options).await?;
         Ok(Listener {
@@ -110,6 +113,7 @@ impl Listener {
             origin,
             commits,
             closed,
+            losses,
         })
     }
 
@@ -124,10 +128,12 @@ impl Listener {
                     // The listener already reconnected and listens again.
                     Ok(None) => {
                         warn!(channel = CHANNEL, "listen connection dropped, reconnected");
+                        self.losses.record();
                         self.wake();
                     }
                     Err(e) => {
                         warn!(error = %e, channel = CHANNEL, "listen connection failed");
+                        self.losses.record();
                         if !self.reconnect().await {
                             break;
                         }

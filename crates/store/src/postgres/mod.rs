@@ -35,6 +35,16 @@
 //! Notifications are hints, never the only way to learn of a commit: one
 //! may be lost (a slow subscriber lags, a connection drops).
 //!
+//! # Losing connections
+//!
+//! A connection lost or refused (a server restart, a failover, a pooler's
+//! restart, the network) is [`Error::Unavailable`]. The writer runs a batch
+//! again on a new connection when its kept one turns out broken at `BEGIN`
+//! or breaks mid-batch (nothing was committed); a batch whose `COMMIT` is
+//! cut off fails its ops, the outcome unknown. The read pool drops its idle
+//! connections opened before a loss the listener or the writer saw
+//! ([`Losses`]), rather than fail a read on each.
+//!
 //! # PgBouncer
 //!
 //! Through PgBouncer in transaction-pooling mode:
@@ -92,7 +102,9 @@ mod writer;
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use keel_core::message::Usage;
 use keel_core::run::Status;
@@ -208,10 +220,10 @@ impl fmt::Debug for Options {
 /// dropped.
 ///
 /// A write is committed (or refused) once handed to the writer, even if the
-/// caller stops waiting for the answer. A [`Error::Backend`] from a write
-/// whose commit failed half-way (the connection dropped) leaves its outcome
-/// unknown, as with any database: a retry meets the first attempt's effect
-/// (a seq conflict, an existing run).
+/// caller stops waiting for the answer. An [`Error::Unavailable`] from a
+/// write whose commit was cut off (the connection dropped) leaves its
+/// outcome unknown, as with any database: a retry meets the first attempt's
+/// effect (a seq conflict, an existing run).
 #[derive(Clone, Debug)]
 pub struct PgStore {
     ops: mpsc::Sender<Op>,
@@ -253,11 +265,19 @@ impl PgStore {
         let mut conn = writes.acquire().await.map_err(backend)?;
         migrate::run(&mut conn).await?;
 
+        // No ping before each read either: the idle connections opened
+        // before a connection loss this store saw are dropped instead.
+        let losses = Losses::new();
+        let stale = losses.clone();
         let reads = open_pool(
             PgPoolOptions::new()
                 .max_connections(options.read_connections.max(1))
                 .acquire_timeout(ACQUIRE_TIMEOUT)
-                .test_before_acquire(false),
+                .test_before_acquire(false)
+                .before_acquire(move |_, meta| {
+                    let keep = !stale.predates(meta.age);
+                    Box::pin(async move { Ok(keep) })
+                }),
             &connect,
         )
         .await?;
@@ -265,11 +285,13 @@ impl PgStore {
         let origin = fastrand::u64(..);
         let (commits, _) = broadcast::channel(NOTIFICATIONS);
         let (alive, closed) = mpsc::channel(1);
-        let listener = listen::Listener::connect(listen, origin, commits.clone(), closed).await?;
+        let listener =
+            listen::Listener::connect(listen, origin, commits.clone(), closed, losses.clone())
+                .await?;
         tokio::spawn(listener.run());
 
         let (ops, queue) = mpsc::channel(QUEUE);
-        let writer = Writer::new(writes, conn, queue, commits.clone(), origin);
+        let writer = Writer::new(writes, conn, queue, commits.clone(), origin, losses);
         tokio::spawn(writer.run());
         Ok(PgStore {
             ops,
@@ -304,6 +326,42 @@ impl PgStore {
     }
 }
 
+/// When this store last saw one of its connections die. A server restart, a
+/// failover or a pooler's restart closes every connection at once, and each
+/// idle one in the read pool would fail a read before the pool replaced it:
+/// the pool drops those opened before the last loss instead. Losses are seen
+/// by the listener (its session dropped: it is always reading, so it hears
+/// of it at once) and the writer (its connection broken).
+#[derive(Clone, Debug)]
+struct Losses {
+    /// Times are kept as nanoseconds since then.
+    start: Instant,
+    /// The last loss; 0: none yet.
+    last: Arc<AtomicU64>,
+}
+
+impl Losses {
+    fn new() -> Losses {
+        Losses {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Records that a connection was found dead just now.
+    fn record(&self) {
+        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a connection opened `age` ago was opened before the last loss.
+    fn predates(&self, age: Duration) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        let opened = self.start.elapsed().saturating_sub(age).as_nanos();
+        last > 0 && opened < u128::from(last)
+    }
+}
+
 /// Opens a pool. One that timed out connecting (it retries until its acquire
 /// timeout) does not say why, so one more direct connection names the cause:
 /// refused, unknown host, bad password.
@@ -323,14 +381,38 @@ async fn open_pool(pool: PgPoolOptions, connect: &PgConnectOptions) -> Result<Pg
     }
 }
 
-/// Maps a database error: a value that does not decode is corrupt data,
-/// anything else is the database failing.
+/// Maps a database error: a value that does not decode is corrupt data, a
+/// connection lost or refused makes the database unavailable, anything else
+/// is the database failing.
 fn backend(error: sqlx::Error) -> Error {
     match error {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             Error::Corrupt(error.to_string())
         }
+        e if unreachable(&e) => Error::Unavailable(e.to_string()),
         other => Error::Backend(other.to_string()),
+    }
+}
+
+/// Whether an error says the database cannot be reached for now, rather
+/// than that it refused the statement.
+fn unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        // The connection broke, or none could be had in time.
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        // Class 08: connection exceptions (what a pooler sends when it has
+        // no server); 57P01..57P03, 57P05: the server ended the session
+        // (terminated, crashed, starting up, idle too long); 53300: too
+        // many connections; 55000: the database takes no connections now
+        // (ALLOW_CONNECTIONS false).
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "55000"
+                )
+        }),
+        _ => false,
     }
 }
 
@@ -434,10 +516,19 @@ fn submit_request(submission: Submission) -> Result<Submit> {
     })
 }
 
+/// A task to create: a task leased on creation has the id and token its
+/// caller chose, any other a new id.
 fn insert(task: crate::NewTask) -> Insert {
+    let lease = match &task.lease_to {
+        Some(to) => to.lease,
+        None => Lease {
+            task_id: TaskId::new(),
+            token: fastrand::i64(0..),
+        },
+    };
     Insert {
-        id: TaskId::new(),
-        token: fastrand::i64(0..),
+        id: lease.task_id,
+        token: lease.token,
         task,
     }
 }
@@ -843,10 +934,9 @@ impl Store for PgStore {
             .await
     }
 
-    async fn heartbeat(&self, owner: &str, until: Millis, now: Millis) -> Result<u64> {
+    async fn heartbeat(&self, leases: &[Lease], until: Millis, now: Millis) -> Result<u64> {
         let request = Heartbeat {
-            lease: None,
-            owner: owner.to_string(),
+            leases: leases.to_vec(),
             until,
             now,
         };
@@ -885,8 +975,7 @@ impl Store for PgStore {
 
     async fn extend_lease(&self, lease: Lease, until: Millis, now: Millis) -> Result<()> {
         let request = Heartbeat {
-            lease: Some(lease),
-            owner: String::new(),
+            leases: vec![lease],
             until,
             now,
         };

@@ -25,9 +25,8 @@ pub(super) struct Claim {
 
 /// [`super::writer::Op::Heartbeat`].
 pub(super) struct Heartbeat {
-    /// One lease to extend (fenced by its token) instead of all of `owner`'s.
-    pub(super) lease: Option<Lease>,
-    pub(super) owner: String,
+    /// The leases to extend, each fenced by its token.
+    pub(super) leases: Vec<Lease>,
     pub(super) until: Millis,
     pub(super) now: Millis,
 }
@@ -136,22 +135,18 @@ pub(super) async fn claim(conn: &mut PgConnection, r: &Claim) -> Result<Vec<Task
     Ok(tasks)
 }
 
-const HEARTBEAT: &str =
-    "UPDATE tasks SET visible_at = $1 WHERE lease_owner = $2 AND visible_at > $3";
-
-/// Extends one lease, fenced by its token.
-const EXTEND: &str =
-    "UPDATE tasks SET visible_at = $1 WHERE id = $2 AND lease_token = $3 AND visible_at > $4";
+/// Extends leases, each fenced by its token.
+const HEARTBEAT: &str = "UPDATE tasks SET visible_at = $1 \
+     FROM unnest($2::uuid[], $3::bigint[]) AS l (id, token) \
+     WHERE tasks.id = l.id AND tasks.lease_token = l.token AND tasks.visible_at > $4";
 
 pub(super) async fn heartbeat(conn: &mut PgConnection, r: &Heartbeat) -> Result<u64> {
-    let query = match r.lease {
-        Some(lease) => sqlx::query(EXTEND)
-            .bind(r.until)
-            .bind(lease.task_id.0)
-            .bind(lease.token),
-        None => sqlx::query(HEARTBEAT).bind(r.until).bind(&r.owner),
-    };
-    let extended = query
+    let ids: Vec<Uuid> = r.leases.iter().map(|l| l.task_id.0).collect();
+    let tokens: Vec<i64> = r.leases.iter().map(|l| l.token).collect();
+    let extended = sqlx::query(HEARTBEAT)
+        .bind(r.until)
+        .bind(ids)
+        .bind(tokens)
         .bind(r.now)
         .execute(&mut *conn)
         .await

@@ -870,10 +870,7 @@ async fn two_store_write_throughput() -> Result<()> {
                         priority: Priority::DEFAULT,
                         max_attempts: 3,
                         run_at: T0,
-                        lease_to: Some(LeaseTo {
-                            owner: "bench".to_string(),
-                            until: T0 + 3_600_000,
-                        }),
+                        lease_to: Some(LeaseTo::new("bench", T0 + 3_600_000)),
                         queue: None,
                     }];
                     lease = store.append(step).await?.leased[0].lease;

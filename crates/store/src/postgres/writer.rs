@@ -16,9 +16,13 @@
 //! it writes anything, so a refused op ([`is_refusal`]) leaves the batch
 //! intact. Any other failure rolls the batch back. Its likely cause is a
 //! deadlock with another process's transaction (PostgreSQL aborts one of
-//! the two), so the batch is tried once more; if it fails again, its ops run
-//! one transaction each, so only the broken op fails. A failed commit is not
-//! retried: whether it took effect is unknown, and its ops fail.
+//! the two), or the connection was lost, so the batch is tried once more
+//! (on a new connection if the old one is broken); if it fails again, its
+//! ops run one transaction each, so only the broken op fails. A batch whose
+//! kept connection turns out broken at `BEGIN` (the server, a pooler or the
+//! network closed it since the last batch) ran nothing and is tried again
+//! on a new one. A failed commit is not retried: whether it took effect is
+//! unknown, and its ops fail.
 
 use std::collections::HashMap;
 use std::slice;
@@ -32,7 +36,7 @@ use tracing::{debug, warn};
 use super::agents::{self, PutAgent};
 use super::journal::{self, AppendEvents, Submit};
 use super::queue::{self, Claim, Heartbeat, ReleaseAll, RetryLater};
-use super::{backend, listen};
+use super::{Losses, backend, listen};
 use crate::{Appended, Committed, Error, Registered, Result, Submitted, Task};
 
 /// Most ops committed in one transaction.
@@ -77,9 +81,9 @@ impl<R, T> Call<R, T> {
     }
 
     /// Records that the transaction failed, unless the op already failed in it.
-    fn fail(&mut self, message: &str) {
+    fn fail(&mut self, error: &Error) {
         if !matches!(self.result, Some(Err(_))) {
-            self.result = Some(Err(Error::Backend(message.to_string())));
+            self.result = Some(Err(copy(error)));
         }
     }
 
@@ -105,6 +109,7 @@ fn copy(error: &Error) -> Error {
     match error {
         Error::Corrupt(message) => Error::Corrupt(message.clone()),
         Error::Backend(message) => Error::Backend(message.clone()),
+        Error::Unavailable(message) => Error::Unavailable(message.clone()),
         other => Error::Backend(other.to_string()),
     }
 }
@@ -142,15 +147,15 @@ impl Op {
     }
 
     /// Records that the op's transaction failed to begin or commit.
-    fn fail(&mut self, message: &str) {
+    fn fail(&mut self, error: &Error) {
         match self {
-            Op::PutAgent(call) => call.fail(message),
-            Op::Submit(call) => call.fail(message),
-            Op::Append(call) => call.fail(message),
-            Op::Claim(call) => call.fail(message),
-            Op::Heartbeat(call) => call.fail(message),
-            Op::RetryLater(call) => call.fail(message),
-            Op::ReleaseAll(call) => call.fail(message),
+            Op::PutAgent(call) => call.fail(error),
+            Op::Submit(call) => call.fail(error),
+            Op::Append(call) => call.fail(error),
+            Op::Claim(call) => call.fail(error),
+            Op::Heartbeat(call) => call.fail(error),
+            Op::RetryLater(call) => call.fail(error),
+            Op::ReleaseAll(call) => call.fail(error),
         }
     }
 
@@ -222,6 +227,9 @@ const NOTIFY: &str = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS p
 enum Failed {
     /// It could not start (no connection): nothing ran.
     Begin(Error),
+    /// The connection kept from an earlier batch was broken: nothing ran,
+    /// and a new connection may do.
+    Stale(Error),
     /// An op failed; the transaction was rolled back.
     Write(Error),
     /// The commit failed: it may or may not have taken effect.
@@ -240,6 +248,8 @@ pub(super) struct Writer {
     commits: broadcast::Sender<Committed>,
     /// This store's id in notifications.
     origin: u64,
+    /// Told when the connection is found broken.
+    losses: Losses,
 }
 
 impl Writer {
@@ -250,6 +260,7 @@ impl Writer {
         ops: mpsc::Receiver<Op>,
         commits: broadcast::Sender<Committed>,
         origin: u64,
+        losses: Losses,
     ) -> Writer {
         Writer {
             pool,
@@ -257,6 +268,7 @@ impl Writer {
             ops,
             commits,
             origin,
+            losses,
         }
     }
 
@@ -276,7 +288,7 @@ impl Writer {
     async fn write(&mut self, batch: &mut Vec<Op>) {
         let mut failed = match self.commit(batch).await {
             Ok(()) => None,
-            Err(Failed::Write(e)) => {
+            Err(Failed::Write(e) | Failed::Stale(e)) => {
                 debug!(error = %e, ops = batch.len(), "batch failed, trying it again");
                 for op in batch.iter_mut() {
                     op.clear();
@@ -289,21 +301,37 @@ impl Writer {
             None => {}
             // Nothing ran, or the outcome is unknown: running the ops again
             // could not help, or could apply them twice.
-            Some(Failed::Begin(e) | Failed::Commit(e)) => {
+            Some(Failed::Begin(e) | Failed::Stale(e)) => {
                 warn!(error = %e, ops = batch.len(), "write transaction failed");
                 for op in batch.iter_mut() {
-                    op.fail(&e.to_string());
+                    op.fail(&e);
                 }
             }
-            Some(Failed::Write(e)) if batch.len() == 1 => batch[0].fail(&e.to_string()),
+            Some(Failed::Commit(e)) => {
+                warn!(error = %e, ops = batch.len(), "commit failed, its outcome is unknown");
+                for op in batch.iter_mut() {
+                    op.fail(&e);
+                }
+            }
+            Some(Failed::Write(e)) if batch.len() == 1 => batch[0].fail(&e),
             Some(Failed::Write(e)) => {
                 warn!(error = %e, ops = batch.len(), "batch failed, writing its ops one by one");
+                // Once no transaction can begin, the others would wait for
+                // a connection in turn: they fail at once.
+                let mut down: Option<Error> = None;
                 for op in batch.iter_mut() {
                     op.clear();
-                    if let Err(Failed::Begin(e) | Failed::Write(e) | Failed::Commit(e)) =
-                        self.commit(slice::from_mut(op)).await
-                    {
-                        op.fail(&e.to_string());
+                    if let Some(e) = &down {
+                        op.fail(e);
+                        continue;
+                    }
+                    match self.commit(slice::from_mut(op)).await {
+                        Ok(()) => {}
+                        Err(Failed::Begin(e) | Failed::Stale(e)) => {
+                            op.fail(&e);
+                            down = Some(e);
+                        }
+                        Err(Failed::Write(e) | Failed::Commit(e)) => op.fail(&e),
                     }
                 }
             }
@@ -337,18 +365,24 @@ impl Writer {
         ops: &mut [Op],
         commits: &mut Vec<Committed>,
     ) -> Result<(), Failed> {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
+        let (conn, kept) = match &mut self.conn {
+            Some(conn) => (conn, true),
             None => {
                 let conn = self
                     .pool
                     .acquire()
                     .await
                     .map_err(|e| Failed::Begin(backend(e)))?;
-                self.conn.insert(conn)
+                (self.conn.insert(conn), false)
             }
         };
-        let mut tx = conn.begin().await.map_err(|e| Failed::Begin(backend(e)))?;
+        let mut tx = conn.begin().await.map_err(|e| {
+            if kept {
+                Failed::Stale(backend(e))
+            } else {
+                Failed::Begin(backend(e))
+            }
+        })?;
         let written = match run(&mut tx, ops, commits).await {
             Ok(()) => {
                 latest(commits);
@@ -372,6 +406,7 @@ impl Writer {
         let Some(conn) = &mut self.conn else { return };
         if let Err(e) = conn.ping().await {
             warn!(error = %e, "store write connection is broken, replacing it");
+            self.losses.record();
             if let Some(mut conn) = self.conn.take() {
                 conn.close_on_drop();
             }

@@ -234,10 +234,19 @@ fn submit_request(submission: Submission) -> Result<Submit> {
     })
 }
 
+/// A task to create: a task leased on creation has the id and token its
+/// caller chose, any other a new id.
 fn insert(task: crate::NewTask) -> Insert {
+    let lease = match &task.lease_to {
+        Some(to) => to.lease,
+        None => Lease {
+            task_id: TaskId::new(),
+            token: fastrand::i64(0..),
+        },
+    };
     Insert {
-        id: TaskId::new(),
-        token: fastrand::i64(0..),
+        id: lease.task_id,
+        token: lease.token,
         task,
     }
 }
@@ -628,10 +637,9 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn heartbeat(&self, owner: &str, until: Millis, now: Millis) -> Result<u64> {
+    async fn heartbeat(&self, leases: &[Lease], until: Millis, now: Millis) -> Result<u64> {
         let request = Heartbeat {
-            lease: None,
-            owner: owner.to_string(),
+            leases: leases.to_vec(),
             until,
             now,
         };
@@ -670,8 +678,7 @@ impl Store for SqliteStore {
 
     async fn extend_lease(&self, lease: Lease, until: Millis, now: Millis) -> Result<()> {
         let request = Heartbeat {
-            lease: Some(lease),
-            owner: String::new(),
+            leases: vec![lease],
             until,
             now,
         };

@@ -24,9 +24,8 @@ pub(super) struct Claim {
 
 /// [`super::writer::Op::Heartbeat`].
 pub(super) struct Heartbeat {
-    /// One lease to extend (fenced by its token) instead of all of `owner`'s.
-    pub(super) lease: Option<Lease>,
-    pub(super) owner: String,
+    /// The leases to extend, each fenced by its token.
+    pub(super) leases: Vec<Lease>,
     pub(super) until: Millis,
     pub(super) now: Millis,
 }
@@ -132,27 +131,24 @@ pub(super) async fn claim(conn: &mut SqliteConnection, r: &Claim) -> Result<Vec<
     Ok(tasks)
 }
 
-const HEARTBEAT: &str =
-    "UPDATE tasks SET visible_at = ?1 WHERE lease_owner = ?2 AND visible_at > ?3";
-
 /// Extends one lease, fenced by its token.
 const EXTEND: &str =
     "UPDATE tasks SET visible_at = ?1 WHERE id = ?2 AND lease_token = ?3 AND visible_at > ?4";
 
+/// One statement per lease: the writer's transaction makes them one write.
 pub(super) async fn heartbeat(conn: &mut SqliteConnection, r: &Heartbeat) -> Result<u64> {
-    let query = match r.lease {
-        Some(lease) => sqlx::query(EXTEND)
+    let mut extended = 0;
+    for lease in &r.leases {
+        extended += sqlx::query(EXTEND)
             .bind(r.until)
             .bind(lease.task_id.to_string())
-            .bind(lease.token),
-        None => sqlx::query(HEARTBEAT).bind(r.until).bind(&r.owner),
-    };
-    let extended = query
-        .bind(r.now)
-        .execute(&mut *conn)
-        .await
-        .map_err(backend)?
-        .rows_affected();
+            .bind(lease.token)
+            .bind(r.now)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+    }
     Ok(extended)
 }
 
