@@ -529,6 +529,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let store = PgStore::connect_with(options)
             .await
             .with_context(|| format!("cannot open the PostgreSQL store at {}", redact_url(url)))?;
+        match store.autovacuum().await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "autovacuum is off on the PostgreSQL server: the tasks, outbox and deltas tables \
+                 bloat and their query plans go stale, so every step gets slower; turn it on"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not read the server's autovacuum setting"),
+        }
         return serve_on(store, &args, &redact_url(url)).await;
     }
     if args.role != Role::All {

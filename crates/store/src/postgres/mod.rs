@@ -318,6 +318,19 @@ impl PgStore {
         Ok(version)
     }
 
+    /// Whether the server runs autovacuum. The queue's tables (`tasks`,
+    /// `outbox`, `deltas`) get rows inserted and deleted at every step:
+    /// without vacuum they bloat, and without its `ANALYZE` the plans a
+    /// connection made while the tables were nearly empty (sequential
+    /// scans) are kept for good, so every step gets slower as the journal
+    /// grows.
+    pub async fn autovacuum(&self) -> Result<bool> {
+        sqlx::query_scalar("SELECT current_setting('autovacuum')::boolean")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(backend)
+    }
+
     /// Hands an op to the writer and waits for its committed result.
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let (reply, result) = oneshot::channel();

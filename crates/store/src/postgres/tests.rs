@@ -613,6 +613,22 @@ async fn claims_scan_the_rank_index() -> Result<()> {
     Ok(())
 }
 
+/// `keel serve` warns when the server does not vacuum (the queue's tables
+/// then bloat and their plans go stale): the setting read is the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autovacuum_is_the_servers_setting() -> Result<()> {
+    let Some((store, db)) = open().await? else {
+        return Ok(());
+    };
+    let mut conn = raw(&db).await;
+    let shown: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&mut conn)
+        .await
+        .expect("show");
+    assert_eq!(store.autovacuum().await?, shown == "on", "{shown}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_export_switch_is_shared_by_every_store() -> Result<()> {
     let Some((a, b, _db)) = two().await? else {
