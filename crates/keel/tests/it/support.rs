@@ -489,3 +489,42 @@ pub async fn decide(
 pub fn fan_in(run: &Value) -> Value {
     serde_json::from_str(run["output"].as_str().expect("output")).expect("fan-in is JSON")
 }
+
+/// Checks a finished run of the mock's `tools:N` model (`tool_steps` = N)
+/// after crashes: COMPLETED with its N tool steps and the answer, each
+/// step's call keyed `<run>:<step>:0` with a result, made at least once
+/// and no more often than its journaled starts (a repeat only for a call
+/// started without a result). Returns how many calls were made more than
+/// once.
+pub fn check_tool_steps(
+    id: &str,
+    run: &Value,
+    tool_steps: usize,
+    calls: &std::collections::HashMap<String, u32>,
+) -> usize {
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    assert_eq!(run["step_count"], tool_steps + 1, "{run}");
+    let steps = run["steps"].as_array().expect("steps");
+    let mut repeated = 0;
+    for (i, step) in steps.iter().take(tool_steps).enumerate() {
+        let call = &step["tool_calls"][0];
+        let key = format!("{id}:{}:0", i + 1);
+        assert_eq!(call["idempotency_key"], key.as_str());
+        assert!(
+            call["result"].is_string(),
+            "step {} of {id} lost its result",
+            i + 1
+        );
+        let starts = call["attempts"].as_u64().expect("attempts") as u32;
+        let seen = calls.get(&key).copied().unwrap_or(0);
+        assert!(seen >= 1, "{key} never reached the tool server");
+        assert!(
+            seen <= starts,
+            "{key} called {seen} times with only {starts} journaled starts"
+        );
+        if seen > 1 {
+            repeated += 1;
+        }
+    }
+    repeated
+}
