@@ -75,10 +75,29 @@ const NOTIFICATIONS: usize = 16 * 1024;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The writer's page cache, in KiB (as `PRAGMA cache_size` takes it: negative).
 const WRITE_CACHE_KIB: &str = "-32768";
-/// WAL pages after which a commit checkpoints (SQLite's default is 1000). A
-/// batch dirties a page per run it touches, so checkpointing less often
-/// copies each hot page back to the database once instead of many times.
-const CHECKPOINT_PAGES: &str = "10000";
+/// How the write-ahead log is kept in bounds.
+#[derive(Clone, Copy, Debug)]
+struct Wal {
+    /// WAL pages after which a commit checkpoints (SQLite's default is
+    /// 1000). A batch dirties a page per run it touches, so checkpointing
+    /// less often copies each hot page back to the database once instead of
+    /// many times.
+    checkpoint_pages: u32,
+    /// Bytes the WAL file is cut back to when it starts over. While a long
+    /// reader (a backup, a big report) holds a snapshot, checkpoints cannot
+    /// reach the frames after it and the file grows past the checkpoint
+    /// size; SQLite would keep it at its largest for good. Above what the
+    /// checkpoint size lets the file reach (~40 MB), so steady writing
+    /// never cuts it.
+    size_limit: u64,
+}
+
+impl Wal {
+    const DEFAULT: Wal = Wal {
+        checkpoint_pages: 10_000,
+        size_limit: 64 << 20,
+    };
+}
 /// Prepared statements the writer keeps: each bulk statement is prepared
 /// for several sizes.
 const STATEMENTS: usize = 256;
@@ -103,6 +122,11 @@ impl SqliteStore {
     /// schema up to date and starts the writer task. Must be called inside a
     /// Tokio runtime.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
+        SqliteStore::open_with(path, Wal::DEFAULT).await
+    }
+
+    /// [`SqliteStore::open`] with the WAL kept in the bounds of `wal`.
+    async fn open_with(path: &Path, wal: Wal) -> Result<SqliteStore> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .busy_timeout(BUSY_TIMEOUT)
@@ -117,7 +141,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .pragma("cache_size", WRITE_CACHE_KIB)
-            .pragma("wal_autocheckpoint", CHECKPOINT_PAGES)
+            .pragma("wal_autocheckpoint", wal.checkpoint_pages.to_string())
+            .pragma("journal_size_limit", wal.size_limit.to_string())
             .statement_cache_capacity(STATEMENTS)
             .connect()
             .await

@@ -9,7 +9,7 @@ use serde_json::json;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, SqliteConnection};
 
-use super::{SqliteStore, migrate};
+use super::{SqliteStore, Wal, migrate};
 use crate::{Error, NewTask, Store, Submission, TaskKind};
 
 /// A database path in the temp dir, deleted (with its WAL) when dropped.
@@ -273,4 +273,57 @@ async fn recovering_gives_back_every_live_lease() {
     );
     assert_eq!(store.recover_leases(10).await.expect("recover"), 3);
     assert_eq!(store.recover_leases(70_000).await.expect("nothing live"), 0);
+}
+
+/// While a long reader (a backup, a big report) holds a snapshot, the
+/// checkpoints cannot reach the frames after it and the WAL grows past the
+/// checkpoint size; once the reader is gone, the file is cut back to the
+/// limit instead of staying at its largest.
+#[tokio::test]
+async fn the_wal_is_cut_back_after_a_long_reader() {
+    let path = TempPath::new();
+    let limit = 64 * 4096;
+    let wal = Wal {
+        checkpoint_pages: 16,
+        size_limit: limit,
+    };
+    let store = SqliteStore::open_with(&path.0, wal).await.expect("open");
+    store.submit(submission(None)).await.expect("submit");
+    let mut wal_path = path.0.clone().into_os_string();
+    wal_path.push("-wal");
+    let wal_size = || std::fs::metadata(&wal_path).map_or(0, |m| m.len());
+
+    let mut reader = raw(&path.0).await;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM runs;")
+        .execute(&mut reader)
+        .await
+        .expect("read");
+    let big = json!("x".repeat(16 * 1024));
+    for _ in 0..1000 {
+        if wal_size() > 4 * limit {
+            break;
+        }
+        let mut sub = submission(None);
+        sub.input = big.clone();
+        store.submit(sub).await.expect("submit");
+    }
+    let grown = wal_size();
+    assert!(
+        grown > 4 * limit,
+        "the reader did not hold the WAL: {grown}"
+    );
+
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut reader)
+        .await
+        .expect("end the read");
+    // The first commit checkpoints it all, the next starts the WAL over.
+    for _ in 0..3 {
+        store.submit(submission(None)).await.expect("submit");
+    }
+    let cut = wal_size();
+    assert!(
+        cut <= limit,
+        "the WAL stayed at {cut} bytes (it grew to {grown})"
+    );
 }
