@@ -27,7 +27,7 @@ mod link;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use keel_core::RunId;
@@ -64,9 +64,12 @@ pub struct Mcp {
     resolved: Arc<Mutex<Resolved>>,
 }
 
-/// Resolved agents by the pinned version's address (the agent cache keeps
-/// each version for good), with the catalog generations they were built from.
-type Resolved = HashMap<usize, (Vec<u64>, Arc<Agent>)>;
+/// Resolved agents by the pinned version's address, with the catalog
+/// generations they were built from. The weak reference to the pinned
+/// version keeps its address from being reused while the entry exists, and
+/// tells when the version has left the agent cache (and every run): such
+/// entries are dropped.
+type Resolved = HashMap<usize, (Weak<Agent>, Vec<u64>, Arc<Agent>)>;
 
 impl fmt::Debug for Mcp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -176,7 +179,7 @@ impl Mcp {
             }
         }
         let key = Arc::as_ptr(&agent) as usize;
-        if let Some((seen, resolved)) = self.cache().get(&key)
+        if let Some((_, seen, resolved)) = self.cache().get(&key)
             && *seen == generations
         {
             return (resolved.clone(), error);
@@ -186,7 +189,10 @@ impl Mcp {
             warn!(agent = %agent.spec.name, version = %agent.spec.version, "{reason}");
         }
         let resolved = Arc::new(resolved);
-        self.cache().insert(key, (generations, resolved.clone()));
+        let mut cache = self.cache();
+        // Versions that left the agent cache and every run go.
+        cache.retain(|_, (pinned, _, _)| pinned.strong_count() > 0);
+        cache.insert(key, (Arc::downgrade(&agent), generations, resolved.clone()));
         (resolved, error)
     }
 
@@ -488,6 +494,37 @@ mod tests {
             redact("token=hunter22 abc", &secrets),
             "token=[redacted] abc"
         );
+    }
+
+    /// An agent resolved with the servers' tools is kept while its pinned
+    /// version lives (in the agent cache, in a run), and dropped after.
+    #[tokio::test]
+    async fn resolved_agents_go_with_their_version() {
+        let config = Config::from_value(serde_json::json!({
+            "mcp_servers": {"fx": {"stdio": {"command": "true"}, "timeout": "10ms"}}
+        }))
+        .expect("config");
+        let mcp = Mcp::new(&config);
+        let agent = |name: &str| {
+            let spec = serde_json::json!({
+                "name": name,
+                "version": "1",
+                "model": {"provider": "scripted", "model": "s", "script": [{"content": "done"}]},
+                "tools": [{"mcp": "fx", "allow": ["*"]}]
+            });
+            Arc::new(Agent::from_value(spec).expect("spec"))
+        };
+        let first = agent("a");
+        let (resolved, error) = mcp.resolve(first.clone()).await;
+        assert!(error.is_some(), "the server never listed its tools");
+        let (again, _) = mcp.resolve(first.clone()).await;
+        assert!(Arc::ptr_eq(&resolved, &again), "resolved once");
+        drop(first);
+        let second = agent("b");
+        mcp.resolve(second.clone()).await;
+        assert_eq!(mcp.cache().len(), 1);
+        mcp.resolve(second).await;
+        assert_eq!(mcp.cache().len(), 1);
     }
 
     #[tokio::test]
