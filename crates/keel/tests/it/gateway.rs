@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use keel::mock::Mock;
 use serde_json::Value;
 
@@ -41,21 +40,6 @@ tools:
 "#,
         tool = mock.tool_url("echo"),
     )
-}
-
-/// Submits `n` runs of `agent` (inputs `job <i>`), 16 at a time.
-async fn submit_many(
-    http: &reqwest::Client,
-    server: &Server,
-    agent: &str,
-    n: usize,
-) -> Vec<String> {
-    let inputs: Vec<String> = (0..n).map(|i| format!("job {i}")).collect();
-    futures_util::stream::iter(inputs.iter())
-        .map(|input| submit(http, server, agent, input))
-        .buffered(16)
-        .collect()
-        .await
 }
 
 /// One API and two worker processes on `db`, the workers configured with

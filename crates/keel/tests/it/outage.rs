@@ -127,18 +127,6 @@ impl Probe {
     }
 }
 
-async fn wait_tool_calls(mock: &Mock, at_least: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    while mock.counters.tool_requests.load(Ordering::Relaxed) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "no progress: {} tool calls",
-            mock.counters.tool_requests.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Every run completed every step, and no call reached the tool server more
 /// often than the journal says it was started; every journal is contiguous,
 /// from its submit to its one end. Returns how many calls were repeated.
@@ -191,18 +179,6 @@ async fn assert_all_done(
     repeated
 }
 
-/// Submits `count` runs of agent `steady`.
-async fn submit_many(http: &reqwest::Client, api: &Server, count: usize) -> Vec<String> {
-    futures_util::stream::iter(0..count)
-        .map(|i| {
-            let http = http.clone();
-            async move { submit(&http, api, "steady", &format!("job {i}")).await }
-        })
-        .buffered(16)
-        .collect()
-        .await
-}
-
 /// Asserts that no process died or panicked.
 fn assert_alive<'a>(servers: impl IntoIterator<Item = &'a mut Server>) {
     for server in servers {
@@ -251,7 +227,7 @@ async fn runs_survive_their_database_connections_being_killed_and_refused() {
         &agent_yaml("steady", &mock, &tools, "echo", ""),
     )
     .await;
-    let mut ids = submit_many(&http, &api, 150).await;
+    let mut ids = submit_many(&http, &api, "steady", 150).await;
     let stop = Arc::new(AtomicBool::new(false));
     let probes = prober(api.url.clone(), ids[0].clone(), stop.clone());
 
@@ -508,7 +484,7 @@ async fn runs_survive_commits_whose_answer_is_lost() {
         &agent_yaml("steady", &mock, &tools, "echo", ""),
     )
     .await;
-    let ids = submit_many(&http, &api, 60).await;
+    let ids = submit_many(&http, &api, "steady", 60).await;
 
     // Five of the worker's commits go through unheard, while most of the
     // work is still to do.

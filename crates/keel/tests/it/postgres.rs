@@ -26,39 +26,6 @@ fn worker_args<'a>(url: &'a str, lease: &'a str) -> Vec<&'a str> {
     ]
 }
 
-async fn wait_tool_calls(mock: &Mock, at_least: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while mock.counters.tool_requests.load(Ordering::Relaxed) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "no progress: {} tool calls",
-            mock.counters.tool_requests.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn submit_many(
-    http: &reqwest::Client,
-    api: &Server,
-    agent: &str,
-    count: usize,
-) -> Vec<String> {
-    futures_util::stream::iter(0..count)
-        .map(|i| {
-            let http = http.clone();
-            let url = api.url("/v1/runs");
-            let agent = agent.to_string();
-            async move {
-                let body = serde_json::json!({"agent": agent, "input": format!("job {i}")});
-                submit_to(&http, url, &body).await
-            }
-        })
-        .buffered(32)
-        .collect()
-        .await
-}
-
 #[tokio::test]
 async fn five_hundred_runs_on_three_workers_survive_two_sigkills() {
     let Some(db) = PgDb::create().await else {
@@ -83,7 +50,7 @@ async fn five_hundred_runs_on_three_workers_survive_two_sigkills() {
 
     // Kill the same worker twice while the others go on, restarting it each time.
     for threshold in [1_000, 2_500] {
-        wait_tool_calls(&mock, threshold).await;
+        wait_tool_calls(&mock, threshold, Duration::from_secs(120)).await;
         workers[0].kill();
         let at_kill = mock.counters.tool_requests.load(Ordering::Relaxed);
         assert!(
@@ -164,7 +131,7 @@ async fn sigterm_hands_a_workers_tasks_over_without_waiting_for_the_lease() {
     )
     .await;
     let ids = submit_many(&http, &api, "handover", 20).await;
-    wait_tool_calls(&mock, 40).await;
+    wait_tool_calls(&mock, 40, Duration::from_secs(120)).await;
 
     let drained = terminate(&mut leaving, Duration::from_secs(15)).await;
     assert!(drained < Duration::from_secs(5), "drain took {drained:?}");

@@ -528,3 +528,34 @@ pub fn check_tool_steps(
     }
     repeated
 }
+
+/// Submits `count` runs of `agent` (inputs `job 0`, `job 1`, …), 16 at a
+/// time; their ids in order.
+pub async fn submit_many(
+    http: &reqwest::Client,
+    server: &Server,
+    agent: &str,
+    count: usize,
+) -> Vec<String> {
+    use futures_util::StreamExt;
+    let inputs: Vec<String> = (0..count).map(|i| format!("job {i}")).collect();
+    futures_util::stream::iter(inputs.iter())
+        .map(|input| submit(http, server, agent, input))
+        .buffered(16)
+        .collect()
+        .await
+}
+
+/// Waits until the mock's tool server has seen `at_least` requests.
+pub async fn wait_tool_calls(mock: &Mock, at_least: u64, within: Duration) {
+    use std::sync::atomic::Ordering;
+    let deadline = Instant::now() + within;
+    while mock.counters.tool_requests.load(Ordering::Relaxed) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {} tool calls",
+            mock.counters.tool_requests.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
