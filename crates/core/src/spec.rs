@@ -578,7 +578,7 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
     }
 }
 
-/// Durations written as `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a number of seconds.
+/// Durations written as `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"7d"` or a number of seconds.
 pub mod human_duration {
     use std::time::Duration;
 
@@ -593,7 +593,8 @@ pub mod human_duration {
         seconds.is_finite() && (0.0..=MAX_SECONDS).contains(&seconds)
     }
 
-    /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1.5s"` or `"30"` (seconds).
+    /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"7d"`, `"1.5s"` or `"30"`
+    /// (seconds).
     pub fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
         let split = text
@@ -602,15 +603,16 @@ pub mod human_duration {
         let (number, unit) = text.split_at(split);
         let value: f64 = number
             .parse()
-            .map_err(|_| format!("`{text}` is not a duration like 500ms, 30s, 5m or 1h"))?;
+            .map_err(|_| format!("`{text}` is not a duration like 500ms, 30s, 5m, 1h or 7d"))?;
         let seconds = match unit.trim() {
             "ms" => value / 1000.0,
             "" | "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
+            "d" => value * 86400.0,
             other => {
                 return Err(format!(
-                    "unknown duration unit `{other}` (use ms, s, m or h)"
+                    "unknown duration unit `{other}` (use ms, s, m, h or d)"
                 ));
             }
         };
@@ -618,6 +620,28 @@ pub mod human_duration {
             return Err(format!("`{text}` is out of range (at most 365 days)"));
         }
         Ok(Duration::from_secs_f64(seconds))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn units_up_to_days() {
+            assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+            assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
+            assert_eq!(parse("30"), Ok(Duration::from_secs(30)));
+            assert_eq!(parse("5m"), Ok(Duration::from_secs(300)));
+            assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
+            assert_eq!(parse(" 30d "), Ok(Duration::from_secs(30 * 86400)));
+            assert_eq!(parse("365d"), Ok(Duration::from_secs(365 * 86400)));
+            let over = parse("366d").expect_err("over a year");
+            assert!(over.contains("at most 365 days"), "{over}");
+            let unit = parse("2w").expect_err("weeks are not a unit");
+            assert!(unit.contains("unknown duration unit `w`"), "{unit}");
+            let text = parse("soon").expect_err("not a number");
+            assert!(text.contains("not a duration"), "{text}");
+        }
     }
 
     /// Formats a duration the way [`parse`] reads it.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::progress::Printer;
+use crate::retention::{self, Retention};
 use crate::service::{self, Service, Submit};
 use crate::{api, bench, embedded, events};
 
@@ -258,6 +259,14 @@ struct ServeArgs {
     /// before delivering it again (after a crash).
     #[arg(long, env = "KEEL_INGEST_ACK_WAIT", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     ingest_ack_wait: Duration,
+    /// Delete runs that ended longer ago than this (e.g. `30d`), with their
+    /// journal, streamed output, dead letters and idempotency keys; kept
+    /// forever when unset. Swept by the processes that run workers.
+    #[arg(long, env = "KEEL_RETENTION", value_parser = parse_duration, allow_hyphen_values = true)]
+    retention: Option<Duration>,
+    /// Time between two retention sweeps.
+    #[arg(long, env = "KEEL_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration, allow_hyphen_values = true)]
+    retention_interval: Duration,
     /// Secret signing webhook notifications with HMAC-SHA256 (the
     /// `Keel-Signature` header); unsigned when unset. Set it through the
     /// environment, not the command line.
@@ -590,6 +599,17 @@ async fn serve_on<S: keel_store::Store>(
     } else {
         None
     };
+    let retention = match args.retention {
+        Some(keep) if args.role.runs_workers() => Some(tokio::spawn(retention::run(
+            store.clone(),
+            Retention {
+                keep,
+                interval: args.retention_interval,
+            },
+            cancel.clone(),
+        ))),
+        _ => None,
+    };
     let listener = api::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -616,6 +636,11 @@ async fn serve_on<S: keel_store::Store>(
         && let Err(e) = workers.await
     {
         tracing::warn!(error = %e, "worker pool ended abnormally");
+    }
+    if let Some(retention) = retention
+        && let Err(e) = retention.await
+    {
+        tracing::warn!(error = %e, "retention sweep ended abnormally");
     }
     for task in nats {
         if let Err(e) = task.await {

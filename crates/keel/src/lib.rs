@@ -16,6 +16,8 @@
 //! * [`mock`]: an OpenAI-compatible mock LLM and a counting tool server, for
 //!   tests and the benchmark.
 //! * [`bench`]: `keel bench`, the throughput and latency benchmark.
+//! * [`retention`]: the sweep deleting runs that ended longer ago than
+//!   `keel serve --retention`.
 //! * `nats` (feature `nats`, on by default): the relay exporting journal
 //!   events to NATS JetStream and the consumer ingesting run submissions
 //!   from it (`docs/EVENTS.md`).
@@ -40,6 +42,7 @@ pub mod mock;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod progress;
+pub mod retention;
 pub mod service;
 
 /// Writes one line of a command's output to stdout (see `outln!`).

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use keel_core::breaker::Phase;
+use keel_core::event::ParentLink;
 use keel_core::message::Usage;
 use keel_core::run::Status;
 use keel_core::spec::Spec;
@@ -17,9 +18,9 @@ use serde_json::{Value, json};
 
 use crate::{
     Append, BreakerRecord, Committed, Delta, DeltaAttempt, DeltaBatch, DeltaPos, Error,
-    ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, QueuedCall, Rate,
-    Registered, RelayHolder, Result, RunFilter, RunRef, RunTask, Store, Submission, Submitted,
-    Task, TaskKind, TaskUpdate, ToolCallDelta, UsageTotals,
+    ExportStatus, Grant, Lease, LeaseTo, NewTask, OutboxEntry, Projection, Purge, Purged,
+    QueuedCall, Rate, Registered, RelayHolder, Result, RunFilter, RunRef, RunTask, Store,
+    Submission, Submitted, Task, TaskKind, TaskUpdate, ToolCallDelta, UsageTotals,
 };
 
 /// Stamps out a `#[tokio::test]` per conformance test for one backend.
@@ -49,6 +50,8 @@ macro_rules! store_suite {
                 release_all_gives_leases_back,
                 tasks_leased_on_creation,
                 terminal_append_clears_tasks,
+                purge_deletes_ended_runs_with_all_they_left,
+                purge_keeps_what_is_still_needed,
                 list_runs_filters_and_pages,
                 parked_runs_page_by_cursor,
                 agent_versions,
@@ -80,6 +83,15 @@ macro_rules! store_suite {
                     return Ok(());
                 };
                 super::write_throughput(store).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "throughput check: cargo test -p keel-store -- --ignored --nocapture"]
+            async fn purge_throughput() -> Result<()> {
+                let Some((store, _guard)) = $open.await? else {
+                    return Ok(());
+                };
+                super::purge_throughput(store).await
             }
         }
     };
@@ -986,6 +998,321 @@ pub(crate) async fn terminal_append_clears_tasks<S: Store>(store: S) -> Result<(
     let later = store.claim("b", 10, LEASE, T0 + LEASE_MS).await?;
     assert_eq!(later.len(), 1);
     assert_eq!(later[0].run_id, other);
+    Ok(())
+}
+
+/// A run id drawn at `at`, as the run's creation time (ids carry it).
+fn run_id_at(at: Millis) -> RunId {
+    let at = u64::try_from(at).expect("a time after the epoch");
+    let time = uuid::Timestamp::from_unix_time(at / 1000, (at % 1000) as u32 * 1_000_000, 0, 0);
+    RunId(uuid::Uuid::new_v7(time))
+}
+
+/// A run created at `T0` by `sub`, whose task is claimed and which ends
+/// (completed) at `at`, with `later` tasks queued by its last append.
+async fn ended_run<S: Store>(
+    store: &S,
+    mut sub: Submission,
+    at: Millis,
+    later: Vec<NewTask>,
+) -> Result<RunId> {
+    let run_id = sub.run_id;
+    sub.now = T0;
+    store.submit(sub).await?;
+    let task = claim_one(store, "w", LEASE, T0).await?;
+    assert_eq!(task.run_id, run_id);
+    let mut end = append(
+        run_id,
+        1,
+        Some(task.lease),
+        vec![Event::RunCompleted {
+            output: "done".into(),
+        }],
+    );
+    end.task = TaskUpdate::Complete;
+    end.clear_tasks = true;
+    end.projection = projection(Status::Completed);
+    end.now = at;
+    end.new_tasks = later;
+    store.append(end).await?;
+    Ok(run_id)
+}
+
+/// Every purge from the start, as a sweep goes: the runs deleted.
+async fn sweep<S: Store>(store: &S, ended_before: Millis, limit: u32) -> Result<Vec<RunId>> {
+    let mut deleted = Vec::new();
+    let mut after = None;
+    loop {
+        let Purged {
+            deleted: some,
+            next,
+        } = store
+            .purge(Purge {
+                ended_before,
+                limit,
+                after,
+            })
+            .await?;
+        deleted.extend(some);
+        match next {
+            Some(next) => after = Some(next),
+            None => return Ok(deleted),
+        }
+    }
+}
+
+pub(crate) async fn purge_deletes_ended_runs_with_all_they_left<S: Store>(store: S) -> Result<()> {
+    // Ended at T0 + 10: with an idempotency key, and a dead letter left by
+    // a task that gave up before it was cancelled.
+    let mut sub = submission("t", "a", json!("old"), Some("key-old"));
+    sub.run_id = run_id_at(T0);
+    let old = sub.run_id;
+    store.submit(sub).await?;
+    let task = claim_one(&store, "w", LEASE, T0).await?;
+    let mut park = append(
+        old,
+        1,
+        Some(task.lease),
+        vec![Event::TaskDeadLettered {
+            task_id: task.lease.task_id,
+            kind: "llm".to_string(),
+            step: 1,
+            attempts: 1,
+            error: "gave up".to_string(),
+        }],
+    );
+    park.task = TaskUpdate::DeadLetter {
+        error: "gave up".to_string(),
+    };
+    store.append(park).await?;
+    let mut cancel = append(
+        old,
+        2,
+        None,
+        vec![Event::RunCancelled {
+            reason: "stop".to_string(),
+        }],
+    );
+    cancel.clear_tasks = true;
+    cancel.projection = projection(Status::Cancelled);
+    cancel.now = T0 + 10;
+    store.append(cancel).await?;
+    assert_eq!(store.dead_letters(10).await?.len(), 1);
+
+    // Ended at T0 + 1000, and one still running.
+    let mut sub = submission("t", "a", json!("newer"), None);
+    sub.run_id = run_id_at(T0 + 1);
+    let newer = ended_run(&store, sub, T0 + 1000, Vec::new()).await?;
+    let mut sub = submission("t", "a", json!("running"), None);
+    sub.run_id = run_id_at(T0 + 2);
+    let running = sub.run_id;
+    store.submit(sub).await?;
+
+    // Only what ended before the cutoff goes, with everything about it.
+    assert_eq!(sweep(&store, T0 + 500, 10).await?, vec![old]);
+    assert!(store.get_run(old).await?.is_none());
+    assert!(store.events(old, 0, 100).await?.is_empty());
+    assert!(store.dead_letters(10).await?.is_empty());
+    assert!(store.get_run(newer).await?.is_some());
+    assert_eq!(event_count(&store, newer).await?, 2);
+    let listed = store
+        .list_runs(RunFilter {
+            tenant: "t".to_string(),
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await?;
+    assert_eq!(
+        listed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![running, newer]
+    );
+    // Its idempotency key went with it: the key names a new run now.
+    let again = submission("t", "a", json!("old"), Some("key-old"));
+    let again_id = again.run_id;
+    let submitted = store.submit(again).await?;
+    assert!(submitted.created);
+    assert_eq!(submitted.run_id, again_id);
+
+    // Later, the newer one goes too; the running one never does.
+    assert_eq!(sweep(&store, T0 + 2000, 10).await?, vec![newer]);
+    assert!(store.get_run(newer).await?.is_none());
+    assert!(store.get_run(running).await?.is_some());
+    assert!(sweep(&store, T0 + 2000, 10).await?.is_empty());
+
+    // Deleting one run by id: an ended one goes, an unknown one is not
+    // found, a running one is refused, saying so.
+    let mut sub = submission("t", "a", json!("one"), None);
+    sub.run_id = run_id_at(T0 + 3);
+    let claimed = store.claim("w", 10, LEASE, T0).await?;
+    assert_eq!(runs_of(&claimed), HashSet::from([running, again_id]));
+    let one = ended_run(&store, sub, T0 + 3000, Vec::new()).await?;
+    store.delete_run(one).await?;
+    assert!(store.get_run(one).await?.is_none());
+    assert!(matches!(
+        store.delete_run(one).await,
+        Err(Error::NotFound(_))
+    ));
+    match store.delete_run(running).await {
+        Err(Error::Conflict(why)) => assert!(why.contains("has not ended"), "{why}"),
+        other => panic!("deleting a running run: {other:?}"),
+    }
+    assert!(store.get_run(running).await?.is_some());
+    Ok(())
+}
+
+pub(crate) async fn purge_keeps_what_is_still_needed<S: Store>(store: S) -> Result<()> {
+    // An ended run with a callback still to deliver stays until it is done.
+    let mut sub = submission("t", "a", json!("calling back"), None);
+    sub.run_id = run_id_at(T0);
+    let calling = ended_run(
+        &store,
+        sub,
+        T0 + 10,
+        vec![new_task(TaskKind::Callback, T0 + LEASE_MS * 100)],
+    )
+    .await?;
+    assert!(sweep(&store, T0 + 500, 10).await?.is_empty());
+    match store.delete_run(calling).await {
+        Err(Error::Conflict(why)) => assert!(why.contains("work queued"), "{why}"),
+        other => panic!("deleting a run with a task: {other:?}"),
+    }
+    let callback = claim_one(&store, "w", LEASE, T0 + LEASE_MS * 100).await?;
+    let mut done = append(calling, 2, Some(callback.lease), Vec::new());
+    done.task = TaskUpdate::Complete;
+    done.projection = projection(Status::Completed);
+    done.now = T0 + 10;
+    store.append(done).await?;
+
+    // A child run that ended stays while its parent runs (the parent's
+    // fan-in reads it), and a scan that sees only kept runs goes on past
+    // them.
+    let parent = run_id_at(T0 + 1);
+    let mut sub = submission("t", "a", json!("parent"), None);
+    sub.run_id = parent;
+    store.submit(sub).await?;
+    let task = claim_one(&store, "w", LEASE, T0).await?;
+    let children: Vec<Submission> = (0..2)
+        .map(|i| {
+            let mut child = submission("t", "kid", json!({"part": i}), None);
+            child.run_id = parent.child(1, 0, i);
+            if let Event::RunSubmitted { parent: link, .. } = &mut child.event {
+                *link = Some(ParentLink {
+                    run_id: parent,
+                    step: 1,
+                    call_index: 0,
+                    index: i,
+                    depth: 1,
+                    on_dead_letter: Default::default(),
+                });
+            }
+            child.now = T0;
+            child
+        })
+        .collect();
+    let mut spawn = append(parent, 1, Some(task.lease), vec![rejected(1, "spawned")]);
+    spawn.task = TaskUpdate::Complete;
+    spawn.spawn = children.clone();
+    store.append(spawn).await?;
+    for child in &children {
+        let task = claim_one(&store, "w", LEASE, T0).await?;
+        assert_eq!(task.run_id, child.run_id);
+        let mut end = append(
+            child.run_id,
+            1,
+            Some(task.lease),
+            vec![Event::RunCompleted {
+                output: "part".into(),
+            }],
+        );
+        end.task = TaskUpdate::Complete;
+        end.clear_tasks = true;
+        end.projection = projection(Status::Completed);
+        end.now = T0 + 20;
+        store.append(end).await?;
+    }
+    let mut deleted = Vec::new();
+    for _ in 0..3 {
+        let purged = store
+            .purge(Purge {
+                ended_before: T0 + 500,
+                limit: 1,
+                after: deleted.last().copied(),
+            })
+            .await?;
+        // The callback's run first, then the children, kept, one a call.
+        deleted.extend(purged.deleted);
+        if let Some(next) = purged.next {
+            deleted.push(next);
+        }
+    }
+    assert_eq!(deleted.first(), Some(&calling));
+    assert!(store.get_run(calling).await?.is_none());
+    for child in &children {
+        assert!(store.get_run(child.run_id).await?.is_some());
+        match store.delete_run(child.run_id).await {
+            Err(Error::Conflict(why)) => assert!(why.contains("child of run"), "{why}"),
+            other => panic!("deleting a child of a running parent: {other:?}"),
+        }
+    }
+
+    // The parent ends: both go with it. A child still running when its
+    // parent was deleted can still end (its wake-up of the parent is
+    // dropped).
+    let mut end = append(
+        parent,
+        2,
+        None,
+        vec![Event::RunCompleted {
+            output: "all".into(),
+        }],
+    );
+    end.clear_tasks = true;
+    end.projection = projection(Status::Completed);
+    end.now = T0 + 30;
+    store.append(end).await?;
+    let mut gone = sweep(&store, T0 + 500, 2).await?;
+    gone.sort_unstable();
+    let mut expected = vec![parent, children[0].run_id, children[1].run_id];
+    expected.sort_unstable();
+    assert_eq!(gone, expected);
+
+    let orphan = run_id_at(T0 + 2);
+    let mut sub = submission("t", "a", json!("orphan"), None);
+    sub.run_id = orphan;
+    store.submit(sub).await?;
+    let task = claim_one(&store, "w", LEASE, T0).await?;
+    let mut end = append(
+        orphan,
+        1,
+        Some(task.lease),
+        vec![Event::RunCompleted {
+            output: "late".into(),
+        }],
+    );
+    end.task = TaskUpdate::Complete;
+    end.clear_tasks = true;
+    end.projection = projection(Status::Completed);
+    end.wake = vec![RunTask {
+        run_id: parent,
+        task: new_task(TaskKind::Children, T0),
+    }];
+    store.append(end).await?;
+    assert!(store.claim("w", 10, LEASE, T0 + LEASE_MS).await?.is_empty());
+
+    // Events not exported yet keep their run until the relay has them.
+    store.enable_export().await?;
+    let mut sub = submission("t", "a", json!("exported"), None);
+    sub.run_id = run_id_at(T0 + 3);
+    let exported = ended_run(&store, sub, T0 + 40, Vec::new()).await?;
+    assert_eq!(sweep(&store, T0 + 500, 10).await?, vec![orphan]);
+    match store.delete_run(exported).await {
+        Err(Error::Conflict(why)) => assert!(why.contains("exported"), "{why}"),
+        other => panic!("deleting a run with events to export: {other:?}"),
+    }
+    let entries = store.outbox(100).await?;
+    let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
+    store.ack_outbox(&ids).await?;
+    assert_eq!(sweep(&store, T0 + 500, 10).await?, vec![exported]);
     Ok(())
 }
 
@@ -2154,6 +2481,51 @@ pub(crate) async fn write_throughput<S: Store>(store: S) -> Result<()> {
         worker.await.expect("worker panicked")?;
     }
     report("step appends", WORKERS * STEPS as usize, started.elapsed());
+    Ok(())
+}
+
+/// How fast retention deletes: 10,000 ended runs of 10 events (~2.5 KB of
+/// journal each) are made, then swept 500 a transaction.
+pub(crate) async fn purge_throughput<S: Store>(store: S) -> Result<()> {
+    const WORKERS: usize = 200;
+    const RUNS: usize = 50;
+
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let store = store.clone();
+        workers.push(tokio::spawn(async move {
+            for _ in 0..RUNS {
+                let run_id = submit_run(&store, T0).await?;
+                let mut events: Vec<Event> = (0..8).map(|_| output(200)).collect();
+                events.push(Event::RunCompleted {
+                    output: "done".into(),
+                });
+                let mut end = append(run_id, 1, None, events);
+                end.clear_tasks = true;
+                end.projection = projection(Status::Completed);
+                store.append(end).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker panicked")?;
+    }
+    let runs = WORKERS * RUNS;
+    // Every run ended at T0 + 1; ids carry the wall clock, so the cutoff
+    // is later than both.
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+        + 3_600_000;
+    let started = Instant::now();
+    let deleted = sweep(&store, later, 500).await?;
+    let elapsed = started.elapsed();
+    assert_eq!(deleted.len(), runs);
+    let rate = runs as f64 / elapsed.as_secs_f64();
+    println!(
+        "{runs} ended runs of 10 events purged 500 a transaction in {elapsed:.2?}: {rate:.0} runs/s"
+    );
     Ok(())
 }
 

@@ -12,6 +12,8 @@
 //!   with `FOR UPDATE SKIP LOCKED`, commits are announced with `NOTIFY`).
 //! * `outbox`: grouping the rows both backends read from the outbox.
 //! * `limit`: the rate limiter's arithmetic (GCRA), shared by both backends.
+//! * `purge`: which ended runs [`Store::purge`] and [`Store::delete_run`]
+//!   may delete (retention), shared by both backends.
 //! * `conformance`: the behaviour every backend must have, as generic tests.
 //!
 //! # Event export
@@ -78,6 +80,7 @@ mod conformance;
 mod limit;
 mod outbox;
 pub mod postgres;
+mod purge;
 pub mod sqlite;
 
 use std::future::Future;
@@ -507,6 +510,34 @@ pub struct RunFilter {
     pub limit: u32,
 }
 
+/// Which ended runs [`Store::purge`] deletes: those that ended (their
+/// last append) before `ended_before`, oldest first, looking at most at
+/// `limit` of them after `after`.
+///
+/// A run is kept, whatever its age, while anything may still need it: a
+/// task of its own (a callback still being delivered, a timer), events not
+/// exported yet (outbox entries), or a parent run that has not ended (its
+/// fan-in reads the child's row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Purge {
+    /// Runs whose last append is older than this.
+    pub ended_before: Millis,
+    /// Most runs looked at (and so deleted) in one call.
+    pub limit: u32,
+    /// Only runs with a greater id: [`Purged::next`] of the call before.
+    pub after: Option<RunId>,
+}
+
+/// What [`Store::purge`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// The runs deleted.
+    pub deleted: Vec<RunId>,
+    /// Where the next call goes on ([`Purge::after`]) when this one looked
+    /// at `limit` runs: more may follow. `None` when it saw them all.
+    pub next: Option<RunId>,
+}
+
 /// Tokens and cost summed over runs ([`Store::usage`]), each run as of
 /// its last append.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -896,6 +927,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         after: Seq,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Recorded>>> + Send;
+
+    /// Deletes runs that ended before `purge.ended_before` (see [`Purge`]
+    /// for what keeps one), with everything stored about them: journal,
+    /// streamed deltas, dead letters and idempotency key. Agent versions
+    /// stay.
+    fn purge(&self, purge: Purge) -> impl Future<Output = Result<Purged>> + Send;
+
+    /// Deletes one ended run with everything stored about it, as
+    /// [`Store::purge`] does; [`Error::NotFound`] if there is no such run,
+    /// [`Error::Conflict`] naming the reason if it has not ended or anything
+    /// still needs it.
+    fn delete_run(&self, id: RunId) -> impl Future<Output = Result<()>> + Send;
 
     /// Leases up to `limit` runnable tasks (due, and not leased or with an
     /// expired lease), counting an attempt on each: those of lowest rank,

@@ -39,7 +39,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
         .route("/v1/runs", post(submit::<S>).get(list_runs::<S>))
-        .route("/v1/runs/{id}", get(get_run::<S>))
+        .route("/v1/runs/{id}", get(get_run::<S>).delete(delete_run::<S>))
         .route("/v1/runs/{id}/events", get(events::<S>))
         .route("/v1/runs/{id}/cancel", post(cancel::<S>))
         .route("/v1/runs/{id}/approvals/{approval_id}", post(decide::<S>))
@@ -278,6 +278,18 @@ async fn get_run<S: Store>(
 ) -> Result<Json<service::RunView>, Error> {
     let id = segment(id)?;
     Ok(Json(svc.view(run_id(&id)?).await?))
+}
+
+/// Deletes an ended run with everything stored about it (its journal,
+/// streamed output, dead letters, idempotency key): 204; 409 saying why
+/// if it has not ended or something still needs it.
+async fn delete_run<S: Store>(
+    State(svc): Api<S>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, Error> {
+    let id = run_id(&segment(id)?)?;
+    svc.store.delete_run(id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

@@ -22,6 +22,7 @@ mod outage;
 mod postgres;
 mod priority;
 mod providers;
+mod retention;
 mod sagas;
 mod secrets;
 mod streaming;

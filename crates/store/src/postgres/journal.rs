@@ -237,11 +237,12 @@ impl<'a> Tasks<'a> {
             .push(task.queue.as_ref().map(|q| i64::from(q.call_index)));
     }
 
-    async fn write(self, conn: &mut PgConnection) -> Result<()> {
+    /// Inserts the tasks with `sql` ([`INSERT_TASKS`] or [`INSERT_WAKES`]).
+    async fn write(self, conn: &mut PgConnection, sql: &'static str) -> Result<()> {
         if self.id.is_empty() {
             return Ok(());
         }
-        sqlx::query(INSERT_TASKS)
+        sqlx::query(sql)
             .bind(self.id)
             .bind(self.run)
             .bind(self.kind)
@@ -267,6 +268,17 @@ const INSERT_TASKS: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts,
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
          $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[], \
          $12::text[], $13::bigint[])";
+
+/// Tasks for other runs than the one appended to: a run deleted since
+/// (an ended parent past its retention) gets none.
+const INSERT_WAKES: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
+         visible_at, lease_owner, lease_token, created_at, priority, queue, call_index) \
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
+         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[], \
+         $12::text[], $13::bigint[]) \
+         AS t (id, run_id, kind, step, attempts, max_attempts, visible_at, lease_owner, \
+             lease_token, created_at, priority, queue, call_index) \
+     WHERE EXISTS (SELECT 1 FROM runs WHERE runs.id = t.run_id)";
 
 type SubmitCall = Call<Submit, Submitted>;
 
@@ -466,7 +478,7 @@ async fn submit_wave(
         tasks.push(r.run_id, &r.task, r.now);
     }
     events.write(conn).await?;
-    tasks.write(conn).await?;
+    tasks.write(conn, INSERT_TASKS).await?;
 
     for call in accepted {
         let run_id = call.request.run_id;
@@ -811,6 +823,8 @@ struct Rows<'a> {
     /// Dead letters going back to the queue, and when.
     redrives: (Vec<Uuid>, Vec<Millis>),
     tasks: Tasks<'a>,
+    /// Tasks for other runs (wake-ups), for those still stored.
+    wakes: Tasks<'a>,
     /// Child runs the appends start.
     runs: Vec<&'a Submit>,
 }
@@ -852,7 +866,7 @@ impl<'a> Rows<'a> {
             self.tasks.push(child.run_id, &child.task, r.now);
         }
         for (run, insert) in &r.wake {
-            self.tasks.push(*run, insert, r.now);
+            self.wakes.push(*run, insert, r.now);
         }
     }
 
@@ -911,6 +925,7 @@ impl<'a> Rows<'a> {
                 .await
                 .map_err(backend)?;
         }
-        self.tasks.write(conn).await
+        self.tasks.write(conn, INSERT_TASKS).await?;
+        self.wakes.write(conn, INSERT_WAKES).await
     }
 }

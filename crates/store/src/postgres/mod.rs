@@ -94,6 +94,7 @@ mod journal;
 mod limits;
 mod listen;
 mod migrate;
+mod purge;
 mod queue;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -124,11 +125,12 @@ pub use self::listen::{CHANNEL, RECONNECTED};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
+use crate::purge::Scope;
 use crate::{
     AgentRecord, AgentUsage, Append, Appended, BreakerRecord, Committed, DeadLetter, DeltaBatch,
-    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Queued,
-    QueuedCall, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
-    TaskKind, TaskUpdate, UsageTotals,
+    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Purge, Purged,
+    Queued, QueuedCall, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission,
+    Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Ops that may wait for the writer before callers wait to send.
@@ -824,6 +826,14 @@ impl Store for PgStore {
             .await
             .map_err(backend)?;
         row.map(RunRow::into_record).transpose()
+    }
+
+    async fn purge(&self, purge: Purge) -> Result<Purged> {
+        purge::purge(&self.reads, &Scope::Ended(purge)).await
+    }
+
+    async fn delete_run(&self, id: RunId) -> Result<()> {
+        purge::purge(&self.reads, &Scope::One(id)).await.map(drop)
     }
 
     async fn list_runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {

@@ -232,6 +232,21 @@ static INSERT_TASKS: LazyLock<Bulk> = LazyLock::new(|| {
     )
 });
 
+/// Tasks for other runs than the one appended to: a run deleted since
+/// (an ended parent past its retention) gets none.
+static INSERT_WAKES: LazyLock<Bulk> = LazyLock::new(|| {
+    Bulk::new(
+        13,
+        "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
+             priority, queue, call_index) AS (VALUES {values}) \
+         INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
+             lease_owner, lease_token, created_at, priority, queue, call_index) \
+         SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
+             priority, queue, call_index \
+         FROM v WHERE id IS NOT NULL AND EXISTS (SELECT 1 FROM runs WHERE runs.id = v.run)",
+    )
+});
+
 type SubmitCall = Call<Submit, Submitted>;
 
 /// Runs submissions, wave by wave; a wave has each run id and each
@@ -767,6 +782,8 @@ struct Rows<'a> {
     purges: Vec<PurgeRow>,
     redrives: Vec<RedriveRow>,
     tasks: Vec<TaskRow<'a>>,
+    /// Tasks for other runs (wake-ups), for those still stored.
+    wakes: Vec<TaskRow<'a>>,
     /// Child runs the appends start.
     runs: Vec<RunRow<'a>>,
 }
@@ -836,7 +853,7 @@ impl<'a> Rows<'a> {
             self.tasks.push(child.task.row(child.run_id, r.now));
         }
         for (run, insert) in &r.wake {
-            self.tasks.push(insert.row(*run, r.now));
+            self.wakes.push(insert.row(*run, r.now));
         }
     }
 
@@ -865,6 +882,7 @@ impl<'a> Rows<'a> {
         bulk::execute(conn, &REDRIVE, &self.redrives).await?;
         bulk::execute(conn, &DELETE_DEAD_LETTERS, &self.redrives).await?;
         bulk::execute(conn, &INSERT_TASKS, &self.tasks).await?;
+        bulk::execute(conn, &INSERT_WAKES, &self.wakes).await?;
         Ok(())
     }
 }

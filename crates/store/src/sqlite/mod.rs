@@ -31,6 +31,7 @@ mod export;
 mod journal;
 mod limits;
 mod migrate;
+mod purge;
 mod queue;
 #[cfg(test)]
 mod tests;
@@ -58,11 +59,12 @@ use self::limits::Limits;
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
+use crate::purge::Scope;
 use crate::{
     AgentRecord, AgentUsage, Append, Appended, BreakerRecord, Committed, DeadLetter, DeltaBatch,
-    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Queued,
-    QueuedCall, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission, Submitted, Task,
-    TaskKind, TaskUpdate, UsageTotals,
+    DeltaPos, Deltas, Error, ExportStatus, Grant, Lease, OutboxEntry, Projection, Purge, Purged,
+    Queued, QueuedCall, Rate, Registered, Result, RunFilter, RunRecord, Store, Submission,
+    Submitted, Task, TaskKind, TaskUpdate, UsageTotals,
 };
 
 /// Read connections (WAL readers run alongside the writer).
@@ -544,6 +546,18 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         row.map(RunRow::into_record).transpose()
+    }
+
+    async fn purge(&self, purge: Purge) -> Result<Purged> {
+        let scope = Scope::Ended(purge);
+        self.write(|reply| Op::Purge(Call::new(scope, reply))).await
+    }
+
+    async fn delete_run(&self, id: RunId) -> Result<()> {
+        let scope = Scope::One(id);
+        self.write(|reply| Op::Purge(Call::new(scope, reply)))
+            .await
+            .map(drop)
     }
 
     async fn list_runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {

@@ -29,9 +29,11 @@ use super::agents::{self, PutAgent};
 use super::deltas;
 use super::export::{self, RelayLease};
 use super::journal::{self, AppendEvents, Submit};
+use super::purge;
 use super::queue::{self, Claim, Heartbeat, ReleaseAll, RetryLater};
+use crate::purge::Scope;
 use crate::{
-    Appended, Committed, DeltaBatch, DeltaPos, Error, Registered, Result, Submitted, Task,
+    Appended, Committed, DeltaBatch, DeltaPos, Error, Purged, Registered, Result, Submitted, Task,
 };
 
 /// Most ops committed in one transaction.
@@ -134,6 +136,8 @@ pub(super) enum Op {
     RelayLease(Call<RelayLease, bool>),
     /// Persist a batch of streamed LLM output.
     Deltas(Call<DeltaBatch, DeltaPos>),
+    /// Delete ended runs.
+    Purge(Call<Scope, Purged>),
 }
 
 impl Op {
@@ -152,6 +156,7 @@ impl Op {
             Op::AckOutbox(call) => call.clear(),
             Op::RelayLease(call) => call.clear(),
             Op::Deltas(call) => call.clear(),
+            Op::Purge(call) => call.clear(),
         }
     }
 
@@ -170,6 +175,7 @@ impl Op {
             Op::AckOutbox(call) => call.fail(message),
             Op::RelayLease(call) => call.fail(message),
             Op::Deltas(call) => call.fail(message),
+            Op::Purge(call) => call.fail(message),
         }
     }
 
@@ -188,6 +194,7 @@ impl Op {
             Op::AckOutbox(call) => call.finish(),
             Op::RelayLease(call) => call.finish(),
             Op::Deltas(call) => call.finish(),
+            Op::Purge(call) => call.finish(),
         }
     }
 }
@@ -243,6 +250,10 @@ async fn run(
             }
             Op::Deltas(call) => {
                 let result = deltas::append(conn, &call.request, commits).await;
+                call.settle(result)?;
+            }
+            Op::Purge(call) => {
+                let result = purge::purge(conn, &call.request).await;
                 call.settle(result)?;
             }
         }
