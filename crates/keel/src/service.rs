@@ -198,7 +198,15 @@ pub fn parse_priority(value: Option<&Value>) -> Result<Priority, String> {
         None | Some(Value::Null) => return Ok(Priority::DEFAULT),
         Some(value) => value,
     };
-    value.as_i64().and_then(Priority::new).ok_or_else(|| {
+    // 8.0 is the integer 8 in JSON (and JSON Schema): what a client's
+    // float-typed field sends.
+    let integral = value.as_i64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=9.0).contains(f))
+            .map(|f| f as i64)
+    });
+    integral.and_then(Priority::new).ok_or_else(|| {
         format!("`priority` must be an integer from 0 (lowest) to 9 (highest), got {value}")
     })
 }

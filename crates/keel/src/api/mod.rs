@@ -3,6 +3,7 @@
 //! lives in [`crate::service`].
 
 mod error;
+mod openapi;
 #[cfg(test)]
 mod tests;
 mod worker;
@@ -38,6 +39,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/runs", post(submit::<S>).get(list_runs::<S>))
         .route("/v1/runs/{id}", get(get_run::<S>).delete(delete_run::<S>))
         .route("/v1/runs/{id}/events", get(events::<S>))

@@ -116,7 +116,7 @@ async fn refusals_name_what_is_wrong() {
             .contains("colour"),
         "{json}"
     );
-    for priority in ["10", "-1", "1.5", "\"high\"", "[]"] {
+    for priority in ["10", "-1", "1.5", "10.0", "\"high\"", "[]"] {
         let body = format!(r#"{{"agent": "a", "input": "x", "priority": {priority}}}"#);
         let (status, json) = call(&app, "POST", "/v1/runs", body.into_bytes()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{priority}: {json}");
@@ -126,6 +126,12 @@ async fn refusals_name_what_is_wrong() {
             "{priority}: {json}"
         );
     }
+    // 8.0 is the integer 8 in JSON: it gets past the priority check (and
+    // fails on the unknown agent instead).
+    let body = br#"{"agent": "a", "input": "x", "priority": 8.0}"#.to_vec();
+    let (status, json) = call(&app, "POST", "/v1/runs", body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{json}");
+    assert!(!json.to_string().contains("priority"), "{json}");
     let (status, json) = call(&app, "POST", "/v1/agents", b"name: [unclosed".to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
@@ -182,6 +188,114 @@ async fn usage_of_nothing_and_of_unknown_agents() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
         let message = json["error"]["message"].as_str().unwrap_or("");
         assert!(message.contains("since"), "{uri}: {json}");
+    }
+    remove(&path);
+}
+
+/// The routes `router` declares, read from its source: `(path, methods)`.
+fn declared_routes() -> Vec<(String, Vec<String>)> {
+    let source = include_str!("mod.rs");
+    let start = source.find("pub fn router").expect("router");
+    let end = start + source[start..].find("\n}\n").expect("router's end");
+    let mut routes = Vec::new();
+    let mut rest = &source[start..end];
+    while let Some(at) = rest.find(".route(") {
+        rest = &rest[at + ".route(".len()..];
+        let open = rest.find('"').expect("a path");
+        let close = open + 1 + rest[open + 1..].find('"').expect("path's end");
+        let path = rest[open + 1..close].to_string();
+        // The handlers: up to the next route (or the fallback).
+        let until = rest[close..]
+            .find(".route(")
+            .or_else(|| rest[close..].find(".fallback("))
+            .map_or(rest.len(), |n| close + n);
+        let methods = ["get", "post", "put", "delete", "patch"]
+            .iter()
+            .filter(|m| {
+                let text = &rest[close..until];
+                text.contains(&format!(" {m}(")) || text.contains(&format!(".{m}("))
+            })
+            .map(|m| m.to_uppercase())
+            .collect();
+        routes.push((path, methods));
+    }
+    routes
+}
+
+/// The operations the OpenAPI document describes: `(path, methods)`.
+fn documented_routes() -> Vec<(String, Vec<String>)> {
+    let doc = keel_core::yaml::parse(super::openapi::SOURCE).expect("openapi.yaml parses");
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    paths
+        .iter()
+        .map(|(path, item)| {
+            let mut methods: Vec<String> = item
+                .as_object()
+                .expect("path item")
+                .keys()
+                .filter(|k| ["get", "post", "put", "delete", "patch"].contains(&k.as_str()))
+                .map(|k| k.to_uppercase())
+                .collect();
+            methods.sort();
+            (path.clone(), methods)
+        })
+        .collect()
+}
+
+#[test]
+fn the_openapi_document_describes_every_route_and_only_those() {
+    let mut declared = declared_routes();
+    for (_, methods) in &mut declared {
+        methods.sort();
+    }
+    declared.sort();
+    let mut documented = documented_routes();
+    documented.sort();
+    assert!(
+        declared.len() > 15,
+        "routes read from the source: {declared:?}"
+    );
+    assert_eq!(declared, documented);
+}
+
+#[tokio::test]
+async fn every_documented_operation_is_served_and_other_methods_are_refused() {
+    let (app, path) = app().await;
+    let served = app.clone().oneshot(
+        Request::builder()
+            .uri("/openapi.json")
+            .body(Body::empty())
+            .expect("request"),
+    );
+    let response = served.await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let served: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    let source = keel_core::yaml::parse(super::openapi::SOURCE).expect("parses");
+    assert_eq!(served, source);
+
+    for (template, methods) in documented_routes() {
+        let uri = template
+            .replace("{id}", &uuid::Uuid::now_v7().to_string())
+            .replace("{name}", "probe")
+            .replace("{approval_id}", "1.0.1");
+        for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+            let (status, body) = call(&app, method, &uri, Vec::new()).await;
+            if methods.iter().any(|m| m == method) {
+                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert_ne!(message, "no such route", "{method} {uri}");
+            } else {
+                assert_eq!(
+                    status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {uri}: {body}"
+                );
+            }
+        }
     }
     remove(&path);
 }
