@@ -12,6 +12,8 @@
 //!   with `FOR UPDATE SKIP LOCKED`, commits are announced with `NOTIFY`).
 //! * `outbox`: grouping the rows both backends read from the outbox.
 //! * `limit`: the rate limiter's arithmetic (GCRA), shared by both backends.
+//! * `stats`: what [`Store::stats`] counts (tasks, unfinished runs, dead
+//!   letters), decoded from the rows both backends' statement returns.
 //! * `conformance`: the behaviour every backend must have, as generic tests.
 //!
 //! # Event export
@@ -79,6 +81,9 @@ mod limit;
 mod outbox;
 pub mod postgres;
 pub mod sqlite;
+mod stats;
+
+pub use stats::{RunCount, Stats, TaskCount, TaskState};
 
 use std::future::Future;
 use std::time::Duration;
@@ -987,6 +992,14 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// One dead letter.
     fn dead_letter(&self, id: TaskId) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;
+
+    /// Counts what the store holds at `now`, in one snapshot, for
+    /// monitoring: the tasks by queue, kind and state (ready, scheduled,
+    /// leased), the unfinished runs by status, the dead letters. Cheap
+    /// enough for every scrape: it reads the live tasks, the index of
+    /// unfinished runs only (never the finished runs, however many) and the
+    /// dead letters.
+    fn stats(&self, now: Millis) -> impl Future<Output = Result<Stats>> + Send;
 
     /// The time the earliest not-yet-due task becomes runnable, if any (so an
     /// idle worker sleeps exactly until then).
