@@ -7,13 +7,15 @@
 //! dead letters, retries, claims) in one registry per process, updated
 //! where it happens: a commit's events are tallied ([`Tally`]) and recorded
 //! once the commit went through, so a refused append counts nothing. The
-//! API's `GET /metrics` writes them with the gauges it reads from the store
-//! at scrape time (the `STORE_*`-documented families below: queue depth,
-//! unfinished runs, dead letters, outbox, breakers).
+//! API's `GET /metrics` writes them with the gauges it reads at scrape
+//! time: from the store (the `STORE_*` families below: queue depth,
+//! unfinished runs, dead letters, outbox) and from the gateway's circuit
+//! breakers (`BREAKER_*`).
 //!
 //! Counters are per process: with several processes on one database, sum
 //! them over the processes (`sum without (instance)`); the store gauges are
-//! the same in every process.
+//! the same in every process, so take one process's (`max without
+//! (instance)`), never their sum.
 //!
 //! Labels stay bounded: agents, providers, models, task kinds and tool
 //! kinds only (never a run id); each value is cut to [`MAX_LABEL_BYTES`],
@@ -193,7 +195,7 @@ pub const TASKS_CLAIMED: Desc = counter(
     &["kind", "attempt"],
 );
 
-// Read from the store at scrape time (gauges of the API's /metrics).
+// Read at scrape time by the API's /metrics: the store's gauges, the breakers.
 
 /// The queue: live tasks by queue, kind and state.
 pub const STORE_TASKS: Desc = gauge(
@@ -238,7 +240,7 @@ pub const STORE_OUTBOX_AGE: Desc = gauge(
     &[],
 );
 /// Circuit breakers.
-pub const STORE_BREAKER_STATE: Desc = gauge(
+pub const BREAKER_STATE: Desc = gauge(
     "keel_breaker_state",
     "1 for the state this process treats an LLM endpoint's circuit breaker as in (closed, open, half_open: its own breaker, or another process's open or half-open one from the store), 0 for the others.",
     &["endpoint", "state"],

@@ -81,7 +81,7 @@ pub(super) async fn metrics<S: Store>(State(svc): Api<S>) -> Response {
 }
 
 fn write_breakers(out: &mut Exposition, views: &[keel_engine::gateway::EndpointView]) {
-    out.family(&m::STORE_BREAKER_STATE);
+    out.family(&m::BREAKER_STATE);
     for view in views {
         for state in ["closed", "open", "half_open"] {
             let on = if view.breaker.state == state {
@@ -89,7 +89,7 @@ fn write_breakers(out: &mut Exposition, views: &[keel_engine::gateway::EndpointV
             } else {
                 0.0
             };
-            out.sample(&m::STORE_BREAKER_STATE, &[&view.endpoint, state], on);
+            out.sample(&m::BREAKER_STATE, &[&view.endpoint, state], on);
         }
     }
     out.family(&m::BREAKER_OPENED);
