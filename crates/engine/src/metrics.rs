@@ -203,6 +203,12 @@ pub const STORE_TASKS: Desc = gauge(
     "Tasks in the queue, by queue (internal: the engine's; else an external workers' queue), kind and state (ready: claimable now; scheduled: due later, e.g. retries and timers; leased: being worked on). Read from the store at scrape time.",
     &["queue", "kind", "state"],
 );
+/// How long the longest-waiting ready task of each queue and kind waited.
+pub const STORE_READY_AGE: Desc = gauge(
+    "keel_tasks_ready_oldest_seconds",
+    "How long the ready task that has waited longest has been claimable (due, or its lease expired), by queue and kind; absent when none is ready. Read from the store at scrape time.",
+    &["queue", "kind"],
+);
 /// Unfinished runs by status.
 pub const STORE_RUNS: Desc = gauge(
     "keel_runs_unfinished",

@@ -993,6 +993,18 @@ pub(crate) async fn stats_count_tasks_runs_and_dead_letters<S: Store>(store: S) 
         1
     );
     assert_eq!(stats.tasks.iter().map(|t| t.count).sum::<u64>(), 4);
+    // Since when the ready ones are due, when the next falls due, when the
+    // first lease expires.
+    let earliest = |state| {
+        stats
+            .tasks
+            .iter()
+            .find(|t| t.queue.is_none() && t.kind == TaskKind::Llm && t.state == state)
+            .map(|t| t.earliest)
+    };
+    assert_eq!(earliest(crate::TaskState::Ready), Some(T0));
+    assert_eq!(earliest(crate::TaskState::Scheduled), Some(T0 + 60_000));
+    assert_eq!(earliest(crate::TaskState::Leased), Some(T0 + LEASE_MS));
     assert_eq!(
         stats.runs,
         vec![

@@ -3,12 +3,14 @@
 //! kind and state, the unfinished runs by status, and the dead letters.
 //!
 //! Both backends answer with one statement (one snapshot) of the same
-//! shape, decoded here: rows of `(what, queue, name, state, count)`, where
-//! `what` is `task` (`name` is the task kind, `state` 0 ready, 1 scheduled,
-//! 2 leased), `run` (`name` is the status) or `dead` (the dead letters).
+//! shape, decoded here: rows of `(what, queue, name, state, count,
+//! earliest)`, where `what` is `task` (`name` is the task kind, `state` 0
+//! ready, 1 scheduled, 2 leased, `earliest` the least `visible_at`), `run`
+//! (`name` is the status) or `dead` (the dead letters).
 //! Tasks are few (only live ones are kept); runs are counted from the
 //! index of unfinished runs only, never the finished ones, however many.
 
+use keel_core::Millis;
 use keel_core::run::Status;
 
 use crate::{Error, Result, TaskKind};
@@ -73,6 +75,11 @@ pub struct TaskCount {
     pub state: TaskState,
     /// How many.
     pub count: u64,
+    /// The earliest time among theirs (`visible_at`): ready, since when
+    /// the one waiting longest has been due (or its lease expired);
+    /// scheduled, when the next one falls due; leased, when the first
+    /// lease expires unless extended.
+    pub earliest: Millis,
 }
 
 /// How many runs are in one unfinished status.
@@ -86,14 +93,15 @@ pub struct RunCount {
 
 /// A row of the statement both backends run: what is counted (`task`,
 /// `run` or `dead`), the task's queue, the task's kind or the run's
-/// status, the task's state code, the count.
-pub(crate) type Row = (String, Option<String>, Option<String>, i64, i64);
+/// status, the task's state code, the count, the tasks' least `visible_at`
+/// (0 for the others).
+pub(crate) type Row = (String, Option<String>, Option<String>, i64, i64, i64);
 
 /// Decodes the rows of the stats statement, in a stable order (tasks by
 /// queue, kind name and state; runs by status in life order).
 pub(crate) fn from_rows(rows: Vec<Row>) -> Result<Stats> {
     let mut stats = Stats::default();
-    for (what, queue, name, state, count) in rows {
+    for (what, queue, name, state, count, earliest) in rows {
         let count = u64::try_from(count)
             .map_err(|_| Error::Corrupt(format!("a {what} count is {count}")))?;
         let name = name.unwrap_or_default();
@@ -108,6 +116,7 @@ pub(crate) fn from_rows(rows: Vec<Row>) -> Result<Stats> {
                     kind,
                     state,
                     count,
+                    earliest,
                 });
             }
             "run" => {

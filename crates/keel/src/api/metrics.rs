@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use keel_engine::metrics::{self as m, Exposition};
-use keel_store::{ExportStatus, Stats, Store};
+use keel_store::{ExportStatus, Stats, Store, TaskState};
 
 use super::Api;
 use crate::events::RELAY_LEASE;
@@ -106,14 +106,24 @@ fn write_store(out: &mut Exposition, read: &Read, at: keel_core::Millis) {
     // Summed by label set: an external queue named like the engine's
     // differs by kind (`external`), but a label set must never repeat.
     let mut tasks: BTreeMap<(&str, &str, &str), u64> = BTreeMap::new();
+    let mut waited: BTreeMap<(&str, &str), keel_core::Millis> = BTreeMap::new();
     for count in &read.stats.tasks {
         let queue = count.queue.as_deref().unwrap_or(INTERNAL_QUEUE);
         let key = (queue, count.kind.as_str(), count.state.as_str());
         *tasks.entry(key).or_default() += count.count;
+        if count.state == TaskState::Ready {
+            let since = waited.entry((queue, count.kind.as_str())).or_insert(at);
+            *since = count.earliest.min(*since);
+        }
     }
     out.family(&m::STORE_TASKS);
     for ((queue, kind, state), count) in tasks {
         out.sample(&m::STORE_TASKS, &[queue, kind, state], count as f64);
+    }
+    out.family(&m::STORE_READY_AGE);
+    for ((queue, kind), since) in waited {
+        let age = at.saturating_sub(since).max(0) as f64 / 1000.0;
+        out.sample(&m::STORE_READY_AGE, &[queue, kind], age);
     }
     out.family(&m::STORE_RUNS);
     for count in &read.stats.runs {
@@ -133,8 +143,8 @@ fn write_store(out: &mut Exposition, read: &Read, at: keel_core::Millis) {
     out.family(&m::STORE_OUTBOX_EVENTS);
     out.sample(&m::STORE_OUTBOX_EVENTS, &[], export.backlog_events as f64);
     out.family(&m::STORE_OUTBOX_AGE);
-    let age = export
-        .oldest
-        .map_or(0.0, |oldest| (at - oldest).max(0) as f64 / 1000.0);
+    let age = export.oldest.map_or(0.0, |oldest| {
+        at.saturating_sub(oldest).max(0) as f64 / 1000.0
+    });
     out.sample(&m::STORE_OUTBOX_AGE, &[], age);
 }

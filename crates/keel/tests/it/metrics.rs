@@ -472,6 +472,12 @@ async fn metrics_match_what_the_runs_did() {
         ),
         1.0
     );
+    // It is the only ready task, waiting since its step committed.
+    let waited = m.all("keel_tasks_ready_oldest_seconds");
+    assert_eq!(waited.len(), 1, "{waited:?}");
+    let (labels, seconds) = waited[0];
+    assert!(labels.contains(&("queue".to_string(), "images".to_string())));
+    assert!((0.0..60.0).contains(&seconds), "{seconds}");
     // Nothing the engine could do now: no task of its own is ready or leased.
     assert_eq!(
         m.sum("keel_tasks", &[("queue", "internal"), ("state", "ready")]),

@@ -9,19 +9,20 @@ use crate::stats::{self, Row};
 use crate::{Result, Stats};
 
 /// The live tasks by queue, kind and state at `$1` (0 ready: due, an
-/// expired lease included; 1 scheduled; 2 leased), the unfinished runs by
+/// expired lease included; 1 scheduled; 2 leased) with their earliest
+/// `visible_at`, the unfinished runs by
 /// status, the dead letters. The runs are those of the partial index
 /// `runs_pending` (`outcome IS NULL`): with many finished runs the planner
 /// reads that index, never the finished rows (tested).
 pub(super) const STATS: &str = "\
     SELECT 'task'::text, queue, kind, \
            (CASE WHEN visible_at <= $1 THEN 0 WHEN lease_owner IS NULL THEN 1 ELSE 2 END)::bigint, \
-           count(*) \
+           count(*), min(visible_at) \
       FROM tasks GROUP BY 2, 3, 4 \
     UNION ALL \
-    SELECT 'run', NULL, status, 0, count(*) FROM runs WHERE outcome IS NULL GROUP BY status \
+    SELECT 'run', NULL, status, 0, count(*), 0 FROM runs WHERE outcome IS NULL GROUP BY status \
     UNION ALL \
-    SELECT 'dead', NULL, NULL, 0, count(*) FROM dead_letters";
+    SELECT 'dead', NULL, NULL, 0, count(*), 0 FROM dead_letters";
 
 /// Counts what the store holds at `now`.
 pub(super) async fn stats(reads: &PgPool, now: Millis) -> Result<Stats> {

@@ -9,7 +9,8 @@ use crate::{Result, Stats};
 use keel_core::Millis;
 
 /// The live tasks by queue, kind and state at `?1` (0 ready: due, an
-/// expired lease included; 1 scheduled; 2 leased), the unfinished runs by
+/// expired lease included; 1 scheduled; 2 leased) with their earliest
+/// `visible_at`, the unfinished runs by
 /// status, the dead letters. The runs are read from `runs_pending` only:
 /// `INDEXED BY` makes a plan through any other index an error, and the
 /// WHERE clause repeats the partial index's word for word, as SQLite needs
@@ -17,15 +18,15 @@ use keel_core::Millis;
 pub(super) const STATS: &str = "\
     SELECT 'task', queue, kind, \
            CASE WHEN visible_at <= ?1 THEN 0 WHEN lease_owner IS NULL THEN 1 ELSE 2 END AS state, \
-           COUNT(*) \
+           COUNT(*), MIN(visible_at) \
       FROM tasks GROUP BY queue, kind, state \
     UNION ALL \
-    SELECT 'run', NULL, status, 0, COUNT(*) FROM runs INDEXED BY runs_pending \
+    SELECT 'run', NULL, status, 0, COUNT(*), 0 FROM runs INDEXED BY runs_pending \
      WHERE status IN ('PENDING', 'AWAITING_LLM', 'AWAITING_TOOL', 'AWAITING_APPROVAL', \
      'AWAITING_CHILDREN', 'COMPENSATING') \
      GROUP BY status \
     UNION ALL \
-    SELECT 'dead', NULL, NULL, 0, COUNT(*) FROM dead_letters";
+    SELECT 'dead', NULL, NULL, 0, COUNT(*), 0 FROM dead_letters";
 
 /// Counts what the store holds at `now`.
 pub(super) async fn stats(reads: &SqlitePool, now: Millis) -> Result<Stats> {
