@@ -489,6 +489,21 @@ async fn metrics_match_what_the_runs_did() {
     );
     assert_eq!(m.get("keel_dead_letters", &[]), 1.0);
     assert_eq!(m.get("keel_export_enabled", &[]), 0.0);
+    // A query string is ignored; another method is refused like elsewhere.
+    let r = http
+        .get(server.url("/metrics?format=json"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(server.url("/metrics"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
     // Every family is typed; counters end in _total.
     for (family, kind) in &m.types {
         assert!(family.starts_with("keel_"), "{family}");
