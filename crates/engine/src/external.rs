@@ -306,7 +306,10 @@ impl<S: Store> External<S> {
                 .retry_later(Lease { task_id, token }, error, retry_at, at)
                 .await
             {
-                Ok(()) => Ok(Failed::Retrying { retry_at }),
+                Ok(()) => {
+                    crate::metrics::task_retried(TaskKind::External);
+                    Ok(Failed::Retrying { retry_at })
+                }
                 Err(StoreError::LeaseLost(id)) => Err(Error::Stale(id)),
                 Err(e) => Err(e.into()),
             };
@@ -409,8 +412,12 @@ impl<S: Store> External<S> {
                 Vec::new()
             },
         };
+        let tally = crate::metrics::Tally::of(&state.agent, &append);
         match self.store.append(append).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                tally.record();
+                Ok(())
+            }
             Err(StoreError::LeaseLost(id)) => Err(Error::Stale(id)),
             Err(e) => Err(e.into()),
         }

@@ -23,6 +23,8 @@
 //!   HTTP): tool discovery and cache, agents resolved with the tools their
 //!   allow lists let through, `tools/call` with the idempotency key and
 //!   traceparent in `_meta`.
+//! * [`metrics`]: Prometheus metrics: every metric's name and meaning,
+//!   this process's counters and histograms, the text exposition format.
 //! * [`failpoint`]: crash points that let durability tests SIGKILL the
 //!   process between two commits (debug builds, `KEEL_FAILPOINTS`).
 //! * [`webhook`]: signed webhook notifications (pending approvals), delivered
@@ -36,6 +38,7 @@ pub mod failpoint;
 pub mod gateway;
 pub mod llm;
 pub mod mcp;
+pub mod metrics;
 pub mod tools;
 pub mod webhook;
 pub mod worker;

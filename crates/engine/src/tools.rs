@@ -34,6 +34,7 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 
 use crate::mcp::Mcp;
+use crate::metrics;
 
 /// Tool outputs (and file contents) are clipped to this many bytes.
 pub const MAX_OUTPUT_BYTES: usize = 32 * 1024;
@@ -140,8 +141,25 @@ impl Tools {
 
     /// Makes one tool call. Never fails: every error becomes an error outcome
     /// the model sees, except a call cut off mid-way, whose outcome is
-    /// [`Outcome::uncertain`].
+    /// [`Outcome::uncertain`]. Counted in the metrics
+    /// (`keel_tool_calls_total`, `keel_tool_call_duration_seconds`).
     pub async fn invoke(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
+        let kind = if agent.mcp_tool(&call.tool).is_some() {
+            metrics::ToolKind::Mcp
+        } else {
+            match agent.tool(&call.tool) {
+                Some(tool) if tool.http.is_some() => metrics::ToolKind::Http,
+                Some(tool) if tool.builtin.is_some() => metrics::ToolKind::Builtin,
+                _ => metrics::ToolKind::Unknown,
+            }
+        };
+        let started = std::time::Instant::now();
+        let outcome = self.make(agent, run_id, call).await;
+        metrics::tool_call(kind, &outcome, started.elapsed());
+        outcome
+    }
+
+    async fn make(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
         if let Some(tool) = agent.mcp_tool(&call.tool) {
             return self.mcp.call(agent, tool, run_id, call).await;
         }

@@ -35,6 +35,7 @@ use crate::callback;
 use crate::gateway::{Admission, Breakers, Gateway};
 use crate::llm;
 use crate::mcp::Mcp;
+use crate::metrics;
 use crate::now;
 use crate::tools::Tools;
 use crate::webhook::{self, Webhooks};
@@ -271,6 +272,7 @@ impl<S: Store> Engine<S> {
             };
             let got = claimed.len() as u32;
             for (task, permit) in claimed.into_iter().zip(permits.drain(..)) {
+                metrics::task_claimed(task.kind, task.attempts);
                 let inner = inner.clone();
                 let draining = cancel.clone();
                 tracker.spawn(async move {
@@ -502,9 +504,13 @@ async fn park_undecodable<S: Store>(inner: &Inner<S>, task: &Task, why: &str) {
         spawn: Vec::new(),
         wake: Vec::new(),
     };
-    if let Err(e) = inner.store.append(append).await {
-        warn!(run_id = %task.run_id, error = %e, "could not dead-letter the task");
-        abandon(inner, task, &error).await;
+    let tally = metrics::Tally::of(&run.agent, &append);
+    match inner.store.append(append).await {
+        Ok(_) => tally.record(),
+        Err(e) => {
+            warn!(run_id = %task.run_id, error = %e, "could not dead-letter the task");
+            abandon(inner, task, &error).await;
+        }
     }
 }
 
@@ -651,6 +657,8 @@ async fn llm_step<S: Store>(
             // No capacity or no working endpoint yet: the run waits in the
             // queue, holding no worker, and the wait counts no attempt.
             debug!(run_id = %task.run_id, step = task.step, until, %reason, "llm call deferred");
+            let spec = &agent.spec.model;
+            metrics::llm_deferred(spec.provider.name(), &spec.model, breakers_open);
             if breakers_open && state.breaker_parked != Some(task.step) {
                 // Stuck, not just throttled: journaled once per wait, so
                 // callbacks and event streams say so.
@@ -683,6 +691,7 @@ async fn llm_step<S: Store>(
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
     let model = ticket.model.as_ref();
+    let started = std::time::Instant::now();
     let result = if agent.spec.model.stream {
         crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
     } else {
@@ -691,6 +700,21 @@ async fn llm_step<S: Store>(
             .complete_with(model, agent, state, task.step)
             .await
     };
+    let cost_usd = result.as_ref().ok().and_then(|response| {
+        cost(
+            &inner.options.config,
+            &ticket.provider,
+            model,
+            response.usage,
+        )
+    });
+    metrics::llm_request(&metrics::LlmCall {
+        provider: &ticket.provider,
+        model: &model.model,
+        result: &result,
+        elapsed: started.elapsed(),
+        cost_usd,
+    });
     inner.gateway.settle(&ticket, &result, now()).await;
     let response = match result {
         Ok(r) => r,
@@ -737,12 +761,7 @@ async fn llm_step<S: Store>(
         agent,
         Command::LlmResponded {
             step: task.step,
-            cost_usd: cost(
-                &inner.options.config,
-                &ticket.provider,
-                model,
-                response.usage,
-            ),
+            cost_usd,
             message: response.message,
             usage: response.usage,
             model: response.model,
@@ -967,6 +986,7 @@ async fn retry_later<S: Store>(
         .store
         .retry_later(task.lease, &message, at + delay.as_millis() as i64, at)
         .await?;
+    metrics::task_retried(task.kind);
     Ok(Next::Done)
 }
 
@@ -1464,8 +1484,12 @@ async fn commit<S: Store>(
         spawn,
         wake,
     };
+    let tally = metrics::Tally::of(&state.agent, &append);
     let appended = match inner.store.append(append).await {
-        Ok(a) => a,
+        Ok(a) => {
+            tally.record();
+            a
+        }
         Err(e) => {
             // The in-memory fold ran ahead of the journal: forget it.
             *slot = None;

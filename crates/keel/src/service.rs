@@ -403,6 +403,9 @@ impl<S: Store> Service<S> {
             submitted.as_ref().is_ok_and(|s| s.created),
         );
         drop(counting);
+        if let Ok(Submitted { created: true, .. }) = submitted {
+            keel_engine::metrics::run_submitted(&spec.name);
+        }
         Ok(submitted?)
     }
 
@@ -528,6 +531,7 @@ impl<S: Store> Service<S> {
             } else {
                 Vec::new()
             };
+            let tally = keel_engine::metrics::Tally::new(&state.agent, &transition.events);
             let appended = self
                 .store
                 .append(Append {
@@ -546,7 +550,10 @@ impl<S: Store> Service<S> {
                 })
                 .await;
             match appended {
-                Ok(_) => return Ok(state),
+                Ok(_) => {
+                    tally.record();
+                    return Ok(state);
+                }
                 Err(StoreError::SeqConflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -659,6 +666,7 @@ impl<S: Store> Service<S> {
         } else {
             Vec::new()
         };
+        let tally = keel_engine::metrics::Tally::new(&state.agent, &events);
         self.store
             .append(Append {
                 run_id: state.run_id,
@@ -675,7 +683,7 @@ impl<S: Store> Service<S> {
                 wake,
             })
             .await
-            .map(|_| ())
+            .map(|_| tally.record())
     }
 
     /// A run's status as its row holds it (no fold of its journal).

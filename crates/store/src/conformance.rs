@@ -47,6 +47,7 @@ macro_rules! store_suite {
                 claims_follow_priority_without_starving,
                 priority_survives_retry_defer_release_and_redrive,
                 dead_letter_and_redrive,
+                stats_count_tasks_runs_and_dead_letters,
                 release_all_gives_leases_back,
                 tasks_leased_on_creation,
                 terminal_append_clears_tasks,
@@ -907,6 +908,144 @@ pub(crate) async fn dead_letter_and_redrive<S: Store>(store: S) -> Result<()> {
     let again = claim_one(&store, "b", LEASE, T0 + 2).await?;
     assert_eq!((again.lease.task_id, again.run_id), (id, run_id));
     assert_eq!((again.attempts, again.max_attempts), (1, 3));
+    Ok(())
+}
+
+/// A task's count in `stats` (0 when absent).
+fn task_count(
+    stats: &crate::Stats,
+    queue: Option<&str>,
+    kind: TaskKind,
+    state: crate::TaskState,
+) -> u64 {
+    stats
+        .tasks
+        .iter()
+        .filter(|t| t.queue.as_deref() == queue && t.kind == kind && t.state == state)
+        .map(|t| t.count)
+        .sum()
+}
+
+pub(crate) async fn stats_count_tasks_runs_and_dead_letters<S: Store>(store: S) -> Result<()> {
+    assert_eq!(store.stats(T0).await?, crate::Stats::default());
+
+    // A run on a leased LLM task that queues a call for external workers.
+    let working = submit_run(&store, T0).await?;
+    let llm = claim_one(&store, "a", LEASE, T0).await?;
+    let mut step = append(working, 1, Some(llm.lease), vec![rejected(1, "x")]);
+    step.new_tasks = vec![queued_task("images", 0, T0)];
+    step.projection = projection(Status::AwaitingTool);
+    store.append(step).await?;
+    // A run whose task is ready, one whose task is due later.
+    submit_run(&store, T0).await?;
+    submit_run(&store, T0 + 60_000).await?;
+    // A run whose task is dead-lettered (the run stays unfinished).
+    let parked = submit_run(&store, T0).await?;
+    let mut tasks = store.claim("b", 10, LEASE, T0).await?;
+    let task = tasks
+        .iter()
+        .position(|t| t.run_id == parked)
+        .map(|i| tasks.swap_remove(i))
+        .expect("the parked run's task");
+    let mut park = append(
+        parked,
+        1,
+        Some(task.lease),
+        vec![Event::TaskDeadLettered {
+            task_id: task.lease.task_id,
+            kind: "llm".to_string(),
+            step: 1,
+            attempts: 1,
+            error: "gave up".to_string(),
+        }],
+    );
+    park.task = TaskUpdate::DeadLetter {
+        error: "gave up".to_string(),
+    };
+    store.append(park).await?;
+    // The other task claimed with it is given back, due now.
+    for other in tasks {
+        store.retry_later(other.lease, "not now", T0, T0).await?;
+    }
+    // A finished run counts nowhere.
+    let done = submit_run(&store, T0 + 120_000).await?;
+    let mut end = append(
+        done,
+        1,
+        None,
+        vec![Event::RunCancelled {
+            reason: "stop".into(),
+        }],
+    );
+    end.clear_tasks = true;
+    end.projection = projection(Status::Cancelled);
+    store.append(end).await?;
+
+    let stats = store.stats(T0 + 1).await?;
+    assert_eq!(
+        task_count(&stats, None, TaskKind::Llm, crate::TaskState::Leased),
+        1,
+        "{stats:#?}"
+    );
+    assert_eq!(
+        task_count(&stats, None, TaskKind::Llm, crate::TaskState::Ready),
+        1
+    );
+    assert_eq!(
+        task_count(&stats, None, TaskKind::Llm, crate::TaskState::Scheduled),
+        1
+    );
+    assert_eq!(
+        task_count(
+            &stats,
+            Some("images"),
+            TaskKind::External,
+            crate::TaskState::Ready
+        ),
+        1
+    );
+    assert_eq!(stats.tasks.iter().map(|t| t.count).sum::<u64>(), 4);
+    // Since when the ready ones are due, when the next falls due, when the
+    // first lease expires.
+    let earliest = |state| {
+        stats
+            .tasks
+            .iter()
+            .find(|t| t.queue.is_none() && t.kind == TaskKind::Llm && t.state == state)
+            .map(|t| t.earliest)
+    };
+    assert_eq!(earliest(crate::TaskState::Ready), Some(T0));
+    assert_eq!(earliest(crate::TaskState::Scheduled), Some(T0 + 60_000));
+    assert_eq!(earliest(crate::TaskState::Leased), Some(T0 + LEASE_MS));
+    assert_eq!(
+        stats.runs,
+        vec![
+            crate::RunCount {
+                status: Status::Pending,
+                count: 2
+            },
+            crate::RunCount {
+                status: Status::AwaitingLlm,
+                count: 1
+            },
+            crate::RunCount {
+                status: Status::AwaitingTool,
+                count: 1
+            },
+        ]
+    );
+    assert_eq!(stats.dead_letters, 1);
+
+    // Once the lease expired its task is ready again; the later one is due.
+    let later = store.stats(T0 + 60_000).await?;
+    assert_eq!(
+        task_count(&later, None, TaskKind::Llm, crate::TaskState::Leased),
+        0
+    );
+    assert_eq!(
+        task_count(&later, None, TaskKind::Llm, crate::TaskState::Ready),
+        3
+    );
     Ok(())
 }
 

@@ -14,6 +14,8 @@
 //! * `limit`: the rate limiter's arithmetic (GCRA), shared by both backends.
 //! * `purge`: which ended runs [`Store::purge`] and [`Store::delete_run`]
 //!   may delete (retention), shared by both backends.
+//! * `stats`: what [`Store::stats`] counts (tasks, unfinished runs, dead
+//!   letters), decoded from the rows both backends' statement returns.
 //! * `conformance`: the behaviour every backend must have, as generic tests.
 //!
 //! # Event export
@@ -82,6 +84,9 @@ mod outbox;
 pub mod postgres;
 mod purge;
 pub mod sqlite;
+mod stats;
+
+pub use stats::{RunCount, Stats, TaskCount, TaskState};
 
 use std::future::Future;
 use std::time::Duration;
@@ -1030,6 +1035,14 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// One dead letter.
     fn dead_letter(&self, id: TaskId) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;
+
+    /// Counts what the store holds at `now`, in one snapshot, for
+    /// monitoring: the tasks by queue, kind and state (ready, scheduled,
+    /// leased), the unfinished runs by status, the dead letters. Cheap
+    /// enough for every scrape: it reads the live tasks, the index of
+    /// unfinished runs only (never the finished runs, however many) and the
+    /// dead letters.
+    fn stats(&self, now: Millis) -> impl Future<Output = Result<Stats>> + Send;
 
     /// The time the earliest not-yet-due task becomes runnable, if any (so an
     /// idle worker sleeps exactly until then).

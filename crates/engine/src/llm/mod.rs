@@ -153,6 +153,11 @@ pub enum Delta {
     },
 }
 
+/// How the message of a call that ran out of time starts.
+const TIMED_OUT: &str = "LLM call timed out";
+/// How the message of a stream that went silent starts.
+const STALLED: &str = "LLM stream stalled";
+
 /// Why a model call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -189,6 +194,17 @@ impl Error {
         match self {
             Error::Transient { retry_after, .. } => *retry_after,
             Error::Permanent { .. } => None,
+        }
+    }
+
+    /// Whether the call ran out of time: `model.timeout` passed, or a
+    /// stream went silent for longer than its idle timeout.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Transient { message, .. } => {
+                message.starts_with(TIMED_OUT) || message.starts_with(STALLED)
+            }
+            Error::Permanent { .. } => false,
         }
     }
 
@@ -661,13 +677,13 @@ async fn read_stream<D: Decode>(
             Ok(Err(e)) => return Err(Error::transient(describe(e, limits.timeout))),
             Err(_) if left <= limits.idle => {
                 return Err(Error::transient(format!(
-                    "LLM call timed out after {}",
+                    "{TIMED_OUT} after {}",
                     human_duration::format(limits.timeout)
                 )));
             }
             Err(_) => {
                 return Err(Error::transient(format!(
-                    "LLM stream stalled: nothing received for {}",
+                    "{STALLED}: nothing received for {}",
                     human_duration::format(limits.idle)
                 )));
             }
@@ -702,10 +718,7 @@ pub(crate) fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
 /// A network failure in words, without the URL; `timeout` is the limit that applied.
 fn describe(error: reqwest::Error, timeout: Duration) -> String {
     if error.is_timeout() {
-        return format!(
-            "LLM call timed out after {}",
-            human_duration::format(timeout)
-        );
+        return format!("{TIMED_OUT} after {}", human_duration::format(timeout));
     }
     let error = error.without_url();
     let mut message = format!("LLM call failed: {error}");

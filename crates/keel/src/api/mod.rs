@@ -1,8 +1,10 @@
 //! The HTTP API (JSON): runs, their event streams (SSE), agents, usage
-//! and cost, the dead-letter queue, health. Handlers parse and answer; what they do to runs
-//! lives in [`crate::service`].
+//! and cost, the dead-letter queue, health, Prometheus metrics (`metrics`).
+//! Handlers parse and answer; what they do to runs lives in
+//! [`crate::service`].
 
 mod error;
+mod metrics;
 mod openapi;
 #[cfg(test)]
 mod tests;
@@ -40,6 +42,7 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
         .route("/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::metrics::<S>))
         .route("/v1/runs", post(submit::<S>).get(list_runs::<S>))
         .route("/v1/runs/{id}", get(get_run::<S>).delete(delete_run::<S>))
         .route("/v1/runs/{id}/events", get(events::<S>))
@@ -69,12 +72,13 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .with_state(service)
 }
 
-/// What a worker-only process serves: `/healthz`, `/readyz`, and
-/// `/v1/providers` (its circuit breakers and the store's shared view).
+/// What a worker-only process serves: `/healthz`, `/readyz`, `/metrics`
+/// and `/v1/providers` (its circuit breakers and the store's shared view).
 pub fn health_router<S: Store>(service: Service<S>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
+        .route("/metrics", get(metrics::metrics::<S>))
         .route("/v1/providers", get(providers::<S>))
         .fallback(|| async {
             Error::NotFound("this process runs workers only (--role worker)".into())

@@ -16,6 +16,7 @@ mod gateway;
 mod hostile;
 mod journal;
 mod mcp;
+mod metrics;
 #[cfg(feature = "nats")]
 mod nats;
 mod outage;

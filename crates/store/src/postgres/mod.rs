@@ -66,6 +66,8 @@
 //! * `writer`: the writer task, its batches and transactions.
 //! * `journal`: submissions and appends, written in bulk per batch.
 //! * `queue`: claims, heartbeats, retries, deferrals and releases of tasks.
+//! * `stats`: the counts of tasks, unfinished runs and dead letters for
+//!   monitoring, in one statement (runs through `runs_pending` only).
 //! * `agents`: registering agent versions.
 //! * `deltas`: streamed LLM output, written fenced (one statement on the
 //!   pool, announced by it) and read back.
@@ -96,6 +98,7 @@ mod listen;
 mod migrate;
 mod purge;
 mod queue;
+mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
 mod writer;
@@ -1070,6 +1073,10 @@ impl Store for PgStore {
             .await
             .map_err(backend)?;
         row.map(DeadLetterRow::into_record).transpose()
+    }
+
+    async fn stats(&self, now: Millis) -> Result<crate::Stats> {
+        stats::stats(&self.reads, now).await
     }
 
     async fn next_due(&self, now: Millis) -> Result<Option<Millis>> {

@@ -10,6 +10,8 @@
 //! * `writer`: the writer task, its batches and transactions.
 //! * `journal`: submissions and appends, written in bulk per batch.
 //! * `queue`: claims, heartbeats, retries, deferrals and releases of tasks.
+//! * `stats`: the counts of tasks, unfinished runs and dead letters for
+//!   monitoring, in one statement (runs through `runs_pending` only).
 //! * `agents`: registering agent versions.
 //! * `deltas`: streamed LLM output, written fenced and read back.
 //! * `limits`: rate limits, kept in memory (why: see there).
@@ -33,6 +35,7 @@ mod limits;
 mod migrate;
 mod purge;
 mod queue;
+mod stats;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -789,6 +792,10 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         row.map(DeadLetterRow::into_record).transpose()
+    }
+
+    async fn stats(&self, now: Millis) -> Result<crate::Stats> {
+        stats::stats(&self.reads, now).await
     }
 
     async fn next_due(&self, now: Millis) -> Result<Option<Millis>> {
