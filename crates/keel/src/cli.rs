@@ -680,25 +680,61 @@ async fn start_nats<S: keel_store::Store>(
 }
 
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Interrupts::new().next().await;
     tracing::info!("shutting down");
+}
+
+/// SIGINT and SIGTERM, listened for from creation on: a signal that comes
+/// while nobody awaits [`Interrupts::next`] (between two waits) is kept for
+/// the next wait, not lost.
+struct Interrupts {
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupts {
+    fn new() -> Interrupts {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for {name}");
+                    None
+                }
+            };
+            Interrupts {
+                int: listen(SignalKind::interrupt(), "SIGINT"),
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+            }
+        }
+        #[cfg(not(unix))]
+        Interrupts {}
+    }
+
+    /// The next signal (never, if neither could be listened for).
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.int) => {}
+                () = recv(&mut self.term) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// `--input` text: a JSON object or array is sent as JSON, anything else as text.
@@ -784,6 +820,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut events = std::pin::pin!(service::follow(store.clone(), run_id, 0));
     let mut outcome = Ok(());
     let mut interrupted = false;
+    let mut interrupts = Interrupts::new();
     // Parked for an operator: nothing in this process can decide an approval
     // or re-drive a dead letter, so waiting would never end.
     let mut parked = false;
@@ -802,7 +839,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
             },
             // The rest of the parking commit (one approval per gated call) comes at once.
             _ = tokio::time::sleep(PARKED_SETTLE), if parked => break,
-            _ = shutdown_signal() => {
+            () = interrupts.next() => {
                 outln!(
                     "interrupted: steps in flight get up to {} to reach their next boundary (interrupt again to stop now); the run stays in {} and resumes with `keel serve --db {}`",
                     human_duration::format(drain),
@@ -819,7 +856,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = &mut workers => {}
             // Leases still held are taken back when the file is next opened.
-            _ = shutdown_signal() => return Ok(ExitCode::FAILURE),
+            () = interrupts.next() => return Ok(ExitCode::FAILURE),
         }
     } else {
         let _ = workers.await;
