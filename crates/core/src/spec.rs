@@ -801,6 +801,13 @@ impl Agent {
                     for (name, value) in &http.headers {
                         if let Err(message) = check_secret_refs(value) {
                             err(format!("{at}.http.headers.{name}"), message);
+                        } else if is_credential_header(name) && !value.contains("${") {
+                            err(
+                                format!("{at}.http.headers.{name}"),
+                                format!(
+                                    "`{name}` carries a credential: write it as `${{ENV_VAR}}` (read from the server's environment at call time), so it never enters the store, the API or a log"
+                                ),
+                            );
                         }
                     }
                     if http.timeout.is_zero() {
@@ -1735,6 +1742,20 @@ fn check_secret_refs(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a header's name says it carries a credential, whose value a
+/// spec must then take from the environment (`${VAR}`), never write out.
+fn is_credential_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie"
+    ) || [
+        "token", "secret", "password", "api-key", "api_key", "apikey", "auth",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
 /// Replaces each `${VAR}` in `value` using `lookup`; names a missing variable.
 pub fn expand_secrets(
     value: &str,
@@ -1784,6 +1805,42 @@ mod tests {
         };
         assert_eq!(fields(spec), ["model.api_key_env"]);
         assert!(!e.to_string().contains("sk-live-123"), "{e}");
+    }
+
+    #[test]
+    fn credentials_in_tool_headers_come_from_the_environment() {
+        let spec = |headers: &str| {
+            format!(
+                "name: a\nversion: 1\nmodel: {{provider: scripted, model: m, script: [{{content: hi}}]}}\n\
+                 tools:\n  - name: t\n    description: d\n    parameters: {{type: object}}\n    \
+                 http: {{url: 'https://h/x', headers: {headers}}}\n"
+            )
+        };
+        for literal in [
+            "{Authorization: 'Bearer sk-live-123'}",
+            "{x-api-key: sk-live-123}",
+            "{X-Auth-Token: sk-live-123}",
+            "{Cookie: 'session=sk-live-123'}",
+        ] {
+            let text = spec(literal);
+            let Err(e) = Agent::parse(&text) else {
+                panic!("{literal} is refused");
+            };
+            assert_eq!(fields(&text).len(), 1, "{literal}: {:?}", fields(&text));
+            assert!(
+                fields(&text)[0].starts_with("tools[0].http.headers."),
+                "{literal}"
+            );
+            assert!(e.to_string().contains("${ENV_VAR}"), "{e}");
+            assert!(!e.to_string().contains("sk-live-123"), "{e}");
+        }
+        for fine in [
+            "{Authorization: 'Bearer ${TOKEN}'}",
+            "{x-api-key: '${KEY}'}",
+            "{Accept: application/json, X-Request-Source: keel}",
+        ] {
+            assert_eq!(fields(&spec(fine)), Vec::<String>::new(), "{fine}");
+        }
     }
 
     #[test]
