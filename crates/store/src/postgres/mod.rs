@@ -458,19 +458,24 @@ impl Losses {
 
 /// Opens a pool. One that timed out connecting (it retries until its acquire
 /// timeout) does not say why, so one more direct connection names the cause:
-/// refused, unknown host, bad password.
+/// refused, unknown host, bad password (within the same timeout: no answer
+/// at all is a cause too).
 async fn open_pool(pool: PgPoolOptions, connect: &PgConnectOptions) -> Result<PgPool> {
+    let timeout = pool.get_acquire_timeout();
     match pool.connect_with(connect.clone()).await {
         Ok(pool) => Ok(pool),
-        Err(sqlx::Error::PoolTimedOut) => match connect.connect().await {
-            Ok(conn) => {
-                if let Err(e) = sqlx::Connection::close(conn).await {
-                    tracing::debug!(error = %e, "closing the probe connection failed");
+        Err(sqlx::Error::PoolTimedOut) => {
+            match tokio::time::timeout(timeout, connect.connect()).await {
+                Ok(Ok(conn)) => {
+                    if let Err(e) = sqlx::Connection::close(conn).await {
+                        tracing::debug!(error = %e, "closing the probe connection failed");
+                    }
+                    Err(backend(sqlx::Error::PoolTimedOut))
                 }
-                Err(backend(sqlx::Error::PoolTimedOut))
+                Ok(Err(cause)) => Err(backend(cause)),
+                Err(_) => Err(silent(timeout)),
             }
-            Err(cause) => Err(backend(cause)),
-        },
+        }
         Err(e) => Err(backend(e)),
     }
 }
