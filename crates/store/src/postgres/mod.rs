@@ -128,7 +128,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, FromRow, PgConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, FromRow, PgConnection};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -311,6 +311,7 @@ impl PgStore {
         // before a connection loss this store saw are dropped instead.
         let losses = Losses::new();
         let stale = losses.clone();
+        let silent = losses.clone();
         let reads = open_pool(
             PgPoolOptions::new()
                 .max_connections(options.read_connections.max(1))
@@ -319,6 +320,22 @@ impl PgStore {
                 .before_acquire(move |_, meta| {
                     let keep = !stale.predates(meta.age);
                     Box::pin(async move { Ok(keep) })
+                })
+                // sqlx pings a connection given back, with no deadline: one
+                // given back as the network went silent would keep its place
+                // in the pool until TCP gives up (~15 minutes). A ping with a
+                // deadline first closes it instead (one more round trip per
+                // read, after the read has answered).
+                .after_release(move |conn, _| {
+                    let silent = silent.clone();
+                    Box::pin(async move {
+                        let answered = tokio::time::timeout(timeout, conn.ping()).await;
+                        let alive = matches!(answered, Ok(Ok(())));
+                        if !alive {
+                            silent.record();
+                        }
+                        Ok(alive)
+                    })
                 }),
             &connect,
         )
@@ -370,7 +387,7 @@ impl PgStore {
             .await
             .map_err(backend)?;
         let version = migrate::run(&mut conn).await?;
-        if let Err(e) = sqlx::Connection::close(conn).await {
+        if let Err(e) = Connection::close(conn).await {
             tracing::debug!(error = %e, "closing the migration connection failed");
         }
         Ok(version)
@@ -467,7 +484,7 @@ async fn open_pool(pool: PgPoolOptions, connect: &PgConnectOptions) -> Result<Pg
         Err(sqlx::Error::PoolTimedOut) => {
             match tokio::time::timeout(timeout, connect.connect()).await {
                 Ok(Ok(conn)) => {
-                    if let Err(e) = sqlx::Connection::close(conn).await {
+                    if let Err(e) = Connection::close(conn).await {
                         tracing::debug!(error = %e, "closing the probe connection failed");
                     }
                     Err(backend(sqlx::Error::PoolTimedOut))
