@@ -164,7 +164,11 @@ impl Listener {
                 // whole messages only).
                 () = tokio::time::sleep(quiet) => {
                     if let Err(e) = self.ping().await {
-                        warn!(error = %e, channel = CHANNEL, "listen connection stopped answering");
+                        warn!(
+                            error = %e,
+                            channel = CHANNEL,
+                            "listen connection stopped answering"
+                        );
                         self.losses.record();
                         if !self.reconnect().await {
                             break;

@@ -421,7 +421,10 @@ impl PgStore {
         match tokio::time::timeout(self.timeout, statements(&mut conn)).await {
             Ok(result) => result,
             Err(_) => {
-                tracing::warn!(timeout = ?self.timeout, "no answer from the database, closing the connection");
+                tracing::warn!(
+                    timeout = ?self.timeout,
+                    "no answer from the database, closing the read connection"
+                );
                 self.losses.record();
                 drop(conn.detach());
                 Err(silent(self.timeout))

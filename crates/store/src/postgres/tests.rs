@@ -453,9 +453,10 @@ async fn relay(
                     if to_server.write_all(&up[..n]).await.is_err() {
                         return;
                     }
+                    let commits = up[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
                     let take = |left: u32| left.checked_sub(1);
-                    up[..n].windows(COMMIT.len()).any(|w| w == COMMIT)
-                        && after_commit.fetch_update(Ordering::SeqCst, Ordering::SeqCst, take).is_ok()
+                    let (order, fail) = (Ordering::SeqCst, Ordering::SeqCst);
+                    commits && after_commit.fetch_update(order, fail, take).is_ok()
                 }
             }
             read = from_server.read(&mut down) => {

@@ -437,7 +437,11 @@ impl Writer {
             // Still waiting for a connection: nothing ran.
             return Failed::Begin(error);
         };
-        warn!(timeout = ?self.timeout, committing = self.committing, "no answer from the database, dropping the write connection");
+        warn!(
+            timeout = ?self.timeout,
+            committing = self.committing,
+            "no answer from the database, dropping the write connection"
+        );
         self.abandon(conn);
         if self.committing {
             Failed::Commit(error)
