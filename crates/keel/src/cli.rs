@@ -214,6 +214,13 @@ struct ServeArgs {
     /// PgBouncer in transaction pooling mode (LISTEN needs a session).
     #[arg(long, env = "KEEL_DATABASE_LISTEN_URL", requires = "database_url")]
     database_listen_url: Option<String>,
+    /// Longest PostgreSQL may take to answer (a write batch, a read, a
+    /// connect, the LISTEN session's ping) before its connection is deemed
+    /// lost, as when the network drops packets without a word: the write
+    /// is tried again on a new connection (or fails, if its COMMIT was
+    /// sent), a read answers 503. Above the slowest healthy statement.
+    #[arg(long, env = "KEEL_DATABASE_TIMEOUT", default_value = "20s", value_parser = parse_duration, allow_hyphen_values = true)]
+    database_timeout: Duration,
     /// Tasks executed at once (at least 1).
     #[arg(long, env = "KEEL_WORKERS", default_value_t = 256, value_parser = parse_workers, allow_negative_numbers = true)]
     workers: usize,
@@ -535,6 +542,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.database_url {
         let mut options = keel_store::postgres::Options::new(url.clone());
         options.listen_url = args.database_listen_url.clone();
+        options.timeout = args.database_timeout;
         let store = PgStore::connect_with(options)
             .await
             .with_context(|| format!("cannot open the PostgreSQL store at {}", redact_url(url)))?;

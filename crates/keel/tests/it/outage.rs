@@ -7,7 +7,13 @@
 //! dies: each must reconnect by itself, lose no step, repeat no call beyond
 //! its journaled starts, strand no task under its lease, answer the API
 //! with a success or a clear 503 meanwhile (never hang), and hear other
-//! processes' commits through NOTIFY again afterwards.
+//! processes' commits through NOTIFY again afterwards. And through a proxy
+//! that black-holes every connection (nothing passes, nothing closes, as a
+//! network dropping packets does), then lets them through again; or leaves
+//! them silent for good and refuses new ones for a while, then lets new
+//! ones through (a failover whose old node vanished without a word): each
+//! process notices within its `--database-timeout`, not the ~15 minutes
+//! TCP takes to give up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -19,6 +25,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::support::*;
 
@@ -512,5 +519,339 @@ async fn runs_survive_commits_whose_answer_is_lost() {
     eprintln!(
         "cut commits: {} runs done {all_done:?} after the last cut; {repeated} calls repeated",
         ids.len()
+    );
+}
+
+/// What the network between Keel and PostgreSQL does (see [`Blackhole`]).
+#[derive(Clone, Copy, Debug)]
+struct Net {
+    /// Nothing passes.
+    down: bool,
+    /// New connections are closed at once.
+    refuse: bool,
+    /// Only the connections opened since this many failovers pass.
+    generation: u32,
+}
+
+impl Net {
+    /// Whether the bytes of a connection opened at `generation` pass.
+    fn passes(&self, generation: u32) -> bool {
+        !self.down && generation == self.generation
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that can black-hole its connections:
+/// while down, no byte passes either way and no socket closes, so neither
+/// end hears a word (new connections are accepted, and hang as well).
+/// Then the network comes back ([`Blackhole::up`]: what was held passes,
+/// as TCP retransmits it). Or the node behind it vanishes
+/// ([`Blackhole::fail_over`]): its connections stay silent for good, new
+/// ones are refused until another takes its place ([`Blackhole::promote`]).
+struct Blackhole {
+    port: u16,
+    net: watch::Sender<Net>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    async fn start(upstream: String) -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (net, _) = watch::channel(Net {
+            down: false,
+            refuse: false,
+            generation: 0,
+        });
+        let watched = net.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Net {
+                    refuse, generation, ..
+                } = *watched.borrow();
+                if refuse {
+                    drop(client);
+                    continue;
+                }
+                if let Ok(server) = TcpStream::connect(&upstream).await {
+                    tokio::spawn(pass(client, server, generation, watched.subscribe()));
+                }
+            }
+        });
+        Blackhole { port, net, accept }
+    }
+
+    /// Stops every byte, closing nothing.
+    fn down(&self) {
+        self.net.send_modify(|net| net.down = true);
+    }
+
+    /// Lets every connection's bytes through again.
+    fn up(&self) {
+        self.net.send_modify(|net| net.down = false);
+    }
+
+    /// The node vanishes: its connections stay silent for good, new ones
+    /// are refused.
+    fn fail_over(&self) {
+        self.net.send_modify(|net| {
+            net.down = false;
+            net.refuse = true;
+            net.generation += 1;
+        });
+    }
+
+    /// Another node takes the old one's place: new connections pass.
+    fn promote(&self) {
+        self.net.send_modify(|net| net.refuse = false);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Passes bytes both ways while the network lets this connection's through,
+/// until either side closes.
+async fn pass(
+    client: TcpStream,
+    server: TcpStream,
+    generation: u32,
+    mut net: watch::Receiver<Net>,
+) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let mut up = vec![0u8; 64 * 1024];
+    let mut down = vec![0u8; 64 * 1024];
+    loop {
+        if net.wait_for(|net| net.passes(generation)).await.is_err() {
+            return;
+        }
+        // Reading a socket is cancel-safe: a change of the network stops
+        // the reads without losing a byte.
+        tokio::select! {
+            read = from_client.read(&mut up) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if to_server.write_all(&up[..n]).await.is_err() {
+                    return;
+                }
+            }
+            read = from_server.read(&mut down) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if to_client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ = net.changed() => {}
+        }
+    }
+}
+
+/// Whether a process's log says it gave up on a silent connection.
+fn saw_silence(server: &Server, what: &str) -> bool {
+    std::fs::read_to_string(&server.log)
+        .unwrap_or_default()
+        .contains(what)
+}
+
+#[tokio::test]
+async fn runs_survive_a_network_that_drops_packets_silently() {
+    use sqlx::ConnectOptions;
+    use std::str::FromStr;
+
+    /// Each process's `--database-timeout`.
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    /// How long each black hole lasts: three deadlines.
+    const HOLE: Duration = Duration::from_secs(6);
+
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mut admin = db.admin().await;
+    let mock = Mock::start().await.expect("mock");
+    mock.counters.llm_latency_ms.store(40, Ordering::Relaxed);
+    let dir = TempDir::new();
+    // Every process reaches the database through the black hole.
+    let direct = sqlx::postgres::PgConnectOptions::from_str(&db.url).expect("url");
+    let hole = Blackhole::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    let proxied = direct
+        .clone()
+        .host("127.0.0.1")
+        .port(hole.port)
+        .ssl_mode(sqlx::postgres::PgSslMode::Disable)
+        .to_url_lossy()
+        .to_string();
+    let timeout = format!("{}s", TIMEOUT.as_secs());
+    let api = Server::start(
+        &dir.db(),
+        &[
+            "--database-url",
+            &proxied,
+            "--database-timeout",
+            &timeout,
+            "--role",
+            "api",
+        ],
+    )
+    .await;
+    // A short lease: a task whose claim's answer was lost is this worker's
+    // without its knowing until the lease expires.
+    let worker = [
+        "--database-url",
+        &proxied,
+        "--database-timeout",
+        &timeout,
+        "--role",
+        "worker",
+        "--workers",
+        "8",
+        "--lease",
+        "4s",
+    ];
+    let mut workers = vec![
+        Server::start(&dir.db(), &worker).await,
+        Server::start(&dir.db(), &worker).await,
+    ];
+    let http = reqwest::Client::new();
+    let tools = format!("tools:{TOOL_STEPS}");
+    register(
+        &http,
+        &api,
+        &agent_yaml("steady", &mock, &tools, "echo", ""),
+    )
+    .await;
+    let mut ids = submit_many(&http, &api, "steady", 60).await;
+    wait_tool_calls(&mock, 30, Duration::from_secs(30)).await;
+
+    // The network goes silent for three deadlines, then comes back: the
+    // bytes held meanwhile pass (a COMMIT sent into the hole may commit
+    // after its writer gave up on it).
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = prober(api.url.clone(), ids[0].clone(), stop.clone());
+    hole.down();
+    let at_first_hole = mock.counters.tool_requests.load(Ordering::Relaxed);
+    tokio::time::sleep(HOLE).await;
+    hole.up();
+    let before = mock.counters.tool_requests.load(Ordering::Relaxed);
+    wait_tool_calls(&mock, before + 1, Duration::from_secs(20)).await;
+
+    // It goes silent again, and this time the old connections never come
+    // back (the old node is gone), new ones are refused for a while, then
+    // go through to its successor.
+    hole.fail_over();
+    tokio::time::sleep(HOLE).await;
+    let cut_clock = server_clock(&mut admin).await;
+    hole.promote();
+    let back = Instant::now();
+    let total_calls = (ids.len() * TOOL_STEPS) as u64;
+    assert!(
+        at_first_hole < total_calls / 2,
+        "the black hole came too late to test anything ({at_first_hole} tool calls of {total_calls})"
+    );
+
+    // Every process notices its LISTEN session went silent and listens on
+    // a new one (after a ping's deadline, then a connect refused until the
+    // failover ended, then a reconnect's backoff of up to 5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while listening_since(&mut admin, db.name(), cut_clock).await < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "a process does not listen again after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listening = back.elapsed();
+    stop.store(true, Ordering::Relaxed);
+
+    // Every request made meanwhile was answered within a few deadlines,
+    // with a success or a 503.
+    let (probes, keys) = probes.await.expect("prober");
+    let mut refused = 0;
+    for probe in &probes {
+        let status = probe.status.unwrap_or_else(|| {
+            panic!("{} got no answer: {}", probe.what, probe.body);
+        });
+        assert!(
+            probe.took < 5 * TIMEOUT,
+            "{} took {:?}",
+            probe.what,
+            probe.took
+        );
+        if status < 300 {
+            continue;
+        }
+        refused += 1;
+        assert_eq!(status, 503, "{}: {}", probe.what, probe.body);
+        let body: Value = serde_json::from_str(&probe.body).expect("a JSON error");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    }
+    assert!(
+        refused > 0,
+        "no request met the black hole: nothing was tested"
+    );
+    for (i, (key, accepted)) in keys.iter().enumerate() {
+        let r = http
+            .post(api.url("/v1/runs"))
+            .header("idempotency-key", key)
+            .json(&json!({"agent": "steady", "input": format!("probe {i}")}))
+            .send()
+            .await
+            .expect("submit again");
+        assert_eq!(r.status(), 202);
+        let body: Value = r.json().await.expect("json");
+        let id = body["id"].as_str().expect("id").to_string();
+        if let Some(accepted) = accepted {
+            assert_eq!(&id, accepted, "key {key} made two runs");
+        }
+        ids.push(id);
+    }
+
+    // Every run completes, no step lost, no call repeated beyond its
+    // journaled starts.
+    let repeated = assert_all_done(&http, &api, &mock, &ids, Duration::from_secs(40)).await;
+    let all_done = back.elapsed();
+
+    // Runs submitted now are started at once, through NOTIFY.
+    for i in 0..3 {
+        let before = mock.counters.llm_requests.load(Ordering::Relaxed);
+        let submitted = Instant::now();
+        let id = submit(&http, &api, "steady", &format!("late {i}")).await;
+        while mock.counters.llm_requests.load(Ordering::Relaxed) == before {
+            assert!(
+                submitted.elapsed() < POLL / 2,
+                "run {i} waited for a poll to start"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        wait_terminal(&http, &api, &id, Duration::from_secs(10)).await;
+    }
+
+    // The deadlines are what noticed: writes, pool reads and listeners.
+    let all: Vec<&Server> = std::iter::once(&api).chain(&workers).collect();
+    for what in [
+        "dropping the write connection",
+        "listen connection stopped answering",
+    ] {
+        assert!(
+            all.iter().any(|server| saw_silence(server, what)),
+            "no process logged `{what}`"
+        );
+    }
+    let mut api = api;
+    assert_alive(std::iter::once(&mut api).chain(&mut workers));
+    eprintln!(
+        "black hole: {} requests ({refused} refused, slowest {:?}); after the failover every \
+         process listened again in {listening:?}, {} runs done in {all_done:?}; {repeated} calls \
+         repeated",
+        probes.len(),
+        probes.iter().map(|p| p.took).max().unwrap_or_default(),
+        ids.len(),
     );
 }

@@ -10,7 +10,7 @@
 
 use keel_core::Millis;
 use keel_core::breaker::Phase;
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use super::backend;
 use crate::{BreakerRecord, Error, Result};
@@ -29,7 +29,7 @@ const READ: &str = "SELECT endpoint, state, open_until, opened_at, failures, pro
      FROM breakers ORDER BY endpoint";
 
 /// Writes a transition ([`crate::Store::put_breaker`]).
-pub(super) async fn put(pool: &PgPool, record: &BreakerRecord) -> Result<()> {
+pub(super) async fn put(conn: &mut PgConnection, record: &BreakerRecord) -> Result<()> {
     sqlx::query(PUT)
         .bind(record.endpoint.as_str())
         .bind(record.phase.as_str())
@@ -38,7 +38,7 @@ pub(super) async fn put(pool: &PgPool, record: &BreakerRecord) -> Result<()> {
         .bind(i64::from(record.failures))
         .bind(record.process.as_str())
         .bind(record.updated_at)
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(backend)?;
     Ok(())
@@ -55,9 +55,9 @@ type Row = (
 );
 
 /// Reads every endpoint's transition ([`crate::Store::breakers`]).
-pub(super) async fn read(pool: &PgPool) -> Result<Vec<BreakerRecord>> {
+pub(super) async fn read(conn: &mut PgConnection) -> Result<Vec<BreakerRecord>> {
     let rows: Vec<Row> = sqlx::query_as(READ)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(backend)?;
     let mut records = Vec::with_capacity(rows.len());

@@ -5,7 +5,7 @@
 //! (`journal`, in the statement that inserts the events).
 
 use keel_core::{Millis, RunId, Seq};
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use super::{backend, listen, storable};
 use crate::{Committed, DeltaAttempt, DeltaBatch, DeltaPos, Error, Result};
@@ -37,7 +37,7 @@ const APPEND: &str = "WITH fence AS ( \
 /// Writes a batch; the commit is announced to this process's subscribers
 /// through `commits`, to other processes by the statement.
 pub(super) async fn append(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     origin: u64,
     commits: &tokio::sync::broadcast::Sender<Committed>,
     batch: &DeltaBatch,
@@ -59,7 +59,7 @@ pub(super) async fn append(
         .bind(listen::CHANNEL)
         .bind(format!("{origin:016x}"))
         .bind(crate::tool_calls_column(&batch.tool_calls))
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(backend)?;
     let Some(last_seq) = last_seq else {
@@ -112,7 +112,7 @@ type Row = (
 
 /// Reads a run's deltas after `after` ([`crate::Store::deltas`]).
 pub(super) async fn read(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     run_id: RunId,
     after: DeltaPos,
     limit: u32,
@@ -123,7 +123,7 @@ pub(super) async fn read(
         .bind(i64::from(after.attempt))
         .bind(i64::from(after.idx))
         .bind(i64::from(limit.max(1)))
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(backend)?;
     if rows.is_empty() {

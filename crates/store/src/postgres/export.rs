@@ -10,10 +10,12 @@
 //! behind a backlog of appends. Switching export off is the one write that
 //! must wait for the batches of every process: see [`disable`].
 
-use keel_core::Millis;
-use sqlx::PgPool;
+use std::time::Duration;
 
-use super::backend;
+use keel_core::Millis;
+use sqlx::{Connection, PgConnection};
+
+use super::{backend, begin};
 use crate::{Error, ExportStatus, OutboxEntry, Result, outbox};
 
 const ENABLE: &str = "INSERT INTO settings (name, value) VALUES ('export', 'on') \
@@ -21,8 +23,11 @@ const ENABLE: &str = "INSERT INTO settings (name, value) VALUES ('export', 'on')
      WHERE settings.value <> excluded.value";
 
 /// Switches export on: the events inserted after this commits are exported.
-pub(super) async fn enable(pool: &PgPool) -> Result<()> {
-    sqlx::query(ENABLE).execute(pool).await.map_err(backend)?;
+pub(super) async fn enable(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query(ENABLE)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
     Ok(())
 }
 
@@ -60,8 +65,12 @@ const CLEAR_OUTBOX: &str = "TRUNCATE outbox";
 /// the lock is held for as long as counting the backlog takes. `TRUNCATE`
 /// rather than `DELETE` so that a backlog of millions of entries is
 /// dropped at once instead of row by row.
-pub(super) async fn disable(pool: &PgPool) -> Result<u64> {
-    let mut tx = pool.begin().await.map_err(backend)?;
+///
+/// `timeout` is the store's ([`super::Options::timeout`]): the server ends
+/// the transaction if its client leaves it waiting longer, so a lock held by
+/// a connection the network lost is not held for good.
+pub(super) async fn disable(conn: &mut PgConnection, timeout: Duration) -> Result<u64> {
+    let mut tx = conn.begin_with(begin(timeout)).await.map_err(backend)?;
     sqlx::query(LOCK_OUTBOX)
         .execute(&mut *tx)
         .await
@@ -86,13 +95,13 @@ pub(super) async fn disable(pool: &PgPool) -> Result<u64> {
 const DELETE_OUTBOX: &str = "DELETE FROM outbox WHERE id = ANY($1::bigint[])";
 
 /// Deletes acknowledged outbox entries.
-pub(super) async fn ack(pool: &PgPool, ids: &[i64]) -> Result<()> {
+pub(super) async fn ack(conn: &mut PgConnection, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
     sqlx::query(DELETE_OUTBOX)
         .bind(ids)
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(backend)?;
     Ok(())
@@ -107,7 +116,7 @@ const TAKE_LEASE: &str = "INSERT INTO relay_leases (name, owner, until) VALUES (
 
 /// Takes or extends a relay lease; whether the owner holds it.
 pub(super) async fn lease(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     name: &str,
     owner: &str,
     until: Millis,
@@ -118,7 +127,7 @@ pub(super) async fn lease(
         .bind(owner)
         .bind(until)
         .bind(now)
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(backend)?
         .rows_affected();
@@ -149,10 +158,10 @@ const OUTBOX: &str = "WITH head AS ( \
      ORDER BY head.id, events.seq";
 
 /// The oldest outbox entries with their events.
-pub(super) async fn outbox(pool: &PgPool, max_events: u32) -> Result<Vec<OutboxEntry>> {
+pub(super) async fn outbox(conn: &mut PgConnection, max_events: u32) -> Result<Vec<OutboxEntry>> {
     let rows = sqlx::query_as::<_, outbox::Row>(OUTBOX)
         .bind(i64::from(max_events.max(1)))
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(backend)?;
     outbox::entries(rows)
@@ -174,10 +183,14 @@ const STATUS: &str = "SELECT \
      LEFT JOIN relay_leases ON relay_leases.name = $1";
 
 /// The export status, with the lease `relay` live if it runs past `now`.
-pub(super) async fn status(pool: &PgPool, relay: &str, now: Millis) -> Result<ExportStatus> {
+pub(super) async fn status(
+    conn: &mut PgConnection,
+    relay: &str,
+    now: Millis,
+) -> Result<ExportStatus> {
     let row = sqlx::query_as::<_, outbox::StatusRow>(STATUS)
         .bind(relay)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(backend)?;
     row.status(now)

@@ -22,7 +22,7 @@
 //! processes' clocks must agree: one whose clock runs ahead by `d` sees
 //! the buckets `d` fuller than the others do.
 
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use super::backend;
 use crate::limit::{Adjust, Bucket, Take};
@@ -84,7 +84,7 @@ const HOLD: &str = "INSERT INTO rate_limits AS r (key, tat_ns, held_until_ns) VA
          WHERE r.held_until_ns < excluded.held_until_ns";
 
 /// [`crate::Store::take_capacity`].
-pub(super) async fn take(pool: &PgPool, key: &str, take: &Take) -> Result<Grant> {
+pub(super) async fn take(conn: &mut PgConnection, key: &str, take: &Take) -> Result<Grant> {
     for _ in 0..TAKE_RUNS {
         let row: Option<(bool, i64, i64)> = sqlx::query_as(TAKE)
             .bind(key)
@@ -92,7 +92,7 @@ pub(super) async fn take(pool: &PgPool, key: &str, take: &Take) -> Result<Grant>
             .bind(take.increment)
             .bind(take.tat_limit())
             .bind(take.held_limit())
-            .fetch_optional(pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(backend)?;
         let Some((granted, tat, held_until)) = row else {
@@ -111,7 +111,7 @@ pub(super) async fn take(pool: &PgPool, key: &str, take: &Take) -> Result<Grant>
 }
 
 /// [`crate::Store::adjust_capacity`].
-pub(super) async fn adjust(pool: &PgPool, key: &str, adjust: &Adjust) -> Result<()> {
+pub(super) async fn adjust(conn: &mut PgConnection, key: &str, adjust: &Adjust) -> Result<()> {
     let query = match *adjust {
         Adjust::Charge {
             now,
@@ -125,16 +125,16 @@ pub(super) async fn adjust(pool: &PgPool, key: &str, adjust: &Adjust) -> Result<
         Adjust::GiveBack { now, amount } => sqlx::query(GIVE_BACK).bind(key).bind(now).bind(amount),
         Adjust::Nothing => return Ok(()),
     };
-    query.execute(pool).await.map_err(backend)?;
+    query.execute(&mut *conn).await.map_err(backend)?;
     Ok(())
 }
 
 /// [`crate::Store::hold_capacity`].
-pub(super) async fn hold(pool: &PgPool, key: &str, until: i64) -> Result<()> {
+pub(super) async fn hold(conn: &mut PgConnection, key: &str, until: i64) -> Result<()> {
     sqlx::query(HOLD)
         .bind(key)
         .bind(until)
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(backend)?;
     Ok(())
@@ -148,12 +148,17 @@ const ACTIVE: &str = "SELECT count(*) FROM rate_limits \
      WHERE starts_with(key, $1) AND key <> $2 AND tat_ns > $3";
 
 /// [`crate::Store::active_limits`].
-pub(super) async fn active(pool: &PgPool, prefix: &str, except: &str, since: i64) -> Result<u64> {
+pub(super) async fn active(
+    conn: &mut PgConnection,
+    prefix: &str,
+    except: &str,
+    since: i64,
+) -> Result<u64> {
     let (count,): (i64,) = sqlx::query_as(ACTIVE)
         .bind(prefix)
         .bind(except)
         .bind(since)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(backend)?;
     Ok(u64::try_from(count).unwrap_or(0))

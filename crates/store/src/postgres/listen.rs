@@ -4,16 +4,22 @@
 //! A notification's payload is `<origin> <run_id> <last_seq> <new_work>`:
 //! the sending store's random id (16 hex digits), the run, its last seq
 //! after the commit, and `1` if the commit created runnable tasks, else `0`.
+//!
+//! A listening session only reads, so it would never notice a network that
+//! drops its packets without a word: after [`QUIET`] without a
+//! notification, the listener pings the server, and a ping not answered
+//! within the store's timeout counts as a lost connection.
 
 use std::time::Duration;
 
 use keel_core::RunId;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{Acquire, Connection};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::{Losses, backend};
+use super::{Losses, backend, silent};
 use crate::{Committed, Result};
 
 /// The channel commits are announced on.
@@ -34,6 +40,10 @@ pub(super) const APPLICATION_NAME: &str = "keel-listen";
 /// The first wait before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long the listener hears nothing before it pings the server (or the
+/// store's timeout, if shorter).
+const QUIET: Duration = Duration::from_secs(5);
 
 /// The payload announcing a commit.
 pub(super) fn payload(origin: u64, commit: &Committed) -> String {
@@ -68,18 +78,24 @@ fn parse(payload: &str) -> Option<(u64, Committed)> {
 }
 
 /// A `LISTEN` session on its own connection (a pool of one that replaces
-/// it if it drops).
-async fn listen(options: &PgConnectOptions) -> Result<PgListener> {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .max_lifetime(None)
-        .idle_timeout(None)
-        .connect_with(options.clone().application_name(APPLICATION_NAME))
-        .await
-        .map_err(backend)?;
-    let mut listener = PgListener::connect_with(&pool).await.map_err(backend)?;
-    listener.listen(CHANNEL).await.map_err(backend)?;
-    Ok(listener)
+/// it if it drops), listening within `timeout`.
+async fn listen(options: &PgConnectOptions, timeout: Duration) -> Result<PgListener> {
+    let listen = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(timeout)
+            .connect_with(options.clone().application_name(APPLICATION_NAME))
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(listener)
+    };
+    match tokio::time::timeout(timeout, listen).await {
+        Ok(listener) => listener.map_err(backend),
+        Err(_) => Err(silent(timeout)),
+    }
 }
 
 /// The task forwarding other stores' notifications to this store's
@@ -87,6 +103,8 @@ async fn listen(options: &PgConnectOptions) -> Result<PgListener> {
 pub(super) struct Listener {
     /// Where to reconnect to.
     options: PgConnectOptions,
+    /// Longest the server may take to answer a ping or a connect.
+    timeout: Duration,
     listener: PgListener,
     /// This store's id: its own notifications were delivered at commit.
     origin: u64,
@@ -101,14 +119,16 @@ impl Listener {
     /// Starts listening, so commits made elsewhere from now on are heard.
     pub(super) async fn connect(
         options: PgConnectOptions,
+        timeout: Duration,
         origin: u64,
         commits: broadcast::Sender<Committed>,
         closed: mpsc::Receiver<()>,
         losses: Losses,
     ) -> Result<Listener> {
-        let listener = listen(&options).await?;
+        let listener = listen(&options, timeout).await?;
         Ok(Listener {
             options,
+            timeout,
             listener,
             origin,
             commits,
@@ -118,8 +138,9 @@ impl Listener {
     }
 
     /// Forwards notifications until the store is dropped, reconnecting
-    /// with backoff when the connection fails.
+    /// with backoff when the connection fails or stops answering.
     pub(super) async fn run(mut self) {
+        let quiet = QUIET.min(self.timeout);
         loop {
             tokio::select! {
                 _ = self.closed.recv() => break,
@@ -139,6 +160,21 @@ impl Listener {
                         }
                     }
                 },
+                // Waiting for a notification is cancel-safe (sqlx reads
+                // whole messages only).
+                () = tokio::time::sleep(quiet) => {
+                    if let Err(e) = self.ping().await {
+                        warn!(
+                            error = %e,
+                            channel = CHANNEL,
+                            "listen connection stopped answering"
+                        );
+                        self.losses.record();
+                        if !self.reconnect().await {
+                            break;
+                        }
+                    }
+                }
             }
         }
         debug!("store listener stopped");
@@ -153,7 +189,7 @@ impl Listener {
                 _ = self.closed.recv() => return false,
                 () = tokio::time::sleep(backoff) => {}
             }
-            match listen(&self.options).await {
+            match listen(&self.options, self.timeout).await {
                 Ok(listener) => {
                     info!(channel = CHANNEL, "listening again");
                     self.listener = listener;
@@ -165,6 +201,19 @@ impl Listener {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// Asks the server for an answer within the timeout. Notifications
+    /// arriving meanwhile are kept for the next receive.
+    async fn ping(&mut self) -> Result<()> {
+        let ping = async {
+            let conn = (&mut self.listener).acquire().await?;
+            conn.ping().await
+        };
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(answered) => answered.map_err(backend),
+            Err(_) => Err(silent(self.timeout)),
         }
     }
 

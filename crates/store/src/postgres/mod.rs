@@ -45,6 +45,20 @@
 //! connections opened before a loss the listener or the writer saw
 //! ([`Losses`]), rather than fail a read on each.
 //!
+//! A network can also lose a connection without a word: a failed-over
+//! primary whose node vanished sends no reset, a NAT forgets the flow, and
+//! TCP waits ~15 minutes before it gives up. So every exchange with the
+//! database has a deadline ([`Options::timeout`]): a writer batch from
+//! `BEGIN` to `COMMIT`, a statement on the pool, a connect, the listener's
+//! ping. A connection that misses it is deemed lost and dropped, never
+//! given back to its pool (the pool would ping it first, for as long again):
+//! the batch is run again on a new connection if it had not sent its
+//! `COMMIT`, else fails as a cut-off commit; a statement on the pool fails
+//! with [`Error::Unavailable`]. The store's transactions also set the
+//! server's `idle_in_transaction_session_timeout` to it, so the server ends
+//! a transaction its client abandoned, and the locks it held, as soon.
+//! sqlx 0.9 cannot set TCP keepalives or `TCP_USER_TIMEOUT` on its sockets.
+//!
 //! # PgBouncer
 //!
 //! Through PgBouncer in transaction-pooling mode:
@@ -118,7 +132,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, FromRow};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, FromRow, PgConnection};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -140,8 +154,6 @@ use crate::{
 const QUEUE: usize = 4 * writer::MAX_BATCH;
 /// Commit notifications a slow subscriber may fall behind by.
 const NOTIFICATIONS: usize = 16 * 1024;
-/// How long a caller waits for a pooled connection.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How the store's sessions show in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "keel";
 
@@ -161,6 +173,14 @@ pub struct Options {
     /// Must be at least 1 (see the module docs on PgBouncer).
     #[serde(default = "Options::default_statement_cache_capacity")]
     pub statement_cache_capacity: usize,
+    /// Longest the database may take to answer before the connection is
+    /// deemed lost (see the module docs on losing connections): a writer
+    /// batch from `BEGIN` to `COMMIT`, a read or another statement on the
+    /// pool, getting a connection, the listener's ping. It must exceed the
+    /// slowest healthy statement: a usage report over every run, or
+    /// switching export off, which waits for every batch in flight.
+    #[serde(default = "Options::default_timeout")]
+    pub timeout: Duration,
 }
 
 impl Options {
@@ -171,6 +191,7 @@ impl Options {
             listen_url: None,
             read_connections: Options::default_read_connections(),
             statement_cache_capacity: Options::default_statement_cache_capacity(),
+            timeout: Options::default_timeout(),
         }
     }
 
@@ -182,8 +203,21 @@ impl Options {
         100
     }
 
+    /// A healthy batch commits in milliseconds, and waits for other
+    /// processes' batches, each as short; 20 s is far above that, and
+    /// below the engine's default lease (30 s), so a worker hears that its
+    /// write failed before its lease runs out.
+    fn default_timeout() -> Duration {
+        Duration::from_secs(20)
+    }
+
     /// The connect options for `url`, with ours applied.
     fn connect_options(&self, url: &str) -> Result<PgConnectOptions> {
+        if self.timeout.is_zero() {
+            return Err(Error::Backend(
+                "the database timeout must be positive".to_string(),
+            ));
+        }
         if self.statement_cache_capacity == 0 {
             return Err(Error::Backend(
                 "statement_cache_capacity must be at least 1: sqlx 0.9 prepares uncached \
@@ -216,6 +250,7 @@ impl fmt::Debug for Options {
             .field("listen_url", &self.listen_url.is_some())
             .field("read_connections", &self.read_connections)
             .field("statement_cache_capacity", &self.statement_cache_capacity)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -236,6 +271,10 @@ pub struct PgStore {
     commits: broadcast::Sender<Committed>,
     /// This store's id in notifications.
     origin: u64,
+    /// Longest a statement on `reads` may take ([`Options::timeout`]).
+    timeout: Duration,
+    /// Told when a statement on `reads` misses its deadline.
+    losses: Losses,
     /// Held by every handle: the listener stops when all are gone.
     _alive: mpsc::Sender<()>,
 }
@@ -259,29 +298,49 @@ impl PgStore {
         // The writer keeps one connection out of its own pool of one, which
         // replaces it if it breaks; pings on acquire and release would cost
         // a round trip per batch.
+        let timeout = options.timeout;
         let writes = open_pool(
             PgPoolOptions::new()
                 .max_connections(1)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .acquire_timeout(timeout)
                 .test_before_acquire(false),
             &connect,
         )
         .await?;
         let mut conn = writes.acquire().await.map_err(backend)?;
+        // Not bounded: a migration may rewrite a large table, or wait for
+        // another process's.
         migrate::run(&mut conn).await?;
 
         // No ping before each read either: the idle connections opened
         // before a connection loss this store saw are dropped instead.
         let losses = Losses::new();
         let stale = losses.clone();
+        let silent = losses.clone();
         let reads = open_pool(
             PgPoolOptions::new()
                 .max_connections(options.read_connections.max(1))
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .acquire_timeout(timeout)
                 .test_before_acquire(false)
                 .before_acquire(move |_, meta| {
                     let keep = !stale.predates(meta.age);
                     Box::pin(async move { Ok(keep) })
+                })
+                // sqlx pings a connection given back, with no deadline: one
+                // given back as the network went silent would keep its place
+                // in the pool until TCP gives up (~15 minutes). A ping with a
+                // deadline first closes it instead (one more round trip per
+                // read, after the read has answered).
+                .after_release(move |conn, _| {
+                    let silent = silent.clone();
+                    Box::pin(async move {
+                        let answered = tokio::time::timeout(timeout, conn.ping()).await;
+                        let alive = matches!(answered, Ok(Ok(())));
+                        if !alive {
+                            silent.record();
+                        }
+                        Ok(alive)
+                    })
                 }),
             &connect,
         )
@@ -290,19 +349,35 @@ impl PgStore {
         let origin = fastrand::u64(..);
         let (commits, _) = broadcast::channel(NOTIFICATIONS);
         let (alive, closed) = mpsc::channel(1);
-        let listener =
-            listen::Listener::connect(listen, origin, commits.clone(), closed, losses.clone())
-                .await?;
+        let listener = listen::Listener::connect(
+            listen,
+            timeout,
+            origin,
+            commits.clone(),
+            closed,
+            losses.clone(),
+        )
+        .await?;
         tokio::spawn(listener.run());
 
         let (ops, queue) = mpsc::channel(QUEUE);
-        let writer = Writer::new(writes, conn, queue, commits.clone(), origin, losses);
+        let writer = Writer::new(
+            writes,
+            conn,
+            timeout,
+            queue,
+            commits.clone(),
+            origin,
+            losses.clone(),
+        );
         tokio::spawn(writer.run());
         Ok(PgStore {
             ops,
             reads,
             commits,
             origin,
+            timeout,
+            losses,
             _alive: alive,
         })
     }
@@ -317,7 +392,7 @@ impl PgStore {
             .await
             .map_err(backend)?;
         let version = migrate::run(&mut conn).await?;
-        if let Err(e) = sqlx::Connection::close(conn).await {
+        if let Err(e) = Connection::close(conn).await {
             tracing::debug!(error = %e, "closing the migration connection failed");
         }
         Ok(version)
@@ -330,10 +405,36 @@ impl PgStore {
     /// scans) are kept for good, so every step gets slower as the journal
     /// grows.
     pub async fn autovacuum(&self) -> Result<bool> {
-        sqlx::query_scalar("SELECT current_setting('autovacuum')::boolean")
-            .fetch_one(&self.reads)
-            .await
-            .map_err(backend)
+        self.pooled(async |conn| {
+            sqlx::query_scalar("SELECT current_setting('autovacuum')::boolean")
+                .fetch_one(conn)
+                .await
+                .map_err(backend)
+        })
+        .await
+    }
+
+    /// Runs `statements` on a connection of the read pool within the
+    /// store's timeout (after the wait for the connection, itself bounded
+    /// by it). A connection that does not answer in time is deemed lost and
+    /// closed: given back, the pool would ping it, and wait as long again.
+    async fn pooled<T>(
+        &self,
+        statements: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.reads.acquire().await.map_err(backend)?;
+        match tokio::time::timeout(self.timeout, statements(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?self.timeout,
+                    "no answer from the database, closing the read connection"
+                );
+                self.losses.record();
+                drop(conn.detach());
+                Err(silent(self.timeout))
+            }
+        }
     }
 
     /// Hands an op to the writer and waits for its committed result.
@@ -382,21 +483,45 @@ impl Losses {
 
 /// Opens a pool. One that timed out connecting (it retries until its acquire
 /// timeout) does not say why, so one more direct connection names the cause:
-/// refused, unknown host, bad password.
+/// refused, unknown host, bad password (within the same timeout: no answer
+/// at all is a cause too).
 async fn open_pool(pool: PgPoolOptions, connect: &PgConnectOptions) -> Result<PgPool> {
+    let timeout = pool.get_acquire_timeout();
     match pool.connect_with(connect.clone()).await {
         Ok(pool) => Ok(pool),
-        Err(sqlx::Error::PoolTimedOut) => match connect.connect().await {
-            Ok(conn) => {
-                if let Err(e) = sqlx::Connection::close(conn).await {
-                    tracing::debug!(error = %e, "closing the probe connection failed");
+        Err(sqlx::Error::PoolTimedOut) => {
+            match tokio::time::timeout(timeout, connect.connect()).await {
+                Ok(Ok(conn)) => {
+                    if let Err(e) = Connection::close(conn).await {
+                        tracing::debug!(error = %e, "closing the probe connection failed");
+                    }
+                    Err(backend(sqlx::Error::PoolTimedOut))
                 }
-                Err(backend(sqlx::Error::PoolTimedOut))
+                Ok(Err(cause)) => Err(backend(cause)),
+                Err(_) => Err(silent(timeout)),
             }
-            Err(cause) => Err(backend(cause)),
-        },
+        }
         Err(e) => Err(backend(e)),
     }
+}
+
+/// What a call gets when the database did not answer within `timeout`:
+/// the connection is deemed lost, as when the network drops its packets.
+fn silent(timeout: Duration) -> Error {
+    Error::Unavailable(format!(
+        "no answer from the database within {timeout:?}: the connection is deemed lost"
+    ))
+}
+
+/// The statement opening a transaction of the store: the server ends the
+/// session if the transaction waits for its client longer than `timeout`
+/// (the client gave up on it by then), which frees the locks it holds.
+/// Scoped to the transaction (`SET LOCAL`), so safe through a pooler.
+fn begin(timeout: Duration) -> AssertSqlSafe<String> {
+    AssertSqlSafe(format!(
+        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
+        timeout.as_millis().max(1)
+    ))
 }
 
 /// Maps a database error: a value that does not decode is corrupt data, a
@@ -797,16 +922,22 @@ impl Store for PgStore {
                 .bind(tenant)
                 .bind(name),
         };
-        let row = query.fetch_optional(&self.reads).await.map_err(backend)?;
+        let row = self
+            .pooled(async |conn| query.fetch_optional(conn).await.map_err(backend))
+            .await?;
         row.map(AgentRow::into_record).transpose()
     }
 
     async fn list_agents(&self, tenant: &str) -> Result<Vec<AgentRecord>> {
-        let rows = sqlx::query_as::<_, AgentRow>(LIST_AGENTS)
-            .bind(tenant)
-            .fetch_all(&self.reads)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .pooled(async |conn| {
+                sqlx::query_as::<_, AgentRow>(LIST_AGENTS)
+                    .bind(tenant)
+                    .fetch_all(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         let mut agents = Vec::with_capacity(rows.len());
         for row in rows {
             agents.push(row.into_record()?);
@@ -823,11 +954,15 @@ impl Store for PgStore {
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>> {
-        let row = sqlx::query_as::<_, RunRow>(GET_RUN)
-            .bind(id.0)
-            .fetch_optional(&self.reads)
-            .await
-            .map_err(backend)?;
+        let row = self
+            .pooled(async |conn| {
+                sqlx::query_as::<_, RunRow>(GET_RUN)
+                    .bind(id.0)
+                    .fetch_optional(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         row.map(RunRow::into_record).transpose()
     }
 
@@ -863,7 +998,9 @@ impl Store for PgStore {
         if let Some(agent) = &filter.agent {
             query = query.bind(agent);
         }
-        let rows = query.fetch_all(&self.reads).await.map_err(backend)?;
+        let rows = self
+            .pooled(async |conn| query.fetch_all(conn).await.map_err(backend))
+            .await?;
         let mut runs = Vec::with_capacity(rows.len());
         for row in rows {
             runs.push(row.into_record()?);
@@ -872,13 +1009,17 @@ impl Store for PgStore {
     }
 
     async fn events(&self, run_id: RunId, after: Seq, limit: u32) -> Result<Vec<Recorded>> {
-        let rows = sqlx::query_as::<_, EventRow>(EVENTS)
-            .bind(run_id.0)
-            .bind(after)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reads)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .pooled(async |conn| {
+                sqlx::query_as::<_, EventRow>(EVENTS)
+                    .bind(run_id.0)
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             // The error label is only built on failure: this is the journal's hot read path.
@@ -991,11 +1132,15 @@ impl Store for PgStore {
     }
 
     async fn queued(&self, task_id: TaskId, now: Millis) -> Result<Option<Queued>> {
-        let row = sqlx::query_as::<_, QueuedRow>(QUEUED)
-            .bind(task_id.0)
-            .fetch_optional(&self.reads)
-            .await
-            .map_err(backend)?;
+        let row = self
+            .pooled(async |conn| {
+                sqlx::query_as::<_, QueuedRow>(QUEUED)
+                    .bind(task_id.0)
+                    .fetch_optional(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         row.map(|r| r.into_queued(now)).transpose()
     }
 
@@ -1054,11 +1199,15 @@ impl Store for PgStore {
     }
 
     async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
-        let rows = sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTERS)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reads)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .pooled(async |conn| {
+                sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTERS)
+                    .bind(i64::from(limit))
+                    .fetch_all(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         let mut letters = Vec::with_capacity(rows.len());
         for row in rows {
             letters.push(row.into_record()?);
@@ -1067,11 +1216,15 @@ impl Store for PgStore {
     }
 
     async fn dead_letter(&self, id: TaskId) -> Result<Option<DeadLetter>> {
-        let row = sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTER)
-            .bind(id.0)
-            .fetch_optional(&self.reads)
-            .await
-            .map_err(backend)?;
+        let row = self
+            .pooled(async |conn| {
+                sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTER)
+                    .bind(id.0)
+                    .fetch_optional(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         row.map(DeadLetterRow::into_record).transpose()
     }
 
@@ -1080,15 +1233,19 @@ impl Store for PgStore {
     }
 
     async fn next_due(&self, now: Millis) -> Result<Option<Millis>> {
-        sqlx::query_scalar(NEXT_DUE)
-            .bind(now)
-            .fetch_one(&self.reads)
-            .await
-            .map_err(backend)
+        self.pooled(async |conn| {
+            sqlx::query_scalar(NEXT_DUE)
+                .bind(now)
+                .fetch_one(conn)
+                .await
+                .map_err(backend)
+        })
+        .await
     }
 
     async fn append_deltas(&self, batch: DeltaBatch) -> Result<DeltaPos> {
-        deltas::append(&self.reads, self.origin, &self.commits, &batch).await
+        self.pooled(async |conn| deltas::append(conn, self.origin, &self.commits, &batch).await)
+            .await
     }
 
     async fn deltas(&self, run_id: RunId, after: Option<DeltaPos>, limit: u32) -> Result<Deltas> {
@@ -1098,7 +1255,8 @@ impl Store for PgStore {
             attempt: 0,
             idx: 0,
         });
-        deltas::read(&self.reads, run_id, after, limit).await
+        self.pooled(async |conn| deltas::read(conn, run_id, after, limit).await)
+            .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Committed> {
@@ -1108,25 +1266,28 @@ impl Store for PgStore {
     /// On the pool, not through the writer (see `export`): batches whose
     /// events are inserted after this returns are exported.
     async fn enable_export(&self) -> Result<()> {
-        export::enable(&self.reads).await
+        self.pooled(async |conn| export::enable(conn).await).await
     }
 
     /// On the pool too: it waits for the batches of every process (see
     /// `export`).
     async fn disable_export(&self) -> Result<u64> {
-        export::disable(&self.reads).await
+        self.pooled(async |conn| export::disable(conn, self.timeout).await)
+            .await
     }
 
     async fn export_status(&self, relay: &str, now: Millis) -> Result<ExportStatus> {
-        export::status(&self.reads, relay, now).await
+        self.pooled(async |conn| export::status(conn, relay, now).await)
+            .await
     }
 
     async fn outbox(&self, max_events: u32) -> Result<Vec<OutboxEntry>> {
-        export::outbox(&self.reads, max_events).await
+        self.pooled(async |conn| export::outbox(conn, max_events).await)
+            .await
     }
 
     async fn ack_outbox(&self, ids: &[i64]) -> Result<()> {
-        export::ack(&self.reads, ids).await
+        self.pooled(async |conn| export::ack(conn, ids).await).await
     }
 
     async fn relay_lease(
@@ -1136,7 +1297,8 @@ impl Store for PgStore {
         until: Millis,
         now: Millis,
     ) -> Result<bool> {
-        export::lease(&self.reads, name, owner, until, now).await
+        self.pooled(async |conn| export::lease(conn, name, owner, until, now).await)
+            .await
     }
 
     async fn usage(
@@ -1155,17 +1317,23 @@ impl Store for PgStore {
             Some(agent) => query.bind(agent),
             None => query,
         };
-        let row = query.fetch_one(&self.reads).await.map_err(backend)?;
+        let row = self
+            .pooled(async |conn| query.fetch_one(conn).await.map_err(backend))
+            .await?;
         UsageTotals::from_sums(row)
     }
 
     async fn usage_by_agent(&self, tenant: &str, since: Option<Millis>) -> Result<Vec<AgentUsage>> {
-        let rows: Vec<(String, i64, i64, i64, f64)> = sqlx::query_as(USAGE_BY_AGENT)
-            .bind(tenant)
-            .bind(since.unwrap_or(Millis::MIN))
-            .fetch_all(&self.reads)
-            .await
-            .map_err(backend)?;
+        let rows: Vec<(String, i64, i64, i64, f64)> = self
+            .pooled(async |conn| {
+                sqlx::query_as(USAGE_BY_AGENT)
+                    .bind(tenant)
+                    .bind(since.unwrap_or(Millis::MIN))
+                    .fetch_all(conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
         let mut agents = Vec::with_capacity(rows.len());
         for (agent, runs, input, output, cost_usd) in rows {
             let totals = UsageTotals::from_sums((runs, input, output, cost_usd))?;
@@ -1181,7 +1349,9 @@ impl Store for PgStore {
                 .bind(agent),
             None => sqlx::query_scalar(PENDING_RUNS).bind(tenant),
         };
-        let count: i64 = query.fetch_one(&self.reads).await.map_err(backend)?;
+        let count: i64 = self
+            .pooled(async |conn| query.fetch_one(conn).await.map_err(backend))
+            .await?;
         u64::try_from(count).map_err(|_| Error::Corrupt(format!("run count {count} is negative")))
     }
 
@@ -1195,28 +1365,33 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<Grant> {
         let take = Take::new(key, rate, cost, max_wait, now)?;
-        limits::take(&self.reads, key, &take).await
+        self.pooled(async |conn| limits::take(conn, key, &take).await)
+            .await
     }
 
     async fn adjust_capacity(&self, key: &str, rate: Rate, delta: i64, now: Millis) -> Result<()> {
         let adjust = Adjust::new(key, rate, delta, now)?;
-        limits::adjust(&self.reads, key, &adjust).await
+        self.pooled(async |conn| limits::adjust(conn, key, &adjust).await)
+            .await
     }
 
     async fn hold_capacity(&self, key: &str, until: Millis) -> Result<()> {
-        limits::hold(&self.reads, key, limit::ns(until)).await
+        self.pooled(async |conn| limits::hold(conn, key, limit::ns(until)).await)
+            .await
     }
 
     async fn active_limits(&self, prefix: &str, except: &str, since: Millis) -> Result<u64> {
-        limits::active(&self.reads, prefix, except, limit::ns(since)).await
+        self.pooled(async |conn| limits::active(conn, prefix, except, limit::ns(since)).await)
+            .await
     }
 
     /// On the pool, not through the writer (see `breakers`).
     async fn put_breaker(&self, record: BreakerRecord) -> Result<()> {
-        breakers::put(&self.reads, &record).await
+        self.pooled(async |conn| breakers::put(conn, &record).await)
+            .await
     }
 
     async fn breakers(&self) -> Result<Vec<BreakerRecord>> {
-        breakers::read(&self.reads).await
+        self.pooled(async |conn| breakers::read(conn).await).await
     }
 }

@@ -1,6 +1,6 @@
 //! What only the PostgreSQL backend has: several processes (here, several
 //! stores) sharing one database, its migrations, its notifications, and the
-//! writer's handling of a broken op. The shared behaviour is in
+//! writer's handling of a broken op and of connections gone silent. The shared behaviour is in
 //! `conformance`, which runs against PostgreSQL through [`open`].
 //!
 //! Each test makes a database of its own on the server named by
@@ -10,12 +10,16 @@
 
 use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use keel_core::{Event, Millis, Priority, RunId, Seq};
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 
 use super::{Options, PgStore, RECONNECTED, listen, migrate};
@@ -351,6 +355,200 @@ async fn a_lost_listen_connection_is_replaced() -> Result<()> {
             break;
         }
     }
+    Ok(())
+}
+
+/// A TCP proxy in front of the test server that makes connections go
+/// silent: no byte passes either way and nothing closes, as when the
+/// network drops packets or a node vanishes without a word. Connections
+/// opened later pass.
+struct Silencer {
+    port: u16,
+    /// Connections opened before the latest of this many silences are silent.
+    silences: Arc<AtomicU32>,
+    /// Connections still to silence right after they pass on a `COMMIT`.
+    after_commit: Arc<AtomicU32>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Silencer {
+    async fn start(db: &TestDb) -> Silencer {
+        let direct = PgConnectOptions::from_str(&db.url).expect("the URL parses");
+        let upstream = format!("{}:{}", direct.get_host(), direct.get_port());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let silences = Arc::new(AtomicU32::new(0));
+        let after_commit = Arc::new(AtomicU32::new(0));
+        let (s, c) = (silences.clone(), after_commit.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(server) = TcpStream::connect(&upstream).await {
+                    let opened = s.load(Ordering::SeqCst);
+                    tokio::spawn(relay(client, server, opened, s.clone(), c.clone()));
+                }
+            }
+        });
+        Silencer {
+            port,
+            silences,
+            after_commit,
+            accept,
+        }
+    }
+
+    /// The URL of `db` through the proxy.
+    fn url(&self, db: &TestDb) -> String {
+        PgConnectOptions::from_str(&db.url)
+            .expect("the URL parses")
+            .host("127.0.0.1")
+            .port(self.port)
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable)
+            .to_url_lossy()
+            .to_string()
+    }
+
+    /// Every connection open now goes silent for good.
+    fn silence(&self) {
+        self.silences.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The next connection to send a `COMMIT` goes silent once it passed
+    /// it on: the server commits, the client never hears of it.
+    fn silence_after_commit(&self) {
+        self.after_commit.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Silencer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Passes bytes both ways until either side closes or the connection goes
+/// silent; then holds both sockets open, passing nothing, for good.
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    opened: u32,
+    silences: Arc<AtomicU32>,
+    after_commit: Arc<AtomicU32>,
+) {
+    /// The bytes of a simple-protocol `COMMIT`.
+    const COMMIT: &[u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let mut up = vec![0u8; 64 * 1024];
+    let mut down = vec![0u8; 64 * 1024];
+    loop {
+        let silent = tokio::select! {
+            read = from_client.read(&mut up) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if silences.load(Ordering::SeqCst) != opened {
+                    true
+                } else {
+                    if to_server.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                    let commits = up[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+                    let take = |left: u32| left.checked_sub(1);
+                    let (order, fail) = (Ordering::SeqCst, Ordering::SeqCst);
+                    commits && after_commit.fetch_update(order, fail, take).is_ok()
+                }
+            }
+            read = from_server.read(&mut down) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                silences.load(Ordering::SeqCst) != opened
+                    || to_client.write_all(&down[..n]).await.is_err()
+            }
+        };
+        if silent {
+            break;
+        }
+    }
+    // Both sockets stay open (they live to the end of this function).
+    std::future::pending::<()>().await;
+}
+
+/// The network goes silent under a store: a read gives up after the
+/// timeout with `Unavailable`, the next goes through a new connection; a
+/// write batch whose connection went silent before its `COMMIT` runs again
+/// on a new one and succeeds; the listener notices by its ping and listens
+/// again; a batch whose `COMMIT` got no answer fails as unavailable, and
+/// did commit: the same append again is refused, never applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_given_up_after_the_timeout() -> Result<()> {
+    const TIMEOUT: Duration = Duration::from_millis(800);
+    let Some(db) = TestDb::create().await else {
+        return Ok(());
+    };
+    let silencer = Silencer::start(&db).await;
+    // One read connection, so the read below takes the one gone silent.
+    let store = PgStore::connect_with(Options {
+        timeout: TIMEOUT,
+        read_connections: 1,
+        ..Options::new(silencer.url(&db))
+    })
+    .await?;
+    let mut heard = store.subscribe();
+    let sub = submission(None);
+    store.submit(sub.clone()).await?;
+    assert!(store.get_run(sub.run_id).await?.is_some());
+    // The pool pings a connection given back before it takes it again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    silencer.silence();
+    let started = Instant::now();
+    match store.get_run(sub.run_id).await {
+        Err(Error::Unavailable(message)) => assert!(message.contains("no answer"), "{message}"),
+        other => panic!("expected the read to give up, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= TIMEOUT && took < 2 * TIMEOUT,
+        "the read gave up after {took:?}"
+    );
+    assert!(store.get_run(sub.run_id).await?.is_some());
+
+    let started = Instant::now();
+    let appended = store
+        .append(append(sub.run_id, 1, rejected("after the silence")))
+        .await?;
+    assert_eq!(appended.last_seq, 2);
+    let took = started.elapsed();
+    assert!(
+        took >= TIMEOUT && took < 2 * TIMEOUT,
+        "the batch took {took:?}"
+    );
+
+    let deadline = Instant::now() + 4 * TIMEOUT + Duration::from_secs(1);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, heard.recv()).await {
+            Ok(Ok(commit)) if commit == RECONNECTED => break,
+            Ok(Ok(_)) => {}
+            other => panic!("the listener did not listen again: {other:?}"),
+        }
+    }
+
+    silencer.silence_after_commit();
+    let lost = append(sub.run_id, 2, rejected("its answer is lost"));
+    match store.append(lost.clone()).await {
+        Err(Error::Unavailable(message)) => assert!(message.contains("no answer"), "{message}"),
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    match store.append(lost).await {
+        Err(Error::SeqConflict { .. }) => {}
+        other => panic!("expected the committed append to refuse its repeat, got {other:?}"),
+    }
+    let events = store.events(sub.run_id, 0, 10).await?;
+    assert_eq!(events.len(), 3, "{events:?}");
     Ok(())
 }
 

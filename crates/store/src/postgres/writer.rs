@@ -23,20 +23,32 @@
 //! network closed it since the last batch) ran nothing and is tried again
 //! on a new one. A failed commit is not retried: whether it took effect is
 //! unknown, and its ops fail.
+//!
+//! The network may also lose the connection without a word (no reset
+//! comes; TCP would wait ~15 minutes). So a transaction, from getting a
+//! connection to its `COMMIT`'s answer, has a deadline (the store's
+//! [`Options::timeout`](super::Options::timeout)); past it, the connection
+//! is dropped (not given back to the pool, which would ping it, and wait as
+//! long again) and the batch counts as one whose connection was lost: tried
+//! again on a new connection if its `COMMIT` was not sent, failed as a
+//! cut-off commit if it was. Its transaction told the server to end the
+//! session if left waiting as long (`idle_in_transaction_session_timeout`),
+//! so the locks it took do not block the retry for long.
 
 use std::collections::HashMap;
 use std::slice;
+use std::time::Duration;
 
 use keel_core::RunId;
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, SqlSafeStr, SqlStr};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::agents::{self, PutAgent};
 use super::journal::{self, AppendEvents, Submit};
 use super::queue::{self, Claim, Heartbeat, ReleaseAll, RetryLater};
-use super::{Losses, backend, listen};
+use super::{Losses, backend, begin, listen, silent};
 use crate::{Appended, Committed, Error, Registered, Result, Submitted, Task};
 
 /// Most ops committed in one transaction.
@@ -227,12 +239,14 @@ const NOTIFY: &str = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS p
 enum Failed {
     /// It could not start (no connection): nothing ran.
     Begin(Error),
-    /// The connection kept from an earlier batch was broken: nothing ran,
-    /// and a new connection may do.
+    /// The connection kept from an earlier batch was broken, or the
+    /// database stopped answering before the `COMMIT` was sent: nothing
+    /// was committed, and a new connection may do.
     Stale(Error),
     /// An op failed; the transaction was rolled back.
     Write(Error),
-    /// The commit failed: it may or may not have taken effect.
+    /// The commit failed, or got no answer in time: it may or may not have
+    /// taken effect.
     Commit(Error),
 }
 
@@ -242,6 +256,13 @@ pub(super) struct Writer {
     pool: PgPool,
     /// The connection, kept between batches.
     conn: Option<PoolConnection<Postgres>>,
+    /// Longest a transaction may take, getting a connection included.
+    timeout: Duration,
+    /// The statement opening a transaction ([`begin`]).
+    begin: SqlStr,
+    /// Whether the transaction under way has sent its `COMMIT`: if it runs
+    /// out of time, its outcome is unknown.
+    committing: bool,
     /// Ops from every handle; the writer ends when all handles are gone.
     ops: mpsc::Receiver<Op>,
     /// Where commits are announced in this process.
@@ -257,6 +278,7 @@ impl Writer {
     pub(super) fn new(
         pool: PgPool,
         conn: PoolConnection<Postgres>,
+        timeout: Duration,
         ops: mpsc::Receiver<Op>,
         commits: broadcast::Sender<Committed>,
         origin: u64,
@@ -265,6 +287,9 @@ impl Writer {
         Writer {
             pool,
             conn: Some(conn),
+            timeout,
+            begin: begin(timeout).into_sql_str(),
+            committing: false,
             ops,
             commits,
             origin,
@@ -345,7 +370,10 @@ impl Writer {
     /// it moved in this process.
     async fn commit(&mut self, ops: &mut [Op]) -> Result<(), Failed> {
         let mut commits = Vec::new();
-        let result = self.transaction(ops, &mut commits).await;
+        self.committing = false;
+        let result = tokio::time::timeout(self.timeout, self.transaction(ops, &mut commits))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()));
         if result.is_ok() {
             for commit in commits {
                 // No subscriber is fine.
@@ -376,7 +404,7 @@ impl Writer {
                 (self.conn.insert(conn), false)
             }
         };
-        let mut tx = conn.begin().await.map_err(|e| {
+        let mut tx = conn.begin_with(self.begin.clone()).await.map_err(|e| {
             if kept {
                 Failed::Stale(backend(e))
             } else {
@@ -397,19 +425,50 @@ impl Writer {
             commits.clear();
             return Err(Failed::Write(e));
         }
+        self.committing = true;
         tx.commit().await.map_err(|e| Failed::Commit(backend(e)))
+    }
+
+    /// After a transaction ran out of time: drops its connection, and says
+    /// how the batch failed.
+    fn timed_out(&mut self) -> Failed {
+        let error = silent(self.timeout);
+        let Some(conn) = self.conn.take() else {
+            // Still waiting for a connection: nothing ran.
+            return Failed::Begin(error);
+        };
+        warn!(
+            timeout = ?self.timeout,
+            committing = self.committing,
+            "no answer from the database, dropping the write connection"
+        );
+        self.abandon(conn);
+        if self.committing {
+            Failed::Commit(error)
+        } else {
+            Failed::Stale(error)
+        }
+    }
+
+    /// Drops a connection deemed lost without a word to the server, and
+    /// frees its place in the pool for a new one.
+    fn abandon(&self, conn: PoolConnection<Postgres>) {
+        self.losses.record();
+        drop(conn.detach());
     }
 
     /// After a failed transaction: gives up the connection if it is broken,
     /// so the next batch gets a new one.
     async fn check_connection(&mut self) {
         let Some(conn) = &mut self.conn else { return };
-        if let Err(e) = conn.ping().await {
-            warn!(error = %e, "store write connection is broken, replacing it");
-            self.losses.record();
-            if let Some(mut conn) = self.conn.take() {
-                conn.close_on_drop();
-            }
+        let error = match tokio::time::timeout(self.timeout, conn.ping()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => backend(e),
+            Err(_) => silent(self.timeout),
+        };
+        warn!(%error, "store write connection is broken, replacing it");
+        if let Some(conn) = self.conn.take() {
+            self.abandon(conn);
         }
     }
 }
