@@ -43,7 +43,7 @@ pub struct Cli {
 enum Command {
     /// Serve the HTTP API and/or run workers, on the embedded store or on
     /// PostgreSQL (--database-url).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the store's schema migrations and exit (they are also applied on start).
     Migrate {
         /// PostgreSQL URL; without it, the embedded SQLite file --db.
@@ -398,7 +398,7 @@ fn init_tracing(default: &str) {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args).await.map(|_| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|_| ExitCode::SUCCESS),
         Command::Run(args) => match args.server.clone() {
             Some(server) => run_remote(&server, &args).await,
             None => run_local(args).await,

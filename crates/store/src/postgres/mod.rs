@@ -967,11 +967,16 @@ impl Store for PgStore {
     }
 
     async fn purge(&self, purge: Purge) -> Result<Purged> {
-        purge::purge(&self.reads, &Scope::Ended(purge)).await
+        let scope = Scope::Ended(purge);
+        self.pooled(async |conn| purge::purge(conn, &scope, self.timeout).await)
+            .await
     }
 
     async fn delete_run(&self, id: RunId) -> Result<()> {
-        purge::purge(&self.reads, &Scope::One(id)).await.map(drop)
+        let scope = Scope::One(id);
+        self.pooled(async |conn| purge::purge(conn, &scope, self.timeout).await)
+            .await
+            .map(drop)
     }
 
     async fn list_runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {
@@ -1229,7 +1234,8 @@ impl Store for PgStore {
     }
 
     async fn stats(&self, now: Millis) -> Result<crate::Stats> {
-        stats::stats(&self.reads, now).await
+        self.pooled(async |conn| stats::stats(conn, now).await)
+            .await
     }
 
     async fn next_due(&self, now: Millis) -> Result<Option<Millis>> {

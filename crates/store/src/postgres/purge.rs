@@ -10,10 +10,12 @@ use std::collections::HashMap;
 
 use keel_core::RunId;
 use keel_core::run::Status;
-use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-use super::backend;
+use super::{backend, begin};
 use crate::purge::{self, Row, Runs, Scope};
 use crate::{Purged, Result};
 
@@ -51,9 +53,14 @@ const DELETE: [&str; 5] = [
     "DELETE FROM runs WHERE id = ANY($1::uuid[])",
 ];
 
-/// Deletes the runs in `scope` that may go.
-pub(super) async fn purge(pool: &PgPool, scope: &Scope) -> Result<Purged> {
-    let mut tx = pool.begin().await.map_err(backend)?;
+/// Deletes the runs in `scope` that may go, in one transaction on `conn`
+/// (which the server ends if its client goes silent for `timeout`).
+pub(super) async fn purge(
+    conn: &mut PgConnection,
+    scope: &Scope,
+    timeout: Duration,
+) -> Result<Purged> {
+    let mut tx = conn.begin_with(begin(timeout)).await.map_err(backend)?;
     let purged = run(&mut tx, scope).await?;
     tx.commit().await.map_err(backend)?;
     Ok(purged)

@@ -2,7 +2,7 @@
 //! the read pool (one snapshot).
 
 use keel_core::Millis;
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use super::backend;
 use crate::stats::{self, Row};
@@ -25,10 +25,10 @@ pub(super) const STATS: &str = "\
     SELECT 'dead', NULL, NULL, 0, count(*), 0 FROM dead_letters";
 
 /// Counts what the store holds at `now`.
-pub(super) async fn stats(reads: &PgPool, now: Millis) -> Result<Stats> {
+pub(super) async fn stats(conn: &mut PgConnection, now: Millis) -> Result<Stats> {
     let rows: Vec<Row> = sqlx::query_as(STATS)
         .bind(now)
-        .fetch_all(reads)
+        .fetch_all(conn)
         .await
         .map_err(backend)?;
     stats::from_rows(rows)
