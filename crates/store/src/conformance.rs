@@ -216,6 +216,45 @@ fn append(run_id: RunId, expected_seq: Seq, lease: Option<Lease>, events: Vec<Ev
     }
 }
 
+/// An append dead-lettering a leased task of `run_id` (its attempt gave up).
+fn give_up(run_id: RunId, expected_seq: Seq, lease: Lease) -> Append {
+    let mut park = append(
+        run_id,
+        expected_seq,
+        Some(lease),
+        vec![Event::TaskDeadLettered {
+            task_id: lease.task_id,
+            kind: "llm".to_string(),
+            step: 1,
+            attempts: 1,
+            error: "gave up".to_string(),
+        }],
+    );
+    park.task = TaskUpdate::DeadLetter {
+        error: "gave up".to_string(),
+    };
+    park
+}
+
+/// An append completing `run_id` with `output` (and its leased task, if
+/// any); the run's other tasks are cleared.
+fn completion(run_id: RunId, expected_seq: Seq, lease: Option<Lease>, output: &str) -> Append {
+    let mut end = append(
+        run_id,
+        expected_seq,
+        lease,
+        vec![Event::RunCompleted {
+            output: output.into(),
+        }],
+    );
+    if lease.is_some() {
+        end.task = TaskUpdate::Complete;
+    }
+    end.clear_tasks = true;
+    end.projection = projection(Status::Completed);
+    end
+}
+
 /// Claims exactly one task.
 async fn claim_one<S: Store>(store: &S, owner: &str, lease: Duration, now: Millis) -> Result<Task> {
     let mut tasks = store.claim(owner, 1, lease, now).await?;
@@ -824,22 +863,8 @@ pub(crate) async fn priority_survives_retry_defer_release_and_redrive<S: Store>(
     // Dead-lettered and redriven: the redriven task has the run's priority.
     now += 1;
     let id = task.lease.task_id;
-    let mut park = append(
-        high,
-        2,
-        Some(task.lease),
-        vec![Event::TaskDeadLettered {
-            task_id: id,
-            kind: "llm".to_string(),
-            step: 1,
-            attempts: 1,
-            error: "gave up".to_string(),
-        }],
-    );
+    let mut park = give_up(high, 2, task.lease);
     park.now = now;
-    park.task = TaskUpdate::DeadLetter {
-        error: "gave up".to_string(),
-    };
     store.append(park).await?;
     now += CREDIT;
     let mut redrive = append(high, 3, None, vec![Event::TaskRedriven { task_id: id }]);
@@ -859,21 +884,7 @@ pub(crate) async fn dead_letter_and_redrive<S: Store>(store: S) -> Result<()> {
     let task = claim_one(&store, "a", LEASE, T0).await?;
     let id = task.lease.task_id;
 
-    let mut park = append(
-        run_id,
-        1,
-        Some(task.lease),
-        vec![Event::TaskDeadLettered {
-            task_id: id,
-            kind: "llm".to_string(),
-            step: 1,
-            attempts: 1,
-            error: "gave up".to_string(),
-        }],
-    );
-    park.task = TaskUpdate::DeadLetter {
-        error: "gave up".to_string(),
-    };
+    let park = give_up(run_id, 1, task.lease);
     store.append(park).await?;
 
     let letters = store.dead_letters(10).await?;
@@ -947,21 +958,7 @@ pub(crate) async fn stats_count_tasks_runs_and_dead_letters<S: Store>(store: S) 
         .position(|t| t.run_id == parked)
         .map(|i| tasks.swap_remove(i))
         .expect("the parked run's task");
-    let mut park = append(
-        parked,
-        1,
-        Some(task.lease),
-        vec![Event::TaskDeadLettered {
-            task_id: task.lease.task_id,
-            kind: "llm".to_string(),
-            step: 1,
-            attempts: 1,
-            error: "gave up".to_string(),
-        }],
-    );
-    park.task = TaskUpdate::DeadLetter {
-        error: "gave up".to_string(),
-    };
+    let park = give_up(parked, 1, task.lease);
     store.append(park).await?;
     // The other task claimed with it is given back, due now.
     for other in tasks {
@@ -1160,17 +1157,7 @@ async fn ended_run<S: Store>(
     store.submit(sub).await?;
     let task = claim_one(store, "w", LEASE, T0).await?;
     assert_eq!(task.run_id, run_id);
-    let mut end = append(
-        run_id,
-        1,
-        Some(task.lease),
-        vec![Event::RunCompleted {
-            output: "done".into(),
-        }],
-    );
-    end.task = TaskUpdate::Complete;
-    end.clear_tasks = true;
-    end.projection = projection(Status::Completed);
+    let mut end = completion(run_id, 1, Some(task.lease), "done");
     end.now = at;
     end.new_tasks = later;
     store.append(end).await?;
@@ -1208,21 +1195,7 @@ pub(crate) async fn purge_deletes_ended_runs_with_all_they_left<S: Store>(store:
     let old = sub.run_id;
     store.submit(sub).await?;
     let task = claim_one(&store, "w", LEASE, T0).await?;
-    let mut park = append(
-        old,
-        1,
-        Some(task.lease),
-        vec![Event::TaskDeadLettered {
-            task_id: task.lease.task_id,
-            kind: "llm".to_string(),
-            step: 1,
-            attempts: 1,
-            error: "gave up".to_string(),
-        }],
-    );
-    park.task = TaskUpdate::DeadLetter {
-        error: "gave up".to_string(),
-    };
+    let park = give_up(old, 1, task.lease);
     store.append(park).await?;
     let mut cancel = append(
         old,
@@ -1355,17 +1328,7 @@ pub(crate) async fn purge_keeps_what_is_still_needed<S: Store>(store: S) -> Resu
     for child in &children {
         let task = claim_one(&store, "w", LEASE, T0).await?;
         assert_eq!(task.run_id, child.run_id);
-        let mut end = append(
-            child.run_id,
-            1,
-            Some(task.lease),
-            vec![Event::RunCompleted {
-                output: "part".into(),
-            }],
-        );
-        end.task = TaskUpdate::Complete;
-        end.clear_tasks = true;
-        end.projection = projection(Status::Completed);
+        let mut end = completion(child.run_id, 1, Some(task.lease), "part");
         end.now = T0 + 20;
         store.append(end).await?;
     }
@@ -1397,16 +1360,7 @@ pub(crate) async fn purge_keeps_what_is_still_needed<S: Store>(store: S) -> Resu
     // The parent ends: both go with it. A child still running when its
     // parent was deleted can still end (its wake-up of the parent is
     // dropped).
-    let mut end = append(
-        parent,
-        2,
-        None,
-        vec![Event::RunCompleted {
-            output: "all".into(),
-        }],
-    );
-    end.clear_tasks = true;
-    end.projection = projection(Status::Completed);
+    let mut end = completion(parent, 2, None, "all");
     end.now = T0 + 30;
     store.append(end).await?;
     let mut gone = sweep(&store, T0 + 500, 2).await?;
@@ -1420,17 +1374,7 @@ pub(crate) async fn purge_keeps_what_is_still_needed<S: Store>(store: S) -> Resu
     sub.run_id = orphan;
     store.submit(sub).await?;
     let task = claim_one(&store, "w", LEASE, T0).await?;
-    let mut end = append(
-        orphan,
-        1,
-        Some(task.lease),
-        vec![Event::RunCompleted {
-            output: "late".into(),
-        }],
-    );
-    end.task = TaskUpdate::Complete;
-    end.clear_tasks = true;
-    end.projection = projection(Status::Completed);
+    let mut end = completion(orphan, 1, Some(task.lease), "late");
     end.wake = vec![RunTask {
         run_id: parent,
         task: new_task(TaskKind::Children, T0),

@@ -198,6 +198,56 @@ fn assert_alive<'a>(servers: impl IntoIterator<Item = &'a mut Server>) {
     }
 }
 
+/// Every probe was answered within `within` with a success or a 503
+/// `unavailable`, and at least one met `what` (else nothing was tested):
+/// how many were refused.
+fn check_probes(probes: &[Probe], within: Duration, what: &str) -> usize {
+    let mut refused = 0;
+    for probe in probes {
+        let status = probe.status.unwrap_or_else(|| {
+            panic!("{} got no answer: {}", probe.what, probe.body);
+        });
+        assert!(probe.took < within, "{} took {:?}", probe.what, probe.took);
+        if status < 300 {
+            continue;
+        }
+        refused += 1;
+        assert_eq!(status, 503, "{}: {}", probe.what, probe.body);
+        let body: Value = serde_json::from_str(&probe.body).expect("a JSON error");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    }
+    assert!(refused > 0, "no request met {what}: nothing was tested");
+    refused
+}
+
+/// Submits each probe again with its idempotency key (`keys`: the key and
+/// the run it got, if it was accepted): an accepted one gets the same run
+/// back. The runs' ids.
+async fn resubmit(
+    http: &reqwest::Client,
+    api: &Server,
+    keys: &[(String, Option<String>)],
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(keys.len());
+    for (i, (key, accepted)) in keys.iter().enumerate() {
+        let r = http
+            .post(api.url("/v1/runs"))
+            .header("idempotency-key", key)
+            .json(&json!({"agent": "steady", "input": format!("probe {i}")}))
+            .send()
+            .await
+            .expect("submit again");
+        assert_eq!(r.status(), 202);
+        let body: Value = r.json().await.expect("json");
+        let id = body["id"].as_str().expect("id").to_string();
+        if let Some(accepted) = accepted {
+            assert_eq!(&id, accepted, "key {key} made two runs");
+        }
+        ids.push(id);
+    }
+    ids
+}
+
 #[tokio::test]
 async fn runs_survive_their_database_connections_being_killed_and_refused() {
     let Some(db) = PgDb::create().await else {
@@ -276,45 +326,11 @@ async fn runs_survive_their_database_connections_being_killed_and_refused() {
     // Every request made meanwhile was answered, in bounded time, with a
     // success or a 503 saying the database is unavailable.
     let (probes, keys) = probes.await.expect("prober");
-    let mut refused = 0;
-    for probe in &probes {
-        let status = probe.status.unwrap_or_else(|| {
-            panic!("{} got no answer: {}", probe.what, probe.body);
-        });
-        assert!(
-            probe.took < Duration::from_secs(12),
-            "{} took {:?}",
-            probe.what,
-            probe.took
-        );
-        if status < 300 {
-            continue;
-        }
-        refused += 1;
-        assert_eq!(status, 503, "{}: {}", probe.what, probe.body);
-        let body: Value = serde_json::from_str(&probe.body).expect("a JSON error");
-        assert_eq!(body["error"]["code"], "unavailable", "{body}");
-    }
-    assert!(refused > 0, "no request met the outage: nothing was tested");
+    let refused = check_probes(&probes, Duration::from_secs(12), "the outage");
 
     // A submit refused meanwhile is made again with its key; one accepted
     // meanwhile gets the same run back.
-    for (i, (key, accepted)) in keys.iter().enumerate() {
-        let r = http
-            .post(api.url("/v1/runs"))
-            .header("idempotency-key", key)
-            .json(&json!({"agent": "steady", "input": format!("probe {i}")}))
-            .send()
-            .await
-            .expect("submit again");
-        assert_eq!(r.status(), 202);
-        let body: Value = r.json().await.expect("json");
-        let id = body["id"].as_str().expect("id").to_string();
-        if let Some(accepted) = accepted {
-            assert_eq!(&id, accepted, "key {key} made two runs");
-        }
-        ids.push(id);
-    }
+    ids.extend(resubmit(&http, &api, &keys).await);
 
     // Every run completes, well before a lease left behind would expire.
     let repeated = assert_all_done(&http, &api, &mock, &ids, Duration::from_secs(40)).await;
@@ -773,45 +789,8 @@ async fn runs_survive_a_network_that_drops_packets_silently() {
     // Every request made meanwhile was answered within a few deadlines,
     // with a success or a 503.
     let (probes, keys) = probes.await.expect("prober");
-    let mut refused = 0;
-    for probe in &probes {
-        let status = probe.status.unwrap_or_else(|| {
-            panic!("{} got no answer: {}", probe.what, probe.body);
-        });
-        assert!(
-            probe.took < 5 * TIMEOUT,
-            "{} took {:?}",
-            probe.what,
-            probe.took
-        );
-        if status < 300 {
-            continue;
-        }
-        refused += 1;
-        assert_eq!(status, 503, "{}: {}", probe.what, probe.body);
-        let body: Value = serde_json::from_str(&probe.body).expect("a JSON error");
-        assert_eq!(body["error"]["code"], "unavailable", "{body}");
-    }
-    assert!(
-        refused > 0,
-        "no request met the black hole: nothing was tested"
-    );
-    for (i, (key, accepted)) in keys.iter().enumerate() {
-        let r = http
-            .post(api.url("/v1/runs"))
-            .header("idempotency-key", key)
-            .json(&json!({"agent": "steady", "input": format!("probe {i}")}))
-            .send()
-            .await
-            .expect("submit again");
-        assert_eq!(r.status(), 202);
-        let body: Value = r.json().await.expect("json");
-        let id = body["id"].as_str().expect("id").to_string();
-        if let Some(accepted) = accepted {
-            assert_eq!(&id, accepted, "key {key} made two runs");
-        }
-        ids.push(id);
-    }
+    let refused = check_probes(&probes, 5 * TIMEOUT, "the black hole");
+    ids.extend(resubmit(&http, &api, &keys).await);
 
     // Every run completes, no step lost, no call repeated beyond its
     // journaled starts.

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use keel::mock::Mock;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Connection;
 
 use crate::support::*;
@@ -33,16 +33,8 @@ async fn agents(http: &reqwest::Client, server: &Server, mock: &Mock) {
 
 /// Submits with an idempotency key; the run's id.
 async fn submit_keyed(http: &reqwest::Client, server: &Server, key: &str) -> String {
-    let r = http
-        .post(server.url("/v1/runs"))
-        .header("idempotency-key", key)
-        .json(&json!({"agent": "echo", "input": key}))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202);
-    let body: Value = r.json().await.expect("json");
-    body["id"].as_str().expect("id").to_string()
+    let body = json!({"agent": "echo", "input": key});
+    submit_with(http, server.url("/v1/runs"), &body, Some(key)).await
 }
 
 /// The HTTP status of `GET /v1/runs/{id}`.

@@ -118,15 +118,8 @@ async fn submit_with_callback(
     agent: &str,
     callback: &str,
 ) -> String {
-    let r = http
-        .post(server.url("/v1/runs"))
-        .json(&json!({"agent": agent, "input": "go", "callback_url": callback}))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202);
-    let body: Value = r.json().await.expect("json");
-    body["id"].as_str().expect("id").to_string()
+    let body = json!({"agent": agent, "input": "go", "callback_url": callback});
+    submit_to(http, server.url("/v1/runs"), &body).await
 }
 
 /// The text of a GET answer, whatever its status.

@@ -197,7 +197,21 @@ pub async fn submit(http: &reqwest::Client, server: &Server, agent: &str, input:
 /// POSTs a submission (`body`: the request's JSON) to `url`, expects the
 /// 202 and returns the run's id.
 pub async fn submit_to(http: &reqwest::Client, url: String, body: &Value) -> String {
-    let r = http.post(url).json(body).send().await.expect("submit");
+    submit_with(http, url, body, None).await
+}
+
+/// [`submit_to`] with an `Idempotency-Key`, if given.
+pub async fn submit_with(
+    http: &reqwest::Client,
+    url: String,
+    body: &Value,
+    idempotency_key: Option<&str>,
+) -> String {
+    let mut request = http.post(url).json(body);
+    if let Some(key) = idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    let r = request.send().await.expect("submit");
     assert_eq!(r.status(), 202);
     let body: Value = r.json().await.expect("json");
     body["id"].as_str().expect("id").to_string()

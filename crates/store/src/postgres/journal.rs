@@ -263,22 +263,28 @@ impl<'a> Tasks<'a> {
     }
 }
 
-const INSERT_TASKS: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
-         visible_at, lease_owner, lease_token, created_at, priority, queue, call_index) \
-     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
-         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[], \
-         $12::text[], $13::bigint[])";
+/// Inserts tasks from one array per column (a macro, so that
+/// [`INSERT_WAKES`] can extend the literal).
+macro_rules! insert_tasks {
+    () => {
+        "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
+             lease_owner, lease_token, created_at, priority, queue, call_index) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
+             $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], \
+             $11::smallint[], $12::text[], $13::bigint[])"
+    };
+}
+
+const INSERT_TASKS: &str = insert_tasks!();
 
 /// Tasks for other runs than the one appended to: a run deleted since
 /// (an ended parent past its retention) gets none.
-const INSERT_WAKES: &str = "INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, \
-         visible_at, lease_owner, lease_token, created_at, priority, queue, call_index) \
-     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], \
-         $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::smallint[], \
-         $12::text[], $13::bigint[]) \
-         AS t (id, run_id, kind, step, attempts, max_attempts, visible_at, lease_owner, \
-             lease_token, created_at, priority, queue, call_index) \
-     WHERE EXISTS (SELECT 1 FROM runs WHERE runs.id = t.run_id)";
+const INSERT_WAKES: &str = concat!(
+    insert_tasks!(),
+    " AS t (id, run_id, kind, step, attempts, max_attempts, visible_at, lease_owner, \
+         lease_token, created_at, priority, queue, call_index) \
+     WHERE EXISTS (SELECT 1 FROM runs WHERE runs.id = t.run_id)"
+);
 
 type SubmitCall = Call<Submit, Submitted>;
 

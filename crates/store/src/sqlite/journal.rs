@@ -219,31 +219,23 @@ impl BulkRow for TaskRow<'_> {
     }
 }
 
-static INSERT_TASKS: LazyLock<Bulk> = LazyLock::new(|| {
-    Bulk::new(
-        13,
-        "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
-             priority, queue, call_index) AS (VALUES {values}) \
-         INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
-             lease_owner, lease_token, created_at, priority, queue, call_index) \
-         SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
-             priority, queue, call_index \
-         FROM v WHERE id IS NOT NULL",
-    )
-});
+/// Inserts tasks.
+const TASK_ROWS: &str = "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, \
+         token, now, priority, queue, call_index) AS (VALUES {values}) \
+     INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
+         lease_owner, lease_token, created_at, priority, queue, call_index) \
+     SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
+         priority, queue, call_index \
+     FROM v WHERE id IS NOT NULL";
+
+static INSERT_TASKS: LazyLock<Bulk> = LazyLock::new(|| Bulk::new(13, TASK_ROWS));
 
 /// Tasks for other runs than the one appended to: a run deleted since
 /// (an ended parent past its retention) gets none.
 static INSERT_WAKES: LazyLock<Bulk> = LazyLock::new(|| {
     Bulk::new(
         13,
-        "WITH v (id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
-             priority, queue, call_index) AS (VALUES {values}) \
-         INSERT INTO tasks (id, run_id, kind, step, attempts, max_attempts, visible_at, \
-             lease_owner, lease_token, created_at, priority, queue, call_index) \
-         SELECT id, run, kind, step, attempts, max_attempts, visible_at, owner, token, now, \
-             priority, queue, call_index \
-         FROM v WHERE id IS NOT NULL AND EXISTS (SELECT 1 FROM runs WHERE runs.id = v.run)",
+        &format!("{TASK_ROWS} AND EXISTS (SELECT 1 FROM runs WHERE runs.id = v.run)"),
     )
 });
 
