@@ -304,6 +304,10 @@ pub async fn inbox_pages(
 }
 
 /// Reads a run's SSE stream to the end: (id, event name, data) per event.
+/// The database failing to answer within the server's deadline (as on a
+/// loaded machine with a short `--database-timeout`) is retried as a client
+/// should: a 503 after its Retry-After, an `error` event by reconnecting
+/// with Last-Event-ID; a few times.
 pub async fn sse(
     http: &reqwest::Client,
     url: &str,
@@ -311,26 +315,45 @@ pub async fn sse(
 ) -> Vec<(i64, String, Value)> {
     use eventsource_stream::Eventsource;
     use futures_util::StreamExt;
-    let mut request = http.get(url).header("accept", "text/event-stream");
-    if let Some(id) = last_event_id {
-        request = request.header("last-event-id", id.to_string());
-    }
-    let response = request.send().await.expect("sse");
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-        Some("text/event-stream")
-    );
-    let mut stream = response.bytes_stream().eventsource();
     let mut out = Vec::new();
+    let mut last = last_event_id;
     let read = async {
-        while let Some(Ok(event)) = stream.next().await {
-            let data: Value = serde_json::from_str(&event.data).expect("event json");
-            out.push((event.id.parse().expect("numeric id"), event.event, data));
+        for _ in 0..6 {
+            let mut request = http.get(url).header("accept", "text/event-stream");
+            if let Some(id) = last {
+                request = request.header("last-event-id", id.to_string());
+            }
+            let response = request.send().await.expect("sse");
+            if response.status() == 503 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            assert_eq!(response.status(), 200);
+            assert_eq!(
+                response
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok()),
+                Some("text/event-stream")
+            );
+            let mut stream = response.bytes_stream().eventsource();
+            let mut failed = false;
+            while let Some(Ok(event)) = stream.next().await {
+                if event.event == "error" {
+                    failed = true;
+                    break;
+                }
+                let data: Value = serde_json::from_str(&event.data).expect("event json");
+                let id: i64 = event.id.parse().expect("numeric id");
+                last = Some(id);
+                out.push((id, event.event, data));
+            }
+            if !failed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        panic!("the event stream of {url} kept failing");
     };
     tokio::time::timeout(Duration::from_secs(60), read)
         .await
