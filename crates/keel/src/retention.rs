@@ -5,9 +5,11 @@
 //!
 //! A sweep runs every `interval` (the first one shortly after start): it
 //! scans the ended runs in id order, [`BATCH`] at a time, each batch one
-//! short transaction, with a pause between batches so the workers' commits
-//! go on meanwhile. With several processes on PostgreSQL each sweeps; they
-//! skip each other's rows.
+//! short transaction, with a pause between batches at least as long as the
+//! batch took, so a sweep through a large backlog takes at most half of
+//! the store's writer (SQLite has one) and the workers' commits go on
+//! meanwhile. With several processes on PostgreSQL each sweeps; they skip
+//! each other's rows.
 
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use tracing::{info, warn};
 /// Runs looked at per transaction.
 pub const BATCH: u32 = 500;
 
-/// Pause between two batches of a sweep.
+/// Shortest pause between two batches of a sweep.
 const PAUSE: Duration = Duration::from_millis(20);
 
 /// First sweep after start: soon, but not in the middle of a restart's
@@ -73,6 +75,7 @@ pub async fn sweep<S: Store>(
     let mut deleted = 0;
     let mut after = None;
     loop {
+        let started = tokio::time::Instant::now();
         let purged = store
             .purge(Purge {
                 ended_before,
@@ -80,6 +83,7 @@ pub async fn sweep<S: Store>(
                 after,
             })
             .await?;
+        let pause = started.elapsed().max(PAUSE);
         deleted += purged.deleted.len();
         let Some(next) = purged.next else {
             return Ok(deleted);
@@ -87,7 +91,7 @@ pub async fn sweep<S: Store>(
         after = Some(next);
         tokio::select! {
             () = cancel.cancelled() => return Ok(deleted),
-            () = tokio::time::sleep(PAUSE) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }
