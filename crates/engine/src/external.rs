@@ -85,7 +85,7 @@ pub struct Leased {
     pub arguments: Value,
     /// `<run_id>:<step>:<call_index>`: the same for every attempt.
     pub idempotency_key: String,
-    /// W3C trace context of the run.
+    /// W3C trace context: the run's trace, the run's root span as parent.
     pub traceparent: String,
     /// Leases of this task so far, this one included.
     pub attempt: u32,
@@ -246,7 +246,10 @@ impl<S: Store> External<S> {
             tool: call.call.name.clone(),
             arguments,
             idempotency_key: run::idempotency_key(task.run_id, task.step, index),
-            traceparent: crate::llm::traceparent(task.run_id),
+            traceparent: crate::trace::traceparent(
+                task.run_id,
+                crate::trace::root_span_id(task.run_id),
+            ),
             attempt: task.attempts,
             max_attempts: task.max_attempts,
             lease_until: task.lease_until,
@@ -415,6 +418,9 @@ impl<S: Store> External<S> {
         let tally = crate::metrics::Tally::of(&state.agent, &append);
         match self.store.append(append).await {
             Ok(_) => {
+                if tally.ends_run() {
+                    crate::trace::run_ended(&next);
+                }
                 tally.record();
                 Ok(())
             }
