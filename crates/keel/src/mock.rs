@@ -73,6 +73,9 @@ pub struct Counters {
     pub tool_requests: AtomicU64,
     /// Tool requests whose `traceparent` header was missing or malformed.
     pub bad_traceparents: AtomicU64,
+    /// When on (`track_traceparents`), each tool request's idempotency key
+    /// and `traceparent` header, in arrival order.
+    pub traceparents: Mutex<Option<Vec<(String, String)>>>,
     /// Tool requests per idempotency key.
     pub keys: Mutex<HashMap<String, u32>>,
     /// When set (`limit_llm`), the LLM accepts at most this many requests
@@ -226,6 +229,23 @@ impl Counters {
             .lock()
             .ok()
             .and_then(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts keeping each tool request's idempotency key and traceparent.
+    pub fn track_traceparents(&self) {
+        if let Ok(mut seen) = self.traceparents.lock() {
+            *seen = Some(Vec::new());
+        }
+    }
+
+    /// The (idempotency key, traceparent) of each tool request received
+    /// (empty unless `track_traceparents`).
+    pub fn traceparents(&self) -> Vec<(String, String)> {
+        self.traceparents
+            .lock()
+            .ok()
+            .and_then(|seen| seen.clone())
             .unwrap_or_default()
     }
 
@@ -1043,6 +1063,11 @@ fn count(c: &Counters, headers: &HeaderMap) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("(none)")
         .to_string();
+    if let Ok(mut seen) = c.traceparents.lock()
+        && let Some(seen) = seen.as_mut()
+    {
+        seen.push((key.clone(), traceparent.to_string()));
+    }
     if let Ok(mut keys) = c.keys.lock() {
         *keys.entry(key).or_insert(0) += 1;
     }
