@@ -5,6 +5,7 @@
 //! seeing the tool span as its parent. A collector that fails or is gone
 //! costs the runs nothing, and its lost spans show in `/metrics`.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,8 @@ use crate::support::*;
 const CALLER: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 /// An OTLP/HTTP trace receiver on 127.0.0.1: keeps every JSON export
-/// request, or answers `status` to all of them.
+/// request, or answers `status` to all of them (`GATEWAY_TIMEOUT`: after
+/// a minute, a collector that hangs).
 struct Collector {
     url: String,
     bodies: Arc<Mutex<Vec<Value>>>,
@@ -36,6 +38,9 @@ impl Collector {
             body: axum::body::Bytes,
         ) -> (StatusCode, String) {
             assert_eq!(headers["content-type"], "application/json");
+            if status == StatusCode::GATEWAY_TIMEOUT {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
             if status != StatusCode::OK {
                 return (status, "the collector is broken".into());
             }
@@ -116,7 +121,7 @@ async fn traces_follow_a_run_from_submit_through_every_call() {
     let mock = Mock::start().await.expect("mock");
     mock.counters.track_traceparents();
     let dir = TempDir::new();
-    let server = Server::start(&dir.db(), &["--otlp-endpoint", &collector.url]).await;
+    let mut server = Server::start(&dir.db(), &["--otlp-endpoint", &collector.url]).await;
     let http = reqwest::Client::new();
     register(
         &http,
@@ -266,11 +271,11 @@ async fn traces_follow_a_run_from_submit_through_every_call() {
     // The submit: a server span in the run's trace, linked to the caller.
     let submits = named("POST /v1/runs");
     assert_eq!(submits.len(), 1, "{submits:?}");
-    let submit = submits[0];
-    assert_eq!(submit["kind"], 2);
-    assert_eq!(submit["parentSpanId"], root_id.as_str());
+    let post = submits[0];
+    assert_eq!(post["kind"], 2);
+    assert_eq!(post["parentSpanId"], root_id.as_str());
     assert_eq!(
-        submit["links"],
+        post["links"],
         json!([{"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": "b7ad6b7169203331"}])
     );
     assert_eq!(spans.len(), 7, "nothing else: {spans:?}");
@@ -295,6 +300,54 @@ async fn traces_follow_a_run_from_submit_through_every_call() {
         ),
         0.0
     );
+
+    // A run cancelled while its LLM call is slow: its root span (from
+    // whichever process committed the cancel) says so, as an error.
+    mock.counters.llm_latency_ms.store(3_000, Ordering::Relaxed);
+    let slow = submit(&http, &server, "traced", "slow").await;
+    wait_for(&http, &server, &slow, "the llm call", |r| {
+        r["status"] == "AWAITING_LLM" || r["status"] == "RUNNING"
+    })
+    .await;
+    let r = http
+        .post(server.url(&format!("/v1/runs/{slow}/cancel")))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(r.status().is_success(), "{}", r.status());
+    let run = wait_terminal(&http, &server, &slow, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "CANCELLED", "{run}");
+    mock.counters.llm_latency_ms.store(0, Ordering::Relaxed);
+    let root = |run_id: &str| {
+        let trace_id = run_id.replace('-', "");
+        collector
+            .spans()
+            .into_iter()
+            .map(|(s, _)| s)
+            .find(|s| s["traceId"] == trace_id.as_str() && s.get("parentSpanId").is_none())
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let cancelled = loop {
+        if let Some(span) = root(&slow) {
+            break span;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no root span of the cancelled run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(string(&cancelled, "keel.status"), "CANCELLED");
+    assert_eq!(cancelled["status"]["code"], 2, "{cancelled}");
+
+    // What is queued at shutdown is sent before the process exits.
+    let last = submit(&http, &server, "traced", "last").await;
+    wait_terminal(&http, &server, &last, Duration::from_secs(30)).await;
+    terminate(&mut server, Duration::from_secs(20)).await;
+    assert!(
+        root(&last).is_some(),
+        "the last run's root span was not flushed"
+    );
 }
 
 /// Submits `count` runs of `agent` and waits for them all: how long that took.
@@ -312,6 +365,7 @@ async fn batch(http: &reqwest::Client, server: &Server, agent: &str, count: usiz
 async fn a_broken_collector_never_slows_runs() {
     let mock = Mock::start().await.expect("mock");
     let failing = Collector::start(StatusCode::INTERNAL_SERVER_ERROR).await;
+    let hanging = Collector::start(StatusCode::GATEWAY_TIMEOUT).await;
     let gone = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", listener.local_addr().expect("addr"))
@@ -325,7 +379,7 @@ async fn a_broken_collector_never_slows_runs() {
         register(&http, &server, &yaml).await;
         batch(&http, &server, "quick", 20).await
     };
-    for (i, endpoint) in [failing.url.as_str(), gone.as_str()]
+    for (i, endpoint) in [failing.url.as_str(), gone.as_str(), hanging.url.as_str()]
         .into_iter()
         .enumerate()
     {
@@ -341,7 +395,8 @@ async fn a_broken_collector_never_slows_runs() {
             "{endpoint}: 20 runs took {took:?}, {baseline:?} without traces"
         );
         // Each run: a submit, a root, two LLM calls and a tool call.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // (A hanging collector costs a 5 s timeout per batch.)
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let metrics = http
                 .get(server.url("/metrics"))
