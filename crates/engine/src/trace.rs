@@ -332,6 +332,18 @@ pub fn root_span_id(run_id: RunId) -> u64 {
     if x == 0 { 1 } else { x }
 }
 
+/// The span id of an external worker's call (step `step`, position
+/// `call_index` of `run_id`): the same for each of its leases and for the
+/// process that journals its result.
+pub fn call_span_id(run_id: RunId, step: u32, call_index: u32) -> u64 {
+    let position = (u64::from(step) << 32) | u64::from(call_index);
+    let mut x = root_span_id(run_id) ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    if x == 0 { 1 } else { x }
+}
+
 /// A new random span id (not 0).
 pub fn span_id() -> u64 {
     fastrand::u64(1..)
@@ -640,6 +652,10 @@ mod tests {
         let run_id = RunId::new();
         assert_eq!(root_span_id(run_id), root_span_id(run_id));
         assert_ne!(root_span_id(run_id), root_span_id(RunId::new()));
+        let call = call_span_id(run_id, 2, 1);
+        assert_eq!(call, call_span_id(run_id, 2, 1));
+        assert_ne!(call, call_span_id(run_id, 1, 2));
+        assert_ne!(call, root_span_id(run_id));
         let header = traceparent(run_id, 0x1f);
         assert_eq!(
             header,

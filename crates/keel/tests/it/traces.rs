@@ -430,3 +430,96 @@ async fn a_broken_collector_never_slows_runs() {
     }
     assert!(failing.spans().is_empty());
 }
+
+#[tokio::test]
+async fn an_external_workers_call_is_a_tool_span_its_leases_name() {
+    let collector = Collector::start(StatusCode::OK).await;
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--otlp-endpoint", &collector.url]).await;
+    let http = reqwest::Client::new();
+    let yaml = format!(
+        r#"
+name: ext
+version: 1
+model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
+system: You are a test agent.
+tools:
+  - name: resize
+    description: Resizes an image (an external worker does it).
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    worker: images
+"#,
+        llm = mock.llm_url(),
+    );
+    register(&http, &server, &yaml).await;
+    let id = submit(&http, &server, "ext", "go").await;
+    let trace_id = id.replace('-', "");
+
+    // Two leases of one call (the first one given back by failing): both
+    // name the call's span as their parent.
+    let lease = server.url("/v1/worker/tasks/lease");
+    let mut parents = Vec::new();
+    for (i, done) in ["fail", "complete"].into_iter().enumerate() {
+        let r = http
+            .post(&lease)
+            .json(&json!({"queue": "images", "worker": "w", "wait": "10s"}))
+            .send()
+            .await
+            .expect("lease");
+        assert_eq!(r.status(), 200);
+        let task: Value = r.json().await.expect("json");
+        let traceparent = task["traceparent"].as_str().expect("traceparent");
+        let link = keel_engine::trace::Link::from_traceparent(traceparent).expect("valid");
+        assert_eq!(link.trace_id, trace_id);
+        parents.push(link.span_id);
+        let body = match i {
+            0 => json!({"lease_token": task["lease_token"], "error": "busy", "retryable": true}),
+            _ => json!({"lease_token": task["lease_token"], "output": "resized"}),
+        };
+        let url = server.url(&format!(
+            "/v1/worker/tasks/{}/{done}",
+            task["task_id"].as_str().expect("task id")
+        ));
+        let r = http.post(url).json(&body).send().await.expect("post");
+        assert!(
+            r.status().is_success(),
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+    assert_eq!(parents[0], parents[1]);
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let spans: Vec<Value> = collector.spans().into_iter().map(|(s, _)| s).collect();
+        if spans.iter().any(|s| s["name"] == "run ext") {
+            break spans;
+        }
+        assert!(Instant::now() < deadline, "spans missing: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let tools: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["name"] == "tool resize")
+        .collect();
+    assert_eq!(
+        tools.len(),
+        1,
+        "one span for the call, its attempts included: {tools:?}"
+    );
+    let tool = tools[0];
+    assert_eq!(tool["traceId"], trace_id.as_str());
+    assert_eq!(tool["spanId"], parents[0].as_str());
+    let root_id = format!(
+        "{:016x}",
+        keel_engine::trace::root_span_id(id.parse().expect("a run id"))
+    );
+    assert_eq!(tool["parentSpanId"], root_id.as_str());
+    assert_eq!(string(tool, "keel.tool.kind"), "worker");
+    assert_eq!(string(tool, "keel.idempotency_key"), format!("{id}:1:0"));
+    assert_eq!(int(tool, "keel.attempt"), 2);
+    assert_eq!(tool["status"]["code"], 0);
+}
