@@ -285,7 +285,8 @@ pub fn export_request(instance: &str, spans: &[Span]) -> Json {
 }
 
 /// Records the root span of a run that just ended (its terminal event
-/// committed by this process): from the run's creation to now.
+/// committed by this process): from the run's creation to now; a child
+/// run's links to its parent run's root span.
 pub fn run_ended(state: &State) {
     if !enabled() {
         return;
@@ -318,6 +319,14 @@ pub fn run_ended(state: &State) {
     span.set("gen_ai.usage.input_tokens", state.usage.input_tokens);
     span.set("gen_ai.usage.output_tokens", state.usage.output_tokens);
     span.set("keel.cost_usd", state.cost_usd);
+    // A child run is its own trace, linked to its parent run's.
+    if let Some(parent) = &state.parent {
+        span.set("keel.parent_run_id", parent.run_id.to_string());
+        span.links.push(Link {
+            trace_id: parent.run_id.trace_id(),
+            span_id: hex16(root_span_id(parent.run_id)),
+        });
+    }
     record(span);
 }
 
@@ -675,6 +684,15 @@ mod tests {
         ] {
             assert_eq!(Link::from_traceparent(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn endpoints_must_be_http_urls() {
+        for bad in ["collector:4318", "ftp://collector", "not a url", ""] {
+            let refused = Exporter::install(Options::new(bad, "test"));
+            assert!(matches!(refused, Err(Error::Endpoint(_))), "{bad}");
+        }
+        assert!(!enabled(), "a refused endpoint installs nothing");
     }
 
     #[test]
