@@ -364,6 +364,22 @@ pub fn traceparent(run_id: RunId, span_id: u64) -> String {
     format!("00-{}-{span_id:016x}-01", run_id.trace_id())
 }
 
+tokio::task_local! {
+    /// The span of the call being made by the task (see [`within`]).
+    static CALL_SPAN: u64;
+}
+
+/// Runs `call` as span `span_id`: the `traceparent` of the LLM request it
+/// makes names that span ([`current_span`]).
+pub async fn within<F: Future>(span_id: u64, call: F) -> F::Output {
+    CALL_SPAN.scope(span_id, call).await
+}
+
+/// The span of the call the current task makes, inside [`within`].
+pub fn current_span() -> Option<u64> {
+    CALL_SPAN.try_with(|id| *id).ok()
+}
+
 /// Now, in nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()

@@ -516,6 +516,7 @@ async fn park_undecodable<S: Store>(inner: &Inner<S>, task: &Task, why: &str) {
 
 /// The span of one LLM request, ended now.
 fn llm_span(
+    span_id: u64,
     provider: &str,
     model: &str,
     state: &State,
@@ -526,7 +527,7 @@ fn llm_span(
     use crate::trace::{Kind, Span};
     let mut span = Span::child(
         state.run_id,
-        crate::trace::span_id(),
+        span_id,
         format!("llm {provider}/{model}"),
         Kind::Client,
         started_ns,
@@ -730,14 +731,19 @@ async fn llm_step<S: Store>(
     let model = ticket.model.as_ref();
     let started = std::time::Instant::now();
     let started_ns = crate::trace::now_ns();
-    let result = if agent.spec.model.stream {
-        crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
-    } else {
-        inner
-            .llm
-            .complete_with(model, agent, state, task.step)
-            .await
-    };
+    // The request's traceparent names the call's span.
+    let span_id = crate::trace::span_id();
+    let result = crate::trace::within(span_id, async {
+        if agent.spec.model.stream {
+            crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
+        } else {
+            inner
+                .llm
+                .complete_with(model, agent, state, task.step)
+                .await
+        }
+    })
+    .await;
     let cost_usd = result.as_ref().ok().and_then(|response| {
         cost(
             &inner.options.config,
@@ -755,6 +761,7 @@ async fn llm_step<S: Store>(
     });
     if crate::trace::enabled() {
         crate::trace::record(llm_span(
+            span_id,
             &ticket.provider,
             &model.model,
             state,

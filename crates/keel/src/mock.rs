@@ -74,7 +74,8 @@ pub struct Counters {
     /// Tool requests whose `traceparent` header was missing or malformed.
     pub bad_traceparents: AtomicU64,
     /// When on (`track_traceparents`), each tool request's idempotency key
-    /// and `traceparent` header, in arrival order.
+    /// and `traceparent` header, in arrival order; chat completions' under
+    /// the key `llm`.
     pub traceparents: Mutex<Option<Vec<(String, String)>>>,
     /// Tool requests per idempotency key.
     pub keys: Mutex<HashMap<String, u32>>,
@@ -239,8 +240,9 @@ impl Counters {
         }
     }
 
-    /// The (idempotency key, traceparent) of each tool request received
-    /// (empty unless `track_traceparents`).
+    /// The (idempotency key, traceparent) of each tool request received,
+    /// `("llm", traceparent)` of each chat completion (empty unless
+    /// `track_traceparents`).
     pub fn traceparents(&self) -> Vec<(String, String)> {
         self.traceparents
             .lock()
@@ -622,6 +624,12 @@ async fn chat(
         && let Ok(mut last) = c.llm_auth.lock()
     {
         *last = auth.to_str().ok().map(str::to_string);
+    }
+    if let Ok(mut seen) = c.traceparents.lock()
+        && let Some(seen) = seen.as_mut()
+    {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        seen.push(("llm".into(), traceparent.unwrap_or("").to_string()));
     }
     if let Some(refused) = c.throttle() {
         return refused;

@@ -247,6 +247,20 @@ async fn traces_follow_a_run_from_submit_through_every_call() {
     let tools = named("tool ");
     assert_eq!(tools.len(), 2, "{tools:?}");
     let seen = mock.counters.traceparents();
+    // The provider was told each LLM call's span as the parent.
+    let mut llm_parents: Vec<String> = seen
+        .iter()
+        .filter(|(key, _)| key == "llm")
+        .map(|(_, traceparent)| traceparent.clone())
+        .collect();
+    let mut expected: Vec<String> = llm
+        .iter()
+        .map(|s| format!("00-{trace_id}-{}-01", s["spanId"].as_str().expect("spanId")))
+        .collect();
+    llm_parents.sort();
+    expected.sort();
+    assert_eq!(llm_parents, expected);
+    let seen: Vec<(String, String)> = seen.into_iter().filter(|(key, _)| key != "llm").collect();
     assert_eq!(seen.len(), 2, "{seen:?}");
     let mut tool_steps: Vec<u64> = tools.iter().map(|s| int(s, "keel.step")).collect();
     tool_steps.sort();
