@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use keel_core::run::{self, CallState, Command, Invocation, State};
 use keel_core::spec::clip;
-use keel_core::{Agent, Event, Millis, RunId, TaskId};
+use keel_core::{Agent, Event, Millis, Recorded, RunId, TaskId};
 use keel_store::{
     Append, Error as StoreError, Lease, NewTask, QueuedCall, Store, Task, TaskKind, TaskUpdate,
 };
@@ -85,7 +85,8 @@ pub struct Leased {
     pub arguments: Value,
     /// `<run_id>:<step>:<call_index>`: the same for every attempt.
     pub idempotency_key: String,
-    /// W3C trace context of the run.
+    /// W3C trace context: the run's trace, the call's span as parent (the
+    /// same for every lease of the call).
     pub traceparent: String,
     /// Leases of this task so far, this one included.
     pub attempt: u32,
@@ -192,7 +193,7 @@ impl<S: Store> External<S> {
         let Some(queued) = self.store.queued(task.lease.task_id, now()).await? else {
             return Ok(None);
         };
-        let (state, agent) = self.load(task.run_id).await?;
+        let (state, agent, _) = self.load(task.run_id).await?;
         let index = queued.call.call_index;
         let call = state.calls.get(index as usize);
         let in_flight = state.steps == task.step
@@ -246,7 +247,10 @@ impl<S: Store> External<S> {
             tool: call.call.name.clone(),
             arguments,
             idempotency_key: run::idempotency_key(task.run_id, task.step, index),
-            traceparent: crate::llm::traceparent(task.run_id),
+            traceparent: crate::trace::traceparent(
+                task.run_id,
+                crate::trace::call_span_id(task.run_id, task.step, index),
+            ),
             attempt: task.attempts,
             max_attempts: task.max_attempts,
             lease_until: task.lease_until,
@@ -292,7 +296,7 @@ impl<S: Store> External<S> {
     ) -> Result<Failed, Error> {
         let queued = self.live(task_id, token).await?;
         if retryable && queued.attempts < queued.max_attempts {
-            let (state, agent) = self.load(queued.run_id).await?;
+            let (state, agent, _) = self.load(queued.run_id).await?;
             let delay = agent
                 .spec
                 .retry
@@ -327,7 +331,8 @@ impl<S: Store> External<S> {
         }
     }
 
-    async fn load(&self, run_id: RunId) -> Result<(State, Arc<Agent>), Error> {
+    /// The run's state and agent, and its journal.
+    async fn load(&self, run_id: RunId) -> Result<(State, Arc<Agent>, Vec<Recorded>), Error> {
         let events = self.store.events(run_id, 0, 1_000_000).await?;
         if events.is_empty() {
             return Err(StoreError::NotFound(format!("run {run_id}")).into());
@@ -337,7 +342,7 @@ impl<S: Store> External<S> {
             .agents
             .get(&state.tenant, &state.agent, &state.version)
             .await?;
-        Ok((state, agent))
+        Ok((state, agent, events))
     }
 
     /// Journals a result for the task's call and completes the task, again
@@ -353,7 +358,13 @@ impl<S: Store> External<S> {
         let mut conflicts = 0;
         loop {
             let queued = self.live(task_id, token).await?;
-            let (state, agent) = self.load(queued.run_id).await?;
+            let (state, agent, events) = self.load(queued.run_id).await?;
+            let span = crate::trace::enabled()
+                .then(|| {
+                    let error = is_error.then_some(output.as_str());
+                    worker_span(&events, &queued, &state.agent, error)
+                })
+                .flatten();
             let command = Command::ToolReturned {
                 step: queued.step,
                 call_index: queued.call.call_index,
@@ -363,12 +374,19 @@ impl<S: Store> External<S> {
             // Refused: the run moved past the call (ended, or the call has
             // its result): nothing to journal, the task is done.
             let transition = run::handle(&state, &agent, command).unwrap_or_default();
+            let journaled = !transition.events.is_empty();
             match self
                 .settle(&lease, &state, &agent, transition, TaskUpdate::Complete)
                 .await
             {
                 Err(Error::Store(StoreError::SeqConflict { .. })) if conflicts < CONFLICTS => {
                     conflicts += 1;
+                }
+                Ok(()) => {
+                    if journaled && let Some(span) = span {
+                        crate::trace::record(span);
+                    }
+                    return Ok(());
                 }
                 other => return other,
             }
@@ -415,6 +433,9 @@ impl<S: Store> External<S> {
         let tally = crate::metrics::Tally::of(&state.agent, &append);
         match self.store.append(append).await {
             Ok(_) => {
+                if tally.ends_run() {
+                    crate::trace::run_ended(&next);
+                }
                 tally.record();
                 Ok(())
             }
@@ -422,4 +443,48 @@ impl<S: Store> External<S> {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The span of an external worker's call, ended now by its result
+/// (`error`: when the result is an error): from the call's
+/// `ToolCallStarted` (queued for the workers), its attempts included. Its
+/// id is derived from the call, so the `traceparent` every lease of it
+/// handed out names it.
+fn worker_span(
+    events: &[Recorded],
+    queued: &keel_store::Queued,
+    agent: &str,
+    error: Option<&str>,
+) -> Option<crate::trace::Span> {
+    use crate::trace::{Kind, Span};
+    let step = queued.step;
+    let call_index = queued.call.call_index;
+    let (at, tool, key) = events.iter().rev().find_map(|r| match &r.event {
+        Event::ToolCallStarted {
+            step: s,
+            call_index: c,
+            tool,
+            idempotency_key,
+            ..
+        } if *s == step && *c == call_index => Some((r.at, tool, idempotency_key)),
+        _ => None,
+    })?;
+    let run_id = queued.run_id;
+    let mut span = Span::child(
+        run_id,
+        crate::trace::call_span_id(run_id, step, call_index),
+        format!("tool {tool}"),
+        Kind::Client,
+        crate::trace::ms_to_ns(at),
+    );
+    span.end_ns = crate::trace::now_ns();
+    span.error = error.map(|e| clip(e, 256));
+    span.set("keel.run_id", run_id.to_string());
+    span.set("keel.agent", agent);
+    span.set("keel.step", step);
+    span.set("keel.call_index", call_index);
+    span.set("keel.attempt", queued.attempts);
+    span.set("keel.tool.kind", "worker");
+    span.set("keel.idempotency_key", key.as_str());
+    Some(span)
 }

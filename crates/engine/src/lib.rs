@@ -25,6 +25,8 @@
 //!   traceparent in `_meta`.
 //! * [`metrics`]: Prometheus metrics: every metric's name and meaning,
 //!   this process's counters and histograms, the text exposition format.
+//! * [`trace`]: OpenTelemetry spans of runs, LLM and tool calls, queued
+//!   and exported over OTLP/HTTP JSON when `--otlp-endpoint` is set.
 //! * [`failpoint`]: crash points that let durability tests SIGKILL the
 //!   process between two commits (debug builds, `KEEL_FAILPOINTS`).
 //! * [`webhook`]: signed webhook notifications (pending approvals), delivered
@@ -40,6 +42,7 @@ pub mod llm;
 pub mod mcp;
 pub mod metrics;
 pub mod tools;
+pub mod trace;
 pub mod webhook;
 pub mod worker;
 

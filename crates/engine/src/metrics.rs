@@ -194,6 +194,18 @@ pub const TASKS_CLAIMED: Desc = counter(
     "Tasks claimed from the queue by this process's dispatcher, by task kind and attempt (first; later: a retry, or a takeover after a worker died or gave the task back).",
     &["kind", "attempt"],
 );
+/// Spans sent to the OTLP collector.
+pub const TRACE_SPANS_EXPORTED: Desc = counter(
+    "keel_trace_spans_exported_total",
+    "Trace spans this process sent to the OTLP collector (--otlp-endpoint), accepted with a 2xx.",
+    &[],
+);
+/// Spans that never reached the collector.
+pub const TRACE_SPANS_DROPPED: Desc = counter(
+    "keel_trace_spans_dropped_total",
+    "Trace spans this process dropped, by reason (queue_full: the export queue held 8,192 spans; export_failed: the collector refused the batch, did not answer in time, or was still busy at shutdown).",
+    &["reason"],
+);
 
 // Read at scrape time by the API's /metrics: the store's gauges, the breakers.
 
@@ -308,7 +320,8 @@ pub enum ToolKind {
 }
 
 impl ToolKind {
-    fn as_str(self) -> &'static str {
+    /// Its label value (http, mcp, builtin, unknown).
+    pub fn as_str(self) -> &'static str {
         match self {
             ToolKind::Http => "http",
             ToolKind::Mcp => "mcp",
@@ -436,6 +449,8 @@ pub struct Registry {
     dead_lettered: Family<f64>,
     retries: Family<f64>,
     claimed: Family<f64>,
+    spans_exported: Family<f64>,
+    spans_dropped: Family<f64>,
 }
 
 impl Registry {
@@ -455,6 +470,8 @@ impl Registry {
             dead_lettered: Family::new(&TASKS_DEAD_LETTERED),
             retries: Family::new(&TASK_RETRIES),
             claimed: Family::new(&TASKS_CLAIMED),
+            spans_exported: Family::new(&TRACE_SPANS_EXPORTED),
+            spans_dropped: Family::new(&TRACE_SPANS_DROPPED),
         }
     }
 
@@ -474,17 +491,13 @@ impl Registry {
         self.dead_lettered.write(out);
         self.retries.write(out);
         self.claimed.write(out);
+        self.spans_exported.write(out);
+        self.spans_dropped.write(out);
     }
 
     fn llm_request(&self, call: &LlmCall<'_>) {
         let labels = [call.provider, call.model];
-        let outcome = match call.result {
-            Ok(_) => "ok",
-            Err(e) if e.is_throttled() => "rate_limited",
-            Err(e) if e.is_timeout() => "timeout",
-            Err(llm::Error::Transient { .. }) => "transient_error",
-            Err(llm::Error::Permanent { .. }) => "permanent_error",
-        };
+        let outcome = llm_outcome(call.result);
         self.llm_requests
             .add(&[call.provider, call.model, outcome], 1.0);
         self.llm_duration
@@ -501,6 +514,18 @@ impl Registry {
             );
             self.llm_cost.add(&labels, call.cost_usd.unwrap_or(0.0));
         }
+    }
+}
+
+/// How an LLM request ended, as `keel_llm_requests_total`'s `outcome`
+/// label says it (ok, rate_limited, timeout, transient_error, permanent_error).
+pub fn llm_outcome(result: &Result<llm::Response, llm::Error>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) if e.is_throttled() => "rate_limited",
+        Err(e) if e.is_timeout() => "timeout",
+        Err(llm::Error::Transient { .. }) => "transient_error",
+        Err(llm::Error::Permanent { .. }) => "permanent_error",
     }
 }
 
@@ -574,6 +599,16 @@ pub fn task_claimed(kind: TaskKind, attempts: u32) {
     REGISTRY.claimed.add(&[kind.as_str(), attempt], 1.0);
 }
 
+/// Counts spans the collector accepted.
+pub fn trace_spans_exported(count: u64) {
+    REGISTRY.spans_exported.add(&[], count as f64);
+}
+
+/// Counts spans dropped (`reason`: `queue_full` or `export_failed`).
+pub fn trace_spans_dropped(reason: &str, count: u64) {
+    REGISTRY.spans_dropped.add(&[reason], count as f64);
+}
+
 /// What one commit does that is counted: tallied from the append before
 /// it is sent, recorded once it went through.
 #[derive(Clone, Debug, Default)]
@@ -623,6 +658,11 @@ impl Tally {
         }
         tally.children = append.spawn.iter().map(|s| s.agent.clone()).collect();
         tally
+    }
+
+    /// Whether the commit ends the run (its terminal event).
+    pub fn ends_run(&self) -> bool {
+        self.finished.is_some()
     }
 
     /// Counts what the commit did (call it once the commit went through).

@@ -114,6 +114,39 @@ impl Outcome {
     }
 }
 
+/// The span of one tool call, ended now.
+fn tool_span(
+    agent: &Agent,
+    run_id: RunId,
+    call: &Invocation,
+    kind: metrics::ToolKind,
+    outcome: &Outcome,
+    span_id: u64,
+    started_ns: u64,
+) -> crate::trace::Span {
+    use crate::trace::{Kind, Span};
+    let mut span = Span::child(
+        run_id,
+        span_id,
+        format!("tool {}", call.tool),
+        Kind::Client,
+        started_ns,
+    );
+    span.end_ns = crate::trace::now_ns();
+    if outcome.is_error {
+        span.error = Some(clip(&outcome.output, 256));
+    }
+    span.set("keel.run_id", run_id.to_string());
+    span.set("keel.agent", agent.spec.name.as_str());
+    span.set("keel.step", call.step);
+    span.set("keel.call_index", call.call_index);
+    span.set("keel.attempt", call.attempt);
+    span.set("keel.tool.kind", kind.as_str());
+    span.set("keel.idempotency_key", call.idempotency_key.as_str());
+    span.set("keel.uncertain", outcome.uncertain);
+    span
+}
+
 impl Tools {
     /// Tools reading `${ENV}` header secrets from the process environment at call time.
     pub fn new(http: reqwest::Client) -> Tools {
@@ -154,14 +187,22 @@ impl Tools {
             }
         };
         let started = std::time::Instant::now();
-        let outcome = self.make(agent, run_id, call).await;
+        let started_ns = crate::trace::now_ns();
+        // The call's span: the parent of whatever the tool server does.
+        let span_id = crate::trace::span_id();
+        let outcome = self.make(agent, run_id, call, span_id).await;
         metrics::tool_call(kind, &outcome, started.elapsed());
+        if crate::trace::enabled() {
+            crate::trace::record(tool_span(
+                agent, run_id, call, kind, &outcome, span_id, started_ns,
+            ));
+        }
         outcome
     }
 
-    async fn make(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
+    async fn make(&self, agent: &Agent, run_id: RunId, call: &Invocation, span_id: u64) -> Outcome {
         if let Some(tool) = agent.mcp_tool(&call.tool) {
-            return self.mcp.call(agent, tool, run_id, call).await;
+            return self.mcp.call(agent, tool, run_id, call, span_id).await;
         }
         let Some(tool) = agent.tool(&call.tool) else {
             return Outcome::error(format!(
@@ -171,7 +212,9 @@ impl Tools {
             ));
         };
         if let Some(http) = &tool.http {
-            return self.call_http(&tool.name, http, run_id, call).await;
+            return self
+                .call_http(&tool.name, http, run_id, call, span_id)
+                .await;
         }
         let root = tool.root.as_deref().unwrap_or_default();
         match tool.builtin {
@@ -192,6 +235,7 @@ impl Tools {
         http: &HttpTool,
         run_id: RunId,
         call: &Invocation,
+        span_id: u64,
     ) -> Outcome {
         let request = match self.prepare(http, call) {
             Ok(request) => request,
@@ -204,7 +248,7 @@ impl Tools {
         let max_attempts = http.retry.max_attempts.max(1);
         let mut attempt = 1;
         loop {
-            let failure = match self.attempt(http, &request, run_id).await {
+            let failure = match self.attempt(http, &request, run_id, span_id).await {
                 Ok(body) => return Outcome::ok(clip(&redact(&body), MAX_OUTPUT_BYTES)),
                 Err(failure) => failure,
             };
@@ -306,6 +350,7 @@ impl Tools {
         http: &HttpTool,
         request: &Prepared,
         run_id: RunId,
+        span_id: u64,
     ) -> Result<String, Failure> {
         let mut method = request.method.clone();
         let mut url = request.url.clone();
@@ -317,7 +362,7 @@ impl Tools {
                 .http
                 .request(method.clone(), url.clone())
                 .headers(headers.clone())
-                .header("traceparent", crate::llm::traceparent(run_id))
+                .header("traceparent", crate::trace::traceparent(run_id, span_id))
                 .timeout(http.timeout);
             if let Some(body) = body {
                 builder = builder.json(body);
@@ -1011,6 +1056,8 @@ tools:
         for headers in &attempts {
             assert_eq!(headers["idempotency-key"], format!("{run_id}:1:0").as_str());
             assert_traceparent(headers, run_id);
+            // One call, one span: its retries name the same parent.
+            assert_eq!(headers["traceparent"], attempts[0]["traceparent"]);
         }
 
         // 400: not retried.

@@ -514,6 +514,44 @@ async fn park_undecodable<S: Store>(inner: &Inner<S>, task: &Task, why: &str) {
     }
 }
 
+/// The span of one LLM request, ended now.
+fn llm_span(
+    span_id: u64,
+    provider: &str,
+    model: &str,
+    state: &State,
+    task: &Task,
+    result: &Result<llm::Response, llm::Error>,
+    started_ns: u64,
+) -> crate::trace::Span {
+    use crate::trace::{Kind, Span};
+    let mut span = Span::child(
+        state.run_id,
+        span_id,
+        format!("llm {provider}/{model}"),
+        Kind::Client,
+        started_ns,
+    );
+    span.end_ns = crate::trace::now_ns();
+    span.set("gen_ai.operation.name", "chat");
+    span.set("gen_ai.system", provider);
+    span.set("gen_ai.request.model", model);
+    match result {
+        Ok(response) => {
+            span.set("gen_ai.response.model", response.model.as_str());
+            span.set("gen_ai.usage.input_tokens", response.usage.input_tokens);
+            span.set("gen_ai.usage.output_tokens", response.usage.output_tokens);
+        }
+        Err(e) => span.error = Some(e.to_string()),
+    }
+    span.set("keel.run_id", state.run_id.to_string());
+    span.set("keel.agent", state.agent.as_str());
+    span.set("keel.step", task.step);
+    span.set("keel.attempt", task.attempts);
+    span.set("keel.outcome", metrics::llm_outcome(result));
+    span
+}
+
 /// What a call of `model` cost, if the configuration prices it
 /// (by the provider and model the spec names, not the snapshot name a
 /// provider answers with).
@@ -692,14 +730,20 @@ async fn llm_step<S: Store>(
     }
     let model = ticket.model.as_ref();
     let started = std::time::Instant::now();
-    let result = if agent.spec.model.stream {
-        crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
-    } else {
-        inner
-            .llm
-            .complete_with(model, agent, state, task.step)
-            .await
-    };
+    let started_ns = crate::trace::now_ns();
+    // The request's traceparent names the call's span.
+    let span_id = crate::trace::span_id();
+    let result = crate::trace::within(span_id, async {
+        if agent.spec.model.stream {
+            crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
+        } else {
+            inner
+                .llm
+                .complete_with(model, agent, state, task.step)
+                .await
+        }
+    })
+    .await;
     let cost_usd = result.as_ref().ok().and_then(|response| {
         cost(
             &inner.options.config,
@@ -715,6 +759,17 @@ async fn llm_step<S: Store>(
         elapsed: started.elapsed(),
         cost_usd,
     });
+    if crate::trace::enabled() {
+        crate::trace::record(llm_span(
+            span_id,
+            &ticket.provider,
+            &model.model,
+            state,
+            task,
+            &result,
+            started_ns,
+        ));
+    }
     inner.gateway.settle(&ticket, &result, now()).await;
     let response = match result {
         Ok(r) => r,
@@ -1487,6 +1542,9 @@ async fn commit<S: Store>(
     let tally = metrics::Tally::of(&state.agent, &append);
     let appended = match inner.store.append(append).await {
         Ok(a) => {
+            if tally.ends_run() {
+                crate::trace::run_ended(state);
+            }
             tally.record();
             a
         }

@@ -279,6 +279,11 @@ struct ServeArgs {
     /// environment, not the command line.
     #[arg(long, env = "KEEL_WEBHOOK_SECRET", hide_env_values = true)]
     webhook_secret: Option<String>,
+    /// Export OpenTelemetry traces (a run's submit, LLM and tool calls) to
+    /// this OTLP/HTTP collector (`http://collector:4318`; spans are POSTed
+    /// as JSON to `<URL>/v1/traces`); off when unset. See docs/TRACES.md.
+    #[arg(long, env = "KEEL_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// The part a `keel serve` process plays.
@@ -586,6 +591,16 @@ async fn serve_on<S: keel_store::Store>(
     let config = load_config(args.config.as_deref())?;
     let breakers = keel_engine::Breakers::default();
     let process = breakers.process().to_string();
+    // Stopped after the workers, so the spans of their last steps go too.
+    let trace_stop = CancellationToken::new();
+    let exporter = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let options = keel_engine::trace::Options::new(endpoint.clone(), process.clone());
+            let exporter = keel_engine::trace::Exporter::install(options)?;
+            Some(tokio::spawn(exporter.run(trace_stop.clone())))
+        }
+        None => None,
+    };
     let service = Service::with_limits(store.clone(), limits).with_providers(service::Providers {
         config: config.clone(),
         breakers: breakers.clone(),
@@ -654,6 +669,12 @@ async fn serve_on<S: keel_store::Store>(
         if let Err(e) = task.await {
             tracing::warn!(error = %e, "nats task ended abnormally");
         }
+    }
+    trace_stop.cancel();
+    if let Some(exporter) = exporter
+        && let Err(e) = exporter.await
+    {
+        tracing::warn!(error = %e, "trace exporter ended abnormally");
     }
     Ok(())
 }

@@ -73,6 +73,10 @@ pub struct Counters {
     pub tool_requests: AtomicU64,
     /// Tool requests whose `traceparent` header was missing or malformed.
     pub bad_traceparents: AtomicU64,
+    /// When on (`track_traceparents`), each tool request's idempotency key
+    /// and `traceparent` header, in arrival order; chat completions' under
+    /// the key `llm`.
+    pub traceparents: Mutex<Option<Vec<(String, String)>>>,
     /// Tool requests per idempotency key.
     pub keys: Mutex<HashMap<String, u32>>,
     /// When set (`limit_llm`), the LLM accepts at most this many requests
@@ -226,6 +230,24 @@ impl Counters {
             .lock()
             .ok()
             .and_then(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts keeping each tool request's idempotency key and traceparent.
+    pub fn track_traceparents(&self) {
+        if let Ok(mut seen) = self.traceparents.lock() {
+            *seen = Some(Vec::new());
+        }
+    }
+
+    /// The (idempotency key, traceparent) of each tool request received,
+    /// `("llm", traceparent)` of each chat completion (empty unless
+    /// `track_traceparents`).
+    pub fn traceparents(&self) -> Vec<(String, String)> {
+        self.traceparents
+            .lock()
+            .ok()
+            .and_then(|seen| seen.clone())
             .unwrap_or_default()
     }
 
@@ -602,6 +624,12 @@ async fn chat(
         && let Ok(mut last) = c.llm_auth.lock()
     {
         *last = auth.to_str().ok().map(str::to_string);
+    }
+    if let Ok(mut seen) = c.traceparents.lock()
+        && let Some(seen) = seen.as_mut()
+    {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        seen.push(("llm".into(), traceparent.unwrap_or("").to_string()));
     }
     if let Some(refused) = c.throttle() {
         return refused;
@@ -1043,6 +1071,11 @@ fn count(c: &Counters, headers: &HeaderMap) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("(none)")
         .to_string();
+    if let Ok(mut seen) = c.traceparents.lock()
+        && let Some(seen) = seen.as_mut()
+    {
+        seen.push((key.clone(), traceparent.to_string()));
+    }
     if let Ok(mut keys) = c.keys.lock() {
         *keys.entry(key).or_insert(0) += 1;
     }

@@ -551,6 +551,9 @@ impl<S: Store> Service<S> {
                 .await;
             match appended {
                 Ok(_) => {
+                    if tally.ends_run() {
+                        keel_engine::trace::run_ended(&state);
+                    }
                     tally.record();
                     return Ok(state);
                 }
@@ -683,7 +686,12 @@ impl<S: Store> Service<S> {
                 wake,
             })
             .await
-            .map(|_| tally.record())
+            .map(|_| {
+                if tally.ends_run() {
+                    keel_engine::trace::run_ended(state);
+                }
+                tally.record();
+            })
     }
 
     /// A run's status as its row holds it (no fold of its journal).

@@ -695,9 +695,11 @@ async fn read_stream<D: Decode>(
 }
 
 /// A W3C `traceparent` for an outgoing call of run `run_id`: the run's trace id
-/// and a fresh, non-zero span id, sampled.
+/// and the span of the call being made ([`crate::trace::within`]), else a
+/// fresh, non-zero span id; sampled.
 pub(crate) fn traceparent(run_id: RunId) -> String {
-    format!("00-{}-{:016x}-01", run_id.trace_id(), fastrand::u64(1..))
+    let span_id = crate::trace::current_span().unwrap_or_else(crate::trace::span_id);
+    crate::trace::traceparent(run_id, span_id)
 }
 
 /// Reads `Retry-After` as seconds (HTTP dates are ignored), at most a day.

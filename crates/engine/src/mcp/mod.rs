@@ -208,6 +208,7 @@ impl Mcp {
         tool: &McpTool,
         run_id: RunId,
         call: &Invocation,
+        span_id: u64,
     ) -> Outcome {
         // The resolved agent only holds allowed tools; check again anyway.
         let allowed = agent
@@ -237,7 +238,7 @@ impl Mcp {
             IDEMPOTENCY_KEY_META.into(),
             Value::String(call.idempotency_key.clone()),
         );
-        meta.set_traceparent(crate::llm::traceparent(run_id));
+        meta.set_traceparent(crate::trace::traceparent(run_id, span_id));
         let mut params = CallToolRequestParams::new(tool.tool.clone()).with_arguments(arguments);
         params.meta = Some(RequestMetaObject(meta));
 

@@ -205,11 +205,36 @@ struct SubmitBody {
     callback_url: Option<Value>,
 }
 
+/// The span of a submit that created run `run_id`, in the run's trace
+/// (a child of its root span), linked to the caller's `traceparent`.
+fn submit_span(run_id: RunId, headers: &HeaderMap, started_ns: u64) -> keel_engine::trace::Span {
+    use keel_engine::trace::{Kind, Link, Span};
+    let mut span = Span::child(
+        run_id,
+        keel_engine::trace::span_id(),
+        "POST /v1/runs".into(),
+        Kind::Server,
+        started_ns,
+    );
+    span.end_ns = keel_engine::trace::now_ns();
+    span.set("http.request.method", "POST");
+    span.set("http.route", "/v1/runs");
+    span.set("http.response.status_code", 202u32);
+    span.set("keel.run_id", run_id.to_string());
+    let caller = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Link::from_traceparent);
+    span.links.extend(caller);
+    span
+}
+
 async fn submit<S: Store>(
     State(svc): Api<S>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
+    let started_ns = keel_engine::trace::now_ns();
     let bytes = body(bytes)?;
     let req: SubmitBody = parse_json(&bytes)?;
     if req.agent.trim().is_empty() {
@@ -257,6 +282,9 @@ async fn submit<S: Store>(
             callback_url,
         })
         .await?;
+    if submitted.created && keel_engine::trace::enabled() {
+        keel_engine::trace::record(submit_span(submitted.run_id, &headers, started_ns));
+    }
     let location = format!("/v1/runs/{}", submitted.run_id);
     // A retried submit answers with the run as it is now.
     let status = if submitted.created {

@@ -27,4 +27,5 @@ mod retention;
 mod sagas;
 mod secrets;
 mod streaming;
+mod traces;
 mod workers;
