@@ -239,24 +239,6 @@ fn config_file(dir: &TempDir, yaml: &str) -> PathBuf {
     path
 }
 
-/// An agent whose one tool is made by the external workers of `images`.
-fn worker_agent(name: &str, mock: &Mock) -> String {
-    format!(
-        r#"
-name: {name}
-version: 1
-model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
-system: You are a test agent.
-tools:
-  - name: resize
-    description: Resizes an image (an external worker does it).
-    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    worker: images
-"#,
-        llm = mock.llm_url(),
-    )
-}
-
 async fn wait_status(http: &reqwest::Client, server: &Server, id: &str, status: &str) -> Value {
     wait_for(http, server, id, status, |run| run["status"] == status).await
 }
@@ -295,7 +277,7 @@ async fn metrics_match_what_the_runs_did() {
         ),
     )
     .await;
-    register(&http, &server, &worker_agent("ext", &mock)).await;
+    register(&http, &server, &worker_agent("ext", &mock, "")).await;
     register(
         &http,
         &server,
@@ -529,7 +511,7 @@ async fn processes_on_postgres_agree_on_the_store_gauges() {
     let worker = Server::start(&dir.db(), &worker_args(&db.url)).await;
     let http = reqwest::Client::new();
     register(&http, &api, &agent_yaml("pg", &mock, "tools:1", "echo", "")).await;
-    register(&http, &api, &worker_agent("ext", &mock)).await;
+    register(&http, &api, &worker_agent("ext", &mock, "")).await;
     let ids = submit_many(&http, &api, "pg", 4).await;
     let ext = submit(&http, &api, "ext", "resize it").await;
     for id in &ids {

@@ -174,6 +174,37 @@ tools:
     )
 }
 
+/// An agent (`tools:1` on the mock model) whose one tool, `resize`, is
+/// made by the external workers of queue `images`; `extra` is more YAML.
+pub fn worker_agent(name: &str, mock: &Mock, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+version: 1
+model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
+system: You are a test agent.
+tools:
+  - name: resize
+    description: Resizes an image (an external worker does it).
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    worker: images
+{extra}
+"#,
+        llm = mock.llm_url(),
+    )
+}
+
+/// The text of `GET /metrics`.
+pub async fn metrics_text(http: &reqwest::Client, server: &Server) -> String {
+    http.get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 pub async fn register(http: &reqwest::Client, server: &Server, yaml: &str) {
     let r = http
         .post(server.url("/v1/agents"))

@@ -294,14 +294,7 @@ async fn traces_follow_a_run_from_submit_through_every_call() {
     );
     assert_eq!(spans.len(), 7, "nothing else: {spans:?}");
 
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&http, &server).await;
     assert_eq!(
         sample(&metrics, "keel_trace_spans_exported_total"),
         7.0,
@@ -412,14 +405,7 @@ async fn a_broken_collector_never_slows_runs() {
         // (A hanging collector costs a 5 s timeout per batch.)
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let metrics = http
-                .get(server.url("/metrics"))
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("text");
+            let metrics = metrics_text(&http, &server).await;
             let failed = sample(
                 &metrics,
                 "keel_trace_spans_dropped_total{reason=\"export_failed\"}",
@@ -452,20 +438,7 @@ async fn an_external_workers_call_is_a_tool_span_its_leases_name() {
     let dir = TempDir::new();
     let server = Server::start(&dir.db(), &["--otlp-endpoint", &collector.url]).await;
     let http = reqwest::Client::new();
-    let yaml = format!(
-        r#"
-name: ext
-version: 1
-model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
-system: You are a test agent.
-tools:
-  - name: resize
-    description: Resizes an image (an external worker does it).
-    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    worker: images
-"#,
-        llm = mock.llm_url(),
-    );
+    let yaml = worker_agent("ext", &mock, "");
     register(&http, &server, &yaml).await;
     let id = submit(&http, &server, "ext", "go").await;
     let trace_id = id.replace('-', "");

@@ -14,22 +14,12 @@ use crate::support::*;
 
 const SECRET: &str = "cb-s3cret";
 
-/// An agent whose one tool is made by the external workers of `images`.
-fn worker_agent(mock: &Mock) -> String {
-    format!(
-        r#"
-name: ext
-version: 1
-model: {{provider: openai, model: "tools:1", base_url: "{llm}", timeout: 10s}}
-system: You are a test agent.
-retry: {{max_attempts: 3, backoff: {{initial: 100ms, max: 1s}}}}
-tools:
-  - name: resize
-    description: Resizes an image (an external worker does it).
-    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    worker: images
-"#,
-        llm = mock.llm_url(),
+/// The external workers' agent, with quick LLM retries.
+fn ext_agent(mock: &Mock) -> String {
+    worker_agent(
+        "ext",
+        mock,
+        "retry: {max_attempts: 3, backoff: {initial: 100ms, max: 1s}}",
     )
 }
 
@@ -86,7 +76,7 @@ async fn a_dead_workers_call_is_rerun_by_the_python_example_and_the_result_calle
     let dir = TempDir::new();
     let server = Server::start(&dir.db(), &["--webhook-secret", SECRET]).await;
     let http = reqwest::Client::new();
-    register(&http, &server, &worker_agent(&mock)).await;
+    register(&http, &server, &ext_agent(&mock)).await;
     let id = submit_with_callback(&http, &server, "ext", &mock.hook_url("done")).await;
 
     // Nothing to lease on another queue.
@@ -235,7 +225,7 @@ async fn the_run_timeout_ends_a_run_whose_call_no_worker_finishes() {
     let server = Server::start(&dir.db(), &[]).await;
     let http = reqwest::Client::new();
     // Long enough for the worker below to lease a call on a loaded machine.
-    let yaml = format!("{}limits: {{timeout: 3s}}\n", worker_agent(&mock));
+    let yaml = format!("{}limits: {{timeout: 3s}}\n", ext_agent(&mock));
     register(&http, &server, &yaml).await;
     let submitted = Instant::now();
     let ids = [
