@@ -1,15 +1,18 @@
 """A Keel external worker in 30 lines (stdlib only): leases calls of a
 `worker: <queue>` tool, runs them, reports the result. Usage:
     python3 python_worker.py http://127.0.0.1:8080 <queue> [--once]
+(with KEEL_API_TOKEN set, it sends that token: the server's first one)
 """
-import json, sys, time, urllib.error, urllib.request
+import json, os, sys, time, urllib.error, urllib.request
 
 if len(sys.argv) < 3:
     sys.exit(__doc__)
 KEEL, QUEUE = sys.argv[1].rstrip("/"), sys.argv[2]
+TOKEN = os.environ.get("KEEL_API_TOKEN", "").split(",")[0].strip()
+HEADERS = {"content-type": "application/json", **({"authorization": "Bearer " + TOKEN} if TOKEN else {})}
 
 def post(path, body):
-    req = urllib.request.Request(KEEL + path, json.dumps(body).encode(), {"content-type": "application/json"})
+    req = urllib.request.Request(KEEL + path, json.dumps(body).encode(), HEADERS)
     with urllib.request.urlopen(req, timeout=90) as r:
         return json.loads(r.read() or "null") if r.status == 200 else None
 

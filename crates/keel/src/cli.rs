@@ -266,6 +266,12 @@ struct ServeArgs {
     /// before delivering it again (after a crash).
     #[arg(long, env = "KEEL_INGEST_ACK_WAIT", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     ingest_ack_wait: Duration,
+    /// API token(s) every request must present as `Authorization: Bearer
+    /// <token>` (but /healthz, /readyz and /openapi.json); several,
+    /// comma-separated, while rolling a new one out. Open to anyone when
+    /// unset. Set it through the environment, not the command line.
+    #[arg(long, env = "KEEL_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Delete runs that ended longer ago than this (e.g. `30d`), with their
     /// journal, streamed output, dead letters and idempotency keys; kept
     /// forever when unset. Swept by the processes that run workers.
@@ -589,6 +595,11 @@ async fn serve_on<S: keel_store::Store>(
         retry_after: args.retry_after,
     };
     let config = load_config(args.config.as_deref())?;
+    let tokens = match &args.api_token {
+        Some(value) => api::Tokens::parse(value)
+            .map_err(|e| anyhow::anyhow!("--api-token (KEEL_API_TOKEN): {e}"))?,
+        None => None,
+    };
     let breakers = keel_engine::Breakers::default();
     let process = breakers.process().to_string();
     // Stopped after the workers, so the spans of their last steps go too.
@@ -642,6 +653,15 @@ async fn serve_on<S: keel_store::Store>(
         api::router(service)
     } else {
         api::health_router(service)
+    };
+    let app = match tokens {
+        Some(tokens) => api::require_token(app, tokens),
+        None => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(listen = %addr, "the API takes requests from anyone who can reach it: set KEEL_API_TOKEN");
+            }
+            app
+        }
     };
     let signalled = cancel.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -28,10 +28,27 @@ impl Client {
         let Some(base_url) = url else {
             bail!("the server URL `{base}` is not an http(s) URL like http://127.0.0.1:8080");
         };
+        // The server's KEEL_API_TOKEN may list several tokens (a rollout):
+        // the first is the current one.
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Ok(tokens) = std::env::var("KEEL_API_TOKEN")
+            && let Some(token) = tokens.split(',').map(str::trim).find(|t| !t.is_empty())
+        {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| {
+                    anyhow::anyhow!("KEEL_API_TOKEN holds a character no HTTP header may carry")
+                })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .context("cannot set up the HTTP client")?;
         Ok(Client {
             name: base.trim_end_matches('/').to_string(),
             base: base_url,
-            http: reqwest::Client::new(),
+            http,
         })
     }
 

@@ -21,6 +21,9 @@ pub enum Error {
         /// Fields at fault.
         fields: Vec<FieldError>,
     },
+    /// The request has no valid API token.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The thing named does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -59,6 +62,7 @@ impl Error {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict(_) => StatusCode::CONFLICT,
@@ -73,6 +77,7 @@ impl Error {
         match self {
             Error::BadRequest(_) => "bad_request",
             Error::Invalid { .. } => "invalid",
+            Error::Unauthorized(_) => "unauthorized",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::Conflict(_) => "conflict",
@@ -156,6 +161,12 @@ impl IntoResponse for Error {
             Error::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER),
             _ => None,
         };
+        if let Error::Unauthorized(_) = &self {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if let Some(retry_after) = retry_after {
             // Whole seconds, rounded up: `Retry-After: 0` would invite a storm.
             let seconds = retry_after.as_millis().div_ceil(1000).max(1);

@@ -3,6 +3,7 @@
 //! Handlers parse and answer; what they do to runs lives in
 //! [`crate::service`].
 
+mod auth;
 mod error;
 mod metrics;
 mod openapi;
@@ -10,6 +11,7 @@ mod openapi;
 mod tests;
 mod worker;
 
+pub use auth::{Tokens, require as require_token};
 pub use error::Error;
 
 use std::convert::Infallible;

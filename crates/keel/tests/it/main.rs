@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod approvals;
+mod auth;
 mod backpressure;
 mod chaos;
 mod children;

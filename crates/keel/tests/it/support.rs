@@ -31,11 +31,19 @@ impl Drop for TempDir {
 /// Runs `keel` with `args` to the end: whether it succeeded, its stdout
 /// and its stderr.
 pub fn keel(args: &[&str]) -> (bool, String, String) {
+    keel_with_env(args, &[])
+}
+
+/// [`keel`] with more environment variables (none of the caller's
+/// `KEEL_DB`, `KEEL_DATABASE_URL` or `KEEL_API_TOKEN` is passed on).
+pub fn keel_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(args)
         .env("KEEL_LOG", "warn")
         .env_remove("KEEL_DB")
         .env_remove("KEEL_DATABASE_URL")
+        .env_remove("KEEL_API_TOKEN")
+        .envs(env.iter().copied())
         .output()
         .expect("run keel");
     (
@@ -79,6 +87,7 @@ impl Server {
             .arg(db)
             .args(args)
             .env("KEEL_LOG", "info")
+            .env_remove("KEEL_API_TOKEN")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
