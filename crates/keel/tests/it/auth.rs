@@ -111,18 +111,15 @@ async fn requests_need_a_token_and_the_cli_and_workers_send_it() {
     );
 
     // The Python worker example, with the token in its environment.
-    let r = http
-        .post(server.url("/v1/runs"))
-        .bearer_auth(OLD)
-        .json(&json!({"agent": "ext", "input": "resize it"}))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let body = json!({"agent": "ext", "input": "resize it"});
+    let bearer = format!("Bearer {OLD}");
+    let id = submit_with(
+        &http,
+        server.url("/v1/runs"),
+        &body,
+        &[("authorization", &bearer)],
+    )
+    .await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/workers/python_worker.py"

@@ -34,7 +34,13 @@ async fn agents(http: &reqwest::Client, server: &Server, mock: &Mock) {
 /// Submits with an idempotency key; the run's id.
 async fn submit_keyed(http: &reqwest::Client, server: &Server, key: &str) -> String {
     let body = json!({"agent": "echo", "input": key});
-    submit_with(http, server.url("/v1/runs"), &body, Some(key)).await
+    submit_with(
+        http,
+        server.url("/v1/runs"),
+        &body,
+        &[("idempotency-key", key)],
+    )
+    .await
 }
 
 /// The HTTP status of `GET /v1/runs/{id}`.

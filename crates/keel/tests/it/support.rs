@@ -237,19 +237,19 @@ pub async fn submit(http: &reqwest::Client, server: &Server, agent: &str, input:
 /// POSTs a submission (`body`: the request's JSON) to `url`, expects the
 /// 202 and returns the run's id.
 pub async fn submit_to(http: &reqwest::Client, url: String, body: &Value) -> String {
-    submit_with(http, url, body, None).await
+    submit_with(http, url, body, &[]).await
 }
 
-/// [`submit_to`] with an `Idempotency-Key`, if given.
+/// [`submit_to`] with these headers (`Idempotency-Key`, `traceparent`, …).
 pub async fn submit_with(
     http: &reqwest::Client,
     url: String,
     body: &Value,
-    idempotency_key: Option<&str>,
+    headers: &[(&str, &str)],
 ) -> String {
     let mut request = http.post(url).json(body);
-    if let Some(key) = idempotency_key {
-        request = request.header("idempotency-key", key);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let r = request.send().await.expect("submit");
     assert_eq!(r.status(), 202);

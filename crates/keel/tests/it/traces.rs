@@ -130,18 +130,14 @@ async fn traces_follow_a_run_from_submit_through_every_call() {
     )
     .await;
 
-    let r = http
-        .post(server.url("/v1/runs"))
-        .header("traceparent", CALLER)
-        .json(&json!({"agent": "traced", "input": "go"}))
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let body = json!({"agent": "traced", "input": "go"});
+    let id = submit_with(
+        &http,
+        server.url("/v1/runs"),
+        &body,
+        &[("traceparent", CALLER)],
+    )
+    .await;
     let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "COMPLETED", "{run}");
     let trace_id = id.replace('-', "");
