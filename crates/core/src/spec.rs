@@ -83,6 +83,11 @@ pub struct Spec {
     /// Which tool calls wait for a human decision, for how long, and who is told.
     #[serde(default, skip_serializing_if = "Approvals::is_empty")]
     pub approvals: Approvals,
+    /// A JSON Schema the final answer must match: the answer must then be
+    /// one JSON value (a code fence around it is taken off); one that is not,
+    /// or does not match, goes back to the model to correct, as a step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<Value>,
 }
 
 /// Which wire protocol reaches the model, or which configured provider.
@@ -704,6 +709,8 @@ pub struct Agent {
     /// The spec.
     pub spec: Spec,
     validators: HashMap<String, Arc<jsonschema::Validator>>,
+    /// The compiled `output_schema`.
+    output: Option<Arc<jsonschema::Validator>>,
     mcp: Vec<McpTool>,
 }
 
@@ -933,10 +940,32 @@ impl Agent {
         }
         check_retry(&spec.retry, "retry", &mut err);
 
+        let output = match &spec.output_schema {
+            None => None,
+            Some(schema) if !(schema.is_object() || schema.is_boolean()) => {
+                err(
+                    "output_schema".into(),
+                    "must be a JSON Schema (an object)".into(),
+                );
+                None
+            }
+            Some(schema) => match jsonschema::validator_for(schema) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    err(
+                        "output_schema".into(),
+                        format!("not a valid JSON Schema: {e}"),
+                    );
+                    None
+                }
+            },
+        };
+
         if errors.is_empty() {
             Ok(Agent {
                 spec,
                 validators,
+                output,
                 mcp: Vec::new(),
             })
         } else {
@@ -1128,6 +1157,61 @@ impl Agent {
                     OnUncertain::Ask
                 }),
             None => OnUncertain::Ask,
+        }
+    }
+
+    /// The system prompt sent first: the spec's, and with `output_schema`,
+    /// what form the final answer must take.
+    pub fn system_prompt(&self) -> String {
+        match &self.spec.output_schema {
+            None => self.spec.system.clone(),
+            Some(schema) => {
+                let mut prompt = self.spec.system.clone();
+                if !prompt.is_empty() {
+                    prompt.push_str("\n\n");
+                }
+                prompt.push_str(
+                    "When you give your final answer, answer with one JSON value only (no other text) that matches this JSON Schema:\n",
+                );
+                prompt.push_str(&schema.to_string());
+                prompt
+            }
+        }
+    }
+
+    /// Checks a final answer against `output_schema` (none: any text goes):
+    /// the answer as it is kept (the JSON text, a code fence taken off), or
+    /// what is wrong with it, for the model.
+    pub fn check_output(&self, answer: &str) -> Result<String, String> {
+        let Some(validator) = &self.output else {
+            return Ok(answer.to_string());
+        };
+        let text = unfence(answer);
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "the final answer must be one JSON value matching the output schema, but it is not JSON ({e}): {}",
+                clip(answer, 200)
+            )
+        })?;
+        let problems: Vec<String> = validator
+            .iter_errors(&value)
+            .take(5)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{at}: {e}")
+                }
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(text.to_string())
+        } else {
+            Err(format!(
+                "the final answer does not match the output schema: {}",
+                problems.join("; ")
+            ))
         }
     }
 
@@ -1756,6 +1840,23 @@ fn is_credential_header(name: &str) -> bool {
     .any(|word| name.contains(word))
 }
 
+/// An answer without the Markdown code fence models like to put around
+/// JSON (```` ```json … ``` ````), trimmed.
+fn unfence(answer: &str) -> &str {
+    let text = answer.trim();
+    let Some(rest) = text.strip_prefix("```") else {
+        return text;
+    };
+    let Some(body) = rest.strip_suffix("```") else {
+        return text;
+    };
+    // The info string (`json`) runs to the first line break.
+    match body.split_once('\n') {
+        Some((info, inner)) if !info.contains('{') && !info.contains('[') => inner.trim(),
+        _ => body.trim(),
+    }
+}
+
 /// Replaces each `${VAR}` in `value` using `lookup`; names a missing variable.
 pub fn expand_secrets(
     value: &str,
@@ -1841,6 +1942,46 @@ mod tests {
         ] {
             assert_eq!(fields(&spec(fine)), Vec::<String>::new(), "{fine}");
         }
+    }
+
+    #[test]
+    fn output_schemas_are_checked_and_answers_unfenced() {
+        let base =
+            "name: a\nversion: 1\nmodel: {provider: scripted, model: m, script: [{content: hi}]}\n";
+        assert_eq!(
+            fields(&format!("{base}output_schema: 5\n")),
+            ["output_schema"]
+        );
+        assert_eq!(
+            fields(&format!("{base}output_schema: {{type: nonsense}}\n")),
+            ["output_schema"]
+        );
+        let plain = Agent::parse(base).expect("valid");
+        assert_eq!(plain.check_output("any text"), Ok("any text".to_string()));
+        assert_eq!(plain.system_prompt(), "");
+        let agent = Agent::parse(&format!(
+            "{base}system: Be brief.\noutput_schema: {{type: array, items: {{type: integer}}}}\n"
+        ))
+        .expect("valid");
+        assert!(agent.system_prompt().starts_with("Be brief.\n\n"));
+        assert!(
+            agent
+                .system_prompt()
+                .ends_with(r#"{"items":{"type":"integer"},"type":"array"}"#)
+        );
+        for (answer, kept) in [
+            ("[1, 2]", "[1, 2]"),
+            ("  [1]\n", "[1]"),
+            ("```json\n[3]\n```", "[3]"),
+            ("```\n[4]\n```", "[4]"),
+            ("```[5]```", "[5]"),
+        ] {
+            assert_eq!(agent.check_output(answer), Ok(kept.to_string()), "{answer}");
+        }
+        let prose = agent.check_output("Here: [1]").expect_err("prose");
+        assert!(prose.contains("not JSON"), "{prose}");
+        let wrong = agent.check_output(r#"[1, "two"]"#).expect_err("a string");
+        assert!(wrong.contains("/1"), "{wrong}");
     }
 
     #[test]

@@ -985,7 +985,7 @@ fn endpoint(provider: &str, model: &ModelSpec) -> String {
 /// Input tokens of the next call, roughly: 4 bytes a token over the system
 /// prompt, the conversation and the tools' schemas.
 pub fn estimate_input_tokens(agent: &Agent, state: &State) -> u64 {
-    let mut bytes = agent.spec.system.len();
+    let mut bytes = agent.system_prompt().len();
     for message in &state.messages {
         bytes += message.content.as_deref().map_or(0, str::len);
         for call in &message.tool_calls {

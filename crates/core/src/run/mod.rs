@@ -422,9 +422,12 @@ fn llm_responded(
         cost_usd,
     });
 
-    // A final answer completes the run even if this call crossed a budget
-    // (its cost is spent either way); anything else stops here.
-    let answered = calls.is_empty() && !content.trim().is_empty();
+    // A final answer (in the form `output_schema` asks for) completes the
+    // run even if this call crossed a budget (its cost is spent either
+    // way); anything else stops here.
+    let output =
+        (calls.is_empty() && !content.trim().is_empty()).then(|| agent.check_output(&content));
+    let answered = matches!(output, Some(Ok(_)));
     if !answered && let Some(error) = over_budget(state, agent, usage, cost_usd) {
         return Ok(saga::stop(
             state,
@@ -445,7 +448,18 @@ fn llm_responded(
             });
             return Ok(next_llm_or_fail(state, agent, events, step, Some(&error)));
         }
-        events.push(Event::RunCompleted { output: content });
+        let output = match output {
+            Some(Ok(output)) => output,
+            Some(Err(error)) => {
+                events.push(Event::LlmRejected {
+                    step,
+                    error: error.clone(),
+                });
+                return Ok(next_llm_or_fail(state, agent, events, step, Some(&error)));
+            }
+            None => content,
+        };
+        events.push(Event::RunCompleted { output });
         return Ok(Transition {
             events,
             effects: Vec::new(),

@@ -411,6 +411,72 @@ fn empty_reply_is_corrected_and_expiry_fails_the_run() {
     assert_eq!(run.state.status, Status::Failed);
 }
 
+/// The test agent with an `output_schema`: `{"severity": "low" | "high"}`.
+fn structured(max_steps: u32) -> Agent {
+    let yaml = format!(
+        "{}output_schema: {{type: object, required: [severity], properties: {{severity: {{enum: [low, high]}}}}, additionalProperties: false}}\n",
+        spec_yaml(&format!("max_steps: {max_steps}"), "{}")
+    );
+    parse(&yaml)
+}
+
+#[test]
+fn an_answer_off_the_output_schema_is_corrected_as_a_step() {
+    let agent = structured(3);
+    assert!(agent.system_prompt().contains("\"severity\""));
+    let mut run = Run::new();
+    run.send(
+        &agent,
+        responded(1, answer(&[], Some("It looks high to me."))),
+    )
+    .unwrap();
+    let Some(Event::LlmRejected { error, .. }) = run.journal.last().map(|r| &r.event) else {
+        panic!("prose is not JSON: {:?}", run.journal.last())
+    };
+    assert!(error.contains("not JSON"), "{error}");
+    assert_eq!(run.effects.last(), Some(&Effect::CallLlm { step: 2 }));
+    // The model sees its answer, then the error.
+    let last = run.state.messages.last().expect("the correction");
+    assert!(format!("{last:?}").contains("output schema"), "{last:?}");
+
+    run.send(
+        &agent,
+        responded(2, answer(&[], Some(r#"{"severity": "urgent"}"#))),
+    )
+    .unwrap();
+    let Some(Event::LlmRejected { error, .. }) = run.journal.last().map(|r| &r.event) else {
+        panic!("off the schema: {:?}", run.journal.last())
+    };
+    assert!(error.contains("/severity"), "{error}");
+
+    run.send(
+        &agent,
+        responded(
+            3,
+            answer(&[], Some("```json\n{\"severity\": \"high\"}\n```")),
+        ),
+    )
+    .unwrap();
+    assert_eq!(run.state.status, Status::Completed);
+    assert_eq!(run.state.output.as_deref(), Some(r#"{"severity": "high"}"#));
+    assert_eq!(State::replay(run.state.run_id, &run.journal), run.state);
+}
+
+#[test]
+fn an_answer_still_off_the_output_schema_at_max_steps_fails_the_run() {
+    let agent = structured(1);
+    let mut run = Run::new();
+    run.send(&agent, responded(1, answer(&[], Some("[]"))))
+        .unwrap();
+    assert_eq!(run.state.status, Status::Failed);
+    assert_eq!(failure_code(&run), Some(code::MAX_STEPS));
+    let error = run.state.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("does not match the output schema"),
+        "{error}"
+    );
+}
+
 fn decide(
     id: &str,
     approved: bool,

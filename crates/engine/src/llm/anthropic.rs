@@ -38,10 +38,11 @@ pub(super) fn request(
     stream: bool,
 ) -> Result<reqwest::RequestBuilder, Error> {
     let url = super::endpoint(model, ANTHROPIC_BASE_URL, "messages")?;
+    let system = agent.system_prompt();
     let body = MessagesRequest {
         model: &model.model,
         max_tokens: model.max_tokens.unwrap_or(ANTHROPIC_MAX_TOKENS),
-        system: &agent.spec.system,
+        system: &system,
         messages: wire_messages(&state.messages),
         tools: agent
             .tools()

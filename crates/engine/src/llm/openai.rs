@@ -27,9 +27,10 @@ pub(super) fn request(
     stream: bool,
 ) -> Result<reqwest::RequestBuilder, Error> {
     let url = super::endpoint(model, DEFAULT_BASE_URL, "chat/completions")?;
+    let system = agent.system_prompt();
     let body = ChatRequest {
         model: &model.model,
-        messages: wire_messages(&agent.spec.system, &state.messages),
+        messages: wire_messages(&system, &state.messages),
         tools: agent
             .tools()
             .into_iter()

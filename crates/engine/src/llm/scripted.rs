@@ -36,7 +36,7 @@ pub(super) fn answer(agent: &Agent, state: &State, step: u32) -> Result<Response
         .collect();
 
     // A rough estimate, about four characters a token.
-    let mut input_chars = agent.spec.system.chars().count();
+    let mut input_chars = agent.system_prompt().chars().count();
     for message in &state.messages {
         input_chars += message.content.as_deref().map_or(0, |c| c.chars().count());
         input_chars += message

@@ -6,6 +6,43 @@ use keel::mock::Mock;
 use crate::support::*;
 
 #[test]
+fn an_answer_off_the_output_schema_goes_back_to_the_model() {
+    let dir = TempDir::new();
+    let spec = dir.0.join("structured.yaml");
+    std::fs::write(
+        &spec,
+        r#"
+name: structured
+version: 1
+model:
+  provider: scripted
+  model: demo
+  script:
+    - content: "The incident is severe."
+    - content: "```json\n{\"severity\": \"high\", \"incident\": 2041}\n```"
+output_schema:
+  type: object
+  required: [severity, incident]
+  properties: {severity: {enum: [low, high]}, incident: {type: integer}}
+"#,
+    )
+    .expect("write spec");
+    let db = dir.db().to_string_lossy().into_owned();
+    let spec = spec.to_string_lossy().into_owned();
+    let (ok, out, err) = keel(&["run", &spec, "--input", "Triage", "--db", &db]);
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("not JSON"),
+        "the correction is journaled: {out}"
+    );
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert!(
+        out.contains(r#"{"severity": "high", "incident": 2041}"#),
+        "the answer is kept without its fence: {out}"
+    );
+}
+
+#[test]
 fn the_offline_demo_runs_real_tools_and_shows_the_journal() {
     let dir = TempDir::new();
     let db = dir.db();
