@@ -1193,18 +1193,7 @@ impl Agent {
                 clip(answer, 200)
             )
         })?;
-        let problems: Vec<String> = validator
-            .iter_errors(&value)
-            .take(5)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
-            })
-            .collect();
+        let problems = schema_problems(validator, &value);
         if problems.is_empty() {
             Ok(text.to_string())
         } else {
@@ -1235,18 +1224,7 @@ impl Agent {
                 clip(arguments, 200)
             )
         })?;
-        let problems: Vec<String> = validator
-            .iter_errors(&value)
-            .take(5)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
-            })
-            .collect();
+        let problems = schema_problems(validator, &value);
         if problems.is_empty() {
             Ok(value)
         } else {
@@ -1256,6 +1234,23 @@ impl Agent {
             ))
         }
     }
+}
+
+/// How `value` fails `validator` (the first five ways, each at its
+/// place), for the model to correct; empty when it matches.
+fn schema_problems(validator: &jsonschema::Validator, value: &Value) -> Vec<String> {
+    validator
+        .iter_errors(value)
+        .take(5)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{at}: {e}")
+            }
+        })
+        .collect()
 }
 
 /// The JSON Schema of a tool's arguments (a built-in's own when not given).
