@@ -198,6 +198,31 @@ fn assert_alive<'a>(servers: impl IntoIterator<Item = &'a mut Server>) {
     }
 }
 
+/// An API process and two worker processes (8 workers each, leases of
+/// `lease`) on the store `store` names, with the `steady` agent
+/// (`TOOL_STEPS` tool steps) registered.
+async fn steady_cluster(
+    dir: &TempDir,
+    mock: &Mock,
+    store: &[&str],
+    lease: &str,
+) -> (Server, Vec<Server>) {
+    let api = Server::start(&dir.db(), &[store, &["--role", "api"]].concat()).await;
+    let worker = [
+        store,
+        &["--role", "worker", "--workers", "8", "--lease", lease],
+    ]
+    .concat();
+    let workers = vec![
+        Server::start(&dir.db(), &worker).await,
+        Server::start(&dir.db(), &worker).await,
+    ];
+    let tools = format!("tools:{TOOL_STEPS}");
+    let yaml = agent_yaml("steady", mock, &tools, "echo", "");
+    register(&reqwest::Client::new(), &api, &yaml).await;
+    (api, workers)
+}
+
 /// Every probe was answered within `within` with a success or a 503
 /// `unavailable`, and at least one met `what` (else nothing was tested):
 /// how many were refused.
@@ -261,29 +286,8 @@ async fn runs_survive_their_database_connections_being_killed_and_refused() {
     // submits only through NOTIFY (or their poll). Their 60 s lease
     // outlasts the test: a task left under a live process's lease would
     // show as runs finishing late.
-    let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
-    let worker = [
-        "--database-url",
-        &db.url,
-        "--role",
-        "worker",
-        "--workers",
-        "8",
-        "--lease",
-        "60s",
-    ];
-    let mut workers = vec![
-        Server::start(&dir.db(), &worker).await,
-        Server::start(&dir.db(), &worker).await,
-    ];
+    let (api, mut workers) = steady_cluster(&dir, &mock, &["--database-url", &db.url], "60s").await;
     let http = reqwest::Client::new();
-    let tools = format!("tools:{TOOL_STEPS}");
-    register(
-        &http,
-        &api,
-        &agent_yaml("steady", &mock, &tools, "echo", ""),
-    )
-    .await;
     let mut ids = submit_many(&http, &api, "steady", 150).await;
     let stop = Arc::new(AtomicBool::new(false));
     let probes = prober(api.url.clone(), ids[0].clone(), stop.clone());
@@ -705,44 +709,11 @@ async fn runs_survive_a_network_that_drops_packets_silently() {
         .to_url_lossy()
         .to_string();
     let timeout = format!("{}s", TIMEOUT.as_secs());
-    let api = Server::start(
-        &dir.db(),
-        &[
-            "--database-url",
-            &proxied,
-            "--database-timeout",
-            &timeout,
-            "--role",
-            "api",
-        ],
-    )
-    .await;
     // A short lease: a task whose claim's answer was lost is this worker's
     // without its knowing until the lease expires.
-    let worker = [
-        "--database-url",
-        &proxied,
-        "--database-timeout",
-        &timeout,
-        "--role",
-        "worker",
-        "--workers",
-        "8",
-        "--lease",
-        "4s",
-    ];
-    let mut workers = vec![
-        Server::start(&dir.db(), &worker).await,
-        Server::start(&dir.db(), &worker).await,
-    ];
+    let store = ["--database-url", &proxied, "--database-timeout", &timeout];
+    let (api, mut workers) = steady_cluster(&dir, &mock, &store, "4s").await;
     let http = reqwest::Client::new();
-    let tools = format!("tools:{TOOL_STEPS}");
-    register(
-        &http,
-        &api,
-        &agent_yaml("steady", &mock, &tools, "echo", ""),
-    )
-    .await;
     let mut ids = submit_many(&http, &api, "steady", 60).await;
     wait_tool_calls(&mock, 30, Duration::from_secs(30)).await;
 
