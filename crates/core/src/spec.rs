@@ -2,6 +2,7 @@
 //! that name the field at fault, and compiled into an [`Agent`] (the spec plus
 //! the JSON Schema validators of its tools).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -1162,21 +1163,19 @@ impl Agent {
 
     /// The system prompt sent first: the spec's, and with `output_schema`,
     /// what form the final answer must take.
-    pub fn system_prompt(&self) -> String {
-        match &self.spec.output_schema {
-            None => self.spec.system.clone(),
-            Some(schema) => {
-                let mut prompt = self.spec.system.clone();
-                if !prompt.is_empty() {
-                    prompt.push_str("\n\n");
-                }
-                prompt.push_str(
-                    "When you give your final answer, answer with one JSON value only (no other text) that matches this JSON Schema:\n",
-                );
-                prompt.push_str(&schema.to_string());
-                prompt
-            }
+    pub fn system_prompt(&self) -> Cow<'_, str> {
+        let Some(schema) = &self.spec.output_schema else {
+            return Cow::Borrowed(&self.spec.system);
+        };
+        let mut prompt = self.spec.system.clone();
+        if !prompt.is_empty() {
+            prompt.push_str("\n\n");
         }
+        prompt.push_str(
+            "When you give your final answer, answer with one JSON value only (no other text) that matches this JSON Schema:\n",
+        );
+        prompt.push_str(&schema.to_string());
+        Cow::Owned(prompt)
     }
 
     /// Checks a final answer against `output_schema` (none: any text goes):

@@ -54,13 +54,11 @@ pub(crate) fn id_cutoff(at: Millis) -> Uuid {
 
 /// Rows read for deletion, parsed, with where a sweep goes on.
 pub(crate) struct Runs {
-    runs: Vec<(RunId, Status, Option<RunId>, &'static str)>,
+    /// Each run, its status, its parent, and what still needs it.
+    runs: Vec<(RunId, Status, Option<RunId>, Option<&'static str>)>,
     /// [`crate::Purged::next`].
     next: Option<RunId>,
 }
-
-/// Why a run that could otherwise go is kept: nothing (`""`), or a reason.
-const DELETABLE: &str = "";
 
 impl Runs {
     /// Parses the rows read for `scope`; a row that cannot be read is
@@ -82,12 +80,14 @@ impl Runs {
                 None => None,
             };
             let busy = if row.tasks {
-                "it still has work queued (a callback being delivered, a timer); \
-                 try again once it is done"
+                Some(
+                    "it still has work queued (a callback being delivered, a timer); \
+                     try again once it is done",
+                )
             } else if row.unexported {
-                "its events have not been exported yet (the event relay is behind)"
+                Some("its events have not been exported yet (the event relay is behind)")
             } else {
-                DELETABLE
+                None
             };
             runs.push((id, status, parent, busy));
         }
@@ -123,7 +123,7 @@ impl Runs {
                      (only COMPLETED, FAILED or CANCELLED runs can be deleted)",
                     status.as_str()
                 )
-            } else if busy != DELETABLE {
+            } else if let Some(busy) = busy {
                 format!("run {id} cannot be deleted yet: {busy}")
             } else if let Some((parent, status)) = parent_runs {
                 format!(
