@@ -198,6 +198,27 @@ fn assert_alive<'a>(servers: impl IntoIterator<Item = &'a mut Server>) {
     }
 }
 
+/// The `host:port` of the database `url` names, for a proxy to reach.
+fn upstream(url: &str) -> String {
+    use std::str::FromStr;
+    let options = sqlx::postgres::PgConnectOptions::from_str(url).expect("url");
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+/// `url` through a proxy on `port` of 127.0.0.1, in plain text (so the
+/// proxy sees the protocol).
+fn through(url: &str, port: u16) -> String {
+    use sqlx::ConnectOptions;
+    use std::str::FromStr;
+    sqlx::postgres::PgConnectOptions::from_str(url)
+        .expect("url")
+        .host("127.0.0.1")
+        .port(port)
+        .ssl_mode(sqlx::postgres::PgSslMode::Disable)
+        .to_url_lossy()
+        .to_string()
+}
+
 /// An API process and two worker processes (8 workers each, leases of
 /// `lease`) on the store `store` names, with the `steady` agent
 /// (`TOOL_STEPS` tool steps) registered.
@@ -469,9 +490,6 @@ async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicU32>, cut:
 
 #[tokio::test]
 async fn runs_survive_commits_whose_answer_is_lost() {
-    use sqlx::ConnectOptions;
-    use std::str::FromStr;
-
     let Some(db) = PgDb::create().await else {
         return;
     };
@@ -480,15 +498,8 @@ async fn runs_survive_commits_whose_answer_is_lost() {
     let dir = TempDir::new();
     // The worker reaches the database through the cutter (in plain text,
     // so it can see the COMMITs); the API directly.
-    let direct = sqlx::postgres::PgConnectOptions::from_str(&db.url).expect("url");
-    let cutter = Cutter::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
-    let proxied = direct
-        .clone()
-        .host("127.0.0.1")
-        .port(cutter.port)
-        .ssl_mode(sqlx::postgres::PgSslMode::Disable)
-        .to_url_lossy()
-        .to_string();
+    let cutter = Cutter::start(upstream(&db.url)).await;
+    let proxied = through(&db.url, cutter.port);
     let mut api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
     // A short lease: a task whose claim was cut is this worker's without
     // its knowing, until the lease expires.
@@ -683,9 +694,6 @@ fn saw_silence(server: &Server, what: &str) -> bool {
 
 #[tokio::test]
 async fn runs_survive_a_network_that_drops_packets_silently() {
-    use sqlx::ConnectOptions;
-    use std::str::FromStr;
-
     /// Each process's `--database-timeout`.
     const TIMEOUT: Duration = Duration::from_secs(2);
     /// How long each black hole lasts: three deadlines.
@@ -699,15 +707,8 @@ async fn runs_survive_a_network_that_drops_packets_silently() {
     mock.counters.llm_latency_ms.store(40, Ordering::Relaxed);
     let dir = TempDir::new();
     // Every process reaches the database through the black hole.
-    let direct = sqlx::postgres::PgConnectOptions::from_str(&db.url).expect("url");
-    let hole = Blackhole::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
-    let proxied = direct
-        .clone()
-        .host("127.0.0.1")
-        .port(hole.port)
-        .ssl_mode(sqlx::postgres::PgSslMode::Disable)
-        .to_url_lossy()
-        .to_string();
+    let hole = Blackhole::start(upstream(&db.url)).await;
+    let proxied = through(&db.url, hole.port);
     let timeout = format!("{}s", TIMEOUT.as_secs());
     // A short lease: a task whose claim's answer was lost is this worker's
     // without its knowing until the lease expires.
