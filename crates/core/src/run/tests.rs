@@ -1030,12 +1030,15 @@ fn check(run: &Run, agent: &Agent) -> Result<(), TestCaseError> {
                 run.state.only_children_left()
             );
         }
+        // Sorted first: `dedup` only drops neighbours, and a step scheduled
+        // again later ([1, 2, 1]) must be caught too.
         let mut unique = llm_steps.clone();
+        unique.sort_unstable();
         unique.dedup();
         prop_assert_eq!(
             &unique,
             &llm_steps,
-            "llm steps scheduled twice: {:?}",
+            "llm steps scheduled twice or out of order: {:?}",
             llm_steps
         );
         for (step, scheduled) in &tool_steps {
