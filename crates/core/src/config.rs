@@ -9,7 +9,7 @@
 //!     kind: openai                   # wire protocol: openai | anthropic
 //!     base_url: https://api.openai.com/v1
 //!     api_key_env: OPENAI_API_KEY    # or api_key_file: /run/secrets/openai
-//!     timeout: 60s                   # one call, whole answer
+//!     timeout: 60s                   # ceiling of one call, whole answer
 //!     breaker: {failures: 5, open_for: 30s}
 //!     models:
 //!       gpt-4o:
@@ -257,9 +257,15 @@ pub struct ProviderConfig {
     /// is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_file: Option<String>,
-    /// Timeout of one call (the whole answer, streamed or not).
-    #[serde(default = "default_timeout", with = "human_duration")]
-    pub timeout: Duration,
+    /// The longest one call to this provider may take (the whole answer,
+    /// streamed or not): a ceiling on the agents' `model.timeout`, which
+    /// may only be shorter. None: the agent's timeout applies.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "human_duration::option"
+    )]
+    pub timeout: Option<Duration>,
     /// When to stop calling a failing endpoint for a while (no breaker
     /// unless given: failures are retried with the agent's backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,10 +274,6 @@ pub struct ProviderConfig {
     /// and no price (its cost counts as zero).
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
-}
-
-fn default_timeout() -> Duration {
-    Duration::from_secs(60)
 }
 
 impl ProviderConfig {
@@ -497,7 +499,7 @@ impl Config {
             {
                 err(format!("{at}.api_key_file"), "must not be empty".into());
             }
-            if provider.timeout.is_zero() {
+            if provider.timeout.is_some_and(|t| t.is_zero()) {
                 err(format!("{at}.timeout"), "must be more than 0".into());
             }
             if let Some(breaker) = &provider.breaker {
@@ -670,7 +672,7 @@ providers:
         let openai = config.provider("openai").expect("openai");
         assert_eq!(openai.kind, Kind::Openai);
         assert_eq!(openai.base_url(), "https://api.openai.com/v1");
-        assert_eq!(openai.timeout, Duration::from_secs(60));
+        assert_eq!(openai.timeout, None);
         let breaker = openai.breaker.clone().expect("a breaker");
         assert_eq!(breaker.failures, 3);
         assert_eq!(breaker.open_for, Duration::from_secs(10));
@@ -681,7 +683,7 @@ providers:
         assert!((price.cost(1_000_000, 100_000) - 3.5).abs() < 1e-9);
         let claude = config.provider("claude").expect("claude");
         assert_eq!(claude.base_url(), "https://api.anthropic.com/v1");
-        assert_eq!(claude.timeout, Duration::from_secs(120));
+        assert_eq!(claude.timeout, Some(Duration::from_secs(120)));
         assert_eq!(claude.breaker, None);
         assert_eq!(gpt.window, Duration::from_secs(60));
         assert_eq!(

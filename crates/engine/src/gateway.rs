@@ -935,9 +935,10 @@ impl<S: Store> Gateway<S> {
 
 /// The model as called: the spec's, with the base URL and the key source of
 /// the configuration's entry for its provider where the spec names none
-/// (so an agent can name only `provider` and `model`), and a configured
-/// provider's protocol in place of its name. A name the configuration does
-/// not have stays as it is (the call fails, naming it).
+/// (so an agent can name only `provider` and `model`), a configured
+/// provider's protocol in place of its name, and the provider's `timeout`
+/// where it is shorter than the spec's (the operator's ceiling). A name the
+/// configuration does not have stays as it is (the call fails, naming it).
 pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> {
     let Some(provider) = config.provider(model.provider.name()) else {
         return Cow::Borrowed(model);
@@ -947,10 +948,14 @@ pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> 
     let fill_key = model.api_key_env.is_none()
         && model.api_key_file.is_none()
         && provider.key_source().is_some();
-    if !named && !fill_url && !fill_key {
+    let ceiling = provider.timeout.filter(|t| *t < model.timeout);
+    if !named && !fill_url && !fill_key && ceiling.is_none() {
         return Cow::Borrowed(model);
     }
     let mut resolved = model.clone();
+    if let Some(timeout) = ceiling {
+        resolved.timeout = timeout;
+    }
     if named {
         resolved.provider = match provider.kind {
             Kind::Openai => Provider::Openai,
@@ -1101,6 +1106,22 @@ mod tests {
         );
         assert_eq!(views[1].breaker.opened, 0);
         assert_eq!(breakers.views(&[], 500)[0].breaker.state, "closed");
+    }
+
+    #[test]
+    fn a_provider_timeout_caps_the_agents_timeout() {
+        let capped = config("providers:\n  openai: {kind: openai, timeout: 5s}\n");
+        // The spec's default (120 s) is cut to the provider's ceiling.
+        let bare = model(r#"{"provider": "openai", "model": "m"}"#);
+        assert_eq!(resolve(&capped, &bare).timeout, Duration::from_secs(5));
+        // A shorter timeout of the agent's own stays.
+        let short = model(r#"{"provider": "openai", "model": "m", "timeout": "2s"}"#);
+        let resolved = resolve(&capped, &short);
+        assert!(matches!(resolved, Cow::Borrowed(_)));
+        assert_eq!(resolved.timeout, Duration::from_secs(2));
+        // No ceiling configured: the agent's timeout.
+        let open = config("providers:\n  openai: {kind: openai}\n");
+        assert_eq!(resolve(&open, &bare).timeout, Duration::from_secs(120));
     }
 
     #[test]
