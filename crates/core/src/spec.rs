@@ -803,8 +803,12 @@ impl Agent {
                     if !is_http_url(&http.url) {
                         err(
                             format!("{at}.http.url"),
-                            format!("`{}` is not an http(s) URL", http.url),
+                            format!("`{}` is not an http(s) URL", redact_url(&http.url)),
                         );
+                    } else if let Err(message) = check_secret_refs(&http.url) {
+                        err(format!("{at}.http.url"), message);
+                    } else if let Some(part) = literal_url_secret(&http.url) {
+                        err(format!("{at}.http.url"), literal_credential(&part));
                     }
                     for (name, value) in &http.headers {
                         if let Err(message) = check_secret_refs(value) {
@@ -812,9 +816,7 @@ impl Agent {
                         } else if is_credential_header(name) && !value.contains("${") {
                             err(
                                 format!("{at}.http.headers.{name}"),
-                                format!(
-                                    "`{name}` carries a credential: write it as `${{ENV_VAR}}` (read from the server's environment at call time), so it never enters the store, the API or a log"
-                                ),
+                                literal_credential(&format!("`{name}`")),
                             );
                         }
                     }
@@ -1820,6 +1822,63 @@ fn check_secret_refs(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The error of a credential written out in a spec.
+fn literal_credential(what: &str) -> String {
+    format!(
+        "{what} carries a credential: write it as `${{ENV_VAR}}` (read from the server's environment at call time), so it never enters the store, the API or a log"
+    )
+}
+
+/// The part of an HTTP tool's URL that holds a credential written out
+/// rather than taken from the environment (`${VAR}`): a password in the
+/// user info, or a query parameter named like one (`api_key`, `token`,
+/// `client_secret`, `sig` …) with a literal value. A value filled from the
+/// model's arguments (`{arg}`) is not the server's secret.
+fn literal_url_secret(url: &str) -> Option<String> {
+    let literal = |value: &str| {
+        let placeholder = value.len() > 2 && value.starts_with('{') && value.ends_with('}');
+        !value.is_empty() && !value.contains("${") && !placeholder
+    };
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if let (Some(userinfo), _) = split_userinfo(rest)
+        && let Some((_, password)) = userinfo.split_once(':')
+        && literal(password)
+    {
+        return Some("the URL's password".into());
+    }
+    let query = rest.split_once('?')?.1;
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (is_secret_parameter(name) && literal(value)).then(|| format!("query parameter `{name}`"))
+    })
+}
+
+/// Whether a query parameter's name says it carries a credential.
+fn is_secret_parameter(name: &str) -> bool {
+    let name: String = name
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.'))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    const NAMES: [&str; 10] = [
+        "key",
+        "pass",
+        "passwd",
+        "pwd",
+        "auth",
+        "sig",
+        "signature",
+        "credential",
+        "credentials",
+        "privatekey",
+    ];
+    NAMES.contains(&name.as_str())
+        || ["apikey", "token", "secret", "password"]
+            .iter()
+            .any(|end| name.ends_with(end))
+}
+
 /// Whether a header's name says it carries a credential, whose value a
 /// spec must then take from the environment (`${VAR}`), never write out.
 fn is_credential_header(name: &str) -> bool {
@@ -1933,6 +1992,50 @@ mod tests {
             "{Authorization: 'Bearer ${TOKEN}'}",
             "{x-api-key: '${KEY}'}",
             "{Accept: application/json, X-Request-Source: keel}",
+        ] {
+            assert_eq!(fields(&spec(fine)), Vec::<String>::new(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_tool_urls_come_from_the_environment() {
+        let spec = |url: &str| {
+            format!(
+                "name: a\nversion: 1\nmodel: {{provider: scripted, model: m, script: [{{content: hi}}]}}\n\
+                 tools:\n  - name: t\n    description: d\n    parameters: {{type: object}}\n    \
+                 http: {{url: '{url}'}}\n"
+            )
+        };
+        for literal in [
+            "https://h/x?api_key=sk-live-123",
+            "https://h/x?q=1&access_token=sk-live-123#top",
+            "https://h/x?Client-Secret=sk-live-123",
+            "https://h/x?key=sk-live-123",
+            "https://h/x?sig=sk-live-123",
+            "https://bot:sk-live-123@h/x",
+        ] {
+            let text = spec(literal);
+            let Err(e) = Agent::parse(&text) else {
+                panic!("{literal} is refused");
+            };
+            assert_eq!(fields(&text), ["tools[0].http.url"], "{literal}");
+            assert!(e.to_string().contains("${ENV_VAR}"), "{e}");
+            assert!(!e.to_string().contains("sk-live-123"), "{e}");
+        }
+        assert_eq!(
+            fields(&spec("https://h/x?key=${OPEN")),
+            ["tools[0].http.url"]
+        );
+        assert_eq!(
+            fields(&spec("https://h/x?key=${not a var}")),
+            ["tools[0].http.url"]
+        );
+        for fine in [
+            "https://h/x?api_key=${SEARCH_KEY}",
+            "https://bot:${BOT_PASSWORD}@h/x",
+            "https://h/{id}?token={token}&keyword=rust&sort_key=date",
+            "https://h/x?key=",
+            "https://user@h/x",
         ] {
             assert_eq!(fields(&spec(fine)), Vec::<String>::new(), "{fine}");
         }

@@ -6,7 +6,8 @@
 //!
 //! * HTTP tools: arguments become the query string (GET, DELETE) or a JSON
 //!   body (POST, PUT, PATCH), `{name}` placeholders in the URL are filled from
-//!   them, `${ENV}` in header values is read from the server's environment.
+//!   them, `${ENV}` in the URL and in header values is read from the server's
+//!   environment.
 //!   Every attempt carries the call's `Idempotency-Key` (the same on every
 //!   retry, and when a call is repeated after a crash) and a `traceparent` in
 //!   the run's trace. Network errors, timeouts, 429 and 5xx are retried per the
@@ -286,10 +287,25 @@ impl Tools {
             Value::Null => Map::new(),
             other => return Err(format!("arguments must be a JSON object, got {other}")),
         };
-        let filled = fill_placeholders(&http.url, &mut arguments)?;
+        let mut expanded = Vec::new();
+        let filled = fill_placeholders(&http.url, &mut arguments, |var| {
+            let value = (self.env)(var)
+                .ok_or_else(|| format!("environment variable `{var}` is not set on the server"))?;
+            expanded.push(value.clone());
+            Ok(value)
+        })
+        .map_err(|e| format!("URL: {e}"))?;
         let mut url = reqwest::Url::parse(&filled)
             .map_err(|e| format!("`{}` is not a valid URL: {e}", redact_url(&filled)))?;
-        let secrets = RefCell::new(url_secrets(&url));
+        let mut found = url_secrets(&url);
+        for value in expanded {
+            if value.len() >= MIN_REDACTED_LEN {
+                // As sent (percent-encoded) too, like a query secret.
+                found.push(encode_component(&value));
+                found.push(value);
+            }
+        }
+        let secrets = RefCell::new(found);
 
         let (method, body) = match http.method {
             Method::Get => (reqwest::Method::GET, None),
@@ -584,28 +600,43 @@ fn plain(value: &Value) -> String {
 }
 
 /// Replaces each `{name}` in `url` with the URL-encoded argument `name`,
-/// removing it from `arguments`. Braces around anything but a name stay.
-fn fill_placeholders(url: &str, arguments: &mut Map<String, Value>) -> Result<String, String> {
+/// removing it from `arguments`, and each `${VAR}` with the URL-encoded
+/// value `secret(VAR)` gives (the server's environment). Braces around
+/// anything but a name stay. One pass: an argument's value is never read
+/// as a reference, nor a secret's as a placeholder.
+fn fill_placeholders(
+    url: &str,
+    arguments: &mut Map<String, Value>,
+    mut secret: impl FnMut(&str) -> Result<String, String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(url.len());
     let mut used = Vec::new();
     let mut rest = url;
     while let Some(start) = rest.find('{') {
-        out.push_str(&rest[..start]);
+        let reference = rest[..start].ends_with('$');
+        out.push_str(&rest[..start - usize::from(reference)]);
         let after = &rest[start + 1..];
         let name_len = after
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
             .unwrap_or(after.len());
         if name_len == 0 || !after[name_len..].starts_with('}') {
+            if reference {
+                out.push('$');
+            }
             out.push('{');
             rest = after;
             continue;
         }
         let name = &after[..name_len];
-        let Some(value) = arguments.get(name) else {
-            return Err(format!("the URL needs argument `{name}`, which is missing"));
-        };
-        out.push_str(&encode_component(&plain(value)));
-        used.push(name.to_string());
+        if reference {
+            out.push_str(&encode_component(&secret(name)?));
+        } else {
+            let Some(value) = arguments.get(name) else {
+                return Err(format!("the URL needs argument `{name}`, which is missing"));
+            };
+            out.push_str(&encode_component(&plain(value)));
+            used.push(name.to_string());
+        }
         rest = &after[name_len + 1..];
     }
     out.push_str(rest);
@@ -1196,9 +1227,30 @@ tools:
             .as_object()
             .unwrap()
             .clone();
-        let url = fill_placeholders("http://h/a/{id}/{n}?raw={not a name}", &mut args).unwrap();
-        assert_eq!(url, "http://h/a/x%2Fy%20z/3?raw={not a name}");
+        let no_env = |var: &str| Err(format!("`{var}` unset"));
+        let url = fill_placeholders("http://h/a/{id}/{n}?raw={not a name}", &mut args, no_env);
+        assert_eq!(url.unwrap(), "http://h/a/x%2Fy%20z/3?raw={not a name}");
         assert_eq!(Value::Object(args), json!({"keep": true}));
+
+        // `${VAR}` is the server's environment, encoded; an argument that
+        // looks like a reference stays text.
+        let mut args = json!({"q": "${KEY}", "KEY": "not used"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let env = |var: &str| match var {
+            "KEY" => Ok("s3cr/t {q}".to_string()),
+            _ => Err(format!("`{var}` unset")),
+        };
+        let url = fill_placeholders("http://h/{q}?k=${KEY}&raw=${not a name}", &mut args, env);
+        assert_eq!(
+            url.unwrap(),
+            "http://h/%24%7BKEY%7D?k=s3cr%2Ft%20%7Bq%7D&raw=${not a name}"
+        );
+        assert_eq!(Value::Object(args), json!({"KEY": "not used"}));
+        let mut args = Map::new();
+        let missing = fill_placeholders("http://h/?k=${GONE}", &mut args, env);
+        assert_eq!(missing.unwrap_err(), "`GONE` unset");
         assert_eq!(encode_component("é~"), "%C3%A9~");
     }
 }

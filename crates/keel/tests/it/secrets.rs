@@ -23,7 +23,7 @@ const PROVIDER_FILE: &str = "ksec-provider-file-4be1a7";
 const AGENT_ENV: &str = "ksec-agent-env-7d2f05";
 const TOOL_BEARER: &str = "ksec-tool-bearer-c83e21";
 const TOOL_XKEY: &str = "ksec-tool-xkey-55a1b9";
-/// Written into a tool's URL in the spec (so `GET /v1/agents` shows it).
+/// Read into a tool's URL (`?api_key=${VAR}`) at call time.
 const TOOL_QUERY: &str = "ksec-tool-query-0f9d46";
 const MCP_FILE: &str = "ksec-mcp-file-3c6d88";
 const MCP_HEADER: &str = "ksec-mcp-header-e27b40";
@@ -31,20 +31,9 @@ const WEBHOOK: &str = "ksec-webhook-6a7e3f";
 const DB_PASSWORD: &str = "ksec-db-password-80a4c1";
 const DB_LISTEN_PASSWORD: &str = "ksec-db-listen-5e19b2";
 
-/// Every secret that lives only in Keel's environment and files.
-const SERVER_SIDE: [&str; 8] = [
-    PROVIDER_ENV,
-    PROVIDER_FILE,
-    AGENT_ENV,
-    TOOL_BEARER,
-    TOOL_XKEY,
-    MCP_FILE,
-    MCP_HEADER,
-    WEBHOOK,
-];
-
-/// Every secret of the SQLite test.
-const ALL: [&str; 9] = [
+/// Every secret of the SQLite test: all live only in Keel's environment
+/// and files.
+const SECRETS: [&str; 9] = [
     PROVIDER_ENV,
     PROVIDER_FILE,
     AGENT_ENV,
@@ -185,6 +174,7 @@ mcp_servers:
             ("KEEL_TEST_SECRET_BEARER", TOOL_BEARER),
             ("KEEL_TEST_SECRET_XKEY", TOOL_XKEY),
             ("KEEL_TEST_SECRET_MCP", MCP_HEADER),
+            ("KEEL_TEST_SECRET_QUERY", TOOL_QUERY),
             ("KEEL_WEBHOOK_SECRET", WEBHOOK),
         ],
     )
@@ -213,21 +203,21 @@ mcp_servers:
         agent(
             "sec-mirror",
             mockai,
-            &tool(&format!("mirror?api_key={TOOL_QUERY}")),
+            &tool("mirror?api_key=${KEEL_TEST_SECRET_QUERY}"),
             &gated,
         ),
         // The tool fails (500) quoting its request, on both attempts.
         agent(
             "sec-tool-500",
             filed,
-            &tool(&format!("mirror?status=500&api_key={TOOL_QUERY}")),
+            &tool("mirror?status=500&api_key=${KEEL_TEST_SECRET_QUERY}"),
             "",
         ),
         // The first attempt times out, the second answers.
         agent(
             "sec-timeout",
             &own_key("tools:1"),
-            &tool(&format!("hang?api_key={TOOL_QUERY}")),
+            &tool("hang?api_key=${KEEL_TEST_SECRET_QUERY}"),
             "",
         ),
         // The tool redirects the call to another origin.
@@ -235,7 +225,7 @@ mcp_servers:
             "sec-redirect",
             mockai,
             &tool(&format!(
-                "redirect?api_key={TOOL_QUERY}&to={}",
+                "redirect?api_key=${{KEEL_TEST_SECRET_QUERY}}&to={}",
                 encode(&elsewhere)
             )),
             "",
@@ -375,19 +365,27 @@ mcp_servers:
         .collect();
     assert!(!redirected.is_empty(), "{mirrored:?}");
     for request in &redirected {
-        assert_clean("the request redirected to another origin", request, &ALL);
+        assert_clean(
+            "the request redirected to another origin",
+            request,
+            &SECRETS,
+        );
     }
     assert!(
         mirrored.iter().any(|m| m.contains(TOOL_BEARER)),
         "the tool got its secret header: {mirrored:?}"
     );
+    assert!(
+        mirrored.iter().any(|m| m.contains(TOOL_QUERY)),
+        "the tool got the secret of its URL: {mirrored:?}"
+    );
 
     // Nothing of it anywhere else.
     for (name, run) in &runs {
         let text = get_text(&http, &server.url(&format!("/v1/runs/{run}"))).await;
-        assert_clean(&format!("the view of {name}"), &text, &ALL);
+        assert_clean(&format!("the view of {name}"), &text, &SECRETS);
         let stream = stream_text(&http, &server, run).await;
-        assert_clean(&format!("the journal of {name}"), &stream, &ALL);
+        assert_clean(&format!("the journal of {name}"), &stream, &SECRETS);
         // (Their status is that of the run: a cancelled one fails.)
         for command in ["status", "watch"] {
             let (_, out, err) = keel(&[command, run, "--server", &server.url]);
@@ -395,14 +393,14 @@ mcp_servers:
             assert_clean(
                 &format!("keel {command} of {name}"),
                 &format!("{out}{err}"),
-                &ALL,
+                &SECRETS,
             );
         }
         let (_, out, err) = keel(&["status", run, "--json", "--server", &server.url]);
         assert_clean(
             &format!("keel status --json of {name}"),
             &format!("{out}{err}"),
-            &ALL,
+            &SECRETS,
         );
     }
     for path in [
@@ -416,40 +414,35 @@ mcp_servers:
         "/v1/dlq/not-a-letter/retry",
     ] {
         let text = get_text(&http, &server.url(path)).await;
-        assert_clean(path, &text, &ALL);
+        assert_clean(path, &text, &SECRETS);
     }
-    // The specs are shown as written: the key in a tool's URL is there, no
-    // variable's value is.
+    // The specs are shown as written: no variable's value is in them.
     for path in ["/v1/agents", "/v1/agents/sec-mirror"] {
         let text = get_text(&http, &server.url(path)).await;
-        assert_clean(path, &text, &SERVER_SIDE);
+        assert_clean(path, &text, &SECRETS);
     }
     for args in [&["runs"][..], &["dlq"], &["agents", "list"], &["usage"]] {
         let mut args = args.to_vec();
         args.extend(["--server", &server.url]);
         let (_, out, err) = keel(&args);
-        assert_clean(
-            &format!("keel {args:?}"),
-            &format!("{out}{err}"),
-            &SERVER_SIDE,
-        );
+        assert_clean(&format!("keel {args:?}"), &format!("{out}{err}"), &SECRETS);
     }
     let prompts = mock.counters.llm_bodies();
     assert!(prompts.len() >= 12, "{}", prompts.len());
     for prompt in &prompts {
-        assert_clean("a request to the model", prompt, &ALL);
+        assert_clean("a request to the model", prompt, &SECRETS);
     }
     let hooks = mock.counters.hooks();
     assert!(hooks.iter().any(|h| h.name == "approve"), "{hooks:?}");
     assert!(hooks.iter().filter(|h| h.name == "cb").count() >= runs.len());
     for hook in &hooks {
         let seen = format!("{hook:?}");
-        assert_clean(&format!("webhook {}", hook.name), &seen, &ALL);
+        assert_clean(&format!("webhook {}", hook.name), &seen, &SECRETS);
         assert!(hook.signature.is_some(), "{hook:?}");
     }
     let log = std::fs::read_to_string(&server.log).expect("log");
     assert!(log.contains("DEBUG"), "not a debug log");
-    assert_clean("the log", &log, &ALL);
+    assert_clean("the log", &log, &SECRETS);
 }
 
 /// A PostgreSQL URL of `db` with `password` in its user info.
