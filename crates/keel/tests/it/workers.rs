@@ -416,3 +416,90 @@ async fn a_failed_external_call_is_retried_then_its_error_goes_back_to_the_model
     assert_eq!(status, 204, "{body}");
     assert_eq!(mock.counters.tool_requests.load(Ordering::Relaxed), 0);
 }
+
+/// Two parks and ends nobody watches are called back, signed: a task
+/// dead-lettered (`run.dead_lettered`, with the letter to re-drive) and a
+/// run failed for its token budget (`run.failed`, code `budget_exceeded`).
+#[tokio::test]
+async fn a_dead_letter_and_a_budget_failure_are_called_back_signed() {
+    let down = Mock::start().await.expect("down");
+    let hooks = Mock::start().await.expect("hooks");
+    down.counters.llm_down.store(true, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--webhook-secret", SECRET]).await;
+    let http = reqwest::Client::new();
+    let retry = "retry: {max_attempts: 2, backoff: {initial: 50ms, max: 100ms}}";
+    register(
+        &http,
+        &server,
+        &agent_yaml("sinking", &down, "tools:1", "echo", retry),
+    )
+    .await;
+    // About 100 tokens a step: the second step goes over 150.
+    register(
+        &http,
+        &server,
+        &agent_yaml(
+            "thrifty",
+            &hooks,
+            "tools:10",
+            "echo",
+            "limits: {max_steps: 20, max_tokens_total: 150}",
+        ),
+    )
+    .await;
+    let sinking = submit_with_callback(&http, &server, "sinking", &hooks.hook_url("dead")).await;
+    let thrifty = submit_with_callback(&http, &server, "thrifty", &hooks.hook_url("budget")).await;
+
+    // The model call's last attempt failed: the run waits in the DLQ and
+    // its callback_url is told which letter to re-drive.
+    let (dead_hook, body) = callback(&hooks, "dead", "run.dead_lettered").await;
+    assert_eq!(body["type"], "run.dead_lettered", "{body}");
+    assert_eq!(body["run_id"], sinking.as_str());
+    assert_eq!(body["agent"], "sinking");
+    assert_eq!(body["event"]["type"], "task_dead_lettered", "{body}");
+    assert_eq!(body["event"]["kind"], "llm", "{body}");
+    let dlq = get_json(&http, &server.url("/v1/dlq")).await;
+    let letter = dlq["dead_letters"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["run_id"] == sinking.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no dead letter of {sinking}: {dlq}"));
+    assert_eq!(letter["attempts"], 2, "{letter}");
+    let run = get_json(&http, &server.url(&format!("/v1/runs/{sinking}"))).await;
+    assert_eq!(body["status"], run["status"], "{body} vs {run}");
+    assert_eq!(
+        body["seq"], run["last_seq"],
+        "the park is the run's last event"
+    );
+    assert!(dead_hook.delivery.is_some(), "{dead_hook:?}");
+    assert_eq!(down.counters.llm_requests.load(Ordering::Relaxed), 2);
+
+    // The budget run fails at its limit, and says so with its code.
+    let run = wait_terminal(&http, &server, &thrifty, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "FAILED", "{run}");
+    assert_eq!(run["error_code"], "budget_exceeded", "{run}");
+    let (budget_hook, body) = callback(&hooks, "budget", "run.failed").await;
+    assert_eq!(body["run_id"], thrifty.as_str());
+    assert_eq!(body["status"], "FAILED", "{body}");
+    assert_eq!(body["code"], "budget_exceeded", "{body}");
+    assert_eq!(body["error"], run["error"], "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("budget_exceeded: limits.max_tokens_total")),
+        "{body}"
+    );
+    assert_eq!(body["usage"], run["usage"], "{body}");
+    assert_ne!(budget_hook.delivery, dead_hook.delivery);
+    // No other callback about either run (a delivery may come again,
+    // with its Keel-Delivery id: at least once).
+    let received = hooks.counters.hooks();
+    let mut deliveries: Vec<&str> = received
+        .iter()
+        .filter_map(|h| h.delivery.as_deref())
+        .collect();
+    deliveries.sort_unstable();
+    deliveries.dedup();
+    assert_eq!(deliveries.len(), 2, "{received:?}");
+}
