@@ -90,6 +90,9 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Start after this run: the `next cursor` a previous page printed.
+        #[arg(long)]
+        cursor: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -428,10 +431,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             status,
             agent,
             limit,
+            cursor,
             server,
-        } => runs(&Client::new(&server.server)?, status, agent, limit)
-            .await
-            .map(|_| ExitCode::SUCCESS),
+        } => {
+            let filter = RunsFilter {
+                status,
+                agent,
+                limit,
+                cursor,
+            };
+            runs(&Client::new(&server.server)?, &filter)
+                .await
+                .map(|_| ExitCode::SUCCESS)
+        }
         Command::Usage {
             agent,
             since,
@@ -1000,19 +1012,31 @@ fn print_summary(view: &Value) {
     }
 }
 
-async fn runs(
-    client: &Client,
+/// Which page of runs `keel runs` lists.
+struct RunsFilter {
+    /// Only this status.
     status: Option<String>,
+    /// Only this agent.
     agent: Option<String>,
+    /// Page size.
     limit: u32,
-) -> anyhow::Result<()> {
-    let limit = limit.to_string();
+    /// Start after this run (a previous page's next cursor).
+    cursor: Option<String>,
+}
+
+/// Lists one page of runs, newest first, then the cursor of the next page
+/// when there may be one.
+async fn runs(client: &Client, filter: &RunsFilter) -> anyhow::Result<()> {
+    let limit = filter.limit.to_string();
     let mut query = vec![("limit", limit.as_str())];
-    if let Some(s) = &status {
+    if let Some(s) = &filter.status {
         query.push(("status", s));
     }
-    if let Some(a) = &agent {
+    if let Some(a) = &filter.agent {
         query.push(("agent", a));
+    }
+    if let Some(c) = &filter.cursor {
+        query.push(("cursor", c));
     }
     let body = client.get(&["v1", "runs"], &query).await?;
     for run in body["runs"].as_array().cloned().unwrap_or_default() {
@@ -1028,6 +1052,9 @@ async fn runs(
             run["step_count"].to_string(),
             run["error"].as_str().unwrap_or(""),
         );
+    }
+    if let Some(next) = body["next_cursor"].as_str() {
+        outln!("next cursor: {next} (--cursor {next} lists the next page)");
     }
     Ok(())
 }

@@ -131,6 +131,17 @@ impl Admission {
         Ok(())
     }
 
+    /// Runs `scope` admits under `ceiling` beyond those pending and in
+    /// flight (all of it when no count was read yet).
+    fn room(&self, scope: &Option<String>, ceiling: u64) -> u64 {
+        let Ok(counts) = self.counts.lock() else {
+            return ceiling;
+        };
+        counts.get(scope).map_or(ceiling, |count| {
+            ceiling.saturating_sub(count.stored + count.in_flight)
+        })
+    }
+
     /// Ends the submits reserved in `scopes`: a run `created` is pending
     /// from now on (until the next read of the store counts it).
     fn finish(&self, scopes: &[Option<String>], created: bool) {
@@ -255,24 +266,9 @@ impl<S: Store> Service<S> {
         let mut reserved: Vec<Option<String>> = Vec::new();
         for (scope, ceiling) in checks {
             let Some(ceiling) = ceiling else { continue };
-            if !self.admission.is_fresh(&scope) {
-                let reading = self.admission.reading.write().await;
-                // Another submit may have read it while this one waited.
-                if !self.admission.is_fresh(&scope) {
-                    let n = self
-                        .store
-                        .pending_runs(DEFAULT_TENANT, scope.as_deref())
-                        .await;
-                    let n = match n {
-                        Ok(n) => n,
-                        Err(e) => {
-                            drop(reading);
-                            self.admission.finish(&reserved, false);
-                            return Err(e.into());
-                        }
-                    };
-                    self.admission.remember(scope.clone(), n);
-                }
+            if let Err(e) = self.refresh(&scope).await {
+                self.admission.finish(&reserved, false);
+                return Err(e);
             }
             if let Err(pending) = self.admission.reserve(&scope, ceiling) {
                 self.admission.finish(&reserved, false);
@@ -292,6 +288,44 @@ impl<S: Store> Service<S> {
             reserved.push(scope);
         }
         Ok(())
+    }
+
+    /// Reads the pending runs of `scope` from the store unless the count
+    /// held is fresh.
+    async fn refresh(&self, scope: &Option<String>) -> Result<(), Error> {
+        if self.admission.is_fresh(scope) {
+            return Ok(());
+        }
+        let _reading = self.admission.reading.write().await;
+        // Another submit may have read it while this one waited.
+        if self.admission.is_fresh(scope) {
+            return Ok(());
+        }
+        let n = self
+            .store
+            .pending_runs(DEFAULT_TENANT, scope.as_deref())
+            .await?;
+        self.admission.remember(scope.clone(), n);
+        Ok(())
+    }
+
+    /// How many more runs the global ceiling (`--max-pending`) admits now,
+    /// or `None` when there is none. A producer that pulls its work (the
+    /// ingest consumer) takes no more than this, so work beyond the ceiling
+    /// waits where it came from. The count is as fresh as admission's own
+    /// (see [`COUNT_TTL`]); a submit may still be refused when another
+    /// caller took the room first.
+    pub async fn room(&self) -> Result<Option<u64>, Error> {
+        let Some(ceiling) = self.admission.limits.max_pending else {
+            return Ok(None);
+        };
+        self.refresh(&None).await?;
+        Ok(Some(self.admission.room(&None, ceiling)))
+    }
+
+    /// What a caller refused for a ceiling is told to wait.
+    pub fn retry_after(&self) -> Duration {
+        self.admission.limits.retry_after
     }
 
     /// The scopes `admit` reserved a place in for `agent`.

@@ -13,14 +13,21 @@
 //!   version, a message id reused for another request) is published to
 //!   `<prefix>.dead.ingest` with the reason in headers, then acknowledged:
 //!   it is never redelivered.
-//! * Busy (too many runs pending) holds the message and retries after the
+//! * Backpressure: a fetch asks for no more messages than the global
+//!   ceiling of pending runs (`--max-pending`) has room for, and nothing is
+//!   fetched while there is none: messages beyond the ceiling wait in the
+//!   stream, not in Keel's memory. No new batch is fetched until the
+//!   current one is done.
+//! * Busy (a ceiling reached after the fetch: another caller took the
+//!   room, or a per-agent ceiling) holds the message and retries after the
 //!   delay the service asks for, telling JetStream the work is in progress;
-//!   no new batch is fetched until the current one is done, so ingestion
-//!   stops pulling instead of growing the queue.
+//!   the fetches after it take one message at a time until one goes
+//!   through without waiting, so at most one message waits in hand.
 //! * A failing store holds the message and retries with backoff: it is
 //!   never dead-lettered for a transient error.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -61,7 +68,8 @@ pub struct Options {
     pub url: Servers,
     /// Subject and stream names.
     pub names: Names,
-    /// Messages fetched (and submitted concurrently) per batch.
+    /// Most messages fetched (and submitted concurrently) per batch; fewer
+    /// when the ceiling of pending runs has less room.
     pub batch: usize,
     /// How long JetStream waits for an ack before delivering a message again
     /// (after a crash); a message held while Keel is busy is kept alive with
@@ -125,10 +133,14 @@ impl<S: Store> Ingest<S> {
     pub async fn run(self, cancel: CancellationToken) {
         let mut link: Option<Link> = None;
         let mut backoff = Backoff::new();
+        // Whether the last batch met a ceiling: the next takes one message.
+        let mut narrow = false;
         info!(url = %self.options.url, subjects = %self.options.names.ingest_subjects(), "ingest started");
         while !cancel.is_cancelled() {
             let result = match &link {
-                Some(l) => self.batch(l, &cancel).await,
+                Some(l) => self.batch(l, narrow, &cancel).await.map(|busy| {
+                    narrow = busy;
+                }),
                 None => self.connect().await.map(|l| {
                     link = Some(l);
                 }),
@@ -194,23 +206,57 @@ impl<S: Store> Ingest<S> {
         Ok(Link { js, consumer })
     }
 
-    /// Fetches one batch and handles its messages concurrently, as they
-    /// arrive; returns once each is acknowledged (or handed back on cancel).
-    async fn batch(&self, link: &Link, cancel: &CancellationToken) -> Result<(), Error> {
+    /// How many messages the next fetch may take: the room under the
+    /// global ceiling, at most a batch, one when `narrow` (the last batch
+    /// met a ceiling) or when the room cannot be read (the store is away:
+    /// the message will wait for it in hand).
+    async fn fetch_size(&self, narrow: bool) -> usize {
+        let most = if narrow { 1 } else { self.options.batch.max(1) };
+        match self.service.room().await {
+            Ok(None) => most,
+            Ok(Some(room)) => most.min(usize::try_from(room).unwrap_or(usize::MAX)),
+            Err(e) => {
+                warn!(error = %e, "cannot read the pending runs: fetching one message");
+                1
+            }
+        }
+    }
+
+    /// Fetches one batch, no bigger than the ceiling of pending runs has
+    /// room for, and handles its messages concurrently, as they arrive;
+    /// returns once each is acknowledged (or handed back on cancel), with
+    /// whether one of them met a ceiling and had to wait. With no room,
+    /// fetches nothing and waits the service's retry delay.
+    async fn batch(
+        &self,
+        link: &Link,
+        narrow: bool,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Error> {
+        let size = self.fetch_size(narrow).await;
+        if size == 0 {
+            debug!("at the ceiling of pending runs: not pulling");
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(self.service.retry_after()) => {}
+            }
+            return Ok(narrow);
+        }
         let messages = link
             .consumer
             .fetch()
-            .max_messages(self.options.batch)
+            .max_messages(size)
             .expires(Duration::from_secs(5))
             .messages()
             .await
             .map_err(|e| Error::JetStream(format!("cannot fetch ingest messages: {e}")))?;
         let failure: Mutex<Option<String>> = Mutex::new(None);
+        let busy = AtomicBool::new(false);
         messages
             .take_until(cancel.cancelled())
             .for_each_concurrent(None, |item| async {
                 match item {
-                    Ok(message) => self.handle(&link.js, message, cancel).await,
+                    Ok(message) => self.handle(&link.js, message, &busy, cancel).await,
                     Err(e) => {
                         if let Ok(mut failure) = failure.lock() {
                             failure.get_or_insert_with(|| e.to_string());
@@ -221,15 +267,17 @@ impl<S: Store> Ingest<S> {
             .await;
         match failure.into_inner().ok().flatten() {
             Some(e) => Err(Error::JetStream(format!("fetching ingest messages: {e}"))),
-            None => Ok(()),
+            None => Ok(busy.into_inner()),
         }
     }
 
-    /// Submits one message and acknowledges it, or dead-letters it.
+    /// Submits one message and acknowledges it, or dead-letters it; sets
+    /// `busy` when it met a ceiling and had to wait.
     async fn handle(
         &self,
         js: &jetstream::Context,
         message: jetstream::Message,
+        busy: &AtomicBool,
         cancel: &CancellationToken,
     ) {
         let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
@@ -270,6 +318,7 @@ impl<S: Store> Ingest<S> {
                     return;
                 }
                 Err(api::Error::Busy { retry_after, .. }) => {
+                    busy.store(true, Ordering::Relaxed);
                     debug!(key = %key, retry_in_ms = retry_after.as_millis() as u64, "busy: holding the message");
                     retry_after
                 }

@@ -337,3 +337,156 @@ async fn runs_stay_pinned_to_the_version_they_started_with() {
     let agents = get_json(&http, &server.url("/v1/agents")).await;
     assert_eq!(agents["agents"].as_array().map(Vec::len), Some(2));
 }
+
+/// Walks `GET /v1/runs?{query}` page by page along `next_cursor`: the ids
+/// in the order served, and the pages' sizes.
+async fn run_pages(http: &reqwest::Client, server: &Server, query: &str) -> (Vec<String>, usize) {
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => server.url(&format!("/v1/runs?{query}&cursor={c}")),
+            None => server.url(&format!("/v1/runs?{query}")),
+        };
+        let page = get_json(http, &url).await;
+        let runs = page["runs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no runs: {page}"));
+        ids.extend(
+            runs.iter()
+                .map(|r| r["id"].as_str().expect("id").to_string()),
+        );
+        pages += 1;
+        assert!(pages < 100, "the cursor never ends: {page}");
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return (ids, pages),
+        }
+    }
+}
+
+/// Runs listed newest first (their ids descending), and each exactly once:
+/// `listed` is `expected` in that order.
+fn same_runs_newest_first(listed: &[String], expected: &[String], what: &str) {
+    let mut want = expected.to_vec();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(
+        listed,
+        want.as_slice(),
+        "{what}: missed, repeated or out of order"
+    );
+}
+
+/// `GET /v1/runs` and `keel runs` page with a cursor through more runs than
+/// one page, filtered by agent and status: every run once, newest first.
+#[tokio::test]
+async fn runs_are_listed_page_by_page_with_a_cursor_over_http_and_the_cli() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // No external worker serves `images`: these runs wait in AWAITING_TOOL.
+    register(&http, &server, &worker_agent("paged", &mock, "")).await;
+    register(&http, &server, &worker_agent("other", &mock, "")).await;
+    let mut paged = Vec::new();
+    let mut other = Vec::new();
+    for i in 0..32 {
+        match i % 4 {
+            3 => other.push(submit(&http, &server, "other", &format!("o{i}")).await),
+            _ => paged.push(submit(&http, &server, "paged", &format!("p{i}")).await),
+        }
+    }
+    for id in paged.iter().chain(&other) {
+        wait_for(&http, &server, id, "waiting for its tool", |r| {
+            r["status"] == "AWAITING_TOOL"
+        })
+        .await;
+    }
+    // Every third run of `paged` is cancelled.
+    let mut cancelled = Vec::new();
+    let mut waiting = Vec::new();
+    for (i, id) in paged.iter().enumerate() {
+        match i % 3 {
+            0 => cancelled.push(id.clone()),
+            _ => waiting.push(id.clone()),
+        }
+    }
+    for id in &cancelled {
+        let r = http
+            .post(server.url(&format!("/v1/runs/{id}/cancel")))
+            .send()
+            .await
+            .expect("cancel");
+        assert!(r.status().is_success(), "cancel {id}: {}", r.status());
+        wait_for(&http, &server, id, "cancelled", |r| {
+            r["status"] == "CANCELLED"
+        })
+        .await;
+    }
+    assert_eq!((paged.len(), cancelled.len(), waiting.len()), (24, 8, 16));
+
+    let (listed, pages) =
+        run_pages(&http, &server, "agent=paged&status=AWAITING_TOOL&limit=5").await;
+    same_runs_newest_first(&listed, &waiting, "paged, AWAITING_TOOL");
+    assert_eq!(pages, 4, "16 runs in pages of 5");
+    let (listed, pages) = run_pages(&http, &server, "status=CANCELLED&limit=4").await;
+    same_runs_newest_first(&listed, &cancelled, "CANCELLED");
+    // 8 runs in pages of 4: a full last page has a cursor, to an empty page.
+    assert_eq!(pages, 3);
+    let (listed, _) = run_pages(&http, &server, "agent=paged&limit=7").await;
+    same_runs_newest_first(&listed, &paged, "paged");
+    let (listed, _) = run_pages(&http, &server, "agent=other&status=AWAITING_TOOL&limit=3").await;
+    same_runs_newest_first(&listed, &other, "other");
+    let bad = http
+        .get(server.url("/v1/runs?cursor=not-a-run"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(bad.status(), 400);
+
+    // `keel runs` prints the next cursor; `--cursor` lists the next page.
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let mut args = vec![
+            "runs",
+            "--server",
+            server.url.as_str(),
+            "--agent",
+            "paged",
+            "--status",
+            "AWAITING_TOOL",
+            "--limit",
+            "6",
+        ];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        let (ok, out, err) = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            keel(&args)
+        })
+        .await
+        .expect("join");
+        assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+        cursor = None;
+        for line in out.lines() {
+            match line.strip_prefix("next cursor: ") {
+                Some(rest) => {
+                    let next = rest.split_whitespace().next().expect("a cursor");
+                    cursor = Some(next.to_string());
+                }
+                None => {
+                    assert!(line.contains("AWAITING_TOOL"), "{line}");
+                    listed.push(line.split_whitespace().next().expect("id").to_string());
+                }
+            }
+        }
+        if cursor.is_none() {
+            break;
+        }
+    }
+    same_runs_newest_first(&listed, &waiting, "keel runs");
+}

@@ -488,3 +488,64 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(141), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The figure after `label` on the line that starts with it in `keel
+/// bench`'s report: its first number.
+fn bench_figure(out: &str, label: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{out}"));
+    line[label.len()..]
+        .split_whitespace()
+        .find_map(|word| word.trim_end_matches(',').parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no figure on `{line}`"))
+}
+
+/// The benchmark as documented, with tiny figures: it completes every run
+/// and prints throughput, CPU per step, latency percentiles and peak RSS.
+#[tokio::test]
+async fn keel_bench_runs_and_prints_its_figures() {
+    let dir = TempDir::new();
+    let db = dir.0.join("bench.db").to_string_lossy().into_owned();
+    let started = std::time::Instant::now();
+    let (ok, out, err) = keel_async(&["bench", "--runs", "20", "--steps", "2", "--db", &db]).await;
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{out}"
+    );
+    assert!(out.contains("runs completed      20 / 20"), "{out}");
+    assert_eq!(bench_figure(&out, "steps "), 40.0, "{out}");
+    let throughput = out
+        .lines()
+        .find(|l| l.starts_with("throughput") && l.ends_with("steps/s"));
+    assert!(throughput.is_some(), "no steps/s line:\n{out}");
+    assert!(bench_figure(&out, "throughput") > 0.0, "{out}");
+    let cpu = out
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .unwrap_or_default();
+    assert!(cpu.contains("ms per step"), "{out}");
+    assert!(bench_figure(&out, "cpu ") > 0.0, "{out}");
+    let latency = out
+        .lines()
+        .find(|l| l.starts_with("step latency"))
+        .unwrap_or_default();
+    assert!(
+        latency.contains("p50 ") && latency.contains("p99 "),
+        "{out}"
+    );
+    let rss = out
+        .lines()
+        .find(|l| l.starts_with("peak rss"))
+        .unwrap_or_default();
+    assert!(rss.ends_with(" MB"), "{out}");
+    assert!(bench_figure(&out, "peak rss") > 1.0, "{out}");
+
+    refused(
+        keel_async(&["bench", "--runs", "0", "--db", &db]).await,
+        "--runs and --steps must be at least 1",
+        true,
+    );
+}

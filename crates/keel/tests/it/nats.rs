@@ -570,25 +570,45 @@ async fn count_runs(dir: &TempDir) -> usize {
         .len()
 }
 
+/// What Keel's ingest consumer has in hand: (`num_pending`: not delivered
+/// yet, `num_ack_pending`: delivered and not acknowledged), or `None`
+/// before Keel created it.
+async fn ingest_consumer(js: &jetstream::Context, names: &Names) -> Option<(u64, usize)> {
+    let stream = js.get_stream(names.ingest_stream()).await.ok()?;
+    let info = stream
+        .consumer_info(keel::nats::ingest::CONSUMER)
+        .await
+        .ok()?;
+    Some((info.num_pending, info.num_ack_pending))
+}
+
+/// More messages than one fetch batch (64) arrive while the ceiling of
+/// pending runs is 4: Keel pulls no more than it can submit, so the rest
+/// wait in the stream (JetStream's `num_pending`), never delivered and
+/// held unacknowledged in Keel (`num_ack_pending` stays within the
+/// ceiling); once the runs finish, every message becomes a run.
 #[tokio::test]
 async fn ingestion_stops_pulling_at_the_pending_ceiling_and_loses_nothing() {
     let Some((url, js)) = jetstream("ingest backpressure").await else {
         return;
     };
+    const CEILING: usize = 4;
+    const MESSAGES: usize = 80;
     let names = unique_names();
     let mock = Mock::start().await.expect("mock");
-    // Each run takes two model answers of 300 ms: runs stay pending a while.
-    mock.counters.llm_latency_ms.store(300, Ordering::Relaxed);
+    // Each run takes two model answers of 100 ms: runs stay pending a while.
+    mock.counters.llm_latency_ms.store(100, Ordering::Relaxed);
     let dir = TempDir::new();
+    let ceiling = CEILING.to_string();
     let args = [
         "--ingest",
         url.as_str(),
         "--nats-prefix",
         names.prefix(),
         "--max-pending",
-        "4",
+        ceiling.as_str(),
         "--retry-after",
-        "200ms",
+        "100ms",
     ];
     let server = Server::start(&dir.db(), &args).await;
     let http = reqwest::Client::new();
@@ -599,11 +619,11 @@ async fn ingestion_stops_pulling_at_the_pending_ceiling_and_loses_nothing() {
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while js.get_stream(names.ingest_stream()).await.is_err() {
+    while ingest_consumer(&js, &names).await.is_none() {
         assert!(Instant::now() < deadline, "keel did not set up ingestion");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let messages: Vec<(String, String, Vec<u8>)> = (0..24)
+    let messages: Vec<(String, String, Vec<u8>)> = (0..MESSAGES)
         .map(|i| {
             (
                 names.ingest_subject("throttled"),
@@ -612,15 +632,21 @@ async fn ingestion_stops_pulling_at_the_pending_ceiling_and_loses_nothing() {
             )
         })
         .collect();
-    assert_eq!(publish(&js, &messages).await, 24);
+    assert_eq!(publish(&js, &messages).await, MESSAGES);
 
-    // While they drain, never more than the ceiling is pending, and the
-    // messages not yet admitted wait in the stream, not in Keel's queue.
+    // While they drain: never more than the ceiling pending, never more
+    // than the ceiling delivered and unacknowledged, and (while at the
+    // ceiling) the rest undelivered in the stream.
     let mut peak_pending = 0;
-    let mut saw_waiting = false;
+    let mut peak_unacked = 0;
+    let mut waited_at_ceiling = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let listed = get_json(&http, &server.url("/v1/runs?limit=100")).await;
+        let (undelivered, unacked) = ingest_consumer(&js, &names)
+            .await
+            .expect("the ingest consumer");
+        peak_unacked = peak_unacked.max(unacked);
+        let listed = get_json(&http, &server.url("/v1/runs?limit=500")).await;
         let runs = listed["runs"].as_array().cloned().unwrap_or_default();
         let pending = runs
             .iter()
@@ -632,27 +658,36 @@ async fn ingestion_stops_pulling_at_the_pending_ceiling_and_loses_nothing() {
             })
             .count();
         peak_pending = peak_pending.max(pending);
-        if runs.len() < 24 && stream_messages(&js, &names.ingest_stream()).await > 0 {
-            saw_waiting = true;
+        if pending == CEILING && undelivered > 0 {
+            waited_at_ceiling += 1;
         }
-        if runs.len() == 24 && pending == 0 {
+        if runs.len() == MESSAGES && pending == 0 {
             for r in &runs {
                 assert_eq!(r["status"], "COMPLETED", "{r}");
             }
             break;
         }
-        assert!(Instant::now() < deadline, "ingestion stalled: {listed}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(
+            Instant::now() < deadline,
+            "ingestion stalled ({undelivered} undelivered, {unacked} unacked): {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        peak_pending <= 4,
-        "{peak_pending} runs pending over a ceiling of 4"
+        peak_pending <= CEILING,
+        "{peak_pending} runs pending over a ceiling of {CEILING}"
     );
     assert!(
-        saw_waiting,
-        "messages never had to wait: nothing was tested"
+        peak_unacked <= CEILING,
+        "keel held {peak_unacked} unacknowledged messages at a ceiling of {CEILING}: it pulled more than it could submit"
     );
+    assert!(
+        waited_at_ceiling >= 3,
+        "messages hardly waited in the stream at the ceiling ({waited_at_ceiling} samples): nothing was tested"
+    );
+    assert_eq!(ingest_consumer(&js, &names).await, Some((0, 0)));
     assert_eq!(stream_messages(&js, &names.ingest_stream()).await, 0);
+    assert_eq!(stream_messages(&js, &names.dead_stream()).await, 0);
     delete_streams(&js, &names).await;
 }
 

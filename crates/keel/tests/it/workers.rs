@@ -288,3 +288,218 @@ async fn the_run_timeout_ends_a_run_whose_call_no_worker_finishes() {
     assert!(!run.to_string().contains("too late"), "{run}");
     assert_eq!(mock.counters.tool_requests.load(Ordering::Relaxed), 0);
 }
+
+/// Leases the next `images` call (waiting up to 10 s): the task.
+async fn lease_image(http: &reqwest::Client, server: &Server, worker: &str) -> Value {
+    let (status, task) = post(
+        http,
+        &server.url("/v1/worker/tasks/lease"),
+        json!({"queue": "images", "worker": worker, "wait": "10s", "lease": "30s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{task}");
+    task
+}
+
+/// Reports `task` failed: the endpoint's status and answer.
+async fn fail_task(
+    http: &reqwest::Client,
+    server: &Server,
+    task: &Value,
+    error: &str,
+    retryable: bool,
+) -> (u16, Value) {
+    let url = server.url(&format!(
+        "/v1/worker/tasks/{}/fail",
+        task["task_id"].as_str().unwrap_or("")
+    ));
+    post(
+        http,
+        &url,
+        json!({"lease_token": task["lease_token"], "error": error, "retryable": retryable}),
+    )
+    .await
+}
+
+/// The run's one external call ended with `error` as its result (an
+/// error), and the model's answer read it.
+fn returned_to_the_model(run: &Value, error: &str) {
+    let call = &run["steps"][0]["tool_calls"][0];
+    assert_eq!(call["result"], error, "{run}");
+    assert_eq!(call["is_error"], true, "{run}");
+    let answer = run["output"].as_str().unwrap_or_default();
+    assert!(
+        answer.starts_with("done after 1 tool calls") && answer.ends_with(error),
+        "{run}"
+    );
+}
+
+/// Epoch milliseconds now (the server runs on this machine's clock).
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_failed_external_call_is_retried_then_its_error_goes_back_to_the_model() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &[]).await;
+    let http = reqwest::Client::new();
+    // Three attempts, retried after 100 ms to 1 s.
+    register(&http, &server, &ext_agent(&mock)).await;
+    let id = submit(&http, &server, "ext", "go").await;
+
+    // Attempts 1 and 2 fail retryably: the call is queued again, after the
+    // agent's backoff, and leased again with its attempt counted.
+    let mut task = lease_image(&http, &server, "a").await;
+    assert_eq!(
+        (task["run_id"].as_str(), task["attempt"].as_i64()),
+        (Some(id.as_str()), Some(1))
+    );
+    assert_eq!(task["max_attempts"], 3, "{task}");
+    let task_id = task["task_id"].clone();
+    for attempt in 1..=2 {
+        let failed_at = epoch_ms();
+        let (status, body) = fail_task(&http, &server, &task, "disk busy", true).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "retrying", "{body}");
+        let retry_at = body["retry_at"].as_i64().expect("retry_at");
+        assert!(retry_at >= failed_at, "{retry_at} < {failed_at}");
+        let run = get_json(&http, &server.url(&format!("/v1/runs/{id}"))).await;
+        assert_eq!(run["status"], "AWAITING_TOOL", "{run}");
+        // The failed attempt's lease is gone: its token is refused.
+        let (status, _) = fail_task(&http, &server, &task, "again", true).await;
+        assert_eq!(status, 409, "a stale lease cannot fail the call twice");
+
+        let next = lease_image(&http, &server, "b").await;
+        assert!(
+            epoch_ms() >= retry_at,
+            "leased again before the backoff ended at {retry_at}"
+        );
+        assert_eq!(next["task_id"], task_id, "the same call, retried");
+        assert_eq!(next["attempt"], attempt + 1, "{next}");
+        assert_ne!(next["lease_token"], task["lease_token"]);
+        task = next;
+    }
+    // The last attempt fails too: no retry is left, so the error is the
+    // call's result, the model reads it and the run goes on.
+    let (status, body) = fail_task(&http, &server, &task, "disk full", true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "returned", "{body}");
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    returned_to_the_model(&run, "error: disk full");
+
+    // A failure that is not retryable goes back at once, on attempt 1.
+    let id = submit(&http, &server, "ext", "again").await;
+    let task = lease_image(&http, &server, "a").await;
+    assert_eq!(
+        (task["run_id"].as_str(), task["attempt"].as_i64()),
+        (Some(id.as_str()), Some(1))
+    );
+    let (status, body) = fail_task(&http, &server, &task, "no such image", false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "returned", "{body}");
+    let run = wait_terminal(&http, &server, &id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "COMPLETED", "{run}");
+    returned_to_the_model(&run, "error: no such image");
+    // Nothing is left to lease, and no call reached a tool server.
+    let (status, body) = post(
+        &http,
+        &server.url("/v1/worker/tasks/lease"),
+        json!({"queue": "images", "wait": "200ms"}),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(mock.counters.tool_requests.load(Ordering::Relaxed), 0);
+}
+
+/// Two parks and ends nobody watches are called back, signed: a task
+/// dead-lettered (`run.dead_lettered`, with the letter to re-drive) and a
+/// run failed for its token budget (`run.failed`, code `budget_exceeded`).
+#[tokio::test]
+async fn a_dead_letter_and_a_budget_failure_are_called_back_signed() {
+    let down = Mock::start().await.expect("down");
+    let hooks = Mock::start().await.expect("hooks");
+    down.counters.llm_down.store(true, Ordering::Relaxed);
+    let dir = TempDir::new();
+    let server = Server::start(&dir.db(), &["--webhook-secret", SECRET]).await;
+    let http = reqwest::Client::new();
+    let retry = "retry: {max_attempts: 2, backoff: {initial: 50ms, max: 100ms}}";
+    register(
+        &http,
+        &server,
+        &agent_yaml("sinking", &down, "tools:1", "echo", retry),
+    )
+    .await;
+    // About 100 tokens a step: the second step goes over 150.
+    register(
+        &http,
+        &server,
+        &agent_yaml(
+            "thrifty",
+            &hooks,
+            "tools:10",
+            "echo",
+            "limits: {max_steps: 20, max_tokens_total: 150}",
+        ),
+    )
+    .await;
+    let sinking = submit_with_callback(&http, &server, "sinking", &hooks.hook_url("dead")).await;
+    let thrifty = submit_with_callback(&http, &server, "thrifty", &hooks.hook_url("budget")).await;
+
+    // The model call's last attempt failed: the run waits in the DLQ and
+    // its callback_url is told which letter to re-drive.
+    let (dead_hook, body) = callback(&hooks, "dead", "run.dead_lettered").await;
+    assert_eq!(body["type"], "run.dead_lettered", "{body}");
+    assert_eq!(body["run_id"], sinking.as_str());
+    assert_eq!(body["agent"], "sinking");
+    assert_eq!(body["event"]["type"], "task_dead_lettered", "{body}");
+    assert_eq!(body["event"]["kind"], "llm", "{body}");
+    let dlq = get_json(&http, &server.url("/v1/dlq")).await;
+    let letter = dlq["dead_letters"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["run_id"] == sinking.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no dead letter of {sinking}: {dlq}"));
+    assert_eq!(letter["attempts"], 2, "{letter}");
+    let run = get_json(&http, &server.url(&format!("/v1/runs/{sinking}"))).await;
+    assert_eq!(body["status"], run["status"], "{body} vs {run}");
+    assert_eq!(
+        body["seq"], run["last_seq"],
+        "the park is the run's last event"
+    );
+    assert!(dead_hook.delivery.is_some(), "{dead_hook:?}");
+    assert_eq!(down.counters.llm_requests.load(Ordering::Relaxed), 2);
+
+    // The budget run fails at its limit, and says so with its code.
+    let run = wait_terminal(&http, &server, &thrifty, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "FAILED", "{run}");
+    assert_eq!(run["error_code"], "budget_exceeded", "{run}");
+    let (budget_hook, body) = callback(&hooks, "budget", "run.failed").await;
+    assert_eq!(body["run_id"], thrifty.as_str());
+    assert_eq!(body["status"], "FAILED", "{body}");
+    assert_eq!(body["code"], "budget_exceeded", "{body}");
+    assert_eq!(body["error"], run["error"], "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("budget_exceeded: limits.max_tokens_total")),
+        "{body}"
+    );
+    assert_eq!(body["usage"], run["usage"], "{body}");
+    assert_ne!(budget_hook.delivery, dead_hook.delivery);
+    // No other callback about either run (a delivery may come again,
+    // with its Keel-Delivery id: at least once).
+    let received = hooks.counters.hooks();
+    let mut deliveries: Vec<&str> = received
+        .iter()
+        .filter_map(|h| h.delivery.as_deref())
+        .collect();
+    deliveries.sort_unstable();
+    deliveries.dedup();
+    assert_eq!(deliveries.len(), 2, "{received:?}");
+}
