@@ -78,6 +78,37 @@ pub struct Config {
     /// MCP servers by the name agents use in `tools: [{mcp: <name>}]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mcp_servers: BTreeMap<String, McpServerConfig>,
+    /// Tenants by name, each with the API tokens that act as it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// A tenant: its own agents, runs, dead letters, approvals, usage and
+/// external-worker queues, reached with its own API tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Environment variable holding its API token (several, comma-separated,
+    /// while rolling a new one out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tokens_env: Option<String>,
+    /// File holding them (a mounted secret), the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tokens_file: Option<String>,
+}
+
+impl TenantConfig {
+    /// The tokens' source as an error names it: `environment variable X
+    /// (tenants.<name>.api_tokens_env)` or `file P (…api_tokens_file)`.
+    pub fn describe(&self, tenant: &str) -> String {
+        match (&self.api_tokens_env, &self.api_tokens_file) {
+            (Some(var), _) => {
+                format!("environment variable {var} (tenants.{tenant}.api_tokens_env)")
+            }
+            (None, Some(path)) => format!("file {path} (tenants.{tenant}.api_tokens_file)"),
+            (None, None) => format!("tenants.{tenant}"),
+        }
+    }
 }
 
 /// One MCP server: how to reach it (exactly one of `stdio` and `http`).
@@ -552,6 +583,30 @@ impl Config {
         for (name, server) in &self.mcp_servers {
             check_mcp_server(name, server, &mut err);
         }
+        for (name, tenant) in &self.tenants {
+            let at = format!("tenants.{name}");
+            check_name(name, &at, &mut err);
+            match (&tenant.api_tokens_env, &tenant.api_tokens_file) {
+                (Some(_), Some(_)) => err(
+                    format!("{at}.api_tokens_env"),
+                    "give api_tokens_env or api_tokens_file, not both".into(),
+                ),
+                (None, None) => err(
+                    at.clone(),
+                    "give api_tokens_env or api_tokens_file: where its API tokens are read from"
+                        .into(),
+                ),
+                (Some(var), None) if !is_env_name(var) => err(
+                    format!("{at}.api_tokens_env"),
+                    "must name an environment variable (letters, digits, `_`), not hold a token"
+                        .into(),
+                ),
+                (None, Some(path)) if path.trim().is_empty() => {
+                    err(format!("{at}.api_tokens_file"), "must not be empty".into())
+                }
+                _ => {}
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -708,6 +763,42 @@ providers:
             Err(Error::Invalid(errors)) => errors.into_iter().map(|e| e.field).collect(),
             other => panic!("expected field errors, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn tenants_name_where_their_tokens_are() {
+        let config = Config::parse(
+            "tenants:\n  acme: {api_tokens_env: ACME_TOKENS}\n  globex: {api_tokens_file: /run/t}\n",
+        )
+        .expect("valid");
+        let acme = &config.tenants["acme"];
+        assert_eq!(acme.api_tokens_env.as_deref(), Some("ACME_TOKENS"));
+        assert_eq!(
+            acme.describe("acme"),
+            "environment variable ACME_TOKENS (tenants.acme.api_tokens_env)"
+        );
+        assert_eq!(
+            config.tenants["globex"].describe("globex"),
+            "file /run/t (tenants.globex.api_tokens_file)"
+        );
+        assert_eq!(fields("tenants: {acme: {}}"), ["tenants.acme"]);
+        assert_eq!(
+            fields("tenants: {acme: {api_tokens_env: A, api_tokens_file: /f}}"),
+            ["tenants.acme.api_tokens_env"]
+        );
+        // A token written where the variable's name goes is not repeated.
+        let Err(e) = Config::parse("tenants: {acme: {api_tokens_env: 'tok-123 456'}}") else {
+            panic!("refused");
+        };
+        assert!(!e.to_string().contains("tok-123"), "{e}");
+        assert_eq!(
+            fields("tenants: {'a/b': {api_tokens_env: A}, c: {api_tokens_file: ' '}}"),
+            ["tenants.a/b", "tenants.c.api_tokens_file"]
+        );
+        assert_eq!(
+            fields("tenants: {acme: {token: x}}"),
+            ["tenants.acme.token"]
+        );
     }
 
     #[test]

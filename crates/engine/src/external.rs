@@ -25,6 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::ids::DEFAULT_TENANT;
 use keel_core::run::{self, CallState, Command, Invocation, State};
 use keel_core::spec::clip;
 use keel_core::{Agent, Event, Millis, Recorded, RunId, TaskId};
@@ -116,6 +117,23 @@ pub struct External<S> {
     agents: Agents<S>,
 }
 
+/// Where `tenant`'s queue `queue` is stored: the name itself for the
+/// `default` tenant, `<tenant>/<queue>` for another (neither name holds a
+/// `/`), so one tenant's workers never lease another's calls.
+pub fn queue_key(tenant: &str, queue: &str) -> String {
+    if tenant == DEFAULT_TENANT {
+        queue.to_string()
+    } else {
+        format!("{tenant}/{queue}")
+    }
+}
+
+/// The tenant a stored queue name ([`queue_key`]) belongs to.
+fn queue_tenant(key: &str) -> &str {
+    key.split_once('/')
+        .map_or(DEFAULT_TENANT, |(tenant, _)| tenant)
+}
+
 /// The task of an external worker's call `inv` of `queue`.
 pub(crate) fn task(
     agent: &Agent,
@@ -132,7 +150,7 @@ pub(crate) fn task(
         run_at: at,
         lease_to: None,
         queue: Some(QueuedCall {
-            queue: queue.to_string(),
+            queue: queue_key(&state.tenant, queue),
             call_index: inv.call_index,
         }),
     }
@@ -147,10 +165,12 @@ impl<S: Store> External<S> {
         }
     }
 
-    /// Leases the next call of `queue` to `worker` for `lease_for`,
-    /// waiting up to `wait` for one (woken by commits that create work).
+    /// Leases the next call of `tenant`'s `queue` to `worker` for
+    /// `lease_for`, waiting up to `wait` for one (woken by commits that
+    /// create work).
     pub async fn lease(
         &self,
+        tenant: &str,
         queue: &str,
         worker: &str,
         wait: Duration,
@@ -159,10 +179,11 @@ impl<S: Store> External<S> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         let lease_for = lease_for.clamp(MIN_LEASE, MAX_LEASE);
         let mut commits = self.store.subscribe();
+        let key = queue_key(tenant, queue);
         loop {
             while let Some(task) = self
                 .store
-                .claim_queued(queue, worker, lease_for, now())
+                .claim_queued(&key, worker, lease_for, now())
                 .await?
             {
                 if let Some(leased) = self.hand_out(task).await? {
@@ -257,13 +278,16 @@ impl<S: Store> External<S> {
         }))
     }
 
-    /// Extends a lease by `lease_for` from now; returns the new expiry.
+    /// Extends a lease of a call of `tenant` by `lease_for` from now;
+    /// returns the new expiry.
     pub async fn heartbeat(
         &self,
+        tenant: &str,
         task_id: TaskId,
         token: i64,
         lease_for: Duration,
     ) -> Result<Millis, Error> {
+        self.owned(tenant, task_id, token).await?;
         let at = now();
         let until = at.saturating_add(lease_for.clamp(MIN_LEASE, MAX_LEASE).as_millis() as i64);
         let lease = Lease { task_id, token };
@@ -274,9 +298,16 @@ impl<S: Store> External<S> {
         }
     }
 
-    /// Journals the call's result (`output`: a string as is, other JSON as
-    /// its text) and completes the task.
-    pub async fn complete(&self, task_id: TaskId, token: i64, output: &Value) -> Result<(), Error> {
+    /// Journals the result of a call of `tenant` (`output`: a string as
+    /// is, other JSON as its text) and completes the task.
+    pub async fn complete(
+        &self,
+        tenant: &str,
+        task_id: TaskId,
+        token: i64,
+        output: &Value,
+    ) -> Result<(), Error> {
+        self.owned(tenant, task_id, token).await?;
         let text = match output {
             Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -289,12 +320,13 @@ impl<S: Store> External<S> {
     /// `retryable` and attempts are left, else the error is the result.
     pub async fn fail(
         &self,
+        tenant: &str,
         task_id: TaskId,
         token: i64,
         error: &str,
         retryable: bool,
     ) -> Result<Failed, Error> {
-        let queued = self.live(task_id, token).await?;
+        let queued = self.owned(tenant, task_id, token).await?;
         if retryable && queued.attempts < queued.max_attempts {
             let (state, agent, _) = self.load(queued.run_id).await?;
             let delay = agent
@@ -329,6 +361,21 @@ impl<S: Store> External<S> {
             Some(q) if q.lease_token == Some(token) => Ok(q),
             _ => Err(Error::Stale(task_id)),
         }
+    }
+
+    /// The task's stored state, if `token` is its live lease and the call
+    /// is `tenant`'s (another tenant's is as stale as an unknown lease).
+    async fn owned(
+        &self,
+        tenant: &str,
+        task_id: TaskId,
+        token: i64,
+    ) -> Result<keel_store::Queued, Error> {
+        let queued = self.live(task_id, token).await?;
+        if queue_tenant(&queued.call.queue) != tenant {
+            return Err(Error::Stale(task_id));
+        }
+        Ok(queued)
     }
 
     /// The run's state and agent, and its journal.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use keel_core::config::Config;
+use keel_core::ids::DEFAULT_TENANT;
 use keel_core::spec::redact_url;
 use keel_core::{Agent, Event, Priority};
 use keel_engine::{Engine, Options};
@@ -143,7 +144,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let embedded = crate::embedded::open(&db).await?;
     let store = embedded.store.clone();
-    Service::new(store.clone()).register(&agent).await?;
+    Service::new(store.clone())
+        .register(DEFAULT_TENANT, &agent)
+        .await?;
     let engine = Engine::new(
         store.clone(),
         Options {
@@ -192,7 +195,9 @@ async fn postgres_round(
         let store = PgStore::connect(&db.url)
             .await
             .context("cannot open the PostgreSQL store")?;
-        Service::new(store.clone()).register(agent).await?;
+        Service::new(store.clone())
+            .register(DEFAULT_TENANT, agent)
+            .await?;
         let exe = std::env::current_exe().context("cannot find the keel binary")?;
         // The rate limits, for the worker processes (JSON is YAML).
         let config_path = std::env::temp_dir().join(format!("{}.json", db.name));
@@ -332,6 +337,7 @@ async fn measure<S: Store>(
             let svc = svc.clone();
             async move {
                 svc.submit(Submit {
+                    tenant: DEFAULT_TENANT.into(),
                     agent: "bench".into(),
                     version: Some("1".into()),
                     input: json!(format!("task {i}")),
@@ -356,9 +362,7 @@ async fn measure<S: Store>(
     loop {
         // The store's cheap count (an index of unfinished runs), so that
         // waiting does not load the database.
-        let unfinished = store
-            .pending_runs(keel_core::ids::DEFAULT_TENANT, None)
-            .await?;
+        let unfinished = store.pending_runs(DEFAULT_TENANT, None).await?;
         if unfinished == 0 {
             break;
         }

@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 
 use keel_core::config::Config;
+use keel_core::ids::DEFAULT_TENANT;
 use keel_core::spec::{human_duration, redact_url};
 use keel_core::{Agent, Event, Priority, RunId, TaskId};
 use keel_engine::{Engine, Options};
@@ -352,6 +353,36 @@ struct RunArgs {
 
 /// Reads and validates the configuration file, if one is given; the
 /// errors name the file and the fields at fault.
+/// The API tokens: `--api-token`'s, acting as the `default` tenant, and
+/// each configured tenant's, read from its variable or file now; `None`
+/// when there is none (the API is open). Errors name the source, never a
+/// token.
+fn api_tokens(flag: Option<&str>, config: &Config) -> anyhow::Result<Option<api::Tokens>> {
+    let mut tokens = api::Tokens::default();
+    if let Some(value) = flag.filter(|v| v.split(',').any(|t| !t.trim().is_empty())) {
+        tokens
+            .add(DEFAULT_TENANT, value)
+            .map_err(|e| anyhow::anyhow!("--api-token (KEEL_API_TOKEN): {e}"))?;
+    }
+    for (name, tenant) in &config.tenants {
+        let value = match (&tenant.api_tokens_env, &tenant.api_tokens_file) {
+            (Some(var), _) => std::env::var(var).ok(),
+            (None, Some(path)) => std::fs::read_to_string(path).ok(),
+            (None, None) => None,
+        };
+        let Some(value) = value else {
+            bail!(
+                "tenant `{name}`: {} is not set or cannot be read",
+                tenant.describe(name)
+            );
+        };
+        tokens
+            .add(name, &value)
+            .map_err(|e| anyhow::anyhow!("tenant `{name}`: {}: {e}", tenant.describe(name)))?;
+    }
+    Ok((!tokens.is_empty()).then_some(tokens))
+}
+
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Arc<Config>> {
     let Some(path) = path else {
         return Ok(Arc::default());
@@ -607,11 +638,7 @@ async fn serve_on<S: keel_store::Store>(
         retry_after: args.retry_after,
     };
     let config = load_config(args.config.as_deref())?;
-    let tokens = match &args.api_token {
-        Some(value) => api::Tokens::parse(value)
-            .map_err(|e| anyhow::anyhow!("--api-token (KEEL_API_TOKEN): {e}"))?,
-        None => None,
-    };
+    let tokens = api_tokens(args.api_token.as_deref(), &config)?;
     let breakers = keel_engine::Breakers::default();
     let process = breakers.process().to_string();
     // Stopped after the workers, so the spans of their last steps go too.
@@ -838,7 +865,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let embedded = embedded::open(&args.db).await?;
     let store = embedded.store.clone();
     let svc = Service::new(store.clone());
-    if let Err(e) = svc.register(&agent).await {
+    if let Err(e) = svc.register(DEFAULT_TENANT, &agent).await {
         if let api::Error::Conflict(message) = &e {
             bail!(
                 "{message}\nhint: runs are pinned to agent versions: bump `version` in {} or use another --db",
@@ -849,6 +876,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let submitted = svc
         .submit(Submit {
+            tenant: DEFAULT_TENANT.into(),
             agent: agent.spec.name.clone(),
             version: Some(agent.spec.version.clone()),
             input: parse_input(&args.input),
@@ -923,7 +951,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
         let _ = workers.await;
     }
     outcome?;
-    let view = svc.view(run_id).await?;
+    let view = svc.view(DEFAULT_TENANT, run_id).await?;
     print_summary(&serde_json::to_value(&view)?);
     if parked {
         let db = args.db.display();

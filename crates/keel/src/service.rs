@@ -79,11 +79,15 @@ impl Limits {
 /// accept in this window.
 const COUNT_TTL: Duration = Duration::from_millis(250);
 
+/// What a ceiling counts: a tenant's pending runs, of one agent or (`None`)
+/// of all.
+type Scope = (String, Option<String>);
+
 /// The ceilings and the cached counts they are checked against.
 struct Admission {
     limits: Limits,
-    /// Pending runs per scope (`None` = all agents).
-    counts: Mutex<HashMap<Option<String>, Count>>,
+    /// Pending runs per scope.
+    counts: Mutex<HashMap<Scope, Count>>,
     /// Held shared by each submit from its commit until its run is
     /// counted, exclusively by a read of the counts from the store: a read
     /// then sees every run this process committed, each counted once, and
@@ -93,7 +97,7 @@ struct Admission {
 
 impl Admission {
     /// Whether the stored count of `scope` can be trusted.
-    fn is_fresh(&self, scope: &Option<String>) -> bool {
+    fn is_fresh(&self, scope: &Scope) -> bool {
         self.counts.lock().is_ok_and(|counts| {
             counts
                 .get(scope)
@@ -102,7 +106,7 @@ impl Admission {
     }
 
     /// A count of `scope` just read from the store.
-    fn remember(&self, scope: Option<String>, stored: u64) {
+    fn remember(&self, scope: Scope, stored: u64) {
         if let Ok(mut counts) = self.counts.lock() {
             let count = counts.entry(scope).or_insert(Count {
                 read: Instant::now(),
@@ -116,7 +120,7 @@ impl Admission {
 
     /// Counts one more run in flight in `scope` unless the pending and
     /// in-flight runs reach `ceiling`; returns their number when they would.
-    fn reserve(&self, scope: &Option<String>, ceiling: u64) -> Result<(), u64> {
+    fn reserve(&self, scope: &Scope, ceiling: u64) -> Result<(), u64> {
         let Ok(mut counts) = self.counts.lock() else {
             return Ok(());
         };
@@ -133,7 +137,7 @@ impl Admission {
 
     /// Runs `scope` admits under `ceiling` beyond those pending and in
     /// flight (all of it when no count was read yet).
-    fn room(&self, scope: &Option<String>, ceiling: u64) -> u64 {
+    fn room(&self, scope: &Scope, ceiling: u64) -> u64 {
         let Ok(counts) = self.counts.lock() else {
             return ceiling;
         };
@@ -144,7 +148,7 @@ impl Admission {
 
     /// Ends the submits reserved in `scopes`: a run `created` is pending
     /// from now on (until the next read of the store counts it).
-    fn finish(&self, scopes: &[Option<String>], created: bool) {
+    fn finish(&self, scopes: &[Scope], created: bool) {
         if let Ok(mut counts) = self.counts.lock() {
             for scope in scopes {
                 if let Some(count) = counts.get_mut(scope) {
@@ -172,6 +176,8 @@ struct Count {
 /// A run submission as the API receives it.
 #[derive(Clone, Debug)]
 pub struct Submit {
+    /// The tenant submitting (whose agent runs).
+    pub tenant: String,
     /// Agent name.
     pub agent: String,
     /// Agent version; the newest when absent.
@@ -222,6 +228,11 @@ pub fn parse_priority(value: Option<&Value>) -> Result<Priority, String> {
     })
 }
 
+/// The answer for a run that does not exist, or is another tenant's.
+fn not_found(run_id: RunId) -> Error {
+    Error::NotFound(format!("run `{run_id}` not found"))
+}
+
 /// How many times an API-side append retries after a concurrent worker append.
 const APPEND_RETRIES: usize = 20;
 
@@ -257,13 +268,16 @@ impl<S: Store> Service<S> {
     /// reservation are one step, so concurrent submits cannot all slip
     /// under a ceiling; a submit that creates no run gives its place back
     /// ([`Admission::finish`]).
-    async fn admit(&self, agent: &str) -> Result<(), Error> {
+    async fn admit(&self, tenant: &str, agent: &str) -> Result<(), Error> {
         let limits = self.admission.limits;
         let checks = [
-            (None, limits.max_pending),
-            (Some(agent.to_string()), limits.max_pending_per_agent),
+            ((tenant.to_string(), None), limits.max_pending),
+            (
+                (tenant.to_string(), Some(agent.to_string())),
+                limits.max_pending_per_agent,
+            ),
         ];
-        let mut reserved: Vec<Option<String>> = Vec::new();
+        let mut reserved: Vec<Scope> = Vec::new();
         for (scope, ceiling) in checks {
             let Some(ceiling) = ceiling else { continue };
             if let Err(e) = self.refresh(&scope).await {
@@ -272,9 +286,14 @@ impl<S: Store> Service<S> {
             }
             if let Err(pending) = self.admission.reserve(&scope, ceiling) {
                 self.admission.finish(&reserved, false);
-                let message = match &scope {
+                let of_tenant = if tenant == DEFAULT_TENANT {
+                    String::new()
+                } else {
+                    format!(" of tenant `{tenant}`")
+                };
+                let message = match &scope.1 {
                     None => format!(
-                        "{pending} runs are pending, the ceiling is {ceiling} (--max-pending): retry later"
+                        "{pending} runs{of_tenant} are pending, the ceiling is {ceiling} (--max-pending): retry later"
                     ),
                     Some(agent) => format!(
                         "{pending} runs of agent `{agent}` are pending, the ceiling is {ceiling} (--max-pending-per-agent): retry later"
@@ -292,7 +311,7 @@ impl<S: Store> Service<S> {
 
     /// Reads the pending runs of `scope` from the store unless the count
     /// held is fresh.
-    async fn refresh(&self, scope: &Option<String>) -> Result<(), Error> {
+    async fn refresh(&self, scope: &Scope) -> Result<(), Error> {
         if self.admission.is_fresh(scope) {
             return Ok(());
         }
@@ -303,14 +322,15 @@ impl<S: Store> Service<S> {
         }
         let n = self
             .store
-            .pending_runs(DEFAULT_TENANT, scope.as_deref())
+            .pending_runs(&scope.0, scope.1.as_deref())
             .await?;
         self.admission.remember(scope.clone(), n);
         Ok(())
     }
 
-    /// How many more runs the global ceiling (`--max-pending`) admits now,
-    /// or `None` when there is none. A producer that pulls its work (the
+    /// How many more runs of the `default` tenant (the one ingestion
+    /// submits as) the ceiling (`--max-pending`) admits now, or `None`
+    /// when there is none. A producer that pulls its work (the
     /// ingest consumer) takes no more than this, so work beyond the ceiling
     /// waits where it came from. The count is as fresh as admission's own
     /// (see [`COUNT_TTL`]); a submit may still be refused when another
@@ -319,8 +339,9 @@ impl<S: Store> Service<S> {
         let Some(ceiling) = self.admission.limits.max_pending else {
             return Ok(None);
         };
-        self.refresh(&None).await?;
-        Ok(Some(self.admission.room(&None, ceiling)))
+        let scope = (DEFAULT_TENANT.to_string(), None);
+        self.refresh(&scope).await?;
+        Ok(Some(self.admission.room(&scope, ceiling)))
     }
 
     /// What a caller refused for a ceiling is told to wait.
@@ -328,25 +349,22 @@ impl<S: Store> Service<S> {
         self.admission.limits.retry_after
     }
 
-    /// The scopes `admit` reserved a place in for `agent`.
-    fn scopes(&self, agent: &str) -> Vec<Option<String>> {
+    /// The scopes `admit` reserved a place in for `tenant`'s `agent`.
+    fn scopes(&self, tenant: &str, agent: &str) -> Vec<Scope> {
         let limits = self.admission.limits;
         let mut scopes = Vec::new();
         if limits.max_pending.is_some() {
-            scopes.push(None);
+            scopes.push((tenant.to_string(), None));
         }
         if limits.max_pending_per_agent.is_some() {
-            scopes.push(Some(agent.to_string()));
+            scopes.push((tenant.to_string(), Some(agent.to_string())));
         }
         scopes
     }
 
-    /// Validates and registers an agent version.
-    pub async fn register(&self, agent: &Agent) -> Result<Registered, Error> {
-        Ok(self
-            .store
-            .put_agent(DEFAULT_TENANT, &agent.spec, now())
-            .await?)
+    /// Validates and registers an agent version of `tenant`.
+    pub async fn register(&self, tenant: &str, agent: &Agent) -> Result<Registered, Error> {
+        Ok(self.store.put_agent(tenant, &agent.spec, now()).await?)
     }
 
     /// Accepts a run; returns once it is durably committed.
@@ -363,7 +381,7 @@ impl<S: Store> Service<S> {
             _ if !names => None,
             Some(version) => match self
                 .agents
-                .get(DEFAULT_TENANT, &submit.agent, version)
+                .get(&submit.tenant, &submit.agent, version)
                 .await
             {
                 Ok(agent) => Some(agent.spec.clone()),
@@ -372,7 +390,7 @@ impl<S: Store> Service<S> {
             },
             None => self
                 .store
-                .get_agent(DEFAULT_TENANT, &submit.agent, None)
+                .get_agent(&submit.tenant, &submit.agent, None)
                 .await?
                 .map(|record| record.spec),
         };
@@ -396,7 +414,7 @@ impl<S: Store> Service<S> {
             });
         };
         let transition = run::submit(
-            DEFAULT_TENANT,
+            &submit.tenant,
             &spec.name,
             &spec.version,
             submit.input.clone(),
@@ -408,11 +426,11 @@ impl<S: Store> Service<S> {
         if let Event::RunSubmitted { callback_url, .. } = &mut event {
             callback_url.clone_from(&submit.callback_url);
         }
-        self.admit(&spec.name).await?;
+        self.admit(&submit.tenant, &spec.name).await?;
         let at = now();
         let submission = Submission {
             run_id: RunId::new(),
-            tenant: DEFAULT_TENANT.to_string(),
+            tenant: submit.tenant.clone(),
             agent: spec.name.clone(),
             version: spec.version.clone(),
             input: submit.input,
@@ -433,7 +451,7 @@ impl<S: Store> Service<S> {
         let counting = self.admission.reading.read().await;
         let submitted = self.store.submit(submission).await;
         self.admission.finish(
-            &self.scopes(&spec.name),
+            &self.scopes(&submit.tenant, &spec.name),
             submitted.as_ref().is_ok_and(|s| s.created),
         );
         drop(counting);
@@ -443,19 +461,38 @@ impl<S: Store> Service<S> {
         Ok(submitted?)
     }
 
-    /// Folds a run's journal.
-    pub async fn state(&self, run_id: RunId) -> Result<(State, Vec<Recorded>), Error> {
+    /// Folds a run of `tenant`'s journal. Another tenant's run is not
+    /// found, as if it did not exist.
+    pub async fn state(
+        &self,
+        tenant: &str,
+        run_id: RunId,
+    ) -> Result<(State, Vec<Recorded>), Error> {
         let events = self.store.events(run_id, 0, u32::MAX).await?;
-        if events.is_empty() {
-            return Err(Error::NotFound(format!("run `{run_id}` not found")));
+        let state = State::replay(run_id, &events);
+        if events.is_empty() || state.tenant != tenant {
+            return Err(not_found(run_id));
         }
-        Ok((State::replay(run_id, &events), events))
+        Ok((state, events))
     }
 
-    /// Cancels a run that is not over.
-    pub async fn cancel(&self, run_id: RunId, reason: String) -> Result<State, Error> {
+    /// The row of a run of `tenant` (another tenant's is not found).
+    pub async fn record(&self, tenant: &str, run_id: RunId) -> Result<RunRecord, Error> {
+        match self.store.get_run(run_id).await? {
+            Some(record) if record.tenant == tenant => Ok(record),
+            _ => Err(not_found(run_id)),
+        }
+    }
+
+    /// Cancels a run of `tenant` that is not over.
+    pub async fn cancel(
+        &self,
+        tenant: &str,
+        run_id: RunId,
+        reason: String,
+    ) -> Result<State, Error> {
         for _ in 0..APPEND_RETRIES {
-            let (mut state, _) = self.state(run_id).await?;
+            let (mut state, _) = self.state(tenant, run_id).await?;
             let agent = self
                 .agents
                 .get(&state.tenant, &state.agent, &state.version)
@@ -485,13 +522,18 @@ impl<S: Store> Service<S> {
         )))
     }
 
-    /// Puts a dead-lettered task back in the queue with fresh attempts.
-    pub async fn redrive(&self, id: TaskId) -> Result<RunId, Error> {
+    /// Puts a dead-lettered task of a run of `tenant` back in the queue
+    /// with fresh attempts.
+    pub async fn redrive(&self, tenant: &str, id: TaskId) -> Result<RunId, Error> {
+        let missing = || Error::NotFound(format!("dead letter `{id}` not found"));
         let Some(letter) = self.store.dead_letter(id).await? else {
-            return Err(Error::NotFound(format!("dead letter `{id}` not found")));
+            return Err(missing());
         };
         for _ in 0..APPEND_RETRIES {
-            let (mut state, _) = self.state(letter.run_id).await?;
+            let (mut state, _) = self
+                .state(tenant, letter.run_id)
+                .await
+                .map_err(|_| missing())?;
             if state.status.is_terminal() {
                 return Err(Error::Conflict(format!(
                     "run `{}` is already {}",
@@ -520,12 +562,13 @@ impl<S: Store> Service<S> {
     /// tools task, or the next LLM call when every call was rejected).
     pub async fn decide(
         &self,
+        tenant: &str,
         run_id: RunId,
         approval_id: &str,
         decision: Decision,
     ) -> Result<State, Error> {
         for _ in 0..APPEND_RETRIES {
-            let (mut state, _) = self.state(run_id).await?;
+            let (mut state, _) = self.state(tenant, run_id).await?;
             let agent = self
                 .agents
                 .get(&state.tenant, &state.agent, &state.version)
@@ -608,6 +651,7 @@ impl<S: Store> Service<S> {
     /// cursor is a position (run id, approval), not an offset.
     pub async fn inbox(
         &self,
+        tenant: &str,
         agent: Option<String>,
         after: Option<InboxCursor>,
         limit: u32,
@@ -618,7 +662,7 @@ impl<S: Store> Service<S> {
         if let Some(cursor) = after {
             // The rest of the cursor's run, if it still waits.
             if let Some(record) = self.store.get_run(cursor.run_id).await?
-                && record.tenant == DEFAULT_TENANT
+                && record.tenant == tenant
                 && record.projection.status == run::Status::AwaitingApproval
                 && agent.as_ref().is_none_or(|a| *a == record.agent)
             {
@@ -644,7 +688,7 @@ impl<S: Store> Service<S> {
             let runs = self
                 .store
                 .list_runs(keel_store::RunFilter {
-                    tenant: DEFAULT_TENANT.into(),
+                    tenant: tenant.into(),
                     status: Some(run::Status::AwaitingApproval),
                     agent: agent.clone(),
                     before,
@@ -728,19 +772,19 @@ impl<S: Store> Service<S> {
             })
     }
 
-    /// A run's status as its row holds it (no fold of its journal).
-    pub async fn status(&self, run_id: RunId) -> Result<keel_core::run::Status, Error> {
-        match self.store.get_run(run_id).await? {
-            Some(record) => Ok(record.projection.status),
-            None => Err(Error::NotFound(format!("run `{run_id}` not found"))),
-        }
+    /// The status of a run of `tenant` as its row holds it (no fold of
+    /// its journal).
+    pub async fn status(
+        &self,
+        tenant: &str,
+        run_id: RunId,
+    ) -> Result<keel_core::run::Status, Error> {
+        Ok(self.record(tenant, run_id).await?.projection.status)
     }
 
-    /// The full view of a run: its row and its steps.
-    pub async fn view(&self, run_id: RunId) -> Result<RunView, Error> {
-        let Some(record) = self.store.get_run(run_id).await? else {
-            return Err(Error::NotFound(format!("run `{run_id}` not found")));
-        };
+    /// The full view of a run of `tenant`: its row and its steps.
+    pub async fn view(&self, tenant: &str, run_id: RunId) -> Result<RunView, Error> {
+        let record = self.record(tenant, run_id).await?;
         let events = self.store.events(run_id, 0, u32::MAX).await?;
         let state = State::replay(run_id, &events);
         let mut view = RunView::new(&record, &state, &events);

@@ -537,7 +537,7 @@ pub(crate) async fn run_rows_take_any_text<S: Store>(store: S) -> Result<()> {
     let run = store.get_run(run_id).await?.expect("run");
     assert!(same(run.projection.output.as_deref().unwrap_or("")));
     assert!(same(run.projection.error.as_deref().unwrap_or("")));
-    let letters = store.dead_letters(10).await?;
+    let letters = store.dead_letters("t", 10).await?;
     assert!(same(&letters[0].error), "{}", letters[0].error);
     assert_eq!(
         store.events(run_id, 1, 10).await?[0].event,
@@ -887,8 +887,10 @@ pub(crate) async fn dead_letter_and_redrive<S: Store>(store: S) -> Result<()> {
     let park = give_up(run_id, 1, task.lease);
     store.append(park).await?;
 
-    let letters = store.dead_letters(10).await?;
+    let letters = store.dead_letters("t", 10).await?;
     assert_eq!(letters.len(), 1);
+    // Another tenant's runs have none.
+    assert!(store.dead_letters("other", 10).await?.is_empty());
     let letter = &letters[0];
     assert_eq!((letter.id, letter.run_id), (id, run_id));
     assert_eq!(
@@ -915,7 +917,7 @@ pub(crate) async fn dead_letter_and_redrive<S: Store>(store: S) -> Result<()> {
     redrive.now = T0 + 2;
     assert_eq!(store.append(redrive).await?.last_seq, 3);
     assert!(store.dead_letter(id).await?.is_none());
-    assert!(store.dead_letters(10).await?.is_empty());
+    assert!(store.dead_letters("t", 10).await?.is_empty());
     let again = claim_one(&store, "b", LEASE, T0 + 2).await?;
     assert_eq!((again.lease.task_id, again.run_id), (id, run_id));
     assert_eq!((again.attempts, again.max_attempts), (1, 3));
@@ -1209,7 +1211,7 @@ pub(crate) async fn purge_deletes_ended_runs_with_all_they_left<S: Store>(store:
     cancel.projection = projection(Status::Cancelled);
     cancel.now = T0 + 10;
     store.append(cancel).await?;
-    assert_eq!(store.dead_letters(10).await?.len(), 1);
+    assert_eq!(store.dead_letters("t", 10).await?.len(), 1);
 
     // Ended at T0 + 1000, and one still running.
     let mut sub = submission("t", "a", json!("newer"), None);
@@ -1224,7 +1226,7 @@ pub(crate) async fn purge_deletes_ended_runs_with_all_they_left<S: Store>(store:
     assert_eq!(sweep(&store, T0 + 500, 10).await?, vec![old]);
     assert!(store.get_run(old).await?.is_none());
     assert!(store.events(old, 0, 100).await?.is_empty());
-    assert!(store.dead_letters(10).await?.is_empty());
+    assert!(store.dead_letters("t", 10).await?.is_empty());
     assert!(store.get_run(newer).await?.is_some());
     assert_eq!(event_count(&store, newer).await?, 2);
     let listed = store

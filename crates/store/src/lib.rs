@@ -1030,8 +1030,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// at once (graceful shutdown); returns how many.
     fn release_all(&self, owner: &str, now: Millis) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Dead letters, newest first.
-    fn dead_letters(&self, limit: u32) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+    /// Dead letters of `tenant`'s runs, newest first.
+    fn dead_letters(
+        &self,
+        tenant: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
 
     /// One dead letter.
     fn dead_letter(&self, id: TaskId) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;

@@ -24,6 +24,9 @@ pub enum Error {
     /// The request has no valid API token.
     #[error("{0}")]
     Unauthorized(String),
+    /// The token is valid but its tenant may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// The thing named does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -63,6 +66,7 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict(_) => StatusCode::CONFLICT,
@@ -78,6 +82,7 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::Invalid { .. } => "invalid",
             Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::Conflict(_) => "conflict",

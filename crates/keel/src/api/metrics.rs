@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use keel_engine::metrics::{self as m, Exposition};
 use keel_store::{ExportStatus, Stats, Store, TaskState};
 
-use super::Api;
+use super::{Api, Tenant};
 use crate::events::RELAY_LEASE;
 
 /// Longest the store's reads may take in one scrape (Prometheus's default
@@ -36,7 +36,10 @@ struct Read {
     breakers: Vec<keel_store::BreakerRecord>,
 }
 
-pub(super) async fn metrics<S: Store>(State(svc): Api<S>) -> Response {
+pub(super) async fn metrics<S: Store>(State(svc): Api<S>, tenant: Tenant) -> Response {
+    if let Err(e) = tenant.operator("/metrics") {
+        return e.into_response();
+    }
     let at = keel_engine::now();
     let started = Instant::now();
     let read = tokio::time::timeout(STORE_BUDGET, async {

@@ -11,7 +11,7 @@ mod openapi;
 mod tests;
 mod worker;
 
-pub use auth::{Tokens, require as require_token};
+pub use auth::{Tenant, Tokens, require as require_token};
 pub use error::Error;
 
 use std::convert::Infallible;
@@ -233,6 +233,7 @@ fn submit_span(run_id: RunId, headers: &HeaderMap, started_ns: u64) -> keel_engi
 
 async fn submit<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
@@ -276,6 +277,7 @@ async fn submit<S: Store>(
     };
     let submitted = svc
         .submit(Submit {
+            tenant: tenant.name().to_string(),
             agent: req.agent,
             version,
             input: req.input,
@@ -292,7 +294,7 @@ async fn submit<S: Store>(
     let status = if submitted.created {
         keel_core::run::Status::Pending
     } else {
-        svc.status(submitted.run_id).await?
+        svc.status(tenant.name(), submitted.run_id).await?
     };
     let body = json!({
         "id": submitted.run_id.to_string(),
@@ -310,10 +312,11 @@ async fn submit<S: Store>(
 
 async fn get_run<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<service::RunView>, Error> {
     let id = segment(id)?;
-    Ok(Json(svc.view(run_id(&id)?).await?))
+    Ok(Json(svc.view(tenant.name(), run_id(&id)?).await?))
 }
 
 /// Deletes an ended run with everything stored about it (its journal,
@@ -321,9 +324,11 @@ async fn get_run<S: Store>(
 /// if it has not ended or something still needs it.
 async fn delete_run<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, Error> {
     let id = run_id(&segment(id)?)?;
+    svc.record(tenant.name(), id).await?;
     svc.store.delete_run(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -355,6 +360,7 @@ fn summary(run: &RunRecord) -> Value {
 
 async fn list_runs<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Error> {
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
@@ -384,7 +390,7 @@ async fn list_runs<S: Store>(
     let runs = svc
         .store
         .list_runs(RunFilter {
-            tenant: DEFAULT_TENANT.into(),
+            tenant: tenant.name().into(),
             status,
             agent: agent_filter(q.agent)?,
             before,
@@ -408,15 +414,14 @@ struct EventsQuery {
 
 async fn events<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Error> {
     let run_id = run_id(&segment(id)?)?;
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
-    if svc.store.get_run(run_id).await?.is_none() {
-        return Err(Error::NotFound(format!("run `{run_id}` not found")));
-    }
+    svc.record(tenant.name(), run_id).await?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
@@ -492,6 +497,7 @@ struct CancelBody {
 
 async fn cancel<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Error> {
@@ -505,7 +511,7 @@ async fn cancel<S: Store>(
     let reason = req
         .reason
         .unwrap_or_else(|| "cancelled by API request".into());
-    let state = svc.cancel(run_id, reason).await?;
+    let state = svc.cancel(tenant.name(), run_id, reason).await?;
     Ok(Json(
         json!({"id": run_id.to_string(), "status": state.status.as_str(), "error": state.error}),
     ))
@@ -539,6 +545,7 @@ const MAX_REASON: usize = 4096;
 /// `Keel-Actor` header, else `anonymous`.
 async fn decide<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
@@ -601,6 +608,7 @@ async fn decide<S: Store>(
     let approved = req.decision == Verdict::Approve;
     let state = svc
         .decide(
+            tenant.name(),
             run_id,
             &approval_id,
             service::Decision {
@@ -637,6 +645,7 @@ struct InboxQuery {
 /// first, like `GET /v1/runs`.
 async fn inbox<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<service::Inbox>, Error> {
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("bad query string: {e}")))?;
@@ -662,12 +671,15 @@ async fn inbox<S: Store>(
             ))
         })?),
     };
-    let page = svc.inbox(agent_filter(q.agent)?, after, limit).await?;
+    let page = svc
+        .inbox(tenant.name(), agent_filter(q.agent)?, after, limit)
+        .await?;
     Ok(Json(page))
 }
 
 async fn put_agent<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     let bytes = body(bytes)?;
@@ -680,7 +692,7 @@ async fn put_agent<S: Store>(
     }
     let agent = Agent::parse(text)?;
     service::check_config(&svc.providers.config, &agent)?;
-    let registered = svc.register(&agent).await?;
+    let registered = svc.register(tenant.name(), &agent).await?;
     let status = match registered {
         Registered::Created => StatusCode::CREATED,
         Registered::Unchanged => StatusCode::OK,
@@ -713,8 +725,8 @@ fn agent_summary(record: &keel_store::AgentRecord) -> Value {
     })
 }
 
-async fn list_agents<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {
-    let agents = svc.store.list_agents(DEFAULT_TENANT).await?;
+async fn list_agents<S: Store>(State(svc): Api<S>, tenant: Tenant) -> Result<Json<Value>, Error> {
+    let agents = svc.store.list_agents(tenant.name()).await?;
     let agents: Vec<Value> = agents.iter().map(agent_summary).collect();
     Ok(Json(json!({"agents": agents})))
 }
@@ -727,6 +739,7 @@ struct AgentQuery {
 
 async fn get_agent<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<AgentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Error> {
@@ -738,7 +751,7 @@ async fn get_agent<S: Store>(
     }
     let Some(record) = svc
         .store
-        .get_agent(DEFAULT_TENANT, agent_name(&name)?, version)
+        .get_agent(tenant.name(), agent_name(&name)?, version)
         .await?
     else {
         return Err(Error::NotFound(format!("agent `{name}` not found")));
@@ -780,6 +793,7 @@ fn totals_json(totals: &UsageTotals) -> serde_json::Map<String, Value> {
 /// step: `{"agent", "runs", "input_tokens", "output_tokens", "cost_usd"}`.
 async fn agent_usage<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Error> {
@@ -787,16 +801,13 @@ async fn agent_usage<S: Store>(
     let q = usage_query(query)?;
     if svc
         .store
-        .get_agent(DEFAULT_TENANT, agent_name(&name)?, None)
+        .get_agent(tenant.name(), agent_name(&name)?, None)
         .await?
         .is_none()
     {
         return Err(Error::NotFound(format!("agent `{name}` not found")));
     }
-    let totals = svc
-        .store
-        .usage(DEFAULT_TENANT, Some(&name), q.since)
-        .await?;
+    let totals = svc.store.usage(tenant.name(), Some(&name), q.since).await?;
     let mut body = serde_json::Map::new();
     body.insert("agent".into(), json!(name));
     body.extend(totals_json(&totals));
@@ -808,10 +819,11 @@ async fn agent_usage<S: Store>(
 /// "agents": [{"agent", ...}]}`.
 async fn usage<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Error> {
     let q = usage_query(query)?;
-    let agents = svc.store.usage_by_agent(DEFAULT_TENANT, q.since).await?;
+    let agents = svc.store.usage_by_agent(tenant.name(), q.since).await?;
     let mut all = UsageTotals::default();
     let mut per_agent = Vec::with_capacity(agents.len());
     for usage in &agents {
@@ -835,7 +847,8 @@ async fn usage<S: Store>(
 /// process's workers used, merged with the store's latest transition of
 /// every endpoint (`shared`, written by any process on the store), so an
 /// `api`-only process shows them too.
-async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
+async fn providers<S: Store>(State(svc): Api<S>, tenant: Tenant) -> Result<Json<Value>, Error> {
+    tenant.operator("/v1/providers")?;
     let providers = &svc.providers;
     let configured: Vec<Value> = providers
         .config
@@ -861,15 +874,15 @@ async fn providers<S: Store>(State(svc): Api<S>) -> Json<Value> {
             Vec::new()
         }
     };
-    Json(json!({
+    Ok(Json(json!({
         "providers": configured,
         "process": providers.breakers.process(),
         "breakers": providers.breakers.views(&shared, keel_engine::now()),
-    }))
+    })))
 }
 
-async fn list_dlq<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {
-    let letters = svc.store.dead_letters(500).await?;
+async fn list_dlq<S: Store>(State(svc): Api<S>, tenant: Tenant) -> Result<Json<Value>, Error> {
+    let letters = svc.store.dead_letters(tenant.name(), 500).await?;
     let letters: Vec<Value> = letters
         .iter()
         .map(|d| {
@@ -889,13 +902,14 @@ async fn list_dlq<S: Store>(State(svc): Api<S>) -> Result<Json<Value>, Error> {
 
 async fn retry_dlq<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let id = segment(id)?;
     let task_id: TaskId = id
         .parse()
         .map_err(|_| Error::NotFound(format!("dead letter `{id}` not found")))?;
-    let run_id = svc.redrive(task_id).await?;
+    let run_id = svc.redrive(tenant.name(), task_id).await?;
     let body =
         json!({"id": task_id.to_string(), "run_id": run_id.to_string(), "status": "requeued"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())

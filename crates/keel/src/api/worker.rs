@@ -12,8 +12,10 @@
 //!   "retryable"?: true}`: retried after the agent's backoff while attempts
 //!   are left and retryable, else the error is the call's result.
 //!
-//! A token that is not the task's live lease (expired, taken over, done)
-//! gets 409: the worker must drop the call.
+//! A token that is not the task's live lease (expired, taken over, done,
+//! or another tenant's call) gets 409: the worker must drop the call.
+//! Queues are the caller's tenant's: a worker leases only the calls of
+//! its API token's tenant.
 
 use std::time::Duration;
 
@@ -30,7 +32,7 @@ use keel_store::Store;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Api, Error, body, parse_json, segment};
+use super::{Api, Error, Tenant, body, parse_json, segment};
 
 /// Longest worker name (it is the lease's owner).
 const MAX_WORKER: usize = 200;
@@ -108,6 +110,7 @@ fn token(text: &str) -> Result<i64, Error> {
 
 pub(super) async fn lease<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     let req: LeaseBody = parse_json(&body(bytes)?)?;
@@ -132,7 +135,7 @@ pub(super) async fn lease<S: Store>(
     let owner = format!("ext:{worker}");
     match svc
         .external
-        .lease(&req.queue, &owner, wait, lease_for)
+        .lease(tenant.name(), &req.queue, &owner, wait, lease_for)
         .await?
     {
         Some(leased) => Ok(Json(leased).into_response()),
@@ -142,6 +145,7 @@ pub(super) async fn lease<S: Store>(
 
 pub(super) async fn heartbeat<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Error> {
@@ -150,26 +154,33 @@ pub(super) async fn heartbeat<S: Store>(
     let lease_for = duration("lease", req.lease.as_deref(), DEFAULT_LEASE)?;
     let until = svc
         .external
-        .heartbeat(task_id, token(&req.lease_token)?, lease_for)
+        .heartbeat(tenant.name(), task_id, token(&req.lease_token)?, lease_for)
         .await?;
     Ok(Json(json!({"lease_until": until})))
 }
 
 pub(super) async fn complete<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Error> {
     let task_id = task_id(id)?;
     let req: CompleteBody = parse_json(&body(bytes)?)?;
     svc.external
-        .complete(task_id, token(&req.lease_token)?, &req.output)
+        .complete(
+            tenant.name(),
+            task_id,
+            token(&req.lease_token)?,
+            &req.output,
+        )
         .await?;
     Ok(Json(json!({"status": "completed"})))
 }
 
 pub(super) async fn fail<S: Store>(
     State(svc): Api<S>,
+    tenant: Tenant,
     id: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Error> {
@@ -177,7 +188,13 @@ pub(super) async fn fail<S: Store>(
     let req: FailBody = parse_json(&body(bytes)?)?;
     let outcome = svc
         .external
-        .fail(task_id, token(&req.lease_token)?, &req.error, req.retryable)
+        .fail(
+            tenant.name(),
+            task_id,
+            token(&req.lease_token)?,
+            &req.error,
+            req.retryable,
+        )
         .await?;
     Ok(Json(match outcome {
         Failed::Retrying { retry_at } => json!({"status": "retrying", "retry_at": retry_at}),

@@ -33,6 +33,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::StreamExt;
+use keel_core::ids::DEFAULT_TENANT;
 use keel_store::Store;
 use serde::Deserialize;
 use serde_json::Value;
@@ -452,6 +453,7 @@ pub fn parse(names: &Names, subject: &str, payload: &[u8], key: &str) -> Result<
     };
     let priority = parse_priority(body.priority.as_ref())?;
     Ok(Submit {
+        tenant: DEFAULT_TENANT.into(),
         agent: agent.to_string(),
         version,
         input: body.input,

@@ -28,11 +28,12 @@ async fn journal_grows_linearly_over_200_steps() {
         "limits": {"max_steps": 201}
     }))
     .expect("spec");
-    svc.register(&agent).await.expect("register");
+    svc.register("default", &agent).await.expect("register");
     let cancel = CancellationToken::new();
     let pool = tokio::spawn(Engine::new(store.clone(), Options::default()).run(cancel.clone()));
     let run = svc
         .submit(Submit {
+            tenant: "default".into(),
             agent: "long".into(),
             version: None,
             input: json!("go"),

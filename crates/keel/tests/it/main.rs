@@ -28,5 +28,6 @@ mod retention;
 mod sagas;
 mod secrets;
 mod streaming;
+mod tenants;
 mod traces;
 mod workers;

@@ -276,15 +276,25 @@ async fn resubmit(
 ) -> Vec<String> {
     let mut ids = Vec::with_capacity(keys.len());
     for (i, (key, accepted)) in keys.iter().enumerate() {
-        let r = http
-            .post(api.url("/v1/runs"))
-            .header("idempotency-key", key)
-            .json(&json!({"agent": "steady", "input": format!("probe {i}")}))
-            .send()
-            .await
-            .expect("submit again");
-        assert_eq!(r.status(), 202);
-        let body: Value = r.json().await.expect("json");
+        // The pool may still be reconnecting: a 503 says to come back
+        // (Retry-After), as a client would.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let r = loop {
+            let r = http
+                .post(api.url("/v1/runs"))
+                .header("idempotency-key", key)
+                .json(&json!({"agent": "steady", "input": format!("probe {i}")}))
+                .send()
+                .await
+                .expect("submit again");
+            if r.status() != 503 || tokio::time::Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 202, "{body}");
         let id = body["id"].as_str().expect("id").to_string();
         if let Some(accepted) = accepted {
             assert_eq!(&id, accepted, "key {key} made two runs");

@@ -813,8 +813,9 @@ const LIST_UNFINISHED_RUNS_BY_STATUS_AND_AGENT: &str = "SELECT id, tenant, agent
 const EVENTS: &str = "SELECT seq, at, data::text AS data FROM events \
      WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
-const DEAD_LETTERS: &str = "SELECT id, run_id, kind, step, attempts, error, created_at \
-     FROM dead_letters ORDER BY created_at DESC, id DESC LIMIT $1";
+const DEAD_LETTERS: &str = "SELECT d.id, d.run_id, d.kind, d.step, d.attempts, d.error, d.created_at \
+     FROM dead_letters d JOIN runs r ON r.id = d.run_id WHERE r.tenant = $2 \
+     ORDER BY d.created_at DESC, d.id DESC LIMIT $1";
 const DEAD_LETTER: &str = "SELECT id, run_id, kind, step, attempts, error, created_at \
      FROM dead_letters WHERE id = $1";
 
@@ -1193,11 +1194,12 @@ impl Store for PgStore {
             .await
     }
 
-    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
+    async fn dead_letters(&self, tenant: &str, limit: u32) -> Result<Vec<DeadLetter>> {
         let rows = self
             .pooled(async |conn| {
                 sqlx::query_as::<_, DeadLetterRow>(DEAD_LETTERS)
                     .bind(i64::from(limit))
+                    .bind(tenant)
                     .fetch_all(conn)
                     .await
                     .map_err(backend)

@@ -1,0 +1,261 @@
+//! Tenants: each configured tenant's API tokens act as it, and a tenant
+//! sees and touches only its own agents, runs, events, approvals, dead
+//! letters, usage and external-worker queues; another tenant's run is not
+//! found, whatever the route. `/metrics` and `/v1/providers` are the
+//! operator's (`--api-token`, the `default` tenant).
+
+use std::time::Duration;
+
+use keel::mock::Mock;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const OPERATOR: &str = "operator-token-0123456789abcdef";
+const ACME: &str = "acme-token-0123456789abcdef0123";
+const GLOBEX: &str = "globex-token-0123456789abcdef01";
+
+/// A client that sends `token` with every request.
+fn client(token: &str) -> reqwest::Client {
+    let mut headers = HeaderMap::new();
+    let value = HeaderValue::from_str(&format!("Bearer {token}")).expect("header");
+    headers.insert(AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
+/// A spec of agent `helper` answering `answer`, with an external `images`
+/// tool and an approval-gated HTTP tool on the mock model `model`.
+fn helper(mock: &Mock, model: &str, answer: &str) -> String {
+    format!(
+        r#"
+name: helper
+version: 1
+description: "{answer}'s helper"
+model: {{provider: openai, model: "{model}", base_url: "{llm}", timeout: 10s}}
+system: Answer {answer}.
+tools:
+  - name: resize
+    description: Resizes an image (an external worker does it).
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    worker: images
+retry: {{max_attempts: 1}}
+"#,
+        llm = mock.llm_url(),
+    )
+}
+
+/// Status and JSON body of a request.
+async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = request.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn tenants_see_and_touch_only_their_own_work() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let tokens_file = dir.0.join("globex-tokens");
+    std::fs::write(&tokens_file, format!("{GLOBEX}\n")).expect("tokens file");
+    let config = dir.0.join("keel.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS}}\n  globex: {{api_tokens_file: '{}'}}\n",
+            tokens_file.display()
+        ),
+    )
+    .expect("config");
+    let server = Server::start_with_env(
+        &dir.db(),
+        &["--config", config.to_str().expect("utf-8")],
+        &[
+            ("KEEL_API_TOKEN", OPERATOR),
+            ("KEEL_TEST_ACME_TOKENS", ACME),
+        ],
+    )
+    .await;
+    let (acme, globex, operator) = (client(ACME), client(GLOBEX), client(OPERATOR));
+
+    // The same agent name, registered by each tenant: two agents.
+    register(&acme, &server, &helper(&mock, "tools:1", "acme")).await;
+    register(&globex, &server, &helper(&mock, "tools:1", "globex")).await;
+    for (http, answer) in [(&acme, "acme"), (&globex, "globex")] {
+        let agents = get_json(http, &server.url("/v1/agents")).await;
+        let agents = agents["agents"].as_array().cloned().unwrap_or_default();
+        assert_eq!(agents.len(), 1, "{agents:?}");
+        assert_eq!(agents[0]["description"], format!("{answer}'s helper"));
+    }
+    assert_eq!(
+        get_json(&operator, &server.url("/v1/agents")).await["agents"],
+        json!([])
+    );
+
+    // The same Idempotency-Key in two tenants: two runs.
+    let body = json!({"agent": "helper", "input": "go"});
+    let key = [("Idempotency-Key", "same-key")];
+    let acme_run = submit_with(&acme, server.url("/v1/runs"), &body, &key).await;
+    let globex_run = submit_with(&globex, server.url("/v1/runs"), &body, &key).await;
+    assert_ne!(acme_run, globex_run);
+    let again = submit_with(&acme, server.url("/v1/runs"), &body, &key).await;
+    assert_eq!(again, acme_run);
+
+    // Each tenant's workers lease only its calls: globex's worker gets
+    // globex's, never acme's.
+    let lease = |http: &reqwest::Client| {
+        http.post(server.url("/v1/worker/tasks/lease"))
+            .json(&json!({"queue": "images", "wait": "10s"}))
+    };
+    let (status, globex_task) = call(lease(&globex)).await;
+    assert_eq!(status, 200, "{globex_task}");
+    assert_eq!(globex_task["run_id"], globex_run.as_str());
+    let (status, nothing) = call(
+        globex
+            .post(server.url("/v1/worker/tasks/lease"))
+            .json(&json!({"queue": "images", "wait": "300ms"})),
+    )
+    .await;
+    assert_eq!(status, 204, "{nothing}");
+    let (status, acme_task) = call(lease(&acme)).await;
+    assert_eq!(status, 200, "{acme_task}");
+    assert_eq!(acme_task["run_id"], acme_run.as_str());
+    // A lease is its tenant's: another tenant cannot settle it.
+    let task_url = |task: &Value, what: &str| {
+        server.url(&format!(
+            "/v1/worker/tasks/{}/{what}",
+            task["task_id"].as_str().unwrap_or("")
+        ))
+    };
+    let settle = |task: &Value| json!({"lease_token": task["lease_token"], "output": "done"});
+    let token = &acme_task["lease_token"];
+    for (what, body) in [
+        ("heartbeat", json!({"lease_token": token})),
+        ("complete", settle(&acme_task)),
+        ("fail", json!({"lease_token": token, "error": "x"})),
+    ] {
+        let (status, body) = call(globex.post(task_url(&acme_task, what)).json(&body)).await;
+        assert_eq!(status, 409, "{what}: {body}");
+    }
+
+    // Another tenant's run is not found, whatever the route.
+    let run_url = |run: &str, rest: &str| server.url(&format!("/v1/runs/{run}{rest}"));
+    let foreign = [
+        globex.get(run_url(&acme_run, "")),
+        globex.get(run_url(&acme_run, "/events")),
+        globex
+            .post(run_url(&acme_run, "/cancel"))
+            .json(&json!({"reason": "not yours"})),
+        globex
+            .post(run_url(&acme_run, "/approvals/a1"))
+            .json(&json!({"decision": "approve"})),
+        globex.delete(run_url(&acme_run, "")),
+        operator.get(run_url(&acme_run, "")),
+    ];
+    for request in foreign {
+        let (status, body) = call(request).await;
+        assert_eq!(status, 404, "{body}");
+        assert!(!body.to_string().contains("acme"), "{body}");
+    }
+    let listed = get_json(&globex, &server.url("/v1/runs")).await;
+    let ids: Vec<&str> = listed["runs"]
+        .as_array()
+        .map(|runs| runs.iter().filter_map(|r| r["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [globex_run.as_str()]);
+
+    // Both finish with their own agent, untouched by the other tenant.
+    for (http, task) in [(&acme, &acme_task), (&globex, &globex_task)] {
+        let (status, body) = call(http.post(task_url(task, "complete")).json(&settle(task))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for (http, run) in [(&acme, &acme_run), (&globex, &globex_run)] {
+        let view = wait_terminal(http, &server, run, Duration::from_secs(20)).await;
+        assert_eq!(view["status"], "COMPLETED", "{view}");
+    }
+
+    // A dead letter is its tenant's: listed and re-driven by it only.
+    register(
+        &acme,
+        &server,
+        &helper(&mock, "refuse:401", "acme-2").replace("version: 1", "version: 2"),
+    )
+    .await;
+    let doomed = submit(&acme, &server, "helper", "fail").await;
+    wait_for(&acme, &server, &doomed, "a dead letter", |r| {
+        !r["dead_letter"].is_null()
+    })
+    .await;
+    let letters = get_json(&acme, &server.url("/v1/dlq")).await["dead_letters"].clone();
+    assert_eq!(letters[0]["run_id"], doomed.as_str(), "{letters}");
+    assert_eq!(
+        get_json(&globex, &server.url("/v1/dlq")).await["dead_letters"],
+        json!([])
+    );
+    let letter = letters[0]["id"].as_str().unwrap_or_default();
+    let (status, body) = call(globex.post(server.url(&format!("/v1/dlq/{letter}/retry")))).await;
+    assert_eq!(status, 404, "{body}");
+
+    // Usage counts a tenant's runs only.
+    let usage = get_json(&globex, &server.url("/v1/usage")).await;
+    assert_eq!(usage["runs"], 1, "{usage}");
+    let usage = get_json(&acme, &server.url("/v1/usage")).await;
+    assert_eq!(usage["runs"], 2, "{usage}");
+
+    // The server's view is the operator's.
+    for path in ["/metrics", "/v1/providers"] {
+        let (status, body) = call(acme.get(server.url(path))).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+        let r = operator.get(server.url(path)).send().await.expect("get");
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    // And no tenant token is refused or leaked: a wrong one is 401.
+    let (status, _) =
+        call(client("not-a-token-0123456789abcdef").get(server.url("/v1/runs"))).await;
+    assert_eq!(status, 401);
+}
+
+/// A tenant whose tokens cannot be read, or a token two tenants share,
+/// stops the server at start with the source named, never the token.
+#[tokio::test]
+async fn tenant_tokens_are_checked_at_start() {
+    let dir = TempDir::new();
+    let config = dir.0.join("keel.yaml");
+    std::fs::write(
+        &config,
+        "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS}\n  globex: {api_tokens_env: KEEL_TEST_GLOBEX_TOKENS}\n",
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    let db = dir.db();
+    let db = db.to_str().expect("utf-8");
+    let serve = [
+        "serve",
+        "--db",
+        db,
+        "--config",
+        config,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let (ok, _, err) = keel_with_env(&serve, &[("KEEL_TEST_ACME_TOKENS", ACME)]);
+    assert!(!ok);
+    assert!(
+        err.contains("tenant `globex`") && err.contains("KEEL_TEST_GLOBEX_TOKENS"),
+        "{err}"
+    );
+    let (ok, _, err) = keel_with_env(
+        &serve,
+        &[
+            ("KEEL_TEST_ACME_TOKENS", ACME),
+            ("KEEL_TEST_GLOBEX_TOKENS", ACME),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("each token acts as one tenant"), "{err}");
+    assert!(!err.contains(ACME), "{err}");
+}
