@@ -14,6 +14,11 @@
 //!   quarter window ahead; [`Gateway::settle`] charges the difference once
 //!   the provider reports the real usage (input and output).
 //!
+//! Both buckets count over the configured window plus its `margin`: the
+//! provider counts arrivals, not grants, and a call delayed on its way
+//! more than the one granted a window after it would otherwise make the
+//! provider see one call too many (`ModelConfig::margin`).
+//!
 //! **Fair share.** Each take first takes from the run's *flow share*, a
 //! bucket per tenant and agent (`<bucket>:flow:<tenant>/<agent>`) whose
 //! rate is the bucket's divided by the flows contending for it (those
@@ -866,7 +871,7 @@ impl<S: Store> Gateway<S> {
                 key: format!("{prefix}:requests"),
                 rate: Rate {
                     per_window: rpm,
-                    window: limits.window,
+                    window: limits.window + limits.margin,
                     burst: 1,
                 },
             };
@@ -887,7 +892,7 @@ impl<S: Store> Gateway<S> {
                 key: format!("{prefix}:tokens"),
                 rate: Rate {
                     per_window: (tpm - burst + 1).max(1),
-                    window: limits.window,
+                    window: limits.window + limits.margin,
                     burst,
                 },
             };

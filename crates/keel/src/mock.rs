@@ -84,6 +84,9 @@ pub struct Counters {
     pub llm_rate: Mutex<Option<(usize, Duration)>>,
     /// Arrival times of the LLM requests accepted while a rate is set.
     pub llm_accepted: Mutex<Vec<Instant>>,
+    /// Arrival times of every LLM request while a rate is set, accepted
+    /// or refused: what the provider saw.
+    pub llm_arrivals: Mutex<Vec<Instant>>,
     /// LLM requests refused with 429.
     pub llm_throttled: AtomicU64,
     /// The `Authorization` header of the latest chat-completions request.
@@ -182,6 +185,9 @@ impl Counters {
         self.llm_throttled.store(0, Ordering::Relaxed);
         if let Ok(mut accepted) = self.llm_accepted.lock() {
             accepted.clear();
+        }
+        if let Ok(mut arrivals) = self.llm_arrivals.lock() {
+            arrivals.clear();
         }
         self.tool_requests.store(0, Ordering::Relaxed);
         self.bad_traceparents.store(0, Ordering::Relaxed);
@@ -294,11 +300,24 @@ impl Counters {
             .unwrap_or_default()
     }
 
+    /// Arrival times of every LLM request received while a rate is set
+    /// (accepted and refused), oldest first.
+    pub fn llm_arrivals(&self) -> Vec<Instant> {
+        self.llm_arrivals
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
     /// The 429 answer when a request goes over the rate; records it otherwise.
+    /// Every request's arrival is recorded either way.
     fn throttle(&self) -> Option<Response> {
         let (limit, window) = (*self.llm_rate.lock().ok()?)?;
         let mut accepted = self.llm_accepted.lock().ok()?;
         let now = Instant::now();
+        if let Ok(mut arrivals) = self.llm_arrivals.lock() {
+            arrivals.push(now);
+        }
         let in_window = accepted
             .iter()
             .rev()

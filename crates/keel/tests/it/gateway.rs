@@ -96,8 +96,15 @@ fn most_in_a_window(times: &[Instant], window: Duration) -> usize {
 
 /// 300 runs on two worker processes sharing a PostgreSQL store, against a
 /// provider that accepts 30 requests a second and answers 429 above: every
-/// run completes, the provider sees no more than its limit in any window,
-/// and the limit is used (the runs are paced, not stalled).
+/// run completes, the provider never *receives* more than its limit in any
+/// window (every request counts, the refused ones too), so it never has to
+/// refuse one, and the limit is used (the runs are paced, not stalled).
+///
+/// Keel spaces the 30 requests over the window plus its `margin` (100 ms
+/// by default): at exactly 30 per second, any request delayed on its way
+/// more than the one granted a second after it put 31 in the provider's
+/// window (measured: 9 and 10 refusals in 300, 31 and 32 requests in a
+/// window, with windows of 30 arrivals up to 39 ms short of a second).
 #[tokio::test]
 async fn three_hundred_runs_share_a_rate_limit_across_two_worker_processes() {
     let Some(db) = PgDb::create().await else {
@@ -108,28 +115,39 @@ async fn three_hundred_runs_share_a_rate_limit_across_two_worker_processes() {
     let mock = Mock::start().await.expect("mock");
     mock.counters.limit_llm(limit, window);
     let limits = format!("{{rpm: {limit}, window: 1s}}");
-    run_on_two_workers(&db, &mock, &limits, "limited", 300).await;
     let runs = 300;
-    let accepted = mock.counters.llm_accepted();
+    run_on_two_workers(&db, &mock, &limits, "limited", runs).await;
+    let arrivals = mock.counters.llm_arrivals();
     let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
-    assert_eq!(accepted.len(), runs, "one accepted call per run");
-    let most = most_in_a_window(&accepted, window);
+    let most = most_in_a_window(&arrivals, window);
+    // The shortest span of `limit + 1` arrivals: at least a window, less
+    // the jitter of the way from Keel to the provider.
+    let tightest = arrivals
+        .windows(limit + 1)
+        .map(|w| w[limit] - w[0])
+        .min()
+        .unwrap_or_default();
+    let span = arrivals[arrivals.len() - 1] - arrivals[0];
+    let rate = (arrivals.len() - 1) as f64 / span.as_secs_f64();
+    eprintln!(
+        "{} calls in {span:?}: {rate:.1}/s against {limit}/s, {throttled} refused, \
+         at most {most} in a window, {} calls spanning at least {tightest:?}",
+        arrivals.len(),
+        limit + 1
+    );
+    assert_eq!(
+        (arrivals.len(), throttled),
+        (runs, 0),
+        "the provider received {} calls and refused {throttled}",
+        arrivals.len()
+    );
     assert!(
         most <= limit,
-        "{most} requests in one window, limit {limit}"
+        "the provider received {most} requests in one window, limit {limit}"
     );
-    // Keel paced the calls itself: the provider had to refuse few of them.
+    // And it used the limit: 30 calls per 1.1 s (the margin) is 27.3/s.
     assert!(
-        throttled as usize <= runs / 20,
-        "the provider refused {throttled} of {} calls",
-        runs as u64 + throttled
-    );
-    // And it used the limit: 300 calls at 30/s take 9 s and change.
-    let span = accepted[accepted.len() - 1] - accepted[0];
-    let rate = (runs - 1) as f64 / span.as_secs_f64();
-    eprintln!("{runs} calls in {span:?}: {rate:.1}/s against {limit}/s, {throttled} refused");
-    assert!(
-        rate >= limit as f64 * 0.8,
+        rate >= limit as f64 * 0.85,
         "{rate:.1} calls/s: the limit of {limit}/s was not used"
     );
 }
