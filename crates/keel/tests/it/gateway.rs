@@ -543,22 +543,27 @@ async fn an_agent_names_only_its_provider_and_model() {
     );
 }
 
-/// A limit in tokens holds across two worker processes the same way: the
-/// provider never sees much more than `tpm` tokens (input + output, as it
-/// counts them) in any window, and the runs all complete.
+/// A limit in tokens holds across two worker processes the same way,
+/// against a provider that answers 429 to a call that would take it over
+/// `tpm` tokens (input + output, as it counts them) in a window: it never
+/// has to, the tokens of every call it receives stay within `tpm` in any
+/// window, the runs all complete and the limit is used.
+///
+/// Measured with the default margin (100 ms): at most 7,594 and 7,773 of
+/// 8,000 tokens in a window, none refused; with `margin: 0ms`, 8,046 and
+/// 8,035, and one call refused each time.
 #[tokio::test]
 async fn a_token_limit_holds_across_two_worker_processes() {
     let Some(db) = PgDb::create().await else {
         return;
     };
-    // 4,000 tokens a second, counted over 2 s windows: a window of 1 s
-    // holds so few calls that arrival jitter on a loaded machine (grants are
-    // spaced by the limiter, arrivals by the scheduler) moved it by 10%.
+    // 4,000 tokens a second over 2 s windows; about 90 tokens a call.
     let tpm: u64 = 8_000;
     let window = Duration::from_secs(2);
     let mock = Mock::start().await.expect("mock");
     mock.counters.track_tokens();
-    let runs = 150;
+    mock.counters.limit_llm_tokens(tpm, window);
+    let runs = 300;
     run_on_two_workers(
         &db,
         &mock,
@@ -567,18 +572,18 @@ async fn a_token_limit_holds_across_two_worker_processes() {
         runs,
     )
     .await;
+    // Every call the provider received, refused ones too.
     let log = mock.counters.token_log();
-    assert_eq!(log.len(), runs);
+    let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
     let mut most = 0;
     let mut start = 0;
     let mut sum = 0;
-    for (end, (t, tokens)) in log.iter().enumerate() {
+    for (t, tokens) in &log {
         sum += tokens;
         while *t - log[start].0 >= window {
             sum -= log[start].1;
             start += 1;
         }
-        let _ = end;
         most = most.max(sum);
     }
     let total: u64 = log.iter().map(|(_, n)| n).sum();
@@ -586,17 +591,22 @@ async fn a_token_limit_holds_across_two_worker_processes() {
     let rate = total as f64 / span.as_secs_f64();
     let per_second = tpm as f64 / window.as_secs_f64();
     eprintln!(
-        "{total} tokens in {span:?}: {rate:.0}/s against {per_second:.0}/s; most in a window {most}"
+        "{total} tokens in {span:?}: {rate:.0}/s against {per_second:.0}/s; \
+         most in a window {most}; {throttled} calls refused"
     );
-    // The input is estimated before a call (4 bytes a token of the prompt,
-    // the provider counts its own way) and corrected after: a window may
-    // exceed the limit by the calls in flight's estimation error.
-    assert!(
-        most as f64 <= tpm as f64 * 1.10,
-        "{most} tokens in one window, limit {tpm}"
+    assert_eq!(
+        (log.len(), throttled),
+        (runs, 0),
+        "the provider received {} calls and refused {throttled}",
+        log.len()
     );
+    assert!(most <= tpm, "{most} tokens in one window, limit {tpm}");
+    // Keel counts over the window plus its margin (at most 3,810 tokens a
+    // second here), on estimates corrected after each call: the first
+    // calls' cautious estimates (`Calibration`) hold back a little more.
+    // Measured: 3,342 and 3,354 a second.
     assert!(
-        rate >= per_second * 0.7,
+        rate >= per_second * 0.75,
         "{rate:.0} tokens/s: the limit of {per_second:.0}/s was not used"
     );
 }
