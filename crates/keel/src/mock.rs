@@ -84,9 +84,14 @@ pub struct Counters {
     pub llm_rate: Mutex<Option<(usize, Duration)>>,
     /// Arrival times of the LLM requests accepted while a rate is set.
     pub llm_accepted: Mutex<Vec<Instant>>,
-    /// Arrival times of every LLM request while a rate is set, accepted
-    /// or refused: what the provider saw.
+    /// Arrival times of every LLM request, accepted or refused: what the
+    /// provider saw.
     pub llm_arrivals: Mutex<Vec<Instant>>,
+    /// The next this many LLM requests are answered 429 with `Retry-After:
+    /// llm_refusal_after` (`refuse_llm`).
+    pub llm_refusals: AtomicU64,
+    /// The `Retry-After` of those refusals, in seconds.
+    pub llm_refusal_after: AtomicU64,
     /// LLM requests refused with 429.
     pub llm_throttled: AtomicU64,
     /// The `Authorization` header of the latest chat-completions request.
@@ -367,8 +372,15 @@ impl Counters {
             .unwrap_or_default()
     }
 
-    /// Arrival times of every LLM request received while a rate is set
-    /// (accepted and refused), oldest first.
+    /// Answers the next `n` LLM requests 429 with `Retry-After: seconds`
+    /// (counted in `llm_throttled`).
+    pub fn refuse_llm(&self, n: u64, seconds: u64) {
+        self.llm_refusal_after.store(seconds, Ordering::Relaxed);
+        self.llm_refusals.store(n, Ordering::Relaxed);
+    }
+
+    /// Arrival times of every LLM request received (accepted and
+    /// refused), oldest first.
     pub fn llm_arrivals(&self) -> Vec<Instant> {
         self.llm_arrivals
             .lock()
@@ -376,15 +388,33 @@ impl Counters {
             .unwrap_or_default()
     }
 
-    /// The 429 answer when a request goes over the rate; records it otherwise.
-    /// Every request's arrival is recorded either way.
+    /// Records the arrival of an LLM request; the 429 answer when it is one
+    /// of the refusals asked for (`refuse_llm`) or goes over the rate
+    /// (`limit_llm`), which records it as accepted otherwise.
     fn throttle(&self) -> Option<Response> {
-        let (limit, window) = (*self.llm_rate.lock().ok()?)?;
-        let mut accepted = self.llm_accepted.lock().ok()?;
         let now = Instant::now();
         if let Ok(mut arrivals) = self.llm_arrivals.lock() {
             arrivals.push(now);
         }
+        let refuse = self
+            .llm_refusals
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if refuse.is_ok() {
+            self.llm_throttled.fetch_add(1, Ordering::Relaxed);
+            let seconds = self.llm_refusal_after.load(Ordering::Relaxed);
+            let body =
+                json!({"error": {"message": "rate limit reached", "type": "rate_limit_error"}});
+            return Some(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, seconds.to_string())],
+                    Json(body),
+                )
+                    .into_response(),
+            );
+        }
+        let (limit, window) = (*self.llm_rate.lock().ok()?)?;
+        let mut accepted = self.llm_accepted.lock().ok()?;
         let in_window = accepted
             .iter()
             .rev()

@@ -42,10 +42,17 @@ tools:
     )
 }
 
+/// One API and two worker processes on one PostgreSQL database, with
+/// their temporary directory.
+struct Cluster {
+    api: Server,
+    workers: [Server; 2],
+    _dir: TempDir,
+}
+
 /// One API and two worker processes on `db`, the workers configured with
-/// `limits` for the mock model `tools:0`; submits `runs` runs of a new
-/// agent `agent` on it and waits until all completed.
-async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, runs: usize) {
+/// `limits` for the mock model `tools:0`.
+async fn two_workers(db: &PgDb, limits: &str) -> Cluster {
     let dir = TempDir::new();
     let config = config_file(
         &dir,
@@ -69,16 +76,103 @@ async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, r
         Server::start(&dir.db(), &worker_args).await,
         Server::start(&dir.db(), &worker_args).await,
     ];
+    Cluster {
+        api,
+        workers,
+        _dir: dir,
+    }
+}
+
+/// [`two_workers`] with `limits`; submits `runs` runs of a new agent
+/// `agent` on it and waits until all completed.
+async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, runs: usize) {
+    let cluster = two_workers(db, limits).await;
+    let (api, workers) = (&cluster.api, &cluster.workers);
     let http = reqwest::Client::new();
     // A worker process shows its configuration (and its own breakers).
     let providers = get_json(&http, &workers[0].url("/v1/providers")).await;
     assert_eq!(providers["providers"][0]["name"], "openai", "{providers}");
-    register(&http, &api, &agent_yaml(agent, mock, "tools:0", "echo", "")).await;
-    let ids = submit_many(&http, &api, agent, runs).await;
+    register(&http, api, &agent_yaml(agent, mock, "tools:0", "echo", "")).await;
+    let ids = submit_many(&http, api, agent, runs).await;
     for id in &ids {
-        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
+        let run = wait_terminal(&http, api, id, Duration::from_secs(120)).await;
         assert_eq!(run["status"], "COMPLETED", "{run}");
     }
+}
+
+/// The LLM calls of `outcome` a process counted (`keel_llm_requests_total`).
+async fn llm_calls(http: &reqwest::Client, server: &Server, outcome: &str) -> f64 {
+    let text = metrics_text(http, server).await;
+    let label = format!("outcome=\"{outcome}\"");
+    text.lines()
+        .filter(|l| l.starts_with("keel_llm_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A provider's 429 with `Retry-After` holds the shared limit: the call
+/// that got it is deferred, and no process sends the provider anything
+/// until the `Retry-After` has passed, then all the runs complete.
+#[tokio::test]
+async fn a_retry_after_holds_the_limit_for_every_worker_process() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mock = Mock::start().await.expect("mock");
+    let retry_after = Duration::from_secs(2);
+    mock.counters.refuse_llm(1, retry_after.as_secs());
+    // A limit far above what the test sends: only the hold holds them back.
+    let cluster = two_workers(&db, "{rpm: 600, window: 1s}").await;
+    let (api, workers) = (&cluster.api, &cluster.workers);
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        api,
+        &agent_yaml("held", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+    let first = submit(&http, api, "held", "the first").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mock.counters.llm_throttled.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the first call never came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut ids = submit_many(&http, api, "held", 40).await;
+    ids.push(first);
+    for id in &ids {
+        let run = wait_terminal(&http, api, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    let arrivals = mock.counters.llm_arrivals();
+    assert_eq!(
+        arrivals.len(),
+        ids.len() + 1,
+        "one refused call, one per run"
+    );
+    let refused = arrivals[0];
+    // Keel's clock counts whole milliseconds: the hold may end up to 1 ms
+    // before `Retry-After` after the refusal left the mock.
+    let allowed = refused + retry_after - Duration::from_millis(1);
+    let early: Vec<Duration> = arrivals[1..]
+        .iter()
+        .filter(|t| **t < allowed)
+        .map(|t| *t - refused)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "{} calls came before the Retry-After of {retry_after:?} had passed, at {early:?} after the 429",
+        early.len()
+    );
+    // Both processes sent calls after the hold (the one refused and the
+    // other, which learnt of the hold only through the store).
+    let mut refused_by = Vec::new();
+    for worker in workers {
+        let ok = llm_calls(&http, worker, "ok").await;
+        assert!(ok > 0.0, "a worker process sent no call");
+        refused_by.push(llm_calls(&http, worker, "rate_limited").await);
+    }
+    refused_by.sort_by(f64::total_cmp);
+    assert_eq!(refused_by, [0.0, 1.0]);
 }
 
 /// The most requests in any window of `window`, over sorted arrival times.
