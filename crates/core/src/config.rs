@@ -414,6 +414,16 @@ pub struct ModelConfig {
     /// and for providers that limit per second).
     #[serde(default = "default_window", with = "human_duration")]
     pub window: Duration,
+    /// Time each window keeps free for the way to the provider (default
+    /// 100ms): Keel spaces `rpm` requests and `tpm` tokens over `window +
+    /// margin`, because the provider counts arrivals, not Keel's grants. At
+    /// the exact rate, request `i + rpm` is granted exactly one window after
+    /// request `i`, so the provider sees one too many whenever `i` is
+    /// delayed on its way (scheduling, connection, network) more than
+    /// `i + rpm`; with the margin, only when it is delayed `margin` more.
+    /// It costs `margin / window` of the rate (0.17% of a minute).
+    #[serde(default = "default_margin", with = "human_duration")]
+    pub margin: Duration,
     /// USD per million tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<Price>,
@@ -423,12 +433,17 @@ fn default_window() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_margin() -> Duration {
+    Duration::from_millis(100)
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             rpm: None,
             tpm: None,
             window: default_window(),
+            margin: default_margin(),
             price: None,
         }
     }
@@ -565,6 +580,15 @@ impl Config {
                 }
                 if limits.window.is_zero() {
                     err(format!("{at}.window"), "must be more than 0".into());
+                }
+                if limits.margin >= limits.window {
+                    err(
+                        format!("{at}.margin"),
+                        format!(
+                            "must be less than the window ({:?}): it is time kept free in each window",
+                            limits.window
+                        ),
+                    );
                 }
                 if let Some(price) = &limits.price {
                     for (field, value) in [("input", price.input), ("output", price.output)] {
@@ -741,6 +765,7 @@ providers:
         assert_eq!(claude.timeout, Some(Duration::from_secs(120)));
         assert_eq!(claude.breaker, None);
         assert_eq!(gpt.window, Duration::from_secs(60));
+        assert_eq!(gpt.margin, Duration::from_millis(100));
         assert_eq!(
             config.provider("local").map(ProviderConfig::base_url),
             Some("http://127.0.0.1:8000/v1")
@@ -823,6 +848,10 @@ providers:
                 "providers.openai.models.gpt.rpm",
                 "providers.openai.models.gpt.price.input"
             ]
+        );
+        assert_eq!(
+            fields("providers: {o: {kind: openai, models: {m: {rpm: 5, window: 1s, margin: 1s}}}}"),
+            ["providers.o.models.m.margin"]
         );
         assert_eq!(
             fields("providers: {o: {kind: openai, api_key_env: X, api_key_file: /k}}"),

@@ -14,6 +14,11 @@
 //!   quarter window ahead; [`Gateway::settle`] charges the difference once
 //!   the provider reports the real usage (input and output).
 //!
+//! Both buckets count over the configured window plus its `margin`: the
+//! provider counts arrivals, not grants, and a call delayed on its way
+//! more than the one granted a window after it would otherwise make the
+//! provider see one call too many (`ModelConfig::margin`).
+//!
 //! **Fair share.** Each take first takes from the run's *flow share*, a
 //! bucket per tenant and agent (`<bucket>:flow:<tenant>/<agent>`) whose
 //! rate is the bucket's divided by the flows contending for it (those
@@ -28,8 +33,18 @@
 //! whatever the number of its runs, and a flow that asks less leaves the
 //! rest to the others (work-conserving: a free bucket is never refused).
 //! The share only counts; the time granted is the bucket's. Token shares
-//! are charged the real usage like the bucket. Within a flow, the queue's
-//! order (priority, then due time) decides who goes first.
+//! are charged the real usage like the bucket.
+//!
+//! **Priority.** Within a flow, how far ahead a call may reserve its share
+//! grows with its run's priority ([`share_ahead`]: [`SHARE_AHEAD`] at the
+//! default priority, a sixth of it at 0, 1.67 times it at 9). A limit is
+//! always taken in the order of the takes, so a high-priority call that
+//! comes while a backlog of low-priority ones keeps the limit busy waits
+//! behind the few the backlog could reserve, and reserves the slots after
+//! them: the low-priority calls that come back later find the share taken
+//! further ahead than they may reserve, and go after it. (The queue's
+//! order, priority then due time, only decides which task a worker takes
+//! next; under a rate limit the workers are free, and the limit decides.)
 //!
 //! Capacity free within [`MAX_WAIT`] is reserved and the worker waits for
 //! it, holding its task; later than that, the task is deferred to when it
@@ -72,6 +87,7 @@ use std::time::Duration;
 use keel_core::breaker::{Breaker, Permit, Phase, View};
 use keel_core::config::{Config, KeySource, Kind};
 use keel_core::message::Usage;
+use keel_core::priority::Priority;
 use keel_core::run::State;
 use keel_core::spec::{ModelSpec, Provider, redact_url};
 use keel_core::{Agent, Millis};
@@ -89,10 +105,19 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// after it last took from its share.
 const ACTIVE_FOR: Duration = MAX_WAIT;
 
-/// How far ahead a flow may reserve its share of a contended limit: what
-/// it holds of the bucket's reservations, and so how long another flow's
-/// call waits behind them, is at most this span of its share.
+/// How far ahead a call of the default priority may reserve its flow's
+/// share of a contended limit: what a flow holds of the bucket's
+/// reservations, and so how long another flow's call waits behind them, is
+/// at most [`share_ahead`] of the highest priority (1.67 times this) of
+/// its share.
 const SHARE_AHEAD: Duration = Duration::from_millis(2_500);
+
+/// How far ahead a call of a run of `priority` may reserve its flow's
+/// share: [`SHARE_AHEAD`] × (priority + 1) / (default + 1), from 0.42 s at
+/// priority 0 to 4.17 s at 9.
+fn share_ahead(priority: Priority) -> Duration {
+    SHARE_AHEAD * (u32::from(priority.get()) + 1) / (u32::from(Priority::DEFAULT.get()) + 1)
+}
 
 /// How long a process uses its count of a limit's contending flows.
 const CONTENDERS_FOR: Duration = Duration::from_secs(1);
@@ -734,6 +759,7 @@ impl<S: Store> Gateway<S> {
         flow: &str,
         cost: u64,
         max_wait: Duration,
+        priority: Priority,
     ) -> Result<Fair, StoreError> {
         let prefix = format!("{}:flow:", bucket.key);
         let key = format!("{prefix}{flow}");
@@ -745,12 +771,12 @@ impl<S: Store> Gateway<S> {
                 ..bucket.rate
             },
         };
-        // A flow reserves no further ahead than SHARE_AHEAD of its share,
+        // A flow reserves no further ahead than share_ahead of its share,
         // even alone: its other calls go back to the queue, behind the calls
         // of flows that come later, which then take their share. Each take
         // reads the clock: a grant's time is when the call may go, and the
         // takes before it took time.
-        let ahead = max_wait.min(SHARE_AHEAD);
+        let ahead = max_wait.min(share_ahead(priority));
         let counted = self
             .store
             .take_capacity(&share.key, share.rate, cost, ahead, now())
@@ -866,11 +892,13 @@ impl<S: Store> Gateway<S> {
                 key: format!("{prefix}:requests"),
                 rate: Rate {
                     per_window: rpm,
-                    window: limits.window,
+                    window: limits.window + limits.margin,
                     burst: 1,
                 },
             };
-            let taken = self.take_fair(bucket, &flow, 1, MAX_WAIT).await?;
+            let taken = self
+                .take_fair(bucket, &flow, 1, MAX_WAIT, state.priority)
+                .await?;
             match taken.grant {
                 Grant::Granted => {}
                 Grant::Reserved(t) => at = Some(t),
@@ -887,7 +915,7 @@ impl<S: Store> Gateway<S> {
                 key: format!("{prefix}:tokens"),
                 rate: Rate {
                     per_window: (tpm - burst + 1).max(1),
-                    window: limits.window,
+                    window: limits.window + limits.margin,
                     burst,
                 },
             };
@@ -901,7 +929,9 @@ impl<S: Store> Gateway<S> {
             // is made on an estimate, and a call waiting for a slot reserved
             // on too high an estimate would wait for capacity given back.
             let max_wait = MAX_WAIT.min(limits.window / 4);
-            let taken = self.take_fair(bucket, &flow, estimate, max_wait).await?;
+            let taken = self
+                .take_fair(bucket, &flow, estimate, max_wait, state.priority)
+                .await?;
             match taken.grant {
                 Grant::Granted => {}
                 Grant::Reserved(t) => at = Some(at.map_or(t, |a| a.max(t))),

@@ -84,13 +84,29 @@ pub struct Counters {
     pub llm_rate: Mutex<Option<(usize, Duration)>>,
     /// Arrival times of the LLM requests accepted while a rate is set.
     pub llm_accepted: Mutex<Vec<Instant>>,
+    /// Arrival times of every LLM request, accepted or refused: what the
+    /// provider saw.
+    pub llm_arrivals: Mutex<Vec<Instant>>,
+    /// The next this many LLM requests are answered 429 with `Retry-After:
+    /// llm_refusal_after` (`refuse_llm`).
+    pub llm_refusals: AtomicU64,
+    /// The `Retry-After` of those refusals, in seconds.
+    pub llm_refusal_after: AtomicU64,
     /// LLM requests refused with 429.
     pub llm_throttled: AtomicU64,
     /// The `Authorization` header of the latest chat-completions request.
     pub llm_auth: Mutex<Option<String>>,
     /// When on (`track_tokens`), each chat completion's arrival time and
-    /// tokens (prompt + completion, as the mock counts them).
+    /// tokens (prompt + completion, as the mock counts them), refused ones
+    /// (`limit_llm_tokens`) too.
     pub llm_tokens: Mutex<Option<Vec<(Instant, u64)>>>,
+    /// When set (`limit_llm_tokens`), plain chat completions may use at
+    /// most this many tokens in any window of this length; one that would
+    /// go over is answered 429 with `Retry-After`.
+    pub llm_token_rate: Mutex<Option<(u64, Duration)>>,
+    /// The arrival times and tokens of the chat completions accepted while
+    /// a token rate is set.
+    pub llm_tokens_accepted: Mutex<Vec<(Instant, u64)>>,
     /// When on (`track_tools`), the names of the tools the latest chat
     /// completion offered the model.
     pub llm_tools: Mutex<Option<Vec<String>>>,
@@ -183,6 +199,12 @@ impl Counters {
         if let Ok(mut accepted) = self.llm_accepted.lock() {
             accepted.clear();
         }
+        if let Ok(mut arrivals) = self.llm_arrivals.lock() {
+            arrivals.clear();
+        }
+        if let Ok(mut accepted) = self.llm_tokens_accepted.lock() {
+            accepted.clear();
+        }
         self.tool_requests.store(0, Ordering::Relaxed);
         self.bad_traceparents.store(0, Ordering::Relaxed);
         if let Ok(mut keys) = self.keys.lock() {
@@ -196,6 +218,62 @@ impl Counters {
         if let Ok(mut rate) = self.llm_rate.lock() {
             *rate = Some((limit, window));
         }
+    }
+
+    /// Makes the LLM a provider limited in tokens: plain chat completions
+    /// may use at most `limit` tokens (prompt + completion, as the mock
+    /// counts them) in any `window` (sliding), 429 with `Retry-After`
+    /// above (counted in `llm_throttled`).
+    pub fn limit_llm_tokens(&self, limit: u64, window: Duration) {
+        if let Ok(mut rate) = self.llm_token_rate.lock() {
+            *rate = Some((limit, window));
+        }
+    }
+
+    /// Logs a chat completion's tokens when `track_tokens` is on; the 429
+    /// answer when they go over the token rate, recording them otherwise.
+    fn throttle_tokens(&self, arrived: Instant, tokens: u64) -> Option<Response> {
+        if let Ok(mut log) = self.llm_tokens.lock()
+            && let Some(log) = log.as_mut()
+        {
+            log.push((arrived, tokens));
+        }
+        let (limit, window) = (*self.llm_token_rate.lock().ok()?)?;
+        let mut accepted = self.llm_tokens_accepted.lock().ok()?;
+        // Requests are checked a little after they arrive, not always in
+        // their order: every accepted one that arrived less than a window
+        // before this one counts (later ones too).
+        let in_window = |(t, _): &&(Instant, u64)| {
+            arrived
+                .checked_duration_since(*t)
+                .is_none_or(|d| d < window)
+        };
+        let used: u64 = accepted.iter().filter(in_window).map(|(_, n)| n).sum();
+        if used + tokens <= limit {
+            accepted.push((arrived, tokens));
+            return None;
+        }
+        self.llm_throttled.fetch_add(1, Ordering::Relaxed);
+        // Free again once the oldest tokens of the window leave it (at
+        // most a window from now).
+        let oldest = accepted
+            .iter()
+            .filter(in_window)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap_or(arrived);
+        let wait = window.saturating_sub(arrived.saturating_duration_since(oldest));
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let body =
+            json!({"error": {"message": "token rate limit reached", "type": "rate_limit_error"}});
+        Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, seconds.max(1).to_string())],
+                Json(body),
+            )
+                .into_response(),
+        )
     }
 
     /// Starts logging each chat completion's arrival time and tokens.
@@ -294,11 +372,49 @@ impl Counters {
             .unwrap_or_default()
     }
 
-    /// The 429 answer when a request goes over the rate; records it otherwise.
+    /// Answers the next `n` LLM requests 429 with `Retry-After: seconds`
+    /// (counted in `llm_throttled`).
+    pub fn refuse_llm(&self, n: u64, seconds: u64) {
+        self.llm_refusal_after.store(seconds, Ordering::Relaxed);
+        self.llm_refusals.store(n, Ordering::Relaxed);
+    }
+
+    /// Arrival times of every LLM request received (accepted and
+    /// refused), oldest first.
+    pub fn llm_arrivals(&self) -> Vec<Instant> {
+        self.llm_arrivals
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records the arrival of an LLM request; the 429 answer when it is one
+    /// of the refusals asked for (`refuse_llm`) or goes over the rate
+    /// (`limit_llm`), which records it as accepted otherwise.
     fn throttle(&self) -> Option<Response> {
+        let now = Instant::now();
+        if let Ok(mut arrivals) = self.llm_arrivals.lock() {
+            arrivals.push(now);
+        }
+        let refuse = self
+            .llm_refusals
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if refuse.is_ok() {
+            self.llm_throttled.fetch_add(1, Ordering::Relaxed);
+            let seconds = self.llm_refusal_after.load(Ordering::Relaxed);
+            let body =
+                json!({"error": {"message": "rate limit reached", "type": "rate_limit_error"}});
+            return Some(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, seconds.to_string())],
+                    Json(body),
+                )
+                    .into_response(),
+            );
+        }
         let (limit, window) = (*self.llm_rate.lock().ok()?)?;
         let mut accepted = self.llm_accepted.lock().ok()?;
-        let now = Instant::now();
         let in_window = accepted
             .iter()
             .rev()
@@ -705,10 +821,8 @@ async fn chat(
         Turn::Answer(text) => json!({"role": "assistant", "content": text}),
     };
     let completion_tokens = message.to_string().len() / 4;
-    if let Ok(mut log) = c.llm_tokens.lock()
-        && let Some(log) = log.as_mut()
-    {
-        log.push((arrived, (prompt_tokens + completion_tokens) as u64));
+    if let Some(refused) = c.throttle_tokens(arrived, (prompt_tokens + completion_tokens) as u64) {
+        return refused;
     }
     let finish = if message["tool_calls"].is_array() {
         "tool_calls"

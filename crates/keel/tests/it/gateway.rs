@@ -42,10 +42,17 @@ tools:
     )
 }
 
+/// One API and two worker processes on one PostgreSQL database, with
+/// their temporary directory.
+struct Cluster {
+    api: Server,
+    workers: [Server; 2],
+    _dir: TempDir,
+}
+
 /// One API and two worker processes on `db`, the workers configured with
-/// `limits` for the mock model `tools:0`; submits `runs` runs of a new
-/// agent `agent` on it and waits until all completed.
-async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, runs: usize) {
+/// `limits` for the mock model `tools:0`.
+async fn two_workers(db: &PgDb, limits: &str) -> Cluster {
     let dir = TempDir::new();
     let config = config_file(
         &dir,
@@ -69,16 +76,103 @@ async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, r
         Server::start(&dir.db(), &worker_args).await,
         Server::start(&dir.db(), &worker_args).await,
     ];
+    Cluster {
+        api,
+        workers,
+        _dir: dir,
+    }
+}
+
+/// [`two_workers`] with `limits`; submits `runs` runs of a new agent
+/// `agent` on it and waits until all completed.
+async fn run_on_two_workers(db: &PgDb, mock: &Mock, limits: &str, agent: &str, runs: usize) {
+    let cluster = two_workers(db, limits).await;
+    let (api, workers) = (&cluster.api, &cluster.workers);
     let http = reqwest::Client::new();
     // A worker process shows its configuration (and its own breakers).
     let providers = get_json(&http, &workers[0].url("/v1/providers")).await;
     assert_eq!(providers["providers"][0]["name"], "openai", "{providers}");
-    register(&http, &api, &agent_yaml(agent, mock, "tools:0", "echo", "")).await;
-    let ids = submit_many(&http, &api, agent, runs).await;
+    register(&http, api, &agent_yaml(agent, mock, "tools:0", "echo", "")).await;
+    let ids = submit_many(&http, api, agent, runs).await;
     for id in &ids {
-        let run = wait_terminal(&http, &api, id, Duration::from_secs(120)).await;
+        let run = wait_terminal(&http, api, id, Duration::from_secs(120)).await;
         assert_eq!(run["status"], "COMPLETED", "{run}");
     }
+}
+
+/// The LLM calls of `outcome` a process counted (`keel_llm_requests_total`).
+async fn llm_calls(http: &reqwest::Client, server: &Server, outcome: &str) -> f64 {
+    let text = metrics_text(http, server).await;
+    let label = format!("outcome=\"{outcome}\"");
+    text.lines()
+        .filter(|l| l.starts_with("keel_llm_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A provider's 429 with `Retry-After` holds the shared limit: the call
+/// that got it is deferred, and no process sends the provider anything
+/// until the `Retry-After` has passed, then all the runs complete.
+#[tokio::test]
+async fn a_retry_after_holds_the_limit_for_every_worker_process() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mock = Mock::start().await.expect("mock");
+    let retry_after = Duration::from_secs(2);
+    mock.counters.refuse_llm(1, retry_after.as_secs());
+    // A limit far above what the test sends: only the hold holds them back.
+    let cluster = two_workers(&db, "{rpm: 600, window: 1s}").await;
+    let (api, workers) = (&cluster.api, &cluster.workers);
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        api,
+        &agent_yaml("held", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+    let first = submit(&http, api, "held", "the first").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mock.counters.llm_throttled.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the first call never came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut ids = submit_many(&http, api, "held", 40).await;
+    ids.push(first);
+    for id in &ids {
+        let run = wait_terminal(&http, api, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    let arrivals = mock.counters.llm_arrivals();
+    assert_eq!(
+        arrivals.len(),
+        ids.len() + 1,
+        "one refused call, one per run"
+    );
+    let refused = arrivals[0];
+    // Keel's clock counts whole milliseconds: the hold may end up to 1 ms
+    // before `Retry-After` after the refusal left the mock.
+    let allowed = refused + retry_after - Duration::from_millis(1);
+    let early: Vec<Duration> = arrivals[1..]
+        .iter()
+        .filter(|t| **t < allowed)
+        .map(|t| *t - refused)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "{} calls came before the Retry-After of {retry_after:?} had passed, at {early:?} after the 429",
+        early.len()
+    );
+    // Both processes sent calls after the hold (the one refused and the
+    // other, which learnt of the hold only through the store).
+    let mut refused_by = Vec::new();
+    for worker in workers {
+        let ok = llm_calls(&http, worker, "ok").await;
+        assert!(ok > 0.0, "a worker process sent no call");
+        refused_by.push(llm_calls(&http, worker, "rate_limited").await);
+    }
+    refused_by.sort_by(f64::total_cmp);
+    assert_eq!(refused_by, [0.0, 1.0]);
 }
 
 /// The most requests in any window of `window`, over sorted arrival times.
@@ -96,8 +190,15 @@ fn most_in_a_window(times: &[Instant], window: Duration) -> usize {
 
 /// 300 runs on two worker processes sharing a PostgreSQL store, against a
 /// provider that accepts 30 requests a second and answers 429 above: every
-/// run completes, the provider sees no more than its limit in any window,
-/// and the limit is used (the runs are paced, not stalled).
+/// run completes, the provider never *receives* more than its limit in any
+/// window (every request counts, the refused ones too), so it never has to
+/// refuse one, and the limit is used (the runs are paced, not stalled).
+///
+/// Keel spaces the 30 requests over the window plus its `margin` (100 ms
+/// by default): at exactly 30 per second, any request delayed on its way
+/// more than the one granted a second after it put 31 in the provider's
+/// window (measured: 9 and 10 refusals in 300, 31 and 32 requests in a
+/// window, with windows of 30 arrivals up to 39 ms short of a second).
 #[tokio::test]
 async fn three_hundred_runs_share_a_rate_limit_across_two_worker_processes() {
     let Some(db) = PgDb::create().await else {
@@ -108,28 +209,39 @@ async fn three_hundred_runs_share_a_rate_limit_across_two_worker_processes() {
     let mock = Mock::start().await.expect("mock");
     mock.counters.limit_llm(limit, window);
     let limits = format!("{{rpm: {limit}, window: 1s}}");
-    run_on_two_workers(&db, &mock, &limits, "limited", 300).await;
     let runs = 300;
-    let accepted = mock.counters.llm_accepted();
+    run_on_two_workers(&db, &mock, &limits, "limited", runs).await;
+    let arrivals = mock.counters.llm_arrivals();
     let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
-    assert_eq!(accepted.len(), runs, "one accepted call per run");
-    let most = most_in_a_window(&accepted, window);
+    let most = most_in_a_window(&arrivals, window);
+    // The shortest span of `limit + 1` arrivals: at least a window, less
+    // the jitter of the way from Keel to the provider.
+    let tightest = arrivals
+        .windows(limit + 1)
+        .map(|w| w[limit] - w[0])
+        .min()
+        .unwrap_or_default();
+    let span = arrivals[arrivals.len() - 1] - arrivals[0];
+    let rate = (arrivals.len() - 1) as f64 / span.as_secs_f64();
+    eprintln!(
+        "{} calls in {span:?}: {rate:.1}/s against {limit}/s, {throttled} refused, \
+         at most {most} in a window, {} calls spanning at least {tightest:?}",
+        arrivals.len(),
+        limit + 1
+    );
+    assert_eq!(
+        (arrivals.len(), throttled),
+        (runs, 0),
+        "the provider received {} calls and refused {throttled}",
+        arrivals.len()
+    );
     assert!(
         most <= limit,
-        "{most} requests in one window, limit {limit}"
+        "the provider received {most} requests in one window, limit {limit}"
     );
-    // Keel paced the calls itself: the provider had to refuse few of them.
+    // And it used the limit: 30 calls per 1.1 s (the margin) is 27.3/s.
     assert!(
-        throttled as usize <= runs / 20,
-        "the provider refused {throttled} of {} calls",
-        runs as u64 + throttled
-    );
-    // And it used the limit: 300 calls at 30/s take 9 s and change.
-    let span = accepted[accepted.len() - 1] - accepted[0];
-    let rate = (runs - 1) as f64 / span.as_secs_f64();
-    eprintln!("{runs} calls in {span:?}: {rate:.1}/s against {limit}/s, {throttled} refused");
-    assert!(
-        rate >= limit as f64 * 0.8,
+        rate >= limit as f64 * 0.85,
         "{rate:.1} calls/s: the limit of {limit}/s was not used"
     );
 }
@@ -525,22 +637,27 @@ async fn an_agent_names_only_its_provider_and_model() {
     );
 }
 
-/// A limit in tokens holds across two worker processes the same way: the
-/// provider never sees much more than `tpm` tokens (input + output, as it
-/// counts them) in any window, and the runs all complete.
+/// A limit in tokens holds across two worker processes the same way,
+/// against a provider that answers 429 to a call that would take it over
+/// `tpm` tokens (input + output, as it counts them) in a window: it never
+/// has to, the tokens of every call it receives stay within `tpm` in any
+/// window, the runs all complete and the limit is used.
+///
+/// Measured with the default margin (100 ms): at most 7,594 and 7,773 of
+/// 8,000 tokens in a window, none refused; with `margin: 0ms`, 8,046 and
+/// 8,035, and one call refused each time.
 #[tokio::test]
 async fn a_token_limit_holds_across_two_worker_processes() {
     let Some(db) = PgDb::create().await else {
         return;
     };
-    // 4,000 tokens a second, counted over 2 s windows: a window of 1 s
-    // holds so few calls that arrival jitter on a loaded machine (grants are
-    // spaced by the limiter, arrivals by the scheduler) moved it by 10%.
+    // 4,000 tokens a second over 2 s windows; about 90 tokens a call.
     let tpm: u64 = 8_000;
     let window = Duration::from_secs(2);
     let mock = Mock::start().await.expect("mock");
     mock.counters.track_tokens();
-    let runs = 150;
+    mock.counters.limit_llm_tokens(tpm, window);
+    let runs = 300;
     run_on_two_workers(
         &db,
         &mock,
@@ -549,18 +666,18 @@ async fn a_token_limit_holds_across_two_worker_processes() {
         runs,
     )
     .await;
+    // Every call the provider received, refused ones too.
     let log = mock.counters.token_log();
-    assert_eq!(log.len(), runs);
+    let throttled = mock.counters.llm_throttled.load(Ordering::Relaxed);
     let mut most = 0;
     let mut start = 0;
     let mut sum = 0;
-    for (end, (t, tokens)) in log.iter().enumerate() {
+    for (t, tokens) in &log {
         sum += tokens;
         while *t - log[start].0 >= window {
             sum -= log[start].1;
             start += 1;
         }
-        let _ = end;
         most = most.max(sum);
     }
     let total: u64 = log.iter().map(|(_, n)| n).sum();
@@ -568,17 +685,22 @@ async fn a_token_limit_holds_across_two_worker_processes() {
     let rate = total as f64 / span.as_secs_f64();
     let per_second = tpm as f64 / window.as_secs_f64();
     eprintln!(
-        "{total} tokens in {span:?}: {rate:.0}/s against {per_second:.0}/s; most in a window {most}"
+        "{total} tokens in {span:?}: {rate:.0}/s against {per_second:.0}/s; \
+         most in a window {most}; {throttled} calls refused"
     );
-    // The input is estimated before a call (4 bytes a token of the prompt,
-    // the provider counts its own way) and corrected after: a window may
-    // exceed the limit by the calls in flight's estimation error.
-    assert!(
-        most as f64 <= tpm as f64 * 1.10,
-        "{most} tokens in one window, limit {tpm}"
+    assert_eq!(
+        (log.len(), throttled),
+        (runs, 0),
+        "the provider received {} calls and refused {throttled}",
+        log.len()
     );
+    assert!(most <= tpm, "{most} tokens in one window, limit {tpm}");
+    // Keel counts over the window plus its margin (at most 3,810 tokens a
+    // second here), on estimates corrected after each call: the first
+    // calls' cautious estimates (`Calibration`) hold back a little more.
+    // Measured: 3,342 and 3,354 a second.
     assert!(
-        rate >= per_second * 0.7,
+        rate >= per_second * 0.75,
         "{rate:.0} tokens/s: the limit of {per_second:.0}/s was not used"
     );
 }

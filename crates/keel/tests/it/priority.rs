@@ -1,6 +1,6 @@
-//! Priorities under contention: with one worker and a slow model, runs of
-//! high priority submitted after a backlog of low ones finish first, and
-//! the low ones all finish too.
+//! Priorities under contention, of the workers (one worker and a slow
+//! model) or of a rate limit: runs of high priority submitted after a
+//! backlog of low ones finish first, and the low ones all finish too.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -87,5 +87,74 @@ async fn high_priority_runs_overtake_a_backlog_and_the_backlog_still_finishes() 
         low_before <= 3,
         "{low_before} low-priority runs finished before the last high one: \
          high {high_done:?}, low {low_done:?}"
+    );
+}
+
+/// Priorities when the contention is a rate limit, not the workers: 64
+/// workers, 10 calls a second (9.1 with the margin), a backlog of 60
+/// low-priority runs, then 5 high ones. The high runs' calls reach the
+/// provider right after the few low calls already reserved when they came,
+/// and before all the other low ones.
+///
+/// Measured before priorities set how far ahead a call may reserve: 46 and
+/// 49 low calls between the high runs' submission and the last high call
+/// (the high calls competed with the backlog's for each freed slot); after:
+/// 4 and 3.
+#[tokio::test]
+async fn high_priority_runs_overtake_a_backlog_held_back_by_a_rate_limit() {
+    use futures_util::future::join_all;
+
+    let mock = Mock::start().await.expect("mock");
+    mock.counters.track_bodies();
+    let dir = TempDir::new();
+    let config = dir.0.join("keel.yaml");
+    std::fs::write(
+        &config,
+        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {rpm: 10, window: 1s}\n",
+    )
+    .expect("write the configuration");
+    let config = config.display().to_string();
+    let server = Server::start(&dir.db(), &["--workers", "64", "--config", &config]).await;
+    let http = reqwest::Client::new();
+    register(
+        &http,
+        &server,
+        &agent_yaml("queue", &mock, "tools:0", "echo", ""),
+    )
+    .await;
+    let mut low = Vec::new();
+    for i in 0..60 {
+        let body = json!({"agent": "queue", "input": format!("low {i}"), "priority": 0});
+        low.push(submit_with(&http, &server, body).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = mock.counters.llm_bodies().len();
+    let high = join_all((0..5).map(|i| {
+        let body = json!({"agent": "queue", "input": format!("high {i}"), "priority": 9});
+        submit_with(&http, &server, body)
+    }))
+    .await;
+    for id in high.iter().chain(&low) {
+        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "COMPLETED", "{run}");
+    }
+    // The calls in the order the provider received them.
+    let order: String = mock
+        .counters
+        .llm_bodies()
+        .iter()
+        .map(|b| if b.contains("high ") { 'H' } else { 'L' })
+        .collect();
+    assert_eq!(order.len(), 65, "{order}");
+    let last_high = order.rfind('H').expect("high calls");
+    let low_between = order[before..last_high].matches('L').count();
+    eprintln!(
+        "{low_between} low calls went between the high runs' submission and the last high call: {order}"
+    );
+    // A call of priority 0 reserves at most 0.42 s ahead: 4 calls at 9.1 a
+    // second, and one more whose take was being made.
+    assert!(
+        low_between <= 5,
+        "{low_between} low calls went before the last high one: {order}"
     );
 }

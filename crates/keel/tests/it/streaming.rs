@@ -190,6 +190,17 @@ async fn deltas_stream_in_order_and_resume_after_a_reconnect() {
         .iter()
         .map(|e| e.data["text"].as_str().expect("text"))
         .collect();
+    // Persisted in batches, not a token at a time: a word comes every 10 ms
+    // and a batch is written 50 ms after its first piece (`FLUSH_AFTER`),
+    // so about 5 words a batch (measured: 200 words in 40 batches; one
+    // write per token would be 200 in 200). Each event is one stored batch
+    // (its id holds the batch's index, checked above).
+    let words = text.split_whitespace().count();
+    assert!(
+        words >= 3 * deltas.len(),
+        "{words} words in {} batches: not batched",
+        deltas.len()
+    );
     let message = final_message(&second);
     // The deltas are the message's text from its start, without a gap; the
     // last batches may only reach a client inside `llm_completed` (the

@@ -112,6 +112,7 @@ mod listen;
 mod migrate;
 mod purge;
 mod queue;
+mod scratch;
 mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -140,6 +141,7 @@ use self::agents::PutAgent;
 use self::journal::{AppendEvents, Encoded, Insert, Submit};
 pub use self::listen::{CHANNEL, RECONNECTED};
 use self::queue::{Claim, Heartbeat, ReleaseAll, RetryLater};
+pub use self::scratch::{Scratch, create_database, drop_database};
 use self::writer::{Call, Op, Reply, Writer};
 use crate::limit::{self, Adjust, Take};
 use crate::purge::Scope;
