@@ -762,43 +762,72 @@ async fn agents_name_a_configured_provider() {
 /// instead of queueing behind it. Every run completes.
 #[tokio::test]
 async fn an_agent_with_few_runs_gets_its_share_of_a_busy_limit() {
+    few_runs_get_their_share_of_a_busy_limit(false).await;
+}
+
+/// The same between two tenants, each with an agent of the same name: a
+/// tenant is not starved by another's flood.
+#[tokio::test]
+async fn a_tenant_with_few_runs_gets_its_share_of_a_busy_limit() {
+    few_runs_get_their_share_of_a_busy_limit(true).await;
+}
+
+/// 240 runs of a heavy flow, then 10 of a light one: two agents of one
+/// tenant, or (`tenants`) the agent `bot` of two tenants.
+async fn few_runs_get_their_share_of_a_busy_limit(tenants: bool) {
     let limit = 20;
     let window = Duration::from_secs(1);
     let mock = Mock::start().await.expect("mock");
     mock.counters.limit_llm(limit, window);
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        &format!(
-            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {{rpm: {limit}, window: 1s}}\n"
-        ),
+    let mut yaml = format!(
+        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {{rpm: {limit}, window: 1s}}\n"
     );
-    let server = Server::start(&dir.db(), &["--config", &arg(&config), "--workers", "64"]).await;
-    let http = reqwest::Client::new();
-    register(
-        &http,
-        &server,
-        &agent_yaml("heavy", &mock, "tools:0", "echo", ""),
+    const HEAVY: &str = "heavy-tenant-token-0123456789";
+    const LIGHT: &str = "light-tenant-token-0123456789";
+    if tenants {
+        yaml.push_str(
+            "tenants:\n  heavy: {api_tokens_env: KEEL_TEST_HEAVY}\n  light: {api_tokens_env: KEEL_TEST_LIGHT}\n",
+        );
+    }
+    let config = config_file(&dir, &yaml);
+    let server = Server::start_with_env(
+        &dir.db(),
+        &["--config", &arg(&config), "--workers", "64"],
+        &[("KEEL_TEST_HEAVY", HEAVY), ("KEEL_TEST_LIGHT", LIGHT)],
     )
     .await;
-    register(
-        &http,
-        &server,
-        &agent_yaml("light", &mock, "tools:0", "echo", ""),
-    )
-    .await;
-    let heavy = submit_many(&http, &server, "heavy", 240).await;
+    let (heavy_http, light_http, heavy_agent, light_agent) = if tenants {
+        (
+            client_with_token(HEAVY),
+            client_with_token(LIGHT),
+            "bot",
+            "bot",
+        )
+    } else {
+        let http = reqwest::Client::new();
+        (http.clone(), http, "heavy", "light")
+    };
+    for (http, agent) in [(&heavy_http, heavy_agent), (&light_http, light_agent)] {
+        register(
+            http,
+            &server,
+            &agent_yaml(agent, &mock, "tools:0", "echo", ""),
+        )
+        .await;
+    }
+    let heavy = submit_many(&heavy_http, &server, heavy_agent, 240).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let submitted = Instant::now();
-    let light = submit_many(&http, &server, "light", 10).await;
+    let light = submit_many(&light_http, &server, light_agent, 10).await;
     for id in &light {
-        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        let run = wait_terminal(&light_http, &server, id, Duration::from_secs(60)).await;
         assert_eq!(run["status"], "COMPLETED", "{run}");
     }
     let light_took = submitted.elapsed();
     let mut heavy_done = 0;
     for id in &heavy {
-        let run = get_json(&http, &server.url(&format!("/v1/runs/{id}"))).await;
+        let run = get_json(&heavy_http, &server.url(&format!("/v1/runs/{id}"))).await;
         if run["status"] == "COMPLETED" {
             heavy_done += 1;
         }
@@ -811,7 +840,7 @@ async fn an_agent_with_few_runs_gets_its_share_of_a_busy_limit() {
         "light finished only after {heavy_done} of heavy's 240 runs ({light_took:?})"
     );
     for id in &heavy {
-        let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
+        let run = wait_terminal(&heavy_http, &server, id, Duration::from_secs(60)).await;
         assert_eq!(run["status"], "COMPLETED", "{run}");
     }
     // Keel paced the calls: the provider refused few (a call's arrival

@@ -214,6 +214,18 @@ pub async fn metrics_text(http: &reqwest::Client, server: &Server) -> String {
         .expect("text")
 }
 
+/// A client that sends `Authorization: Bearer <token>` with every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .expect("a token fit for a header");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 pub async fn register(http: &reqwest::Client, server: &Server, yaml: &str) {
     let r = http
         .post(server.url("/v1/agents"))

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use keel::mock::Mock;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -15,17 +14,6 @@ use crate::support::*;
 const OPERATOR: &str = "operator-token-0123456789abcdef";
 const ACME: &str = "acme-token-0123456789abcdef0123";
 const GLOBEX: &str = "globex-token-0123456789abcdef01";
-
-/// A client that sends `token` with every request.
-fn client(token: &str) -> reqwest::Client {
-    let mut headers = HeaderMap::new();
-    let value = HeaderValue::from_str(&format!("Bearer {token}")).expect("header");
-    headers.insert(AUTHORIZATION, value);
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .expect("client")
-}
 
 /// A spec of agent `helper` answering `answer`, with an external `images`
 /// tool and an approval-gated HTTP tool on the mock model `model`.
@@ -79,7 +67,11 @@ async fn tenants_see_and_touch_only_their_own_work() {
         ],
     )
     .await;
-    let (acme, globex, operator) = (client(ACME), client(GLOBEX), client(OPERATOR));
+    let (acme, globex, operator) = (
+        client_with_token(ACME),
+        client_with_token(GLOBEX),
+        client_with_token(OPERATOR),
+    );
 
     // The same agent name, registered by each tenant: two agents.
     register(&acme, &server, &helper(&mock, "tools:1", "acme")).await;
@@ -215,7 +207,7 @@ async fn tenants_see_and_touch_only_their_own_work() {
     }
     // And no tenant token is refused or leaked: a wrong one is 401.
     let (status, _) =
-        call(client("not-a-token-0123456789abcdef").get(server.url("/v1/runs"))).await;
+        call(client_with_token("not-a-token-0123456789abcdef").get(server.url("/v1/runs"))).await;
     assert_eq!(status, 401);
 }
 
