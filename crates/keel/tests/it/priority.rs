@@ -6,20 +6,35 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keel::mock::Mock;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::*;
 
-async fn submit_with(http: &reqwest::Client, server: &Server, body: Value) -> String {
-    let r = http
-        .post(server.url("/v1/runs"))
-        .json(&body)
-        .send()
-        .await
-        .expect("submit");
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
-    let body: Value = r.json().await.expect("json");
-    body["id"].as_str().expect("id").to_string()
+/// Submits a run of `queue` with `input` at `priority`; its id.
+async fn submit_at(http: &reqwest::Client, server: &Server, input: &str, priority: u8) -> String {
+    let body = json!({"agent": "queue", "input": input, "priority": priority});
+    submit_with(http, server.url("/v1/runs"), &body, &[]).await
+}
+
+/// Registers the agent `queue` (one model answer, no tool call) and
+/// submits `count` runs of priority 0: the backlog.
+async fn backlog(
+    http: &reqwest::Client,
+    server: &Server,
+    mock: &Mock,
+    count: usize,
+) -> Vec<String> {
+    register(
+        http,
+        server,
+        &agent_yaml("queue", mock, "tools:0", "echo", ""),
+    )
+    .await;
+    let mut low = Vec::with_capacity(count);
+    for i in 0..count {
+        low.push(submit_at(http, server, &format!("low {i}"), 0).await);
+    }
+    low
 }
 
 #[tokio::test]
@@ -30,24 +45,13 @@ async fn high_priority_runs_overtake_a_backlog_and_the_backlog_still_finishes() 
     let dir = TempDir::new();
     let server = Server::start(&dir.db(), &["--workers", "1"]).await;
     let http = reqwest::Client::new();
-    register(
-        &http,
-        &server,
-        &agent_yaml("queue", &mock, "tools:0", "echo", ""),
-    )
-    .await;
-
-    let mut low = Vec::new();
-    for i in 0..8 {
-        let body = json!({"agent": "queue", "input": format!("low {i}"), "priority": 0});
-        low.push(submit_with(&http, &server, body).await);
-    }
+    let low = backlog(&http, &server, &mock, 8).await;
     let mut high = Vec::new();
     for i in 0..3 {
-        let body = json!({"agent": "queue", "input": format!("high {i}"), "priority": 9});
-        high.push(submit_with(&http, &server, body).await);
+        high.push(submit_at(&http, &server, &format!("high {i}"), 9).await);
     }
-    let default = submit_with(&http, &server, json!({"agent": "queue", "input": "x"})).await;
+    let body = json!({"agent": "queue", "input": "x"});
+    let default = submit_with(&http, server.url("/v1/runs"), &body, &[]).await;
 
     let mut high_done = Vec::new();
     for id in &high {
@@ -116,23 +120,15 @@ async fn high_priority_runs_overtake_a_backlog_held_back_by_a_rate_limit() {
     let config = config.display().to_string();
     let server = Server::start(&dir.db(), &["--workers", "64", "--config", &config]).await;
     let http = reqwest::Client::new();
-    register(
-        &http,
-        &server,
-        &agent_yaml("queue", &mock, "tools:0", "echo", ""),
-    )
-    .await;
-    let mut low = Vec::new();
-    for i in 0..60 {
-        let body = json!({"agent": "queue", "input": format!("low {i}"), "priority": 0});
-        low.push(submit_with(&http, &server, body).await);
-    }
+    let low = backlog(&http, &server, &mock, 60).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = mock.counters.llm_bodies().len();
-    let high = join_all((0..5).map(|i| {
-        let body = json!({"agent": "queue", "input": format!("high {i}"), "priority": 9});
-        submit_with(&http, &server, body)
-    }))
+    let inputs: Vec<String> = (0..5).map(|i| format!("high {i}")).collect();
+    let high = join_all(
+        inputs
+            .iter()
+            .map(|input| submit_at(&http, &server, input, 9)),
+    )
     .await;
     for id in high.iter().chain(&low) {
         let run = wait_terminal(&http, &server, id, Duration::from_secs(60)).await;
