@@ -425,15 +425,16 @@ pub struct PgDb {
 
 impl PgDb {
     pub async fn create() -> Option<PgDb> {
-        use sqlx::{ConnectOptions, Connection};
-        use std::str::FromStr;
+        use sqlx::Connection;
         let server = std::env::var("KEEL_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
         let connected =
             tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&server))
                 .await;
-        let mut conn = match connected {
-            Ok(Ok(conn)) => conn,
+        match connected {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
             other => {
                 let why = match other {
                     Ok(Err(e)) => e.to_string(),
@@ -447,18 +448,14 @@ impl PgDb {
                 return None;
             }
         };
-        let name = format!("keel_it_{}", uuid::Uuid::now_v7().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
+        let scratch = keel_store::postgres::create_database(&server, "keel_it")
             .await
             .expect("create the test database");
-        let _ = conn.close().await;
-        let url = sqlx::postgres::PgConnectOptions::from_str(&server)
-            .expect("server URL")
-            .database(&name)
-            .to_url_lossy()
-            .to_string();
-        Some(PgDb { url, name, server })
+        Some(PgDb {
+            url: scratch.url,
+            name: scratch.name,
+            server,
+        })
     }
 
     /// The database's name.
@@ -515,17 +512,7 @@ impl Drop for PgDb {
             else {
                 return;
             };
-            rt.block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&server).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await;
-                    let _ = conn.close().await;
-                }
-            });
+            let _ = rt.block_on(keel_store::postgres::drop_database(&server, &name));
         })
         .join();
     }

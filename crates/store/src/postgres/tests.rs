@@ -48,23 +48,21 @@ impl TestDb {
             std::env::var("KEEL_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_SERVER.to_string());
         let connected =
             tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&server));
-        let mut conn = match connected.await {
-            Ok(Ok(conn)) => conn,
+        match connected.await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
             Ok(Err(e)) => return unreachable(&server, &e.to_string()),
             Err(_) => return unreachable(&server, "timed out"),
         };
-        let name = format!("keel_test_{}", uuid::Uuid::now_v7().simple());
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
+        let scratch = super::create_database(&server, "keel_test")
             .await
             .expect("create the test database");
-        let _ = conn.close().await;
-        let url = PgConnectOptions::from_str(&server)
-            .expect("the server URL parses")
-            .database(&name)
-            .to_url_lossy()
-            .to_string();
-        Some(TestDb { url, name, server })
+        Some(TestDb {
+            url: scratch.url,
+            name: scratch.name,
+            server,
+        })
     }
 }
 
@@ -79,8 +77,7 @@ fn unreachable(server: &str, why: &str) -> Option<TestDb> {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let server = self.server.clone();
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let (server, name) = (self.server.clone(), self.name.clone());
         // Drop runs inside the test's runtime, which cannot block on a
         // future: use a runtime of its own on another thread.
         let dropped = std::thread::spawn(move || {
@@ -88,14 +85,7 @@ impl Drop for TestDb {
                 .enable_all()
                 .build()
                 .ok()?;
-            runtime.block_on(async {
-                let mut conn = PgConnection::connect(&server).await.ok()?;
-                sqlx::raw_sql(AssertSqlSafe(sql))
-                    .execute(&mut conn)
-                    .await
-                    .ok()?;
-                conn.close().await.ok()
-            })
+            runtime.block_on(super::drop_database(&server, &name)).ok()
         });
         if dropped.join().ok().flatten().is_none() {
             eprintln!("note: could not drop test database {}", self.name);
