@@ -593,6 +593,10 @@ async fn migrate(database_url: Option<&str>, db: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // What the server is configured with is checked before a store is
+    // opened (or migrated): a bad file or token changes nothing.
+    let config = load_config(args.config.as_deref())?;
+    let tokens = api_tokens(args.api_token.as_deref(), &config)?;
     if let Some(url) = &args.database_url {
         let mut options = keel_store::postgres::Options::new(url.clone());
         options.listen_url = args.database_listen_url.clone();
@@ -608,7 +612,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ),
             Err(e) => tracing::warn!(error = %e, "could not read the server's autovacuum setting"),
         }
-        return serve_on(store, &args, &redact_url(url)).await;
+        return serve_on(store, &args, &redact_url(url), config, tokens).await;
     }
     if args.role != Role::All {
         bail!(
@@ -619,7 +623,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let embedded = embedded::open(&args.db).await?;
     let store = embedded.store.clone();
     let described = args.db.display().to_string();
-    serve_on(store, &args, &described).await?;
+    serve_on(store, &args, &described, config, tokens).await?;
     drop(embedded);
     Ok(())
 }
@@ -630,6 +634,8 @@ async fn serve_on<S: keel_store::Store>(
     store: S,
     args: &ServeArgs,
     described: &str,
+    config: Arc<Config>,
+    tokens: Option<api::Tokens>,
 ) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let limits = service::Limits {
@@ -637,8 +643,6 @@ async fn serve_on<S: keel_store::Store>(
         max_pending_per_agent: args.max_pending_per_agent.filter(|n| *n > 0),
         retry_after: args.retry_after,
     };
-    let config = load_config(args.config.as_deref())?;
-    let tokens = api_tokens(args.api_token.as_deref(), &config)?;
     let breakers = keel_engine::Breakers::default();
     let process = breakers.process().to_string();
     // Stopped after the workers, so the spans of their last steps go too.

@@ -212,7 +212,8 @@ async fn tenants_see_and_touch_only_their_own_work() {
 }
 
 /// A tenant whose tokens cannot be read, or a token two tenants share,
-/// stops the server at start with the source named, never the token.
+/// stops the server at start, before it opens its store, with the source
+/// named, never the token.
 #[tokio::test]
 async fn tenant_tokens_are_checked_at_start() {
     let dir = TempDir::new();
@@ -250,4 +251,6 @@ async fn tenant_tokens_are_checked_at_start() {
     assert!(!ok);
     assert!(err.contains("each token acts as one tenant"), "{err}");
     assert!(!err.contains(ACME), "{err}");
+    // Checked before the store is opened: no database file was made.
+    assert!(!dir.db().exists());
 }
