@@ -50,7 +50,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::spec::{FieldError, check_name, human_duration, is_env_name, is_http_url, typed};
+use crate::ids::DEFAULT_TENANT;
+use crate::spec::{
+    Builtin, FieldError, Spec, check_name, env_refs, human_duration, is_env_name, is_http_url,
+    typed,
+};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +88,9 @@ pub struct Config {
 }
 
 /// A tenant: its own agents, runs, dead letters, approvals, usage and
-/// external-worker queues, reached with its own API tokens.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// external-worker queues, reached with its own API tokens, and what its
+/// agents may use of the server ([`tenant_violations`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Environment variable holding its API token (several, comma-separated,
@@ -95,6 +100,105 @@ pub struct TenantConfig {
     /// File holding them (a mounted secret), the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tokens_file: Option<String>,
+    /// The server's environment variables its specs may name (`${VAR}` in
+    /// a tool's headers or URL, `model.api_key_env`); none by default, so
+    /// a tenant cannot send the server's secrets anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// The configured providers its agents may use (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub providers: Option<Vec<String>>,
+    /// The configured MCP servers its agents may use (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_servers: Option<Vec<String>>,
+}
+
+/// What an agent of a tenant other than `default` may not do: name a
+/// server secret not in its `secrets`, a key file, a provider or MCP server
+/// outside its lists, or a built-in file tool (they read the server's
+/// files). Each error names the spec's field. `default` (the operator's)
+/// may do anything; a tenant the configuration does not name (any more)
+/// gets the defaults: no secrets, every provider and MCP server.
+pub fn tenant_violations(config: &Config, tenant: &str, spec: &Spec) -> Vec<FieldError> {
+    if tenant == DEFAULT_TENANT {
+        return Vec::new();
+    }
+    let fallback = TenantConfig::default();
+    let policy = config.tenants.get(tenant).unwrap_or(&fallback);
+    let mut errors = Vec::new();
+    let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+    let secret = |var: &str| policy.secrets.iter().any(|s| s == var);
+    let models = std::iter::once(("model".to_string(), &spec.model)).chain(
+        spec.model
+            .fallbacks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("model.fallbacks[{i}]"), m)),
+    );
+    for (at, model) in models {
+        if let Some(var) = &model.api_key_env
+            && !secret(var)
+        {
+            err(
+                format!("{at}.api_key_env"),
+                format!(
+                    "tenant `{tenant}` may not use the server's variable `{var}` (tenants.{tenant}.secrets)"
+                ),
+            );
+        }
+        let name = model.provider.name();
+        if let Some(allowed) = &policy.providers
+            && name != "scripted"
+            && !allowed.iter().any(|p| p == name)
+        {
+            err(
+                format!("{at}.provider"),
+                format!(
+                    "tenant `{tenant}` may not use provider `{name}` (tenants.{tenant}.providers)"
+                ),
+            );
+        }
+    }
+    for (i, tool) in spec.tools.iter().enumerate() {
+        let at = format!("tools[{i}]");
+        if let Some(http) = &tool.http {
+            let headers = http
+                .headers
+                .iter()
+                .map(|(n, v)| (format!("{at}.http.headers.{n}"), v));
+            for (field, text) in
+                std::iter::once((format!("{at}.http.url"), &http.url)).chain(headers)
+            {
+                for var in env_refs(text).filter(|var| !secret(var)) {
+                    err(
+                        field.clone(),
+                        format!(
+                            "tenant `{tenant}` may not use the server's variable `{var}` (tenants.{tenant}.secrets)"
+                        ),
+                    );
+                }
+            }
+        }
+        if matches!(tool.builtin, Some(Builtin::ReadFile | Builtin::ListFiles)) {
+            err(
+                format!("{at}.builtin"),
+                format!(
+                    "tenant `{tenant}` may not read the server's files: use an HTTP tool, an MCP server or a worker"
+                ),
+            );
+        }
+        if let (Some(server), Some(allowed)) = (&tool.mcp, &policy.mcp_servers)
+            && !allowed.contains(server)
+        {
+            err(
+                format!("{at}.mcp"),
+                format!(
+                    "tenant `{tenant}` may not use MCP server `{server}` (tenants.{tenant}.mcp_servers)"
+                ),
+            );
+        }
+    }
+    errors
 }
 
 impl TenantConfig {
@@ -630,6 +734,31 @@ impl Config {
                 }
                 _ => {}
             }
+            for (i, var) in tenant.secrets.iter().enumerate() {
+                if !is_env_name(var) {
+                    err(
+                        format!("{at}.secrets[{i}]"),
+                        "must name an environment variable (letters, digits, `_`)".into(),
+                    );
+                }
+            }
+            for (i, name) in tenant.providers.iter().flatten().enumerate() {
+                let built_in = ["openai", "anthropic", "scripted"].contains(&name.as_str());
+                if !built_in && !self.providers.contains_key(name) {
+                    err(
+                        format!("{at}.providers[{i}]"),
+                        format!("`{name}` is not a configured provider"),
+                    );
+                }
+            }
+            for (i, name) in tenant.mcp_servers.iter().flatten().enumerate() {
+                if !self.mcp_servers.contains_key(name) {
+                    err(
+                        format!("{at}.mcp_servers[{i}]"),
+                        format!("`{name}` is not a configured MCP server"),
+                    );
+                }
+            }
         }
         if errors.is_empty() {
             Ok(())
@@ -823,6 +952,83 @@ providers:
         assert_eq!(
             fields("tenants: {acme: {token: x}}"),
             ["tenants.acme.token"]
+        );
+    }
+
+    #[test]
+    fn a_tenant_runs_only_what_its_policy_allows() {
+        let config = Config::parse(
+            "providers:\n  eu: {kind: openai}\n  us: {kind: openai}\n\
+             mcp_servers:\n  github: {http: {url: 'http://gh/mcp'}}\n  search: {http: {url: 'http://s/mcp'}}\n\
+             tenants:\n  acme: {api_tokens_env: T, secrets: [ACME_KEY], providers: [eu, scripted], mcp_servers: [github]}\n",
+        )
+        .expect("valid");
+        let spec = |text: &str| {
+            crate::Agent::parse(&format!("name: a\nversion: 1\n{text}"))
+                .expect("a valid spec")
+                .spec
+        };
+        let fields = |tenant: &str, text: &str| -> Vec<String> {
+            tenant_violations(&config, tenant, &spec(text))
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        let tool = |http: &str| {
+            format!(
+                "model: {{provider: eu, model: m}}\ntools:\n  - {{name: t, description: d, parameters: {{type: object}}, http: {http}}}\n"
+            )
+        };
+        // Within the policy.
+        let fine = tool(
+            "{url: 'http://x/?key=${ACME_KEY}', headers: {Authorization: 'Bearer ${ACME_KEY}'}}",
+        );
+        assert_eq!(fields("acme", &fine), Vec::<String>::new());
+        // The server's other secrets, providers and file tools.
+        let secret = tool(
+            "{url: 'http://x/?key=${KEEL_WEBHOOK_SECRET}', headers: {X-Key: '${DB_PASSWORD}'}}",
+        );
+        assert_eq!(
+            fields("acme", &secret),
+            ["tools[0].http.url", "tools[0].http.headers.X-Key"]
+        );
+        assert_eq!(
+            fields(
+                "acme",
+                "model: {provider: openai, model: m, api_key_env: OPENAI_API_KEY, fallbacks: [{provider: us, model: m}, {provider: eu, model: m, api_key_env: ACME_KEY}]}\n"
+            ),
+            [
+                "model.api_key_env",
+                "model.provider",
+                "model.fallbacks[0].provider"
+            ]
+        );
+        let files = "model: {provider: scripted, model: m, script: [{content: hi}]}\ntools:\n  - {name: r, builtin: read_file, root: /etc}\n  - {mcp: search, allow: ['*']}\n  - {mcp: github, allow: ['*']}\n";
+        assert_eq!(fields("acme", files), ["tools[0].builtin", "tools[1].mcp"]);
+        // The operator's tenant may do anything; an unknown tenant gets the
+        // defaults (no secrets, every provider).
+        assert_eq!(fields("default", &secret), Vec::<String>::new());
+        assert_eq!(
+            fields("gone", &fine),
+            ["tools[0].http.url", "tools[0].http.headers.Authorization"]
+        );
+        let message = tenant_violations(&config, "acme", &spec(&secret))[0]
+            .message
+            .clone();
+        assert!(
+            message.contains("KEEL_WEBHOOK_SECRET") && message.contains("tenants.acme.secrets"),
+            "{message}"
+        );
+        // The lists name what the configuration has.
+        assert_eq!(
+            super::tests::fields(
+                "tenants: {a: {api_tokens_env: T, secrets: ['1X'], providers: [nope], mcp_servers: [none]}}"
+            ),
+            [
+                "tenants.a.secrets[0]",
+                "tenants.a.providers[0]",
+                "tenants.a.mcp_servers[0]"
+            ]
         );
     }
 

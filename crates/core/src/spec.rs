@@ -1910,6 +1910,14 @@ fn unfence(answer: &str) -> &str {
     }
 }
 
+/// The names of the `${VAR}` references in `text` (as written; checked
+/// by validation to be variable names).
+pub(crate) fn env_refs(text: &str) -> impl Iterator<Item = &str> {
+    text.split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+}
+
 /// Replaces each `${VAR}` in `value` using `lookup`; names a missing variable.
 pub fn expand_secrets(
     value: &str,

@@ -965,7 +965,8 @@ impl<S: Store> Gateway<S> {
 
 /// The model as called: the spec's, with the base URL and the key source of
 /// the configuration's entry for its provider where the spec names none
-/// (so an agent can name only `provider` and `model`), a configured
+/// (so an agent can name only `provider` and `model`; the key only when the
+/// call goes to the provider's own base URL), a configured
 /// provider's protocol in place of its name, and the provider's `timeout`
 /// where it is shorter than the spec's (the operator's ceiling). A name the
 /// configuration does not have stays as it is (the call fails, naming it).
@@ -975,7 +976,14 @@ pub fn resolve<'a>(config: &Config, model: &'a ModelSpec) -> Cow<'a, ModelSpec> 
     };
     let named = matches!(model.provider, Provider::Named(_));
     let fill_url = model.base_url.is_none() && provider.base_url.is_some();
-    let fill_key = model.api_key_env.is_none()
+    // A configured key goes only to the provider's own endpoint: a spec
+    // that points the provider elsewhere brings its own key, or none.
+    let own_endpoint = model
+        .base_url
+        .as_deref()
+        .is_none_or(|url| url == provider.base_url());
+    let fill_key = own_endpoint
+        && model.api_key_env.is_none()
         && model.api_key_file.is_none()
         && provider.key_source().is_some();
     let ceiling = provider.timeout.filter(|t| *t < model.timeout);
@@ -1167,6 +1175,29 @@ mod tests {
         assert_eq!(
             endpoint("openai", &resolved),
             "openai@http://llm.internal/v1"
+        );
+
+        // The configured key never goes to an endpoint the spec chose.
+        let elsewhere = model(
+            r#"{"provider": "openai", "model": "m", "base_url": "http://elsewhere.example/v1"}"#,
+        );
+        let resolved = resolve(&config, &elsewhere);
+        assert_eq!(
+            resolved.base_url.as_deref(),
+            Some("http://elsewhere.example/v1")
+        );
+        assert_eq!(
+            (
+                resolved.api_key_file.as_deref(),
+                resolved.api_key_env.as_deref()
+            ),
+            (None, None)
+        );
+        let same =
+            model(r#"{"provider": "openai", "model": "m", "base_url": "http://llm.internal/v1"}"#);
+        assert_eq!(
+            resolve(&config, &same).api_key_file.as_deref(),
+            Some("/run/k")
         );
 
         // What the spec says wins.

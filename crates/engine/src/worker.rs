@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use keel_core::config::Config;
+use keel_core::config::{Config, tenant_violations};
 use keel_core::message::Usage;
 use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, State, Status};
 use keel_core::spec::{ModelSpec, redact_url};
@@ -611,6 +611,16 @@ async fn step<S: Store>(
     }
     if state.status.is_terminal() {
         return finish_stale(inner, slot, task).await;
+    }
+    // Registration refused a spec its tenant may not run; the policy may
+    // have tightened since (a restart with a new configuration).
+    let violations = tenant_violations(&inner.options.config, &state.tenant, &agent.spec);
+    if let Some(first) = violations.first() {
+        let error = format!(
+            "agent `{}` version {} breaks its tenant's policy: {first}",
+            agent.spec.name, agent.spec.version
+        );
+        return give_up(inner, slot, task, &agent, error).await;
     }
     // A compensation whose workers kept dying is failed, not parked: the
     // others must still run (compensate_step).

@@ -864,7 +864,7 @@ fn load_spec(path: &Path) -> anyhow::Result<Agent> {
 async fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
     let agent = load_spec(&args.spec)?;
     let config = load_config(args.config.as_deref())?;
-    service::check_config(&config, &agent)
+    service::check_config(&config, DEFAULT_TENANT, &agent)
         .with_context(|| format!("in {}", args.spec.display()))?;
     let embedded = embedded::open(&args.db).await?;
     let store = embedded.store.clone();

@@ -1620,10 +1620,12 @@ impl<S: Store> Follow<S> {
 }
 
 /// Refuses a spec whose model (or a fallback) names a provider that is
-/// neither built in nor in `config`, or whose tools name an MCP server
-/// `config` does not have, naming the field.
+/// neither built in nor in `config`, whose tools name an MCP server
+/// `config` does not have, or that `tenant` may not run
+/// ([`keel_core::config::tenant_violations`]), naming the field.
 pub fn check_config(
     config: &keel_core::config::Config,
+    tenant: &str,
     agent: &Agent,
 ) -> Result<(), keel_core::spec::Error> {
     let model = &agent.spec.model;
@@ -1634,7 +1636,7 @@ pub fn check_config(
             .enumerate()
             .map(|(i, m)| (format!("model.fallbacks[{i}].provider"), m)),
     );
-    let mut errors = Vec::new();
+    let mut errors = keel_core::config::tenant_violations(config, tenant, &agent.spec);
     for (field, m) in models {
         if let keel_core::spec::Provider::Named(name) = &m.provider
             && config.provider(name).is_none()

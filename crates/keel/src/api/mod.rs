@@ -691,7 +691,7 @@ async fn put_agent<S: Store>(
         ));
     }
     let agent = Agent::parse(text)?;
-    service::check_config(&svc.providers.config, &agent)?;
+    service::check_config(&svc.providers.config, tenant.name(), &agent)?;
     let registered = svc.register(tenant.name(), &agent).await?;
     let status = match registered {
         Registered::Created => StatusCode::CREATED,

@@ -254,3 +254,109 @@ async fn tenant_tokens_are_checked_at_start() {
     // Checked before the store is opened: no database file was made.
     assert!(!dir.db().exists());
 }
+
+/// A tenant's agents may not name the server's secrets, read its files or
+/// use providers beyond its policy: registration answers 422 naming the
+/// field, and a run of a version registered under a looser policy is
+/// dead-lettered, not run, once the policy tightened.
+#[tokio::test]
+async fn a_tenants_policy_holds_at_registration_and_at_run_time() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let config = dir.0.join("keel.yaml");
+    let policy = |secrets: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "providers:\n  eu: {{kind: openai, base_url: '{llm}'}}\n\
+                 tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, secrets: [{secrets}], providers: [eu]}}\n",
+                llm = mock.llm_url()
+            ),
+        )
+        .expect("config");
+    };
+    policy("KEEL_TEST_SEARCH_KEY");
+    let db = dir.db();
+    let args = ["--config", config.to_str().expect("utf-8")];
+    let env = [
+        ("KEEL_TEST_ACME_TOKENS", ACME),
+        ("KEEL_TEST_SEARCH_KEY", "search-key-0123"),
+        ("KEEL_WEBHOOK_SECRET", "webhook-secret-0123456"),
+    ];
+    let server = Server::start_with_env(&db, &args, &env).await;
+    let acme = client_with_token(ACME);
+    let spec = |model: &str, tool: &str| {
+        format!(
+            "name: searcher\nversion: 1\nmodel: {model}\ntools:\n  - {{name: search, description: d, parameters: {{type: object}}, {tool}}}\n"
+        )
+    };
+    let echo = mock.tool_url("echo");
+    let register_as = |yaml: String| {
+        acme.post(server.url("/v1/agents"))
+            .header("content-type", "application/yaml")
+            .body(yaml)
+    };
+    for (yaml, field) in [
+        (
+            spec(
+                "{provider: eu, model: 'tools:1', api_key_env: KEEL_WEBHOOK_SECRET}",
+                &format!("http: {{url: '{echo}'}}"),
+            ),
+            "model.api_key_env",
+        ),
+        (
+            spec(
+                "{provider: eu, model: 'tools:1'}",
+                &format!(
+                    "http: {{url: '{echo}', headers: {{X-Token: '${{KEEL_TEST_ACME_TOKENS}}'}}}}"
+                ),
+            ),
+            "tools[0].http.headers.X-Token",
+        ),
+        (
+            spec(
+                "{provider: openai, model: 'tools:1'}",
+                &format!("http: {{url: '{echo}'}}"),
+            ),
+            "model.provider",
+        ),
+        (
+            spec(
+                "{provider: eu, model: 'tools:1'}",
+                "builtin: read_file, root: /etc",
+            ),
+            "tools[0].builtin",
+        ),
+    ] {
+        let (status, body) = call(register_as(yaml)).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["error"]["fields"][0]["field"], field, "{body}");
+        assert!(!body.to_string().contains("webhook-secret"), "{body}");
+    }
+    // Within the policy: registered, and it runs with the secret it names.
+    let allowed = spec(
+        "{provider: eu, model: 'tools:1'}",
+        &format!("http: {{url: '{echo}?key=${{KEEL_TEST_SEARCH_KEY}}'}}, idempotent: true"),
+    );
+    let (status, body) = call(register_as(allowed)).await;
+    assert_eq!(status, 201, "{body}");
+    let run = submit(&acme, &server, "searcher", "go").await;
+    let view = wait_terminal(&acme, &server, &run, Duration::from_secs(20)).await;
+    assert_eq!(view["status"], "COMPLETED", "{view}");
+
+    // The operator withdraws the secret: the registered version no longer runs.
+    drop(server);
+    policy("");
+    let server = Server::start_with_env(&db, &args, &env).await;
+    let run = submit(&acme, &server, "searcher", "again").await;
+    let view = wait_for(&acme, &server, &run, "a dead letter", |r| {
+        !r["dead_letter"].is_null()
+    })
+    .await;
+    let error = view["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("tenant's policy") && error.contains("KEEL_TEST_SEARCH_KEY"),
+        "{view}"
+    );
+    assert_eq!(view["steps"], json!([]), "nothing ran: {view}");
+}
