@@ -477,7 +477,7 @@ impl<S: Store> External<S> {
                 Vec::new()
             },
         };
-        let tally = crate::metrics::Tally::of(&state.agent, &append);
+        let tally = crate::metrics::Tally::of(&state.tenant, &state.agent, &append);
         match self.store.append(append).await {
             Ok(_) => {
                 if tally.ends_run() {

@@ -17,7 +17,7 @@
 //! the same in every process, so take one process's (`max without
 //! (instance)`), never their sum.
 //!
-//! Labels stay bounded: agents, providers, models, task kinds and tool
+//! Labels stay bounded: tenants, agents, providers, models, task kinds and tool
 //! kinds only (never a run id); each value is cut to [`MAX_LABEL_BYTES`],
 //! and a family keeps at most [`MAX_SERIES`] label sets, recording the rest
 //! under the value [`OVERFLOW`].
@@ -113,22 +113,22 @@ const TOOL_BUCKETS: &[f64] = &[
 /// ingest) or `child` (spawned by a parent run's `spawn_agents`).
 pub const RUNS_SUBMITTED: Desc = counter(
     "keel_runs_submitted_total",
-    "Runs created by this process, by agent and origin (request: API, CLI or NATS ingest; child: spawned by a parent run).",
-    &["agent", "origin"],
+    "Runs created by this process, by tenant, agent and origin (request: API, CLI or NATS ingest; child: spawned by a parent run).",
+    &["tenant", "agent", "origin"],
 );
 /// Runs this process ended (committed their terminal event).
 pub const RUNS_FINISHED: Desc = counter(
     "keel_runs_finished_total",
-    "Runs that ended in a commit of this process, by agent and terminal status (completed, failed, cancelled).",
-    &["agent", "status"],
+    "Runs that ended in a commit of this process, by tenant, agent and terminal status (completed, failed, cancelled).",
+    &["tenant", "agent", "status"],
 );
 /// Steps journaled by this process: `llm` an answered LLM call
 /// (`LlmCompleted`), `tool` a tool call's result (`ToolCallCompleted`, an
 /// external worker's included).
 pub const STEPS: Desc = counter(
     "keel_steps_total",
-    "Steps journaled by this process, by agent and kind (llm: an answered LLM call; tool: a tool call's result, external workers' included).",
-    &["agent", "kind"],
+    "Steps journaled by this process, by tenant, agent and kind (llm: an answered LLM call; tool: a tool call's result, external workers' included).",
+    &["tenant", "agent", "kind"],
 );
 /// LLM requests sent by this process, by how they ended.
 pub const LLM_REQUESTS: Desc = counter(
@@ -537,11 +537,11 @@ pub fn registry() -> &'static Registry {
     &REGISTRY
 }
 
-/// Counts a run created by a submission.
-pub fn run_submitted(agent: &str) {
+/// Counts a run of `tenant`'s `agent` created by a submission.
+pub fn run_submitted(tenant: &str, agent: &str) {
     REGISTRY
         .runs_submitted
-        .add(&[agent, Origin::Request.as_str()], 1.0);
+        .add(&[tenant, agent, Origin::Request.as_str()], 1.0);
 }
 
 /// An LLM request that was sent, and how it ended.
@@ -614,6 +614,7 @@ pub fn trace_spans_dropped(reason: &str, count: u64) {
 #[derive(Clone, Debug, Default)]
 #[must_use = "a tally counts nothing until it is recorded"]
 pub struct Tally {
+    tenant: String,
     agent: String,
     finished: Option<&'static str>,
     llm_steps: u32,
@@ -623,9 +624,11 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// The run's end and steps among `events` of a run of `agent`.
-    pub fn new(agent: &str, events: &[Event]) -> Tally {
+    /// The run's end and steps among `events` of a run of `tenant`'s
+    /// `agent`.
+    pub fn new(tenant: &str, agent: &str, events: &[Event]) -> Tally {
         let mut tally = Tally {
+            tenant: tenant.to_string(),
             agent: agent.to_string(),
             ..Tally::default()
         };
@@ -644,8 +647,8 @@ impl Tally {
 
     /// [`Tally::new`] of an append's events, with the task it moves to the
     /// dead-letter queue and the child runs it creates.
-    pub fn of(agent: &str, append: &Append) -> Tally {
-        let mut tally = Tally::new(agent, &append.events);
+    pub fn of(tenant: &str, agent: &str, append: &Append) -> Tally {
+        let mut tally = Tally::new(tenant, agent, &append.events);
         if let TaskUpdate::DeadLetter { .. } = append.task {
             tally.dead_lettered = append
                 .events
@@ -668,27 +671,28 @@ impl Tally {
     /// Counts what the commit did (call it once the commit went through).
     pub fn record(self) {
         let registry = &REGISTRY;
-        let agent = self.agent.as_str();
+        let (tenant, agent) = (self.tenant.as_str(), self.agent.as_str());
         if self.llm_steps > 0 {
             registry
                 .steps
-                .add(&[agent, "llm"], f64::from(self.llm_steps));
+                .add(&[tenant, agent, "llm"], f64::from(self.llm_steps));
         }
         if self.tool_steps > 0 {
             registry
                 .steps
-                .add(&[agent, "tool"], f64::from(self.tool_steps));
+                .add(&[tenant, agent, "tool"], f64::from(self.tool_steps));
         }
         if let Some(status) = self.finished {
-            registry.runs_finished.add(&[agent, status], 1.0);
+            registry.runs_finished.add(&[tenant, agent, status], 1.0);
         }
         if let Some(kind) = &self.dead_lettered {
             registry.dead_lettered.add(&[kind], 1.0);
         }
+        // A child is of its parent's tenant.
         for child in &self.children {
             registry
                 .runs_submitted
-                .add(&[child, Origin::Child.as_str()], 1.0);
+                .add(&[tenant, child, Origin::Child.as_str()], 1.0);
         }
     }
 }
@@ -890,16 +894,16 @@ test_up NaN
             registry.llm_duration.observe(&["p", "m"], seconds);
         }
         // Counters refuse what would make them go down or break.
-        registry.steps.add(&["a", "llm"], 2.0);
-        registry.steps.add(&["a", "llm"], -1.0);
-        registry.steps.add(&["a", "llm"], f64::NAN);
+        registry.steps.add(&["t", "a", "llm"], 2.0);
+        registry.steps.add(&["t", "a", "llm"], -1.0);
+        registry.steps.add(&["t", "a", "llm"], f64::NAN);
         // Long values are cut at a character boundary.
         let long = "é".repeat(MAX_LABEL_BYTES);
-        registry.steps.add(&[&long, "tool"], 1.0);
+        registry.steps.add(&["t", &long, "tool"], 1.0);
         for i in 0..MAX_SERIES + 5 {
             registry
                 .runs_finished
-                .add(&[&format!("agent-{i}"), "completed"], 1.0);
+                .add(&["t", &format!("agent-{i}"), "completed"], 1.0);
         }
         let mut out = Exposition::new();
         registry.write(&mut out);
@@ -934,20 +938,23 @@ test_up NaN
             .expect("a sum");
         assert!((sum - 500.35).abs() < 1e-9, "{sum}");
         assert_eq!(
-            line("keel_steps_total{agent=\"a\""),
-            ["keel_steps_total{agent=\"a\",kind=\"llm\"} 2"]
+            line("keel_steps_total{tenant=\"t\",agent=\"a\""),
+            ["keel_steps_total{tenant=\"t\",agent=\"a\",kind=\"llm\"} 2"]
         );
         let cut = format!(
-            "keel_steps_total{{agent=\"{}\",kind=\"tool\"}} 1",
+            "keel_steps_total{{tenant=\"t\",agent=\"{}\",kind=\"tool\"}} 1",
             "é".repeat(MAX_LABEL_BYTES / 2)
         );
-        assert_eq!(line("keel_steps_total{agent=\"é"), [cut.as_str()]);
+        assert_eq!(
+            line("keel_steps_total{tenant=\"t\",agent=\"é"),
+            [cut.as_str()]
+        );
         // At most MAX_SERIES label sets; the rest under the overflow value.
         let finished = line("keel_runs_finished_total{");
         assert_eq!(finished.len(), MAX_SERIES + 1);
         assert!(
             finished
-                .contains(&"keel_runs_finished_total{agent=\"_overflow\",status=\"_overflow\"} 5")
+                .contains(&"keel_runs_finished_total{tenant=\"_overflow\",agent=\"_overflow\",status=\"_overflow\"} 5")
         );
         // Every family has its HELP and TYPE lines, once, even without samples.
         for desc in [RUNS_SUBMITTED, TOOL_DURATION, TASKS_CLAIMED] {

@@ -504,7 +504,7 @@ async fn park_undecodable<S: Store>(inner: &Inner<S>, task: &Task, why: &str) {
         spawn: Vec::new(),
         wake: Vec::new(),
     };
-    let tally = metrics::Tally::of(&run.agent, &append);
+    let tally = metrics::Tally::of(&run.tenant, &run.agent, &append);
     match inner.store.append(append).await {
         Ok(_) => tally.record(),
         Err(e) => {
@@ -1549,7 +1549,7 @@ async fn commit<S: Store>(
         spawn,
         wake,
     };
-    let tally = metrics::Tally::of(&state.agent, &append);
+    let tally = metrics::Tally::of(&state.tenant, &state.agent, &append);
     let appended = match inner.store.append(append).await {
         Ok(a) => {
             if tally.ends_run() {

@@ -456,7 +456,7 @@ impl<S: Store> Service<S> {
         );
         drop(counting);
         if let Ok(Submitted { created: true, .. }) = submitted {
-            keel_engine::metrics::run_submitted(&spec.name);
+            keel_engine::metrics::run_submitted(&submit.tenant, &spec.name);
         }
         Ok(submitted?)
     }
@@ -608,7 +608,8 @@ impl<S: Store> Service<S> {
             } else {
                 Vec::new()
             };
-            let tally = keel_engine::metrics::Tally::new(&state.agent, &transition.events);
+            let tally =
+                keel_engine::metrics::Tally::new(&state.tenant, &state.agent, &transition.events);
             let appended = self
                 .store
                 .append(Append {
@@ -747,7 +748,7 @@ impl<S: Store> Service<S> {
         } else {
             Vec::new()
         };
-        let tally = keel_engine::metrics::Tally::new(&state.agent, &events);
+        let tally = keel_engine::metrics::Tally::new(&state.tenant, &state.agent, &events);
         self.store
             .append(Append {
                 run_id: state.run_id,

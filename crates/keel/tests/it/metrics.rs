@@ -330,16 +330,20 @@ async fn metrics_match_what_the_runs_did() {
     let m = scrape_until(&http, &server, |m| {
         m.sum("keel_runs_finished_total", &[]) >= 3.0
             && m.sum("keel_tasks_dead_lettered_total", &[]) >= 1.0
-            && m.get("keel_steps_total", &[("agent", "gated"), ("kind", "llm")]) >= 1.0
+            && m.get(
+                "keel_steps_total",
+                &[("tenant", "default"), ("agent", "gated"), ("kind", "llm")],
+            ) >= 1.0
     })
     .await;
     let agent = |name| ("agent", name);
+    let tenant = ("tenant", "default");
     // Runs in and out.
     for name in ["gated", "ext", "down"] {
         assert_eq!(
             m.get(
                 "keel_runs_submitted_total",
-                &[agent(name), ("origin", "request")]
+                &[tenant, agent(name), ("origin", "request")]
             ),
             1.0
         );
@@ -347,7 +351,7 @@ async fn metrics_match_what_the_runs_did() {
     assert_eq!(
         m.get(
             "keel_runs_submitted_total",
-            &[agent("busy"), ("origin", "request")]
+            &[tenant, agent("busy"), ("origin", "request")]
         ),
         3.0
     );
@@ -355,25 +359,37 @@ async fn metrics_match_what_the_runs_did() {
     assert_eq!(
         m.get(
             "keel_runs_finished_total",
-            &[agent("busy"), ("status", "completed")]
+            &[tenant, agent("busy"), ("status", "completed")]
         ),
         3.0
     );
     // Steps: the run rows' LLM steps, two tool results per busy run.
     assert_eq!(
-        m.get("keel_steps_total", &[agent("busy"), ("kind", "llm")]),
+        m.get(
+            "keel_steps_total",
+            &[tenant, agent("busy"), ("kind", "llm")]
+        ),
         steps as f64
     );
     assert_eq!(
-        m.get("keel_steps_total", &[agent("busy"), ("kind", "tool")]),
+        m.get(
+            "keel_steps_total",
+            &[tenant, agent("busy"), ("kind", "tool")]
+        ),
         6.0
     );
     assert_eq!(
-        m.get("keel_steps_total", &[agent("gated"), ("kind", "llm")]),
+        m.get(
+            "keel_steps_total",
+            &[tenant, agent("gated"), ("kind", "llm")]
+        ),
         1.0
     );
     assert_eq!(
-        m.get("keel_steps_total", &[agent("gated"), ("kind", "tool")]),
+        m.get(
+            "keel_steps_total",
+            &[tenant, agent("gated"), ("kind", "tool")]
+        ),
         0.0
     );
     // LLM requests, tokens and cost as the run rows count them.
@@ -520,10 +536,17 @@ async fn processes_on_postgres_agree_on_the_store_gauges() {
     }
     wait_status(&http, &api, &ext, "AWAITING_TOOL").await;
 
-    let completed = [("agent", "pg"), ("status", "completed")];
+    let completed = [
+        ("tenant", "default"),
+        ("agent", "pg"),
+        ("status", "completed"),
+    ];
     let on_worker = scrape_until(&http, &worker, |m| {
         m.get("keel_runs_finished_total", &completed) >= 4.0
-            && m.get("keel_steps_total", &[("agent", "ext"), ("kind", "llm")]) >= 1.0
+            && m.get(
+                "keel_steps_total",
+                &[("tenant", "default"), ("agent", "ext"), ("kind", "llm")],
+            ) >= 1.0
     })
     .await;
     let on_api = scrape(&http, &api).await;
@@ -548,17 +571,27 @@ async fn processes_on_postgres_agree_on_the_store_gauges() {
     assert_eq!(on_api.sum("keel_runs_unfinished", &[]), 1.0);
     // Each process counts what it did: the API took the submissions, the
     // worker made the steps.
-    let submitted = [("agent", "pg"), ("origin", "request")];
+    let submitted = [
+        ("tenant", "default"),
+        ("agent", "pg"),
+        ("origin", "request"),
+    ];
     assert_eq!(on_api.get("keel_runs_submitted_total", &submitted), 4.0);
     assert_eq!(on_worker.get("keel_runs_submitted_total", &submitted), 0.0);
     assert_eq!(on_worker.get("keel_runs_finished_total", &completed), 4.0);
     assert_eq!(on_api.sum("keel_runs_finished_total", &[]), 0.0);
     assert_eq!(
-        on_worker.get("keel_steps_total", &[("agent", "pg"), ("kind", "llm")]),
+        on_worker.get(
+            "keel_steps_total",
+            &[("tenant", "default"), ("agent", "pg"), ("kind", "llm")]
+        ),
         8.0
     );
     assert_eq!(
-        on_worker.get("keel_steps_total", &[("agent", "pg"), ("kind", "tool")]),
+        on_worker.get(
+            "keel_steps_total",
+            &[("tenant", "default"), ("agent", "pg"), ("kind", "tool")]
+        ),
         4.0
     );
 

@@ -205,6 +205,21 @@ async fn tenants_see_and_touch_only_their_own_work() {
         let r = operator.get(server.url(path)).send().await.expect("get");
         assert_eq!(r.status(), 200, "{path}");
     }
+    // Where the operator tells the tenants' runs apart.
+    let metrics = operator
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for tenant in ["acme", "globex"] {
+        let submitted = format!(
+            "keel_runs_submitted_total{{tenant=\"{tenant}\",agent=\"helper\",origin=\"request\"}}"
+        );
+        assert!(metrics.contains(&submitted), "{submitted}: {metrics}");
+    }
     // And no tenant token is refused or leaked: a wrong one is 401.
     let (status, _) =
         call(client_with_token("not-a-token-0123456789abcdef").get(server.url("/v1/runs"))).await;
