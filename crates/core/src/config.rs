@@ -111,6 +111,11 @@ pub struct TenantConfig {
     /// The configured MCP servers its agents may use (all when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp_servers: Option<Vec<String>>,
+    /// Environment variable holding the secret its callbacks and approval
+    /// notifications are signed with (never the server's
+    /// `--webhook-secret`, which is the operator's; unsigned without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_env: Option<String>,
 }
 
 /// What an agent of a tenant other than `default` may not do: name a
@@ -733,6 +738,15 @@ impl Config {
                     err(format!("{at}.api_tokens_file"), "must not be empty".into())
                 }
                 _ => {}
+            }
+            if let Some(var) = &tenant.webhook_secret_env
+                && !is_env_name(var)
+            {
+                err(
+                    format!("{at}.webhook_secret_env"),
+                    "must name an environment variable (letters, digits, `_`), not hold the secret"
+                        .into(),
+                );
             }
             for (i, var) in tenant.secrets.iter().enumerate() {
                 if !is_env_name(var) {

@@ -11,11 +11,16 @@
 //! `type`), `Keel-Delivery`, and with a secret
 //! `Keel-Signature: t=<epoch ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`:
 //! the receiver recomputes it over the raw body and refuses old timestamps.
+//! The secret is the run's tenant's: the server's (`--webhook-secret`) for
+//! `default`, the tenant's own (`tenants.<name>.webhook_secret_env`) for
+//! another, so no tenant holds a secret that verifies another's calls.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
+use keel_core::ids::DEFAULT_TENANT;
 use keel_core::run::State;
 use keel_core::spec::redact_url;
 use keel_core::{Agent, Millis};
@@ -38,25 +43,41 @@ pub fn backoff(attempt: u32) -> Duration {
 #[derive(Clone)]
 pub struct Webhooks {
     http: reqwest::Client,
-    secret: Option<Arc<[u8]>>,
+    /// Signing secrets by tenant (`default`: the server's).
+    secrets: Arc<HashMap<String, Arc<[u8]>>>,
 }
 
 impl Webhooks {
-    /// Notifications over `http`, signed with `secret` when given.
-    pub fn new(http: reqwest::Client, secret: Option<&str>) -> Webhooks {
+    /// Notifications over `http`, signed with `secret` (the server's, for
+    /// the `default` tenant) and each other tenant's own of `tenants`,
+    /// when given.
+    pub fn new(
+        http: reqwest::Client,
+        secret: Option<&str>,
+        tenants: &HashMap<String, String>,
+    ) -> Webhooks {
+        let server = secret.map(|s| (DEFAULT_TENANT.to_string(), s.to_string()));
+        let secrets = tenants
+            .iter()
+            .filter(|(tenant, _)| tenant.as_str() != DEFAULT_TENANT)
+            .map(|(tenant, s)| (tenant.clone(), s.clone()))
+            .chain(server)
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(tenant, s)| (tenant, Arc::from(s.as_bytes())))
+            .collect();
         Webhooks {
             http,
-            secret: secret
-                .filter(|s| !s.is_empty())
-                .map(|s| Arc::from(s.as_bytes())),
+            secrets: Arc::new(secrets),
         }
     }
 
-    /// POSTs `body` to `url`; an error says why it was not delivered (a
-    /// non-2xx answer, a timeout, a refused connection), showing `url`
-    /// without credentials or query values.
+    /// POSTs `body` about a run of `tenant` to `url`, signed with the
+    /// tenant's secret; an error says why it was not delivered (a non-2xx
+    /// answer, a timeout, a refused connection), showing `url` without
+    /// credentials or query values.
     pub async fn deliver(
         &self,
+        tenant: &str,
         url: &str,
         body: &Value,
         delivery: &str,
@@ -71,7 +92,7 @@ impl Webhooks {
             .header("content-type", "application/json")
             .header("keel-event", kind)
             .header("keel-delivery", delivery);
-        if let Some(secret) = &self.secret {
+        if let Some(secret) = self.secrets.get(tenant) {
             request = request.header("keel-signature", signature(secret, now, &bytes));
         }
         let response = request

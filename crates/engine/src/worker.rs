@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use keel_core::config::{Config, tenant_violations};
+use keel_core::ids::DEFAULT_TENANT;
 use keel_core::message::Usage;
 use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, State, Status};
 use keel_core::spec::{ModelSpec, redact_url};
@@ -66,6 +67,8 @@ pub struct Options {
     pub breakers: Breakers,
     /// Secret signing webhook notifications (`Keel-Signature`); unsigned when `None`.
     pub webhook_secret: Option<String>,
+    /// Each tenant's own webhook secret, by tenant name.
+    pub tenant_webhook_secrets: std::collections::HashMap<String, String>,
 }
 
 /// Shows whether there is a webhook secret, never the secret.
@@ -95,6 +98,7 @@ impl Default for Options {
             config: Arc::default(),
             breakers: Breakers::default(),
             webhook_secret: None,
+            tenant_webhook_secrets: std::collections::HashMap::new(),
         }
     }
 }
@@ -212,7 +216,11 @@ impl<S: Store> Engine<S> {
                 llm: llm::Client::new(http.clone()),
                 tools: Tools::new(http.clone()).with_mcp(mcp.clone()),
                 mcp,
-                webhooks: Webhooks::new(http.clone(), options.webhook_secret.as_deref()),
+                webhooks: Webhooks::new(
+                    http.clone(),
+                    options.webhook_secret.as_deref(),
+                    &options.tenant_webhook_secrets,
+                ),
                 http,
                 owner: format!("worker-{}", uuid::Uuid::now_v7()),
                 options,
@@ -1317,7 +1325,12 @@ async fn deliver<S: Store>(
     what: &str,
 ) -> Result<Next, StoreError> {
     let delivery = task.lease.task_id.to_string();
-    match inner.webhooks.deliver(url, body, &delivery, at).await {
+    let tenant = slot.as_ref().map_or(DEFAULT_TENANT, |s| s.tenant.as_str());
+    match inner
+        .webhooks
+        .deliver(tenant, url, body, &delivery, at)
+        .await
+    {
         Ok(()) => {
             debug!(run_id = %task.run_id, step = task.step, url = %redact_url(url), "{what} delivered");
             finish_stale(inner, slot, task).await

@@ -383,6 +383,28 @@ fn api_tokens(flag: Option<&str>, config: &Config) -> anyhow::Result<Option<api:
     Ok((!tokens.is_empty()).then_some(tokens))
 }
 
+/// Each tenant's webhook secret (`tenants.<name>.webhook_secret_env`),
+/// read now; an unset or empty variable stops the server, naming it.
+fn tenant_webhook_secrets(
+    config: &Config,
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut secrets = std::collections::HashMap::new();
+    for (name, tenant) in &config.tenants {
+        let Some(var) = &tenant.webhook_secret_env else {
+            continue;
+        };
+        match std::env::var(var) {
+            Ok(secret) if !secret.trim().is_empty() => {
+                secrets.insert(name.clone(), secret);
+            }
+            _ => bail!(
+                "tenant `{name}`: environment variable {var} (tenants.{name}.webhook_secret_env) is not set or empty"
+            ),
+        }
+    }
+    Ok(secrets)
+}
+
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Arc<Config>> {
     let Some(path) = path else {
         return Ok(Arc::default());
@@ -594,9 +616,13 @@ async fn migrate(database_url: Option<&str>, db: &Path) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // What the server is configured with is checked before a store is
-    // opened (or migrated): a bad file or token changes nothing.
+    // opened (or migrated): a bad file, token or secret changes nothing.
     let config = load_config(args.config.as_deref())?;
-    let tokens = api_tokens(args.api_token.as_deref(), &config)?;
+    let setup = Setup {
+        tokens: api_tokens(args.api_token.as_deref(), &config)?,
+        webhook_secrets: tenant_webhook_secrets(&config)?,
+        config,
+    };
     if let Some(url) = &args.database_url {
         let mut options = keel_store::postgres::Options::new(url.clone());
         options.listen_url = args.database_listen_url.clone();
@@ -612,7 +638,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ),
             Err(e) => tracing::warn!(error = %e, "could not read the server's autovacuum setting"),
         }
-        return serve_on(store, &args, &redact_url(url), config, tokens).await;
+        return serve_on(store, &args, &redact_url(url), setup).await;
     }
     if args.role != Role::All {
         bail!(
@@ -623,9 +649,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let embedded = embedded::open(&args.db).await?;
     let store = embedded.store.clone();
     let described = args.db.display().to_string();
-    serve_on(store, &args, &described, config, tokens).await?;
+    serve_on(store, &args, &described, setup).await?;
     drop(embedded);
     Ok(())
+}
+
+/// What `keel serve` read and checked before opening its store.
+struct Setup {
+    /// The server configuration (`--config`).
+    config: Arc<Config>,
+    /// The API tokens, if any ([`api_tokens`]).
+    tokens: Option<api::Tokens>,
+    /// Each tenant's own webhook secret ([`tenant_webhook_secrets`]).
+    webhook_secrets: std::collections::HashMap<String, String>,
 }
 
 /// Serves the API and/or runs workers (per `--role`) on any store, until
@@ -634,9 +670,13 @@ async fn serve_on<S: keel_store::Store>(
     store: S,
     args: &ServeArgs,
     described: &str,
-    config: Arc<Config>,
-    tokens: Option<api::Tokens>,
+    setup: Setup,
 ) -> anyhow::Result<()> {
+    let Setup {
+        config,
+        tokens,
+        webhook_secrets,
+    } = setup;
     let cancel = CancellationToken::new();
     let limits = service::Limits {
         max_pending: (args.max_pending > 0).then_some(args.max_pending),
@@ -668,6 +708,7 @@ async fn serve_on<S: keel_store::Store>(
             config,
             breakers,
             webhook_secret: args.webhook_secret.clone(),
+            tenant_webhook_secrets: webhook_secrets,
             ..Options::default()
         };
         Some(tokio::spawn(

@@ -375,3 +375,66 @@ async fn a_tenants_policy_holds_at_registration_and_at_run_time() {
     );
     assert_eq!(view["steps"], json!([]), "nothing ran: {view}");
 }
+
+/// A tenant's callbacks are signed with its own secret, never the
+/// server's; a tenant without one gets them unsigned.
+#[tokio::test]
+async fn callbacks_are_signed_with_the_tenants_own_secret() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let config = dir.0.join("keel.yaml");
+    std::fs::write(
+        &config,
+        "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS, webhook_secret_env: KEEL_TEST_ACME_HOOKS}\n  globex: {api_tokens_env: KEEL_TEST_GLOBEX_TOKENS}\n",
+    )
+    .expect("config");
+    const SERVER_SECRET: &str = "server-webhook-secret-0123";
+    const ACME_SECRET: &str = "acme-webhook-secret-0123";
+    let server = Server::start_with_env(
+        &dir.db(),
+        &["--config", config.to_str().expect("utf-8")],
+        &[
+            ("KEEL_TEST_ACME_TOKENS", ACME),
+            ("KEEL_TEST_GLOBEX_TOKENS", GLOBEX),
+            ("KEEL_TEST_ACME_HOOKS", ACME_SECRET),
+            ("KEEL_WEBHOOK_SECRET", SERVER_SECRET),
+        ],
+    )
+    .await;
+    let done = "name: done\nversion: 1\nmodel: {provider: scripted, model: s, script: [{content: finished}]}\n";
+    for (token, name) in [(ACME, "acme"), (GLOBEX, "globex")] {
+        let http = client_with_token(token);
+        register(&http, &server, done).await;
+        let body = json!({"agent": "done", "input": "go", "callback_url": mock.hook_url(name)});
+        submit_with(&http, server.url("/v1/runs"), &body, &[]).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let hooks = loop {
+        let hooks = mock.counters.hooks();
+        if hooks.len() >= 2 {
+            break hooks;
+        }
+        assert!(std::time::Instant::now() < deadline, "{hooks:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for hook in &hooks {
+        assert_eq!(hook.event.as_deref(), Some("run.completed"), "{hook:?}");
+        match hook.name.as_str() {
+            "acme" => {
+                let signature = hook.signature.clone().expect("signed");
+                let t: i64 = signature
+                    .strip_prefix("t=")
+                    .and_then(|rest| rest.split(',').next())
+                    .and_then(|t| t.parse().ok())
+                    .expect("a timestamp");
+                let with = |secret: &str| {
+                    keel_engine::webhook::signature(secret.as_bytes(), t, hook.body.as_bytes())
+                };
+                assert_eq!(signature, with(ACME_SECRET));
+                assert_ne!(signature, with(SERVER_SECRET));
+            }
+            "globex" => assert_eq!(hook.signature, None, "{hook:?}"),
+            other => panic!("unexpected hook {other}"),
+        }
+    }
+}
