@@ -1,8 +1,9 @@
 // The console's logic, without a DOM: the pure helpers here, and the
 // `Client` against a live `keel serve` (KEEL_URL, KEEL_TOKEN) that the Rust
 // test `console::the_console_script_drives_a_live_server` starts with:
-// 3 runs of `gate` parked on an approval, 2 completed runs of `plain` and a
-// dead-lettered run of `doomed`. Run by hand: `node --test <this file>`.
+// 4 runs of `gate` parked on an approval, 2 completed runs of `plain` and a
+// dead-lettered run of `doomed`. The page itself is rendered into a small
+// stand-in DOM (`FakeDocument`) at the end. Run by hand: `node --test <this file>`.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -11,6 +12,88 @@ import {
   ApiError, Client, SseParser, decisionBody, errorText, parseArguments, pendingApprovals,
   route, runFields, runRows, stepItems,
 } from "../../src/api/console/console.js";
+
+/** A stand-in for the few DOM parts the page uses (elements, text, events). */
+class FakeElement {
+  constructor(tag) {
+    this.tagName = tag.toUpperCase();
+    this.childNodes = [];
+    this.listeners = {};
+    this.value = "";
+  }
+  append(...nodes) {
+    for (const node of nodes) {
+      // A browser would show null as the text "null".
+      assert.ok(node !== null && node !== undefined, `${node} appended to a ${this.tagName}`);
+      this.childNodes.push(typeof node === "string" ? new FakeText(node) : node);
+    }
+  }
+  replaceChildren(...nodes) {
+    this.childNodes = [];
+    this.append(...nodes);
+  }
+  addEventListener(type, listener) {
+    (this.listeners[type] ??= []).push(listener);
+  }
+  /** Runs the listeners of `type`; resolves when they have. */
+  dispatch(type) {
+    return Promise.all((this.listeners[type] ?? []).map((listener) => listener({ preventDefault() {} })));
+  }
+  get textContent() {
+    return this.childNodes.map((node) => node.textContent).join("");
+  }
+  set textContent(text) {
+    this.childNodes = text ? [new FakeText(String(text))] : [];
+  }
+  /** Every element below this one, depth first. */
+  *all() {
+    for (const node of this.childNodes) {
+      if (node instanceof FakeElement) {
+        yield node;
+        yield* node.all();
+      }
+    }
+  }
+  button(label) {
+    const found = [...this.all()].find((e) => e.tagName === "BUTTON" && e.textContent === label);
+    assert.ok(found, `no button "${label}" in: ${this.textContent}`);
+    return found;
+  }
+}
+
+class FakeText {
+  constructor(text) {
+    this.data = text;
+  }
+  get textContent() {
+    return this.data;
+  }
+}
+
+/** Installs a stand-in `document`, `window`, `location` and `sessionStorage`. */
+function fakeBrowser(baseUrl, token, by) {
+  const elements = Object.fromEntries(["view", "notice", "token", "by", "settings"].map((id) => [id, new FakeElement("div")]));
+  const storage = new Map([["keel.token", token], ["keel.by", by]]);
+  const window = new FakeElement("window");
+  const realFetch = globalThis.fetch;
+  Object.assign(globalThis, {
+    document: {
+      createElement: (tag) => new FakeElement(tag),
+      createTextNode: (text) => new FakeText(text),
+      getElementById: (id) => elements[id],
+    },
+    window,
+    location: { hash: "" },
+    sessionStorage: { getItem: (k) => storage.get(k) ?? null, setItem: (k, v) => storage.set(k, v) },
+    // The page calls its own origin: here, the server's.
+    fetch: (url, init) => realFetch(new URL(url, baseUrl), init),
+  });
+  const go = (hash) => {
+    globalThis.location.hash = hash;
+    return window.dispatch("hashchange");
+  };
+  return { ...elements, go };
+}
 
 test("the SSE parser reads events split anywhere", () => {
   const stream = ": keep-alive\r\nid: 1\r\nevent: run_submitted\r\ndata: {\"seq\":1}\r\n\r\n"
@@ -98,9 +181,9 @@ test("the client against a live server", { skip: !process.env.KEEL_URL && "KEEL_
       cursor = page.next_cursor;
       pages += 1;
     } while (cursor);
-    assert.equal(seen.length, 6, `${seen}`);
-    assert.equal(new Set(seen).size, 6, "no run twice");
-    assert.ok(pages >= 3);
+    assert.equal(seen.length, 7, `${seen}`);
+    assert.equal(new Set(seen).size, 7, "no run twice");
+    assert.equal(pages, 4);
     const completed = await client.listRuns({ status: "COMPLETED", agent: "plain" });
     assert.equal(completed.runs.length, 2);
     assert.equal(completed.next_cursor, null);
@@ -121,7 +204,7 @@ test("the client against a live server", { skip: !process.env.KEEL_URL && "KEEL_
       approvals.push(...page.approvals);
       cursor = page.next_cursor;
     } while (cursor);
-    assert.equal(approvals.length, 3, JSON.stringify(approvals));
+    assert.equal(approvals.length, 4, JSON.stringify(approvals));
     for (const a of approvals) {
       assert.equal(a.agent, "gate");
       assert.equal(a.tool, "echo");
@@ -191,7 +274,7 @@ test("the client against a live server", { skip: !process.env.KEEL_URL && "KEEL_
     const run = await client.getRun(approval.run_id);
     assert.equal(run.status, "CANCELLED");
     assert.equal(run.approvals[0].status, "void");
-    assert.equal((await client.inbox()).approvals.length, 0);
+    assert.equal((await client.inbox()).approvals.length, 1);
   });
 
   await t.test("a dead letter is retried", async () => {
@@ -201,6 +284,56 @@ test("the client against a live server", { skip: !process.env.KEEL_URL && "KEEL_
     assert.deepEqual(answer, { id: letters[0].id, run_id: letters[0].run_id, status: "requeued" });
     await assert.rejects(client.retryDeadLetter("not-a-task"), (e) => e.code === "not_found");
   });
+
+  await t.test("the page renders each view and decides an approval", async () => {
+    const approval = approvals[3];
+    const page = fakeBrowser(process.env.KEEL_URL, process.env.KEEL_TOKEN, "dom tester");
+    await import("../../src/api/console/console.js?page");
+    try {
+      await decideOnThePage(page, approval);
+    } finally {
+      // Leaving the run's view stops following its stream.
+      await page.go("#runs");
+    }
+  });
+
+  async function decideOnThePage(page, approval) {
+    const text = () => page.view.textContent;
+    await eventually("the runs view", text, (t) => t.includes("Runs") && t.includes(approval.run_id));
+    assert.equal([...page.view.all()].filter((e) => e.tagName === "TR").length, 8, "a header and 7 runs");
+
+    await page.go(`#run/${approval.run_id}`);
+    assert.match(text(), /StatusAWAITING_APPROVAL/);
+    assert.match(text(), /Waiting for a decision/);
+    assert.ok(![...page.view.all()].some((e) => e.tagName === "DD" && e.textContent === ""));
+    const [rejectReason, edited] = [...page.view.all()].filter((e) => ["INPUT", "TEXTAREA"].includes(e.tagName));
+    assert.equal(edited.value, "{\n  \"n\": 1\n}");
+    await page.view.button("Reject").dispatch("click");
+    assert.match(text(), /a rejection needs a reason/);
+    edited.value = "{\"n\": ";
+    await page.view.button("Approve with these arguments").dispatch("click");
+    assert.match(text(), /the arguments are not JSON/);
+    assert.equal(rejectReason.value, "");
+    edited.value = "{\"n\": 7}";
+    await page.view.button("Approve with these arguments").dispatch("click");
+    // The live stream refreshes the view until the run has completed.
+    await eventually("the live view", text, (t) => t.includes("COMPLETED") && t.includes("approved by dom tester"));
+    const run = await client.getRun(approval.run_id);
+    assert.deepEqual(run.approvals[0].edited_arguments, { n: 7 });
+
+    await page.go("#approvals");
+    assert.match(text(), /Nothing is waiting/);
+    await page.go("#dlq");
+    assert.match(text(), /Dead letters/);
+    await page.go("#nowhere");
+    assert.match(text(), /Runs/);
+    assert.equal(page.notice.textContent, "");
+
+    // Without a token the notice says one is needed.
+    page.token.value = "";
+    await page.settings.dispatch("submit");
+    assert.equal(page.notice.textContent, "this server needs an API token: enter it above");
+  }
 
   await t.test("without the token the API says so", async () => {
     const anonymous = new Client({ baseUrl: process.env.KEEL_URL });

@@ -125,7 +125,7 @@ async fn the_console_script_drives_a_live_server() {
         "retry: {max_attempts: 1}",
     );
     register(&http, &server, &doomed).await;
-    for n in 0..3 {
+    for n in 0..4 {
         let id = submit(&http, &server, "gate", &format!("pay bill {n}")).await;
         wait_for(&http, &server, &id, "parking", |r| {
             r["status"] == "AWAITING_APPROVAL"
@@ -151,6 +151,7 @@ async fn the_console_script_drives_a_live_server() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(node)
             .arg("--test")
+            .arg("--test-timeout=60000")
             .arg(test)
             .env("KEEL_URL", url)
             .env("KEEL_TOKEN", TOKEN)

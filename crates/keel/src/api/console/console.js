@@ -354,7 +354,7 @@ function h(tag, props = {}, ...children) {
     if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node[key] = value;
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(typeof child === "string" ? document.createTextNode(child) : child);
   }
@@ -381,8 +381,9 @@ async function attempt(action, where) {
   }
 }
 
+/** Replaces the view with `nodes` (null ones left out). */
 function show(...nodes) {
-  ui.view.replaceChildren(...nodes);
+  ui.view.replaceChildren(...nodes.filter(Boolean));
 }
 
 function runLink(id) {
@@ -564,7 +565,7 @@ function start() {
     sessionStorage.setItem("keel.token", token.value);
     sessionStorage.setItem("keel.by", by.value);
     ui.client.token = token.value;
-    render();
+    return render();
   });
   window.addEventListener("hashchange", render);
   render();
