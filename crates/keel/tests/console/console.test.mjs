@@ -23,8 +23,9 @@ class FakeElement {
   }
   append(...nodes) {
     for (const node of nodes) {
-      // A browser would show null as the text "null".
-      assert.ok(node !== null && node !== undefined, `${node} appended to a ${this.tagName}`);
+      // A browser would show anything else as text ("null", "[object HTMLDivElement]").
+      assert.ok(typeof node === "string" || node instanceof FakeElement || node instanceof FakeText,
+        `${node} appended to a ${this.tagName}`);
       this.childNodes.push(typeof node === "string" ? new FakeText(node) : node);
     }
   }
@@ -301,6 +302,10 @@ test("the client against a live server", { skip: !process.env.KEEL_URL && "KEEL_
     const text = () => page.view.textContent;
     await eventually("the runs view", text, (t) => t.includes("Runs") && t.includes(approval.run_id));
     assert.equal([...page.view.all()].filter((e) => e.tagName === "TR").length, 8, "a header and 7 runs");
+
+    await page.go("#approvals");
+    assert.match(text(), /Approve echo\?/);
+    assert.match(text(), new RegExp(`Run${approval.run_id}`));
 
     await page.go(`#run/${approval.run_id}`);
     assert.match(text(), /StatusAWAITING_APPROVAL/);

@@ -381,9 +381,9 @@ async function attempt(action, where) {
   }
 }
 
-/** Replaces the view with `nodes` (null ones left out). */
+/** Replaces the view with `nodes` (lists flattened, null ones left out). */
 function show(...nodes) {
-  ui.view.replaceChildren(...nodes.filter(Boolean));
+  ui.view.replaceChildren(...nodes.flat(Infinity).filter(Boolean));
 }
 
 function runLink(id) {
