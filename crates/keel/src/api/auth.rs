@@ -2,7 +2,8 @@
 //! several separated by commas, so a new one can be rolled out before the
 //! old one is withdrawn), or tenants' tokens in the server configuration
 //! (`tenants.<name>.api_tokens_env` / `api_tokens_file`), every route but
-//! the probes (`/healthz`, `/readyz`) and `/openapi.json` needs
+//! the probes (`/healthz`, `/readyz`), `/openapi.json` and the console's
+//! static files (`/console`; its calls to the API send the token) needs
 //! `Authorization: Bearer <token>`. A token acts as one tenant (those of
 //! `--api-token` as `default`, the operator's): the handlers read it with
 //! the [`Tenant`] extractor. Tokens are compared by their SHA-256 digests
@@ -22,8 +23,16 @@ use sha2::{Digest, Sha256};
 
 use super::Error;
 
-/// Routes anyone may call: the orchestrator's probes and the API's description.
-const PUBLIC: [&str; 3] = ["/healthz", "/readyz", "/openapi.json"];
+/// Routes anyone may call: the orchestrator's probes, the API's
+/// description and the console's files (they hold no data).
+const PUBLIC: [&str; 6] = [
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/console",
+    "/console/console.js",
+    "/console/console.css",
+];
 
 /// The tokens a request may present, as digests, each with its tenant.
 #[derive(Clone, Default)]

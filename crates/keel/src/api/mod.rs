@@ -1,9 +1,11 @@
 //! The HTTP API (JSON): runs, their event streams (SSE), agents, usage
-//! and cost, the dead-letter queue, health, Prometheus metrics (`metrics`).
+//! and cost, the dead-letter queue, health, Prometheus metrics (`metrics`),
+//! and the web console (`console`) calling them.
 //! Handlers parse and answer; what they do to runs lives in
 //! [`crate::service`].
 
 mod auth;
+mod console;
 mod error;
 mod metrics;
 mod openapi;
@@ -45,6 +47,9 @@ pub fn router<S: Store>(service: Service<S>) -> Router {
         .route("/readyz", get(readyz::<S>))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::metrics::<S>))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
+        .route("/console/console.css", get(console::style))
         .route("/v1/runs", post(submit::<S>).get(list_runs::<S>))
         .route("/v1/runs/{id}", get(get_run::<S>).delete(delete_run::<S>))
         .route("/v1/runs/{id}/events", get(events::<S>))

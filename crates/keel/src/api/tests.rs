@@ -299,3 +299,19 @@ async fn every_documented_operation_is_served_and_other_methods_are_refused() {
     }
     remove(&path);
 }
+
+#[tokio::test]
+async fn only_the_api_router_serves_the_console() {
+    let (app, path) = app().await;
+    let store = keel_store::sqlite::SqliteStore::open(&path)
+        .await
+        .expect("open store");
+    let workers_only = super::health_router(Service::new(store));
+    for uri in ["/console", "/console/console.js", "/console/console.css"] {
+        let (status, _) = call(&app, "GET", uri, Vec::new()).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+        let (status, body) = call(&workers_only, "GET", uri, Vec::new()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}: {body}");
+    }
+    remove(&path);
+}

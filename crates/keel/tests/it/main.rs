@@ -10,6 +10,7 @@ mod backpressure;
 mod chaos;
 mod children;
 mod cli;
+mod console;
 mod crash;
 mod events;
 mod failures;
