@@ -111,6 +111,11 @@ pub struct TenantConfig {
     /// The configured MCP servers its agents may use (all when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp_servers: Option<Vec<String>>,
+    /// Whether its HTTP tools and webhooks may reach private addresses
+    /// (loopback, private ranges, link-local, unique-local); public only by
+    /// default, so its agents cannot probe the server's network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private_network: bool,
     /// Environment variable holding the secret its callbacks and approval
     /// notifications are signed with (never the server's
     /// `--webhook-secret`, which is the operator's; unsigned without one).

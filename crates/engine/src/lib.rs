@@ -41,6 +41,7 @@ pub mod gateway;
 pub mod llm;
 pub mod mcp;
 pub mod metrics;
+pub mod net;
 pub mod tools;
 pub mod trace;
 pub mod webhook;

@@ -36,6 +36,7 @@ use serde_json::{Map, Value};
 
 use crate::mcp::Mcp;
 use crate::metrics;
+use crate::net::Egress;
 
 /// Tool outputs (and file contents) are clipped to this many bytes.
 pub const MAX_OUTPUT_BYTES: usize = 32 * 1024;
@@ -59,6 +60,8 @@ type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 #[derive(Clone)]
 pub struct Tools {
     http: reqwest::Client,
+    /// The same, resolving names to public addresses only ([`Egress::Public`]).
+    public: reqwest::Client,
     env: Lookup,
     mcp: Mcp,
 }
@@ -149,10 +152,13 @@ fn tool_span(
 }
 
 impl Tools {
-    /// Tools reading `${ENV}` header secrets from the process environment at call time.
-    pub fn new(http: reqwest::Client) -> Tools {
+    /// Tools reading `${ENV}` header secrets from the process environment at
+    /// call time, calling through `http`, or `public` (a client resolving
+    /// names to public addresses only) for a run whose egress is public.
+    pub fn new(http: reqwest::Client, public: reqwest::Client) -> Tools {
         Tools {
             http,
+            public,
             env: Arc::new(|name| std::env::var(name).ok()),
             mcp: Mcp::default(),
         }
@@ -177,7 +183,13 @@ impl Tools {
     /// the model sees, except a call cut off mid-way, whose outcome is
     /// [`Outcome::uncertain`]. Counted in the metrics
     /// (`keel_tool_calls_total`, `keel_tool_call_duration_seconds`).
-    pub async fn invoke(&self, agent: &Agent, run_id: RunId, call: &Invocation) -> Outcome {
+    pub async fn invoke(
+        &self,
+        agent: &Agent,
+        egress: Egress,
+        run_id: RunId,
+        call: &Invocation,
+    ) -> Outcome {
         let kind = if agent.mcp_tool(&call.tool).is_some() {
             metrics::ToolKind::Mcp
         } else {
@@ -191,7 +203,7 @@ impl Tools {
         let started_ns = crate::trace::now_ns();
         // The call's span: the parent of whatever the tool server does.
         let span_id = crate::trace::span_id();
-        let outcome = self.make(agent, run_id, call, span_id).await;
+        let outcome = self.make(agent, egress, run_id, call, span_id).await;
         metrics::tool_call(kind, &outcome, started.elapsed());
         if crate::trace::enabled() {
             crate::trace::record(tool_span(
@@ -201,7 +213,14 @@ impl Tools {
         outcome
     }
 
-    async fn make(&self, agent: &Agent, run_id: RunId, call: &Invocation, span_id: u64) -> Outcome {
+    async fn make(
+        &self,
+        agent: &Agent,
+        egress: Egress,
+        run_id: RunId,
+        call: &Invocation,
+        span_id: u64,
+    ) -> Outcome {
         if let Some(tool) = agent.mcp_tool(&call.tool) {
             return self.mcp.call(agent, tool, run_id, call, span_id).await;
         }
@@ -214,7 +233,7 @@ impl Tools {
         };
         if let Some(http) = &tool.http {
             return self
-                .call_http(&tool.name, http, run_id, call, span_id)
+                .call_http(&tool.name, http, egress, run_id, call, span_id)
                 .await;
         }
         let root = tool.root.as_deref().unwrap_or_default();
@@ -234,6 +253,7 @@ impl Tools {
         &self,
         name: &str,
         http: &HttpTool,
+        egress: Egress,
         run_id: RunId,
         call: &Invocation,
         span_id: u64,
@@ -249,7 +269,7 @@ impl Tools {
         let max_attempts = http.retry.max_attempts.max(1);
         let mut attempt = 1;
         loop {
-            let failure = match self.attempt(http, &request, run_id, span_id).await {
+            let failure = match self.attempt(http, &request, egress, run_id, span_id).await {
                 Ok(body) => return Outcome::ok(clip(&redact(&body), MAX_OUTPUT_BYTES)),
                 Err(failure) => failure,
             };
@@ -365,17 +385,30 @@ impl Tools {
         &self,
         http: &HttpTool,
         request: &Prepared,
+        egress: Egress,
         run_id: RunId,
         span_id: u64,
     ) -> Result<String, Failure> {
+        let client = match egress {
+            Egress::Any => &self.http,
+            Egress::Public => &self.public,
+        };
         let mut method = request.method.clone();
         let mut url = request.url.clone();
         let mut headers = request.headers.clone();
         let mut body = request.body.as_ref();
         let mut hops = 0;
         let mut response = loop {
-            let mut builder = self
-                .http
+            if egress == Egress::Public
+                && let Err(message) = crate::net::check_url(&url)
+            {
+                return Err(Failure {
+                    message,
+                    retryable: false,
+                    retry_after: None,
+                });
+            }
+            let mut builder = client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone())
                 .header("traceparent", crate::trace::traceparent(run_id, span_id))
@@ -956,7 +989,7 @@ tools:
     }
 
     fn tools() -> Tools {
-        Tools::new(reqwest::Client::new())
+        Tools::new(reqwest::Client::new(), reqwest::Client::new())
             .with_env(|name| (name == "KEEL_TEST_TOOL_TOKEN").then(|| "s3cret-value".to_string()))
     }
 
@@ -986,7 +1019,7 @@ tools:
         // GET: placeholder filled (encoded), the rest in the query string.
         let args = json!({"id": "a b/c", "q": "x&y", "n": 5, "tags": ["p", "q"]});
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "get_item", args))
+            .invoke(&agent, Egress::Any, run_id, &call(run_id, "get_item", args))
             .await;
         assert!(!outcome.is_error, "{outcome:?}");
         let echo: Value = serde_json::from_str(&outcome.output).unwrap();
@@ -1016,7 +1049,12 @@ tools:
         // POST: the arguments as a JSON body.
         let args = json!({"name": "widget", "qty": 2});
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "create_item", args.clone()))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "create_item", args.clone()),
+            )
             .await;
         let echo: Value = serde_json::from_str(&outcome.output).unwrap();
         assert_eq!(echo["body"], args);
@@ -1030,7 +1068,12 @@ tools:
         // PATCH: the placeholder argument is not repeated in the body.
         let args = json!({"id": 7, "name": "gadget"});
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "rename_item", args))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "rename_item", args),
+            )
             .await;
         let echo: Value = serde_json::from_str(&outcome.output).unwrap();
         assert_eq!(echo["id"], "7");
@@ -1040,6 +1083,7 @@ tools:
         let outcome = tools
             .invoke(
                 &agent,
+                Egress::Any,
                 run_id,
                 &call(run_id, "rename_item", json!({"name": "x"})),
             )
@@ -1048,8 +1092,13 @@ tools:
             outcome.is_error && outcome.output.contains("`id`"),
             "{outcome:?}"
         );
-        let outcome = Tools::new(reqwest::Client::new())
-            .invoke(&agent, run_id, &call(run_id, "unset_secret", json!({})))
+        let outcome = Tools::new(reqwest::Client::new(), reqwest::Client::new())
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "unset_secret", json!({})),
+            )
             .await;
         assert!(outcome.is_error);
         assert!(
@@ -1057,7 +1106,12 @@ tools:
             "{outcome:?}"
         );
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "nope", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "nope", json!({})),
+            )
             .await;
         assert!(
             outcome.is_error && outcome.output.contains("unknown tool `nope`"),
@@ -1075,7 +1129,12 @@ tools:
 
         // 500: retried up to max_attempts, with the same idempotency key each time.
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "flaky", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "flaky", json!({})),
+            )
             .await;
         assert!(outcome.is_error);
         assert_eq!(
@@ -1093,7 +1152,7 @@ tools:
 
         // 400: not retried.
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "bad", json!({})))
+            .invoke(&agent, Egress::Any, run_id, &call(run_id, "bad", json!({})))
             .await;
         assert!(outcome.is_error);
         assert_eq!(
@@ -1105,7 +1164,12 @@ tools:
         // 429 asking for 100s: the wait is capped at backoff.max (50ms).
         let started = Instant::now();
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "limited", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "limited", json!({})),
+            )
             .await;
         assert_eq!(outcome, Outcome::ok("done"));
         assert!(started.elapsed() < Duration::from_secs(5));
@@ -1113,7 +1177,12 @@ tools:
         // A handler slower than the 200ms timeout: both attempts time out.
         let started = Instant::now();
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "slow", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "slow", json!({})),
+            )
             .await;
         assert!(outcome.is_error);
         assert_eq!(
@@ -1129,7 +1198,12 @@ tools:
 
         // A secret cut by the error's length limit is still redacted whole.
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "straddle", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "straddle", json!({})),
+            )
             .await;
         assert!(outcome.is_error);
         assert!(outcome.output.contains("Bearer [re"), "{outcome:?}");
@@ -1171,12 +1245,14 @@ tools:
         let read = |path: &str| call(run_id, "read", json!({ "path": path }));
 
         assert_eq!(
-            tools.invoke(&agent, run_id, &read("notes.md")).await,
+            tools
+                .invoke(&agent, Egress::Any, run_id, &read("notes.md"))
+                .await,
             Outcome::ok("buy milk")
         );
         assert_eq!(
             tools
-                .invoke(&agent, run_id, &read("./sub/../sub/a.txt"))
+                .invoke(&agent, Egress::Any, run_id, &read("./sub/../sub/a.txt"))
                 .await,
             Outcome::ok("a")
         );
@@ -1188,7 +1264,7 @@ tools:
             ("sub", "not a file"),
             ("binary.bin", "not a UTF-8 text file"),
         ] {
-            let outcome = tools.invoke(&agent, run_id, &read(path)).await;
+            let outcome = tools.invoke(&agent, Egress::Any, run_id, &read(path)).await;
             assert!(outcome.is_error, "{path}: {outcome:?}");
             assert!(outcome.output.contains(expected), "{path}: {outcome:?}");
             assert!(
@@ -1199,19 +1275,31 @@ tools:
         }
         #[cfg(unix)]
         {
-            let outcome = tools.invoke(&agent, run_id, &read("link.txt")).await;
+            let outcome = tools
+                .invoke(&agent, Egress::Any, run_id, &read("link.txt"))
+                .await;
             assert!(
                 outcome.is_error && outcome.output.contains("outside the tool's folder"),
                 "{outcome:?}"
             );
         }
         let outcome = tools
-            .invoke(&agent, run_id, &call(run_id, "read", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "read", json!({})),
+            )
             .await;
         assert!(outcome.is_error);
 
         let listing = tools
-            .invoke(&agent, run_id, &call(run_id, "list", json!({})))
+            .invoke(
+                &agent,
+                Egress::Any,
+                run_id,
+                &call(run_id, "list", json!({})),
+            )
             .await;
         assert_eq!(
             listing,

@@ -24,6 +24,8 @@ use keel_core::ids::DEFAULT_TENANT;
 use keel_core::run::State;
 use keel_core::spec::redact_url;
 use keel_core::{Agent, Millis};
+
+use crate::net::Egress;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -43,6 +45,8 @@ pub fn backoff(attempt: u32) -> Duration {
 #[derive(Clone)]
 pub struct Webhooks {
     http: reqwest::Client,
+    /// The same, resolving names to public addresses only ([`Egress::Public`]).
+    public: reqwest::Client,
     /// Signing secrets by tenant (`default`: the server's).
     secrets: Arc<HashMap<String, Arc<[u8]>>>,
 }
@@ -53,6 +57,7 @@ impl Webhooks {
     /// when given.
     pub fn new(
         http: reqwest::Client,
+        public: reqwest::Client,
         secret: Option<&str>,
         tenants: &HashMap<String, String>,
     ) -> Webhooks {
@@ -67,6 +72,7 @@ impl Webhooks {
             .collect();
         Webhooks {
             http,
+            public,
             secrets: Arc::new(secrets),
         }
     }
@@ -78,6 +84,7 @@ impl Webhooks {
     pub async fn deliver(
         &self,
         tenant: &str,
+        egress: Egress,
         url: &str,
         body: &Value,
         delivery: &str,
@@ -85,8 +92,17 @@ impl Webhooks {
     ) -> Result<(), String> {
         let bytes = serde_json::to_vec(body).map_err(|e| format!("cannot encode: {e}"))?;
         let kind = body["type"].as_str().unwrap_or("notification").to_string();
-        let mut request = self
-            .http
+        let client = match egress {
+            Egress::Any => &self.http,
+            Egress::Public => {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| format!("`{}` is not a URL: {e}", redact_url(url)))?;
+                crate::net::check_url(&parsed)
+                    .map_err(|e| format!("POST {} refused: {e}", redact_url(url)))?;
+                &self.public
+            }
+        };
+        let mut request = client
             .post(url)
             .timeout(TIMEOUT)
             .header("content-type", "application/json")

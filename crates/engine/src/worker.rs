@@ -18,6 +18,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use keel_core::config::{Config, tenant_violations};
 use keel_core::ids::DEFAULT_TENANT;
+
+use crate::net::Egress;
 use keel_core::message::Usage;
 use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, State, Status};
 use keel_core::spec::{ModelSpec, redact_url};
@@ -195,12 +197,18 @@ enum Next {
 impl<S: Store> Engine<S> {
     /// An engine over `store`.
     pub fn new(store: S, options: Options) -> Self {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(options.workers.max(16))
-            // Secrets ride in headers and URLs: no Referer, and no redirect
-            // to another origin (tools follow those themselves, without them).
-            .referer(false)
-            .redirect(crate::tools::redirect_policy())
+        let client = || {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(options.workers.max(16))
+                // Secrets ride in headers and URLs: no Referer, and no redirect
+                // to another origin (tools follow those themselves, without them).
+                .referer(false)
+                .redirect(crate::tools::redirect_policy())
+        };
+        let http = client().build().unwrap_or_else(|_| reqwest::Client::new());
+        // For tenants whose calls reach public addresses only (net.rs).
+        let public = client()
+            .dns_resolver(Arc::new(crate::net::PublicResolver))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         let mcp = Mcp::new(&options.config);
@@ -214,10 +222,11 @@ impl<S: Store> Engine<S> {
                 ),
                 store,
                 llm: llm::Client::new(http.clone()),
-                tools: Tools::new(http.clone()).with_mcp(mcp.clone()),
+                tools: Tools::new(http.clone(), public.clone()).with_mcp(mcp.clone()),
                 mcp,
                 webhooks: Webhooks::new(
                     http.clone(),
+                    public,
                     options.webhook_secret.as_deref(),
                     &options.tenant_webhook_secrets,
                 ),
@@ -906,6 +915,7 @@ async fn tools_step<S: Store>(
     let run_id = task.run_id;
     let tenant = slot.as_ref().map(|s| s.tenant.clone()).unwrap_or_default();
     let tenant = tenant.as_str();
+    let egress = Egress::of(&inner.options.config, tenant);
     let mut calls: FuturesUnordered<_> = invocations
         .into_iter()
         .map(|inv| async move {
@@ -918,7 +928,7 @@ async fn tools_step<S: Store>(
                     versions,
                 }));
             }
-            let outcome = inner.tools.invoke(agent, run_id, &inv).await;
+            let outcome = inner.tools.invoke(agent, egress, run_id, &inv).await;
             if outcome.uncertain {
                 // Cut off after it was sent: no result to journal.
                 return Ok(Err(format!("call {}: {}", inv.call_index, outcome.output)));
@@ -1326,9 +1336,10 @@ async fn deliver<S: Store>(
 ) -> Result<Next, StoreError> {
     let delivery = task.lease.task_id.to_string();
     let tenant = slot.as_ref().map_or(DEFAULT_TENANT, |s| s.tenant.as_str());
+    let egress = Egress::of(&inner.options.config, tenant);
     match inner
         .webhooks
-        .deliver(tenant, url, body, &delivery, at)
+        .deliver(tenant, egress, url, body, &delivery, at)
         .await
     {
         Ok(()) => {
@@ -1417,7 +1428,12 @@ async fn compensate_step<S: Store>(
     )
     .await?;
     info!(run_id = %task.run_id, index, tool = %invocation.tool, attempt = invocation.attempt, "compensating");
-    let outcome = inner.tools.invoke(agent, task.run_id, &invocation).await;
+    let tenant = slot.as_ref().map_or(DEFAULT_TENANT, |s| s.tenant.as_str());
+    let egress = Egress::of(&inner.options.config, tenant);
+    let outcome = inner
+        .tools
+        .invoke(agent, egress, task.run_id, &invocation)
+        .await;
     if outcome.uncertain && task.attempts < task.max_attempts {
         // Cut off mid-call: it may have happened. Made again later with the
         // same key, like after a crash (the last attempt's cut is a failure,

@@ -787,7 +787,7 @@ async fn few_runs_get_their_share_of_a_busy_limit(tenants: bool) {
     const LIGHT: &str = "light-tenant-token-0123456789";
     if tenants {
         yaml.push_str(
-            "tenants:\n  heavy: {api_tokens_env: KEEL_TEST_HEAVY}\n  light: {api_tokens_env: KEEL_TEST_LIGHT}\n",
+            "tenants:\n  heavy: {api_tokens_env: KEEL_TEST_HEAVY, private_network: true}\n  light: {api_tokens_env: KEEL_TEST_LIGHT, private_network: true}\n",
         );
     }
     let config = config_file(&dir, &yaml);

@@ -284,7 +284,7 @@ async fn a_tenants_policy_holds_at_registration_and_at_run_time() {
             &config,
             format!(
                 "providers:\n  eu: {{kind: openai, base_url: '{llm}'}}\n\
-                 tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, secrets: [{secrets}], providers: [eu]}}\n",
+                 tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, secrets: [{secrets}], providers: [eu], private_network: true}}\n",
                 llm = mock.llm_url()
             ),
         )
@@ -385,7 +385,7 @@ async fn callbacks_are_signed_with_the_tenants_own_secret() {
     let config = dir.0.join("keel.yaml");
     std::fs::write(
         &config,
-        "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS, webhook_secret_env: KEEL_TEST_ACME_HOOKS}\n  globex: {api_tokens_env: KEEL_TEST_GLOBEX_TOKENS}\n",
+        "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS, webhook_secret_env: KEEL_TEST_ACME_HOOKS, private_network: true}\n  globex: {api_tokens_env: KEEL_TEST_GLOBEX_TOKENS, private_network: true}\n",
     )
     .expect("config");
     const SERVER_SECRET: &str = "server-webhook-secret-0123";
@@ -437,4 +437,59 @@ async fn callbacks_are_signed_with_the_tenants_own_secret() {
             other => panic!("unexpected hook {other}"),
         }
     }
+}
+
+/// A tenant's calls reach public addresses only unless its policy says
+/// `private_network: true`: an HTTP tool on loopback is an error the model
+/// reads and the tool server never sees, and a callback to loopback is
+/// not delivered; the operator's runs reach it as before.
+#[tokio::test]
+async fn a_tenants_calls_reach_public_addresses_only() {
+    let mock = Mock::start().await.expect("mock");
+    let dir = TempDir::new();
+    let config = dir.0.join("keel.yaml");
+    std::fs::write(
+        &config,
+        "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS}\n",
+    )
+    .expect("config");
+    let server = Server::start_with_env(
+        &dir.db(),
+        &["--config", config.to_str().expect("utf-8")],
+        &[
+            ("KEEL_TEST_ACME_TOKENS", ACME),
+            ("KEEL_API_TOKEN", OPERATOR),
+        ],
+    )
+    .await;
+    let yaml = agent_yaml("prober", &mock, "tools:1", "echo", "");
+    let (acme, operator) = (client_with_token(ACME), client_with_token(OPERATOR));
+    let mut runs = Vec::new();
+    for http in [&acme, &operator] {
+        register(http, &server, &yaml).await;
+        let body =
+            json!({"agent": "prober", "input": "go", "callback_url": mock.hook_url("probe")});
+        runs.push(submit_with(http, server.url("/v1/runs"), &body, &[]).await);
+    }
+    let tenant_run = wait_terminal(&acme, &server, &runs[0], Duration::from_secs(20)).await;
+    let call = &tenant_run["steps"][0]["tool_calls"][0];
+    assert_eq!(call["is_error"], true, "{tenant_run}");
+    let result = call["result"].as_str().unwrap_or_default();
+    assert!(result.contains("not a public address"), "{result}");
+    let operator_run = wait_terminal(&operator, &server, &runs[1], Duration::from_secs(20)).await;
+    assert_eq!(
+        operator_run["steps"][0]["tool_calls"][0]["is_error"], false,
+        "{operator_run}"
+    );
+    // Only the operator's call reached the tool server, and its callback.
+    assert_eq!(
+        mock.counters
+            .tool_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hooks = mock.counters.hooks();
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert!(hooks[0].body.contains(&runs[1]), "{hooks:?}");
 }
