@@ -122,6 +122,9 @@ struct Inner<S> {
     store: S,
     agents: Agents<S>,
     llm: llm::Client,
+    /// The same over the client that reaches public addresses only, for
+    /// models at an endpoint a tenant's spec chose (net.rs).
+    llm_public: llm::Client,
     gateway: Gateway<S>,
     tools: Tools,
     webhooks: Webhooks,
@@ -222,6 +225,7 @@ impl<S: Store> Engine<S> {
                 ),
                 store,
                 llm: llm::Client::new(http.clone()),
+                llm_public: llm::Client::new(public.clone()),
                 tools: Tools::new(http.clone(), public.clone()).with_mcp(mcp.clone()),
                 mcp,
                 webhooks: Webhooks::new(
@@ -603,6 +607,25 @@ async fn load<S: Store>(store: &S, run_id: RunId) -> Result<State, StoreError> {
     Ok(State::replay(run_id, &events))
 }
 
+/// Where a call of `tenant`'s run to `model` may go: a configured
+/// provider's endpoint is the operator's and reached as such; an endpoint
+/// the spec chose follows the tenant's egress, an address written in it
+/// checked now (a name is checked as it resolves).
+fn model_egress(config: &Config, tenant: &str, model: &ModelSpec) -> Result<Egress, String> {
+    let egress = Egress::of(config, tenant);
+    let Some(url) = &model.base_url else {
+        // The protocol's public default endpoint.
+        return Ok(egress);
+    };
+    if egress == Egress::Any || config.providers.values().any(|p| p.base_url() == url) {
+        return Ok(Egress::Any);
+    }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("`{}` is not a URL: {e}", redact_url(url)))?;
+    crate::net::check_url(&parsed).map_err(|e| format!("the model at {}: {e}", redact_url(url)))?;
+    Ok(Egress::Public)
+}
+
 /// One task, one decision, one commit.
 async fn step<S: Store>(
     inner: &Inner<S>,
@@ -761,13 +784,15 @@ async fn llm_step<S: Store>(
     // The request's traceparent names the call's span.
     let span_id = crate::trace::span_id();
     let result = crate::trace::within(span_id, async {
+        let llm = match model_egress(&inner.options.config, &state.tenant, model) {
+            Err(message) => return Err(llm::Error::Permanent { message }),
+            Ok(Egress::Any) => &inner.llm,
+            Ok(Egress::Public) => &inner.llm_public,
+        };
         if agent.spec.model.stream {
-            crate::deltas::stream(&inner.llm, &inner.store, model, agent, state, task).await
+            crate::deltas::stream(llm, &inner.store, model, agent, state, task).await
         } else {
-            inner
-                .llm
-                .complete_with(model, agent, state, task.step)
-                .await
+            llm.complete_with(model, agent, state, task.step).await
         }
     })
     .await;

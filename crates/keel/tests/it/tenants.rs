@@ -53,7 +53,7 @@ async fn tenants_see_and_touch_only_their_own_work() {
     std::fs::write(
         &config,
         format!(
-            "tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS}}\n  globex: {{api_tokens_file: '{}'}}\n",
+            "tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, private_network: true}}\n  globex: {{api_tokens_file: '{}', private_network: true}}\n",
             tokens_file.display()
         ),
     )
@@ -448,9 +448,13 @@ async fn a_tenants_calls_reach_public_addresses_only() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
     let config = dir.0.join("keel.yaml");
+    // The model's endpoint is the operator's (configured): reached as such.
     std::fs::write(
         &config,
-        "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS}\n",
+        format!(
+            "providers:\n  openai: {{kind: openai, base_url: '{}'}}\ntenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS}}\n",
+            mock.llm_url()
+        ),
     )
     .expect("config");
     let server = Server::start_with_env(
@@ -492,4 +496,17 @@ async fn a_tenants_calls_reach_public_addresses_only() {
     let hooks = mock.counters.hooks();
     assert_eq!(hooks.len(), 1, "{hooks:?}");
     assert!(hooks[0].body.contains(&runs[1]), "{hooks:?}");
+
+    // A model at an endpoint the tenant's spec chose follows the same rule.
+    let own = yaml
+        .replace(&mock.llm_url(), "http://10.0.0.1:9/v1")
+        .replace("prober", "own-model");
+    register(&acme, &server, &own).await;
+    let run = submit(&acme, &server, "own-model", "go").await;
+    let view = wait_for(&acme, &server, &run, "a dead letter", |r| {
+        !r["dead_letter"].is_null()
+    })
+    .await;
+    let error = view["error"].as_str().unwrap_or_default();
+    assert!(error.contains("10.0.0.1 is not a public address"), "{view}");
 }
