@@ -3,7 +3,6 @@
 //! circuit breakers with a fallback model, cost budgets, and usage and
 //! cost per agent.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,16 +12,6 @@ use serde_json::Value;
 use crate::support::*;
 
 /// Writes a server configuration file next to the test's database.
-fn config_file(dir: &TempDir, yaml: &str) -> PathBuf {
-    let path = dir.0.join("keel.yaml");
-    std::fs::write(&path, yaml).expect("write the configuration");
-    path
-}
-
-fn arg(path: &Path) -> String {
-    path.display().to_string()
-}
-
 /// An agent spec with the mock's `echo` tool and the `model` section given
 /// (a YAML mapping), plus `extra` top-level YAML.
 fn echo_agent(name: &str, model: &str, mock: &Mock, extra: &str) -> String {
@@ -54,13 +43,9 @@ struct Cluster {
 /// `limits` for the mock model `tools:0`.
 async fn two_workers(db: &PgDb, limits: &str) -> Cluster {
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        &format!(
-            "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {limits}\n"
-        ),
-    );
-    let config = arg(&config);
+    let config = dir.config(&format!(
+        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {limits}\n"
+    ));
     let api = Server::start(&dir.db(), &["--database-url", &db.url, "--role", "api"]).await;
     let worker_args = [
         "--database-url",
@@ -256,11 +241,9 @@ async fn a_failing_provider_opens_its_breaker_and_the_fallback_serves() {
     let fallback = Mock::start().await.expect("fallback");
     primary.counters.llm_down.store(true, Ordering::Relaxed);
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        "providers:\n  openai:\n    kind: openai\n    breaker: {failures: 3, open_for: 2s, trials: 1}\n",
+    let config = dir.config("providers:\n  openai:\n    kind: openai\n    breaker: {failures: 3, open_for: 2s, trials: 1}\n",
     );
-    let server = Server::start(&dir.db(), &["--workers", "8", "--config", &arg(&config)]).await;
+    let server = Server::start(&dir.db(), &["--workers", "8", "--config", &config]).await;
     let http = reqwest::Client::new();
     let model = format!(
         r#"{{provider: openai, model: "tools:1", base_url: "{}", timeout: 5s, fallbacks: [{{provider: openai, model: "tools:1", base_url: "{}"}}]}}"#,
@@ -329,11 +312,8 @@ async fn an_open_breaker_is_shared_by_the_processes_on_postgres() {
     let fallback = Mock::start().await.expect("fallback");
     primary.counters.llm_down.store(true, Ordering::Relaxed);
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        "providers:\n  openai:\n    kind: openai\n    breaker: {failures: 3, open_for: 60s, trials: 1}\n",
+    let config = dir.config("providers:\n  openai:\n    kind: openai\n    breaker: {failures: 3, open_for: 60s, trials: 1}\n",
     );
-    let config = arg(&config);
     let worker_args = [
         "--database-url",
         db.url.as_str(),
@@ -433,11 +413,9 @@ async fn a_run_stops_at_its_cost_budget() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
     // About 0.15-0.3 USD a call at these prices (the mock counts 4 bytes a token).
-    let config = config_file(
-        &dir,
-        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:10\": {price: {input: 1000, output: 1000}}\n",
+    let config = dir.config("providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:10\": {price: {input: 1000, output: 1000}}\n",
     );
-    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     register(
         &http,
@@ -491,11 +469,9 @@ async fn a_run_stops_at_its_cost_budget() {
 async fn usage_sums_the_runs_of_each_agent() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:2\": {price: {input: 3, output: 15}}\n      \"tools:1\": {price: {input: 2.5, output: 10}}\n",
+    let config = dir.config("providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:2\": {price: {input: 3, output: 15}}\n      \"tools:1\": {price: {input: 2.5, output: 10}}\n",
     );
-    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     register(
         &http,
@@ -606,15 +582,12 @@ async fn an_agent_names_only_its_provider_and_model() {
     let dir = TempDir::new();
     let key = dir.0.join("openai.key");
     std::fs::write(&key, "sk-test-from-file\n").expect("key file");
-    let config = config_file(
-        &dir,
-        &format!(
-            "providers:\n  openai:\n    kind: openai\n    base_url: \"{}\"\n    api_key_file: \"{}\"\n",
-            mock.llm_url(),
-            key.display()
-        ),
-    );
-    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let config = dir.config(&format!(
+        "providers:\n  openai:\n    kind: openai\n    base_url: \"{}\"\n    api_key_file: \"{}\"\n",
+        mock.llm_url(),
+        key.display()
+    ));
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     let yaml = echo_agent(
         "keyless",
@@ -712,14 +685,12 @@ async fn a_token_limit_holds_across_two_worker_processes() {
 async fn agents_name_a_configured_provider() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        &format!(
+    let config = dir.config(&format!(
             "providers:\n  local-llm:\n    kind: openai\n    base_url: \"{}\"\n    models:\n      \"tools:1\": {{price: {{input: 1, output: 1}}}}\n",
             mock.llm_url()
         ),
     );
-    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     let spec = |name: &str, provider: &str| {
         echo_agent(
@@ -790,10 +761,10 @@ async fn few_runs_get_their_share_of_a_busy_limit(tenants: bool) {
             "tenants:\n  heavy: {api_tokens_env: KEEL_TEST_HEAVY, private_network: true}\n  light: {api_tokens_env: KEEL_TEST_LIGHT, private_network: true}\n",
         );
     }
-    let config = config_file(&dir, &yaml);
+    let config = dir.config(&yaml);
     let server = Server::start_with_env(
         &dir.db(),
-        &["--config", &arg(&config), "--workers", "64"],
+        &["--config", &config, "--workers", "64"],
         &[("KEEL_TEST_HEAVY", HEAVY), ("KEEL_TEST_LIGHT", LIGHT)],
     )
     .await;
@@ -862,11 +833,9 @@ async fn a_run_stuck_behind_an_open_breaker_is_journaled_and_called_back() {
     let hooks = Mock::start().await.expect("hooks");
     provider.counters.llm_down.store(true, Ordering::Relaxed);
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        "providers:\n  openai:\n    kind: openai\n    breaker: {failures: 2, open_for: 2s, trials: 1}\n",
+    let config = dir.config("providers:\n  openai:\n    kind: openai\n    breaker: {failures: 2, open_for: 2s, trials: 1}\n",
     );
-    let server = Server::start(&dir.db(), &["--config", &arg(&config)]).await;
+    let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     let model = format!(
         r#"{{provider: openai, model: "tools:1", base_url: "{}", timeout: 5s}}"#,

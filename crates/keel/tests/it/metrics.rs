@@ -6,7 +6,6 @@
 //! store's gauges, and a scrape while the database is away still answers.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -232,13 +231,6 @@ async fn scrape_until(
     }
 }
 
-/// Writes a server configuration file next to the test's database.
-fn config_file(dir: &TempDir, yaml: &str) -> PathBuf {
-    let path = dir.0.join("keel.yaml");
-    std::fs::write(&path, yaml).expect("write the configuration");
-    path
-}
-
 async fn wait_status(http: &reqwest::Client, server: &Server, id: &str, status: &str) -> Value {
     wait_for(http, server, id, status, |run| run["status"] == status).await
 }
@@ -252,11 +244,8 @@ async fn metrics_match_what_the_runs_did() {
     let down = Mock::start().await.expect("mock");
     down.counters.llm_down.store(true, Ordering::Relaxed);
     let dir = TempDir::new();
-    let config = config_file(
-        &dir,
-        "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:2\": {price: {input: 3, output: 15}}\n",
+    let config = dir.config("providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:2\": {price: {input: 3, output: 15}}\n",
     );
-    let config = config.display().to_string();
     let server = Server::start(&dir.db(), &["--config", &config]).await;
     let http = reqwest::Client::new();
     register(

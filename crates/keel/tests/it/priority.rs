@@ -111,13 +111,9 @@ async fn high_priority_runs_overtake_a_backlog_held_back_by_a_rate_limit() {
     let mock = Mock::start().await.expect("mock");
     mock.counters.track_bodies();
     let dir = TempDir::new();
-    let config = dir.0.join("keel.yaml");
-    std::fs::write(
-        &config,
+    let config = dir.config(
         "providers:\n  openai:\n    kind: openai\n    models:\n      \"tools:0\": {rpm: 10, window: 1s}\n",
-    )
-    .expect("write the configuration");
-    let config = config.display().to_string();
+    );
     let server = Server::start(&dir.db(), &["--workers", "64", "--config", &config]).await;
     let http = reqwest::Client::new();
     let low = backlog(&http, &server, &mock, 60).await;

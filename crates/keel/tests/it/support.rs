@@ -20,6 +20,14 @@ impl TempDir {
     pub fn db(&self) -> PathBuf {
         self.0.join("keel.db")
     }
+
+    /// Writes the server configuration `yaml` here (`keel.yaml`, replacing
+    /// an earlier one); its path, for `--config`.
+    pub fn config(&self, yaml: &str) -> String {
+        let path = self.0.join("keel.yaml");
+        std::fs::write(&path, yaml).expect("write the configuration");
+        path.display().to_string()
+    }
 }
 
 impl Drop for TempDir {

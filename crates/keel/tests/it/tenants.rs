@@ -49,18 +49,14 @@ async fn tenants_see_and_touch_only_their_own_work() {
     let dir = TempDir::new();
     let tokens_file = dir.0.join("globex-tokens");
     std::fs::write(&tokens_file, format!("{GLOBEX}\n")).expect("tokens file");
-    let config = dir.0.join("keel.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = dir.config(&format!(
             "tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, private_network: true}}\n  globex: {{api_tokens_file: '{}', private_network: true}}\n",
             tokens_file.display()
         ),
-    )
-    .expect("config");
+    );
     let server = Server::start_with_env(
         &dir.db(),
-        &["--config", config.to_str().expect("utf-8")],
+        &["--config", config.as_str()],
         &[
             ("KEEL_API_TOKEN", OPERATOR),
             ("KEEL_TEST_ACME_TOKENS", ACME),
@@ -232,13 +228,9 @@ async fn tenants_see_and_touch_only_their_own_work() {
 #[tokio::test]
 async fn tenant_tokens_are_checked_at_start() {
     let dir = TempDir::new();
-    let config = dir.0.join("keel.yaml");
-    std::fs::write(
-        &config,
+    let config = dir.config(
         "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS}\n  globex: {api_tokens_env: KEEL_TEST_GLOBEX_TOKENS}\n",
-    )
-    .expect("config");
-    let config = config.to_str().expect("utf-8");
+    );
     let db = dir.db();
     let db = db.to_str().expect("utf-8");
     let serve = [
@@ -246,7 +238,7 @@ async fn tenant_tokens_are_checked_at_start() {
         "--db",
         db,
         "--config",
-        config,
+        &config,
         "--listen",
         "127.0.0.1:0",
     ];
@@ -278,21 +270,16 @@ async fn tenant_tokens_are_checked_at_start() {
 async fn a_tenants_policy_holds_at_registration_and_at_run_time() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
-    let config = dir.0.join("keel.yaml");
     let policy = |secrets: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "providers:\n  eu: {{kind: openai, base_url: '{llm}'}}\n\
-                 tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, secrets: [{secrets}], providers: [eu], private_network: true}}\n",
-                llm = mock.llm_url()
-            ),
-        )
-        .expect("config");
+        dir.config(&format!(
+            "providers:\n  eu: {{kind: openai, base_url: '{llm}'}}\n\
+             tenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS, secrets: [{secrets}], providers: [eu], private_network: true}}\n",
+            llm = mock.llm_url()
+        ))
     };
-    policy("KEEL_TEST_SEARCH_KEY");
+    let config = policy("KEEL_TEST_SEARCH_KEY");
     let db = dir.db();
-    let args = ["--config", config.to_str().expect("utf-8")];
+    let args = ["--config", config.as_str()];
     let env = [
         ("KEEL_TEST_ACME_TOKENS", ACME),
         ("KEEL_TEST_SEARCH_KEY", "search-key-0123"),
@@ -382,17 +369,14 @@ async fn a_tenants_policy_holds_at_registration_and_at_run_time() {
 async fn callbacks_are_signed_with_the_tenants_own_secret() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
-    let config = dir.0.join("keel.yaml");
-    std::fs::write(
-        &config,
+    let config = dir.config(
         "tenants:\n  acme: {api_tokens_env: KEEL_TEST_ACME_TOKENS, webhook_secret_env: KEEL_TEST_ACME_HOOKS, private_network: true}\n  globex: {api_tokens_env: KEEL_TEST_GLOBEX_TOKENS, private_network: true}\n",
-    )
-    .expect("config");
+    );
     const SERVER_SECRET: &str = "server-webhook-secret-0123";
     const ACME_SECRET: &str = "acme-webhook-secret-0123";
     let server = Server::start_with_env(
         &dir.db(),
-        &["--config", config.to_str().expect("utf-8")],
+        &["--config", config.as_str()],
         &[
             ("KEEL_TEST_ACME_TOKENS", ACME),
             ("KEEL_TEST_GLOBEX_TOKENS", GLOBEX),
@@ -447,19 +431,15 @@ async fn callbacks_are_signed_with_the_tenants_own_secret() {
 async fn a_tenants_calls_reach_public_addresses_only() {
     let mock = Mock::start().await.expect("mock");
     let dir = TempDir::new();
-    let config = dir.0.join("keel.yaml");
     // The model's endpoint is the operator's (configured): reached as such.
-    std::fs::write(
-        &config,
-        format!(
+    let config = dir.config(&format!(
             "providers:\n  openai: {{kind: openai, base_url: '{}'}}\ntenants:\n  acme: {{api_tokens_env: KEEL_TEST_ACME_TOKENS}}\n",
             mock.llm_url()
         ),
-    )
-    .expect("config");
+    );
     let server = Server::start_with_env(
         &dir.db(),
-        &["--config", config.to_str().expect("utf-8")],
+        &["--config", config.as_str()],
         &[
             ("KEEL_TEST_ACME_TOKENS", ACME),
             ("KEEL_API_TOKEN", OPERATOR),
