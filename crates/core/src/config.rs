@@ -52,8 +52,8 @@ use serde_json::Value;
 
 use crate::ids::DEFAULT_TENANT;
 use crate::spec::{
-    Builtin, FieldError, Spec, check_name, env_refs, human_duration, is_env_name, is_http_url,
-    typed,
+    Builtin, FieldError, Provider, Spec, check_name, env_refs, human_duration, is_env_name,
+    is_http_url, typed,
 };
 
 /// Why a configuration was refused.
@@ -124,9 +124,8 @@ pub struct TenantConfig {
 }
 
 /// What an agent of a tenant other than `default` may not do: name a
-/// server secret not in its `secrets`, a key file, a provider or MCP server
-/// outside its lists, or a built-in file tool (they read the server's
-/// files). Each error names the spec's field. `default` (the operator's)
+/// server secret not in its `secrets`, a provider or MCP server outside its
+/// lists, or a built-in file tool (they read the server's files). Each error names the spec's field. `default` (the operator's)
 /// may do anything; a tenant the configuration does not name (any more)
 /// gets the defaults: no secrets, every provider and MCP server.
 pub fn tenant_violations(config: &Config, tenant: &str, spec: &Spec) -> Vec<FieldError> {
@@ -138,6 +137,11 @@ pub fn tenant_violations(config: &Config, tenant: &str, spec: &Spec) -> Vec<Fiel
     let mut errors = Vec::new();
     let mut err = |field: String, message: String| errors.push(FieldError { field, message });
     let secret = |var: &str| policy.secrets.iter().any(|s| s == var);
+    let not_a_secret = |var: &str| {
+        format!(
+            "tenant `{tenant}` may not use the server's variable `{var}` (tenants.{tenant}.secrets)"
+        )
+    };
     let models = std::iter::once(("model".to_string(), &spec.model)).chain(
         spec.model
             .fallbacks
@@ -149,12 +153,7 @@ pub fn tenant_violations(config: &Config, tenant: &str, spec: &Spec) -> Vec<Fiel
         if let Some(var) = &model.api_key_env
             && !secret(var)
         {
-            err(
-                format!("{at}.api_key_env"),
-                format!(
-                    "tenant `{tenant}` may not use the server's variable `{var}` (tenants.{tenant}.secrets)"
-                ),
-            );
+            err(format!("{at}.api_key_env"), not_a_secret(var));
         }
         let name = model.provider.name();
         if let Some(allowed) = &policy.providers
@@ -180,12 +179,7 @@ pub fn tenant_violations(config: &Config, tenant: &str, spec: &Spec) -> Vec<Fiel
                 std::iter::once((format!("{at}.http.url"), &http.url)).chain(headers)
             {
                 for var in env_refs(text).filter(|var| !secret(var)) {
-                    err(
-                        field.clone(),
-                        format!(
-                            "tenant `{tenant}` may not use the server's variable `{var}` (tenants.{tenant}.secrets)"
-                        ),
-                    );
+                    err(field.clone(), not_a_secret(var));
                 }
             }
         }
@@ -734,35 +728,36 @@ impl Config {
                     "give api_tokens_env or api_tokens_file: where its API tokens are read from"
                         .into(),
                 ),
-                (Some(var), None) if !is_env_name(var) => err(
-                    format!("{at}.api_tokens_env"),
-                    "must name an environment variable (letters, digits, `_`), not hold a token"
-                        .into(),
-                ),
                 (None, Some(path)) if path.trim().is_empty() => {
                     err(format!("{at}.api_tokens_file"), "must not be empty".into())
                 }
                 _ => {}
             }
-            if let Some(var) = &tenant.webhook_secret_env
-                && !is_env_name(var)
-            {
-                err(
-                    format!("{at}.webhook_secret_env"),
-                    "must name an environment variable (letters, digits, `_`), not hold the secret"
-                        .into(),
-                );
-            }
-            for (i, var) in tenant.secrets.iter().enumerate() {
+            // Named, never held: a value written here may be the secret
+            // itself, so it is not repeated.
+            let variables = [
+                ("api_tokens_env".to_string(), &tenant.api_tokens_env),
+                ("webhook_secret_env".to_string(), &tenant.webhook_secret_env),
+            ]
+            .into_iter()
+            .filter_map(|(field, var)| Some((field, var.as_ref()?)))
+            .chain(
+                tenant
+                    .secrets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, var)| (format!("secrets[{i}]"), var)),
+            );
+            for (field, var) in variables {
                 if !is_env_name(var) {
                     err(
-                        format!("{at}.secrets[{i}]"),
+                        format!("{at}.{field}"),
                         "must name an environment variable (letters, digits, `_`)".into(),
                     );
                 }
             }
             for (i, name) in tenant.providers.iter().flatten().enumerate() {
-                let built_in = ["openai", "anthropic", "scripted"].contains(&name.as_str());
+                let built_in = !matches!(Provider::from_name(name), Provider::Named(_));
                 if !built_in && !self.providers.contains_key(name) {
                     err(
                         format!("{at}.providers[{i}]"),

@@ -1854,7 +1854,28 @@ fn literal_url_secret(url: &str) -> Option<String> {
     })
 }
 
-/// Whether a query parameter's name says it carries a credential.
+/// Whether a query parameter's name may carry a secret: any name holding
+/// key, token, secret, pass, auth, sig or credential. Broad, for
+/// redaction (a tool's answer never shows such a value; a false alarm
+/// costs nothing); [`is_secret_parameter`] is the narrow rule a spec is
+/// refused by.
+pub fn may_name_secret(name: &str) -> bool {
+    const PARTS: [&str; 7] = [
+        "key",
+        "token",
+        "secret",
+        "pass",
+        "auth",
+        "sig",
+        "credential",
+    ];
+    let name = name.to_ascii_lowercase();
+    PARTS.iter().any(|part| name.contains(part))
+}
+
+/// Whether a query parameter's name says it carries a credential, so that
+/// a spec writing its value out is refused. Narrower than
+/// [`may_name_secret`]: `keyword` or `sort_key` must stay usable.
 fn is_secret_parameter(name: &str) -> bool {
     let name: String = name
         .chars()

@@ -287,7 +287,8 @@ impl<S: Store> External<S> {
         token: i64,
         lease_for: Duration,
     ) -> Result<Millis, Error> {
-        self.owned(tenant, task_id, token).await?;
+        // The token alone proves the lease; the read proves the tenant.
+        self.live(tenant, task_id, token).await?;
         let at = now();
         let until = at.saturating_add(lease_for.clamp(MIN_LEASE, MAX_LEASE).as_millis() as i64);
         let lease = Lease { task_id, token };
@@ -307,12 +308,11 @@ impl<S: Store> External<S> {
         token: i64,
         output: &Value,
     ) -> Result<(), Error> {
-        self.owned(tenant, task_id, token).await?;
         let text = match output {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        self.returned(task_id, token, clip(&text, MAX_OUTPUT_BYTES), false)
+        self.returned(tenant, task_id, token, clip(&text, MAX_OUTPUT_BYTES), false)
             .await
     }
 
@@ -326,7 +326,7 @@ impl<S: Store> External<S> {
         error: &str,
         retryable: bool,
     ) -> Result<Failed, Error> {
-        let queued = self.owned(tenant, task_id, token).await?;
+        let queued = self.live(tenant, task_id, token).await?;
         if retryable && queued.attempts < queued.max_attempts {
             let (state, agent, _) = self.load(queued.run_id).await?;
             let delay = agent
@@ -351,31 +351,24 @@ impl<S: Store> External<S> {
             };
         }
         let error = clip(&format!("error: {error}"), MAX_OUTPUT_BYTES);
-        self.returned(task_id, token, error, true).await?;
+        self.returned(tenant, task_id, token, error, true).await?;
         Ok(Failed::Returned)
-    }
-
-    /// The task's stored state, if `token` is its live lease.
-    async fn live(&self, task_id: TaskId, token: i64) -> Result<keel_store::Queued, Error> {
-        match self.store.queued(task_id, now()).await? {
-            Some(q) if q.lease_token == Some(token) => Ok(q),
-            _ => Err(Error::Stale(task_id)),
-        }
     }
 
     /// The task's stored state, if `token` is its live lease and the call
     /// is `tenant`'s (another tenant's is as stale as an unknown lease).
-    async fn owned(
+    async fn live(
         &self,
         tenant: &str,
         task_id: TaskId,
         token: i64,
     ) -> Result<keel_store::Queued, Error> {
-        let queued = self.live(task_id, token).await?;
-        if queue_tenant(&queued.call.queue) != tenant {
-            return Err(Error::Stale(task_id));
+        match self.store.queued(task_id, now()).await? {
+            Some(q) if q.lease_token == Some(token) && queue_tenant(&q.call.queue) == tenant => {
+                Ok(q)
+            }
+            _ => Err(Error::Stale(task_id)),
         }
-        Ok(queued)
     }
 
     /// The run's state and agent, and its journal.
@@ -396,6 +389,7 @@ impl<S: Store> External<S> {
     /// from a fresh fold when another result was journaled meanwhile.
     async fn returned(
         &self,
+        tenant: &str,
         task_id: TaskId,
         token: i64,
         output: String,
@@ -404,7 +398,7 @@ impl<S: Store> External<S> {
         let lease = Lease { task_id, token };
         let mut conflicts = 0;
         loop {
-            let queued = self.live(task_id, token).await?;
+            let queued = self.live(tenant, task_id, token).await?;
             let (state, agent, events) = self.load(queued.run_id).await?;
             let span = crate::trace::enabled()
                 .then(|| {

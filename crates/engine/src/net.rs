@@ -68,6 +68,44 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || unique_local || link_local)
 }
 
+/// The two clients calls go out on: `any` and `public` (the same
+/// settings, with [`PublicResolver`]). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Clients {
+    /// For runs of [`Egress::Any`].
+    pub any: reqwest::Client,
+    /// For runs of [`Egress::Public`].
+    pub public: reqwest::Client,
+}
+
+impl Clients {
+    /// Both clients from `builder` (the settings they share): `any` as is,
+    /// `public` with [`PublicResolver`]. A builder that fails falls back to
+    /// a default client (keeping the resolver for `public`).
+    pub fn build(builder: impl Fn() -> reqwest::ClientBuilder) -> Clients {
+        let resolver = || std::sync::Arc::new(PublicResolver);
+        let public = builder()
+            .dns_resolver(resolver())
+            .build()
+            .or_else(|_| reqwest::Client::builder().dns_resolver(resolver()).build())
+            .unwrap_or_default();
+        Clients {
+            any: builder().build().unwrap_or_default(),
+            public,
+        }
+    }
+
+    /// The client a call of `egress` to `url` goes out on; a public-only
+    /// call to an address written in the URL that is not public is refused
+    /// here (a name is checked as it resolves).
+    pub fn to(&self, egress: Egress, url: &reqwest::Url) -> Result<&reqwest::Client, String> {
+        match egress {
+            Egress::Any => Ok(&self.any),
+            Egress::Public => check_url(url).map(|()| &self.public),
+        }
+    }
+}
+
 /// Refuses a URL whose host is an address (not a name) that is not public.
 pub fn check_url(url: &reqwest::Url) -> Result<(), String> {
     // An IPv6 host is written in brackets; a name does not parse.

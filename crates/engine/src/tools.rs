@@ -29,14 +29,16 @@ use std::time::Duration;
 
 use keel_core::RunId;
 use keel_core::run::Invocation;
-use keel_core::spec::{Agent, Builtin, HttpTool, Method, clip, expand_secrets, redact_url};
+use keel_core::spec::{
+    Agent, Builtin, HttpTool, Method, clip, expand_secrets, may_name_secret, redact_url,
+};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 
 use crate::mcp::Mcp;
 use crate::metrics;
-use crate::net::Egress;
+use crate::net::{Clients, Egress};
 
 /// Tool outputs (and file contents) are clipped to this many bytes.
 pub const MAX_OUTPUT_BYTES: usize = 32 * 1024;
@@ -59,9 +61,7 @@ type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// Makes tool calls. Cheap to clone.
 #[derive(Clone)]
 pub struct Tools {
-    http: reqwest::Client,
-    /// The same, resolving names to public addresses only ([`Egress::Public`]).
-    public: reqwest::Client,
+    clients: Clients,
     env: Lookup,
     mcp: Mcp,
 }
@@ -155,10 +155,9 @@ impl Tools {
     /// Tools reading `${ENV}` header secrets from the process environment at
     /// call time, calling through `http`, or `public` (a client resolving
     /// names to public addresses only) for a run whose egress is public.
-    pub fn new(http: reqwest::Client, public: reqwest::Client) -> Tools {
+    pub fn new(clients: Clients) -> Tools {
         Tools {
-            http,
-            public,
+            clients,
             env: Arc::new(|name| std::env::var(name).ok()),
             mcp: Mcp::default(),
         }
@@ -307,25 +306,26 @@ impl Tools {
             Value::Null => Map::new(),
             other => return Err(format!("arguments must be a JSON object, got {other}")),
         };
-        let mut expanded = Vec::new();
+        // Every `${VAR}` value read, in the URL or a header, is scrubbed from
+        // what the model sees; as sent (percent-encoded) too.
+        let secrets = RefCell::new(Vec::new());
+        let read = |var: &str| {
+            let value = (self.env)(var)?;
+            if value.len() >= MIN_REDACTED_LEN {
+                let mut secrets = secrets.borrow_mut();
+                secrets.push(encode_component(&value));
+                secrets.push(value.clone());
+            }
+            Some(value)
+        };
         let filled = fill_placeholders(&http.url, &mut arguments, |var| {
-            let value = (self.env)(var)
-                .ok_or_else(|| format!("environment variable `{var}` is not set on the server"))?;
-            expanded.push(value.clone());
-            Ok(value)
+            read(var)
+                .ok_or_else(|| format!("environment variable `{var}` is not set on the server"))
         })
         .map_err(|e| format!("URL: {e}"))?;
         let mut url = reqwest::Url::parse(&filled)
             .map_err(|e| format!("`{}` is not a valid URL: {e}", redact_url(&filled)))?;
-        let mut found = url_secrets(&url);
-        for value in expanded {
-            if value.len() >= MIN_REDACTED_LEN {
-                // As sent (percent-encoded) too, like a query secret.
-                found.push(encode_component(&value));
-                found.push(value);
-            }
-        }
-        let secrets = RefCell::new(found);
+        secrets.borrow_mut().extend(url_secrets(&url));
 
         let (method, body) = match http.method {
             Method::Get => (reqwest::Method::GET, None),
@@ -343,14 +343,8 @@ impl Tools {
 
         let mut headers = HeaderMap::new();
         for (name, template) in &http.headers {
-            let value = expand_secrets(template, |var| {
-                let value = (self.env)(var)?;
-                if value.len() >= MIN_REDACTED_LEN {
-                    secrets.borrow_mut().push(value.clone());
-                }
-                Some(value)
-            })
-            .map_err(|e| format!("header `{name}`: {e}"))?;
+            let value =
+                expand_secrets(template, read).map_err(|e| format!("header `{name}`: {e}"))?;
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("`{name}` is not a valid header name"))?;
             let mut value = HeaderValue::from_str(&value)
@@ -389,25 +383,18 @@ impl Tools {
         run_id: RunId,
         span_id: u64,
     ) -> Result<String, Failure> {
-        let client = match egress {
-            Egress::Any => &self.http,
-            Egress::Public => &self.public,
-        };
         let mut method = request.method.clone();
         let mut url = request.url.clone();
         let mut headers = request.headers.clone();
         let mut body = request.body.as_ref();
         let mut hops = 0;
         let mut response = loop {
-            if egress == Egress::Public
-                && let Err(message) = crate::net::check_url(&url)
-            {
-                return Err(Failure {
-                    message,
-                    retryable: false,
-                    retry_after: None,
-                });
-            }
+            // Each hop: a redirect may name another address.
+            let client = self.clients.to(egress, &url).map_err(|message| Failure {
+                message,
+                retryable: false,
+                retry_after: None,
+            })?;
             let mut builder = client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone())
@@ -558,25 +545,13 @@ fn without_secrets(headers: &HeaderMap) -> HeaderMap {
     kept
 }
 
-/// Query parameters whose names hold one of these (lowercase) carry secrets.
-const SECRET_PARAMETERS: [&str; 7] = [
-    "key",
-    "token",
-    "secret",
-    "pass",
-    "auth",
-    "sig",
-    "credential",
-];
-
 /// What a tool's URL carries that a tool's answer must not show: its user
 /// info (a password, or a user name alone: a token) and the values of the
 /// query parameters named like secrets (`api_key`, `access_token`, `sig`, …).
 fn url_secrets(url: &reqwest::Url) -> Vec<String> {
     let mut secrets = vec![url.password().unwrap_or(url.username()).to_string()];
     for (name, value) in url.query_pairs() {
-        let name = name.to_ascii_lowercase();
-        if SECRET_PARAMETERS.iter().any(|s| name.contains(s)) {
+        if may_name_secret(&name) {
             // As sent (percent-encoded) too: an answer may quote the request line.
             secrets.push(encode_component(&value));
             secrets.push(value.into_owned());
@@ -989,7 +964,7 @@ tools:
     }
 
     fn tools() -> Tools {
-        Tools::new(reqwest::Client::new(), reqwest::Client::new())
+        Tools::new(Clients::build(reqwest::Client::builder))
             .with_env(|name| (name == "KEEL_TEST_TOOL_TOKEN").then(|| "s3cret-value".to_string()))
     }
 
@@ -1092,7 +1067,7 @@ tools:
             outcome.is_error && outcome.output.contains("`id`"),
             "{outcome:?}"
         );
-        let outcome = Tools::new(reqwest::Client::new(), reqwest::Client::new())
+        let outcome = Tools::new(Clients::build(reqwest::Client::builder))
             .invoke(
                 &agent,
                 Egress::Any,

@@ -25,7 +25,7 @@ use keel_core::run::State;
 use keel_core::spec::redact_url;
 use keel_core::{Agent, Millis};
 
-use crate::net::Egress;
+use crate::net::{Clients, Egress};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -44,9 +44,7 @@ pub fn backoff(attempt: u32) -> Duration {
 /// Sends signed webhook notifications.
 #[derive(Clone)]
 pub struct Webhooks {
-    http: reqwest::Client,
-    /// The same, resolving names to public addresses only ([`Egress::Public`]).
-    public: reqwest::Client,
+    clients: Clients,
     /// Signing secrets by tenant (`default`: the server's).
     secrets: Arc<HashMap<String, Arc<[u8]>>>,
 }
@@ -56,8 +54,7 @@ impl Webhooks {
     /// the `default` tenant) and each other tenant's own of `tenants`,
     /// when given.
     pub fn new(
-        http: reqwest::Client,
-        public: reqwest::Client,
+        clients: Clients,
         secret: Option<&str>,
         tenants: &HashMap<String, String>,
     ) -> Webhooks {
@@ -71,8 +68,7 @@ impl Webhooks {
             .map(|(tenant, s)| (tenant, Arc::from(s.as_bytes())))
             .collect();
         Webhooks {
-            http,
-            public,
+            clients,
             secrets: Arc::new(secrets),
         }
     }
@@ -92,18 +88,14 @@ impl Webhooks {
     ) -> Result<(), String> {
         let bytes = serde_json::to_vec(body).map_err(|e| format!("cannot encode: {e}"))?;
         let kind = body["type"].as_str().unwrap_or("notification").to_string();
-        let client = match egress {
-            Egress::Any => &self.http,
-            Egress::Public => {
-                let parsed = reqwest::Url::parse(url)
-                    .map_err(|e| format!("`{}` is not a URL: {e}", redact_url(url)))?;
-                crate::net::check_url(&parsed)
-                    .map_err(|e| format!("POST {} refused: {e}", redact_url(url)))?;
-                &self.public
-            }
-        };
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| format!("`{}` is not a URL: {e}", redact_url(url)))?;
+        let client = self
+            .clients
+            .to(egress, &parsed)
+            .map_err(|e| format!("POST {} refused: {e}", redact_url(url)))?;
         let mut request = client
-            .post(url)
+            .post(parsed)
             .timeout(TIMEOUT)
             .header("content-type", "application/json")
             .header("keel-event", kind)

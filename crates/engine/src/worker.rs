@@ -19,7 +19,7 @@ use futures_util::stream::FuturesUnordered;
 use keel_core::config::{Config, tenant_violations};
 use keel_core::ids::DEFAULT_TENANT;
 
-use crate::net::Egress;
+use crate::net::{Clients, Egress};
 use keel_core::message::Usage;
 use keel_core::run::{self, ChildOutcome, ChildRun, Command, Effect, Invocation, State, Status};
 use keel_core::spec::{ModelSpec, redact_url};
@@ -200,20 +200,15 @@ enum Next {
 impl<S: Store> Engine<S> {
     /// An engine over `store`.
     pub fn new(store: S, options: Options) -> Self {
-        let client = || {
+        let clients = Clients::build(|| {
             reqwest::Client::builder()
                 .pool_max_idle_per_host(options.workers.max(16))
                 // Secrets ride in headers and URLs: no Referer, and no redirect
                 // to another origin (tools follow those themselves, without them).
                 .referer(false)
                 .redirect(crate::tools::redirect_policy())
-        };
-        let http = client().build().unwrap_or_else(|_| reqwest::Client::new());
-        // For tenants whose calls reach public addresses only (net.rs).
-        let public = client()
-            .dns_resolver(Arc::new(crate::net::PublicResolver))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        });
+        let http = clients.any.clone();
         let mcp = Mcp::new(&options.config);
         Self {
             inner: Arc::new(Inner {
@@ -225,12 +220,11 @@ impl<S: Store> Engine<S> {
                 ),
                 store,
                 llm: llm::Client::new(http.clone()),
-                llm_public: llm::Client::new(public.clone()),
-                tools: Tools::new(http.clone(), public.clone()).with_mcp(mcp.clone()),
+                llm_public: llm::Client::new(clients.public.clone()),
+                tools: Tools::new(clients.clone()).with_mcp(mcp.clone()),
                 mcp,
                 webhooks: Webhooks::new(
-                    http.clone(),
-                    public,
+                    clients,
                     options.webhook_secret.as_deref(),
                     &options.tenant_webhook_secrets,
                 ),
