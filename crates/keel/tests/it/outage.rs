@@ -458,6 +458,18 @@ impl Drop for Cutter {
     }
 }
 
+/// Writes what a read of `buf` got to `to`: its length, or `None` once
+/// either side is closed.
+async fn forward(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> Option<usize> {
+    let n = read.ok().filter(|n| *n > 0)?;
+    to.write_all(&buf[..n]).await.ok()?;
+    Some(n)
+}
+
 /// Passes bytes both ways until either side closes, or a `COMMIT` is cut.
 async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicU32>, cut: Arc<AtomicU32>) {
     let (mut from_client, mut to_client) = client.into_split();
@@ -467,13 +479,9 @@ async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicU32>, cut:
     loop {
         tokio::select! {
             read = from_client.read(&mut up) => {
-                let n = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if to_server.write_all(&up[..n]).await.is_err() {
+                let Some(n) = forward(read, &up, &mut to_server).await else {
                     return;
-                }
+                };
                 let commits = up[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
                 let take = |left: u32| left.checked_sub(1);
                 if commits && armed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, take).is_ok() {
@@ -481,11 +489,7 @@ async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicU32>, cut:
                 }
             }
             read = from_server.read(&mut down) => {
-                let n = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if to_client.write_all(&down[..n]).await.is_err() {
+                if forward(read, &down, &mut to_client).await.is_none() {
                     return;
                 }
             }
@@ -673,20 +677,12 @@ async fn pass(
         // the reads without losing a byte.
         tokio::select! {
             read = from_client.read(&mut up) => {
-                let n = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if to_server.write_all(&up[..n]).await.is_err() {
+                if forward(read, &up, &mut to_server).await.is_none() {
                     return;
                 }
             }
             read = from_server.read(&mut down) => {
-                let n = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if to_client.write_all(&down[..n]).await.is_err() {
+                if forward(read, &down, &mut to_client).await.is_none() {
                     return;
                 }
             }
