@@ -677,6 +677,11 @@ async fn serve_on<S: keel_store::Store>(
         tokens,
         webhook_secrets,
     } = setup;
+    // Bound before anything starts: an address in use fails the start
+    // before a worker claims a task or a consumer pulls a message.
+    let listener = api::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let cancel = CancellationToken::new();
     let limits = service::Limits {
         max_pending: (args.max_pending > 0).then_some(args.max_pending),
@@ -728,9 +733,6 @@ async fn serve_on<S: keel_store::Store>(
         ))),
         _ => None,
     };
-    let listener = api::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(listen = %addr, store = %described, role = args.role.as_str(), workers = args.workers, %process, "keel serving");
     let app = if args.role.serves_api() {
